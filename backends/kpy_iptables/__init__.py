@@ -1,0 +1,1 @@
+"""The iptables backend for kpy (being built; see its README)."""

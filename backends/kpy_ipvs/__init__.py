@@ -1,0 +1,1 @@
+"""The ipvs backend for kpy (being built; see its README)."""

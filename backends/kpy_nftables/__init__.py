@@ -1,0 +1,1 @@
+"""The nftables backend for kpy (being built; see its README)."""

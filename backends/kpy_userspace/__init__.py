@@ -1,0 +1,1 @@
+"""The userspace backend for kpy (being built; see its README)."""

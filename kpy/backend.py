@@ -1,0 +1,179 @@
+"""The backend contract, and how backends are found.
+
+A backend turns a :class:`~kpy.model.Plan` into kernel (or proxy) state. It is found
+through the entry-point group ``kpy.backends``: a third party adds one the same way the
+built-in ones are added, and a broken plugin is reported and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Protocol, runtime_checkable
+
+from kpy.model import IPAddress, IPNetwork, Plan, ServicePortState
+
+ENTRY_POINT_GROUP = "kpy.backends"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendConfig:
+    """Node-wide settings every backend needs. Changing any of them means a full sync."""
+
+    node_name: str = "localhost"
+    node_ips: tuple[IPAddress, ...] = ()
+    cluster_cidrs: tuple[IPNetwork, ...] = ()
+    nodeport_addresses: tuple[IPNetwork, ...] = ()  # () = every local address
+    masquerade_all: bool = False
+    netns: str | None = None  # run every kernel command in this named network namespace
+    options: tuple[tuple[str, str], ...] = ()  # backend-specific flags, e.g. ("scheduler", "rr")
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        for k, v in self.options:
+            if k == key:
+                return v
+        return default
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApplyResult:
+    """What one apply did."""
+
+    full_sync: bool
+    ops: int  # kernel operations sent (rules/elements/netlink messages)
+    size: int = 0  # bytes or lines of the transaction, backend-defined unit below
+    size_unit: str = "bytes"
+    detail: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceView:
+    """One service port as a backend has it programmed, for ``kpy dump``.
+
+    ``frontends`` are strings like ``10.96.0.10:53/UDP`` or ``*:30080/TCP`` (NodePort);
+    ``endpoints`` like ``10.244.1.5:8080``; ``extra`` holds backend-specific facts
+    (weights, probabilities, packet counters, active connections).
+    """
+
+    frontends: tuple[str, ...] = ()
+    endpoints: tuple[str, ...] = ()
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Programmed:
+    """What a backend really holds, read back from the kernel by ``observe()``.
+
+    ``objects`` are the backend's keyed kernel objects (the same keys and values its
+    render produces, so ``diff.compute`` between them shows drift); ``services`` maps
+    ``str(ServicePortName)`` to what is programmed for it.
+    """
+
+    backend: str
+    objects: Mapping[str, object] = field(default_factory=dict)
+    services: Mapping[str, ServiceView] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend implements. See DESIGN.md, "The backend contract"."""
+
+    name: str
+
+    def probe(self) -> str | None:
+        """None when this backend can run on this host, else the reason it cannot."""
+        ...
+
+    async def apply(self, plan: Plan) -> ApplyResult:
+        """Program the plan as one transaction; raise on failure (nothing recorded)."""
+        ...
+
+    async def observe(self) -> Programmed:
+        """Read back what the kernel really holds."""
+        ...
+
+    async def cleanup(self) -> None:
+        """Remove everything this backend owns, nothing else."""
+        ...
+
+
+class BackendError(Exception):
+    """An apply or cleanup failed; the runner retries with a full sync."""
+
+
+BackendFactory = Callable[[BackendConfig], Backend]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendEntry:
+    name: str
+    factory: BackendFactory | None
+    error: str | None = None  # why the plugin could not be loaded
+
+
+def load_backends(
+    entry_points: Callable[[], metadata.EntryPoints] | None = None,
+) -> dict[str, BackendEntry]:
+    """Every backend registered under ``kpy.backends``; broken ones carry their error."""
+    found = (entry_points or (lambda: metadata.entry_points(group=ENTRY_POINT_GROUP)))()
+    result: dict[str, BackendEntry] = {}
+    for ep in sorted(found, key=lambda e: e.name):
+        try:
+            factory = ep.load()
+        except Exception as exc:  # a broken plugin is reported, not fatal
+            result[ep.name] = BackendEntry(ep.name, None, f"{type(exc).__name__}: {exc}")
+            continue
+        if not callable(factory):
+            result[ep.name] = BackendEntry(ep.name, None, "entry point is not callable")
+            continue
+        result[ep.name] = BackendEntry(ep.name, factory)
+    return result
+
+
+def create(name: str, config: BackendConfig) -> Backend:
+    """Instantiate the named backend, or raise ``KeyError``/``BackendError`` with the reason."""
+    entries = load_backends()
+    if name not in entries:
+        known = ", ".join(sorted(entries)) or "none"
+        raise KeyError(f"unknown backend {name!r} (installed: {known})")
+    entry = entries[name]
+    if entry.factory is None:
+        raise BackendError(f"backend {name!r} failed to load: {entry.error}")
+    return entry.factory(config)
+
+
+def parse_networks(values: list[str] | tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+
+
+def frontend(address: IPAddress | None, port: int, protocol: str) -> str:
+    """The canonical text of one frontend: ``10.96.0.1:80/TCP``, ``[fd00::1]:80/TCP``,
+    ``*:30080/TCP`` for a NodePort on every node address."""
+    if address is None:
+        host = "*"
+    elif address.version == 6:
+        host = f"[{address}]"
+    else:
+        host = str(address)
+    return f"{host}:{port}/{protocol}"
+
+
+def desired_view(state: ServicePortState) -> ServiceView:
+    """What a correct backend's ``observe()`` reports for one service port.
+
+    Every backend's ``ServiceView`` must carry these frontends and endpoints (extra
+    facts may be added); ``kpy dump`` flags any difference.
+    """
+    svc = state.service
+    if not svc.has_vip:
+        return ServiceView()
+    proto = str(svc.protocol)
+    fronts = [frontend(ip, svc.port, proto) for ip in svc.cluster_ips]
+    fronts += [frontend(ip, svc.port, proto) for ip in svc.external_ips]
+    fronts += [frontend(ip, svc.port, proto) for ip in svc.load_balancer_ips]
+    if svc.node_port is not None:
+        fronts.append(frontend(None, svc.node_port, proto))
+    eps = {str(ep) for ep in state.internal} | {str(ep) for ep in state.external}
+    return ServiceView(frontends=tuple(sorted(set(fronts))), endpoints=tuple(sorted(eps)))

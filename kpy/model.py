@@ -1,0 +1,242 @@
+"""Frozen values that describe what one node must do for every Service.
+
+Everything past :mod:`kpy.convert` speaks in these types: no Kubernetes dict travels
+further.  They are immutable and hashable, so the tracker and the backends can compare
+them with ``==`` and use them as dictionary keys.
+
+The shape follows upstream kube-proxy's ``ServicePortName`` / ``ServicePort`` /
+``Endpoint`` split: one :class:`ServicePort` per (Service, port), because every port of
+a Service is programmed independently.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Protocol(enum.StrEnum):
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+
+class IPFamily(enum.StrEnum):
+    IPV4 = "IPv4"
+    IPV6 = "IPv6"
+
+    @staticmethod
+    def of(address: IPAddress | IPNetwork) -> IPFamily:
+        return IPFamily.IPV4 if address.version == 4 else IPFamily.IPV6
+
+
+class ServiceType(enum.StrEnum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+    EXTERNAL_NAME = "ExternalName"
+
+
+class TrafficPolicy(enum.StrEnum):
+    CLUSTER = "Cluster"
+    LOCAL = "Local"
+
+
+class SessionAffinity(enum.StrEnum):
+    NONE = "None"
+    CLIENT_IP = "ClientIP"
+
+
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, the API server's default
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, order=True)
+class ServiceName:
+    """A Service by namespace and name."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, order=True)
+class ServicePortName:
+    """One port of one Service: the unit kpy programs."""
+
+    namespace: str
+    name: str
+    port: str  # the port's name; "" for an unnamed single port
+    protocol: Protocol
+
+    @property
+    def service(self) -> ServiceName:
+        return ServiceName(namespace=self.namespace, name=self.name)
+
+    def __str__(self) -> str:
+        port = f":{self.port}" if self.port else ""
+        return f"{self.namespace}/{self.name}{port}/{self.protocol}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServicePort:
+    """What the API says about one Service port (not yet about this node)."""
+
+    name: ServicePortName
+    type: ServiceType = ServiceType.CLUSTER_IP
+    cluster_ips: tuple[IPAddress, ...] = ()  # one per family, primary first; () when headless
+    headless: bool = False
+    external_name: str | None = None  # ExternalName target
+    port: int = 0
+    protocol: Protocol = Protocol.TCP
+    target_port: int | str = 0
+    node_port: int | None = None
+    external_ips: tuple[IPAddress, ...] = ()
+    load_balancer_ips: tuple[IPAddress, ...] = ()
+    load_balancer_source_ranges: tuple[IPNetwork, ...] = ()
+    session_affinity: SessionAffinity = SessionAffinity.NONE
+    affinity_timeout: int = DEFAULT_AFFINITY_TIMEOUT
+    external_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
+    internal_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
+    health_check_node_port: int | None = None
+    traffic_distribution: str | None = None
+    topology_mode: str | None = None  # service.kubernetes.io/topology-mode (or legacy hints annotation)
+    annotations: tuple[tuple[str, str], ...] = ()  # only kpy's own kpy.io/* annotations
+
+    @property
+    def has_vip(self) -> bool:
+        return bool(self.cluster_ips) and not self.headless and self.external_name is None
+
+    @property
+    def externally_accessible(self) -> bool:
+        """True when traffic can arrive from outside the cluster (NodePort, LB, external IPs)."""
+        return (
+            self.node_port is not None
+            or bool(self.external_ips)
+            or bool(self.load_balancer_ips)
+        )
+
+    @property
+    def external_policy_local(self) -> bool:
+        return (
+            self.externally_accessible
+            and self.external_traffic_policy is TrafficPolicy.LOCAL
+        )
+
+    @property
+    def internal_policy_local(self) -> bool:
+        return self.internal_traffic_policy is TrafficPolicy.LOCAL
+
+    def ips(self, family: IPFamily) -> tuple[IPAddress, ...]:
+        return tuple(ip for ip in self.cluster_ips if IPFamily.of(ip) is family)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, order=True)
+class Endpoint:
+    """One backend address of one Service port, as EndpointSlices describe it."""
+
+    ip: IPAddress
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+    hints: frozenset[str] = frozenset()  # zone hints
+    node_hints: frozenset[str] = frozenset()  # forNodes hints
+    hostname: str | None = None
+
+    @property
+    def family(self) -> IPFamily:
+        return IPFamily.of(self.ip)
+
+    def __str__(self) -> str:
+        if self.ip.version == 6:
+            return f"[{self.ip}]:{self.port}"
+        return f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeInfo:
+    """This node, as far as Service programming cares."""
+
+    name: str
+    addresses: tuple[IPAddress, ...] = ()  # InternalIP then ExternalIP, in API order
+    zone: str | None = None
+    pod_cidrs: tuple[IPNetwork, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def label(self, key: str) -> str | None:
+        for k, v in self.labels:
+            if k == key:
+                return v
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServicePortState:
+    """A service port as this node programs it: the Service and the chosen endpoints.
+
+    ``endpoints`` is every endpoint known for the port (for the dump); ``internal`` is
+    what traffic from inside the cluster is sent to, ``external`` what NodePort,
+    LoadBalancer and external-IP traffic is sent to (local endpoints only under
+    externalTrafficPolicy Local). An empty tuple means "reject" for that traffic, except
+    that external traffic under policy Local with no local endpoint is dropped.
+    """
+
+    service: ServicePort
+    endpoints: tuple[Endpoint, ...] = ()
+    internal: tuple[Endpoint, ...] = ()
+    external: tuple[Endpoint, ...] = ()
+    local: tuple[Endpoint, ...] = ()  # this node's usable endpoints (health check count)
+
+    @property
+    def name(self) -> ServicePortName:
+        return self.service.name
+
+    def internal_for(self, family: IPFamily) -> tuple[Endpoint, ...]:
+        return tuple(ep for ep in self.internal if ep.family is family)
+
+    def external_for(self, family: IPFamily) -> tuple[Endpoint, ...]:
+        return tuple(ep for ep in self.external if ep.family is family)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, order=True)
+class StaleFlow:
+    """A UDP conntrack entry that must be deleted so clients stop reaching a dead backend.
+
+    ``endpoint`` None means every entry towards ``destination``:``port`` (a Service that
+    went from no endpoints to some, whose cached reject entries must go).
+    """
+
+    protocol: Protocol
+    destination: IPAddress
+    port: int
+    endpoint: IPAddress | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """What one sync must do: the full node-local state and what changed since the last.
+
+    ``services`` is a read-only view owned by the tracker; it stays valid until the
+    tracker's next ``checkout()``.
+    """
+
+    node: NodeInfo
+    services: Mapping[ServicePortName, ServicePortState]
+    changed: frozenset[ServicePortName] = frozenset()
+    removed: frozenset[ServicePortName] = frozenset()
+    stale_flows: tuple[StaleFlow, ...] = ()
+    full_sync: bool = False
+    trigger_times: tuple[float, ...] = field(default=(), compare=False)
+
+    @property
+    def needs_conntrack_cleanup(self) -> bool:
+        return bool(self.stale_flows)
