@@ -1,0 +1,56 @@
+"""Where Kubernetes objects come from: the API server (``kube``) or a directory (``manifests``).
+
+Every source emits the same :class:`Event` values into a :class:`Sink`; the agent turns
+them into tracker updates. Objects are raw Kubernetes JSON (dicts as the API returns
+them) — conversion to kpy's model happens in :mod:`kpy.convert`, never here.
+
+A source calls ``sink.synced()`` once every resource kind has been listed completely;
+until then nothing is programmed, so a partial view never removes a working Service.
+After a relist, the source emits DELETED events for objects that vanished meanwhile.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class Kind(enum.StrEnum):
+    SERVICE = "Service"
+    ENDPOINT_SLICE = "EndpointSlice"
+    NODE = "Node"
+
+
+class EventType(enum.StrEnum):
+    UPSERT = "UPSERT"  # ADDED or MODIFIED
+    DELETE = "DELETE"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    kind: Kind
+    type: EventType
+    namespace: str  # "" for cluster-scoped objects (Node)
+    name: str
+    obj: dict[str, Any]  # the object as the API returns it (for DELETE: its last state)
+
+
+class Sink(Protocol):
+    """Receives events; handlers only record them and mark work pending."""
+
+    def event(self, event: Event) -> None: ...
+
+    def synced(self) -> None:
+        """Every kind has been listed at least once: the state is complete."""
+        ...
+
+    def connection(self, healthy: bool, reason: str = "") -> None:
+        """The source lost or regained its upstream (for health and logs)."""
+        ...
+
+
+class Source(Protocol):
+    async def run(self, sink: Sink) -> None:
+        """Feed the sink until cancelled. Never returns on its own in normal operation."""
+        ...
