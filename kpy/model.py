@@ -207,16 +207,17 @@ class ServicePortState:
         return tuple(ep for ep in self.external if ep.family is family)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, order=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StaleFlow:
     """A UDP conntrack entry that must be deleted so clients stop reaching a dead backend.
 
     ``endpoint`` None means every entry towards ``destination``:``port`` (a Service that
-    went from no endpoints to some, whose cached reject entries must go).
+    went from no endpoints to some, whose cached reject entries must go). ``destination``
+    None means any local address (a NodePort).
     """
 
     protocol: Protocol
-    destination: IPAddress
+    destination: IPAddress | None
     port: int
     endpoint: IPAddress | None = None
 

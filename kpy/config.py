@@ -1,0 +1,212 @@
+"""The agent's configuration: file, environment, flags — in that order of precedence, last wins.
+
+The file is YAML with KubeProxyConfiguration's field names where they mean the same
+thing (``clusterCIDR``, ``nodePortAddresses``, ``syncPeriod``, ``minSyncPeriod``,
+``healthzBindAddress``, ``metricsBindAddress``, ``masqueradeAll``, ``hostnameOverride``,
+``mode``), plus kpy's own (``source``, ``manifests``, ``backendOptions``, ...).
+Unknown fields are rejected with a message naming them, as a typo in a production
+configuration must not be silently ignored.
+
+Environment variables are ``KPY_`` + the field name in upper snake case
+(``KPY_CLUSTER_CIDR``, ``KPY_MODE``). Flags given on the command line override both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kpy.backend import BackendConfig
+from kpy.model import IPAddress, IPNetwork
+from kpy.runner import RunnerTimes
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field and the reason."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    mode: str = "nftables"  # the backend
+    source: str = "manifests"  # manifests | kube
+    manifests: tuple[str, ...] = ("examples",)
+    hostname_override: str = ""  # the node name; default: the host name
+    node_ips: tuple[str, ...] = ()
+    cluster_cidr: tuple[str, ...] = ("10.244.0.0/16",)
+    node_port_addresses: tuple[str, ...] = ()
+    masquerade_all: bool = False
+    sync_period: float = 300.0  # periodic full sync (drift repair)
+    min_sync_period: float = 1.0
+    healthz_bind_address: str = "0.0.0.0:10256"
+    metrics_bind_address: str = "127.0.0.1:10249"
+    kubeconfig: str = ""
+    master: str = ""
+    log_format: str = "auto"
+    log_level: str = "info"
+    netns: str = ""
+    backend_options: tuple[tuple[str, str], ...] = ()
+    healthz_stale_after: float = 120.0  # API unreachable this long → health reports stale
+    conntrack_cleanup: bool = True
+
+    def node_name(self) -> str:
+        return self.hostname_override or os.uname().nodename
+
+    def backend_config(self) -> BackendConfig:
+        return BackendConfig(
+            node_name=self.node_name(),
+            node_ips=tuple(_ip(v, "nodeIPs") for v in self.node_ips),
+            cluster_cidrs=tuple(_net(v, "clusterCIDR") for v in self.cluster_cidr),
+            nodeport_addresses=tuple(_net(v, "nodePortAddresses") for v in self.node_port_addresses),
+            masquerade_all=self.masquerade_all,
+            netns=self.netns or None,
+            options=self.backend_options,
+        )
+
+    def runner_times(self) -> RunnerTimes:
+        return RunnerTimes(min_interval=self.min_sync_period, full_interval=self.sync_period)
+
+    def to_yaml(self) -> str:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "backend_options":
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[_camel(f.name)] = value
+        return yaml.safe_dump(out, sort_keys=True)
+
+
+def _camel(snake: str) -> str:
+    special = {"cluster_cidr": "clusterCIDR", "node_ips": "nodeIPs"}
+    if snake in special:
+        return special[snake]
+    head, *rest = snake.split("_")
+    return head + "".join(p.capitalize() for p in rest)
+
+
+FIELD_BY_KEY = {_camel(f.name): f for f in fields(AgentConfig)}
+ENV_BY_NAME = {"KPY_" + f.name.upper(): f for f in fields(AgentConfig)}
+
+
+def _ip(value: str, what: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"{what}: {value!r} is not an IP address") from None
+
+
+def _net(value: str, what: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ConfigError(f"{what}: {value!r} is not a CIDR") from None
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(value: object, what: str) -> float:
+    """Seconds from ``30``, ``30s``, ``500ms``, ``1m``, ``1h`` (Go-style units)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: {value!r} is not a duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ConfigError(f"{what}: {value!r} is not a duration (like 30s, 500ms, 1m)")
+        number, unit = float(match.group(1)), match.group(2) or "s"
+        seconds = number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    if seconds < 0:
+        raise ConfigError(f"{what}: must not be negative")
+    return seconds
+
+
+def _coerce(name: str, value: object, what: str) -> object:
+    f = next(x for x in fields(AgentConfig) if x.name == name)
+    default = f.default
+    if name == "backend_options":
+        if isinstance(value, str):
+            pairs = [p.split("=", 1) for p in value.split(",") if p]
+            if any(len(p) != 2 for p in pairs):
+                raise ConfigError(f"{what}: expected key=value pairs")
+            return tuple(sorted((k.strip(), v.strip()) for k, v in pairs))
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{what}: expected a mapping of option to value")
+        return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+    if name in ("sync_period", "min_sync_period", "healthz_stale_after"):
+        return parse_duration(value, what)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{what}: {value!r} is not a boolean")
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{what}: expected a list of strings")
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{what}: {value!r} is not a string")
+        return value
+    return value
+
+
+def from_mapping(data: Mapping[str, object], base: AgentConfig, where: str) -> AgentConfig:
+    unknown = sorted(set(data) - set(FIELD_BY_KEY) - {"apiVersion", "kind"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELD_BY_KEY))}")
+    changes = {
+        FIELD_BY_KEY[k].name: _coerce(FIELD_BY_KEY[k].name, v, f"{where}: {k}")
+        for k, v in data.items()
+        if k in FIELD_BY_KEY
+    }
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def from_file(path: Path, base: AgentConfig) -> AgentConfig:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if data is None:
+        return base
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return from_mapping(data, base, str(path))
+
+
+def from_env(env: Mapping[str, str], base: AgentConfig) -> AgentConfig:
+    changes = {
+        f.name: _coerce(f.name, env[key], key) for key, f in ENV_BY_NAME.items() if key in env
+    }
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def resolve(
+    file: Path | None, env: Mapping[str, str], flags: Mapping[str, object]
+) -> AgentConfig:
+    """Defaults < file < environment < flags. ``flags`` holds only flags actually given."""
+    config = AgentConfig()
+    if file is not None:
+        config = from_file(file, config)
+    config = from_env(env, config)
+    changes = {k: _coerce(k, v, f"--{k.replace('_', '-')}") for k, v in flags.items()}
+    config = dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+    config.backend_config()  # validates addresses and CIDRs now, not at first sync
+    return config
+
+
+__all__ = ["AgentConfig", "ConfigError", "parse_duration", "resolve"]
