@@ -16,6 +16,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 import structlog
@@ -66,7 +67,7 @@ class Agent:
         node_name: str,
         source: Source,
         backend: Backend,
-        times: RunnerTimes = RunnerTimes(),
+        times: RunnerTimes | None = None,
         observers: tuple[SyncObserver, ...] = (),
         node_override: Callable[[NodeInfo], NodeInfo] | None = None,
     ) -> None:
@@ -76,7 +77,7 @@ class Agent:
         self.backend = backend
         self.status = AgentStatus()
         self.observers = observers
-        self.runner = Runner(self._sync, times)
+        self.runner = Runner(self._sync, times or RunnerTimes())
         self._synced = asyncio.Event()
         self._node_override = node_override
         self._node_seen = False
@@ -89,8 +90,14 @@ class Agent:
         try:
             self._handle(event)
         except Exception as exc:  # a handler never takes the agent down
-            log.error("event_failed", kind=str(event.kind), namespace=event.namespace,
-                      name=event.name, error=str(exc), error_type=type(exc).__name__)
+            log.error(
+                "event_failed",
+                kind=str(event.kind),
+                namespace=event.namespace,
+                name=event.name,
+                error=str(exc),
+                error_type=type(exc).__name__,
+            )
             return
         if self.tracker.pending:
             if self.status.pending_since is None:
@@ -110,8 +117,11 @@ class Agent:
             if healthy:
                 log.info("source_connected")
             else:
-                log.warning("source_disconnected", reason=reason,
-                            note="programmed rules are kept as they are")
+                log.warning(
+                    "source_disconnected",
+                    reason=reason,
+                    note="programmed rules are kept as they are",
+                )
         self.status.source_healthy = healthy
         self.status.source_reason = reason
 
@@ -178,9 +188,15 @@ class Agent:
         if plan.full_sync or plan.changed or plan.removed:
             self.status.endpoints = sum(len(s.endpoints) for s in plan.services.values())
             log.info(
-                "sync_applied", backend=self.backend.name, full=plan.full_sync,
-                changed=len(plan.changed), removed=len(plan.removed), ops=result.ops,
-                size=result.size, size_unit=result.size_unit, ms=round(seconds * 1000, 2),
+                "sync_applied",
+                backend=self.backend.name,
+                full=plan.full_sync,
+                changed=len(plan.changed),
+                removed=len(plan.removed),
+                ops=result.ops,
+                size=result.size,
+                size_unit=result.size_unit,
+                ms=round(seconds * 1000, 2),
             )
         for o in self.observers:
             o.plan_applied(plan, result, seconds)
@@ -192,8 +208,11 @@ class Agent:
             tasks.create_task(self.source.run(self), name="source")
             await self._synced.wait()
             if not self._node_seen and self._node_override is None:
-                log.warning("node_not_found", node=self.node_name,
-                            note="programming without node addresses until the Node appears")
+                log.warning(
+                    "node_not_found",
+                    node=self.node_name,
+                    note="programming without node addresses until the Node appears",
+                )
             tasks.create_task(self.runner.run(), name="runner")
 
 
@@ -209,8 +228,6 @@ def _trigger_time(obj: dict[str, object]) -> float | None:
     if not isinstance(value, str):
         return None
     try:
-        from datetime import datetime
-
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None

@@ -64,7 +64,9 @@ class AgentConfig:
             node_name=self.node_name(),
             node_ips=tuple(_ip(v, "nodeIPs") for v in self.node_ips),
             cluster_cidrs=tuple(_net(v, "clusterCIDR") for v in self.cluster_cidr),
-            nodeport_addresses=tuple(_net(v, "nodePortAddresses") for v in self.node_port_addresses),
+            nodeport_addresses=tuple(
+                _net(v, "nodePortAddresses") for v in self.node_port_addresses
+            ),
             masquerade_all=self.masquerade_all,
             netns=self.netns or None,
             options=self.backend_options,
@@ -167,7 +169,8 @@ def _coerce(name: str, value: object, what: str) -> object:
 def from_mapping(data: Mapping[str, object], base: AgentConfig, where: str) -> AgentConfig:
     unknown = sorted(set(data) - set(FIELD_BY_KEY) - {"apiVersion", "kind"})
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELD_BY_KEY))}")
+        known = ", ".join(sorted(FIELD_BY_KEY))
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {known}")
     changes = {
         FIELD_BY_KEY[k].name: _coerce(FIELD_BY_KEY[k].name, v, f"{where}: {k}")
         for k, v in data.items()
@@ -195,9 +198,7 @@ def from_env(env: Mapping[str, str], base: AgentConfig) -> AgentConfig:
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
-def resolve(
-    file: Path | None, env: Mapping[str, str], flags: Mapping[str, object]
-) -> AgentConfig:
+def resolve(file: Path | None, env: Mapping[str, str], flags: Mapping[str, object]) -> AgentConfig:
     """Defaults < file < environment < flags. ``flags`` holds only flags actually given."""
     config = AgentConfig()
     if file is not None:

@@ -63,7 +63,12 @@ class Problem:
     reason: str
 
     def as_log(self) -> dict[str, str]:
-        return {"kind": self.kind, "namespace": self.namespace, "name": self.name, "reason": self.reason}
+        return {
+            "kind": self.kind,
+            "namespace": self.namespace,
+            "name": self.name,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -275,7 +280,9 @@ def _service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
             headless = True  # no address allocated: nothing to program
 
     external_ips = _addresses(
-        _list(spec.get("externalIPs"), "spec.externalIPs", MAX_ADDRESSES), "spec.externalIPs entry", notes
+        _list(spec.get("externalIPs"), "spec.externalIPs", MAX_ADDRESSES),
+        "spec.externalIPs entry",
+        notes,
     )
     lb_ips: tuple[IPAddress, ...] = ()
     source_ranges: tuple[IPNetwork, ...] = ()
@@ -299,22 +306,41 @@ def _service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
     timeout = DEFAULT_AFFINITY_TIMEOUT
     if spec.get("sessionAffinity") == "ClientIP":
         affinity = SessionAffinity.CLIENT_IP
-        cfg = _dict(_dict(spec.get("sessionAffinityConfig"), "sessionAffinityConfig").get("clientIP"), "clientIP")
+        cfg = _dict(
+            _dict(spec.get("sessionAffinityConfig"), "sessionAffinityConfig").get("clientIP"),
+            "clientIP",
+        )
         raw_timeout = cfg.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
-        if isinstance(raw_timeout, bool) or not isinstance(raw_timeout, int) or not 1 <= raw_timeout <= 86400:
-            raise _Invalid(f"sessionAffinityConfig.clientIP.timeoutSeconds {raw_timeout!r} is not 1-86400")
+        if (
+            isinstance(raw_timeout, bool)
+            or not isinstance(raw_timeout, int)
+            or not 1 <= raw_timeout <= 86400
+        ):
+            raise _Invalid(
+                f"sessionAffinityConfig.clientIP.timeoutSeconds {raw_timeout!r} is not 1-86400"
+            )
         timeout = raw_timeout
     elif spec.get("sessionAffinity") not in (None, "None"):
-        raise _Invalid(f"spec.sessionAffinity {spec.get('sessionAffinity')!r} is not None or ClientIP")
+        raise _Invalid(
+            f"spec.sessionAffinity {spec.get('sessionAffinity')!r} is not None or ClientIP"
+        )
 
     etp = _policy(spec.get("externalTrafficPolicy"), "spec.externalTrafficPolicy")
     itp = _policy(spec.get("internalTrafficPolicy"), "spec.internalTrafficPolicy")
     hc_port = None
-    if etp is TrafficPolicy.LOCAL and svc_type is ServiceType.LOAD_BALANCER and spec.get("healthCheckNodePort"):
+    if (
+        etp is TrafficPolicy.LOCAL
+        and svc_type is ServiceType.LOAD_BALANCER
+        and spec.get("healthCheckNodePort")
+    ):
         hc_port = _port(spec.get("healthCheckNodePort"), "spec.healthCheckNodePort")
     traffic_distribution = _str(spec.get("trafficDistribution"), "spec.trafficDistribution")
-    topology_mode = annotations.get(TOPOLOGY_MODE_ANNOTATION) or annotations.get(LEGACY_HINTS_ANNOTATION)
-    kpy_annotations = tuple(sorted((k, v) for k, v in annotations.items() if k.startswith(KPY_ANNOTATION_PREFIX)))
+    topology_mode = annotations.get(TOPOLOGY_MODE_ANNOTATION) or annotations.get(
+        LEGACY_HINTS_ANNOTATION
+    )
+    kpy_annotations = tuple(
+        sorted((k, v) for k, v in annotations.items() if k.startswith(KPY_ANNOTATION_PREFIX))
+    )
 
     raw_ports = _list(spec.get("ports"), "spec.ports", MAX_PORTS)
     if not raw_ports and (headless or external_name):
@@ -328,13 +354,21 @@ def _service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
             p = _dict(raw, what)
             port_name = _str(p.get("name"), f"{what}.name") or ""
             protocol = _protocol(p.get("protocol"), f"{what}.protocol")
-            number = 0 if p.get("port") is None and (headless or external_name) else _port(p.get("port"), f"{what}.port")
+            number = (
+                0
+                if p.get("port") is None and (headless or external_name)
+                else _port(p.get("port"), f"{what}.port")
+            )
             if (port_name, protocol) in seen:
                 raise _Invalid(f"{what} duplicates port name {port_name!r}/{protocol}")
             if number and (number, protocol) in seen_numbers:
                 raise _Invalid(f"{what} duplicates port {number}/{protocol}")
             target_raw = p.get("targetPort", number)
-            target: int | str = target_raw if isinstance(target_raw, (int, str)) and not isinstance(target_raw, bool) else number
+            target: int | str = (
+                target_raw
+                if isinstance(target_raw, (int, str)) and not isinstance(target_raw, bool)
+                else number
+            )
             node_port = None
             if svc_type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER) and p.get("nodePort"):
                 node_port = _port(p.get("nodePort"), f"{what}.nodePort")
@@ -346,7 +380,9 @@ def _service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
             seen_numbers.add((number, protocol))
         ports.append(
             ServicePort(
-                name=ServicePortName(namespace=namespace, name=name, port=port_name, protocol=protocol),
+                name=ServicePortName(
+                    namespace=namespace, name=name, port=port_name, protocol=protocol
+                ),
                 type=svc_type,
                 cluster_ips=cluster_ips,
                 headless=headless,
@@ -368,7 +404,9 @@ def _service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
                 annotations=kpy_annotations,
             )
         )
-    problems = tuple(Problem(kind="Service", namespace=namespace, name=name, reason=n) for n in notes)
+    problems = tuple(
+        Problem(kind="Service", namespace=namespace, name=name, reason=n) for n in notes
+    )
     return Service(name=svc_name, ports=tuple(ports)), problems
 
 
@@ -389,7 +427,9 @@ def endpoint_slice(obj: Any) -> tuple[EndpointSlice | None, tuple[Problem, ...]]
     try:
         return _endpoint_slice(obj)
     except _Invalid as exc:
-        return None, (Problem(kind="EndpointSlice", namespace=namespace, name=name, reason=str(exc)),)
+        return None, (
+            Problem(kind="EndpointSlice", namespace=namespace, name=name, reason=str(exc)),
+        )
     except Exception as exc:
         reason = f"unexpected {type(exc).__name__}: {exc}"
         return None, (Problem(kind="EndpointSlice", namespace=namespace, name=name, reason=reason),)
@@ -440,7 +480,9 @@ def _endpoint_slice(obj: Any) -> tuple[EndpointSlice | None, tuple[Problem, ...]
             endpoints.append(_slice_endpoint(_dict(raw, what), what, family))
         except _Invalid as exc:
             notes.append(str(exc))
-    problems = tuple(Problem(kind="EndpointSlice", namespace=namespace, name=name, reason=n) for n in notes)
+    problems = tuple(
+        Problem(kind="EndpointSlice", namespace=namespace, name=name, reason=n) for n in notes
+    )
     result = EndpointSlice(
         namespace=namespace,
         name=name,
@@ -473,11 +515,13 @@ def _slice_endpoint(raw: dict[str, Any], what: str, family: IPFamily) -> SliceEn
     terminating = _bool(cond.get("terminating"), f"{what}.conditions.terminating", False)
     hints = _dict(raw.get("hints"), f"{what}.hints")
     zones = frozenset(
-        z["name"] for z in _list(hints.get("forZones"), f"{what}.hints.forZones", 100)
+        z["name"]
+        for z in _list(hints.get("forZones"), f"{what}.hints.forZones", 100)
         if isinstance(z, dict) and isinstance(z.get("name"), str)
     )
     nodes = frozenset(
-        n["name"] for n in _list(hints.get("forNodes"), f"{what}.hints.forNodes", 100)
+        n["name"]
+        for n in _list(hints.get("forNodes"), f"{what}.hints.forNodes", 100)
         if isinstance(n, dict) and isinstance(n.get("name"), str)
     )
     return SliceEndpoint(

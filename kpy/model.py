@@ -106,7 +106,9 @@ class ServicePort:
     internal_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
     health_check_node_port: int | None = None
     traffic_distribution: str | None = None
-    topology_mode: str | None = None  # service.kubernetes.io/topology-mode (or legacy hints annotation)
+    topology_mode: str | None = (
+        None  # service.kubernetes.io/topology-mode (or legacy hints annotation)
+    )
     annotations: tuple[tuple[str, str], ...] = ()  # only kpy's own kpy.io/* annotations
 
     @property
@@ -116,18 +118,11 @@ class ServicePort:
     @property
     def externally_accessible(self) -> bool:
         """True when traffic can arrive from outside the cluster (NodePort, LB, external IPs)."""
-        return (
-            self.node_port is not None
-            or bool(self.external_ips)
-            or bool(self.load_balancer_ips)
-        )
+        return self.node_port is not None or bool(self.external_ips) or bool(self.load_balancer_ips)
 
     @property
     def external_policy_local(self) -> bool:
-        return (
-            self.externally_accessible
-            and self.external_traffic_policy is TrafficPolicy.LOCAL
-        )
+        return self.externally_accessible and self.external_traffic_policy is TrafficPolicy.LOCAL
 
     @property
     def internal_policy_local(self) -> bool:

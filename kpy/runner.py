@@ -14,6 +14,7 @@ injectable clock and sleep, so tests drive it without waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,11 +36,11 @@ class Runner:
     def __init__(
         self,
         sync: Callable[[bool], Awaitable[None]],
-        times: RunnerTimes = RunnerTimes(),
+        times: RunnerTimes | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sync = sync
-        self._times = times
+        self._times = times or RunnerTimes()
         self._clock = clock
         self._wake = asyncio.Event()
         self._pending = True  # the first sync always runs
@@ -76,10 +77,8 @@ class Runner:
             if due > now:
                 self._wake.clear()
                 timeout = None if due == float("inf") else due - now
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
-                except TimeoutError:
-                    pass
                 continue
             full = self._full_pending or now >= self._last_full + self._times.full_interval
             self._pending = False
@@ -98,8 +97,11 @@ class Runner:
                 self._pending = True
                 self._full_pending = True
                 log.warning(
-                    "sync_failed", error=str(exc), error_type=type(exc).__name__,
-                    failures=self._failures, retry_in_s=round(delay, 3),
+                    "sync_failed",
+                    error=str(exc),
+                    error_type=type(exc).__name__,
+                    failures=self._failures,
+                    retry_in_s=round(delay, 3),
                 )
                 continue
             self.syncs += 1

@@ -25,7 +25,9 @@ TOPOLOGY_DISTRIBUTIONS = frozenset({"PreferClose", "PreferSameZone", "PreferSame
 TOPOLOGY_MODES = frozenset({"auto", "Auto"})
 
 
-def _filter(endpoints: Iterable[Endpoint], keep: Callable[[Endpoint], bool]) -> tuple[Endpoint, ...]:
+def _filter(
+    endpoints: Iterable[Endpoint], keep: Callable[[Endpoint], bool]
+) -> tuple[Endpoint, ...]:
     return tuple(ep for ep in endpoints if keep(ep))
 
 

@@ -47,7 +47,11 @@ def _objects(docs: Iterable[Any]) -> Iterable[dict[str, Any]]:
     for doc in docs:
         if not isinstance(doc, dict):
             continue
-        if isinstance(doc.get("kind"), str) and doc["kind"].endswith("List") and isinstance(doc.get("items"), list):
+        if (
+            isinstance(doc.get("kind"), str)
+            and doc["kind"].endswith("List")
+            and isinstance(doc.get("items"), list)
+        ):
             list_kind = doc["kind"][: -len("List")]
             for item in doc["items"]:
                 if isinstance(item, dict):
@@ -71,7 +75,7 @@ def read_file(path: Path) -> dict[ObjectKey, dict[str, Any]]:
     """The Services, EndpointSlices and Nodes in one file (raises on parse errors)."""
     result: dict[ObjectKey, dict[str, Any]] = {}
     for obj in _objects(_documents(path)):
-        kind = KINDS.get(obj.get("kind", ""))  # type: ignore[arg-type]
+        kind = KINDS.get(str(obj.get("kind", "")))
         meta = obj.get("metadata")
         if kind is None or not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
             continue
@@ -122,8 +126,12 @@ class ManifestSource:
             try:
                 self._by_file[f] = read_file(f)
             except (OSError, ValueError, yaml.YAMLError) as exc:
-                log.warning("manifest_unreadable", path=str(f), error=str(exc),
-                            note="keeping this file's previous objects")
+                log.warning(
+                    "manifest_unreadable",
+                    path=str(f),
+                    error=str(exc),
+                    note="keeping this file's previous objects",
+                )
             self._stamps[f] = stamp
         merged: dict[ObjectKey, dict[str, Any]] = {}
         for objs in self._by_file.values():
@@ -132,12 +140,21 @@ class ManifestSource:
         for key, obj in merged.items():
             if self._emitted.get(key) != obj:
                 kind, ns, name = key
-                sink.event(Event(kind=kind, type=EventType.UPSERT, namespace=ns, name=name, obj=obj))
+                sink.event(
+                    Event(kind=kind, type=EventType.UPSERT, namespace=ns, name=name, obj=obj)
+                )
                 count += 1
         for key in set(self._emitted) - set(merged):
             kind, ns, name = key
-            sink.event(Event(kind=kind, type=EventType.DELETE, namespace=ns, name=name,
-                             obj=self._emitted[key]))
+            sink.event(
+                Event(
+                    kind=kind,
+                    type=EventType.DELETE,
+                    namespace=ns,
+                    name=name,
+                    obj=self._emitted[key],
+                )
+            )
             count += 1
         self._emitted = merged
         return count

@@ -42,7 +42,9 @@ def conformance_states() -> list[ServicePortState]:
     """One service port per semantic the backends must carry."""
     n = b.node()
     return [
-        b.state(b.service("web"), [b.endpoint("10.244.1.5"), b.endpoint("10.244.2.6", node="node-b")], n),
+        b.state(
+            b.service("web"), [b.endpoint("10.244.1.5"), b.endpoint("10.244.2.6", node="node-b")], n
+        ),
         b.state(
             b.service("np", cluster_ip="10.96.0.11", type="NodePort", node_port=30080),
             [b.endpoint("10.244.1.7")],
@@ -61,15 +63,32 @@ def conformance_states() -> list[ServicePortState]:
             n,
         ),
         b.state(
-            b.service("local", cluster_ip="10.96.0.13", type="NodePort", node_port=30082, etp_local=True),
+            b.service(
+                "local", cluster_ip="10.96.0.13", type="NodePort", node_port=30082, etp_local=True
+            ),
             [b.endpoint("10.244.1.10"), b.endpoint("10.244.2.11", node="node-b")],
             n,
         ),
-        b.state(b.service("ext", cluster_ip="10.96.0.14", external_ips=["192.0.2.10"]), [b.endpoint("10.244.1.12")], n),
-        b.state(b.service("sticky", cluster_ip="10.96.0.15", affinity=True, affinity_timeout=60), [b.endpoint("10.244.1.13")], n),
+        b.state(
+            b.service("ext", cluster_ip="10.96.0.14", external_ips=["192.0.2.10"]),
+            [b.endpoint("10.244.1.12")],
+            n,
+        ),
+        b.state(
+            b.service("sticky", cluster_ip="10.96.0.15", affinity=True, affinity_timeout=60),
+            [b.endpoint("10.244.1.13")],
+            n,
+        ),
         b.state(b.service("empty", cluster_ip="10.96.0.16"), [], n),
         b.state(
-            b.service("dns", cluster_ip="10.96.0.17", port=53, protocol="UDP", port_name_="dns", target_port=5353),
+            b.service(
+                "dns",
+                cluster_ip="10.96.0.17",
+                port=53,
+                protocol="UDP",
+                port_name_="dns",
+                target_port=5353,
+            ),
             [b.endpoint("10.244.1.14", 5353)],
             n,
         ),

@@ -9,7 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kpy import diff
-from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed, ServiceView, desired_view
+from kpy.backend import (
+    ApplyResult,
+    BackendConfig,
+    BackendError,
+    Programmed,
+    ServiceView,
+    desired_view,
+)
 from kpy.model import Plan
 
 
@@ -39,17 +46,19 @@ class FakeBackend:
             self.programmed.update(desired)
         else:
             ops = 0
-            for key in plan.removed:
-                ops += self.programmed.pop(str(key), None) is not None
-            for key in plan.changed:
-                state = plan.services.get(key)
+            for removed in plan.removed:
+                ops += self.programmed.pop(str(removed), None) is not None
+            for changed in plan.changed:
+                state = plan.services.get(changed)
                 if state is not None:
-                    self.programmed[str(key)] = desired_view(state)
+                    self.programmed[str(changed)] = desired_view(state)
                     ops += 1
         return ApplyResult(full_sync=plan.full_sync, ops=ops, size=ops, size_unit="views")
 
     async def observe(self) -> Programmed:
-        return Programmed(backend=self.name, objects=dict(self.programmed), services=dict(self.programmed))
+        return Programmed(
+            backend=self.name, objects=dict(self.programmed), services=dict(self.programmed)
+        )
 
     async def cleanup(self) -> None:
         self.programmed.clear()

@@ -1,0 +1,406 @@
+"""The ``kpy`` command line: validates flags and hands off; no logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+
+from kpy import __version__, dump
+from kpy import backend as backends
+from kpy import config as cfg
+from kpy import log as logsetup
+from kpy.agent import Agent
+from kpy.model import NodeInfo, Plan
+from kpy.sources import Source
+from kpy.sources.manifests import ManifestSource
+
+DEMO_NODE = "node-a"
+DEMO_NODE_IP = "192.168.50.2"
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _node_override(name: str, node_ips: tuple[str, ...], pod_cidrs: tuple[str, ...] = ()) -> Any:
+    """A function filling in node addresses given by flags (the Node may lack them)."""
+    ips = tuple(ipaddress.ip_address(i) for i in node_ips)
+    cidrs = tuple(ipaddress.ip_network(c, strict=False) for c in pod_cidrs)
+
+    def override(node: NodeInfo) -> NodeInfo:
+        return replace(
+            node,
+            name=name,
+            addresses=ips or node.addresses,
+            pod_cidrs=cidrs or node.pod_cidrs,
+        )
+
+    return override
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kpy")
+def main() -> None:
+    """kpy: a kube-proxy replacement. Makes Service virtual IPs work on this node."""
+
+
+# --------------------------------------------------------------------------- run
+
+_RUN_FLAGS = {
+    "backend": "mode",
+    "source": "source",
+    "manifests": "manifests",
+    "node": "hostname_override",
+    "node_ip": "node_ips",
+    "cluster_cidr": "cluster_cidr",
+    "nodeport_addresses": "node_port_addresses",
+    "masquerade_all": "masquerade_all",
+    "sync_period": "sync_period",
+    "min_sync_period": "min_sync_period",
+    "kubeconfig": "kubeconfig",
+    "master": "master",
+    "log_format": "log_format",
+    "log_level": "log_level",
+    "netns": "netns",
+    "backend_option": "backend_options",
+    "healthz_bind_address": "healthz_bind_address",
+    "metrics_bind_address": "metrics_bind_address",
+}
+
+
+def _given_flags(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the flags the user actually typed (so file and environment are not overridden)."""
+    given: dict[str, Any] = {}
+    for flag, field_name in _RUN_FLAGS.items():
+        source = ctx.get_parameter_source(flag)
+        if source is None or source.name == "DEFAULT":
+            continue
+        value = params[flag]
+        if isinstance(value, tuple) and flag == "backend_option":
+            value = ",".join(value)
+        given[field_name] = value
+    return given
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, exists=True),
+    help="YAML configuration file (KubeProxyConfiguration-style field names).",
+)
+@click.option("--backend", "--mode", "backend", help="nftables, iptables, ipvs or userspace.")
+@click.option("--source", type=click.Choice(["manifests", "kube"]), help="Where objects come from.")
+@click.option("--manifests", multiple=True, help="Manifest directory or file (repeatable).")
+@click.option("--node", help="This node's name (default: the host name).")
+@click.option(
+    "--node-ip", multiple=True, help="This node's IP (repeatable; default: from the Node)."
+)
+@click.option(
+    "--cluster-cidr", help="Pod CIDRs, comma separated (masquerade traffic from outside)."
+)
+@click.option(
+    "--nodeport-addresses", help="CIDRs NodePorts answer on (default: all local addresses)."
+)
+@click.option(
+    "--masquerade-all", is_flag=True, default=None, help="Masquerade all Service traffic."
+)
+@click.option("--sync-period", help="Periodic full sync (drift repair), e.g. 300s.")
+@click.option("--min-sync-period", help="Minimum time between syncs, e.g. 1s.")
+@click.option("--kubeconfig", help="Kubeconfig for --source kube (default: in-cluster).")
+@click.option("--master", help="API server address, overriding the kubeconfig/in-cluster one.")
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]))
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--netns", help="Program the rules inside this named network namespace.")
+@click.option("--backend-option", multiple=True, help="Backend option key=value (repeatable).")
+@click.option("--healthz-bind-address", help="Health server address (default 0.0.0.0:10256).")
+@click.option("--metrics-bind-address", help="Metrics address (default 127.0.0.1:10249).")
+@click.option(
+    "--write-config-to",
+    type=click.Path(path_type=Path),
+    help="Write the effective configuration here ('-' for stdout) and exit.",
+)
+@click.pass_context
+def run(
+    ctx: click.Context, /, config_file: Path | None, write_config_to: Path | None, **params: Any
+) -> None:
+    """Run the agent: watch the source and keep the backend programmed."""
+    try:
+        config = cfg.resolve(config_file, os.environ, _given_flags(ctx, params))
+    except cfg.ConfigError as exc:
+        _fail(str(exc))
+        return
+    if write_config_to is not None:
+        text = config.to_yaml()
+        if str(write_config_to) == "-":
+            click.echo(text, nl=False)
+        else:
+            write_config_to.write_text(text, encoding="utf-8")
+        return
+    logsetup.configure(config.log_format, config.log_level)
+    try:
+        backend = backends.create(config.mode, config.backend_config())
+    except (KeyError, backends.BackendError) as exc:
+        _fail(str(exc))
+        return
+    reason = backend.probe()
+    if reason is not None:
+        _fail(f"backend {config.mode} cannot run here: {reason}")
+    source = _make_source(config)
+    node_ips = config.node_ips
+    agent = Agent(
+        node_name=config.node_name(),
+        source=source,
+        backend=backend,
+        times=config.runner_times(),
+        node_override=_node_override(config.node_name(), node_ips)
+        if node_ips or config.source == "manifests"
+        else None,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_run_agent(agent, config))
+
+
+def _make_source(config: cfg.AgentConfig) -> Source:
+    if config.source == "kube":
+        import importlib  # the kube source pulls in the client: imported only when used
+
+        kube: Any = importlib.import_module("kpy.sources.kube")
+        source: Source = kube.KubeSource.from_config(config)
+        return source
+    return ManifestSource([Path(p) for p in config.manifests])
+
+
+async def _run_agent(agent: Agent, config: cfg.AgentConfig) -> None:
+    import signal
+
+    log = structlog.get_logger("kpy.cli")
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await agent.run()
+    except asyncio.CancelledError:
+        log.info("agent_stopped", note="programmed rules are kept; `kpy cleanup` removes them")
+
+
+# --------------------------------------------------------------------------- offline views
+
+
+def _offline_plan(
+    manifests: tuple[str, ...],
+    node: str,
+    node_ips: tuple[str, ...],
+    pod_cidrs: tuple[str, ...] = (),
+) -> Plan:
+    """Read manifests once and compute the Plan this node would apply."""
+    agent_like = Agent(
+        node_name=node,
+        source=ManifestSource([Path(p) for p in manifests]),
+        backend=_NullBackend(),
+        node_override=_node_override(node, node_ips, pod_cidrs),
+    )
+    ManifestSource([Path(p) for p in manifests]).scan(agent_like)
+    return agent_like.tracker.checkout()
+
+
+class _NullBackend:
+    name = "none"
+
+    def probe(self) -> str | None:
+        return None
+
+    async def apply(self, plan: Plan) -> backends.ApplyResult:
+        raise backends.BackendError("offline: nothing is applied")
+
+    async def observe(self) -> backends.Programmed:
+        return backends.Programmed(backend=self.name)
+
+    async def cleanup(self) -> None:
+        return None
+
+
+def _offline_options(f: Any) -> Any:
+    f = click.option(
+        "--manifests",
+        multiple=True,
+        default=("examples",),
+        show_default=True,
+        help="Manifest directory or file (repeatable).",
+    )(f)
+    f = click.option("--node", default=DEMO_NODE, show_default=True, help="This node's name.")(f)
+    f = click.option(
+        "--node-ip",
+        multiple=True,
+        default=(DEMO_NODE_IP,),
+        show_default=True,
+        help="This node's IP (repeatable).",
+    )(f)
+    f = click.option(
+        "--cluster-cidr",
+        default="10.244.0.0/16",
+        show_default=True,
+        help="Pod CIDRs, comma separated.",
+    )(f)
+    f = click.option("--netns", default=None, help="Observe the backend inside this namespace.")(f)
+    return f
+
+
+def _backend_for(
+    name: str, node: str, node_ips: tuple[str, ...], cluster_cidr: str, netns: str | None
+) -> backends.Backend:
+    config = backends.BackendConfig(
+        node_name=node,
+        node_ips=tuple(ipaddress.ip_address(i) for i in node_ips),
+        cluster_cidrs=backends.parse_networks(tuple(c for c in cluster_cidr.split(",") if c)),
+        netns=netns,
+    )
+    return backends.create(name, config)
+
+
+@main.command("plan")
+@_offline_options
+@click.option("--backend", default=None, help="Render this backend's transaction (dry run).")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+def plan_cmd(
+    manifests: tuple[str, ...],
+    node: str,
+    node_ip: tuple[str, ...],
+    cluster_cidr: str,
+    netns: str | None,
+    backend: str | None,
+    output: str,
+) -> None:
+    """Dry run: the next sync's Plan (and a backend's transaction) without applying it."""
+    node_ips = node_ip
+    plan = _offline_plan(manifests, node, node_ips)
+    summary = {
+        "node": node,
+        "full_sync": plan.full_sync,
+        "services": len(plan.services),
+        "changed": sorted(str(k) for k in plan.changed),
+        "stale_udp_flows": len(plan.stale_flows),
+    }
+    transaction = None
+    if backend is not None:
+        b = _backend_for(backend, node, node_ips, cluster_cidr, netns)
+        dry = getattr(b, "dry_run", None)
+        if dry is None:
+            _fail(f"backend {backend} cannot render a dry run")
+            return
+        transaction = asyncio.run(dry(plan))
+    if output == "json":
+        import json
+
+        click.echo(json.dumps({**summary, "transaction": transaction}, indent=2))
+        return
+    click.echo(f"node {node}: {summary['services']} service ports, full sync: {plan.full_sync}")
+    for key in sorted(str(k) for k in plan.changed):
+        click.echo(f"  + {key}")
+    if transaction is not None:
+        click.echo(f"--- {backend} transaction ---")
+        click.echo(transaction)
+
+
+@main.command("dump")
+@_offline_options
+@click.option(
+    "--backend",
+    default=None,
+    help="Also read back what this backend programmed (observe) and flag differences.",
+)
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table")
+def dump_cmd(
+    manifests: tuple[str, ...],
+    node: str,
+    node_ip: tuple[str, ...],
+    cluster_cidr: str,
+    netns: str | None,
+    backend: str | None,
+    output: str,
+) -> None:
+    """Every Service: type, frontends → endpoints with their state."""
+    node_ips = node_ip
+    plan = _offline_plan(manifests, node, node_ips)
+    programmed = None
+    if backend is not None:
+        b = _backend_for(backend, node, node_ips, cluster_cidr, netns)
+        programmed = asyncio.run(b.observe())
+    data = dump.rows(plan, programmed)
+    click.echo(dump.render(data, output))
+    if programmed is not None and any(r.get("drift") for r in data):
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------- backends, cleanup
+
+
+@main.command("backends")
+def backends_cmd() -> None:
+    """List installed backends and whether each can run on this host."""
+    for name, entry in backends.load_backends().items():
+        if entry.factory is None:
+            click.echo(f"{name:<12} broken: {entry.error}")
+            continue
+        try:
+            reason = entry.factory(backends.BackendConfig()).probe()
+        except Exception as exc:
+            reason = f"probe failed: {exc}"
+        click.echo(f"{name:<12} {'available' if reason is None else 'unavailable: ' + reason}")
+
+
+@main.command("cleanup")
+@click.option(
+    "--backend",
+    "names",
+    multiple=True,
+    help="Backend to clean up (repeatable; default: every available backend).",
+)
+@click.option("--netns", default=None, help="Clean up inside this named network namespace.")
+def cleanup_cmd(names: tuple[str, ...], netns: str | None) -> None:
+    """Remove everything kpy programmed (its own tables, chains, services), nothing else."""
+    entries = backends.load_backends()
+    selected = names or tuple(entries)
+    failed = False
+    for name in selected:
+        try:
+            b = backends.create(name, backends.BackendConfig(netns=netns))
+        except (KeyError, backends.BackendError) as exc:
+            click.echo(f"{name}: {exc}", err=True)
+            failed = failed or bool(names)
+            continue
+        reason = b.probe()
+        if reason is not None:
+            click.echo(f"{name}: skipped ({reason})")
+            continue
+        try:
+            asyncio.run(b.cleanup())
+            click.echo(f"{name}: cleaned up")
+        except Exception as exc:
+            click.echo(f"{name}: cleanup failed: {exc}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)
+
+
+@main.command("version")
+def version_cmd() -> None:
+    """Print kpy's version."""
+    click.echo(f"kpy {__version__}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
