@@ -566,7 +566,7 @@ def endpoints_for(port: ServicePort, slices: Iterable[EndpointSlice]) -> tuple[E
                 old = found.get(key)
                 if old is None or _rank(ep) > _rank(old):
                     found[key] = ep
-    return tuple(sorted(found.values()))
+    return tuple(sorted(found.values(), key=Endpoint.sort_key))
 
 
 # --------------------------------------------------------------------------- Node

@@ -132,7 +132,7 @@ class ServicePort:
         return tuple(ip for ip in self.cluster_ips if IPFamily.of(ip) is family)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, order=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Endpoint:
     """One backend address of one Service port, as EndpointSlices describe it."""
 
@@ -150,6 +150,10 @@ class Endpoint:
     @property
     def family(self) -> IPFamily:
         return IPFamily.of(self.ip)
+
+    def sort_key(self) -> tuple[int, int, int]:
+        """Deterministic order across families (addresses of two families don't compare)."""
+        return (self.ip.version, int(self.ip), self.port)
 
     def __str__(self) -> str:
         if self.ip.version == 6:

@@ -67,7 +67,7 @@ def categorize(
     service: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeInfo
 ) -> ServicePortState:
     """The node-local state of one service port."""
-    endpoints = tuple(sorted(endpoints))
+    endpoints = tuple(sorted(endpoints, key=Endpoint.sort_key))
     if not service.has_vip:
         return ServicePortState(service=service, endpoints=endpoints)
     cluster = _topology_filter(_usable(endpoints), service, node)
