@@ -34,11 +34,16 @@ def eps(name: str = "web-1", service: str = "web", **extra: Any) -> dict[str, An
     base: dict[str, Any] = {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
-        "metadata": {"name": name, "namespace": "default",
-                     "labels": {"kubernetes.io/service-name": service}},
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": service},
+        },
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": True}, "nodeName": "node-a"}],
+        "endpoints": [
+            {"addresses": ["10.244.1.5"], "conditions": {"ready": True}, "nodeName": "node-a"}
+        ],
     }
     base.update(extra)
     return base
@@ -55,13 +60,25 @@ def test_clusterip_service() -> None:
 
 
 def test_loadbalancer_with_everything() -> None:
-    obj = svc(type="LoadBalancer", externalIPs=["192.0.2.1"], externalTrafficPolicy="Local",
-              healthCheckNodePort=32000, loadBalancerSourceRanges=["203.0.113.0/24"],
-              sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
-              ports=[{"name": "http", "port": 80, "nodePort": 30080}])
-    obj["status"] = {"loadBalancer": {"ingress": [{"ip": "172.18.0.5"},
-                                                  {"ip": "172.18.0.6", "ipMode": "Proxy"},
-                                                  {"hostname": "lb.example"}]}}
+    obj = svc(
+        type="LoadBalancer",
+        externalIPs=["192.0.2.1"],
+        externalTrafficPolicy="Local",
+        healthCheckNodePort=32000,
+        loadBalancerSourceRanges=["203.0.113.0/24"],
+        sessionAffinity="ClientIP",
+        sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
+        ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+    )
+    obj["status"] = {
+        "loadBalancer": {
+            "ingress": [
+                {"ip": "172.18.0.5"},
+                {"ip": "172.18.0.6", "ipMode": "Proxy"},
+                {"hostname": "lb.example"},
+            ]
+        }
+    }
     result, problems = convert.service(obj)
     assert problems == ()
     assert result is not None
@@ -77,15 +94,24 @@ def test_loadbalancer_with_everything() -> None:
 
 def test_headless_and_external_name_have_no_vip() -> None:
     headless, _ = convert.service(svc(clusterIP="None", clusterIPs=["None"]))
-    cname, _ = convert.service(svc(type="ExternalName", externalName="db.example.com",
-                                   clusterIP=None, clusterIPs=None, ports=None))
+    cname, _ = convert.service(
+        svc(
+            type="ExternalName",
+            externalName="db.example.com",
+            clusterIP=None,
+            clusterIPs=None,
+            ports=None,
+        )
+    )
     assert headless is not None and cname is not None
     assert headless.ports[0].headless and not headless.ports[0].has_vip
     assert cname.ports[0].external_name == "db.example.com" and not cname.ports[0].has_vip
 
 
 def test_dual_stack() -> None:
-    result, _ = convert.service(svc(clusterIPs=["10.96.0.10", "fd00::10"], ipFamilies=["IPv4", "IPv6"]))
+    result, _ = convert.service(
+        svc(clusterIPs=["10.96.0.10", "fd00::10"], ipFamilies=["IPv4", "IPv6"])
+    )
     assert result is not None
     assert [ip.version for ip in result.ports[0].cluster_ips] == [4, 6]
 
@@ -97,24 +123,56 @@ def test_other_proxys_service_is_skipped_silently() -> None:
 
 
 BAD_SERVICES = [
-    ("invalid-cluster-ip", svc(clusterIP="10.96.0.300", clusterIPs=["10.96.0.300"]), None, "not an IP"),
+    (
+        "invalid-cluster-ip",
+        svc(clusterIP="10.96.0.300", clusterIPs=["10.96.0.300"]),
+        None,
+        "not an IP",
+    ),
     ("unknown-type", svc(type="Magic"), None, "not a Service type"),
     ("ports-not-a-list", svc(ports="80"), None, "not a list"),
-    ("absurd-port-count", svc(ports=[{"name": f"p{i}", "port": i + 1} for i in range(300)]), None, "more than"),
-    ("port-out-of-range", svc(ports=[{"name": "a", "port": 70000}, {"name": "b", "port": 81}]), 1, "out of range"),
-    ("unknown-protocol", svc(ports=[{"name": "a", "port": 80, "protocol": "ICMP"}]), 0, "not TCP, UDP or SCTP"),
-    ("duplicate-port-name", svc(ports=[{"name": "a", "port": 80}, {"name": "a", "port": 81}]), 1, "duplicates"),
+    (
+        "absurd-port-count",
+        svc(ports=[{"name": f"p{i}", "port": i + 1} for i in range(300)]),
+        None,
+        "more than",
+    ),
+    (
+        "port-out-of-range",
+        svc(ports=[{"name": "a", "port": 70000}, {"name": "b", "port": 81}]),
+        1,
+        "out of range",
+    ),
+    (
+        "unknown-protocol",
+        svc(ports=[{"name": "a", "port": 80, "protocol": "ICMP"}]),
+        0,
+        "not TCP, UDP or SCTP",
+    ),
+    (
+        "duplicate-port-name",
+        svc(ports=[{"name": "a", "port": 80}, {"name": "a", "port": 81}]),
+        1,
+        "duplicates",
+    ),
     ("port-wrong-type", svc(ports=[{"name": "a", "port": "80"}]), 0, "not an integer"),
     ("bad-external-ip-dropped", svc(externalIPs=["nope", "192.0.2.1"]), 1, "not an IP"),
-    ("bad-affinity-timeout", svc(sessionAffinity="ClientIP",
-                                 sessionAffinityConfig={"clientIP": {"timeoutSeconds": 0}}), None, "timeoutSeconds"),
+    (
+        "bad-affinity-timeout",
+        svc(sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 0}}),
+        None,
+        "timeoutSeconds",
+    ),
     ("bad-policy", svc(externalTrafficPolicy="Sometimes"), None, "not Cluster or Local"),
 ]
 
 
-@pytest.mark.parametrize(("obj", "ports", "reason"), [r[1:] for r in BAD_SERVICES],
-                         ids=[r[0] for r in BAD_SERVICES])
-def test_bad_services_are_reported_with_name_and_reason(obj: Any, ports: int | None, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("obj", "ports", "reason"), [r[1:] for r in BAD_SERVICES], ids=[r[0] for r in BAD_SERVICES]
+)
+def test_bad_services_are_reported_with_name_and_reason(
+    obj: Any, ports: int | None, reason: str
+) -> None:
     result, problems = convert.service(obj)
     assert problems, "a problem must be reported"
     assert all(p.namespace == "default" and p.name == "web" for p in problems)
@@ -126,19 +184,42 @@ def test_bad_services_are_reported_with_name_and_reason(obj: Any, ports: int | N
 
 
 def test_slices_merge_dedupe_and_match_ports_by_name() -> None:
-    service, _ = convert.service(svc(ports=[{"name": "http", "port": 80}, {"name": "metrics", "port": 9090}]))
+    service, _ = convert.service(
+        svc(ports=[{"name": "http", "port": 80}, {"name": "metrics", "port": 9090}])
+    )
     assert service is not None
-    a, _ = convert.endpoint_slice(eps("a", endpoints=[
-        {"addresses": ["10.244.1.5"], "conditions": {"ready": False}, "nodeName": "node-a"},
-        {"addresses": ["10.244.1.6"], "nodeName": "node-a"}]))
-    b, _ = convert.endpoint_slice(eps("b", endpoints=[
-        {"addresses": ["10.244.1.5"], "conditions": {"ready": True}, "nodeName": "node-a"}]))
-    v6, problems = convert.endpoint_slice(eps("c", addressType="IPv6", endpoints=[
-        {"addresses": ["fd00::5"]}, {"addresses": ["10.244.1.9"]}]))
+    a, _ = convert.endpoint_slice(
+        eps(
+            "a",
+            endpoints=[
+                {"addresses": ["10.244.1.5"], "conditions": {"ready": False}, "nodeName": "node-a"},
+                {"addresses": ["10.244.1.6"], "nodeName": "node-a"},
+            ],
+        )
+    )
+    b, _ = convert.endpoint_slice(
+        eps(
+            "b",
+            endpoints=[
+                {"addresses": ["10.244.1.5"], "conditions": {"ready": True}, "nodeName": "node-a"}
+            ],
+        )
+    )
+    v6, problems = convert.endpoint_slice(
+        eps(
+            "c",
+            addressType="IPv6",
+            endpoints=[{"addresses": ["fd00::5"]}, {"addresses": ["10.244.1.9"]}],
+        )
+    )
     assert a and b and v6
     assert len(problems) == 1 and "is not IPv6" in problems[0].reason
     http = convert.endpoints_for(service.ports[0], [a, b, v6])
-    assert [(str(e.ip), e.ready) for e in http] == [("10.244.1.5", True), ("10.244.1.6", True), ("fd00::5", True)]
+    assert [(str(e.ip), e.ready) for e in http] == [
+        ("10.244.1.5", True),
+        ("10.244.1.6", True),
+        ("fd00::5", True),
+    ]
     assert convert.endpoints_for(service.ports[1], [a, b]) == ()
 
 
@@ -150,14 +231,20 @@ def test_slice_conditions_default_and_fqdn_ignored() -> None:
 
 
 def test_node() -> None:
-    node, problems = convert.node({
-        "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}},
-        "spec": {"podCIDRs": ["10.244.1.0/24", "fd00:1::/64"]},
-        "status": {"addresses": [{"type": "Hostname", "address": "node-a"},
-                                 {"type": "ExternalIP", "address": "198.51.100.1"},
-                                 {"type": "InternalIP", "address": "192.168.50.2"},
-                                 {"type": "InternalIP", "address": "garbage"}]},
-    })
+    node, problems = convert.node(
+        {
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}},
+            "spec": {"podCIDRs": ["10.244.1.0/24", "fd00:1::/64"]},
+            "status": {
+                "addresses": [
+                    {"type": "Hostname", "address": "node-a"},
+                    {"type": "ExternalIP", "address": "198.51.100.1"},
+                    {"type": "InternalIP", "address": "192.168.50.2"},
+                    {"type": "InternalIP", "address": "garbage"},
+                ]
+            },
+        }
+    )
     assert node is not None
     assert [str(a) for a in node.addresses] == ["192.168.50.2", "198.51.100.1"]
     assert node.zone == "z1" and len(node.pod_cidrs) == 2
@@ -165,16 +252,68 @@ def test_node() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2, 70000) | st.text(max_size=12)
-    | st.sampled_from(["10.96.0.1", "None", "fd00::1", "TCP", "UDP", "Local", "ClientIP", "NodePort",
-                       "LoadBalancer", "ExternalName", "IPv4", "IPv6", "FQDN", "http"]),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(
-        st.sampled_from(["metadata", "spec", "status", "name", "namespace", "ports", "port", "protocol",
-                         "clusterIP", "clusterIPs", "type", "nodePort", "externalIPs", "labels",
-                         "endpoints", "addresses", "conditions", "ready", "addressType", "loadBalancer",
-                         "ingress", "ip", "sessionAffinity", "sessionAffinityConfig", "clientIP",
-                         "timeoutSeconds", "hints", "forZones", "podCIDRs"]),
-        children, max_size=6),
+    st.none()
+    | st.booleans()
+    | st.integers(-2, 70000)
+    | st.text(max_size=12)
+    | st.sampled_from(
+        [
+            "10.96.0.1",
+            "None",
+            "fd00::1",
+            "TCP",
+            "UDP",
+            "Local",
+            "ClientIP",
+            "NodePort",
+            "LoadBalancer",
+            "ExternalName",
+            "IPv4",
+            "IPv6",
+            "FQDN",
+            "http",
+        ]
+    ),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "metadata",
+                    "spec",
+                    "status",
+                    "name",
+                    "namespace",
+                    "ports",
+                    "port",
+                    "protocol",
+                    "clusterIP",
+                    "clusterIPs",
+                    "type",
+                    "nodePort",
+                    "externalIPs",
+                    "labels",
+                    "endpoints",
+                    "addresses",
+                    "conditions",
+                    "ready",
+                    "addressType",
+                    "loadBalancer",
+                    "ingress",
+                    "ip",
+                    "sessionAffinity",
+                    "sessionAffinityConfig",
+                    "clientIP",
+                    "timeoutSeconds",
+                    "hints",
+                    "forZones",
+                    "podCIDRs",
+                ]
+            ),
+            children,
+            max_size=6,
+        )
+    ),
     max_leaves=30,
 )
 
@@ -188,9 +327,23 @@ def test_no_exception_escapes_convert(value: Any) -> None:
 
 
 @settings(max_examples=200)
-@given(st.dictionaries(st.sampled_from(["type", "clusterIP", "ports", "externalIPs", "sessionAffinity",
-                                         "externalTrafficPolicy", "loadBalancerSourceRanges"]),
-                       json_values, max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "type",
+                "clusterIP",
+                "ports",
+                "externalIPs",
+                "sessionAffinity",
+                "externalTrafficPolicy",
+                "loadBalancerSourceRanges",
+            ]
+        ),
+        json_values,
+        max_size=4,
+    )
+)
 def test_no_exception_escapes_for_mutated_specs(spec: dict[str, Any]) -> None:
     obj = svc(**spec)
     obj["metadata"]["labels"] = {}

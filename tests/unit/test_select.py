@@ -13,10 +13,18 @@ from kpy.testing import builders as b
 LOCAL = "node-a"
 
 
-def ep(ip: str, *, node: str = LOCAL, ready: bool = True, serving: bool | None = None,
-       terminating: bool = False, hints: tuple[str, ...] = ()) -> Endpoint:
-    return b.endpoint(ip, node=node, ready=ready, serving=serving, terminating=terminating,
-                      hints=hints)
+def ep(
+    ip: str,
+    *,
+    node: str = LOCAL,
+    ready: bool = True,
+    serving: bool | None = None,
+    terminating: bool = False,
+    hints: tuple[str, ...] = (),
+) -> Endpoint:
+    return b.endpoint(
+        ip, node=node, ready=ready, serving=serving, terminating=terminating, hints=hints
+    )
 
 
 @dataclass(frozen=True)
@@ -31,48 +39,132 @@ class Row:
 
 NP = {"type": "NodePort", "node_port": 30080}
 ROWS = [
-    Row("cluster-all-ready", b.service(), (ep("10.0.0.1"), ep("10.0.0.2", node="node-b")),
-        {"10.0.0.1", "10.0.0.2"}, set()),
-    Row("not-ready-excluded", b.service(), (ep("10.0.0.1"), ep("10.0.0.2", ready=False, serving=False)),
-        {"10.0.0.1"}, set()),
-    Row("terminating-fallback-when-nothing-ready", b.service(),
-        (ep("10.0.0.1", ready=False, serving=True, terminating=True),
-         ep("10.0.0.2", ready=False, serving=False, terminating=True)),
-        {"10.0.0.1"}, set()),
-    Row("terminating-ignored-when-something-ready", b.service(),
+    Row(
+        "cluster-all-ready",
+        b.service(),
+        (ep("10.0.0.1"), ep("10.0.0.2", node="node-b")),
+        {"10.0.0.1", "10.0.0.2"},
+        set(),
+    ),
+    Row(
+        "not-ready-excluded",
+        b.service(),
+        (ep("10.0.0.1"), ep("10.0.0.2", ready=False, serving=False)),
+        {"10.0.0.1"},
+        set(),
+    ),
+    Row(
+        "terminating-fallback-when-nothing-ready",
+        b.service(),
+        (
+            ep("10.0.0.1", ready=False, serving=True, terminating=True),
+            ep("10.0.0.2", ready=False, serving=False, terminating=True),
+        ),
+        {"10.0.0.1"},
+        set(),
+    ),
+    Row(
+        "terminating-ignored-when-something-ready",
+        b.service(),
         (ep("10.0.0.1"), ep("10.0.0.2", ready=False, serving=True, terminating=True)),
-        {"10.0.0.1"}, set()),
+        {"10.0.0.1"},
+        set(),
+    ),
     Row("no-endpoints-means-reject", b.service(), (), set(), set()),
-    Row("etp-cluster-external-uses-all", b.service(**NP),
+    Row(
+        "etp-cluster-external-uses-all",
+        b.service(**NP),
         (ep("10.0.0.1"), ep("10.0.0.2", node="node-b")),
-        {"10.0.0.1", "10.0.0.2"}, {"10.0.0.1", "10.0.0.2"}),
-    Row("etp-local-external-uses-local-only", b.service(**NP, etp_local=True),
+        {"10.0.0.1", "10.0.0.2"},
+        {"10.0.0.1", "10.0.0.2"},
+    ),
+    Row(
+        "etp-local-external-uses-local-only",
+        b.service(**NP, etp_local=True),
         (ep("10.0.0.1"), ep("10.0.0.2", node="node-b")),
-        {"10.0.0.1", "10.0.0.2"}, {"10.0.0.1"}),
-    Row("etp-local-without-local-endpoint-drops", b.service(**NP, etp_local=True),
-        (ep("10.0.0.2", node="node-b"),), {"10.0.0.2"}, set()),
-    Row("etp-local-terminating-local-fallback", b.service(**NP, etp_local=True),
-        (ep("10.0.0.1", ready=False, serving=True, terminating=True), ep("10.0.0.2", node="node-b")),
-        {"10.0.0.2"}, {"10.0.0.1"}),
-    Row("etp-local-ignored-for-clusterip-only", b.service(etp_local=True),
-        (ep("10.0.0.2", node="node-b"),), {"10.0.0.2"}, set()),
-    Row("itp-local-internal-uses-local-only", b.service(itp_local=True),
-        (ep("10.0.0.1"), ep("10.0.0.2", node="node-b")), {"10.0.0.1"}, set()),
-    Row("itp-local-without-local-endpoint-rejects", b.service(itp_local=True),
-        (ep("10.0.0.2", node="node-b"),), set(), set()),
-    Row("itp-local-etp-cluster-external-uses-all", b.service(**NP, itp_local=True),
-        (ep("10.0.0.1"), ep("10.0.0.2", node="node-b")), {"10.0.0.1"}, {"10.0.0.1", "10.0.0.2"}),
-    Row("topology-same-zone", b.service(traffic_distribution="PreferClose"),
-        (ep("10.0.0.1", hints=("z1",)), ep("10.0.0.2", hints=("z2",))), {"10.0.0.1"}, set(), "z1"),
-    Row("topology-ignored-without-opt-in", b.service(),
+        {"10.0.0.1", "10.0.0.2"},
+        {"10.0.0.1"},
+    ),
+    Row(
+        "etp-local-without-local-endpoint-drops",
+        b.service(**NP, etp_local=True),
+        (ep("10.0.0.2", node="node-b"),),
+        {"10.0.0.2"},
+        set(),
+    ),
+    Row(
+        "etp-local-terminating-local-fallback",
+        b.service(**NP, etp_local=True),
+        (
+            ep("10.0.0.1", ready=False, serving=True, terminating=True),
+            ep("10.0.0.2", node="node-b"),
+        ),
+        {"10.0.0.2"},
+        {"10.0.0.1"},
+    ),
+    Row(
+        "etp-local-ignored-for-clusterip-only",
+        b.service(etp_local=True),
+        (ep("10.0.0.2", node="node-b"),),
+        {"10.0.0.2"},
+        set(),
+    ),
+    Row(
+        "itp-local-internal-uses-local-only",
+        b.service(itp_local=True),
+        (ep("10.0.0.1"), ep("10.0.0.2", node="node-b")),
+        {"10.0.0.1"},
+        set(),
+    ),
+    Row(
+        "itp-local-without-local-endpoint-rejects",
+        b.service(itp_local=True),
+        (ep("10.0.0.2", node="node-b"),),
+        set(),
+        set(),
+    ),
+    Row(
+        "itp-local-etp-cluster-external-uses-all",
+        b.service(**NP, itp_local=True),
+        (ep("10.0.0.1"), ep("10.0.0.2", node="node-b")),
+        {"10.0.0.1"},
+        {"10.0.0.1", "10.0.0.2"},
+    ),
+    Row(
+        "topology-same-zone",
+        b.service(traffic_distribution="PreferClose"),
         (ep("10.0.0.1", hints=("z1",)), ep("10.0.0.2", hints=("z2",))),
-        {"10.0.0.1", "10.0.0.2"}, set(), "z1"),
-    Row("topology-all-when-some-lack-hints", b.service(traffic_distribution="PreferClose"),
-        (ep("10.0.0.1", hints=("z1",)), ep("10.0.0.2")), {"10.0.0.1", "10.0.0.2"}, set(), "z1"),
-    Row("topology-all-when-no-hint-for-zone", b.service(traffic_distribution="PreferClose"),
+        {"10.0.0.1"},
+        set(),
+        "z1",
+    ),
+    Row(
+        "topology-ignored-without-opt-in",
+        b.service(),
+        (ep("10.0.0.1", hints=("z1",)), ep("10.0.0.2", hints=("z2",))),
+        {"10.0.0.1", "10.0.0.2"},
+        set(),
+        "z1",
+    ),
+    Row(
+        "topology-all-when-some-lack-hints",
+        b.service(traffic_distribution="PreferClose"),
+        (ep("10.0.0.1", hints=("z1",)), ep("10.0.0.2")),
+        {"10.0.0.1", "10.0.0.2"},
+        set(),
+        "z1",
+    ),
+    Row(
+        "topology-all-when-no-hint-for-zone",
+        b.service(traffic_distribution="PreferClose"),
         (ep("10.0.0.1", hints=("z2",)), ep("10.0.0.2", hints=("z2",))),
-        {"10.0.0.1", "10.0.0.2"}, set(), "z1"),
-    Row("headless-has-no-traffic-sets", b.service(cluster_ip=None), (ep("10.0.0.1"),), set(), set()),
+        {"10.0.0.1", "10.0.0.2"},
+        set(),
+        "z1",
+    ),
+    Row(
+        "headless-has-no-traffic-sets", b.service(cluster_ip=None), (ep("10.0.0.1"),), set(), set()
+    ),
 ]
 
 

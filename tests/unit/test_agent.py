@@ -1,0 +1,121 @@
+"""The agent end to end with the manifests source and the FakeBackend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from kpy.agent import Agent
+from kpy.runner import RunnerTimes
+from kpy.sources.manifests import ManifestSource
+from kpy.testing.fake_backend import FakeBackend
+
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {ip}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+"""
+SLICE = """
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{eps}]
+"""
+
+
+def write(path: Path, name: str, ip: str, endpoints: list[str]) -> None:
+    eps = ", ".join(f"{{addresses: [{e}], nodeName: node-a}}" for e in endpoints)
+    path.write_text(SERVICE.format(name=name, ip=ip) + "---" + SLICE.format(name=name, eps=eps))
+
+
+async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+def run_agent(
+    tmp_path: Path, backend: FakeBackend, scenario: Callable[[Agent], Awaitable[None]]
+) -> None:
+    async def main() -> None:
+        agent = Agent(
+            node_name="node-a",
+            source=ManifestSource([tmp_path], interval=0.02),
+            backend=backend,
+            times=RunnerTimes(min_interval=0.01, full_interval=3600, backoff_initial=0.01),
+        )
+        task = asyncio.create_task(agent.run())
+        try:
+            await scenario(agent)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+
+
+def test_manifest_edits_reach_the_backend(tmp_path: Path) -> None:
+    write(tmp_path / "web.yaml", "web", "10.96.0.10", ["10.244.1.5"])
+    backend = FakeBackend()
+
+    async def scenario(agent: Agent) -> None:
+        await until(lambda: "default/web:http/TCP" in backend.programmed)
+        assert backend.plans[0].full_sync
+        write(tmp_path / "web.yaml", "web", "10.96.0.10", ["10.244.1.5", "10.244.1.6"])
+        await until(lambda: len(backend.programmed["default/web:http/TCP"].endpoints) == 2)
+        assert not backend.plans[-1].full_sync
+        (tmp_path / "web.yaml").unlink()
+        await until(lambda: not backend.programmed)
+
+    run_agent(tmp_path, backend, scenario)
+
+
+def test_bad_object_is_skipped_and_the_rest_is_served(tmp_path: Path) -> None:
+    write(tmp_path / "good.yaml", "good", "10.96.0.10", ["10.244.1.5"])
+    write(tmp_path / "bad.yaml", "bad", "10.96.0.999", ["10.244.1.6"])
+    backend = FakeBackend()
+
+    async def scenario(agent: Agent) -> None:
+        await until(lambda: "default/good:http/TCP" in backend.programmed)
+        assert "default/bad:http/TCP" not in backend.programmed
+        assert agent.status.skipped_objects >= 1
+
+    with capture_logs() as logs:
+        run_agent(tmp_path, backend, scenario)
+    skipped = [e for e in logs if e["event"] == "object_skipped"]
+    assert skipped and skipped[0]["name"] == "bad" and "not an IP" in skipped[0]["reason"]
+
+
+def test_broken_edit_keeps_what_is_programmed(tmp_path: Path) -> None:
+    write(tmp_path / "web.yaml", "web", "10.96.0.10", ["10.244.1.5"])
+    backend = FakeBackend()
+
+    async def scenario(agent: Agent) -> None:
+        await until(lambda: "default/web:http/TCP" in backend.programmed)
+        (tmp_path / "web.yaml").write_text("kind: Service\nmetadata: {name: [unclosed")
+        await asyncio.sleep(0.2)
+        assert "default/web:http/TCP" in backend.programmed
+
+    run_agent(tmp_path, backend, scenario)
+
+
+def test_failed_apply_is_retried_as_full_sync(tmp_path: Path) -> None:
+    write(tmp_path / "web.yaml", "web", "10.96.0.10", ["10.244.1.5"])
+    backend = FakeBackend(fail_next=2)
+
+    async def scenario(agent: Agent) -> None:
+        await until(lambda: "default/web:http/TCP" in backend.programmed)
+        assert backend.plans[0].full_sync
+        assert agent.status.sync_failures == 2 and agent.status.first_full_sync_done
+
+    run_agent(tmp_path, backend, scenario)
