@@ -27,7 +27,9 @@ items:
   ports: [{name: http, port: 8080}]
   endpoints:
   - {addresses: [10.244.1.5], nodeName: node-a}
-  - {addresses: [10.244.2.5], nodeName: node-b, conditions: {ready: false, serving: true, terminating: true}}
+  - addresses: [10.244.2.5]
+    nodeName: node-b
+    conditions: {ready: false, serving: true, terminating: true}
 - apiVersion: v1
   kind: Service
   metadata: {name: db, namespace: default}

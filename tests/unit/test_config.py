@@ -24,7 +24,7 @@ def test_precedence(tmp_path: Path) -> None:
 def test_unknown_field_is_named(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("mode: nftables\nclusterCidr: 10.0.0.0/8\n")
-    with pytest.raises(config.ConfigError, match="unknown field.*clusterCidr"):
+    with pytest.raises(config.ConfigError, match=r"unknown field.*clusterCidr"):
         config.resolve(f, {}, {})
 
 

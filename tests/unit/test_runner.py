@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from kpy.runner import Runner, RunnerTimes
 
@@ -30,10 +31,8 @@ def test_requests_coalesce_and_failures_retry_full() -> None:
             runner.request()  # a storm of requests...
         await asyncio.sleep(0.2)  # ...is one partial sync
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
         return runner
 
     runner = asyncio.run(main())
@@ -53,10 +52,8 @@ def test_periodic_full_sync() -> None:
         task = asyncio.create_task(runner.run())
         await asyncio.sleep(0.28)
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
 
     asyncio.run(main())
     assert len(calls) >= 2 and all(calls)

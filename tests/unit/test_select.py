@@ -37,7 +37,10 @@ class Row:
     zone: str | None = None
 
 
-NP = {"type": "NodePort", "node_port": 30080}
+def np_service(*, etp_local: bool = False, itp_local: bool = False) -> ServicePort:
+    return b.service(type="NodePort", node_port=30080, etp_local=etp_local, itp_local=itp_local)
+
+
 ROWS = [
     Row(
         "cluster-all-ready",
@@ -73,28 +76,28 @@ ROWS = [
     Row("no-endpoints-means-reject", b.service(), (), set(), set()),
     Row(
         "etp-cluster-external-uses-all",
-        b.service(**NP),
+        np_service(),
         (ep("10.0.0.1"), ep("10.0.0.2", node="node-b")),
         {"10.0.0.1", "10.0.0.2"},
         {"10.0.0.1", "10.0.0.2"},
     ),
     Row(
         "etp-local-external-uses-local-only",
-        b.service(**NP, etp_local=True),
+        np_service(etp_local=True),
         (ep("10.0.0.1"), ep("10.0.0.2", node="node-b")),
         {"10.0.0.1", "10.0.0.2"},
         {"10.0.0.1"},
     ),
     Row(
         "etp-local-without-local-endpoint-drops",
-        b.service(**NP, etp_local=True),
+        np_service(etp_local=True),
         (ep("10.0.0.2", node="node-b"),),
         {"10.0.0.2"},
         set(),
     ),
     Row(
         "etp-local-terminating-local-fallback",
-        b.service(**NP, etp_local=True),
+        np_service(etp_local=True),
         (
             ep("10.0.0.1", ready=False, serving=True, terminating=True),
             ep("10.0.0.2", node="node-b"),
@@ -125,7 +128,7 @@ ROWS = [
     ),
     Row(
         "itp-local-etp-cluster-external-uses-all",
-        b.service(**NP, itp_local=True),
+        np_service(itp_local=True),
         (ep("10.0.0.1"), ep("10.0.0.2", node="node-b")),
         {"10.0.0.1"},
         {"10.0.0.1", "10.0.0.2"},
