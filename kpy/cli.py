@@ -19,7 +19,7 @@ from kpy import __version__, dump
 from kpy import backend as backends
 from kpy import config as cfg
 from kpy import log as logsetup
-from kpy.agent import Agent
+from kpy.agent import Agent, tune_gc
 from kpy.model import NodeInfo, Plan
 from kpy.sources import Source
 from kpy.sources.manifests import ManifestSource
@@ -149,6 +149,7 @@ def run(
             write_config_to.write_text(text, encoding="utf-8")
         return
     logsetup.configure(config.log_format, config.log_level)
+    tune_gc()
     try:
         backend = backends.create(config.mode, config.backend_config())
     except (KeyError, backends.BackendError) as exc:

@@ -19,6 +19,7 @@ Rules, as kube-proxy applies them:
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -87,26 +88,16 @@ class SlicePort:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SliceEndpoint:
-    ip: IPAddress
-    ready: bool
-    serving: bool
-    terminating: bool
-    node_name: str | None
-    zone: str | None
-    hints: frozenset[str]
-    node_hints: frozenset[str]
-    hostname: str | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class EndpointSlice:
     namespace: str
     name: str
     service: str
     family: IPFamily
     ports: tuple[SlicePort, ...]
-    endpoints: tuple[SliceEndpoint, ...]
+    endpoints: tuple[tuple[Endpoint, ...], ...]  # per entry of ``ports``, in the same order
+
+
+_EMPTY: frozenset[str] = frozenset()
 
 
 class _Invalid(Exception):
@@ -163,9 +154,25 @@ def _protocol(value: Any, what: str) -> Protocol:
         raise _Invalid(f"{what} {value!r} is not TCP, UDP or SCTP") from None
 
 
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+
+
+def _ipv4_fast(value: str) -> IPAddress | None:
+    """Dotted-quad IPv4 without the stdlib's slow path (most addresses in a cluster)."""
+    match = _IPV4.fullmatch(value)
+    if match is None:
+        return None
+    a, b, c, d = match.groups()
+    return ipaddress.IPv4Address((int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d))
+
+
 def _ip(value: Any, what: str) -> IPAddress:
     if not isinstance(value, str):
         raise _Invalid(f"{what} {value!r} is not a string")
+    fast = _ipv4_fast(value)
+    if fast is not None:
+        return fast
     try:
         return ipaddress.ip_address(value)
     except ValueError:
@@ -473,13 +480,14 @@ def _endpoint_slice(obj: Any) -> tuple[EndpointSlice | None, tuple[Problem, ...]
             )
         except _Invalid as exc:
             notes.append(str(exc))
-    endpoints: list[SliceEndpoint] = []
+    parsed: list[dict[str, Any]] = []
     for index, raw in enumerate(_list(obj.get("endpoints"), "endpoints", MAX_ENDPOINTS)):
         what = f"endpoints[{index}]"
         try:
-            endpoints.append(_slice_endpoint(_dict(raw, what), what, family))
+            parsed.append(_slice_endpoint(_dict(raw, what), what, family))
         except _Invalid as exc:
             notes.append(str(exc))
+    endpoints = tuple(tuple(Endpoint(port=sp.port, **fields) for fields in parsed) for sp in ports)
     problems = tuple(
         Problem(kind="EndpointSlice", namespace=namespace, name=name, reason=n) for n in notes
     )
@@ -489,7 +497,7 @@ def _endpoint_slice(obj: Any) -> tuple[EndpointSlice | None, tuple[Problem, ...]
         service=service_name,
         family=family,
         ports=tuple(ports),
-        endpoints=tuple(endpoints),
+        endpoints=endpoints,
     )
     return result, problems
 
@@ -502,39 +510,64 @@ def _bool(value: Any, what: str, default: bool) -> bool:
     return value
 
 
-def _slice_endpoint(raw: dict[str, Any], what: str, family: IPFamily) -> SliceEndpoint:
-    addresses = _list(raw.get("addresses"), f"{what}.addresses", 100)
-    if not addresses:
+def _slice_endpoint(raw: dict[str, Any], what: str, family: IPFamily) -> dict[str, Any]:
+    """The fields of one slice endpoint, shared by the Endpoint of every slice port.
+
+    Hot path for a large initial list: the common well-typed shape is checked inline and
+    error messages are formatted only when something is wrong.
+    """
+    addresses = raw.get("addresses")
+    if type(addresses) is not list or not addresses:
+        _list(addresses, f"{what}.addresses", 100)
         raise _Invalid(f"{what}.addresses is empty")
-    ip = _ip(addresses[0], f"{what}.addresses[0]")
-    if IPFamily.of(ip) is not family:
+    first = addresses[0]
+    ip = _ipv4_fast(first) if type(first) is str else None
+    if ip is None:
+        ip = _ip(first, f"{what}.addresses[0]")
+    if (ip.version == 4) is not (family is IPFamily.IPV4):
         raise _Invalid(f"{what}.addresses[0] {ip} is not {family}")
-    cond = _dict(raw.get("conditions"), f"{what}.conditions")
-    ready = _bool(cond.get("ready"), f"{what}.conditions.ready", True)
-    serving = _bool(cond.get("serving"), f"{what}.conditions.serving", ready)
-    terminating = _bool(cond.get("terminating"), f"{what}.conditions.terminating", False)
-    hints = _dict(raw.get("hints"), f"{what}.hints")
-    zones = frozenset(
-        z["name"]
-        for z in _list(hints.get("forZones"), f"{what}.hints.forZones", 100)
-        if isinstance(z, dict) and isinstance(z.get("name"), str)
-    )
-    nodes = frozenset(
-        n["name"]
-        for n in _list(hints.get("forNodes"), f"{what}.hints.forNodes", 100)
-        if isinstance(n, dict) and isinstance(n.get("name"), str)
-    )
-    return SliceEndpoint(
-        ip=ip,
-        ready=ready,
-        serving=serving,
-        terminating=terminating,
-        node_name=_str(raw.get("nodeName"), f"{what}.nodeName"),
-        zone=_str(raw.get("zone"), f"{what}.zone"),
-        hints=zones,
-        node_hints=nodes,
-        hostname=_str(raw.get("hostname"), f"{what}.hostname"),
-    )
+    cond = raw.get("conditions")
+    if cond is None:
+        ready, serving, terminating = True, True, False
+    else:
+        cond = _dict(cond, f"{what}.conditions")
+        r, sv, t = cond.get("ready"), cond.get("serving"), cond.get("terminating")
+        if not all(v is None or v is True or v is False for v in (r, sv, t)):
+            r = _bool(r, f"{what}.conditions.ready", True)
+            sv = _bool(sv, f"{what}.conditions.serving", r)
+            t = _bool(t, f"{what}.conditions.terminating", False)
+        ready = True if r is None else r
+        serving = ready if sv is None else sv
+        terminating = bool(t)
+    zones: frozenset[str] = _EMPTY
+    nodes: frozenset[str] = _EMPTY
+    if raw.get("hints") is not None:
+        hints = _dict(raw.get("hints"), f"{what}.hints")
+        zones = frozenset(
+            z["name"]
+            for z in _list(hints.get("forZones"), f"{what}.hints.forZones", 100)
+            if isinstance(z, dict) and isinstance(z.get("name"), str)
+        )
+        nodes = frozenset(
+            n["name"]
+            for n in _list(hints.get("forNodes"), f"{what}.hints.forNodes", 100)
+            if isinstance(n, dict) and isinstance(n.get("name"), str)
+        )
+    node_name, zone, hostname = raw.get("nodeName"), raw.get("zone"), raw.get("hostname")
+    for value, field_name in ((node_name, "nodeName"), (zone, "zone"), (hostname, "hostname")):
+        if value is not None and (type(value) is not str or len(value) > MAX_NAME):
+            _str(value, f"{what}.{field_name}")
+    return {
+        "ip": ip,
+        "ready": ready,
+        "serving": serving,
+        "terminating": terminating,
+        "node_name": node_name or None,
+        "zone": zone or None,
+        "hints": zones,
+        "node_hints": nodes,
+        "hostname": hostname or None,
+    }
 
 
 def _rank(ep: Endpoint) -> tuple[bool, bool, bool]:
@@ -546,23 +579,11 @@ def endpoints_for(port: ServicePort, slices: Iterable[EndpointSlice]) -> tuple[E
     found: dict[tuple[IPAddress, int], Endpoint] = {}
     want_name, want_proto = port.name.port, port.protocol
     for s in slices:
-        for sp in s.ports:
+        for sp, endpoints in zip(s.ports, s.endpoints, strict=True):
             if sp.name != want_name or sp.protocol is not want_proto:
                 continue
-            for se in s.endpoints:
-                ep = Endpoint(
-                    ip=se.ip,
-                    port=sp.port,
-                    ready=se.ready,
-                    serving=se.serving,
-                    terminating=se.terminating,
-                    node_name=se.node_name,
-                    zone=se.zone,
-                    hints=se.hints,
-                    node_hints=se.node_hints,
-                    hostname=se.hostname,
-                )
-                key = (se.ip, sp.port)
+            for ep in endpoints:
+                key = (ep.ip, ep.port)
                 old = found.get(key)
                 if old is None or _rank(ep) > _rank(old):
                     found[key] = ep

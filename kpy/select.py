@@ -17,26 +17,18 @@ One pure function, :func:`categorize`, the counterpart of upstream kube-proxy's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
 from kpy.model import Endpoint, NodeInfo, ServicePort, ServicePortState
 
 TOPOLOGY_DISTRIBUTIONS = frozenset({"PreferClose", "PreferSameZone", "PreferSameNode"})
 TOPOLOGY_MODES = frozenset({"auto", "Auto"})
 
 
-def _filter(
-    endpoints: Iterable[Endpoint], keep: Callable[[Endpoint], bool]
-) -> tuple[Endpoint, ...]:
-    return tuple(ep for ep in endpoints if keep(ep))
-
-
 def _usable(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
     """Ready endpoints, else the serving-and-terminating ones."""
-    ready = _filter(endpoints, lambda ep: ep.ready)
+    ready = tuple(ep for ep in endpoints if ep.ready)
     if ready:
         return ready
-    return _filter(endpoints, lambda ep: ep.serving and ep.terminating)
+    return tuple(ep for ep in endpoints if ep.serving and ep.terminating)
 
 
 def wants_topology(service: ServicePort) -> bool:
@@ -52,14 +44,14 @@ def _topology_filter(
     if not usable or not wants_topology(service):
         return usable
     if service.traffic_distribution == "PreferSameNode" and all(ep.node_hints for ep in usable):
-        same_node = _filter(usable, lambda ep: node.name in ep.node_hints)
+        same_node = tuple(ep for ep in usable if node.name in ep.node_hints)
         if same_node:
             return same_node
     if node.zone is None:
         return usable
     if not all(ep.hints for ep in usable):
         return usable  # hints are all-or-nothing, as upstream
-    same_zone = _filter(usable, lambda ep: node.zone in ep.hints)
+    same_zone = tuple(ep for ep in usable if node.zone in ep.hints)
     return same_zone or usable
 
 
@@ -71,7 +63,8 @@ def categorize(
     if not service.has_vip:
         return ServicePortState(service=service, endpoints=endpoints)
     cluster = _topology_filter(_usable(endpoints), service, node)
-    local = _usable(_filter(endpoints, lambda ep: ep.node_name == node.name))
+    name = node.name
+    local = _usable(tuple(ep for ep in endpoints if ep.node_name == name))
     internal = local if service.internal_policy_local else cluster
     external = local if service.external_policy_local else cluster
     if not service.externally_accessible:

@@ -225,8 +225,8 @@ def test_slices_merge_dedupe_and_match_ports_by_name() -> None:
 
 def test_slice_conditions_default_and_fqdn_ignored() -> None:
     s, _ = convert.endpoint_slice(eps(endpoints=[{"addresses": ["10.1.1.1"], "conditions": {}}]))
-    assert s is not None and s.endpoints[0].ready and s.endpoints[0].serving
-    assert not s.endpoints[0].terminating
+    assert s is not None and s.endpoints[0][0].ready and s.endpoints[0][0].serving
+    assert not s.endpoints[0][0].terminating
     assert convert.endpoint_slice(eps(addressType="FQDN")) == (None, ())
 
 

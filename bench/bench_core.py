@@ -1,0 +1,163 @@
+"""Benchmark of the pure core: convert + select + plan over a synthetic cluster.
+
+A synthetic cluster as Kubernetes JSON: N Services (a mix of ClusterIP, NodePort and
+LoadBalancer) with one EndpointSlice of 5 endpoints each. Measured:
+
+* full plan: convert every object, feed the tracker, first ``checkout()``;
+* one-change plan: convert one changed EndpointSlice and ``checkout()`` (median of many);
+* peak RSS of the process (ru_maxrss), for the largest size.
+
+Usage: ``python bench/bench_core.py [--sizes 10,1000,10000] [--json]``. Each size runs in
+its own process so peak RSS belongs to that size alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from kpy import convert
+from kpy.agent import tune_gc
+from kpy.model import ServiceName
+from kpy.tracker import Tracker
+
+
+def cluster(n: int, endpoints: int = 5) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    services, slices = [], []
+    node_port = 30000
+    for i in range(n):
+        kind = ("ClusterIP", "NodePort", "LoadBalancer")[i % 3]
+        if kind != "ClusterIP" and node_port > 32767:
+            kind = "ClusterIP"
+        ip = f"10.{96 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+        port: dict[str, Any] = {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}
+        svc: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": f"svc-{i}",
+                "namespace": f"ns-{i % 50}",
+                "resourceVersion": str(i),
+            },
+            "spec": {"type": kind, "clusterIP": ip, "clusterIPs": [ip], "ports": [port]},
+        }
+        if kind != "ClusterIP":
+            port["nodePort"] = node_port
+            node_port += 1
+        if kind == "LoadBalancer":
+            svc["status"] = {
+                "loadBalancer": {"ingress": [{"ip": f"172.18.{i // 256 % 256}.{i % 256}"}]}
+            }
+        services.append(svc)
+        slices.append(slice_of(i, endpoints))
+    return services, slices
+
+
+def pod_ip(n: int) -> str:
+    return f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}"
+
+
+def slice_of(i: int, endpoints: int, extra: int = 0) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"svc-{i}-abcde",
+            "namespace": f"ns-{i % 50}",
+            "labels": {"kubernetes.io/service-name": f"svc-{i}"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {
+                "addresses": [pod_ip(i * 8 + j)],
+                "conditions": {"ready": True, "serving": True, "terminating": False},
+                "nodeName": ("node-a", "node-b", "node-c")[j % 3],
+                "zone": "z1",
+            }
+            for j in range(endpoints + extra)
+        ],
+    }
+
+
+def feed_service(t: Tracker, obj: dict[str, Any]) -> None:
+    svc, _ = convert.service(obj)
+    assert svc is not None
+    t.set_service(
+        ServiceName(namespace=obj["metadata"]["namespace"], name=obj["metadata"]["name"]), svc
+    )
+
+
+def feed_slice(t: Tracker, obj: dict[str, Any]) -> None:
+    eps, _ = convert.endpoint_slice(obj)
+    t.set_slice(obj["metadata"]["namespace"], obj["metadata"]["name"], eps)
+
+
+def measure(n: int) -> dict[str, float]:
+    tune_gc()  # as `kpy run` does
+    services, slices = cluster(n)
+    t = Tracker("node-a")
+    start = time.perf_counter()
+    for s in services:
+        feed_service(t, s)
+    for s in slices:
+        feed_slice(t, s)
+    plan = t.checkout()
+    full = time.perf_counter() - start
+    assert len(plan.services) == n
+    samples = []
+    extra: dict[int, int] = {}
+    for k in range(200):
+        i = (k * 7919) % n
+        extra[i] = 0 if extra.get(i) else 1  # add or remove one endpoint
+        changed = slice_of(i, 5, extra=extra[i])
+        start = time.perf_counter()
+        feed_slice(t, changed)
+        p = t.checkout()
+        samples.append(time.perf_counter() - start)
+        assert len(p.changed) == 1
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "services": n,
+        "full_plan_s": round(full, 3),
+        "one_change_p50_ms": round(statistics.median(samples) * 1000, 3),
+        "one_change_p90_ms": round(statistics.quantiles(samples, n=10)[8] * 1000, 3),
+        "peak_rss_mb": round(rss_mb, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="10,1000,10000")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one)))
+        return
+    results = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", str(n)], check=True, capture_output=True, text=True
+        )
+        results.append(json.loads(out.stdout))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print("| services | full plan (s) | one-change plan p50 (ms) | p90 (ms) | peak RSS (MB) |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r['services']} | {r['full_plan_s']} | {r['one_change_p50_ms']} "
+            f"| {r['one_change_p90_ms']} | {r['peak_rss_mb']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
