@@ -1,0 +1,261 @@
+"""The health server (``/healthz``, ``/livez``, ``/readyz``) and the tiny HTTP layer under it.
+
+Kubelet probes, cloud load balancers and operators ask a node agent whether it is
+doing its job. The answers follow kube-proxy's, so probes written for it keep working:
+
+* ``/livez``: 503 when changes have been pending longer than ``timeout`` and no sync
+  has succeeded within ``timeout`` either — the sync loop is stuck or every apply
+  fails. Otherwise 200. (kube-proxy: 2 * syncPeriod.)
+* ``/healthz``: ``/livez`` and, as kube-proxy since 1.28, the node must be eligible to
+  receive load-balancer traffic (``nodeEligible``; a node being deleted is not).
+* ``/readyz``: 200 once the first full sync has succeeded, 503 before.
+
+The body is JSON: ``lastUpdated`` and ``currentTime`` (RFC 3339, as kube-proxy),
+``nodeEligible``, and kpy's own ``stale`` / ``sourceConnected``: "stale" means the
+source (the API server) has been unreachable longer than ``stale_after``. Stale alone
+does **not** turn the answer to 503: the programmed rules are still right for the last
+known state and keep serving, exactly as kube-proxy keeps serving through an API outage.
+A 503 there would pull every node out of every load balancer at once because the
+control plane is down — a cluster-wide outage made out of a control-plane one — and
+restarting the agent (what a failed liveness probe does) cannot bring the API back.
+
+The HTTP layer (:func:`start_http`) is deliberately minimal: stdlib asyncio streams,
+GET/HEAD only, one request per connection, bounded header size and read time. The
+metrics and healthCheckNodePort servers use it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+
+from kpy import netns_socket
+from kpy.agent import AgentStatus
+
+log = structlog.get_logger("kpy.health")
+
+MAX_REQUEST_HEAD = 8192
+READ_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+
+    @staticmethod
+    def json(status: int, data: object) -> Response:
+        return Response(status=status, body=(json.dumps(data, sort_keys=True) + "\n").encode())
+
+    @staticmethod
+    def text(status: int, text: str) -> Response:
+        return Response(status=status, body=text.encode(), content_type="text/plain")
+
+
+Handler = Callable[[str, str], Response]  # (method, path without query) -> Response
+
+
+def parse_bind_address(value: str) -> tuple[str, int]:
+    """``0.0.0.0:10256``, ``[::]:10256``, ``:10256``, ``127.0.0.1:0`` → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r} is not an address:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+async def _handle(
+    handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    try:
+        async with asyncio.timeout(READ_TIMEOUT):
+            head = await reader.readuntil(b"\r\n\r\n")
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            response = Response.text(400, "bad request\n")
+            method = "GET"
+        else:
+            method, target = parts[0], parts[1]
+            path = target.split("?", 1)[0]
+            if method not in ("GET", "HEAD"):
+                response = Response.text(405, "method not allowed\n")
+            else:
+                try:
+                    response = handler(method, path)
+                except Exception as exc:  # a broken handler answers 500, never kills the server
+                    log.error("http_handler_failed", path=path, error=str(exc))
+                    response = Response.text(500, "internal error\n")
+        reason = HTTPStatus(response.status).phrase
+        header = (
+            f"HTTP/1.1 {response.status} {reason}\r\n"
+            f"Content-Type: {response.content_type}\r\n"
+            f"Content-Length: {len(response.body)}\r\n"
+            "X-Content-Type-Options: nosniff\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("latin-1")
+        writer.write(header if method == "HEAD" else header + response.body)
+        async with asyncio.timeout(READ_TIMEOUT):
+            await writer.drain()
+    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+        pass  # a slow, truncated or oversized request just gets the connection closed
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(1.0):
+                await writer.wait_closed()
+
+
+async def start_http(handler: Handler, sock: socket.socket) -> asyncio.Server:
+    """Serve ``handler`` on an already listening socket (so it may come from another netns)."""
+    return await asyncio.start_server(
+        lambda r, w: _handle(handler, r, w), sock=sock, limit=MAX_REQUEST_HEAD
+    )
+
+
+async def serve_forever(
+    name: str,
+    handler: Handler,
+    address: str,
+    *,
+    netns: str | None = None,
+    bound: Callable[[int], None] | None = None,
+    retry_after: float = 5.0,
+) -> None:
+    """Bind ``address`` (retrying while it is taken) and serve until cancelled.
+
+    ``bound`` receives the port actually bound (useful with port 0 in tests).
+    """
+    host, port = parse_bind_address(address)
+    while True:
+        try:
+            sock = await netns_socket.listen(netns, host, port)
+            break
+        except OSError as exc:
+            log.warning(
+                "http_bind_failed", server=name, address=address, error=str(exc), retry_in_s=5
+            )
+            await asyncio.sleep(retry_after)
+    server = await start_http(handler, sock)
+    actual = sock.getsockname()[1]
+    log.info("http_serving", server=name, address=address, port=actual)
+    if bound is not None:
+        bound(actual)
+    try:
+        async with server:
+            await server.serve_forever()
+    finally:
+        server.close()
+
+
+def _rfc3339(t: float | None) -> str:
+    if t is None:
+        return ""
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+
+
+class HealthServer:
+    """Answers ``/healthz``, ``/livez`` and ``/readyz`` from an :class:`AgentStatus`.
+
+    ``timeout``: how long changes may stay pending without a successful sync.
+    ``stale_after``: how long the source may be disconnected before the body says stale.
+    ``node_eligible``: whether this node should receive load-balancer traffic.
+    """
+
+    def __init__(
+        self,
+        status: AgentStatus,
+        *,
+        timeout: float,
+        stale_after: float,
+        node_eligible: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.time,
+        on_answer: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.status = status
+        self.timeout = timeout
+        self.stale_after = stale_after
+        self.node_eligible = node_eligible
+        self.clock = clock
+        self.on_answer = on_answer
+        self._disconnected_since: float | None = None
+
+    def note_source(self) -> None:
+        """Record when the source went away; called periodically and on every request."""
+        if self.status.source_healthy:
+            self._disconnected_since = None
+        elif self._disconnected_since is None:
+            self._disconnected_since = self.clock()
+
+    def proxy_healthy(self, now: float) -> bool:
+        """kube-proxy's rule: pending for longer than ``timeout`` and no recent success."""
+        pending = self.status.pending_since
+        if pending is None or now - pending <= self.timeout:
+            return True
+        last_ok = self.status.last_sync_ok
+        return last_ok is not None and now - last_ok <= self.timeout
+
+    def body(self, now: float) -> dict[str, Any]:
+        self.note_source()
+        since = self._disconnected_since
+        disconnected = 0.0 if since is None else now - since
+        return {
+            "lastUpdated": _rfc3339(self.status.last_sync_ok),
+            "currentTime": _rfc3339(now),
+            "nodeEligible": self.node_eligible(),
+            "pendingSince": _rfc3339(self.status.pending_since) or None,
+            "sourceConnected": self.status.source_healthy,
+            "sourceReason": self.status.source_reason or None,
+            "stale": since is not None and disconnected > self.stale_after,
+            "disconnectedSeconds": round(disconnected, 3),
+            "firstFullSyncDone": self.status.first_full_sync_done,
+        }
+
+    def answer(self, method: str, path: str) -> Response:
+        now = self.clock()
+        path = path.rstrip("/") or "/"
+        if path == "/livez":
+            code = 200 if self.proxy_healthy(now) else 503
+        elif path == "/healthz":
+            code = 200 if self.proxy_healthy(now) and self.node_eligible() else 503
+        elif path == "/readyz":
+            code = 200 if self.status.first_full_sync_done else 503
+        else:
+            return Response.text(404, "not found\n")
+        if self.on_answer is not None:
+            self.on_answer(path, code)
+        return Response.json(code, self.body(now))
+
+    async def watch_source(self, interval: float = 1.0) -> None:
+        """Track the source's disconnection time between requests, until cancelled."""
+        while True:
+            self.note_source()
+            await asyncio.sleep(interval)
+
+    async def serve(self, address: str, *, bound: Callable[[int], None] | None = None) -> None:
+        """Serve on ``address`` until cancelled (the health server stays in the root netns,
+        where kubelet probes it)."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.watch_source())
+            tasks.create_task(serve_forever("healthz", self.answer, address, bound=bound))
+
+
+__all__ = [
+    "HealthServer",
+    "Response",
+    "parse_bind_address",
+    "serve_forever",
+    "start_http",
+]
