@@ -1,0 +1,439 @@
+"""``kpy explain``: why does this packet go there?
+
+Given a packet (source, destination, port, protocol, and where it comes from: a pod,
+the node itself, or outside the cluster) and the node's Plan, say which Service port
+frontend it hits (or why none), which traffic policy applies, which endpoints are
+candidates and why each other endpoint is not (not ready, terminating while ready ones
+exist, on another node under policy Local, filtered by topology, other IP family),
+whether it is masqueraded and why, the loadBalancerSourceRanges verdict, and the end
+result: forward, drop, reject, or accept (no Service rule touches it).
+
+The rules are upstream kube-proxy's (iptables/nftables modes), in the order a packet
+meets them. :func:`explain` is pure — Plan and options in, :class:`Explanation` out —
+so it is table-tested and runs offline from manifests. The JSON form
+(:meth:`Explanation.to_json`) is a stable contract: ``verdict``, ``service``,
+``endpoints``, ``masquerade``, ``reasons``, ``kernel`` (plus descriptive extras).
+``kernel`` stays empty until backends offer a packet trace of their rendered objects.
+
+:func:`command` builds the click command; the CLI registers it with its own offline
+Plan builder, so this module imports nothing of the shell.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import click
+
+from kpy import select
+from kpy.model import (
+    Endpoint,
+    IPAddress,
+    IPFamily,
+    IPNetwork,
+    NodeInfo,
+    Plan,
+    Protocol,
+    ServicePortState,
+    SessionAffinity,
+    TrafficPolicy,
+)
+
+
+class Origin(enum.StrEnum):
+    POD = "pod"
+    NODE = "node"
+    EXTERNAL = "external"
+
+
+class Verdict(enum.StrEnum):
+    FORWARD = "forward"
+    DROP = "drop"
+    REJECT = "reject"
+    ACCEPT = "accept"  # no Service rule touches the packet
+
+
+class Frontend(enum.StrEnum):
+    CLUSTER_IP = "cluster_ip"
+    NODE_PORT = "node_port"
+    EXTERNAL_IP = "external_ip"
+    LOAD_BALANCER_IP = "load_balancer_ip"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Packet:
+    src: IPAddress
+    dst: IPAddress
+    port: int
+    protocol: Protocol = Protocol.TCP
+    origin: Origin | None = None  # None: inferred from the source address
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    """The node options that change the answer (as in BackendConfig)."""
+
+    cluster_cidrs: tuple[IPNetwork, ...] = ()
+    nodeport_addresses: tuple[IPNetwork, ...] = ()  # () = every node address
+    masquerade_all: bool = False
+    node_ips: tuple[IPAddress, ...] = ()  # in addition to the Node's addresses
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Excluded:
+    endpoint: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Explanation:
+    verdict: Verdict
+    origin: Origin
+    service: str | None = None
+    frontend: Frontend | None = None
+    traffic: str | None = None  # "internal" or "external"
+    policy: TrafficPolicy | None = None
+    endpoints: tuple[str, ...] = ()
+    excluded: tuple[Excluded, ...] = ()
+    masquerade: bool = False
+    affinity_timeout: int | None = None
+    reasons: tuple[str, ...] = ()
+    kernel: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "verdict": str(self.verdict),
+            "service": self.service,
+            "endpoints": list(self.endpoints),
+            "masquerade": self.masquerade,
+            "reasons": list(self.reasons),
+            "kernel": list(self.kernel),
+            "origin": str(self.origin),
+            "frontend": None if self.frontend is None else str(self.frontend),
+            "traffic": self.traffic,
+            "policy": None if self.policy is None else str(self.policy),
+            "excluded": [{"endpoint": e.endpoint, "reason": e.reason} for e in self.excluded],
+            "affinityTimeoutSeconds": self.affinity_timeout,
+        }
+
+
+def _in(ip: IPAddress, nets: Iterable[IPNetwork]) -> bool:
+    return any(ip.version == n.version and ip in n for n in nets)
+
+
+def _node_addresses(node: NodeInfo, options: Options) -> tuple[IPAddress, ...]:
+    return tuple(dict.fromkeys((*node.addresses, *options.node_ips)))
+
+
+def infer_origin(src: IPAddress, node: NodeInfo, options: Options) -> Origin:
+    if src in _node_addresses(node, options):
+        return Origin.NODE
+    if _in(src, options.cluster_cidrs) or _in(src, node.pod_cidrs):
+        return Origin.POD
+    return Origin.EXTERNAL
+
+
+def _match(
+    state: ServicePortState, packet: Packet, node: NodeInfo, options: Options
+) -> Frontend | None:
+    svc = state.service
+    if not svc.has_vip or svc.protocol is not packet.protocol:
+        return None
+    if packet.port == svc.port:
+        if packet.dst in svc.cluster_ips:
+            return Frontend.CLUSTER_IP
+        if packet.dst in svc.external_ips:
+            return Frontend.EXTERNAL_IP
+        if packet.dst in svc.load_balancer_ips:
+            return Frontend.LOAD_BALANCER_IP
+    if (
+        svc.node_port is not None
+        and packet.port == svc.node_port
+        and packet.dst in _node_addresses(node, options)
+        and (not options.nodeport_addresses or _in(packet.dst, options.nodeport_addresses))
+    ):
+        return Frontend.NODE_PORT
+    return None
+
+
+def _cluster_set(state: ServicePortState, node: NodeInfo) -> tuple[Endpoint, ...]:
+    """The cluster-wide endpoints (policy Cluster), whatever the Service's policies."""
+    svc = replace(
+        state.service,
+        internal_traffic_policy=TrafficPolicy.CLUSTER,
+        external_traffic_policy=TrafficPolicy.CLUSTER,
+    )
+    return select.categorize(svc, state.endpoints, node).internal
+
+
+def _exclusion(
+    ep: Endpoint,
+    *,
+    family: IPFamily,
+    local_only: bool,
+    node: NodeInfo,
+    pool: tuple[Endpoint, ...],
+) -> str:
+    if ep.family is not family:
+        return "other_family"
+    if local_only and ep.node_name != node.name:
+        return "other_node"
+    if not ep.ready and not (ep.serving and ep.terminating):
+        return "not_ready"
+    if not ep.ready and any(p.ready for p in pool):
+        return "terminating"
+    return "topology"
+
+
+def explain(plan: Plan, packet: Packet, options: Options | None = None) -> Explanation:
+    """What this node does with ``packet``, and why."""
+    options = options or Options()
+    node = plan.node
+    origin = packet.origin or infer_origin(packet.src, node, options)
+    matched: tuple[ServicePortState, Frontend] | None = None
+    vip_other_port = False
+    for state in sorted(plan.services.values(), key=lambda s: s.name):
+        frontend = _match(state, packet, node, options)
+        if frontend is not None:
+            matched = (state, frontend)
+            break
+        svc = state.service
+        if svc.has_vip and packet.dst in (
+            *svc.cluster_ips,
+            *svc.external_ips,
+            *svc.load_balancer_ips,
+        ):
+            vip_other_port = True
+    if matched is None:
+        reason = "service_port_not_matched" if vip_other_port else "no_service"
+        return Explanation(verdict=Verdict.ACCEPT, origin=origin, reasons=(reason,))
+    state, frontend = matched
+    svc = state.service
+    reasons: list[str] = [str(frontend)]
+    family = IPFamily.of(packet.dst)
+    external = frontend is not Frontend.CLUSTER_IP
+    policy = svc.external_traffic_policy if external else svc.internal_traffic_policy
+    reasons.append(f"{'external' if external else 'internal'}_traffic_policy_{policy.lower()}")
+    common = {
+        "origin": origin,
+        "service": str(svc.name),
+        "frontend": frontend,
+        "traffic": "external" if external else "internal",
+        "policy": policy,
+    }
+
+    if frontend is Frontend.LOAD_BALANCER_IP and svc.load_balancer_source_ranges:
+        if not _in(packet.src, svc.load_balancer_source_ranges):
+            reasons.append("source_range_denied")
+            return Explanation(verdict=Verdict.DROP, reasons=tuple(reasons), **common)  # type: ignore[arg-type]
+        reasons.append("source_range_allowed")
+
+    cluster = _cluster_set(state, node)
+    masquerade_reasons: list[str] = []
+    if options.masquerade_all:
+        masquerade_reasons.append("masquerade_all")
+    if external:
+        if policy is TrafficPolicy.LOCAL and origin is Origin.POD:
+            # kube-proxy short-circuits pods' traffic to external frontends to the
+            # cluster-wide endpoints: there is no client IP to preserve.
+            reasons.append("pod_to_external_short_circuit")
+            targets, local_only = cluster, False
+        elif policy is TrafficPolicy.LOCAL and origin is Origin.NODE:
+            reasons.append("node_to_external_uses_cluster_endpoints")
+            masquerade_reasons.append("from_node")
+            targets, local_only = cluster, False
+        else:
+            targets, local_only = state.external, policy is TrafficPolicy.LOCAL
+            if policy is TrafficPolicy.CLUSTER:
+                masquerade_reasons.append("external_traffic_policy_cluster")
+            else:
+                reasons.append("client_ip_preserved")
+    else:
+        targets, local_only = state.internal, policy is TrafficPolicy.LOCAL
+        if options.cluster_cidrs and not _in(packet.src, options.cluster_cidrs):
+            masquerade_reasons.append("source_outside_cluster_cidr")
+
+    same_family = tuple(ep for ep in targets if ep.family is family)
+    pool = tuple(ep for ep in state.endpoints if not local_only or ep.node_name == node.name)
+    chosen = set(same_family)
+    excluded = tuple(
+        Excluded(
+            endpoint=str(ep),
+            reason=_exclusion(ep, family=family, local_only=local_only, node=node, pool=pool),
+        )
+        for ep in state.endpoints
+        if ep not in chosen
+    )
+    if same_family and not any(ep.ready for ep in same_family):
+        reasons.append("terminating_fallback")
+    if any(e.reason == "topology" for e in excluded):
+        reasons.append("topology_hints")
+
+    if not same_family:
+        has_any = any(ep.family is family for ep in (*cluster, *state.local))
+        if has_any:
+            reasons.append("no_local_endpoints")
+            verdict = Verdict.DROP
+        else:
+            reasons.append("no_endpoints")
+            verdict = Verdict.REJECT
+        return Explanation(
+            verdict=verdict,
+            excluded=excluded,
+            reasons=tuple(reasons),
+            **common,  # type: ignore[arg-type]
+        )
+
+    if any(ep.ip == packet.src for ep in same_family):
+        masquerade_reasons.append("hairpin")
+    affinity = None
+    if svc.session_affinity is SessionAffinity.CLIENT_IP:
+        reasons.append("session_affinity_client_ip")
+        affinity = svc.affinity_timeout
+    reasons.extend(f"masquerade_{r}" if r != "masquerade_all" else r for r in masquerade_reasons)
+    return Explanation(
+        verdict=Verdict.FORWARD,
+        endpoints=tuple(str(ep) for ep in sorted(same_family, key=Endpoint.sort_key)),
+        excluded=excluded,
+        masquerade=bool(masquerade_reasons),
+        affinity_timeout=affinity,
+        reasons=tuple(reasons),
+        **common,  # type: ignore[arg-type]
+    )
+
+
+# ---------------------------------------------------------------- text and CLI
+
+
+def parse_destination(text: str) -> tuple[IPAddress, int, Protocol]:
+    """``10.96.0.10:80/TCP``, ``[fd00::10]:53/UDP``, ``10.96.0.10:80`` (TCP)."""
+    address, _, proto = text.partition("/")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{text!r}: expected IP:PORT[/PROTO]")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        protocol = Protocol((proto or "TCP").upper())
+    except ValueError:
+        raise ValueError(f"{text!r}: protocol must be TCP, UDP or SCTP") from None
+    return ipaddress.ip_address(host), int(port), protocol
+
+
+def render_text(packet: Packet, e: Explanation) -> str:
+    lines = [
+        f"packet: {packet.src} -> {packet.dst}:{packet.port}/{packet.protocol} (from {e.origin})",
+        f"verdict: {e.verdict}",
+    ]
+    if e.service is None:
+        lines.append("service: none — no Service frontend matches this destination")
+    else:
+        lines.append(f"service: {e.service} via {e.frontend} ({e.traffic} traffic, {e.policy})")
+    for ep in e.endpoints:
+        lines.append(f"  candidate {ep}")
+    for ex in e.excluded:
+        lines.append(f"  excluded  {ex.endpoint}: {ex.reason}")
+    if e.service is not None:
+        lines.append(f"masquerade: {'yes' if e.masquerade else 'no'}")
+    if e.affinity_timeout is not None:
+        lines.append(f"session affinity: ClientIP for {e.affinity_timeout}s")
+    lines.append("reasons: " + ", ".join(e.reasons))
+    return "\n".join(lines)
+
+
+OfflinePlan = Callable[[tuple[str, ...], str, tuple[str, ...]], Plan]
+
+
+def _networks(text: str) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in text.split(",") if c)
+
+
+def command(offline_plan: OfflinePlan) -> click.Command:
+    """The ``kpy explain`` command; ``offline_plan(manifests, node, node_ips)`` → Plan."""
+
+    @click.command("explain")
+    @click.option("--from", "src", required=True, help="Source IP of the packet.")
+    @click.option("--to", "dst", required=True, help="Destination IP:PORT[/PROTO].")
+    @click.option(
+        "--origin",
+        type=click.Choice([o.value for o in Origin]),
+        default=None,
+        help="Where the packet comes from (default: inferred from --from).",
+    )
+    @click.option(
+        "--manifests",
+        multiple=True,
+        default=("examples",),
+        show_default=True,
+        help="Manifest directory or file (repeatable).",
+    )
+    @click.option("--node", default="node-a", show_default=True, help="This node's name.")
+    @click.option(
+        "--node-ip",
+        multiple=True,
+        default=("192.168.50.2",),
+        show_default=True,
+        help="This node's IP (repeatable).",
+    )
+    @click.option("--cluster-cidr", default="10.244.0.0/16", show_default=True)
+    @click.option("--nodeport-addresses", default="", help="CIDRs NodePorts answer on.")
+    @click.option("--masquerade-all", is_flag=True, default=False)
+    @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+    def explain_cmd(
+        src: str,
+        dst: str,
+        origin: str | None,
+        manifests: tuple[str, ...],
+        node: str,
+        node_ip: tuple[str, ...],
+        cluster_cidr: str,
+        nodeport_addresses: str,
+        masquerade_all: bool,
+        output: str,
+    ) -> None:
+        """Why does this packet go there? Service, endpoints, policy, masquerade."""
+        try:
+            address, port, protocol = parse_destination(dst)
+            packet = Packet(
+                src=ipaddress.ip_address(src),
+                dst=address,
+                port=port,
+                protocol=protocol,
+                origin=Origin(origin) if origin else None,
+            )
+            options = Options(
+                cluster_cidrs=_networks(cluster_cidr),
+                nodeport_addresses=_networks(nodeport_addresses),
+                masquerade_all=masquerade_all,
+                node_ips=tuple(ipaddress.ip_address(i) for i in node_ip),
+            )
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        plan = offline_plan(manifests, node, node_ip)
+        result = explain(plan, packet, options)
+        if output == "json":
+            click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        else:
+            click.echo(render_text(packet, result))
+
+    return explain_cmd
+
+
+__all__ = [
+    "Excluded",
+    "Explanation",
+    "Frontend",
+    "Options",
+    "Origin",
+    "Packet",
+    "Verdict",
+    "command",
+    "explain",
+    "infer_origin",
+    "parse_destination",
+    "render_text",
+]
