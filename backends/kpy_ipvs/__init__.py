@@ -1,1 +1,333 @@
-"""The ipvs backend for kpy (being built; see its README)."""
+"""The IPVS backend: Service VIPs as IPVS virtual services, programmed over netlink.
+
+:class:`IpvsBackend` keeps two views of the kernel objects it owns: what it *wants*
+(rendered per service port by :mod:`kpy_ipvs.render`) and what the kernel *has*
+(adopted from a dump on every full sync, then kept up to date by each message it
+sends). A sync diffs the two with :mod:`kpy.diff` — over every key on a full sync, over
+the changed ports' keys on a partial one — and sends only the messages the difference
+needs, in an order that never leaves a VIP unbound while it could serve:
+addresses, companion elements, services, real servers first; removals last.
+
+Graceful termination: a real server that is no longer wanted is deleted at once when it
+has no connections; otherwise its weight drops to 0 (no new connections) and it stays
+on a pending list until its connections reach 0 or the grace period
+(``grace_period`` option, seconds, default 30) passes — checked on every sync.
+
+A failed message raises :class:`~kpy.backend.BackendError` and makes the next sync a
+full one, which re-reads the kernel and retries whatever is still missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import structlog
+
+from kpy import diff
+from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
+from kpy.model import IPAddress, Plan, ServicePortName
+from kpy_ipvs import observe as observe_
+from kpy_ipvs import render
+from kpy_ipvs.apply import DestStatus, Kernel, KernelError
+from kpy_ipvs.render import DestKey, Element, PortObjects, VirtualKey, VirtualService
+
+__all__ = ["IpvsBackend"]
+
+log = structlog.get_logger("kpy.ipvs")
+
+
+@dataclass
+class _Held:
+    """What the kernel holds of this backend's objects, as far as the backend knows."""
+
+    services: dict[VirtualKey, VirtualService] = field(default_factory=dict)
+    destinations: dict[DestKey, int] = field(default_factory=dict)  # weight
+    addresses: set[IPAddress] = field(default_factory=set)
+    elements: set[Element] = field(default_factory=set)
+    table_id: str | None = None
+
+
+class IpvsBackend:
+    """kpy's IPVS backend (see the module docstring and README.md)."""
+
+    name = "ipvs"
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        self.grace_period = float(config.option("grace_period", "30") or "30")
+        self._kernel = Kernel(config.netns)
+        self._ctx = render.Context()
+        self._ports: dict[ServicePortName, PortObjects] = {}
+        self._want_services: dict[VirtualKey, VirtualService] = {}
+        self._want_dests: dict[DestKey, int] = {}
+        self._want_elements: dict[Element, bool] = {}
+        self._address_refs: Counter[IPAddress] = Counter()
+        self._have = _Held()
+        self._pending: dict[DestKey, float] = {}  # draining real server → deadline
+        self._needs_full = True
+
+    # --- the Backend protocol -----------------------------------------------------------
+
+    def probe(self) -> str | None:
+        try:
+            return self._kernel._executor.submit(self._kernel.probe).result()
+        except Exception as exc:  # any failure to reach IPVS is a reason, not a crash
+            return f"IPVS unavailable: {type(exc).__name__}: {exc}"
+
+    async def apply(self, plan: Plan) -> ApplyResult:
+        full = plan.full_sync or self._needs_full
+        started = time.monotonic()
+        try:
+            detail = await self._kernel.call(self._sync, plan, full)
+        except KernelError as exc:
+            self._needs_full = True
+            log.warning("ipvs_apply_failed", error=str(exc), full_sync=full)
+            raise BackendError(str(exc)) from exc
+        self._needs_full = False
+        ops = detail.pop("ops")
+        log.debug(
+            "ipvs_applied",
+            full_sync=full,
+            ops=ops,
+            ms=round((time.monotonic() - started) * 1000, 3),
+            pending=len(self._pending),
+        )
+        return ApplyResult(
+            full_sync=full, ops=ops, size=ops, size_unit="netlink messages", detail=detail
+        )
+
+    async def observe(self) -> Programmed:
+        snap = await self._kernel.call(self._kernel.snapshot)
+        owned = self._owned(snap.services, snap.addresses)
+        return observe_.programmed(
+            self.name, snap, owned, self._ports, pending=frozenset(self._pending)
+        )
+
+    async def cleanup(self) -> None:
+        try:
+            await self._kernel.call(self._cleanup)
+        except KernelError as exc:
+            raise BackendError(str(exc)) from exc
+        self._ports.clear()
+        self._want_services.clear()
+        self._want_dests.clear()
+        self._want_elements.clear()
+        self._address_refs.clear()
+        self._pending.clear()
+        self._have = _Held()
+        self._needs_full = True
+
+    def close(self) -> None:
+        """Close the netlink sockets and the worker thread."""
+        self._kernel.close()
+
+    # --- internals (run on the kernel thread) ------------------------------------------
+
+    def _owned(
+        self, services: dict[VirtualKey, VirtualService], bound: frozenset[IPAddress]
+    ) -> set[VirtualKey]:
+        """Virtual services that are kpy's: on kpy-ipvs0's addresses, on the NodePort
+        addresses, or rendered by this backend. Anything else is left alone."""
+        known = set(self._want_services)
+        node_ips = set(self._ctx.nodeport_ips) | set(self.config.node_ips)
+        return {k for k in services if k in known or k.address in bound or k.address in node_ips}
+
+    def _register(self, objs: PortObjects, sign: int) -> None:
+        if sign > 0:
+            self._want_services.update(objs.services)
+            self._want_dests.update(objs.destinations)
+            self._want_elements.update(dict.fromkeys(objs.elements, True))
+            self._address_refs.update(objs.addresses)
+        else:
+            for key in objs.services:
+                self._want_services.pop(key, None)
+            for dest in objs.destinations:
+                self._want_dests.pop(dest, None)
+            for el in objs.elements:
+                self._want_elements.pop(el, None)
+            self._address_refs.subtract(objs.addresses)
+            for addr in objs.addresses:
+                if self._address_refs[addr] <= 0:
+                    del self._address_refs[addr]
+
+    def _sync(self, plan: Plan, full: bool) -> dict[str, int]:
+        kernel = self._kernel
+        kernel.sent = kernel.reads = 0
+        if full:
+            self._ctx = render.context(self.config, plan.node)
+            kernel.sysctls()
+            self._ports = render.render(plan, self._ctx)
+            self._want_services, self._want_dests = {}, {}
+            self._want_elements, self._address_refs = {}, Counter()
+            for objs in self._ports.values():
+                self._register(objs, +1)
+            snap = kernel.snapshot()
+            owned = self._owned(snap.services, snap.addresses)
+            self._have = _Held(
+                services={k: v for k, v in snap.services.items() if k in owned},
+                destinations={
+                    d: s.weight for d, s in snap.destinations.items() if d.virtual in owned
+                },
+                addresses=set(snap.addresses),
+                elements=set(snap.elements),
+                table_id=snap.table_id,
+            )
+            self._write(None)
+        else:
+            touched: list[PortObjects] = []
+            for name in sorted(plan.changed | plan.removed):
+                old = self._ports.pop(name, render.EMPTY)
+                self._register(old, -1)
+                state = plan.services.get(name)
+                new = render.render_port(state, self._ctx) if state is not None else render.EMPTY
+                if new is not render.EMPTY:
+                    self._ports[name] = new
+                    self._register(new, +1)
+                touched += [old, new]
+            self._write(touched)
+        self._reap()
+        return {"ops": kernel.sent, "reads": kernel.reads, "pending": len(self._pending)}
+
+    def _write(self, touched: list[PortObjects] | None) -> None:
+        kernel, have = self._kernel, self._have
+        want_addresses = dict.fromkeys(self._address_refs, True)
+        have_addresses = dict.fromkeys(have.addresses, True)
+        have_elements = dict.fromkeys(have.elements, True)
+        if touched is None:
+            services = diff.compute(have.services, self._want_services)
+            dests = diff.compute(have.destinations, self._want_dests)
+            addresses = diff.compute(have_addresses, want_addresses)
+            elements = diff.compute(have_elements, self._want_elements)
+        else:
+            services = diff.compute_keys(
+                have.services, self._want_services, (k for o in touched for k in o.services)
+            )
+            dests = diff.compute_keys(
+                have.destinations, self._want_dests, (k for o in touched for k in o.destinations)
+            )
+            addresses = diff.compute_keys(
+                have_addresses, want_addresses, (a for o in touched for a in o.addresses)
+            )
+            elements = diff.compute_keys(
+                have_elements, self._want_elements, (e for o in touched for e in o.elements)
+            )
+
+        # 1. VIPs first: a virtual service is only reachable once its address is local.
+        if addresses.added or touched is None:
+            index = kernel.ensure_link()
+            for addr, _ in addresses.added:
+                kernel.add_address(index, addr)
+                have.addresses.add(addr)
+        # 2. Companion sets and rules (rules rewritten only when they changed).
+        skeleton_id = render.skeleton_id(self._ctx)
+        if touched is None and have.table_id != skeleton_id:
+            kernel.write_companion(self._ctx, self._want_elements)
+            have.elements = set(self._want_elements)
+            have.table_id = skeleton_id
+            elements = diff.Diff()
+        adds = [e for e, _ in elements.added]
+        if adds:
+            kernel.change_elements(adds, ())
+            have.elements.update(adds)
+        # 3. Virtual services, then 4. their real servers.
+        for key, settings in services.added:
+            kernel.add_service(key, settings)
+            have.services[key] = settings
+        for key, _, settings in services.changed:
+            kernel.set_service(key, settings)
+            have.services[key] = settings
+        for dest, weight in dests.added:
+            if dest.virtual not in have.services:
+                continue  # its service failed to appear; the full sync retries
+            kernel.add_dest(dest, weight)
+            have.destinations[dest] = weight
+        for dest, _, weight in dests.changed:
+            kernel.set_dest(dest, weight)
+            have.destinations[dest] = weight
+            self._pending.pop(dest, None)
+        # 5. Removals: real servers drain gracefully, services go at once.
+        gone = {key for key, _ in services.removed}
+        status: dict[VirtualKey, dict[DestKey, DestStatus]] = {}
+        for dest, _ in dests.removed:
+            if dest.virtual not in gone:
+                self._retire(dest, status)
+        for key in gone:
+            kernel.del_service(key)
+            del have.services[key]
+            for dest in [d for d in have.destinations if d.virtual == key]:
+                del have.destinations[dest]
+                self._pending.pop(dest, None)
+        deletes = [e for e, _ in elements.removed]
+        if deletes:
+            kernel.change_elements((), deletes)
+            have.elements.difference_update(deletes)
+        if addresses.removed:
+            index = kernel.ensure_link()
+            for addr, _ in addresses.removed:
+                kernel.del_address(index, addr)
+                have.addresses.discard(addr)
+
+    def _status(
+        self, dest: DestKey, cache: dict[VirtualKey, dict[DestKey, DestStatus]]
+    ) -> DestStatus | None:
+        if dest.virtual not in cache:
+            cache[dest.virtual] = self._kernel.dump_destinations(dest.virtual)
+        return cache[dest.virtual].get(dest)
+
+    def _retire(self, dest: DestKey, cache: dict[VirtualKey, dict[DestKey, DestStatus]]) -> None:
+        """Remove a real server now if it has no connections, else drain it (weight 0)."""
+        status = self._status(dest, cache)
+        if status is None:
+            self._have.destinations.pop(dest, None)
+            self._pending.pop(dest, None)
+            return
+        if status.active + status.inactive == 0:
+            self._kernel.del_dest(dest)
+            self._have.destinations.pop(dest, None)
+            self._pending.pop(dest, None)
+            return
+        if status.weight != 0:
+            self._kernel.set_dest(dest, 0)
+        self._have.destinations[dest] = 0
+        self._pending.setdefault(dest, time.monotonic() + self.grace_period)
+        log.info(
+            "ipvs_real_server_draining",
+            real_server=str(dest),
+            active=status.active,
+            inactive=status.inactive,
+        )
+
+    def _reap(self) -> None:
+        """Delete draining real servers whose connections are gone or whose grace ended."""
+        if not self._pending:
+            return
+        cache: dict[VirtualKey, dict[DestKey, DestStatus]] = {}
+        now = time.monotonic()
+        for dest, deadline in sorted(self._pending.items(), key=lambda kv: str(kv[0])):
+            if dest in self._want_dests:
+                self._pending.pop(dest)
+                continue
+            status = self._status(dest, cache)
+            if status is None:
+                self._pending.pop(dest)
+                self._have.destinations.pop(dest, None)
+            elif status.active + status.inactive == 0 or now >= deadline:
+                self._kernel.del_dest(dest)
+                self._pending.pop(dest)
+                self._have.destinations.pop(dest, None)
+                log.info(
+                    "ipvs_real_server_removed",
+                    real_server=str(dest),
+                    drained=status.active + status.inactive == 0,
+                )
+
+    def _cleanup(self) -> None:
+        kernel = self._kernel
+        services = kernel.dump_services()
+        bound = kernel.dump_addresses()
+        for key in sorted(self._owned(services, bound), key=str):
+            kernel.del_service(key)
+        kernel.delete_companion()
+        kernel.del_link()
