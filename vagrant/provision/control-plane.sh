@@ -33,7 +33,8 @@ fi
 say "the kpy image ($IMAGE), built from deploy/Dockerfile"
 if ! ctr -n k8s.io images ls -q | grep -qx "$IMAGE"; then
   apt-get install -y -qq --no-install-recommends buildah >/dev/null
-  buildah build --quiet --layers -f /kpy/deploy/Dockerfile -t "$IMAGE" /kpy
+  # --network host: RUN steps use the VM's network, no container network plugins needed.
+  buildah build --quiet --layers --network host -f /kpy/deploy/Dockerfile -t "$IMAGE" /kpy
   rm -f "$IMAGE_ARCHIVE.part"
   buildah push --quiet "$IMAGE" "docker-archive:$IMAGE_ARCHIVE.part:$IMAGE"
   mv "$IMAGE_ARCHIVE.part" "$IMAGE_ARCHIVE"
