@@ -12,6 +12,7 @@ the Vagrant lab's Ruby and shell scripts through ``ruby -c`` and shellcheck.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shutil
 import subprocess
@@ -351,7 +352,9 @@ def test_command_and_configuration_are_accepted_by_the_agent(
     local.write_text(agent_config_text, encoding="utf-8")
     argv[argv.index("--config") + 1] = str(local)
 
-    result = CliRunner().invoke(main, [*argv, "--write-config-to", "-"], env={})
+    # The pod's environment has no KPY_* variables; neither may this test's.
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("KPY_")}
+    result = CliRunner().invoke(main, [*argv, "--write-config-to", "-"], env=unset)
     assert result.exit_code == 0, result.output
     effective = yaml.safe_load(result.output)
     assert effective["source"] == "kube"
