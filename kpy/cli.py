@@ -15,7 +15,7 @@ from typing import Any
 import click
 import structlog
 
-from kpy import __version__, dump
+from kpy import __version__, dump, explain, operations
 from kpy import backend as backends
 from kpy import config as cfg
 from kpy import log as logsetup
@@ -76,6 +76,8 @@ _RUN_FLAGS = {
     "backend_option": "backend_options",
     "healthz_bind_address": "healthz_bind_address",
     "metrics_bind_address": "metrics_bind_address",
+    "healthz_stale_after": "healthz_stale_after",
+    "conntrack_cleanup": "conntrack_cleanup",
 }
 
 
@@ -126,6 +128,12 @@ def _given_flags(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any
 @click.option("--backend-option", multiple=True, help="Backend option key=value (repeatable).")
 @click.option("--healthz-bind-address", help="Health server address (default 0.0.0.0:10256).")
 @click.option("--metrics-bind-address", help="Metrics address (default 127.0.0.1:10249).")
+@click.option("--healthz-stale-after", help="API unreachable this long → health says stale.")
+@click.option(
+    "--conntrack-cleanup/--no-conntrack-cleanup",
+    default=None,
+    help="Delete stale UDP conntrack entries after each sync (default on).",
+)
 @click.option(
     "--write-config-to",
     type=click.Path(path_type=Path),
@@ -192,8 +200,12 @@ async def _run_agent(agent: Agent, config: cfg.AgentConfig) -> None:
     assert task is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
+    poster = getattr(agent.source, "post", None)
+    ops = operations.attach(agent, config, poster=poster)
     try:
-        await agent.run()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(ops.run(), name="operations")
+            await agent.run()
     except asyncio.CancelledError:
         log.info("agent_stopped", note="programmed rules are kept; `kpy cleanup` removes them")
 
@@ -401,6 +413,9 @@ def cleanup_cmd(names: tuple[str, ...], netns: str | None) -> None:
 def version_cmd() -> None:
     """Print kpy's version."""
     click.echo(f"kpy {__version__}")
+
+
+main.add_command(explain.command(_offline_plan))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -156,7 +156,7 @@ def _coerce(name: str, value: object, what: str) -> object:
     if isinstance(default, tuple):
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ConfigError(f"{what}: expected a list of strings")
     if isinstance(default, str):

@@ -185,8 +185,10 @@ class ServicePortState:
     ``endpoints`` is every endpoint known for the port (for the dump); ``internal`` is
     what traffic from inside the cluster is sent to, ``external`` what NodePort,
     LoadBalancer and external-IP traffic is sent to (local endpoints only under
-    externalTrafficPolicy Local). An empty tuple means "reject" for that traffic, except
-    that external traffic under policy Local with no local endpoint is dropped.
+    externalTrafficPolicy Local). An empty tuple means, as upstream kube-proxy does it:
+    reject (TCP reset / ICMP port unreachable) when the Service has no usable endpoint
+    anywhere (:attr:`has_endpoints` False), and drop when it has some but a Local policy
+    excludes them all on this node.
     """
 
     service: ServicePort
@@ -198,6 +200,11 @@ class ServicePortState:
     @property
     def name(self) -> ServicePortName:
         return self.service.name
+
+    @property
+    def has_endpoints(self) -> bool:
+        """Any endpoint, anywhere, that could serve (ready, or serving while terminating)."""
+        return any(ep.ready or (ep.serving and ep.terminating) for ep in self.endpoints)
 
     def internal_for(self, family: IPFamily) -> tuple[Endpoint, ...]:
         return tuple(ep for ep in self.internal if ep.family is family)
