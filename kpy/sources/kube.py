@@ -1,0 +1,787 @@
+"""The Kubernetes API as a source: list + watch Services, EndpointSlices and this node's Node.
+
+One reflector per resource, with the semantics a production node agent needs
+(Kubernetes API concepts, "Efficient detection of changes"):
+
+* list, then watch from the list's resourceVersion with ``allowWatchBookmarks=true``;
+  the newest resourceVersion seen (event or BOOKMARK) is where a re-watch starts;
+* ``410 Gone`` (an HTTP 410 or an ERROR event with code 410) means the history is gone:
+  relist and reconcile — objects missing from the new list are emitted as DELETE, so
+  Services deleted while disconnected disappear;
+* connection errors, 5xx and 429 are retried with jittered exponential backoff
+  (``Retry-After`` respected); a watch is renewed before the server closes it
+  (``timeoutSeconds`` below the server's limit) and abandoned if it goes silent past
+  its deadline;
+* ``sink.synced()`` only after Services, EndpointSlices and the Node have each been
+  listed once (and the Node exists, or ``node_grace`` has passed), so a partial view is
+  never programmed; losing the API server only reports ``sink.connection(False, ...)``
+  — nothing is deleted because the API is gone;
+* an object without usable metadata is skipped with a structured warning naming it.
+
+Configuration comes from the official ``kubernetes`` client (in-cluster service
+account, a kubeconfig, or an explicit ``--master``); the HTTP is kpy's own, on asyncio
+streams, and objects are decoded as raw JSON — see docs/decisions/kube-transport.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import importlib
+import json
+import os
+import random
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+import structlog
+
+from kpy import __version__
+from kpy.sources import Event, EventType, Kind, Sink
+
+log = structlog.get_logger("kpy.sources.kube")
+
+JSON = dict[str, Any]
+
+# What the agent needs from RBAC: (apiGroup, resource, verbs). The deploy manifests'
+# ClusterRole is checked against this.
+REQUIRED_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("", "services", ("list", "watch")),
+    ("discovery.k8s.io", "endpointslices", ("list", "watch")),
+    ("", "nodes", ("list", "watch")),
+    ("", "events", ("create", "patch")),
+)
+
+SERVICES_PATH = "/api/v1/services"
+ENDPOINT_SLICES_PATH = "/apis/discovery.k8s.io/v1/endpointslices"
+NODES_PATH = "/api/v1/nodes"
+USER_AGENT = f"kpy/{__version__}"
+IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+IN_CLUSTER_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+
+class KubeConfigError(Exception):
+    """No usable API server configuration; the message says what was tried."""
+
+
+class ApiStatusError(Exception):
+    """The API server answered with an error status."""
+
+    def __init__(self, status: int, body: bytes, retry_after: float | None) -> None:
+        self.status = status
+        self.retry_after = retry_after
+        self.reason, self.message = _status_reason(body)
+        super().__init__(f"HTTP {status} {self.reason}: {self.message}")
+
+
+class ProtocolError(Exception):
+    """The response was not valid HTTP/1.1 or not the JSON expected."""
+
+
+def _status_reason(body: bytes) -> tuple[str, str]:
+    try:
+        status = json.loads(body)
+        return str(status.get("reason", "")), str(status.get("message", ""))
+    except (ValueError, AttributeError):
+        return "", body[:200].decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiTarget:
+    """Where and how to reach the API server: taken from a client Configuration."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str = ""
+    ssl_context: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+    auth: Callable[[], dict[str, str]] = field(default=lambda: {})
+    auth_may_block: bool = False  # token refresh may read a file or run an exec plugin
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}{self.base_path}"
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> ApiTarget:
+        if "://" not in url:
+            url = "https://" + url
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise KubeConfigError(f"not an API server address: {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(
+            scheme=parts.scheme,
+            host=parts.hostname,
+            port=port,
+            base_path=parts.path.rstrip("/"),
+            **kwargs,
+        )
+
+    @classmethod
+    def from_configuration(cls, configuration: Any) -> ApiTarget:
+        """From a ``kubernetes.client.Configuration`` (TLS files, token, basic auth)."""
+        context: ssl.SSLContext | None = None
+        if configuration.host.startswith("https"):
+            context = ssl.create_default_context(cafile=configuration.ssl_ca_cert or None)
+            if configuration.cert_file:
+                context.load_cert_chain(configuration.cert_file, configuration.key_file)
+            if not configuration.verify_ssl:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            elif getattr(configuration, "assert_hostname", None) is False:
+                context.check_hostname = False
+
+        def auth() -> dict[str, str]:
+            headers: dict[str, str] = {}
+            token = configuration.get_api_key_with_prefix("authorization")
+            if token:
+                headers["Authorization"] = token
+            elif configuration.username or configuration.password:
+                headers["Authorization"] = configuration.get_basic_auth_token()
+            return headers
+
+        return cls.from_url(
+            configuration.host,
+            ssl_context=context,
+            server_hostname=getattr(configuration, "tls_server_name", None) or None,
+            auth=auth,
+            auth_may_block=configuration.refresh_api_key_hook is not None,
+        )
+
+
+def load_target(
+    *,
+    kubeconfig: str = "",
+    master: str = "",
+    environ: Mapping[str, str] | None = None,
+    token_file: str = IN_CLUSTER_TOKEN,
+    ca_file: str = IN_CLUSTER_CA,
+) -> ApiTarget:
+    """The API server to use, like kube-proxy: kubeconfig, else in-cluster, else master.
+
+    ``master`` overrides the address from a kubeconfig or the in-cluster environment
+    (credentials are kept): without kube-proxy the ``kubernetes`` Service VIP is not
+    programmed yet, so the agent must reach the API server directly. So does setting
+    ``KUBERNETES_SERVICE_HOST``/``PORT`` in the DaemonSet, which in-cluster reads.
+    """
+    env = os.environ if environ is None else environ
+    # The client is needed for configuration only (and its functions are untyped).
+    client: Any = importlib.import_module("kubernetes.client")
+    config: Any = importlib.import_module("kubernetes.config")
+
+    configuration = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    elif env.get("KUBERNETES_SERVICE_HOST") and os.path.exists(token_file):
+        loader = config.incluster_config.InClusterConfigLoader(
+            token_filename=token_file, cert_filename=ca_file, environ=env
+        )
+        loader.load_and_set(configuration)
+    elif master:
+        configuration.host = master if "://" in master else f"https://{master}"
+    else:
+        default = env.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        if not os.path.exists(default.split(os.pathsep)[0]):
+            raise KubeConfigError(
+                "no API server: not in a cluster (no KUBERNETES_SERVICE_HOST and service "
+                "account token), no --kubeconfig, no --master, and no default kubeconfig"
+            )
+        config.load_kube_config(client_configuration=configuration)
+    if master:
+        configuration.host = master if "://" in master else f"https://{master}"
+    return ApiTarget.from_configuration(configuration)
+
+
+# --------------------------------------------------------------------------- HTTP/1.1
+
+
+class Response:
+    """A response whose body is read as a whole (lists) or as lines (watch streams)."""
+
+    def __init__(
+        self,
+        status: int,
+        headers: dict[str, str],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self._reader = reader
+        self._writer = writer
+
+    @property
+    def retry_after(self) -> float | None:
+        value = self.headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(value) if value else None
+            return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        reader = self._reader
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                line = await reader.readuntil(b"\r\n")
+                try:
+                    size = int(line.split(b";", 1)[0], 16)
+                except ValueError:
+                    raise ProtocolError(f"bad chunk size line {line[:40]!r}") from None
+                if size == 0:
+                    while await reader.readuntil(b"\r\n") != b"\r\n":
+                        pass  # trailers
+                    return
+                data = await reader.readexactly(size + 2)
+                if data[-2:] != b"\r\n":
+                    raise ProtocolError("chunk not terminated by CRLF")
+                yield data[:-2]
+        elif "content-length" in self.headers:
+            remaining = int(self.headers["content-length"])
+            while remaining > 0:
+                data = await reader.read(min(remaining, 1 << 20))
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", remaining)
+                remaining -= len(data)
+                yield data
+        else:
+            while data := await reader.read(1 << 20):
+                yield data
+
+    async def body(self) -> bytes:
+        return b"".join([chunk async for chunk in self._chunks()])
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """Newline-delimited records; a partial last record (a cut stream) raises."""
+        pending = b""
+        async for chunk in self._chunks():
+            pending += chunk
+            if b"\n" not in chunk:
+                continue
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                if line.strip():
+                    yield line
+        if pending.strip():
+            raise ProtocolError("stream ended in the middle of an event")
+
+    def close(self) -> None:
+        self._writer.transport.abort()
+
+
+def _keepalive(sock: socket.socket | None) -> None:
+    """TCP keepalive: a dead peer (node rebooted, network gone) is noticed in ~1 min."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+async def request(
+    target: ApiTarget,
+    method: str,
+    path: str,
+    params: Mapping[str, str] | None = None,
+    body: bytes | None = None,
+    content_type: str = "application/json",
+) -> Response:
+    """Send one request on a new connection and read the status line and headers.
+
+    The caller reads the body and closes the response; timeouts are the caller's.
+    """
+    headers = await asyncio.to_thread(target.auth) if target.auth_may_block else target.auth()
+    query = f"?{urlencode(params)}" if params else ""
+    reader, writer = await asyncio.open_connection(
+        target.host,
+        target.port,
+        ssl=target.ssl_context,
+        server_hostname=(target.server_hostname or target.host) if target.ssl_context else None,
+        limit=1 << 22,
+    )
+    try:
+        _keepalive(writer.get_extra_info("socket"))
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        lines = [
+            f"{method} {target.base_path}{quote(path)}{query} HTTP/1.1",
+            f"Host: {host}:{target.port}",
+            f"User-Agent: {USER_AGENT}",
+            "Accept: application/json",
+            "Connection: close",
+        ]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if body is not None:
+            lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+            raise ProtocolError(f"not an HTTP/1.1 response: {status_line[:60]!r}")
+        response_headers = {}
+        for line in header_lines:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                response_headers[k.strip().lower()] = v.strip()
+        return Response(int(parts[1]), response_headers, reader, writer)
+    except BaseException:
+        writer.transport.abort()
+        raise
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackoffPolicy:
+    """Jittered exponential backoff (client-go's reflector uses 800 ms → 30 s)."""
+
+    initial: float = 0.8
+    maximum: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.5  # ± this fraction
+    max_retry_after: float = 300.0  # a Retry-After above this is capped
+
+
+class Backoff:
+    def __init__(self, policy: BackoffPolicy, rng: random.Random | None = None) -> None:
+        self.policy = policy
+        self._attempt = 0
+        self._rng = rng or random.Random()
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+    def next(self, retry_after: float | None = None) -> float:
+        p = self.policy
+        base = min(p.maximum, p.initial * p.factor**self._attempt)
+        self._attempt = min(self._attempt + 1, 64)
+        delay = base * (1 + self._rng.uniform(-p.jitter, p.jitter))
+        if retry_after is not None:
+            # The server said when: wait that long (plus a little jitter, so a fleet of
+            # agents throttled together does not come back together).
+            delay = min(retry_after, p.max_retry_after) + self._rng.uniform(0, p.initial / 4)
+        return delay
+
+
+# --------------------------------------------------------------------------- reflector
+
+ObjectKey = tuple[str, str]
+
+
+class _Expired(Exception):
+    """The watch's resourceVersion is too old: relist."""
+
+
+class _Interrupted(Exception):
+    """An open watch stream broke (cut mid-event, reset): re-watch from the last rv."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    """Client-side limits (seconds)."""
+
+    watch: float = 300.0  # timeoutSeconds asked for; randomised up to twice this
+    watch_grace: float = 30.0  # a watch silent this long past its timeout is abandoned
+    list: float = 120.0  # a list (or other request) that takes longer is retried
+    connect: float = 10.0
+
+
+class Reflector:
+    """Keeps one resource's objects in step with the API server and emits their changes."""
+
+    def __init__(
+        self,
+        source: KubeSource,
+        kind: Kind,
+        path: str,
+        *,
+        field_selector: str = "",
+    ) -> None:
+        self.source = source
+        self.kind = kind
+        self.path = path
+        self.field_selector = field_selector
+        self.known: dict[ObjectKey, JSON] = {}
+        self.resource_version = ""
+        self.listed = asyncio.Event()
+        self.healthy = True
+        self.lists = 0
+        self.watches = 0
+        self._backoff = Backoff(source.backoff)
+
+    # -- emitting
+
+    def _key(self, obj: Any) -> tuple[ObjectKey, str] | None:
+        """(namespace, name) and resourceVersion, or None (warned) for a malformed object."""
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        name = meta.get("name") if isinstance(meta, dict) else None
+        namespace = meta.get("namespace", "") if isinstance(meta, dict) else ""
+        rv = meta.get("resourceVersion", "") if isinstance(meta, dict) else ""
+        problem = ""
+        if not isinstance(meta, dict):
+            problem = "no metadata"
+        elif not isinstance(name, str) or not name:
+            problem = "metadata.name missing"
+        elif self.kind is not Kind.NODE and (not isinstance(namespace, str) or not namespace):
+            problem = "metadata.namespace missing"
+        elif not isinstance(rv, str):
+            problem = "metadata.resourceVersion is not a string"
+        if problem:
+            log.warning(
+                "kube_object_malformed",
+                kind=str(self.kind),
+                namespace=namespace if isinstance(namespace, str) else "",
+                name=name if isinstance(name, str) else "",
+                reason=problem,
+                note="skipped",
+            )
+            return None
+        return ((namespace if self.kind is not Kind.NODE else ""), name), rv  # type: ignore[return-value]
+
+    def _upsert(self, obj: JSON, key: ObjectKey, rv: str) -> None:
+        previous = self.known.get(key)
+        if previous is not None and rv and previous["metadata"].get("resourceVersion") == rv:
+            return  # unchanged (a relist repeats what we have)
+        obj.setdefault("kind", str(self.kind))
+        self.known[key] = obj
+        self.source.emit(
+            Event(kind=self.kind, type=EventType.UPSERT, namespace=key[0], name=key[1], obj=obj)
+        )
+
+    def _delete(self, key: ObjectKey, obj: JSON) -> None:
+        if self.known.pop(key, None) is None:
+            return
+        self.source.emit(
+            Event(kind=self.kind, type=EventType.DELETE, namespace=key[0], name=key[1], obj=obj)
+        )
+
+    # -- list
+
+    def _params(self) -> dict[str, str]:
+        return {"fieldSelector": self.field_selector} if self.field_selector else {}
+
+    async def list(self) -> None:
+        """List everything, emit the differences to what is known, remember the rv."""
+        async with asyncio.timeout(self.source.timeouts.list):
+            response = await request(self.source.target, "GET", self.path, self._params())
+            try:
+                data = await response.body()
+            finally:
+                response.close()
+        if response.status != 200:
+            raise ApiStatusError(response.status, data, response.retry_after)
+        self.source.report(self, True)
+        try:
+            listing = json.loads(data)
+        except ValueError as exc:
+            raise ProtocolError(f"list is not JSON: {exc}") from None
+        del data
+        items = listing.get("items") if isinstance(listing, dict) else None
+        meta = listing.get("metadata") if isinstance(listing, dict) else None
+        rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        if not isinstance(items, list) or not isinstance(rv, str):
+            raise ProtocolError("list without items or metadata.resourceVersion")
+        seen: set[ObjectKey] = set()
+        for i, obj in enumerate(items):
+            found = self._key(obj)
+            if found is not None:
+                seen.add(found[0])
+                self._upsert(obj, *found)
+            if i % 2000 == 1999:
+                await asyncio.sleep(0)  # let the other reflectors read meanwhile
+        for key in [k for k in self.known if k not in seen]:
+            # Gone while we were not watching: the relist is the only news of it.
+            self._delete(key, self.known[key])
+        self.resource_version = rv
+        self.lists += 1
+        log.info(
+            "kube_listed",
+            kind=str(self.kind),
+            objects=len(items),
+            resource_version=rv,
+            relist=self.lists > 1,
+        )
+        self.listed.set()
+
+    # -- watch
+
+    async def watch(self) -> bool:
+        """Watch from the current rv until the stream ends; True if it ended cleanly.
+
+        Raises :class:`_Expired` when the rv is too old.
+        """
+        timeouts = self.source.timeouts
+        seconds = int(timeouts.watch * (1 + random.random()))
+        params = {
+            **self._params(),
+            "watch": "1",
+            "resourceVersion": self.resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(seconds),
+        }
+        got_event = False
+        started = time.monotonic()
+        async with asyncio.timeout(seconds + timeouts.watch_grace):
+            response = await request(self.source.target, "GET", self.path, params)
+            try:
+                if response.status != 200:
+                    body = await response.body()
+                    if response.status == 410:
+                        raise _Expired(_status_reason(body)[1])
+                    raise ApiStatusError(response.status, body, response.retry_after)
+                self.source.report(self, True)
+                self.watches += 1
+                try:
+                    async for line in response.lines():
+                        self._on_line(line)
+                        got_event = True
+                except (OSError, asyncio.IncompleteReadError, ProtocolError) as exc:
+                    raise _Interrupted(f"{type(exc).__name__}: {exc}") from None
+            finally:
+                response.close()
+        if got_event or time.monotonic() - started > 5:
+            self._backoff.reset()
+        return True
+
+    def _on_line(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+            etype, obj = event["type"], event["object"]
+        except (ValueError, KeyError, TypeError):
+            log.warning(
+                "kube_watch_event_malformed",
+                kind=str(self.kind),
+                event=line[:200].decode("utf-8", "replace"),
+                note="skipped",
+            )
+            return
+        if etype == "ERROR":
+            code = obj.get("code") if isinstance(obj, dict) else None
+            reason = obj.get("reason", "") if isinstance(obj, dict) else ""
+            message = obj.get("message", "") if isinstance(obj, dict) else ""
+            if code == 410 or reason in ("Expired", "Gone"):
+                raise _Expired(str(message))
+            raise ApiStatusError(int(code or 500), json.dumps(obj).encode(), None)
+        if etype == "BOOKMARK":
+            rv = (
+                (obj.get("metadata") or {}).get("resourceVersion")
+                if isinstance(obj, dict)
+                else None
+            )
+            if isinstance(rv, str) and rv:
+                self.resource_version = rv
+            return
+        if etype not in ("ADDED", "MODIFIED", "DELETED"):
+            log.warning("kube_watch_event_unknown", kind=str(self.kind), type=str(etype))
+            return
+        found = self._key(obj)
+        if found is None:
+            return
+        key, rv = found
+        if etype == "DELETED":
+            self._delete(key, obj)
+        else:
+            self._upsert(obj, key, rv)
+        if rv:
+            self.resource_version = rv
+
+    # -- the loop
+
+    async def run(self) -> None:
+        """List and watch until cancelled, relisting on 410 and backing off on errors."""
+        need_list = True
+        while True:
+            delay: float | None = None
+            try:
+                if need_list:
+                    await self.list()
+                    need_list = False
+                    self._backoff.reset()
+                await self.watch()
+                # A clean end (the server's timeout): re-watch at once from the last rv.
+            except _Expired as exc:
+                log.info(
+                    "kube_watch_expired",
+                    kind=str(self.kind),
+                    resource_version=self.resource_version,
+                    reason=str(exc),
+                    note="relisting",
+                )
+                need_list = True
+            except ApiStatusError as exc:
+                if exc.status == 410:
+                    need_list = True
+                    continue
+                server_side = exc.status >= 500
+                if server_side:
+                    self.source.report(self, False, f"API server error: HTTP {exc.status}")
+                log.warning(
+                    "kube_request_failed",
+                    kind=str(self.kind),
+                    status=exc.status,
+                    reason=exc.reason,
+                    message=exc.message,
+                    retry_after=exc.retry_after,
+                )
+                delay = self._backoff.next(exc.retry_after)
+            except _Interrupted as exc:
+                # The stream broke mid-event: whatever was cut is sent again when we
+                # re-watch from the last complete event's rv.
+                log.info("kube_watch_interrupted", kind=str(self.kind), error=str(exc))
+                delay = self._backoff.next()
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError) as exc:
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                self.source.report(self, False, f"API server unreachable: {reason}")
+                log.warning(
+                    "kube_unreachable",
+                    kind=str(self.kind),
+                    server=self.source.target.url,
+                    error=reason,
+                )
+                delay = self._backoff.next()
+            if delay is not None:
+                await asyncio.sleep(delay)
+
+
+# --------------------------------------------------------------------------- the source
+
+
+class KubeSource:
+    """The ``kube`` source: three reflectors, one sync gate, one connection state."""
+
+    def __init__(
+        self,
+        target: ApiTarget,
+        node_name: str,
+        *,
+        backoff: BackoffPolicy | None = None,
+        timeouts: Timeouts | None = None,
+        node_grace: float = 30.0,
+        node_log_interval: float = 60.0,
+    ) -> None:
+        self.target = target
+        self.node_name = node_name
+        self.backoff = backoff or BackoffPolicy()
+        self.timeouts = timeouts or Timeouts()
+        self.node_grace = node_grace
+        self.node_log_interval = node_log_interval
+        self.services = Reflector(self, Kind.SERVICE, SERVICES_PATH)
+        self.endpoint_slices = Reflector(self, Kind.ENDPOINT_SLICE, ENDPOINT_SLICES_PATH)
+        self.node = Reflector(
+            self, Kind.NODE, NODES_PATH, field_selector=f"metadata.name={node_name}"
+        )
+        self.reflectors = (self.services, self.endpoint_slices, self.node)
+        self.healthy = True
+        self.is_synced = False
+        self._sink: Sink | None = None
+        self._node_seen = asyncio.Event()
+
+    @classmethod
+    def from_config(cls, config: Any) -> KubeSource:
+        """From the agent's configuration (``kpy.config.AgentConfig``)."""
+        target = load_target(kubeconfig=config.kubeconfig, master=config.master)
+        # With node IPs given by flags the Node is not needed to program anything.
+        grace = 0.0 if config.node_ips else 30.0
+        return cls(target, config.node_name(), node_grace=grace)
+
+    # -- called by reflectors
+
+    def emit(self, event: Event) -> None:
+        if event.kind is Kind.NODE and event.name == self.node_name:
+            if event.type is EventType.UPSERT:
+                self._node_seen.set()
+            else:
+                self._node_seen.clear()
+                log.error(
+                    "node_object_deleted",
+                    node=self.node_name,
+                    note="keeping the last known node state; watching for it",
+                )
+        assert self._sink is not None
+        self._sink.event(event)
+
+    def report(self, reflector: Reflector, healthy: bool, reason: str = "") -> None:
+        reflector.healthy = healthy
+        now = all(r.healthy for r in self.reflectors)
+        if now != self.healthy:
+            self.healthy = now
+            assert self._sink is not None
+            self._sink.connection(now, "" if now else reason)
+
+    # -- running
+
+    async def run(self, sink: Sink) -> None:
+        self._sink = sink
+        log.info("kube_source_starting", server=self.target.url, node=self.node_name)
+        async with asyncio.TaskGroup() as tasks:
+            for r in self.reflectors:
+                tasks.create_task(r.run(), name=f"reflector-{r.kind}")
+            tasks.create_task(self._gate(sink), name="kube-sync-gate")
+
+    async def _gate(self, sink: Sink) -> None:
+        """Call ``synced()`` once all three are listed and the Node exists (or grace ends)."""
+        for r in self.reflectors:
+            await r.listed.wait()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.node_grace
+        while not self._node_seen.is_set():
+            remaining = give_up - loop.time()
+            log.error(
+                "node_object_missing",
+                node=self.node_name,
+                note="no Node object with this name: check --node / the host name; watching for it",
+                programming="waiting" if remaining > 0 else "without node addresses",
+            )
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._node_seen.wait(), timeout=min(remaining, self.node_log_interval)
+                )
+        self.is_synced = True
+        sink.synced()
+        while True:  # keep saying so while this node has no Node object
+            await asyncio.sleep(self.node_log_interval)
+            if not self._node_seen.is_set():
+                log.error("node_object_missing", node=self.node_name, note="still missing")
+
+    # -- other API calls the agent makes (events)
+
+    async def post(self, path: str, body: Mapping[str, Any]) -> JSON:
+        """POST a JSON object (e.g. an Event); raises :class:`ApiStatusError` on failure."""
+        return await self._call("POST", path, json.dumps(body).encode(), "application/json")
+
+    async def patch(self, path: str, body: Mapping[str, Any]) -> JSON:
+        """Merge-patch an object."""
+        return await self._call(
+            "PATCH", path, json.dumps(body).encode(), "application/merge-patch+json"
+        )
+
+    async def _call(self, method: str, path: str, body: bytes, content_type: str) -> JSON:
+        async with asyncio.timeout(self.timeouts.list):
+            response = await request(self.target, method, path, None, body, content_type)
+            try:
+                data = await response.body()
+            finally:
+                response.close()
+        if response.status >= 300:
+            raise ApiStatusError(response.status, data, response.retry_after)
+        result = json.loads(data)
+        return result if isinstance(result, dict) else {}

@@ -1,0 +1,1250 @@
+"""A fake Kubernetes API server over real HTTP, so the ``kube`` source is tested on the wire.
+
+No Kubernetes API server can be installed where kpy is tested; this one speaks the
+same protocol on a loopback socket, as far as a node agent can tell. It follows the
+Kubernetes API documents, which are the specification here:
+
+* API conventions (kubernetes/community, ``contributors/devel/sig-architecture/
+  api-conventions.md``): "Lists and Simple kinds" (``kind: ServiceList``,
+  ``apiVersion``, ``metadata.resourceVersion``; list items carry no kind/apiVersion),
+  "Concurrency Control and Consistency" (one resourceVersion per write, opaque to
+  clients; a PUT with a stale resourceVersion is a 409 Conflict), "Response Status
+  Kind" (every error is a ``Status`` with ``reason`` and ``code``: NotFound 404,
+  AlreadyExists 409, Conflict 409, Expired/Gone 410, TooManyRequests 429 with
+  ``Retry-After``, InternalError 500), and "Events" / "Selecting fields".
+* API concepts (kubernetes.io ``docs/reference/using-api/api-concepts``):
+  "Efficient detection of changes" (``?watch=1`` streams newline-delimited
+  ``{"type": ADDED|MODIFIED|DELETED|ERROR, "object": ...}``; a resourceVersion older
+  than the bounded history gives ``410 Gone``), "Watch bookmarks" (``BOOKMARK`` events
+  carrying only ``metadata.resourceVersion``, sent only when the client asked with
+  ``allowWatchBookmarks=true``; one is also sent as a watch ends on its timeout),
+  "Resource versions" (watch with resourceVersion unset or ``"0"``: synthetic ADDED
+  events for the current state first; a list with ``resourceVersionMatch=Exact``
+  answers from history), and ``timeoutSeconds`` (the server ends the stream cleanly).
+* Labels and selectors (``docs/concepts/overview/working-with-objects/labels``):
+  equality (``=``, ``==``, ``!=``) and set-based (``in``, ``notin``, ``key``,
+  ``!key``) label selectors; field selectors (``metadata.name``,
+  ``metadata.namespace``). A watch with a selector sees an object that stops matching
+  as DELETED and one that starts matching as ADDED, as the watch cache does.
+
+Like etcd, one resourceVersion counter spans all resources. Deliberate simplifications:
+no pagination (``limit`` is ignored, which the concepts page allows: a client must
+accept a complete list), strategic-merge patches are applied as JSON merge patches,
+namespaces need not exist, no admission, defaulting or IP allocation, plain HTTP only.
+
+Faults for tests: :meth:`FakeApiServer.cut_streams` (mid-event), :meth:`stall` /
+:meth:`resume`, :meth:`fail_next` (500/429 with ``Retry-After``), :meth:`expire`
+(compact history), :meth:`restart` (connections dropped, new history, new
+resourceVersion base), :meth:`stop` / :meth:`start` (connection refused meanwhile).
+
+It doubles as a development tool: ``kpy testing apiserver --from DIR`` serves a
+manifests directory (and follows its edits), so ``kpy run --source kube --master
+http://127.0.0.1:PORT`` can be run by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import re
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import click
+import structlog
+
+log = structlog.get_logger("kpy.testing.apiserver")
+
+JSON = dict[str, Any]
+ObjectKey = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped objects
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One API resource type the server serves."""
+
+    group: str  # "" is the core group
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def prefix(self) -> str:
+        return f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+
+
+SERVICES = Resource("", "v1", "services", "Service", True)
+ENDPOINT_SLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True)
+NODES = Resource("", "v1", "nodes", "Node", False)
+EVENTS = Resource("", "v1", "events", "Event", True)
+RESOURCES = (SERVICES, ENDPOINT_SLICES, NODES, EVENTS)
+BY_KIND = {r.kind: r for r in RESOURCES}
+
+VERSION_INFO = {
+    "major": "1",
+    "minor": "31",
+    "gitVersion": "v1.31.0-kpy-fake",
+    "gitCommit": "0000000000000000000000000000000000000000",
+    "gitTreeState": "clean",
+    "buildDate": "2024-08-13T00:00:00Z",
+    "goVersion": "go1.22.5",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
+
+
+class ApiError(Exception):
+    """An error answered as a ``Status`` object."""
+
+    def __init__(
+        self,
+        code: int,
+        reason: str,
+        message: str,
+        *,
+        details: JSON | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.details = details
+        self.headers = dict(headers or {})
+
+    def status(self) -> JSON:
+        return status_object(self.code, self.reason, self.message, self.details)
+
+
+def status_object(code: int, reason: str, message: str, details: JSON | None = None) -> JSON:
+    """A failure ``Status`` as the API server writes it (api-conventions "Response Status Kind")."""
+    out: JSON = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+    if details is not None:
+        out["details"] = details
+    return out
+
+
+def _not_found(resource: Resource, name: str) -> ApiError:
+    return ApiError(
+        404,
+        "NotFound",
+        f'{resource.plural} "{name}" not found',
+        details={"name": name, "group": resource.group, "kind": resource.plural},
+    )
+
+
+def _expired(message: str) -> ApiError:
+    return ApiError(410, "Expired", message)
+
+
+# --------------------------------------------------------------------------- selectors
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """One label-selector requirement: ``key op values``."""
+
+    key: str
+    op: str  # "=", "!=", "in", "notin", "exists", "!"
+    values: frozenset[str] = frozenset()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.op == "exists":
+            return self.key in labels
+        if self.op == "!":
+            return self.key not in labels
+        if self.op in ("=", "in"):
+            return self.key in labels and labels[self.key] in self.values
+        # "!=" and "notin" also match objects without the label.
+        return self.key not in labels or labels[self.key] not in self.values
+
+
+_KEY = r"[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?"
+_VALUE = r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?"
+_SET_RE = re.compile(rf"^\s*(?P<key>{_KEY})\s+(?P<op>in|notin)\s*\((?P<values>[^)]*)\)\s*$")
+_EQ_RE = re.compile(rf"^\s*(?P<key>{_KEY})\s*(?P<op>==|=|!=)\s*(?P<value>{_VALUE})\s*$")
+_EXISTS_RE = re.compile(rf"^\s*(?P<neg>!)?\s*(?P<key>{_KEY})\s*$")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside parentheses (``a in (x,y),b`` → two requirements)."""
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_label_selector(text: str) -> tuple[Requirement, ...]:
+    """Parse a label selector; raises :class:`ApiError` 400 on a malformed one."""
+    if not text.strip():
+        return ()
+    result = []
+    for part in _split_top_level(text):
+        if m := _SET_RE.match(part):
+            values = frozenset(v.strip() for v in m["values"].split(",") if v.strip())
+            if not all(re.fullmatch(_VALUE, v) for v in values):
+                raise _bad_selector(text)
+            result.append(Requirement(m["key"], m["op"], values))
+        elif m := _EQ_RE.match(part):
+            op = "!=" if m["op"] == "!=" else "="
+            result.append(Requirement(m["key"], op, frozenset({m["value"]})))
+        elif m := _EXISTS_RE.match(part):
+            result.append(Requirement(m["key"], "!" if m["neg"] else "exists"))
+        else:
+            raise _bad_selector(text)
+    return tuple(result)
+
+
+def _bad_selector(text: str) -> ApiError:
+    return ApiError(400, "BadRequest", f"unable to parse requirement: invalid selector {text!r}")
+
+
+FIELDS = ("metadata.name", "metadata.namespace")
+
+
+def parse_field_selector(text: str) -> tuple[tuple[str, bool, str], ...]:
+    """``metadata.name=x,metadata.namespace!=y`` → ((field, equal, value), ...)."""
+    if not text.strip():
+        return ()
+    result = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*([a-zA-Z.]+)\s*(==|=|!=)\s*([^,]*?)\s*", part)
+        if m is None:
+            raise ApiError(400, "BadRequest", f"invalid field selector: {text!r}")
+        if m[1] not in FIELDS:
+            raise ApiError(400, "BadRequest", f'field label not supported: "{m[1]}"')
+        result.append((m[1], m[2] != "!=", m[3]))
+    return tuple(result)
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    labels: tuple[Requirement, ...] = ()
+    fields: tuple[tuple[str, bool, str], ...] = ()
+    namespace: str = ""  # "" = all namespaces (from the URL)
+    name: str = ""  # from the URL of a single object watch
+
+    def matches(self, obj: JSON) -> bool:
+        meta = obj.get("metadata") or {}
+        if self.namespace and meta.get("namespace", "") != self.namespace:
+            return False
+        if self.name and meta.get("name") != self.name:
+            return False
+        for fld, equal, value in self.fields:
+            actual = meta.get(fld.split(".", 1)[1], "") or ""
+            if (actual == value) != equal:
+                return False
+        labels = meta.get("labels") or {}
+        return all(r.matches(labels) for r in self.labels)
+
+
+# --------------------------------------------------------------------------- store
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One committed write: what a watch from an older resourceVersion replays."""
+
+    rv: int
+    resource: Resource
+    type: str  # ADDED | MODIFIED | DELETED
+    obj: JSON  # the new object (DELETED: the last state, carrying the deletion's rv)
+    old: JSON | None  # the previous object (None for ADDED)
+
+
+@dataclass(slots=True)
+class _Control:
+    """A queued instruction to one watch stream (fault injection, bookmarks)."""
+
+    what: str  # "bookmark" | "cut" | "cut_next" | "expire"
+    rv: int = 0
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _strip(obj: JSON) -> JSON:
+    """The object without server-maintained metadata (to detect no-op updates)."""
+    meta = {
+        k: v
+        for k, v in (obj.get("metadata") or {}).items()
+        if k not in ("resourceVersion", "uid", "creationTimestamp", "managedFields", "generation")
+    }
+    return {**obj, "metadata": meta}
+
+
+class _Watch:
+    """One open watch stream's subscription."""
+
+    def __init__(self, resource: Resource, selector: Selector) -> None:
+        self.resource = resource
+        self.selector = selector
+        self.queue: asyncio.Queue[Change | _Control] = asyncio.Queue()
+
+
+class Store:
+    """Objects, the global resourceVersion, a bounded history and the open watches."""
+
+    def __init__(self, history_size: int, rv_base: int = 1) -> None:
+        self.history_size = history_size
+        self.objects: dict[Resource, dict[ObjectKey, JSON]] = {r: {} for r in RESOURCES}
+        self.rv = rv_base
+        self.history: deque[Change] = deque()
+        self.oldest_rv = rv_base  # a watch may start from any rv >= this
+        self.watches: set[_Watch] = set()
+
+    # -- writes
+
+    def _commit(self, resource: Resource, type: str, obj: JSON, old: JSON | None) -> Change:
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        change = Change(self.rv, resource, type, obj, old)
+        self.history.append(change)
+        while len(self.history) > self.history_size:
+            self.oldest_rv = self.history.popleft().rv
+        for w in self.watches:
+            if w.resource is resource:
+                w.queue.put_nowait(change)
+        return change
+
+    def create(self, resource: Resource, obj: JSON, namespace: str = "") -> JSON:
+        obj = copy.deepcopy(obj)
+        obj["kind"], obj["apiVersion"] = resource.kind, resource.api_version
+        meta = obj.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise ApiError(400, "BadRequest", "metadata must be an object")
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:5]}"
+        name = meta.get("name")
+        if not isinstance(name, str) or not name:
+            raise ApiError(422, "Invalid", f"{resource.kind} is invalid: metadata.name: Required")
+        if resource.namespaced:
+            body_ns = meta.get("namespace")
+            if namespace and body_ns and body_ns != namespace:
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "the namespace of the provided object does not match the namespace "
+                    "sent on the request",
+                )
+            meta["namespace"] = namespace or body_ns or "default"
+        else:
+            meta.pop("namespace", None)
+        key = (meta.get("namespace", ""), name)
+        objects = self.objects[resource]
+        if key in objects:
+            raise ApiError(
+                409,
+                "AlreadyExists",
+                f'{resource.plural} "{name}" already exists',
+                details={"name": name, "group": resource.group, "kind": resource.plural},
+            )
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = _now()
+        meta.pop("resourceVersion", None)
+        objects[key] = obj
+        self._commit(resource, "ADDED", obj, None)
+        return obj
+
+    def get(self, resource: Resource, namespace: str, name: str) -> JSON:
+        obj = self.objects[resource].get((namespace if resource.namespaced else "", name))
+        if obj is None:
+            raise _not_found(resource, name)
+        return obj
+
+    def update(
+        self, resource: Resource, obj: JSON, namespace: str = "", *, subresource: str = ""
+    ) -> JSON:
+        meta = obj.get("metadata")
+        if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+            raise ApiError(422, "Invalid", f"{resource.kind} is invalid: metadata.name: Required")
+        ns = (namespace or meta.get("namespace") or "default") if resource.namespaced else ""
+        current = self.get(resource, ns, meta["name"])
+        sent_rv = meta.get("resourceVersion")
+        if sent_rv and sent_rv != current["metadata"]["resourceVersion"]:
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {resource.plural} "{meta["name"]}": the object '
+                "has been modified; please apply your changes to the latest version and try again",
+                details={"name": meta["name"], "group": resource.group, "kind": resource.plural},
+            )
+        new = copy.deepcopy(obj)
+        if subresource == "status":  # only the status changes through /status
+            new = {**copy.deepcopy(current), "status": new.get("status", {})}
+        new["kind"], new["apiVersion"] = resource.kind, resource.api_version
+        new_meta = new.setdefault("metadata", {})
+        for k in ("uid", "creationTimestamp"):
+            new_meta[k] = current["metadata"][k]
+        if resource.namespaced:
+            new_meta["namespace"] = ns
+        new_meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+        if _strip(new) == _strip(current):
+            return current  # a no-op update writes nothing and sends no event
+        self.objects[resource][(ns, meta["name"])] = new
+        self._commit(resource, "MODIFIED", new, current)
+        return new
+
+    def patch(self, resource: Resource, namespace: str, name: str, patch: JSON) -> JSON:
+        current = self.get(resource, namespace, name)
+        merged = merge_patch(current, patch)
+        merged.setdefault("metadata", {})["name"] = name
+        if "resourceVersion" not in (patch.get("metadata") or {}):
+            merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        return self.update(resource, merged, namespace)
+
+    def delete(self, resource: Resource, namespace: str, name: str) -> JSON:
+        ns = namespace if resource.namespaced else ""
+        current = self.get(resource, ns, name)
+        del self.objects[resource][(ns, name)]
+        last = copy.deepcopy(current)
+        self._commit(resource, "DELETED", last, current)
+        return last
+
+    # -- reads
+
+    def list_at(self, resource: Resource, rv: int) -> list[JSON]:
+        """The objects as they were at ``rv`` (which must still be in history)."""
+        state = dict(self.objects[resource])
+        for change in reversed(self.history):
+            if change.rv <= rv:
+                break
+            if change.resource is not resource:
+                continue
+            meta = change.obj["metadata"]
+            key = (meta.get("namespace", ""), meta["name"])
+            if change.old is None:
+                state.pop(key, None)
+            else:
+                state[key] = change.old
+        return [state[k] for k in sorted(state)]
+
+    def changes_since(self, resource: Resource, rv: int) -> list[Change]:
+        return [c for c in self.history if c.rv > rv and c.resource is resource]
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class _Cut(Exception):
+    """The connection was cut on purpose."""
+
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Faults:
+    """Pending injected failures."""
+
+    fail_count: int = 0
+    fail_status: int = 500
+    fail_retry_after: float | None = None
+    fail_paths: tuple[str, ...] = ()  # only requests whose path starts with one of these
+    resumed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Stats:
+    """What clients did: for tests that assert on the client's behaviour."""
+
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    watches_started: int = 0
+    lists: int = 0
+    failed: int = 0
+
+
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    410: "Gone",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Entity",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+_ERROR_REASONS = {
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+
+
+def _kind_of(obj: Mapping[str, Any]) -> Resource:
+    kind = obj.get("kind")
+    if kind not in BY_KIND:
+        raise ValueError(f"the fake API server does not serve kind {kind!r}")
+    return BY_KIND[str(kind)]
+
+
+class FakeApiServer:
+    """A Kubernetes API server fake on ``host:port`` (``port=0``: any free port).
+
+    Use as ``async with FakeApiServer() as api:`` or ``await api.start()`` /
+    ``await api.stop()``; drive it with :meth:`create`, :meth:`update`, :meth:`patch`,
+    :meth:`delete` (or over HTTP); inject faults with the methods below.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        history_size: int = 1000,
+        bookmark_interval: float = 60.0,
+        max_watch_seconds: float = 1800.0,
+        expired_watch_as_http_410: bool = False,
+        token: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.bookmark_interval = bookmark_interval
+        self.max_watch_seconds = max_watch_seconds
+        # A real API server answers a watch from a too-old resourceVersion with 200 and
+        # an ERROR event (the watch cache); with True, an HTTP 410 (etcd-direct paths).
+        self.expired_watch_as_http_410 = expired_watch_as_http_410
+        self.token = token  # when set, requests need "Authorization: Bearer <token>"
+        self.store = Store(history_size)
+        self.faults = Faults()
+        self.faults.resumed.set()
+        self.stats = Stats()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Listen (again: on the same port after a :meth:`stop`)."""
+        if self._server is not None:
+            return
+        self._server = await asyncio.start_server(
+            self._serve_connection, self.host, self.port, reuse_address=True, limit=1 << 20
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.debug("fake_apiserver_listening", url=self.url)
+
+    async def stop(self) -> None:
+        """Stop listening and drop every connection (clients see connection refused)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self._drop_connections()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> FakeApiServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _drop_connections(self) -> None:
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    # ------------------------------------------------------------------ objects
+
+    def create(self, obj: Mapping[str, Any]) -> JSON:
+        """Create ``obj`` (its ``kind`` picks the resource); returns the stored object."""
+        resource = _kind_of(obj)
+        ns = str((obj.get("metadata") or {}).get("namespace") or "")
+        return copy.deepcopy(self.store.create(resource, dict(obj), ns))
+
+    def update(self, obj: Mapping[str, Any]) -> JSON:
+        """Replace an object (as PUT). Without ``metadata.resourceVersion`` it always wins."""
+        resource = _kind_of(obj)
+        ns = str((obj.get("metadata") or {}).get("namespace") or "")
+        return copy.deepcopy(self.store.update(resource, dict(obj), ns))
+
+    def apply(self, obj: Mapping[str, Any]) -> JSON:
+        """Create or replace (for tests and the manifests loader)."""
+        try:
+            return self.create(obj)
+        except ApiError as exc:
+            if exc.code != 409:
+                raise
+            meta = {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
+            return self.update({**obj, "metadata": meta})
+
+    def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> JSON:
+        return copy.deepcopy(self.store.patch(BY_KIND[kind], namespace, name, dict(patch)))
+
+    def delete(self, kind: str, namespace: str, name: str) -> JSON:
+        return self.store.delete(BY_KIND[kind], namespace, name)
+
+    def get(self, kind: str, namespace: str, name: str) -> JSON:
+        return copy.deepcopy(self.store.get(BY_KIND[kind], namespace, name))
+
+    def objects(self, kind: str) -> list[JSON]:
+        return [copy.deepcopy(o) for _, o in sorted(self.store.objects[BY_KIND[kind]].items())]
+
+    @property
+    def resource_version(self) -> str:
+        return str(self.store.rv)
+
+    def load(self, objects: Iterable[Mapping[str, Any]]) -> int:
+        """Create many objects fast (one resourceVersion each); returns how many."""
+        count = 0
+        for obj in objects:
+            meta = obj.get("metadata") or {}
+            self.store.create(_kind_of(obj), dict(obj), str(meta.get("namespace") or ""))
+            count += 1
+        return count
+
+    # ------------------------------------------------------------------ faults
+
+    def _broadcast(self, control: _Control) -> None:
+        for w in self.store.watches:
+            w.queue.put_nowait(control)
+
+    def bookmark(self) -> None:
+        """Send a BOOKMARK now to every watch that allowed bookmarks."""
+        self._broadcast(_Control("bookmark", self.store.rv))
+
+    def cut_streams(self, *, at_next_event: bool = False) -> int:
+        """Cut every open watch in the middle of an event; returns how many were open.
+
+        ``at_next_event``: deliver half of the next real event first (the client must not
+        apply it, and must get it again by re-watching from its last resourceVersion).
+        """
+        self._broadcast(_Control("cut_next" if at_next_event else "cut"))
+        return len(self.store.watches)
+
+    def stall(self) -> None:
+        """Stop answering: open watches send nothing, new requests wait (until resume)."""
+        self.faults.resumed.clear()
+
+    def resume(self) -> None:
+        self.faults.resumed.set()
+
+    def fail_next(
+        self,
+        count: int,
+        status: int = 500,
+        *,
+        retry_after: float | None = None,
+        paths: tuple[str, ...] = (),
+    ) -> None:
+        """Answer the next ``count`` resource requests with ``status`` (500, 429, 503...)."""
+        self.faults.fail_count = count
+        self.faults.fail_status = status
+        self.faults.fail_retry_after = retry_after
+        self.faults.fail_paths = paths
+
+    def expire(self, *, end_watches: bool = True) -> None:
+        """Compact history: every resourceVersion so far is too old to watch from.
+
+        ``end_watches``: open watches get an ERROR 410 event and end, as when the server
+        drops a watcher that fell behind its window.
+        """
+        self.store.history.clear()
+        self.store.oldest_rv = self.store.rv
+        if end_watches:
+            self._broadcast(_Control("expire"))
+
+    async def restart(self, *, rv_jump: int = 1000, down_for: float = 0.0) -> None:
+        """Restart: connections drop, history is lost and resourceVersions jump ahead."""
+        await self.stop()
+        store = self.store
+        store.history.clear()
+        store.rv += rv_jump
+        store.oldest_rv = store.rv
+        store.watches.clear()
+        if down_for:
+            await asyncio.sleep(down_for)
+        await self.start()
+
+    # ------------------------------------------------------------------ HTTP serving
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        try:
+            while True:
+                request = await self._read_request(reader)
+                if request is None:
+                    break
+                keep_alive = await self._dispatch(request, writer)
+                if not keep_alive:
+                    break
+        except (_Cut, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except asyncio.CancelledError:
+            # Only stop() cancels these tasks; ending quietly keeps asyncio's
+            # connection callback from reporting the cancellation as an error.
+            pass
+        finally:
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> _Request | None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        headers = {}
+        for line in lines[1:]:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+        length = int(headers.get("content-length", "0") or 0)
+        body = await reader.readexactly(length) if length else b""
+        url = urlsplit(target)
+        query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        return _Request(method.upper(), url.path.rstrip("/") or "/", query, headers, body)
+
+    async def _respond(
+        self,
+        writer: asyncio.StreamWriter,
+        code: int,
+        body: JSON | str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if isinstance(body, str):
+            data, ctype = body.encode(), "text/plain; charset=utf-8"
+        else:
+            data, ctype = json.dumps(body, separators=(",", ":")).encode(), "application/json"
+        head = [f"HTTP/1.1 {code} {_REASONS.get(code, 'Unknown')}", f"Content-Type: {ctype}"]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        head.append(f"Content-Length: {len(data)}")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        await writer.drain()
+
+    async def _dispatch(self, req: _Request, writer: asyncio.StreamWriter) -> bool:
+        self.stats.requests.append((req.method, req.path, dict(req.query)))
+        await self.faults.resumed.wait()
+        keep_alive = req.headers.get("connection", "").lower() != "close"
+        try:
+            if self.token is not None and req.headers.get("authorization", "").lower() != (
+                f"bearer {self.token}".lower()
+            ):
+                raise ApiError(401, "Unauthorized", "Unauthorized")
+            if req.path in ("/healthz", "/livez", "/readyz"):
+                await self._respond(writer, 200, "ok")
+                return keep_alive
+            discovery = self._discovery(req.path)
+            if discovery is not None:
+                await self._respond(writer, 200, discovery)
+                return keep_alive
+            route = self._route(req.path)
+            self._maybe_fail(req)
+            return await self._resource(req, writer, *route) and keep_alive
+        except ApiError as exc:
+            await self._respond(writer, exc.code, exc.status(), exc.headers)
+            return keep_alive
+
+    def _maybe_fail(self, req: _Request) -> None:
+        f = self.faults
+        if f.fail_count <= 0:
+            return
+        if f.fail_paths and not req.path.startswith(f.fail_paths):
+            return
+        f.fail_count -= 1
+        self.stats.failed += 1
+        headers = {}
+        if f.fail_retry_after is not None:
+            headers["Retry-After"] = str(max(0, round(f.fail_retry_after)))
+        code = f.fail_status
+        reason = _ERROR_REASONS.get(code, "InternalError")
+        message = {
+            429: "Too many requests, please try again later.",
+            503: "the server is currently unable to handle the request",
+        }.get(code, "an error on the server has prevented the request from succeeding")
+        raise ApiError(code, reason, message, headers=headers)
+
+    def _discovery(self, path: str) -> JSON | None:
+        if path == "/version":
+            return dict(VERSION_INFO)
+        if path == "/api":
+            return {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [
+                    {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{self.host}:{self.port}"}
+                ],
+            }
+        if path == "/apis":
+            groups = sorted({r.group for r in RESOURCES if r.group})
+            return {
+                "kind": "APIGroupList",
+                "apiVersion": "v1",
+                "groups": [
+                    {
+                        "name": g,
+                        "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
+                        "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"},
+                    }
+                    for g in groups
+                ],
+            }
+        for prefix in sorted({r.prefix for r in RESOURCES}):
+            if path == prefix:
+                return {
+                    "kind": "APIResourceList",
+                    "apiVersion": "v1",
+                    "groupVersion": prefix.removeprefix("/apis/").removeprefix("/api/"),
+                    "resources": [
+                        {
+                            "name": r.plural,
+                            "singularName": r.kind.lower(),
+                            "namespaced": r.namespaced,
+                            "kind": r.kind,
+                            "verbs": [
+                                "create",
+                                "delete",
+                                "get",
+                                "list",
+                                "patch",
+                                "update",
+                                "watch",
+                            ],
+                        }
+                        for r in RESOURCES
+                        if r.prefix == prefix
+                    ],
+                }
+        return None
+
+    def _route(self, path: str) -> tuple[Resource, str, str, str, bool]:
+        """(resource, namespace, name, subresource, legacy /watch/ path) or 404."""
+        for r in RESOURCES:
+            if not path.startswith(r.prefix + "/"):
+                continue
+            rest = path[len(r.prefix) + 1 :].split("/")
+            legacy_watch = rest[0] == "watch"
+            if legacy_watch:
+                rest = rest[1:]
+            namespace = ""
+            if len(rest) >= 3 and rest[0] == "namespaces" and r.namespaced:
+                namespace, rest = rest[1], rest[2:]
+            if not rest or rest[0] != r.plural or len(rest) > 3:
+                continue
+            name = rest[1] if len(rest) >= 2 else ""
+            sub = rest[2] if len(rest) == 3 else ""
+            if sub not in ("", "status"):
+                continue
+            return r, namespace, name, sub, legacy_watch
+        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+
+    async def _resource(
+        self,
+        req: _Request,
+        writer: asyncio.StreamWriter,
+        resource: Resource,
+        namespace: str,
+        name: str,
+        sub: str,
+        legacy_watch: bool,
+    ) -> bool:
+        store = self.store
+        if req.method == "GET":
+            if legacy_watch or req.query.get("watch", "").lower() in ("1", "true"):
+                return await self._watch(req, writer, resource, namespace, name)
+            if name:
+                await self._respond(writer, 200, store.get(resource, namespace, name))
+            else:
+                await self._respond(writer, 200, self._list(req, resource, namespace))
+            return True
+        body = self._body(req)
+        if req.method == "POST" and not name:
+            await self._respond(writer, 201, store.create(resource, body, namespace))
+        elif req.method == "PUT" and name:
+            body.setdefault("metadata", {}).setdefault("name", name)
+            if body["metadata"]["name"] != name:
+                raise ApiError(400, "BadRequest", "the name of the object does not match the URL")
+            await self._respond(
+                writer, 200, store.update(resource, body, namespace, subresource=sub)
+            )
+        elif req.method == "PATCH" and name:
+            ctype = req.headers.get("content-type", "").split(";")[0].strip()
+            if ctype not in (
+                "application/merge-patch+json",
+                "application/strategic-merge-patch+json",
+            ):
+                raise ApiError(
+                    415,
+                    "UnsupportedMediaType",
+                    "the body of the request was in an unknown format - accepted media types "
+                    "include: application/merge-patch+json, application/strategic-merge-patch+json",
+                )
+            await self._respond(writer, 200, store.patch(resource, namespace, name, body))
+        elif req.method == "DELETE" and name:
+            deleted = store.delete(resource, namespace, name)
+            meta = deleted["metadata"]
+            await self._respond(
+                writer,
+                200,
+                {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "metadata": {},
+                    "status": "Success",
+                    "details": {
+                        "name": name,
+                        "group": resource.group,
+                        "kind": resource.plural,
+                        "uid": meta.get("uid", ""),
+                    },
+                },
+            )
+        else:
+            raise ApiError(405, "MethodNotAllowed", f"{req.method} is not supported here")
+        return True
+
+    @staticmethod
+    def _body(req: _Request) -> JSON:
+        try:
+            body = json.loads(req.body or b"{}")
+        except ValueError as exc:
+            raise ApiError(400, "BadRequest", f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "the body must be a JSON object")
+        return body
+
+    def _selector(self, req: _Request, namespace: str, name: str) -> Selector:
+        return Selector(
+            labels=parse_label_selector(req.query.get("labelSelector", "")),
+            fields=parse_field_selector(req.query.get("fieldSelector", "")),
+            namespace=namespace,
+            name=name,
+        )
+
+    def _rv_param(self, req: _Request) -> int | None:
+        text = req.query.get("resourceVersion", "")
+        if text in ("", "0"):
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise ApiError(
+                400, "BadRequest", f"invalid resource version {text!r}: not an integer"
+            ) from None
+
+    def _list(self, req: _Request, resource: Resource, namespace: str) -> JSON:
+        store = self.store
+        self.stats.lists += 1
+        selector = self._selector(req, namespace, "")
+        rv = self._rv_param(req)
+        match = req.query.get("resourceVersionMatch", "")
+        if rv is not None and rv > store.rv:
+            raise ApiError(504, "Timeout", f"Too large resource version: {rv}, current: {store.rv}")
+        if match == "Exact" and rv is not None:
+            if rv < store.oldest_rv:
+                raise _expired(f"too old resource version: {rv} ({store.oldest_rv})")
+            objects, list_rv = store.list_at(resource, rv), rv
+        else:
+            objects = [o for _, o in sorted(store.objects[resource].items())]
+            list_rv = store.rv
+        items = []
+        for obj in objects:
+            if selector.matches(obj):
+                item = dict(obj)
+                item.pop("kind", None)
+                item.pop("apiVersion", None)
+                items.append(item)
+        return {
+            "kind": f"{resource.kind}List",
+            "apiVersion": resource.api_version,
+            "metadata": {"resourceVersion": str(list_rv)},
+            "items": items,
+        }
+
+    # ------------------------------------------------------------------ watch
+
+    async def _watch(
+        self,
+        req: _Request,
+        writer: asyncio.StreamWriter,
+        resource: Resource,
+        namespace: str,
+        name: str,
+    ) -> bool:
+        store = self.store
+        selector = self._selector(req, namespace, name)
+        rv = self._rv_param(req)
+        bookmarks = req.query.get("allowWatchBookmarks", "").lower() in ("1", "true")
+        try:
+            timeout = float(req.query.get("timeoutSeconds", "") or self.max_watch_seconds)
+        except ValueError:
+            raise ApiError(400, "BadRequest", "timeoutSeconds must be a number") from None
+        timeout = min(timeout, self.max_watch_seconds)
+        if rv is not None and rv > store.rv:
+            raise ApiError(504, "Timeout", f"Too large resource version: {rv}, current: {store.rv}")
+        expired = rv is not None and rv < store.oldest_rv
+        if expired and self.expired_watch_as_http_410:
+            raise _expired(f"too old resource version: {rv} ({store.oldest_rv})")
+        self.stats.watches_started += 1
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Cache-Control: no-cache, private\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        if expired:
+            status = _expired(f"too old resource version: {rv} ({store.oldest_rv})").status()
+            await self._send(writer, {"type": "ERROR", "object": status})
+            await self._end(writer)
+            return True
+        watch = _Watch(resource, selector)
+        # Snapshot and subscribe with no await in between: nothing can slip through.
+        if rv is None:
+            initial = [
+                Change(int(o["metadata"]["resourceVersion"]), resource, "ADDED", o, None)
+                for _, o in sorted(store.objects[resource].items())
+            ]
+        else:
+            initial = store.changes_since(resource, rv)
+        for change in initial:
+            watch.queue.put_nowait(change)
+        store.watches.add(watch)
+        try:
+            ended = await self._stream(writer, watch, bookmarks, timeout)
+        finally:
+            store.watches.discard(watch)
+        if ended:
+            await self._end(writer)
+        return ended
+
+    async def _stream(
+        self, writer: asyncio.StreamWriter, watch: _Watch, bookmarks: bool, seconds: float
+    ) -> bool:
+        """Send events until the timeout (True) or a fault ends the stream (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        next_bookmark = loop.time() + self.bookmark_interval
+        cut_next = False
+        while True:
+            now = loop.time()
+            if now >= deadline:
+                if bookmarks:
+                    await self._send(writer, self._bookmark(watch.resource, self.store.rv))
+                return True
+            wait = min(deadline, next_bookmark if bookmarks else deadline) - now
+            try:
+                item = await asyncio.wait_for(watch.queue.get(), timeout=max(wait, 0))
+            except TimeoutError:
+                if bookmarks and loop.time() >= next_bookmark and watch.queue.empty():
+                    # Only with nothing queued: every change up to rv has been sent.
+                    await self.faults.resumed.wait()
+                    await self._send(writer, self._bookmark(watch.resource, self.store.rv))
+                    next_bookmark = loop.time() + self.bookmark_interval
+                continue
+            await self.faults.resumed.wait()
+            if isinstance(item, _Control):
+                if item.what == "bookmark":
+                    if bookmarks:
+                        await self._send(writer, self._bookmark(watch.resource, item.rv))
+                elif item.what == "cut":
+                    await self._cut(writer, b'{"type":"MODIFIED","object":{"kind":')
+                elif item.what == "cut_next":
+                    cut_next = True
+                elif item.what == "expire":
+                    status = _expired("The resourceVersion for the provided watch is too old.")
+                    await self._send(writer, {"type": "ERROR", "object": status.status()})
+                    return True
+                continue
+            event = self._event_for(watch.selector, item)
+            if event is None:
+                continue
+            if cut_next:
+                data = json.dumps(event, separators=(",", ":")).encode()
+                await self._cut(writer, data[: len(data) // 2])
+            await self._send(writer, event)
+
+    @staticmethod
+    def _event_for(selector: Selector, change: Change) -> JSON | None:
+        """The event a watcher with ``selector`` sees for ``change`` (None: nothing)."""
+        now = selector.matches(change.obj)
+        before = change.old is not None and selector.matches(change.old)
+        if change.type == "DELETED":
+            return {"type": "DELETED", "object": change.obj} if before else None
+        if change.type == "ADDED":
+            return {"type": "ADDED", "object": change.obj} if now else None
+        if now and before:
+            return {"type": "MODIFIED", "object": change.obj}
+        if now:
+            return {"type": "ADDED", "object": change.obj}
+        if before:
+            return {"type": "DELETED", "object": change.obj}
+        return None
+
+    @staticmethod
+    def _bookmark(resource: Resource, rv: int) -> JSON:
+        return {
+            "type": "BOOKMARK",
+            "object": {
+                "kind": resource.kind,
+                "apiVersion": resource.api_version,
+                "metadata": {"resourceVersion": str(rv), "creationTimestamp": None},
+            },
+        }
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, event: JSON) -> None:
+        data = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+        await writer.drain()
+
+    @staticmethod
+    async def _end(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    @staticmethod
+    async def _cut(writer: asyncio.StreamWriter, partial: bytes) -> None:
+        """Announce a chunk longer than what follows, send part of it, and drop the line."""
+        writer.write(b"%x\r\n%s" % (len(partial) * 2 + 2, partial))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.transport.abort()
+        raise _Cut
+
+
+# --------------------------------------------------------------------------- dev command
+
+
+class _ServerSink:
+    """Applies a manifests source's events to the fake server (for ``--from DIR``)."""
+
+    def __init__(self, server: FakeApiServer) -> None:
+        self.server = server
+
+    def event(self, event: Any) -> None:
+        try:
+            if event.type == "DELETE":
+                self.server.delete(str(event.kind), event.namespace, event.name)
+            else:
+                self.server.apply(event.obj)
+        except ApiError as exc:
+            log.warning("manifest_not_served", name=event.name, reason=exc.message)
+
+    def synced(self) -> None:
+        log.info("manifests_served", url=self.server.url)
+
+    def connection(self, healthy: bool, reason: str = "") -> None:
+        return None
+
+
+async def serve(
+    paths: Iterable[Path],
+    host: str,
+    port: int,
+    *,
+    bookmark_interval: float = 60.0,
+    ready: Callable[[FakeApiServer], None] | None = None,
+) -> None:
+    """Serve the manifests in ``paths`` (following their edits) until cancelled."""
+    from kpy.sources.manifests import ManifestSource  # only the dev command needs it
+
+    server = FakeApiServer(host=host, port=port, bookmark_interval=bookmark_interval)
+    async with server:
+        if ready is not None:
+            ready(server)
+        await ManifestSource(list(paths)).run(_ServerSink(server))
+
+
+@click.command("apiserver")
+@click.option(
+    "--from",
+    "from_",
+    multiple=True,
+    type=click.Path(path_type=Path, exists=True),
+    help="Manifests directory or file to serve (repeatable; followed for edits).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=6443, show_default=True, help="Port (0: any free port).")
+@click.option(
+    "--bookmark-interval", default=60.0, show_default=True, help="Seconds between BOOKMARKs."
+)
+def apiserver(from_: tuple[Path, ...], host: str, port: int, bookmark_interval: float) -> None:
+    """Serve manifests as a fake Kubernetes API server (plain HTTP, for development).
+
+    Then: kpy run --source kube --master http://HOST:PORT --node NODE
+    """
+
+    def ready(server: FakeApiServer) -> None:
+        click.echo(f"fake Kubernetes API server on {server.url} (Ctrl-C stops it)", err=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(from_, host, port, bookmark_interval=bookmark_interval, ready=ready))
