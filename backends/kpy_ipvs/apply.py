@@ -125,15 +125,16 @@ class Kernel:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         self._executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="kpy-ipvs",
-            initializer=_enter_netns if netns else None,
-            initargs=(netns,) if netns else (),
+            max_workers=1, thread_name_prefix="kpy-ipvs", initializer=self._enter
         )
         self._ipvs: IPVS | None = None
         self._ipr: IPRoute | None = None
         self.sent = 0  # write messages sent since the last reset
         self.reads = 0  # dump/get requests since the last reset
+
+    def _enter(self) -> None:
+        if self.netns is not None:
+            _enter_netns(self.netns)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -264,13 +265,11 @@ class Kernel:
                     elements.add(Element(set=parts[1], value=parts[2]))
         ids: set[str] = set()
         for tool in IPTABLES:
-            out = self.run([tool, "-w", "-t", "nat", "-S", render.CHAIN_MARK], check=False)
-            found = [w for w in out.split() if w.startswith("kpy-ipvs-")]
+            saved = self.run([f"{tool}-save"], check=False)
+            found = [w for w in saved.split() if w.startswith("kpy-ipvs-")]
             ids.add(found[0] if found else "")
-            for table, chain, target in render.HOOKS:
-                jump = [tool, "-w", "-t", table, "-C", chain, "-j", target]
-                if subprocess.run(jump, capture_output=True, check=False).returncode != 0:
-                    ids.add("")
+            if _missing_jumps(saved):
+                ids.add("")
         if not present and ids == {""}:
             return None, frozenset()
         if present != names or len(ids) != 1:
@@ -382,13 +381,12 @@ class Kernel:
             "\n".join(lines) + "\n" + render.elements_script(elements, ()),
         )
         for version, tool in zip((4, 6), IPTABLES, strict=True):
+            missing = _missing_jumps(self.run([f"{tool}-save"], check=False))
+            script = render.rules(ctx, version)
+            for table, chain, target in missing:
+                script += f"*{table}\n-I {chain} 1 -j {target}\nCOMMIT\n"
             self.sent += 1
-            self.run([f"{tool}-restore", "-w", "--noflush"], render.rules(ctx, version))
-            for table, chain, target in render.HOOKS:
-                check = [tool, "-w", "-t", table, "-C", chain, "-j", target]
-                if subprocess.run(check, capture_output=True, check=False).returncode != 0:
-                    self.sent += 1
-                    self.run([tool, "-w", "-t", table, "-I", chain, "1", "-j", target])
+            self.run([f"{tool}-restore", "-w", "--noflush"], script)
 
     def change_elements(self, add: Iterable[Element], delete: Iterable[Element]) -> None:
         script = render.elements_script(add, delete)
@@ -417,3 +415,19 @@ class Kernel:
                     self.run([tool, "-w", "-t", table, verb, chain], check=False)
         for name, _, _ in render.set_names():
             self.run(["ipset", "destroy", name], check=False)
+
+
+def _missing_jumps(saved: str) -> list[tuple[str, str, str]]:
+    """The companion's jump rules absent from ``iptables-save`` output."""
+    table = ""
+    rules: set[tuple[str, str]] = set()
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith("-A "):
+            rules.add((table, line.strip()))
+    return [
+        (t, chain, target)
+        for t, chain, target in render.HOOKS
+        if (t, f"-A {chain} -j {target}") not in rules
+    ]

@@ -61,8 +61,9 @@ def programmed(
     for key in sorted(owned, key=str):
         if key not in snap.services:
             continue
-        name, node_port = owner.get(key, (None, False))
-        label = str(name) if name is not None else f"?{key}"
+        found = owner.get(key)
+        label = str(found[0]) if found is not None else f"?{key}"
+        node_port = found is not None and found[1]
         text = frontend(None, key.port, str(key.protocol)) if node_port else str(key)
         fronts.setdefault(label, set()).add(text)
         eps = endpoints.setdefault(label, set())

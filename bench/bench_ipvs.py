@@ -1,0 +1,116 @@
+"""IPVS backend benchmark, run inside a User-Mode Linux guest (the host has no IPVS).
+
+On the host, ``python bench/bench_ipvs.py`` boots the guest through
+:mod:`kpy.testing.uml` and runs this same file there with ``--in-guest``; the guest
+writes JSON into the run's result directory and the host prints a Markdown table (paste
+it into docs/benchmarks.md, section "IPVS backend").
+
+Per size (N Services x 5 endpoints, a third each ClusterIP, NodePort, LoadBalancer):
+*cold sync* is the first full apply into an empty kernel; *one-endpoint change* is a
+partial apply after one endpoint was added or removed (``SAMPLES`` samples), timed from
+the call to its return (the netlink acks are in); *messages* are the write messages
+that change sent (ApplyResult.ops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SIZES = (1000, 10000)
+SAMPLES = 100
+
+
+def guest(sizes: tuple[int, ...]) -> dict[str, object]:
+    from kpy_ipvs import IpvsBackend
+
+    from kpy.backend import BackendConfig
+    from kpy.testing import builders as b
+
+    results = []
+    node = b.node(addresses=["192.168.50.1"])
+    for size in sizes:
+        backend = IpvsBackend(
+            BackendConfig(node_name=node.name, node_ips=(ipaddress.ip_address("192.168.50.1"),))
+        )
+        states = b.synthetic_states(size)
+        started = time.perf_counter()
+        cold = asyncio.run(backend.apply(b.plan(states, node_info=node)))
+        cold_s = time.perf_counter() - started
+        times, messages = [], []
+        for i in range(SAMPLES):
+            first = states[i % len(states)]
+            if i % 2 == 0:
+                new = b.state(first.service, first.endpoints[1:], node)
+            else:
+                extra = b.endpoint(str(ipaddress.ip_address("10.250.0.1") + i))
+                new = b.state(first.service, (*first.endpoints, extra), node)
+            states[i % len(states)] = new
+            plan = b.plan(states, node_info=node, full_sync=False, changed=[new.name])
+            started = time.perf_counter()
+            result = asyncio.run(backend.apply(plan))
+            times.append((time.perf_counter() - started) * 1000)
+            messages.append(result.ops)
+        q = statistics.quantiles(times, n=10)
+        results.append(
+            {
+                "services": size,
+                "cold_s": round(cold_s, 2),
+                "cold_ops": cold.ops,
+                "p50_ms": round(statistics.median(times), 2),
+                "p90_ms": round(q[8], 2),
+                "messages": sorted(set(messages)),
+            }
+        )
+        asyncio.run(backend.cleanup())
+        backend.close()
+    return {"results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--in-guest", action="store_true")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    args = parser.parse_args()
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    if args.in_guest:
+        out = guest(sizes)
+        Path(os.environ["KPY_RESULT_DIR"], "bench.json").write_text(json.dumps(out))
+        return
+    from kpy.testing import uml
+
+    run = uml.run(
+        [uml.python(), "bench/bench_ipvs.py", "--in-guest", "--sizes", args.sizes],
+        timeout=1800,
+        mem="2048M",
+    )
+    try:
+        report = run.result_dir / "bench.json"
+        if not report.exists():
+            print(run.output[-3000:] or run.console[-3000:], file=sys.stderr)
+            raise SystemExit("the guest wrote no result")
+        print(f"guest run: {run.seconds:.0f} s (boot included)")
+        print(
+            "| services | cold sync (s) | cold messages | one change p50 (ms) | p90 (ms) "
+            "| messages per change |"
+        )
+        print("|---:|---:|---:|---:|---:|---|")
+        for r in json.loads(report.read_text())["results"]:
+            msgs = ", ".join(str(m) for m in r["messages"])
+            print(
+                f"| {r['services']} | {r['cold_s']} | {r['cold_ops']} | {r['p50_ms']} "
+                f"| {r['p90_ms']} | {msgs} |"
+            )
+    finally:
+        uml.remove(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""A small node-and-pods topology inside the UML guest, with echo servers and clients.
+
+The guest's root namespace is the node (the backend programs it: the guest kernel is
+thrown away after the run). Each pod is a network namespace behind a veth pair with a
+/24 of its own and a default route via the node; a ``client`` namespace plays a host
+outside the cluster. Echo servers (one Python process per pod) answer every line with
+``<pod name> <peer address>``; clients connect from any namespace through a thread
+that enters it (``setns`` affects only the calling thread).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+NODE_IP = "192.168.50.1"
+CLIENT_IP = "192.168.50.2"
+
+SERVER = r"""
+import socket, sys, threading
+name, port = sys.argv[1], int(sys.argv[2])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", port)); srv.listen(128)
+print("ready", flush=True)
+def serve(conn, peer):
+    with conn, conn.makefile("rwb") as f:
+        for line in f:
+            f.write(f"{name} {peer[0]}\n".encode()); f.flush()
+while True:
+    conn, peer = srv.accept()
+    threading.Thread(target=serve, args=(conn, peer), daemon=True).start()
+"""
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+def in_netns(name: str | None, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a thread inside namespace ``name`` (None: the node's)."""
+    if name is None:
+        return fn()
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+def ask(address: str, port: int, *, netns: str | None = None, timeout: float = 3.0) -> str:
+    """One connection, one line: the answering pod's ``name peer``."""
+
+    def go() -> str:
+        with socket.create_connection((address, port), timeout=timeout) as s:
+            s.sendall(b"hi\n")
+            return s.makefile().readline().strip()
+
+    return in_netns(netns, go)
+
+
+def connect(address: str, port: int, *, netns: str | None = None) -> socket.socket:
+    return in_netns(netns, lambda: socket.create_connection((address, port), timeout=3.0))
+
+
+def talk(sock: socket.socket) -> str:
+    sock.sendall(b"hi\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(256)
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data.decode().strip()
+
+
+@dataclass
+class Lab:
+    pods: dict[str, str] = field(default_factory=dict)  # name → IP
+    servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def add_pod(self, name: str, index: int, port: int = 8080) -> str:
+        ip = f"10.244.{index}.2"
+        sh("ip", "netns", "add", name)
+        sh(
+            "ip",
+            "link",
+            "add",
+            f"veth-{name}",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            name,
+        )
+        sh("ip", "addr", "add", f"10.244.{index}.1/24", "dev", f"veth-{name}")
+        sh("ip", "link", "set", f"veth-{name}", "up")
+        sh("ip", "-n", name, "addr", "add", f"{ip}/24", "dev", "eth0")
+        sh("ip", "-n", name, "link", "set", "eth0", "up")
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        sh("ip", "-n", name, "route", "add", "default", "via", f"10.244.{index}.1")
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", name, sys.executable, "-c", SERVER, name, str(port)],
+            stdout=subprocess.PIPE,
+        )
+        self.servers.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"ready"
+        self.pods[name] = ip
+        return ip
+
+    def add_client(self) -> None:
+        sh("ip", "netns", "add", "client")
+        sh(
+            "ip",
+            "link",
+            "add",
+            "veth-client",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            "client",
+        )
+        sh("ip", "addr", "add", f"{NODE_IP}/24", "dev", "veth-client")
+        sh("ip", "link", "set", "veth-client", "up")
+        sh("ip", "-n", "client", "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
+        sh("ip", "-n", "client", "link", "set", "eth0", "up")
+        sh("ip", "-n", "client", "route", "add", "default", "via", NODE_IP)
+
+    def close(self) -> None:
+        for proc in self.servers:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        for name in [*self.pods, "client"]:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+            subprocess.run(["ip", "link", "del", f"veth-{name}"], capture_output=True, check=False)
+        time.sleep(0.1)
