@@ -1175,9 +1175,9 @@ class FakeApiServer:
     async def _cut(writer: asyncio.StreamWriter, partial: bytes) -> None:
         """Announce a chunk longer than what follows, send part of it, and drop the line."""
         writer.write(b"%x\r\n%s" % (len(partial) * 2 + 2, partial))
+        writer.close()  # flushes what was written (abort() would discard it), then FIN
         with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.transport.abort()
+            await writer.wait_closed()
         raise _Cut
 
 
