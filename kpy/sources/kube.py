@@ -144,10 +144,10 @@ class ApiTarget:
 
         def auth() -> dict[str, str]:
             headers: dict[str, str] = {}
-            token = configuration.get_api_key_with_prefix("authorization")
-            if token:
-                headers["Authorization"] = token
-            elif configuration.username or configuration.password:
+            for setting in configuration.auth_settings().values():  # refreshes tokens
+                if setting.get("in") == "header" and setting.get("value"):
+                    headers[str(setting["key"]).title()] = str(setting["value"])
+            if not headers and (configuration.username or configuration.password):
                 headers["Authorization"] = configuration.get_basic_auth_token()
             return headers
 
@@ -528,7 +528,7 @@ class Reflector:
         Raises :class:`_Expired` when the rv is too old.
         """
         timeouts = self.source.timeouts
-        seconds = int(timeouts.watch * (1 + random.random()))
+        seconds = max(1, int(timeouts.watch * (1 + random.random())))
         params = {
             **self._params(),
             "watch": "1",

@@ -1,0 +1,565 @@
+"""The kube source against the fake API server over real loopback sockets.
+
+What a production cluster does to a node agent — disconnects, compaction (410), throttling,
+restarts, a missing Node, thousands of objects — and what the source must make of it:
+the sink's view converges to the server's objects, with no lost or repeated final state
+and no deletions invented because the API went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from kpy.sources import Event, EventType, Kind
+from kpy.sources.kube import (
+    REQUIRED_PERMISSIONS,
+    ApiTarget,
+    BackoffPolicy,
+    KubeSource,
+    Timeouts,
+    load_target,
+)
+from kpy.testing.apiserver import FakeApiServer
+
+FAST = BackoffPolicy(initial=0.02, maximum=0.2)
+NODE = "node-a"
+
+Key = tuple[Kind, str, str]
+
+
+class RecordingSink:
+    """A Sink that keeps the state the events describe, and every call it received."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.state: dict[Key, dict[str, Any]] = {}
+        self.synced_count = 0
+        self.connections: list[tuple[bool, str]] = []
+
+    def event(self, event: Event) -> None:
+        self.events.append(event)
+        key = (event.kind, event.namespace, event.name)
+        if event.type is EventType.UPSERT:
+            self.state[key] = event.obj
+        else:
+            assert key in self.state, f"DELETE of an object never upserted: {key}"
+            del self.state[key]
+
+    def synced(self) -> None:
+        self.synced_count += 1
+
+    def connection(self, healthy: bool, reason: str = "") -> None:
+        self.connections.append((healthy, reason))
+
+    def versions(self) -> dict[Key, str]:
+        return {k: v["metadata"]["resourceVersion"] for k, v in self.state.items()}
+
+
+def server_versions(api: FakeApiServer) -> dict[Key, str]:
+    out: dict[Key, str] = {}
+    for kind in (Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.NODE):
+        for obj in api.objects(str(kind)):
+            meta = obj["metadata"]
+            if kind is Kind.NODE and meta["name"] != NODE:
+                continue
+            out[(kind, meta.get("namespace", ""), meta["name"])] = meta["resourceVersion"]
+    return out
+
+
+def service(name: str, ns: str = "default", ip: str = "10.96.0.10") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"type": "ClusterIP", "clusterIP": ip, "ports": [{"port": 80}]},
+    }
+
+
+def endpoint_slice(name: str, service: str, ns: str = "default", n: int = 2) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": [f"10.244.0.{i + 1}"], "conditions": {"ready": True}} for i in range(n)
+        ],
+    }
+
+
+def node(name: str = NODE) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]},
+    }
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.01)
+
+
+Test = Callable[[FakeApiServer, KubeSource, RecordingSink], Awaitable[None]]
+
+
+def run(
+    test: Test,
+    *,
+    server: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    setup: Callable[[FakeApiServer], None] | None = None,
+) -> None:
+    async def main() -> None:
+        async with FakeApiServer(**(server or {})) as api:
+            if setup is not None:
+                setup(api)
+            options: dict[str, Any] = {"backoff": FAST, "node_grace": 0.0, **(source or {})}
+            kube = KubeSource(ApiTarget.from_url(api.url), NODE, **options)
+            sink = RecordingSink()
+            task = asyncio.create_task(kube.run(sink))
+            try:
+                await test(api, kube, sink)
+            finally:
+                task.cancel()
+                with_exc = await asyncio.gather(task, return_exceptions=True)
+                assert isinstance(with_exc[0], asyncio.CancelledError), with_exc
+
+    asyncio.run(main())
+
+
+def basic(api: FakeApiServer) -> None:
+    api.create(node())
+    api.create(service("web"))
+    api.create(endpoint_slice("web-abc", "web"))
+
+
+# --------------------------------------------------------------------------- events
+
+
+def test_create_update_delete_become_events() -> None:
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1, what="synced")
+        assert sink.versions() == server_versions(api)
+        assert all(e.type is EventType.UPSERT for e in sink.events)
+        n = len(sink.events)
+        api.create(service("db", "data", "10.96.0.20"))
+        api.patch("Service", "default", "web", {"spec": {"clusterIP": "10.96.0.11"}})
+        api.update(endpoint_slice("web-abc", "web", n=3))
+        api.delete("EndpointSlice", "default", "web-abc")
+        await until(lambda: len(sink.events) == n + 4, what="four events")
+        got = [(e.type, e.kind, e.namespace, e.name) for e in sink.events[n:]]
+        assert got == [
+            (EventType.UPSERT, Kind.SERVICE, "data", "db"),
+            (EventType.UPSERT, Kind.SERVICE, "default", "web"),
+            (EventType.UPSERT, Kind.ENDPOINT_SLICE, "default", "web-abc"),
+            (EventType.DELETE, Kind.ENDPOINT_SLICE, "default", "web-abc"),
+        ] or sorted(got) == sorted(
+            [
+                (EventType.UPSERT, Kind.SERVICE, "data", "db"),
+                (EventType.UPSERT, Kind.SERVICE, "default", "web"),
+                (EventType.UPSERT, Kind.ENDPOINT_SLICE, "default", "web-abc"),
+                (EventType.DELETE, Kind.ENDPOINT_SLICE, "default", "web-abc"),
+            ]
+        )
+        assert sink.state[(Kind.SERVICE, "default", "web")]["spec"]["clusterIP"] == "10.96.0.11"
+        deleted = sink.events[-1] if sink.events[-1].type is EventType.DELETE else None
+        assert deleted is not None and len(deleted.obj["endpoints"]) == 3  # its last state
+        assert sink.versions() == server_versions(api)
+        assert sink.synced_count == 1
+
+    run(test, setup=basic)
+
+
+def test_other_nodes_are_not_watched() -> None:
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1)
+        api.create(node("node-b"))
+        api.create(service("after"))
+        await until(lambda: (Kind.SERVICE, "default", "after") in sink.state)
+        assert (Kind.NODE, "", "node-b") not in sink.state
+        node_lists = [q for m, p, q in api.stats.requests if p == "/api/v1/nodes"]
+        assert node_lists and all(q["fieldSelector"] == f"metadata.name={NODE}" for q in node_lists)
+
+    run(test, setup=basic)
+
+
+def test_watch_starts_from_the_list_with_bookmarks() -> None:
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: kube.services.watches >= 1)
+        watches = [q for m, p, q in api.stats.requests if p == "/api/v1/services" and "watch" in q]
+        assert watches[0]["resourceVersion"] == kube.services.resource_version
+        assert watches[0]["allowWatchBookmarks"] == "true"
+        # The watch is renewed before the server would close it.
+        assert 0 < int(watches[0]["timeoutSeconds"]) <= 2 * kube.timeouts.watch
+
+    run(test, setup=basic)
+
+
+# --------------------------------------------------------------------------- disconnects
+
+
+@pytest.mark.parametrize("at_next_event", [False, True], ids=["idle-cut", "mid-event-cut"])
+def test_disconnect_storm_converges_without_loss_or_duplicates(at_next_event: bool) -> None:
+    rng = random.Random(4)
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1)
+        names = [f"s{i}" for i in range(30)]
+        for round_ in range(40):
+            for _ in range(5):
+                name = rng.choice(names)
+                exists = any(o["metadata"]["name"] == name for o in api.objects("Service"))
+                if not exists:
+                    api.create(service(name))
+                    api.create(endpoint_slice(f"{name}-x", name))
+                elif rng.random() < 0.3:
+                    api.delete("Service", "default", name)
+                    api.delete("EndpointSlice", "default", f"{name}-x")
+                else:
+                    api.patch(
+                        "Service", "default", name, {"metadata": {"labels": {"r": str(round_)}}}
+                    )
+            api.cut_streams(at_next_event=at_next_event)
+            await asyncio.sleep(rng.uniform(0, 0.03))
+        await until(lambda: sink.versions() == server_versions(api), what="convergence")
+        # Every (object, resourceVersion) was delivered once: nothing replayed twice.
+        seen = [
+            (e.kind, e.namespace, e.name, e.obj["metadata"]["resourceVersion"])
+            for e in sink.events
+            if e.type is EventType.UPSERT
+        ]
+        assert len(seen) == len(set(seen))
+        assert kube.services.watches >= 5  # the storm really cut the watches
+        assert kube.services.lists == 1  # cuts re-watch from the last rv; no relist needed
+
+    run(test, setup=basic)
+
+
+@pytest.mark.parametrize("as_http", [False, True], ids=["error-event", "http-410"])
+def test_relist_after_410_deletes_what_vanished_while_disconnected(as_http: bool) -> None:
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        for i in range(5):
+            api.create(service(f"s{i}"))
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1)
+        await api.stop()
+        api.delete("Service", "default", "s1")
+        api.delete("Service", "default", "s3")
+        api.delete("EndpointSlice", "default", "web-abc")
+        api.patch("Service", "default", "s2", {"spec": {"clusterIP": "10.96.0.99"}})
+        api.create(service("new"))
+        api.expire()  # the deletions fall out of the history
+        await api.start()
+        await until(lambda: sink.versions() == server_versions(api), what="convergence")
+        deletes = {(e.kind, e.name) for e in sink.events if e.type is EventType.DELETE}
+        assert deletes == {
+            (Kind.SERVICE, "s1"),
+            (Kind.SERVICE, "s3"),
+            (Kind.ENDPOINT_SLICE, "web-abc"),
+        }
+        assert kube.services.lists == 2 and kube.endpoint_slices.lists == 2
+        assert sink.synced_count == 1
+
+    run(test, setup=setup, server={"expired_watch_as_http_410": as_http})
+
+
+def test_expired_mid_stream_relists() -> None:
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: kube.services.watches == 1)
+        api.expire()  # open watches get ERROR 410
+        api.delete("Service", "default", "web")
+        await until(lambda: kube.services.lists == 2)
+        await until(lambda: sink.versions() == server_versions(api))
+
+    run(test, setup=basic)
+
+
+def test_server_restart_with_new_resource_versions() -> None:
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1)
+        await api.restart(rv_jump=10_000, down_for=0.2)
+        api.create(service("after-restart"))
+        await until(lambda: sink.versions() == server_versions(api))
+        assert int(kube.services.resource_version) > 10_000
+
+    run(test, setup=basic)
+
+
+def test_unreachable_api_keeps_state_and_reports_connection() -> None:
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1)
+        before = dict(sink.versions())
+        n = len(sink.events)
+        await api.stop()
+        await until(lambda: bool(sink.connections) and not sink.connections[-1][0], what="down")
+        assert "unreachable" in sink.connections[-1][1]
+        await asyncio.sleep(0.5)  # several failed retries
+        assert len(sink.events) == n and sink.versions() == before  # nothing deleted
+        await api.start()
+        await until(lambda: sink.connections[-1][0], what="up again")
+        api.create(service("later"))
+        await until(lambda: sink.versions() == server_versions(api))
+
+    run(test, setup=basic)
+
+
+def test_stalled_watch_is_abandoned_and_renewed() -> None:
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: kube.services.watches == 1)
+        api.stall()
+        api.create(service("during-stall"))
+        await asyncio.sleep(1.5)  # past the watch's timeout + grace
+        api.resume()
+        await until(lambda: (Kind.SERVICE, "default", "during-stall") in sink.state)
+        assert kube.services.watches >= 2
+
+    run(test, setup=basic, source={"timeouts": Timeouts(watch=0.5, watch_grace=0.3)})
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+def test_server_errors_are_retried_with_backoff() -> None:
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        api.fail_next(6, 500)
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1)
+        assert api.stats.failed == 6
+        assert sink.connections[0][0] is False and "500" in sink.connections[0][1]
+        assert sink.connections[-1] == (True, "")
+        assert sink.versions() == server_versions(api)
+
+    run(test, setup=setup)
+
+
+def test_too_many_requests_respects_retry_after() -> None:
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        api.fail_next(1, 429, retry_after=1, paths=("/api/v1/services",))
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        started = time.monotonic()
+        await until(lambda: sink.synced_count == 1)
+        # Retry-After: 1 was honoured, although the backoff alone would retry in ~20 ms.
+        assert time.monotonic() - started >= 0.95
+        assert [h for h, _ in sink.connections] == []  # throttled is not unreachable
+
+    run(test, setup=setup)
+
+
+# --------------------------------------------------------------------------- scale
+
+
+def test_startup_with_20000_objects() -> None:
+    def setup(api: FakeApiServer) -> None:
+        api.create(node())
+        api.load(
+            service(f"s{i}", f"ns{i % 20}", f"10.96.{i // 250}.{i % 250}") for i in range(10_000)
+        )
+        api.load(endpoint_slice(f"s{i}-x", f"s{i}", f"ns{i % 20}") for i in range(10_000))
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1, timeout=60)
+        assert len(sink.state) == 20_001
+        assert sink.versions() == server_versions(api)
+        api.delete("Service", "ns3", "s3")
+        await until(lambda: (Kind.SERVICE, "ns3", "s3") not in sink.state)
+
+    run(test, setup=setup)
+
+
+# --------------------------------------------------------------------------- the Node
+
+
+def test_missing_node_is_a_clear_error_and_syncs_once_created() -> None:
+    def setup(api: FakeApiServer) -> None:
+        api.create(service("web"))
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        with capture_logs() as logs:
+            await until(lambda: all(r.listed.is_set() for r in kube.reflectors))
+            await asyncio.sleep(0.3)
+            assert sink.synced_count == 0  # still waiting for the Node
+            missing = [e for e in logs if e["event"] == "node_object_missing"]
+            assert missing and missing[0]["log_level"] == "error"
+            assert missing[0]["node"] == NODE
+            api.create(node())
+            await until(lambda: sink.synced_count == 1, what="synced after the Node appeared")
+        assert (Kind.NODE, "", NODE) in sink.state
+
+    run(test, setup=setup, source={"node_grace": 30.0, "node_log_interval": 0.1})
+
+
+def test_missing_node_after_grace_syncs_without_it() -> None:
+    def setup(api: FakeApiServer) -> None:
+        api.create(service("web"))
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        with capture_logs() as logs:
+            await until(lambda: sink.synced_count == 1)
+        assert any(e["event"] == "node_object_missing" for e in logs)
+        api.create(node())
+        await until(lambda: (Kind.NODE, "", NODE) in sink.state)
+
+    run(test, setup=setup, source={"node_grace": 0.2})
+
+
+# --------------------------------------------------------------------------- bookmarks
+
+
+def test_bookmarks_advance_the_resource_version() -> None:
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: kube.services.watches == 1)
+        listed_at = kube.services.resource_version
+        for i in range(5):  # writes to other resources move the global rv
+            api.create(endpoint_slice(f"other-{i}", "web"))
+        api.bookmark()
+        await until(lambda: kube.services.resource_version == api.resource_version)
+        assert kube.services.resource_version != listed_at
+        # History up to now is compacted; thanks to the bookmark the Service watch
+        # resumes from a still-valid rv instead of relisting everything.
+        api.expire(end_watches=False)
+        api.cut_streams()
+        api.create(service("after"))
+        await until(lambda: (Kind.SERVICE, "default", "after") in sink.state)
+        assert kube.services.lists == 1
+
+    run(test, setup=basic)
+
+
+# --------------------------------------------------------------------------- malformed
+
+
+def test_malformed_objects_are_skipped_with_a_warning() -> None:
+    from kpy.testing.apiserver import SERVICES
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        with capture_logs() as logs:
+            await until(lambda: kube.services.watches == 1)
+            api.store._commit(SERVICES, "ADDED", {"metadata": {"namespace": "x"}}, None)
+            api.create(service("fine"))
+            await until(lambda: (Kind.SERVICE, "default", "fine") in sink.state)
+        warned = [e for e in logs if e["event"] == "kube_object_malformed"]
+        assert warned and warned[0]["kind"] == "Service" and warned[0]["namespace"] == "x"
+        assert "metadata.name" in warned[0]["reason"]
+
+    run(test, setup=basic)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def make_ca(path: Path) -> Path:
+    """A self-signed certificate, as the service account's ca.crt."""
+    cert = path / "ca.crt"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=kpy-test-ca",
+            "-keyout",
+            str(path / "ca.key"),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert
+
+
+def test_in_cluster_config_with_master_override(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    ca = make_ca(tmp_path)
+    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+
+    async def main() -> None:
+        async with FakeApiServer(token="s3cret") as api:
+            basic(api)
+            target = load_target(
+                master=api.url, environ=env, token_file=str(token), ca_file=str(ca)
+            )
+            assert target.url == api.url  # the override wins over the Service VIP
+            kube = KubeSource(target, NODE, backoff=FAST)
+            sink = RecordingSink()
+            task = asyncio.create_task(kube.run(sink))
+            try:
+                await until(lambda: sink.synced_count == 1)
+                posted = await kube.post(
+                    "/api/v1/namespaces/default/events",
+                    {"kind": "Event", "metadata": {"generateName": "node-a."}, "reason": "R"},
+                )
+                assert posted["metadata"]["name"].startswith("node-a.")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_in_cluster_config_without_override(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("t")
+    ca = make_ca(tmp_path)
+    env = {"KUBERNETES_SERVICE_HOST": "192.168.1.10", "KUBERNETES_SERVICE_PORT": "6443"}
+    target = load_target(environ=env, token_file=str(tmp_path / "token"), ca_file=str(ca))
+    assert (target.scheme, target.host, target.port) == ("https", "192.168.1.10", 6443)
+    assert target.auth()["Authorization"].lower() == "bearer t"
+    assert target.ssl_context is not None and target.server_hostname is None
+
+
+def test_kubeconfig(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        """
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "http://127.0.0.1:6443"}}]
+users: [{name: u, user: {token: abc}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+"""
+    )
+    target = load_target(kubeconfig=str(kubeconfig), environ={})
+    assert (target.scheme, target.host, target.port) == ("http", "127.0.0.1", 6443)
+    assert target.auth() == {"Authorization": "Bearer abc"}
+    overridden = load_target(kubeconfig=str(kubeconfig), master="10.0.0.1:6443", environ={})
+    assert overridden.url == "https://10.0.0.1:6443"
+
+
+def test_required_permissions_cover_what_the_source_uses() -> None:
+    perms = {(g, r): set(v) for g, r, v in REQUIRED_PERMISSIONS}
+    assert {"list", "watch"} <= perms[("", "services")]
+    assert {"list", "watch"} <= perms[("discovery.k8s.io", "endpointslices")]
+    assert {"list", "watch"} <= perms[("", "nodes")]
+    assert {"create", "patch"} <= perms[("", "events")]
