@@ -1,0 +1,192 @@
+"""``iptables-save`` text → the keyed objects render produces, and the ``kpy dump`` view.
+
+Parsing is pure (the text comes from :mod:`kpy_iptables.apply`). Only this backend's
+objects are read: ``KPY-`` chains (not another backend's ``KPY-IPVS-`` ones) and the
+rules of built-in chains that jump to them. Rules of ``KPY-SERVICES`` and
+``KPY-NODEPORTS`` become one object each, exactly as render keys them, so a diff
+between the two is empty when the kernel holds what is wanted.
+
+The per-Service view is found from the kernel alone: each dispatch rule names its
+service port in a comment; from there the jumps are followed down to the ``KPY-SEP-``
+chains, whose DNAT targets are the endpoints, with the statistic probabilities turned
+into each endpoint's share and the packet counters of the DNAT rules.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kpy.backend import Programmed, ServiceView
+from kpy_iptables.render import BUILTIN, DISPATCH, FILTER, NAT, Key, Objects, Rules, owned
+
+_COUNTERS = re.compile(r"^\[(\d+):(\d+)\] ")
+_TARGET = re.compile(r"(?:^| )-j (\S+)")
+_COMMENT = re.compile(r'--comment "([^"]*)"')
+_DEST = re.compile(r"(?:^| )-d (\S+?)/\d+ ")
+_PROTO = re.compile(r"(?:^| )-p (\w+) ")
+_DPORT = re.compile(r"--dport (\d+)")
+_PROBABILITY = re.compile(r"--probability (\S+)")
+_DNAT = re.compile(r"--to-destination (\S+)")
+_WALK = ("KPY-SVC-", "KPY-SVL-", "KPY-EXT-", "KPY-FW-", "KPY-SEP-")
+
+
+@dataclass(slots=True)
+class Saved:
+    """One family's ``iptables-save -c`` output, parsed."""
+
+    family: int
+    objects: Objects = field(default_factory=dict)
+    # (table, chain) → [(rule, packets)], for every owned chain (dispatch ones included)
+    rules: dict[tuple[str, str], list[tuple[str, int]]] = field(default_factory=dict)
+
+
+def parse(text: str, family: int) -> Saved:
+    """This backend's objects in ``iptables-save`` (with or without ``-c``) output."""
+    saved = Saved(family)
+    chains: dict[tuple[str, str], list[str]] = {}
+    table = ""
+    for raw in text.splitlines():
+        if not raw or raw[0] == "#":
+            continue
+        if raw[0] == "*":
+            table = raw[1:].strip()
+            continue
+        if table not in (NAT, FILTER):
+            continue
+        if raw[0] == ":":
+            chain = raw[1:].split(" ", 1)[0]
+            if owned(chain):
+                chains[(table, chain)] = []
+                saved.rules[(table, chain)] = []
+            continue
+        line, packets = raw, 0
+        if raw[0] == "[":
+            m = _COUNTERS.match(raw)
+            if m is None:
+                continue
+            packets = int(m.group(1))
+            line = raw[m.end() :]
+        if not line.startswith("-A "):
+            continue
+        chain, _, rule = line[3:].partition(" ")
+        if chain in BUILTIN:
+            target = _TARGET.search(rule)
+            if target is not None and owned(target.group(1)):
+                saved.objects[Key(family, table, chain, rule)] = ()
+            continue
+        if (table, chain) not in chains:
+            continue
+        chains[(table, chain)].append(rule)
+        saved.rules[(table, chain)].append((rule, packets))
+        if chain in DISPATCH:
+            saved.objects[Key(family, table, chain, rule)] = ()
+    for (table, chain), rules in chains.items():
+        saved.objects[Key(family, table, chain)] = () if chain in DISPATCH else tuple(rules)
+    return saved
+
+
+def _shares(rules: Iterable[tuple[str, int]]) -> list[tuple[str, float]]:
+    """(target, share of new connections) for the statistic jumps of a spread chain."""
+    result: list[tuple[str, float]] = []
+    left = 1.0
+    for rule, _ in rules:
+        if "--rcheck" in rule:
+            continue
+        target = _TARGET.search(rule)
+        if target is None or not target.group(1).startswith("KPY-SEP-"):
+            continue
+        m = _PROBABILITY.search(rule)
+        p = float(m.group(1)) if m else 1.0
+        result.append((target.group(1), left * p))
+        left *= 1.0 - p
+    return result
+
+
+def _frontend(chain: str, rule: str) -> str | None:
+    proto = _PROTO.search(rule)
+    port = _DPORT.search(rule)
+    if proto is None or port is None:
+        return None
+    dest = _DEST.search(rule)
+    if dest is None or chain == "KPY-NODEPORTS":
+        host = "*"
+    else:
+        host = f"[{dest.group(1)}]" if ":" in dest.group(1) else dest.group(1)
+    return f"{host}:{port.group(1)}/{proto.group(1).upper()}"
+
+
+def services(saved: Iterable[Saved]) -> dict[str, ServiceView]:
+    """Per service port (by comment): frontends, endpoints and what each got."""
+    fronts: dict[str, set[str]] = defaultdict(set)
+    roots: dict[str, set[tuple[int, str]]] = defaultdict(set)
+    packets: dict[str, int] = defaultdict(int)
+    by_family = {s.family: s for s in saved}
+    for s in by_family.values():
+        for (table, chain), rules in s.rules.items():
+            if chain not in DISPATCH:
+                continue
+            for rule, count in rules:
+                note = _COMMENT.search(rule)
+                if note is None:
+                    continue
+                name = note.group(1)
+                front = _frontend(chain, rule)
+                if front is not None:
+                    fronts[name].add(front)
+                target = _TARGET.search(rule)
+                if table == NAT and target is not None and target.group(1).startswith(_WALK):
+                    roots[name].add((s.family, target.group(1)))
+                    packets[name] += count
+    result: dict[str, ServiceView] = {}
+    for name in sorted(fronts):
+        endpoints: set[str] = set()
+        extra: dict[str, str] = {}
+        chains: set[str] = set()
+        todo = sorted(roots[name])
+        seen: set[tuple[int, str]] = set()
+        while todo:
+            family, chain = todo.pop()
+            if (family, chain) in seen:
+                continue
+            seen.add((family, chain))
+            chains.add(chain)
+            rules = by_family[family].rules.get((NAT, chain), [])
+            if chain.startswith("KPY-SEP-"):
+                for rule, count in rules:
+                    m = _DNAT.search(rule)
+                    if m is not None:
+                        endpoints.add(m.group(1))
+                        extra[f"packets {m.group(1)}"] = str(count)
+                        extra[f"chain {m.group(1)}"] = chain
+                continue
+            if chain.startswith(("KPY-SVC-", "KPY-SVL-")):
+                for sep, share in _shares(rules):
+                    extra[f"share {chain} {sep}"] = f"{share:.4f}"
+            for rule, _ in rules:
+                target = _TARGET.search(rule)
+                if target is not None and target.group(1).startswith(_WALK):
+                    todo.append((family, target.group(1)))
+        extra["chains"] = " ".join(sorted(chains))
+        extra["packets"] = str(packets[name])
+        result[name] = ServiceView(
+            frontends=tuple(sorted(fronts[name])), endpoints=tuple(sorted(endpoints)), extra=extra
+        )
+    return result
+
+
+def programmed(backend: str, saved: Iterable[Saved]) -> Programmed:
+    saved = list(saved)
+    objects: dict[str, object] = {}
+    for s in saved:
+        objects.update({str(k): v for k, v in s.objects.items()})
+    return Programmed(backend=backend, objects=objects, services=services(saved))
+
+
+def merge(saved: Iterable[Saved]) -> dict[Key, Rules]:
+    result: dict[Key, Rules] = {}
+    for s in saved:
+        result.update(s.objects)
+    return result

@@ -1,0 +1,434 @@
+"""Plan → the iptables chains and rules one node must hold, and the restore text (pure).
+
+The rule model is upstream kube-proxy's iptables mode under kpy's own ``KPY-`` names
+(README.md walks through it chain by chain). Everything is a keyed object:
+
+* a *chain* (:class:`Key` with ``rule == ""``) whose value is its rules, in order —
+  ``KPY-SVC-…``, ``KPY-SVL-…``, ``KPY-EXT-…``, ``KPY-FW-…``, ``KPY-SEP-…`` and the fixed
+  helper chains. A changed chain is rewritten whole (flushed and refilled), which is
+  cheap because each holds the rules of one service port or one endpoint;
+* a *dispatch rule* (:class:`Key` with the rule's text) in ``KPY-SERVICES``,
+  ``KPY-NODEPORTS`` or a built-in chain. Each is its own object, so it is inserted or
+  deleted by spec on its own and the dispatch chains are never rewritten: a one-endpoint
+  change in a cluster of any size touches a handful of lines.
+
+Every rule is written in the exact form ``iptables-save`` prints it back (match order,
+``/32`` on addresses, quoted comments, probabilities with eleven decimals), so the
+objects read back from the kernel by :mod:`kpy_iptables.observe` compare equal to the
+rendered ones and a restarted agent finds nothing to change.
+
+Nothing here does I/O: :func:`restore` turns a :class:`~kpy.diff.Diff` of objects into
+``iptables-restore --noflush`` input, one text per IP family.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from kpy import diff
+from kpy.backend import BackendConfig
+from kpy.model import (
+    Endpoint,
+    IPAddress,
+    IPFamily,
+    IPNetwork,
+    Plan,
+    ServicePortName,
+    ServicePortState,
+    SessionAffinity,
+)
+
+NAT = "nat"
+FILTER = "filter"
+TABLES = (FILTER, NAT)  # the order of the sections in a restore input
+
+SERVICES = "KPY-SERVICES"  # nat: VIP dispatch; filter: rejects and drops
+NODEPORTS = "KPY-NODEPORTS"  # nat: NodePort dispatch
+MARK_MASQ = "KPY-MARK-MASQ"  # nat: mark a packet for masquerading
+POSTROUTING = "KPY-POSTROUTING"  # nat: masquerade marked packets
+FORWARD = "KPY-FORWARD"  # filter: accept forwarded Service traffic
+
+PREFIX = "KPY-"
+FOREIGN_PREFIXES = ("KPY-IPVS-",)  # the IPVS backend's companion chains are not ours
+BUILTIN = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
+DISPATCH = frozenset({SERVICES, NODEPORTS})  # chains edited rule by rule
+
+MASQ_MARK = "0x4000"
+FAMILIES = (4, 6)
+
+Rules = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Key:
+    """One kernel object: a whole chain (``rule == ""``) or one dispatch rule."""
+
+    family: int  # 4 (iptables) or 6 (ip6tables)
+    table: str
+    chain: str
+    rule: str = ""
+
+    def __str__(self) -> str:
+        where = f"ipv{self.family}/{self.table}/{self.chain}"
+        return f"{where} {self.rule}" if self.rule else where
+
+
+Objects = dict[Key, Rules]
+
+
+def owned(chain: str) -> bool:
+    """True for a chain this backend owns (``KPY-`` but not another backend's)."""
+    return chain.startswith(PREFIX) and not chain.startswith(FOREIGN_PREFIXES)
+
+
+def chain_name(kind: str, *parts: str) -> str:
+    """``KPY-<kind>-`` and a stable 16-character hash: a restarted agent finds the same name."""
+    digest = hashlib.sha256("/".join(parts).encode()).digest()
+    return f"KPY-{kind}-{base64.b32encode(digest).decode()[:16]}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Context:
+    """The node-wide settings render needs (changing any means a full sync)."""
+
+    cluster_cidrs: tuple[IPNetwork, ...] = ()
+    nodeport_addresses: tuple[IPNetwork, ...] = ()
+    masquerade_all: bool = False
+
+    def cidrs(self, family: int) -> tuple[IPNetwork, ...]:
+        return tuple(c for c in self.cluster_cidrs if c.version == family)
+
+
+def context(config: BackendConfig) -> Context:
+    return Context(
+        cluster_cidrs=config.cluster_cidrs,
+        nodeport_addresses=config.nodeport_addresses,
+        masquerade_all=config.masquerade_all,
+    )
+
+
+# --- rule text ----------------------------------------------------------------------------
+
+
+def _host(ip: IPAddress | IPNetwork) -> str:
+    if isinstance(ip, IPAddress):
+        return f"{ip}/{ip.max_prefixlen}"
+    return str(ip)
+
+
+def _to(ep: Endpoint) -> str:
+    return str(ep)  # 10.244.1.5:8080 or [fd00::5]:8080, as --to-destination prints it
+
+
+def probability(p: float) -> str:
+    """``p`` as ``iptables-save`` prints the statistic match's 31-bit fixed-point value."""
+    fixed = int(0x80000000 * p + 0.5)
+    return f"{fixed / 0x80000000:.11f}"
+
+
+def _mask(family: int) -> str:
+    return "255.255.255.255" if family == 4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+
+
+def _reject(family: int) -> str:
+    kind = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
+    return f"REJECT --reject-with {kind}"
+
+
+def comment(text: str) -> str:
+    return f'-m comment --comment "{text}"'
+
+
+# --- the fixed part -----------------------------------------------------------------------
+
+
+def base(ctx: Context, family: int) -> Objects:
+    """The helper chains and the jumps from the built-in chains, for one family."""
+    portals = comment("kpy service portals")
+    objs: Objects = {
+        Key(family, NAT, SERVICES): (),
+        Key(family, NAT, NODEPORTS): (),
+        Key(family, NAT, MARK_MASQ): (f"-j MARK --set-xmark {MASQ_MARK}/{MASQ_MARK}",),
+        Key(family, NAT, POSTROUTING): (
+            f"-m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
+            f"-j MARK --set-xmark {MASQ_MARK}/0x0",
+            "-j MASQUERADE --random-fully",
+        ),
+        Key(family, NAT, "PREROUTING", f"{portals} -j {SERVICES}"): (),
+        Key(family, NAT, "OUTPUT", f"{portals} -j {SERVICES}"): (),
+        Key(family, NAT, "POSTROUTING", f"{comment('kpy postrouting')} -j {POSTROUTING}"): (),
+        Key(family, FILTER, SERVICES): (),
+        Key(family, FILTER, FORWARD): (
+            f"-m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT",
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        ),
+        Key(family, FILTER, "FORWARD", f"{comment('kpy forwarding')} -j {FORWARD}"): (),
+    }
+    for builtin in ("INPUT", "FORWARD", "OUTPUT"):
+        objs[
+            Key(family, FILTER, builtin, f"-m conntrack --ctstate NEW {portals} -j {SERVICES}")
+        ] = ()
+    nodeports = [c for c in ctx.nodeport_addresses if c.version == family]
+    if ctx.nodeport_addresses:
+        for cidr in nodeports:
+            rule = f"-d {cidr} -m addrtype --dst-type LOCAL -j {NODEPORTS}"
+            objs[Key(family, NAT, SERVICES, rule)] = ()
+    else:
+        objs[Key(family, NAT, SERVICES, f"-m addrtype --dst-type LOCAL -j {NODEPORTS}")] = ()
+    return objs
+
+
+# --- one service port ---------------------------------------------------------------------
+
+
+def _usable(ep: Endpoint) -> bool:
+    return ep.ready or (ep.serving and ep.terminating)
+
+
+def _sorted(eps: Iterable[Endpoint]) -> list[Endpoint]:
+    return sorted(set(eps), key=Endpoint.sort_key)
+
+
+def _spread(
+    eps: list[Endpoint], seps: Mapping[Endpoint, str], affinity: int | None, family: int
+) -> Rules:
+    """Jumps that spread new connections evenly (and, with affinity, keep clients)."""
+    rules: list[str] = []
+    if affinity is not None:
+        for ep in eps:
+            sep = seps[ep]
+            rules.append(
+                f"-m recent --rcheck --seconds {affinity} --reap --name {sep} "
+                f"--mask {_mask(family)} --rsource -j {sep}"
+            )
+    count = len(eps)
+    for i, ep in enumerate(eps):
+        if i < count - 1:
+            p = probability(1.0 / (count - i))
+            rules.append(f"-m statistic --mode random --probability {p} -j {seps[ep]}")
+        else:
+            rules.append(f"-j {seps[ep]}")
+    return tuple(rules)
+
+
+def render_port(state: ServicePortState, ctx: Context) -> Objects:
+    """Every object one service port needs, in both families."""
+    svc = state.service
+    if not svc.has_vip:
+        return {}
+    objs: Objects = {}
+    families = sorted({ip.version for ip in svc.cluster_ips})
+    for family in families:
+        _render_family(state, ctx, family, objs)
+    return objs
+
+
+def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Objects) -> None:
+    svc = state.service
+    fam = IPFamily.IPV4 if family == 4 else IPFamily.IPV6
+    name = str(svc.name)
+    proto = svc.protocol.lower()
+    note = comment(name)
+    dport = f"-m {proto} --dport"
+
+    internal = _sorted(state.internal_for(fam))
+    external = _sorted(state.external_for(fam))
+    usable = any(_usable(ep) for ep in state.endpoints if ep.family is fam)
+    vips = svc.ips(fam)
+    externals = [ip for ip in svc.external_ips if ip.version == family]
+    lbs = [ip for ip in svc.load_balancer_ips if ip.version == family]
+    ranges = [r for r in svc.load_balancer_source_ranges if r.version == family]
+
+    svc_chain = chain_name("SVC", name)
+    ext_chain = chain_name("EXT", name)
+    fw_chain = chain_name("FW", name)
+    svl_chain = chain_name("SVL", name)
+    seps = {ep: chain_name("SEP", name, str(ep)) for ep in {*internal, *external}}
+    affinity = svc.affinity_timeout if svc.session_affinity is SessionAffinity.CLIENT_IP else None
+
+    def nat(chain: str, rule: str) -> None:
+        objs[Key(family, NAT, chain, rule)] = ()
+
+    def drop(rule: str, reject: bool) -> None:
+        target = _reject(family) if reject else "DROP"
+        objs[Key(family, FILTER, SERVICES, f"{rule} -j {target}")] = ()
+
+    # Cluster IPs: to the internal endpoints, or rejected/dropped in the filter table.
+    for vip in vips:
+        match = f"-d {_host(vip)} -p {proto} {note} {dport} {svc.port}"
+        if internal:
+            nat(SERVICES, f"{match} -j {svc_chain}")
+        else:
+            drop(match, reject=not usable)
+
+    if internal:
+        rules: list[str] = []
+        cidrs = ctx.cidrs(family)
+        for vip in vips:
+            match = f"-d {_host(vip)} -p {proto} {note} {dport} {svc.port}"
+            if ctx.masquerade_all:
+                rules.append(f"{match} -j {MARK_MASQ}")
+            elif cidrs:
+                rules.append(f"! -s {cidrs[0]} {match} -j {MARK_MASQ}")
+        objs[Key(family, NAT, svc_chain)] = (*rules, *_spread(internal, seps, affinity, family))
+
+    # External frontends: external IPs, LoadBalancer IPs, the NodePort.
+    external_matches = [f"-d {_host(ip)} -p {proto} {note} {dport} {svc.port}" for ip in externals]
+    lb_matches = [f"-d {_host(ip)} -p {proto} {note} {dport} {svc.port}" for ip in lbs]
+    nodeport_match = (
+        f"-p {proto} {note} {dport} {svc.node_port}" if svc.node_port is not None else None
+    )
+    local = svc.external_policy_local
+    ext_rules: list[str] = []
+    if local:
+        if internal:
+            # Pods and the node itself reach the Service as if it were Cluster-wide.
+            ext_rules += [f"-s {cidr} -j {svc_chain}" for cidr in ctx.cidrs(family)]
+            ext_rules.append(f"-m addrtype --src-type LOCAL -j {MARK_MASQ}")
+            ext_rules.append(f"-m addrtype --src-type LOCAL -j {svc_chain}")
+    else:
+        ext_rules.append(f"-j {MARK_MASQ}")
+    if external:
+        if external == internal:
+            ext_rules.append(f"-j {svc_chain}")
+        else:
+            ext_rules.append(f"-j {svl_chain}")
+            objs[Key(family, NAT, svl_chain)] = _spread(external, seps, affinity, family)
+    via_nat = bool(external) or (local and bool(internal))
+    has_external = bool(external_matches or lb_matches or nodeport_match)
+    if has_external and via_nat:
+        objs[Key(family, NAT, ext_chain)] = tuple(ext_rules)
+        for match in external_matches:
+            nat(SERVICES, f"{match} -j {ext_chain}")
+        for match in lb_matches:
+            nat(
+                SERVICES, f"{match} -j {fw_chain if svc.load_balancer_source_ranges else ext_chain}"
+            )
+        if nodeport_match is not None:
+            nat(NODEPORTS, f"{nodeport_match} -j {ext_chain}")
+        if svc.load_balancer_source_ranges and lbs:
+            objs[Key(family, NAT, fw_chain)] = tuple(f"-s {r} -j {ext_chain}" for r in ranges)
+    if not external:
+        # Nothing to send it to: reject when the Service has no endpoint at all, drop when
+        # a Local policy excludes the ones it has (what was not DNATed above).
+        for match in external_matches + lb_matches:
+            drop(match, reject=not usable)
+        if nodeport_match is not None:
+            np = f"-p {proto} {note} -m addrtype --dst-type LOCAL {dport} {svc.node_port}"
+            drop(np, reject=not usable)
+    if svc.load_balancer_source_ranges:
+        for match in lb_matches:
+            drop(match, reject=False)  # sources outside the ranges were not DNATed
+
+    for ep, sep in seps.items():
+        if affinity is not None:
+            dnat = (
+                f"-p {proto} -m recent --set --name {sep} --mask {_mask(family)} --rsource "
+                f"-j DNAT --to-destination {_to(ep)}"
+            )
+        else:
+            dnat = f"-p {proto} -j DNAT --to-destination {_to(ep)}"
+        objs[Key(family, NAT, sep)] = (f"-s {_host(ep.ip)} -j {MARK_MASQ}", dnat)
+
+
+def render(plan: Plan, ctx: Context) -> dict[ServicePortName, Objects]:
+    """Every service port's objects (ports without any are left out)."""
+    result: dict[ServicePortName, Objects] = {}
+    for name, state in plan.services.items():
+        objs = render_port(state, ctx)
+        if objs:
+            result[name] = objs
+    return result
+
+
+def desired(ctx: Context, ports: Mapping[ServicePortName, Objects]) -> Objects:
+    """The whole wanted state: the fixed part of both families and every port's objects."""
+    want: Objects = {}
+    for family in FAMILIES:
+        want.update(base(ctx, family))
+    for objs in ports.values():
+        want.update(objs)
+    return want
+
+
+# --- the transaction ----------------------------------------------------------------------
+
+
+def _position(key: Key) -> str:
+    """How a dispatch rule is added: VIP rules go first, the NodePort jump stays last."""
+    if key.chain in BUILTIN:
+        return f"-I {key.chain} 1"
+    if key.table == NAT and key.chain == SERVICES and not key.rule.endswith(f"-j {NODEPORTS}"):
+        return f"-I {key.chain} 1"
+    return f"-A {key.chain}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Restore:
+    """One ``iptables-restore --noflush`` input and how many commands it carries."""
+
+    text: str
+    ops: int
+
+    @property
+    def lines(self) -> int:
+        return self.text.count("\n")
+
+
+def restore(change: diff.Diff[Key, Rules]) -> dict[int, Restore]:
+    """The restore input per family that turns the old objects into the new ones.
+
+    Per table: declare (create, or flush) every added, changed and removed chain; delete
+    removed dispatch rules by spec; fill the declared chains; add new dispatch rules;
+    finally delete the removed chains, whose references are gone by then.
+    """
+    sections: dict[tuple[int, str], dict[str, list[str]]] = {}
+
+    def part(key: Key, name: str) -> list[str]:
+        section = sections.setdefault(
+            (key.family, key.table),
+            {"declare": [], "delete": [], "fill": [], "add": [], "remove": []},
+        )
+        return section[name]
+
+    for key, rules in change.added:
+        if key.rule:
+            part(key, "add").append(f"{_position(key)} {key.rule}")
+        else:
+            part(key, "declare").append(f":{key.chain} - [0:0]")
+            part(key, "fill").extend(f"-A {key.chain} {r}" for r in rules)
+    for key, _, rules in change.changed:
+        part(key, "declare").append(f":{key.chain} - [0:0]")
+        part(key, "fill").extend(f"-A {key.chain} {r}" for r in rules)
+    flushed = {(k.family, k.table, k.chain) for k, _ in change.removed if not k.rule}
+    for key, _ in change.removed:
+        if key.rule:
+            if (key.family, key.table, key.chain) not in flushed:  # else gone with its chain
+                part(key, "delete").append(f"-D {key.chain} {key.rule}")
+        else:
+            part(key, "declare").append(f":{key.chain} - [0:0]")
+            part(key, "remove").append(f"-X {key.chain}")
+
+    result: dict[int, Restore] = {}
+    for family in FAMILIES:
+        lines: list[str] = []
+        ops = 0
+        for table in TABLES:
+            section = sections.get((family, table))
+            if section is None:
+                continue
+            body = [
+                *section["declare"],
+                *section["delete"],
+                *section["fill"],
+                *section["add"],
+                *section["remove"],
+            ]
+            ops += len(body)
+            lines += [f"*{table}", *body, "COMMIT"]
+        if lines:
+            result[family] = Restore(text="\n".join(lines) + "\n", ops=ops)
+    return result
