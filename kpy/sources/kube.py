@@ -35,15 +35,18 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import structlog
 
 from kpy import __version__
 from kpy.sources import Event, EventType, Kind, Sink
+
+if TYPE_CHECKING:
+    from kpy.metrics import SourceMetrics
 
 log = structlog.get_logger("kpy.sources.kube")
 
@@ -423,7 +426,8 @@ class Reflector:
         self.listed = asyncio.Event()
         self.healthy = True
         self.lists = 0
-        self.watches = 0
+        self.watches = 0  # watches the server accepted
+        self.watch_attempts = 0  # watch requests sent
         self._backoff = Backoff(source.backoff)
 
     # -- emitting
@@ -478,9 +482,60 @@ class Reflector:
         return {"fieldSelector": self.field_selector} if self.field_selector else {}
 
     async def list(self) -> None:
-        """List everything, emit the differences to what is known, remember the rv."""
+        """List everything, emit the differences to what is known, remember the rv.
+
+        In pages of ``page_size`` (``limit``/``continue``, as client-go's pager), so the
+        API server never builds, and kpy never decodes, one huge response; every page is
+        from the first page's resourceVersion. A 410 on a later page (the snapshot left
+        the server's history) raises :class:`ApiStatusError`; the caller lists again.
+        """
+        metrics = self.source.metrics
+        if metrics is not None:
+            metrics.relisted(self.path.rsplit("/", 1)[1])
+        seen: set[ObjectKey] = set()
+        token = ""
+        rv = ""
+        count = 0
+        while True:
+            params = self._params()
+            if self.source.page_size > 0:
+                params["limit"] = str(self.source.page_size)
+            if token:
+                params["continue"] = token
+            items, meta = await self._list_page(params)
+            if not token:
+                rv = meta.get("resourceVersion", "")
+                if not isinstance(rv, str) or not rv:
+                    raise ProtocolError("list without metadata.resourceVersion")
+            for obj in items:
+                found = self._key(obj)
+                if found is not None:
+                    seen.add(found[0])
+                    self._upsert(obj, *found)
+                count += 1
+                if count % 2000 == 0:
+                    await asyncio.sleep(0)  # let the other reflectors read meanwhile
+            token = meta.get("continue") or ""
+            if not isinstance(token, str) or not token:
+                break
+        for key in [k for k in self.known if k not in seen]:
+            # Gone while we were not watching: the relist is the only news of it.
+            self._delete(key, self.known[key])
+        self.resource_version = rv
+        self.lists += 1
+        log.info(
+            "kube_listed",
+            kind=str(self.kind),
+            objects=count,
+            resource_version=rv,
+            relist=self.lists > 1,
+        )
+        self.listed.set()
+
+    async def _list_page(self, params: dict[str, str]) -> tuple[Sequence[Any], dict[str, Any]]:
+        """One list request: its items and its list metadata."""
         async with asyncio.timeout(self.source.timeouts.list):
-            response = await request(self.source.target, "GET", self.path, self._params())
+            response = await request(self.source.target, "GET", self.path, params)
             try:
                 data = await response.body()
             finally:
@@ -495,30 +550,11 @@ class Reflector:
         del data
         items = listing.get("items") if isinstance(listing, dict) else None
         meta = listing.get("metadata") if isinstance(listing, dict) else None
-        rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
-        if not isinstance(items, list) or not isinstance(rv, str):
-            raise ProtocolError("list without items or metadata.resourceVersion")
-        seen: set[ObjectKey] = set()
-        for i, obj in enumerate(items):
-            found = self._key(obj)
-            if found is not None:
-                seen.add(found[0])
-                self._upsert(obj, *found)
-            if i % 2000 == 1999:
-                await asyncio.sleep(0)  # let the other reflectors read meanwhile
-        for key in [k for k in self.known if k not in seen]:
-            # Gone while we were not watching: the relist is the only news of it.
-            self._delete(key, self.known[key])
-        self.resource_version = rv
-        self.lists += 1
-        log.info(
-            "kube_listed",
-            kind=str(self.kind),
-            objects=len(items),
-            resource_version=rv,
-            relist=self.lists > 1,
-        )
-        self.listed.set()
+        if items is None and isinstance(meta, dict):
+            items = []  # an empty list may omit "items" (omitempty)
+        if not isinstance(items, list) or not isinstance(meta, dict):
+            raise ProtocolError("list without items or metadata")
+        return items, meta
 
     # -- watch
 
@@ -538,6 +574,10 @@ class Reflector:
         }
         got_event = False
         started = time.monotonic()
+        metrics = self.source.metrics
+        if metrics is not None and self.watch_attempts > 0:
+            metrics.watch_reconnected(self.path.rsplit("/", 1)[1])
+        self.watch_attempts += 1
         async with asyncio.timeout(seconds + timeouts.watch_grace):
             response = await request(self.source.target, "GET", self.path, params)
             try:
@@ -675,8 +715,12 @@ class KubeSource:
         timeouts: Timeouts | None = None,
         node_grace: float = 30.0,
         node_log_interval: float = 60.0,
+        page_size: int = 500,
+        metrics: SourceMetrics | None = None,
     ) -> None:
         self.target = target
+        self.page_size = page_size  # list in pages of this many objects (0: all at once)
+        self.metrics = metrics
         self.node_name = node_name
         self.backoff = backoff or BackoffPolicy()
         self.timeouts = timeouts or Timeouts()
@@ -700,6 +744,10 @@ class KubeSource:
         # With node IPs given by flags the Node is not needed to program anything.
         grace = 0.0 if config.node_ips else 30.0
         return cls(target, config.node_name(), node_grace=grace)
+
+    def set_metrics(self, metrics: SourceMetrics | None) -> None:
+        """Report watch reconnects and relists here (``kpy.operations.attach`` calls it)."""
+        self.metrics = metrics
 
     # -- called by reflectors
 

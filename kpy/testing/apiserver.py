@@ -27,10 +27,17 @@ Kubernetes API documents, which are the specification here:
   ``metadata.namespace``). A watch with a selector sees an object that stops matching
   as DELETED and one that starts matching as ADDED, as the watch cache does.
 
+* "Retrieving large results sets in chunks" (API concepts): ``limit`` cuts a list into
+  pages; ``metadata.continue`` is an opaque token and ``metadata.remainingItemCount``
+  counts what is left; every page is served from the first page's resourceVersion (a
+  consistent snapshot); a token whose resourceVersion has left the history is a
+  ``410 Expired`` ("The provided continue parameter is too old ..."), after which a
+  client starts the list again.
+
 Like etcd, one resourceVersion counter spans all resources. Deliberate simplifications:
-no pagination (``limit`` is ignored, which the concepts page allows: a client must
-accept a complete list), strategic-merge patches are applied as JSON merge patches,
-namespaces need not exist, no admission, defaulting or IP allocation, plain HTTP only.
+strategic-merge patches are applied as JSON merge patches, namespaces need not exist,
+no admission, defaulting or IP allocation. HTTPS when given an ``ssl_context``
+(``url`` then says ``https``); plain HTTP otherwise.
 
 Faults for tests: :meth:`FakeApiServer.cut_streams` (mid-event), :meth:`stall` /
 :meth:`resume`, :meth:`fail_next` (500/429 with ``Retry-After``), :meth:`expire`
@@ -45,10 +52,13 @@ http://127.0.0.1:PORT`` can be run by hand.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import copy
 import json
 import re
+import ssl
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -470,6 +480,29 @@ class Store:
         return [c for c in self.history if c.rv > rv and c.resource is resource]
 
 
+def _key_of(obj: JSON) -> ObjectKey:
+    meta = obj.get("metadata") or {}
+    return (meta.get("namespace", "") or "", meta.get("name", "") or "")
+
+
+def _encode_continue(rv: int, last: ObjectKey) -> str:
+    """An opaque token like the API server's (base64 JSON of version, rv and start key)."""
+    data = {"v": "meta.k8s.io/v1", "rv": rv, "start": f"{last[0]}/{last[1]}\x00"}
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+
+
+def _decode_continue(token: str) -> tuple[int, ObjectKey]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        start = data["start"].rstrip("\x00")
+        namespace, _, name = start.partition("/")
+        if data.get("v") != "meta.k8s.io/v1" or not isinstance(data["rv"], int):
+            raise ValueError(token)
+        return data["rv"], (namespace, name)
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+        raise ApiError(400, "BadRequest", f"invalid continue token {token!r}") from None
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -557,8 +590,10 @@ class FakeApiServer:
         max_watch_seconds: float = 1800.0,
         expired_watch_as_http_410: bool = False,
         token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.ssl_context = ssl_context  # serve HTTPS with this (server-side) context
         self.port = port
         self.bookmark_interval = bookmark_interval
         self.max_watch_seconds = max_watch_seconds
@@ -578,14 +613,20 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> None:
         """Listen (again: on the same port after a :meth:`stop`)."""
         if self._server is not None:
             return
         self._server = await asyncio.start_server(
-            self._serve_connection, self.host, self.port, reuse_address=True, limit=1 << 20
+            self._serve_connection,
+            self.host,
+            self.port,
+            reuse_address=True,
+            limit=1 << 20,
+            ssl=self.ssl_context,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.debug("fake_apiserver_listening", url=self.url)
@@ -1011,26 +1052,64 @@ class FakeApiServer:
         match = req.query.get("resourceVersionMatch", "")
         if rv is not None and rv > store.rv:
             raise ApiError(504, "Timeout", f"Too large resource version: {rv}, current: {store.rv}")
-        if match == "Exact" and rv is not None:
+        limit = self._limit_param(req)
+        token = req.query.get("continue", "")
+        after: ObjectKey | None = None
+        if token:
+            if rv is not None:
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "specifying resource version is not allowed when using continue",
+                )
+            list_rv, after = _decode_continue(token)
+            if list_rv < store.oldest_rv:
+                raise _expired(
+                    "The provided continue parameter is too old to display a consistent list "
+                    "result. You can start a new list without the continue parameter."
+                )
+            objects = store.list_at(resource, list_rv)
+        elif match == "Exact" and rv is not None:
             if rv < store.oldest_rv:
                 raise _expired(f"too old resource version: {rv} ({store.oldest_rv})")
             objects, list_rv = store.list_at(resource, rv), rv
         else:
             objects = [o for _, o in sorted(store.objects[resource].items())]
             list_rv = store.rv
-        items = []
-        for obj in objects:
-            if selector.matches(obj):
-                item = dict(obj)
-                item.pop("kind", None)
-                item.pop("apiVersion", None)
-                items.append(item)
+        items: list[JSON] = []
+        meta: JSON = {"resourceVersion": str(list_rv)}
+        for i, obj in enumerate(objects):
+            if after is not None and _key_of(obj) <= after:
+                continue
+            if not selector.matches(obj):
+                continue
+            if limit and len(items) == limit:
+                # More matching objects follow: hand out a token to the rest.
+                last = _key_of(items[-1])
+                meta["continue"] = _encode_continue(list_rv, last)
+                meta["remainingItemCount"] = sum(1 for o in objects[i:] if selector.matches(o))
+                break
+            item = dict(obj)
+            item.pop("kind", None)
+            item.pop("apiVersion", None)
+            items.append(item)
         return {
             "kind": f"{resource.kind}List",
             "apiVersion": resource.api_version,
-            "metadata": {"resourceVersion": str(list_rv)},
+            "metadata": meta,
             "items": items,
         }
+
+    @staticmethod
+    def _limit_param(req: _Request) -> int:
+        text = req.query.get("limit", "")
+        if not text:
+            return 0
+        try:
+            limit = int(text)
+        except ValueError:
+            raise ApiError(400, "BadRequest", f"invalid limit {text!r}: not an integer") from None
+        return max(limit, 0)  # limit <= 0 means no limit
 
     # ------------------------------------------------------------------ watch
 
@@ -1179,6 +1258,69 @@ class FakeApiServer:
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
         raise _Cut
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """A throwaway CA and a server certificate signed by it (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+
+def make_tls(directory: Path, host: str = "127.0.0.1") -> TlsFiles:
+    """Create a CA and a certificate for ``host`` (an IP address or a DNS name) with openssl.
+
+    For tests and the dev command: the kube source then checks the server's certificate
+    against ``ca`` exactly as it checks a real API server's.
+    """
+    import ipaddress
+    import subprocess
+
+    try:
+        ipaddress.ip_address(host)
+        san = f"IP:{host}"
+    except ValueError:
+        san = f"DNS:{host}"
+    files = TlsFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+    ca_key = directory / "ca.key"
+    csr = directory / "server.csr"
+    ext = directory / "server.ext"
+    ext.write_text(
+        f"subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+        "keyUsage=digitalSignature,keyEncipherment\n"
+    )
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca = ["-days", "2", "-subj", "/CN=kpy-fake-apiserver-ca"]
+    out = str(files.cert)
+    sign = ["-CA", str(files.ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2"]
+    commands = [
+        ["openssl", "req", "-x509", *ec, *ca, "-keyout", str(ca_key), "-out", str(files.ca)],
+        [
+            "openssl",
+            "req",
+            *ec,
+            "-subj",
+            f"/CN={host}",
+            "-keyout",
+            str(files.key),
+            "-out",
+            str(csr),
+        ],
+        ["openssl", "x509", "-req", "-in", str(csr), *sign, "-extfile", str(ext), "-out", out],
+    ]
+    for command in commands:
+        subprocess.run(command, check=True, capture_output=True)
+    return files
 
 
 # --------------------------------------------------------------------------- dev command

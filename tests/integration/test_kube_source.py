@@ -9,6 +9,7 @@ and no deletions invented because the API went away.
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import subprocess
 import time
@@ -28,7 +29,7 @@ from kpy.sources.kube import (
     Timeouts,
     load_target,
 )
-from kpy.testing.apiserver import FakeApiServer
+from kpy.testing.apiserver import FakeApiServer, make_tls
 
 FAST = BackoffPolicy(initial=0.02, maximum=0.2)
 NODE = "node-a"
@@ -555,6 +556,158 @@ current-context: x
     assert target.auth() == {"Authorization": "Bearer abc"}
     overridden = load_target(kubeconfig=str(kubeconfig), master="10.0.0.1:6443", environ={})
     assert overridden.url == "https://10.0.0.1:6443"
+
+
+def test_kubeconfig_with_tls_and_token_reaches_the_fake_server(tmp_path: Path) -> None:
+    """The official client's loader reads CA data and a token; kpy's HTTP uses both."""
+    tls = make_tls(tmp_path)
+    ca_data = base64.b64encode(tls.ca.read_bytes()).decode()
+
+    async def main() -> None:
+        async with FakeApiServer(token="tok3n", ssl_context=tls.server_context()) as api:
+            basic(api)
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(
+                f"""
+apiVersion: v1
+kind: Config
+clusters: [{{name: c, cluster: {{server: "{api.url}", certificate-authority-data: {ca_data}}}}}]
+users: [{{name: u, user: {{token: tok3n}}}}]
+contexts: [{{name: x, context: {{cluster: c, user: u}}}}]
+current-context: x
+"""
+            )
+            target = load_target(kubeconfig=str(kubeconfig), environ={})
+            assert target.scheme == "https" and target.ssl_context is not None
+            kube = KubeSource(target, NODE, backoff=FAST)
+            sink = RecordingSink()
+            task = asyncio.create_task(kube.run(sink))
+            try:
+                await until(lambda: sink.synced_count == 1, what="synced over TLS")
+                assert sink.versions() == server_versions(api)
+                assert all(healthy for healthy, _ in sink.connections)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            # A wrong token is refused by the server: the source reports it and retries.
+            wrong = tmp_path / "wrong"
+            wrong.write_text(kubeconfig.read_text().replace("token: tok3n", "token: nope"))
+            kube = KubeSource(load_target(kubeconfig=str(wrong), environ={}), NODE, backoff=FAST)
+            sink = RecordingSink()
+            with capture_logs() as logs:
+                task = asyncio.create_task(kube.run(sink))
+                try:
+                    await until(lambda: any(e.get("status") == 401 for e in logs), what="401")
+                    assert sink.synced_count == 0 and not sink.events
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- chunked lists
+
+
+def test_lists_are_read_in_pages() -> None:
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        for i in range(25):
+            api.create(service(f"s{i:02}"))
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1)
+        assert sink.versions() == server_versions(api)
+        lists = [
+            q for m, p, q in api.stats.requests if p == "/api/v1/services" and "watch" not in q
+        ]
+        assert [q.get("limit") for q in lists] == ["10"] * 3  # 26 Services: 10 + 10 + 6
+        assert "continue" not in lists[0] and all(q["continue"] for q in lists[1:])
+
+    run(test, setup=setup, source={"page_size": 10})
+
+
+class _ChangeDuringList(RecordingSink):
+    """Deletes a Service and compacts history while the first page is being handled."""
+
+    def __init__(self, api: FakeApiServer) -> None:
+        super().__init__()
+        self.api = api
+        self.done = False
+
+    def event(self, event: Event) -> None:
+        super().event(event)
+        if not self.done and event.kind is Kind.SERVICE:
+            self.done = True
+            self.api.delete("Service", "default", event.name)  # already delivered
+            self.api.expire(end_watches=False)  # the first page's snapshot is gone
+
+
+def test_expired_continue_token_restarts_the_list_and_reconciles() -> None:
+    async def main() -> None:
+        async with FakeApiServer() as api:
+            basic(api)
+            for i in range(9):
+                api.create(service(f"s{i}"))
+            kube = KubeSource(ApiTarget.from_url(api.url), NODE, backoff=FAST, page_size=4)
+            sink = _ChangeDuringList(api)
+            task = asyncio.create_task(kube.run(sink))
+            try:
+                await until(lambda: sink.synced_count == 1, what="synced")
+                await until(lambda: sink.versions() == server_versions(api), what="converged")
+                deleted = [e.name for e in sink.events if e.type is EventType.DELETE]
+                assert deleted == ["s0"]  # "s0" < "s1" < ... < "web": the first item listed
+                continued = [
+                    q
+                    for _, p, q in api.stats.requests
+                    if p == "/api/v1/services" and "continue" in q
+                ]
+                assert continued  # the 410 came on a continued page
+                assert kube.services.lists == 1  # one complete list, after one restart
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class CountingMetrics:
+    """A SourceMetrics that counts calls by resource."""
+
+    def __init__(self) -> None:
+        self.reconnects: dict[str, int] = {}
+        self.relists: dict[str, int] = {}
+
+    def watch_reconnected(self, resource: str) -> None:
+        self.reconnects[resource] = self.reconnects.get(resource, 0) + 1
+
+    def relisted(self, resource: str) -> None:
+        self.relists[resource] = self.relists.get(resource, 0) + 1
+
+
+def test_reconnects_and_relists_are_reported_to_metrics() -> None:
+    metrics = CountingMetrics()
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        kube.set_metrics(metrics)
+        await until(lambda: all(r.watches >= 1 for r in kube.reflectors), what="watching")
+        assert metrics.relists == {"services": 1, "endpointslices": 1, "nodes": 1}
+        assert metrics.reconnects == {}
+        api.cut_streams()
+        await until(lambda: len(metrics.reconnects) == 3, what="re-watched")
+        assert metrics.relists == {"services": 1, "endpointslices": 1, "nodes": 1}
+        api.create(service("more"))
+        api.expire()  # ERROR 410 on every open watch: relist each
+        await until(lambda: metrics.relists.get("services") == 2, what="relisted")
+        await until(lambda: sink.versions() == server_versions(api))
+
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+
+    run(test, setup=setup)
 
 
 def test_required_permissions_cover_what_the_source_uses() -> None:

@@ -10,13 +10,15 @@ import asyncio
 import http.client
 import json
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kpy.testing import apiserver
-from kpy.testing.apiserver import FakeApiServer, Requirement, parse_label_selector
+from kpy.testing.apiserver import FakeApiServer, Requirement, make_tls, parse_label_selector
 
 
 def svc(name: str, ns: str = "default", labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -492,3 +494,81 @@ def test_token_is_required_when_configured() -> None:
         assert reply.status == 401 and reply.json()["reason"] == "Unauthorized"
 
     run(test, token="s3cret")
+
+
+# --------------------------------------------------------------------------- chunked lists
+
+
+def _names(body: dict[str, Any]) -> list[str]:
+    return [i["metadata"]["name"] for i in body["items"]]
+
+
+def test_list_in_pages_with_limit_and_continue() -> None:
+    async def test(api: FakeApiServer) -> None:
+        for i in range(7):
+            api.create(svc(f"s{i}", labels={"tier": "web" if i % 2 else "db"}))
+        at = api.resource_version
+        first = (await call(api, "GET", "/api/v1/services?limit=3")).json()
+        assert _names(first) == ["s0", "s1", "s2"]
+        assert first["metadata"]["resourceVersion"] == at
+        assert first["metadata"]["remainingItemCount"] == 4
+        token = first["metadata"]["continue"]
+        # Changes between pages do not show: every page is from the first page's rv.
+        api.delete("Service", "default", "s4")
+        api.create(svc("s3a"))
+        second = (await call(api, "GET", f"/api/v1/services?limit=3&continue={token}")).json()
+        assert _names(second) == ["s3", "s4", "s5"]
+        assert second["metadata"]["resourceVersion"] == at
+        token = second["metadata"]["continue"]
+        last = (await call(api, "GET", f"/api/v1/services?limit=3&continue={token}")).json()
+        assert _names(last) == ["s6"]
+        assert "continue" not in last["metadata"] and "remainingItemCount" not in last["metadata"]
+        # With a selector, limit counts matching objects.
+        web = (await call(api, "GET", "/api/v1/services?limit=2&labelSelector=tier%3Dweb")).json()
+        assert _names(web) == ["s1", "s3"] and web["metadata"]["remainingItemCount"] == 1
+        # limit=0 and no limit: everything at once.
+        everything = (await call(api, "GET", "/api/v1/services?limit=0")).json()
+        assert _names(everything) == ["s0", "s1", "s2", "s3", "s3a", "s5", "s6"]
+        assert "continue" not in everything["metadata"]
+
+    run(test)
+
+
+def test_expired_continue_token_is_gone_and_a_bad_one_is_rejected() -> None:
+    async def test(api: FakeApiServer) -> None:
+        for i in range(4):
+            api.create(svc(f"s{i}"))
+        first = (await call(api, "GET", "/api/v1/services?limit=2")).json()
+        token = first["metadata"]["continue"]
+        api.create(svc("later"))
+        api.expire(end_watches=False)  # the first page's rv is compacted away
+        gone = await call(api, "GET", f"/api/v1/services?limit=2&continue={token}")
+        assert gone.status == 410
+        assert gone.json()["reason"] == "Expired" and "continue" in gone.json()["message"]
+        bad = await call(api, "GET", "/api/v1/services?limit=2&continue=notatoken")
+        assert bad.status == 400 and bad.json()["reason"] == "BadRequest"
+        both = await call(api, "GET", f"/api/v1/services?continue={token}&resourceVersion=3")
+        assert both.status == 400
+
+    run(test)
+
+
+def test_https_with_a_certificate_from_a_test_ca(tmp_path: Path) -> None:
+    files = make_tls(tmp_path)
+
+    def get(port: int, cafile: Path | None) -> int:
+        context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        try:
+            conn.request("GET", "/api/v1/nodes")
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    async def test(api: FakeApiServer) -> None:
+        assert api.url.startswith("https://127.0.0.1:")
+        assert await asyncio.to_thread(get, api.port, files.ca) == 200
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.to_thread(get, api.port, None)  # not trusted without the CA
+
+    run(test, ssl_context=files.server_context())
