@@ -1,0 +1,313 @@
+"""`kpy run --source kube` end to end: the real command against the fake API server.
+
+The agent runs as a subprocess (``python -m kpy run --source kube --master URL``), the
+way an operator starts it; the fake API server runs in this process on loopback. The
+backend keeps its "kernel" in a JSON file (registered through the ``kpy.backends``
+entry-point group from a throw-away distribution on PYTHONPATH, as any third-party
+backend is), so what was programmed — and when — is read from outside the agent.
+
+What a production cluster does, in order: the Node cannot be listed yet (nothing may
+be programmed), it can (everything is), an EndpointSlice changes, the API server goes
+away while a Service is deleted and the history is compacted (the rules stay, health
+turns stale), it comes back (the relist removes the Service), and SIGTERM (exit 0).
+The agent also posts its ``Starting`` Event through the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kpy.testing.apiserver import FakeApiServer
+
+PLUGIN = '''
+"""A backend whose "kernel" is a JSON file, rewritten atomically on every apply."""
+import json, os
+from kpy.backend import ApplyResult, Programmed, desired_view
+
+class FileBackend:
+    name = "filestate"
+
+    def __init__(self, config):
+        self.path = os.environ["KPY_TEST_STATE"]
+        self.views = {}
+
+    def probe(self):
+        return None
+
+    async def apply(self, plan):
+        if plan.full_sync:
+            self.views = {}
+        for removed in plan.removed:
+            self.views.pop(str(removed), None)
+        for key, state in plan.services.items():
+            self.views[str(key)] = sorted(desired_view(state).endpoints)
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(self.views, f)
+        os.replace(self.path + ".tmp", self.path)
+        return ApplyResult(full_sync=plan.full_sync, ops=len(self.views))
+
+    async def observe(self):
+        return Programmed(backend=self.name)
+
+    async def cleanup(self):
+        os.unlink(self.path)
+'''
+
+NODE = "node-a"
+WEB = "default/web:http/TCP"
+GONE = "default/gone:http/TCP"
+
+
+def service(name: str, ip: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": ip,
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+        },
+    }
+
+
+def endpoint_slice(name: str, service: str, *addresses: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": [a], "conditions": {"ready": True}, "nodeName": NODE} for a in addresses
+        ],
+    }
+
+
+def node() -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": NODE},
+        "spec": {"podCIDR": "10.244.0.0/24"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.2"}]},
+    }
+
+
+@pytest.fixture
+def plugin(tmp_path: Path) -> Path:
+    root = tmp_path / "plugin"
+    dist = root / "kpy_kube_agent_probe-0.dist-info"
+    dist.mkdir(parents=True)
+    (root / "kpy_kube_agent_probe.py").write_text(PLUGIN)
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: kpy-kube-agent-probe\nVersion: 0\n"
+    )
+    (dist / "entry_points.txt").write_text(
+        "[kpy.backends]\nfilestate = kpy_kube_agent_probe:FileBackend\n"
+    )
+    return root
+
+
+def programmed(state: Path) -> dict[str, list[str]] | None:
+    """What the backend holds; None before its first apply."""
+    try:
+        data: dict[str, list[str]] = json.loads(state.read_text())
+    except FileNotFoundError:
+        return None
+    return data
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+class Agent:
+    """The ``kpy run`` subprocess and the JSON log lines it wrote to stderr."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.logs: list[dict[str, Any]] = []
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            try:
+                self.logs.append(json.loads(line))
+            except ValueError:
+                self.logs.append({"event": "raw", "line": line.decode(errors="replace")})
+
+    def port(self, server: str) -> int | None:
+        for entry in self.logs:
+            if entry.get("event") == "http_serving" and entry.get("server") == server:
+                return int(entry["port"])
+        return None
+
+    def text(self) -> str:
+        return "\n".join(json.dumps(e) for e in self.logs[-60:])
+
+
+async def until(check: Callable[[], bool], agent: Agent, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if agent.proc.returncode is not None:
+            raise AssertionError(f"kpy exited ({agent.proc.returncode}):\n{agent.text()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{agent.text()}")
+        await asyncio.sleep(0.05)
+
+
+def test_kpy_run_source_kube_end_to_end(tmp_path: Path, plugin: Path) -> None:
+    state = tmp_path / "state.json"
+
+    async def main() -> None:
+        async with FakeApiServer() as api:
+            api.create(node())
+            api.create(service("web", "10.96.0.10"))
+            api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
+            api.create(service("gone", "10.96.0.11"))
+            api.create(endpoint_slice("gone-1", "gone", "10.244.0.6"))
+            # The Node cannot be listed yet: Services and slices can.
+            api.fail_next(1000, 500, paths=("/api/v1/nodes",))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "kpy",
+                "run",
+                "--source",
+                "kube",
+                "--master",
+                api.url,
+                "--node",
+                NODE,
+                "--backend",
+                "filestate",
+                "--min-sync-period",
+                "50ms",
+                "--healthz-bind-address",
+                "127.0.0.1:0",
+                "--metrics-bind-address",
+                "127.0.0.1:0",
+                "--healthz-stale-after",
+                "1s",
+                "--no-conntrack-cleanup",
+                "--log-format",
+                "json",
+                env={
+                    **{k: v for k, v in os.environ.items() if not k.startswith("KPY_")},
+                    "PYTHONPATH": str(plugin),
+                    "KPY_TEST_STATE": str(state),
+                    "KUBECONFIG": str(tmp_path / "no-such-kubeconfig"),
+                },
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            agent = Agent(proc)
+            try:
+                await run_scenario(api, agent, state)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+                await agent.reader
+
+    asyncio.run(main())
+
+
+async def run_scenario(api: FakeApiServer, agent: Agent, state: Path) -> None:
+    def listed(path: str) -> bool:
+        return any(m == "GET" and p == path and "watch" not in q for m, p, q in api.stats.requests)
+
+    # 1. No programming before the first list of all three resources.
+    await until(lambda: api.stats.failed >= 2, agent, "two failed Node lists")
+    assert listed("/api/v1/services") and listed("/apis/discovery.k8s.io/v1/endpointslices")
+    await until(lambda: agent.port("healthz") is not None, agent, "health server")
+    health = agent.port("healthz")
+    assert health is not None
+    code, _ = await asyncio.to_thread(http_get, health, "/readyz")
+    assert code == 503
+    assert programmed(state) is None, "programmed before the Node was listed"
+
+    # 2. The Node lists: the first sync programs everything at once.
+    api.fail_next(0)
+    await until(lambda: programmed(state) is not None, agent, "first sync", timeout=30)
+    assert programmed(state) == {WEB: ["10.244.0.5:8080"], GONE: ["10.244.0.6:8080"]}
+    code, _ = await asyncio.to_thread(http_get, health, "/readyz")
+    assert code == 200
+
+    # 3. A watch event reaches the kernel.
+    api.update(endpoint_slice("web-1", "web", "10.244.0.5", "10.244.0.7"))
+    await until(
+        lambda: (programmed(state) or {}).get(WEB) == ["10.244.0.5:8080", "10.244.0.7:8080"],
+        agent,
+        "endpoint added",
+    )
+
+    # 4. The API server goes away; meanwhile "gone" is deleted and history compacted.
+    await api.stop()
+    api.delete("Service", "default", "gone")
+    api.delete("EndpointSlice", "default", "gone-1")
+    api.expire()
+    before = programmed(state)
+
+    async def health_says_stale(stale: bool) -> None:
+        deadline = time.monotonic() + 20
+        while True:
+            code, body = await asyncio.to_thread(http_get, health, "/healthz")
+            # Stale or not, the answer stays 200: the rules keep serving (kpy/health.py).
+            assert code == 200, body
+            if json.loads(body)["stale"] is stale:
+                return
+            assert time.monotonic() < deadline, f"stale never became {stale}:\n{agent.text()}"
+            await asyncio.sleep(0.2)
+
+    await health_says_stale(True)
+    _, body = await asyncio.to_thread(http_get, health, "/healthz")
+    assert json.loads(body)["sourceConnected"] is False
+    assert programmed(state) == before, "rules changed while the API server was away"
+    assert any(e.get("event") == "kube_unreachable" for e in agent.logs)
+    metrics = agent.port("metrics")
+    assert metrics is not None
+    _, text = await asyncio.to_thread(http_get, metrics, "/metrics")
+    assert "kpy_source_connected 0.0" in text
+
+    # 5. It comes back: the relist removes what was deleted meanwhile.
+    await api.start()
+    await until(lambda: GONE not in (programmed(state) or {GONE: []}), agent, "relist", 40)
+    assert programmed(state) == {WEB: ["10.244.0.5:8080", "10.244.0.7:8080"]}
+    await health_says_stale(False)
+    _, text = await asyncio.to_thread(http_get, metrics, "/metrics")
+    assert 'kpy_source_relists_total{resource="services"} 2.0' in text
+    assert 'kpy_source_watch_reconnects_total{resource="services"}' in text
+
+    # 6. The Starting event was posted on the Node through the API.
+    events = api.objects("Event")
+    assert any(
+        e.get("reason") == "Starting" and e["involvedObject"]["name"] == NODE for e in events
+    ), events
+
+    # 7. SIGTERM: exit 0, rules kept.
+    agent.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(agent.proc.wait(), 10) == 0
+    assert programmed(state) == {WEB: ["10.244.0.5:8080", "10.244.0.7:8080"]}
