@@ -1,0 +1,556 @@
+"""Plan → nftables objects keyed by stable names, and the transaction between two states.
+
+Pure: no I/O, no clock. :func:`base_objects` renders the fixed skeleton of the ``ip kpy``
+and ``ip6 kpy`` tables (hook chains, dispatch chains, verdict maps) from the node's
+configuration; :func:`port_objects` renders what one service port needs (its service,
+external, firewall and endpoint chains, affinity sets and map elements). Every object
+has a key (``"ip chain service-…"``) and a *value* — a short text that is equal for
+equal objects — which is also what :mod:`kpy_nftables.observe` reads back from the
+kernel, so ``kpy.diff`` between the wanted and the programmed values is the work to do.
+
+A chain's value is its fingerprint: a hash of its hook and rules. Reading rules back
+from the kernel is slow (listing a table of 10,000 Services takes the kernel ~10 s),
+so every chain's fingerprint is also kept in the ``fingerprints`` set: one element per
+chain, keyed by a 128-bit hash of the chain's key (as an IPv6 address), the fingerprint
+in its comment. A restarted agent lists chain names, set and map elements — fast —
+and knows which chains are intact without reading a single rule.
+
+:func:`transaction` turns wanted objects and programmed values, over a set of keys,
+into one ``nft -f`` script whose size is proportional to what differs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from kpy.backend import BackendConfig
+from kpy.model import (
+    Endpoint,
+    IPAddress,
+    IPFamily,
+    IPNetwork,
+    Protocol,
+    ServicePortName,
+    ServicePortState,
+    SessionAffinity,
+    TrafficPolicy,
+)
+
+TABLE = "kpy"
+MASQ_MARK = "0x00004000"
+FAMILIES = ("ip", "ip6")
+COMMENT_MAX = 127  # nftables' user comment limit
+
+# Fixed chain names (per table).
+SERVICES = "services"
+MARK_MASQ = "mark-for-masquerade"
+MASQUERADING = "masquerading"
+REJECT = "reject-chain"
+FIREWALL_CHECK = "firewall-check"
+SERVICE_EP_CHECK = "service-endpoints-check"
+NODEPORT_EP_CHECK = "nodeport-endpoints-check"
+
+# Verdict maps.
+SERVICE_IPS = "service-ips"
+SERVICE_NODEPORTS = "service-nodeports"
+NO_EP_SERVICES = "no-endpoint-services"
+NO_EP_NODEPORTS = "no-endpoint-nodeports"
+FIREWALL_IPS = "firewall-ips"
+FINGERPRINTS = "fingerprints"
+MAPS = (SERVICE_IPS, SERVICE_NODEPORTS, NO_EP_SERVICES, NO_EP_NODEPORTS, FIREWALL_IPS)
+
+CHAIN_ONLY = "chain-without-fingerprint"  # how observe reports a chain with no fingerprint
+
+
+def family_of(family: IPFamily) -> str:
+    return "ip" if family is IPFamily.IPV4 else "ip6"
+
+
+def _addr_type(nf: str) -> str:
+    return "ipv4_addr" if nf == "ip" else "ipv6_addr"
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    family: str
+    name: str
+    rules: tuple[str, ...]
+    hook: str | None = None  # "type nat hook prerouting priority dstnat; policy accept;"
+
+    @property
+    def key(self) -> str:
+        return f"{self.family} chain {self.name}"
+
+    @property
+    def value(self) -> str:
+        return chain_fingerprint(self.rules, self.hook)
+
+
+@dataclass(frozen=True, slots=True)
+class Element:
+    family: str
+    map: str
+    element: str  # "10.96.0.1 . tcp . 80" or "tcp . 30080"
+    verdict: str  # "goto service-…", "drop"; "" in a set (no verdict)
+    comment: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.family} element {self.map} {self.element}"
+
+    @property
+    def value(self) -> str:
+        return f"{self.verdict} # {self.comment}"
+
+
+@dataclass(frozen=True, slots=True)
+class Set:
+    """A named set or verdict map; only its definition is keyed (elements are separate).
+
+    Affinity sets carry their timeout in their name, so a definition never changes in
+    place: a new timeout is a new set (and new chain rules), the old one is deleted.
+    """
+
+    family: str
+    name: str
+    type: str  # "ipv4_addr" or "ipv4_addr . inet_proto . inet_service"
+    timeout: int | None = None  # seconds; a dynamic set with per-element expiry
+    kind: str = "set"  # "set" or "map" (a verdict map)
+
+    @property
+    def key(self) -> str:
+        return f"{self.family} {self.kind} {self.name}"
+
+    @property
+    def value(self) -> str:
+        return set_value(self.type, self.timeout)
+
+    @property
+    def spec(self) -> str:
+        if self.kind == "map":
+            return f"type {self.type} : verdict;"
+        if self.timeout is not None:
+            return f"type {self.type}; flags dynamic,timeout; timeout {self.timeout}s;"
+        return f"type {self.type};"
+
+
+def set_value(type_: str, timeout: int | None) -> str:
+    return type_ if timeout is None else f"{type_} timeout {timeout}s"
+
+
+Obj = Chain | Element | Set
+
+
+def chain_fingerprint(rules: tuple[str, ...], hook: str | None = None) -> str:
+    digest = hashlib.sha256("\n".join((hook or "", *rules)).encode()).digest()
+    return f"kpy:{base64.b32encode(digest[:10]).decode().lower()}:{len(rules)}"
+
+
+def fingerprint_key(chain_key: str) -> str:
+    """The ``fingerprints`` element that holds a chain's fingerprint."""
+    return str(ipaddress.IPv6Address(hashlib.sha256(chain_key.encode()).digest()[:16]))
+
+
+def with_fingerprints(objs: Iterable[Obj]) -> dict[str, Obj]:
+    """Key ``objs``, adding each chain's ``fingerprints`` element."""
+    result: dict[str, Obj] = {}
+    for obj in objs:
+        result[obj.key] = obj
+        if isinstance(obj, Chain):
+            fp = Element(obj.family, FINGERPRINTS, fingerprint_key(obj.key), "", obj.value)
+            result[fp.key] = fp
+    return result
+
+
+# --- naming ------------------------------------------------------------------------------
+
+
+def port_label(name: ServicePortName) -> str:
+    """``ns/name/tcp/portname`` — readable, and parseable back (see :func:`parse_label`)."""
+    return f"{name.namespace}/{name.name}/{name.protocol.lower()}/{name.port}"
+
+
+def parse_label(label: str) -> str | None:
+    """The ``str(ServicePortName)`` a label stands for, or None if it is not one."""
+    parts = label.split("/")
+    if len(parts) != 4:
+        return None
+    ns, name, proto, port = parts
+    try:
+        protocol = Protocol(proto.upper())
+    except ValueError:
+        return None
+    return str(ServicePortName(namespace=ns, name=name, port=port, protocol=protocol))
+
+
+def port_hash(name: ServicePortName) -> str:
+    digest = hashlib.sha256(str(name).encode()).digest()
+    return base64.b32encode(digest[:5]).decode()
+
+
+def _chain_name(kind: str, name: ServicePortName) -> str:
+    return f"{kind}-{port_hash(name)}-{port_label(name)}"
+
+
+def service_chain(name: ServicePortName) -> str:
+    return _chain_name("service", name)
+
+
+def external_chain(name: ServicePortName) -> str:
+    return _chain_name("external", name)
+
+
+def firewall_chain(name: ServicePortName) -> str:
+    return _chain_name("firewall", name)
+
+
+def _ep_suffix(ep: Endpoint) -> str:
+    return f"__{str(ep.ip).replace(':', '.')}/{ep.port}"
+
+
+def endpoint_chain(name: ServicePortName, ep: Endpoint) -> str:
+    return _chain_name("endpoint", name) + _ep_suffix(ep)
+
+
+def affinity_set(name: ServicePortName, ep: Endpoint, timeout: int) -> str:
+    return f"affinity-{port_hash(name)}-{timeout}{_ep_suffix(ep)}"
+
+
+def parse_chain_label(chain: str) -> str | None:
+    """The service port a per-port chain belongs to (``str(ServicePortName)``), if any."""
+    kind, sep, rest = chain.partition("-")
+    if not sep or kind not in ("service", "external", "firewall", "endpoint"):
+        return None
+    _hash, sep, label = rest.partition("-")
+    if not sep:
+        return None
+    return parse_label(label.split("__", 1)[0])
+
+
+def _comment(label: str) -> str:
+    return label if len(label) <= COMMENT_MAX else label[: COMMENT_MAX - 9] + "~" + label[-8:]
+
+
+# --- the skeleton ------------------------------------------------------------------------
+
+
+def _cidrs(networks: Iterable[IPNetwork], version: int) -> list[str]:
+    return sorted({str(n) for n in networks if n.version == version})
+
+
+def _set_literal(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _nodeport_match(nf: str, config: BackendConfig) -> str | None:
+    """The match for traffic to this node's NodePort addresses, None for none."""
+    version = 4 if nf == "ip" else 6
+    if config.nodeport_addresses:
+        cidrs = _cidrs(config.nodeport_addresses, version)
+        if not cidrs:
+            return None
+        return f"fib daddr type local {nf} daddr {_set_literal(cidrs)}"
+    loopback = "127.0.0.0/8" if nf == "ip" else "::1"
+    return f"fib daddr type local {nf} daddr != {loopback}"
+
+
+def base_objects(config: BackendConfig) -> dict[str, Obj]:
+    """The tables' fixed chains and maps, for both families."""
+    objs: list[Obj] = []
+    for nf in FAMILIES:
+        addr = _addr_type(nf)
+        objs.append(Set(nf, FINGERPRINTS, "ipv6_addr"))
+        for name in (SERVICE_IPS, NO_EP_SERVICES, FIREWALL_IPS):
+            objs.append(Set(nf, name, f"{addr} . inet_proto . inet_service", kind="map"))
+        for name in (SERVICE_NODEPORTS, NO_EP_NODEPORTS):
+            objs.append(Set(nf, name, "inet_proto . inet_service", kind="map"))
+        dispatch = f"{nf} daddr . meta l4proto . th dport"
+        nodeport = _nodeport_match(nf, config)
+        services = [f"{dispatch} vmap @{SERVICE_IPS}"]
+        nodeport_check = []
+        if nodeport is not None:
+            services.append(f"{nodeport} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}")
+            nodeport_check.append(f"{nodeport} meta l4proto . th dport vmap @{NO_EP_NODEPORTS}")
+        new = "ct state new"
+        objs += [
+            Chain(
+                nf, "nat-prerouting", (f"jump {SERVICES}",), _hook("nat", "prerouting", "dstnat")
+            ),
+            Chain(nf, "nat-output", (f"jump {SERVICES}",), _hook("nat", "output", "-100")),
+            Chain(
+                nf,
+                "nat-postrouting",
+                (f"jump {MASQUERADING}",),
+                _hook("nat", "postrouting", "srcnat"),
+            ),
+            Chain(
+                nf,
+                "filter-prerouting",
+                (f"{new} jump {FIREWALL_CHECK}",),
+                _hook("filter", "prerouting", "-110"),
+            ),
+            Chain(
+                nf,
+                "filter-input",
+                (f"{new} jump {NODEPORT_EP_CHECK}", f"{new} jump {SERVICE_EP_CHECK}"),
+                _hook("filter", "input", "-110"),
+            ),
+            Chain(
+                nf,
+                "filter-forward",
+                (f"{new} jump {SERVICE_EP_CHECK}",),
+                _hook("filter", "forward", "-110"),
+            ),
+            Chain(
+                nf,
+                "filter-output",
+                (f"{new} jump {SERVICE_EP_CHECK}", f"{new} jump {NODEPORT_EP_CHECK}"),
+                _hook("filter", "output", "-110"),
+            ),
+            Chain(nf, SERVICES, tuple(services)),
+            Chain(nf, FIREWALL_CHECK, (f"{dispatch} vmap @{FIREWALL_IPS}",)),
+            Chain(nf, SERVICE_EP_CHECK, (f"{dispatch} vmap @{NO_EP_SERVICES}",)),
+            Chain(nf, NODEPORT_EP_CHECK, tuple(nodeport_check)),
+            Chain(nf, MARK_MASQ, (f"meta mark set meta mark | {MASQ_MARK}",)),
+            Chain(
+                nf,
+                MASQUERADING,
+                (
+                    f"meta mark & {MASQ_MARK} == 0x00000000 return",
+                    f"meta mark set meta mark ^ {MASQ_MARK}",
+                    "masquerade fully-random",
+                ),
+            ),
+            Chain(nf, REJECT, ("meta l4proto tcp reject with tcp reset", "reject")),
+        ]
+    return with_fingerprints(objs)
+
+
+def _hook(kind: str, hook: str, priority: str) -> str:
+    return f"type {kind} hook {hook} priority {priority}; policy accept;"
+
+
+# --- one service port --------------------------------------------------------------------
+
+
+def _unique(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
+    seen: dict[tuple[IPAddress, int], Endpoint] = {}
+    for ep in endpoints:
+        seen.setdefault((ep.ip, ep.port), ep)
+    return sorted(seen.values(), key=Endpoint.sort_key)
+
+
+def _dnat_target(ep: Endpoint) -> str:
+    return f"[{ep.ip}]:{ep.port}" if ep.ip.version == 6 else f"{ep.ip}:{ep.port}"
+
+
+def _pick(
+    nf: str, name: ServicePortName, endpoints: list[Endpoint], affinity: int | None
+) -> list[str]:
+    """Rules that send a packet to one of ``endpoints`` (sticky first, then at random)."""
+    rules = []
+    if affinity is not None:
+        for ep in endpoints:
+            aset = affinity_set(name, ep, affinity)
+            rules.append(f"{nf} saddr @{aset} goto {endpoint_chain(name, ep)}")
+    # Rule i draws a fresh number and takes endpoint i with probability 1/(n - i), so
+    # every endpoint is equally likely. (One numgen vmap would need an anonymous map per
+    # chain, and the kernel names anonymous sets by a scan of the table: quadratic.)
+    n = len(endpoints)
+    for i, ep in enumerate(endpoints):
+        target = f"goto {endpoint_chain(name, ep)}"
+        rules.append(f"numgen random mod {n - i} == 0 {target}" if i < n - 1 else target)
+    return rules
+
+
+def port_objects(state: ServicePortState, config: BackendConfig) -> dict[str, Obj]:
+    """Every object one service port needs, in both families. Empty without a VIP."""
+    svc = state.service
+    if not svc.has_vip:
+        return {}
+    objs: list[Obj] = []
+    for family in (IPFamily.IPV4, IPFamily.IPV6):
+        cluster_ips = svc.ips(family)
+        if cluster_ips:
+            objs += _family_objects(state, config, family, cluster_ips[0])
+    return with_fingerprints(objs)
+
+
+def _family_objects(
+    state: ServicePortState, config: BackendConfig, family: IPFamily, cluster_ip: IPAddress
+) -> list[Obj]:
+    svc = state.service
+    name = svc.name
+    nf = family_of(family)
+    version = 4 if nf == "ip" else 6
+    proto = svc.protocol.lower()
+    label = _comment(port_label(name))
+    affinity = svc.affinity_timeout if svc.session_affinity is SessionAffinity.CLIENT_IP else None
+    internal = _unique(state.internal_for(family))
+    external = _unique(state.external_for(family)) if svc.externally_accessible else []
+    no_endpoints = f"goto {REJECT}" if not state.has_endpoints else "drop"
+    cluster_cidrs = _cidrs(config.cluster_cidrs, version)
+    objs: list[Obj] = []
+
+    # Endpoint chains (shared by the internal and the external path) and affinity sets.
+    for ep in _unique([*internal, *external]):
+        rules = [f"{nf} saddr {ep.ip} jump {MARK_MASQ}"]
+        if affinity is not None:
+            aset = affinity_set(name, ep, affinity)
+            objs.append(Set(nf, aset, _addr_type(nf), timeout=affinity))
+            rules.append(f"update @{aset} {{ {nf} saddr }}")
+        rules.append(f"meta l4proto {proto} dnat to {_dnat_target(ep)}")
+        objs.append(Chain(nf, endpoint_chain(name, ep), tuple(rules)))
+
+    # ClusterIP.
+    vip = f"{cluster_ip} . {proto} . {svc.port}"
+    if internal:
+        match = f"{nf} daddr {cluster_ip} {proto} dport {svc.port}"
+        rules = []
+        if config.masquerade_all:
+            rules.append(f"{match} jump {MARK_MASQ}")
+        elif cluster_cidrs:
+            rules.append(f"{match} {nf} saddr != {_set_literal(cluster_cidrs)} jump {MARK_MASQ}")
+        rules += _pick(nf, name, internal, affinity)
+        objs.append(Chain(nf, service_chain(name), tuple(rules)))
+        objs.append(Element(nf, SERVICE_IPS, vip, f"goto {service_chain(name)}", label))
+    else:
+        objs.append(Element(nf, NO_EP_SERVICES, vip, no_endpoints, label))
+
+    if not svc.externally_accessible:
+        return objs
+
+    # External traffic: NodePort, external IPs, LoadBalancer IPs.
+    if external:
+        rules = []
+        if svc.external_traffic_policy is TrafficPolicy.CLUSTER:
+            rules.append(f"jump {MARK_MASQ}")
+        elif internal:
+            # Pods and the node itself reaching an external address use the cluster-wide
+            # path (no reason to drop them); node-originated traffic is masqueraded.
+            if cluster_cidrs:
+                rules.append(f"{nf} saddr {_set_literal(cluster_cidrs)} goto {service_chain(name)}")
+            rules.append(f"fib saddr type local jump {MARK_MASQ}")
+            rules.append(f"fib saddr type local goto {service_chain(name)}")
+        rules += _pick(nf, name, external, affinity)
+        objs.append(Chain(nf, external_chain(name), tuple(rules)))
+        to_external = f"goto {external_chain(name)}"
+        ip_map, port_map = SERVICE_IPS, SERVICE_NODEPORTS
+    else:
+        to_external = no_endpoints
+        ip_map, port_map = NO_EP_SERVICES, NO_EP_NODEPORTS
+
+    addresses = [ip for ip in (*svc.external_ips, *svc.load_balancer_ips) if ip.version == version]
+    for ip in sorted(set(addresses), key=int):
+        objs.append(Element(nf, ip_map, f"{ip} . {proto} . {svc.port}", to_external, label))
+    if svc.node_port is not None:
+        objs.append(Element(nf, port_map, f"{proto} . {svc.node_port}", to_external, label))
+
+    lb_ips = sorted({ip for ip in svc.load_balancer_ips if ip.version == version}, key=int)
+    if svc.load_balancer_source_ranges and lb_ips:
+        ranges = _cidrs(svc.load_balancer_source_ranges, version)
+        rule = f"{nf} saddr != {_set_literal(ranges)} drop" if ranges else "drop"
+        objs.append(Chain(nf, firewall_chain(name), (rule,)))
+        for ip in lb_ips:
+            element = f"{ip} . {proto} . {svc.port}"
+            objs.append(Element(nf, FIREWALL_IPS, element, f"goto {firewall_chain(name)}", label))
+    return objs
+
+
+# --- the transaction ---------------------------------------------------------------------
+
+
+def _quote(comment: str) -> str:
+    return '"' + comment.replace('"', "'") + '"'
+
+
+def _chain_rules(chain: Chain) -> list[str]:
+    return [f"add rule {chain.family} {TABLE} {chain.name} {rule}" for rule in chain.rules]
+
+
+def _add(obj: Obj) -> str:
+    if isinstance(obj, Chain):
+        body = f" {{ {obj.hook} }}" if obj.hook else ""
+        return f"add chain {obj.family} {TABLE} {obj.name}{body}"
+    if isinstance(obj, Set):
+        return f"add {obj.kind} {obj.family} {TABLE} {obj.name} {{ {obj.spec} }}"
+    verdict = f" : {obj.verdict}" if obj.verdict else ""
+    return (
+        f"add element {obj.family} {TABLE} {obj.map} "
+        f"{{ {obj.element} comment {_quote(obj.comment)}{verdict} }}"
+    )
+
+
+def _split(key: str) -> tuple[str, str, str]:
+    family, kind, rest = key.split(" ", 2)
+    return family, kind, rest
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    lines: tuple[str, ...]
+    ops: int  # objects added, changed or removed
+
+    @property
+    def script(self) -> str:
+        return "\n".join(self.lines) + "\n" if self.lines else ""
+
+
+def transaction(
+    want: Mapping[str, Obj], have: Mapping[str, str], keys: Iterable[str]
+) -> Transaction:
+    """The nft script that makes ``have`` equal ``want`` on ``keys``, ordered so every
+    reference exists when it is made and nothing referenced is deleted before its users."""
+    add_defs: list[str] = []  # sets, maps, chains to create
+    flushes: list[str] = []
+    rules: list[str] = []
+    del_elements: list[str] = []
+    add_elements: list[str] = []
+    del_chains: list[str] = []
+    del_sets: list[str] = []
+    ops = 0
+    for key in sorted(set(keys)):
+        obj = want.get(key)
+        current = have.get(key)
+        if obj is not None and current == obj.value:
+            continue
+        if obj is None and current is None:
+            continue
+        ops += 1
+        family, kind, rest = _split(key)
+        if obj is None:  # remove
+            if kind == "element":
+                map_name, element = rest.split(" ", 1)
+                del_elements.append(f"delete element {family} {TABLE} {map_name} {{ {element} }}")
+            elif kind == "chain":
+                flushes.append(f"flush chain {family} {TABLE} {rest}")
+                del_chains.append(f"delete chain {family} {TABLE} {rest}")
+            else:
+                del_sets.append(f"delete {kind} {family} {TABLE} {rest}")
+            continue
+        if isinstance(obj, Element):
+            if current is not None:
+                del_elements.append(
+                    f"delete element {family} {TABLE} {obj.map} {{ {obj.element} }}"
+                )
+            add_elements.append(_add(obj))
+        elif isinstance(obj, Chain):
+            add_defs.append(_add(obj))
+            if current is not None:
+                flushes.append(f"flush chain {family} {TABLE} {obj.name}")
+            rules += _chain_rules(obj)
+        elif current is None:
+            add_defs.append(_add(obj))
+        else:
+            # A set or map whose definition differs from what is wanted cannot be
+            # redefined while rules use it; its name fixes what matters, so leave it.
+            ops -= 1
+    if not ops:
+        return Transaction((), 0)
+    head = [f"add table {nf} {TABLE}" for nf in FAMILIES]
+    lines = head + add_defs + flushes + rules + del_elements + add_elements + del_chains + del_sets
+    return Transaction(tuple(lines), ops)

@@ -1,0 +1,143 @@
+"""The nftables backend against the shared conformance suite, and its transaction
+properties, in a fresh network namespace per test (never the machine's own)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from itertools import count
+
+import pytest
+
+from kpy.backend import Backend, BackendConfig, BackendError, parse_networks
+from kpy.model import ServicePortState
+from kpy.testing import builders as b
+from kpy.testing.conformance import BackendConformance, run
+from kpy_nftables import NftablesBackend
+from tests.conftest import require_root
+
+_names = count()
+
+
+def nft(ns: str, *args: str, check: bool = True) -> str:
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", *args], capture_output=True, text=True, check=check
+    )
+    return done.stdout
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    require_root()
+    name = f"kpy-nft{os.getpid()}-{next(_names)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def config(ns: str) -> BackendConfig:
+    return BackendConfig(
+        node_name="node-a",
+        netns=ns,
+        cluster_cidrs=parse_networks(["10.244.0.0/16", "fd00:244::/48"]),
+    )
+
+
+class TestNftablesConformance(BackendConformance):
+    @pytest.fixture
+    def make_backend(self, netns: str) -> Callable[[], Backend]:
+        return lambda: NftablesBackend(config(netns))
+
+
+def states_with(n: int) -> list[ServicePortState]:
+    return b.synthetic_states(n)
+
+
+def test_one_endpoint_change_sends_a_constant_size_transaction(netns: str) -> None:
+    sizes = {}
+    for size in (10, 10_000):
+        nft(netns, "flush", "ruleset")
+        states = states_with(size)
+        backend = NftablesBackend(config(netns))
+        run(backend.apply(b.plan(states)))
+        first = states[0]
+        states[0] = b.state(first.service, first.endpoints[1:])
+        plan = b.plan(states, full_sync=False, changed=[first.name])
+        script = run(backend.dry_run(plan))
+        result = run(backend.apply(plan))
+        assert result.size == len(script.encode())
+        sizes[size] = (result.ops, script.count("\n"))
+    assert sizes[10] == sizes[10_000], sizes
+    assert sizes[10][1] < 20, sizes
+
+
+def test_failed_transaction_keeps_rules_and_forces_a_full_sync(netns: str) -> None:
+    states = states_with(3)
+    backend = NftablesBackend(config(netns))
+    run(backend.apply(b.plan(states)))
+    before = nft(netns, "list", "ruleset")
+    # Sabotage: a hand-made rule in a chain the next partial sync deletes keeps it
+    # referenced, so the kernel refuses the whole transaction.
+    gone = states.pop(0)
+    ep_chain = next(
+        line.split()[1]
+        for line in before.splitlines()
+        if line.strip().startswith("chain endpoint-") and "ns-0/svc-0/" in line
+    )
+    nft(netns, "add", "chain", "ip", "kpy", "hand-made")
+    nft(netns, "add", "rule", "ip", "kpy", "hand-made", "jump", ep_chain)
+    with pytest.raises(BackendError):
+        run(backend.apply(b.plan(states, full_sync=False, removed=[gone.name])))
+    after = nft(netns, "list", "ruleset")
+    assert "ns-0/svc-0/" in after, "a failed transaction must leave the rules as they were"
+    nft(netns, "delete", "chain", "ip", "kpy", "hand-made")
+    result = run(backend.apply(b.plan(states, full_sync=False, changed=[])))
+    assert result.full_sync, "after a failure the next sync is a full one"
+    assert "ns-0/svc-0/" not in nft(netns, "list", "ruleset")
+
+
+def test_hand_deleted_objects_are_restored_by_the_next_full_sync(netns: str) -> None:
+    states = states_with(3)
+    backend = NftablesBackend(config(netns))
+    run(backend.apply(b.plan(states)))
+    want = run(backend.observe())
+    # An operator removes a ClusterIP's dispatch element and its service chain, and
+    # an element of another Service.
+    first, second = [k for k in want.objects if k.startswith("ip element service-ips ")][:2]
+    target = str(want.objects[first]).split(" # ")[0].removeprefix("goto ")
+    nft(netns, "delete", "element", "ip", "kpy", "service-ips", "{", first.split(" ", 3)[3], "}")
+    nft(netns, "delete", "element", "ip", "kpy", "service-ips", "{", second.split(" ", 3)[3], "}")
+    nft(netns, "flush", "chain", "ip", "kpy", target)
+    nft(netns, "delete", "chain", "ip", "kpy", target)
+    assert run(backend.observe()).objects != want.objects
+    partial = run(backend.apply(b.plan(states, full_sync=False, changed=[])))
+    assert partial.ops == 0, "a partial sync trusts its record and does not list the kernel"
+    repaired = run(backend.apply(b.plan(states, full_sync=True)))
+    assert repaired.ops == 3  # two elements and one chain
+    assert run(backend.observe()).objects == want.objects
+
+
+def test_conflicting_frontends_keep_the_first_and_serve_the_rest(netns: str) -> None:
+    n = b.node()
+    a = b.state(b.service("a", cluster_ip="10.96.1.1"), [b.endpoint("10.244.1.5")], n)
+    same_vip = b.state(b.service("b", cluster_ip="10.96.1.1"), [b.endpoint("10.244.1.6")], n)
+    other = b.state(b.service("c", cluster_ip="10.96.1.2"), [b.endpoint("10.244.1.7")], n)
+    backend = NftablesBackend(config(netns))
+    run(backend.apply(b.plan([a, same_vip, other])))
+    views = run(backend.observe()).services
+    assert views[str(a.name)].frontends == ("10.96.1.1:80/TCP",)
+    assert views[str(other.name)].frontends == ("10.96.1.2:80/TCP",)
+    assert str(same_vip.name) not in views or not views[str(same_vip.name)].frontends
+
+
+def test_cleanup_leaves_other_tables_alone(netns: str) -> None:
+    nft(netns, "add", "table", "inet", "someone-else")
+    backend = NftablesBackend(config(netns))
+    run(backend.apply(b.plan(states_with(2))))
+    run(backend.cleanup())
+    tables = nft(netns, "list", "tables")
+    assert "someone-else" in tables
+    assert "kpy" not in tables
