@@ -71,9 +71,10 @@ class IptablesBackend:
                 change = await self._full(plan)
             else:
                 change = self._partial(plan)
-            inputs = render.restore(change)
-            for family, restore in sorted(inputs.items()):
-                await self._kernel.restore(family, restore.text)
+            inputs = render.restores(change)
+            for family, transactions in sorted(inputs.items()):
+                for restore in transactions:
+                    await self._kernel.restore(family, restore.text)
         except IptablesError as exc:
             self._needs_full = True
             log.warning("iptables_apply_failed", error=str(exc), full_sync=full)
@@ -83,9 +84,10 @@ class IptablesBackend:
             raise
         self._record(change)
         self._needs_full = False
-        ops = sum(r.ops for r in inputs.values())
-        lines = sum(r.lines for r in inputs.values())
-        size = sum(len(r.text) for r in inputs.values())
+        done = [r for transactions in inputs.values() for r in transactions]
+        ops = sum(r.ops for r in done)
+        lines = sum(r.lines for r in done)
+        size = sum(len(r.text) for r in done)
         log.debug(
             "iptables_applied",
             full_sync=full,
@@ -98,7 +100,7 @@ class IptablesBackend:
             ops=ops,
             size=lines,
             size_unit="restore lines",
-            detail={"bytes": size, **{f"ipv{f}_lines": r.lines for f, r in inputs.items()}},
+            detail={"bytes": size, "transactions": len(done)},
         )
 
     async def observe(self) -> Programmed:
@@ -113,9 +115,9 @@ class IptablesBackend:
                     continue
                 for family in render.FAMILIES:
                     have = observe_.parse(await self._kernel.save(family, mode), family).objects
-                    inputs = render.restore(diff.compute(have, {}))
-                    if family in inputs:
-                        await self._kernel.restore(family, inputs[family].text, mode)
+                    inputs = render.restores(diff.compute(have, {}))
+                    for restore in inputs.get(family, []):
+                        await self._kernel.restore(family, restore.text, mode)
         except IptablesError as exc:
             raise BackendError(str(exc)) from exc
         finally:

@@ -432,3 +432,57 @@ def restore(change: diff.Diff[Key, Rules]) -> dict[int, Restore]:
         if lines:
             result[family] = Restore(text="\n".join(lines) + "\n", ops=ops)
     return result
+
+
+CHUNK_LINES = 20_000  # iptables-nft-restore slows down more than linearly past this
+
+_DEPTH = {"SEP": 1, "SVC": 2, "SVL": 2, "EXT": 3, "FW": 4}
+
+
+def _depth(key: Key) -> int:
+    """Chains that others jump to come first: endpoint, service, external, firewall."""
+    parts = key.chain.split("-")
+    return _DEPTH.get(parts[1], 0) if len(parts) == 3 else 0
+
+
+def _chunks(items: list[tuple[Key, Rules]], limit: int) -> list[tuple[tuple[Key, Rules], ...]]:
+    chunks: list[tuple[tuple[Key, Rules], ...]] = []
+    current: list[tuple[Key, Rules]] = []
+    size = 0
+    for item in items:
+        if current and size + 1 + len(item[1]) > limit:
+            chunks.append(tuple(current))
+            current, size = [], 0
+        current.append(item)
+        size += 1 + len(item[1])
+    if current:
+        chunks.append(tuple(current))
+    return chunks
+
+
+def restores(change: diff.Diff[Key, Rules], limit: int = CHUNK_LINES) -> dict[int, list[Restore]]:
+    """:func:`restore`, split into several transactions when the change is very large.
+
+    A change of at most ``limit`` lines is one transaction per family (every partial
+    sync). A larger one — a cold start — goes in dependency order, each transaction
+    leaving the kernel consistent: new chains first, endpoint chains before the chains
+    that jump to them (they are unreachable until a dispatch rule points at them), then
+    the new dispatch rules, then every change and removal in one last transaction.
+    """
+    lines = (
+        len(change)
+        + sum(len(v) for _, v in change.added)
+        + sum(len(v) for _, _, v in change.changed)
+    )
+    if lines <= limit:
+        return {family: [r] for family, r in restore(change).items()}
+    chains = sorted((item for item in change.added if not item[0].rule), key=lambda i: _depth(i[0]))
+    rules = [item for item in change.added if item[0].rule]
+    phases = [diff.Diff(added=chunk) for chunk in _chunks(chains, limit)]
+    phases += [diff.Diff(added=chunk) for chunk in _chunks(rules, limit)]
+    phases.append(diff.Diff(changed=change.changed, removed=change.removed))
+    result: dict[int, list[Restore]] = {}
+    for phase in phases:
+        for family, r in restore(phase).items():
+            result.setdefault(family, []).append(r)
+    return result

@@ -316,3 +316,22 @@ def _as_save(objs: Objects, family: int) -> list[str]:
                 out += [f"[0:0] -A {key.chain} {rule}" for rule in objs[key]]
         out.append("COMMIT")
     return out
+
+
+def test_a_large_change_is_split_so_every_transaction_leaves_the_kernel_consistent() -> None:
+    states = b.synthetic_states(30)
+    want = render.desired(CTX, render.render(b.plan(states), CTX))
+    single = render.restores(diff.compute({}, want))
+    assert len(single[4]) == 1
+    split = render.restores(diff.compute({}, want), limit=100)
+    assert len(split[4]) > 5
+    declared: set[str] = set()
+    for transaction in split[4]:
+        lines = transaction.text.splitlines()
+        declared |= {line[1:].split()[0] for line in lines if line.startswith(":")}
+        for line in lines:
+            if " -j KPY-" in line:
+                target = line.rsplit(" -j ", 1)[1].split()[0]
+                assert target in declared, f"{line!r} jumps to a chain not created yet"
+    joined = sorted(line for t in split[4] for line in t.text.splitlines() if line[0] in ":-")
+    assert joined == sorted(line for line in single[4][0].text.splitlines() if line[0] in ":-")
