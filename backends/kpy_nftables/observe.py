@@ -108,6 +108,7 @@ def _parse_set(
         if kind == "set":
             if name == render.FINGERPRINTS:
                 element, comment = _element(entry)
+                element = ipaddress.IPv6Address(element).exploded
                 fingerprints[(family, element)] = comment
                 result.values[f"{family} element {name} {element}"] = f" # {comment}"
             continue

@@ -21,9 +21,7 @@ into one ``nft -f`` script whose size is proportional to what differs.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -146,13 +144,15 @@ Obj = Chain | Element | Set
 
 
 def chain_fingerprint(rules: tuple[str, ...], hook: str | None = None) -> str:
-    digest = hashlib.sha256("\n".join((hook or "", *rules)).encode()).digest()
-    return f"kpy:{base64.b32encode(digest[:10]).decode().lower()}:{len(rules)}"
+    digest = hashlib.sha256("\n".join((hook or "", *rules)).encode()).hexdigest()
+    return f"kpy:{digest[:20]}:{len(rules)}"
 
 
 def fingerprint_key(chain_key: str) -> str:
-    """The ``fingerprints`` element that holds a chain's fingerprint."""
-    return str(ipaddress.IPv6Address(hashlib.sha256(chain_key.encode()).digest()[:16]))
+    """The ``fingerprints`` element that holds a chain's fingerprint: a 128-bit hash of
+    the chain's key, written as an exploded IPv6 address (observe explodes what it reads)."""
+    h = hashlib.sha256(chain_key.encode()).hexdigest()
+    return ":".join(h[i : i + 4] for i in range(0, 32, 4))
 
 
 def with_fingerprints(objs: Iterable[Obj]) -> dict[str, Obj]:
@@ -188,36 +188,51 @@ def parse_label(label: str) -> str | None:
 
 
 def port_hash(name: ServicePortName) -> str:
-    digest = hashlib.sha256(str(name).encode()).digest()
-    return base64.b32encode(digest[:5]).decode()
+    return hashlib.sha256(str(name).encode()).hexdigest()[:8].upper()
 
 
-def _chain_name(kind: str, name: ServicePortName) -> str:
-    return f"{kind}-{port_hash(name)}-{port_label(name)}"
+class PortNames:
+    """The names of one service port's chains and sets (computed once per render)."""
+
+    __slots__ = ("_base", "_hash")
+
+    def __init__(self, name: ServicePortName) -> None:
+        self._hash = port_hash(name)
+        self._base = f"{self._hash}-{port_label(name)}"
+
+    @property
+    def service(self) -> str:
+        return f"service-{self._base}"
+
+    @property
+    def external(self) -> str:
+        return f"external-{self._base}"
+
+    @property
+    def firewall(self) -> str:
+        return f"firewall-{self._base}"
+
+    def endpoint(self, ep: Endpoint, ip: str) -> str:
+        return f"endpoint-{self._base}__{ip.replace(':', '.')}/{ep.port}"
+
+    def affinity(self, ep: Endpoint, ip: str, timeout: int) -> str:
+        return f"affinity-{self._hash}-{timeout}__{ip.replace(':', '.')}/{ep.port}"
 
 
 def service_chain(name: ServicePortName) -> str:
-    return _chain_name("service", name)
+    return PortNames(name).service
 
 
 def external_chain(name: ServicePortName) -> str:
-    return _chain_name("external", name)
+    return PortNames(name).external
 
 
 def firewall_chain(name: ServicePortName) -> str:
-    return _chain_name("firewall", name)
-
-
-def _ep_suffix(ep: Endpoint) -> str:
-    return f"__{str(ep.ip).replace(':', '.')}/{ep.port}"
+    return PortNames(name).firewall
 
 
 def endpoint_chain(name: ServicePortName, ep: Endpoint) -> str:
-    return _chain_name("endpoint", name) + _ep_suffix(ep)
-
-
-def affinity_set(name: ServicePortName, ep: Endpoint, timeout: int) -> str:
-    return f"affinity-{port_hash(name)}-{timeout}{_ep_suffix(ep)}"
+    return PortNames(name).endpoint(ep, str(ep.ip))
 
 
 def parse_chain_label(chain: str) -> str | None:
@@ -344,26 +359,18 @@ def _unique(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
     return sorted(seen.values(), key=Endpoint.sort_key)
 
 
-def _dnat_target(ep: Endpoint) -> str:
-    return f"[{ep.ip}]:{ep.port}" if ep.ip.version == 6 else f"{ep.ip}:{ep.port}"
-
-
-def _pick(
-    nf: str, name: ServicePortName, endpoints: list[Endpoint], affinity: int | None
-) -> list[str]:
-    """Rules that send a packet to one of ``endpoints`` (sticky first, then at random)."""
-    rules = []
-    if affinity is not None:
-        for ep in endpoints:
-            aset = affinity_set(name, ep, affinity)
-            rules.append(f"{nf} saddr @{aset} goto {endpoint_chain(name, ep)}")
+def _pick(nf: str, targets: list[tuple[str, str | None]]) -> list[str]:
+    """Rules that send a packet to one of ``targets`` — (endpoint chain, affinity set or
+    None) pairs: sticky clients first, then at random."""
+    rules = [f"{nf} saddr @{aset} goto {chain}" for chain, aset in targets if aset is not None]
     # Rule i draws a fresh number and takes endpoint i with probability 1/(n - i), so
     # every endpoint is equally likely. (One numgen vmap would need an anonymous map per
     # chain, and the kernel names anonymous sets by a scan of the table: quadratic.)
-    n = len(endpoints)
-    for i, ep in enumerate(endpoints):
-        target = f"goto {endpoint_chain(name, ep)}"
-        rules.append(f"numgen random mod {n - i} == 0 {target}" if i < n - 1 else target)
+    n = len(targets)
+    for i, (chain, _) in enumerate(targets):
+        rules.append(
+            f"numgen random mod {n - i} == 0 goto {chain}" if i < n - 1 else f"goto {chain}"
+        )
     return rules
 
 
@@ -397,14 +404,23 @@ def _family_objects(
     objs: list[Obj] = []
 
     # Endpoint chains (shared by the internal and the external path) and affinity sets.
+    names = PortNames(name)
+    targets: dict[tuple[IPAddress, int], tuple[str, str | None]] = {}
     for ep in _unique([*internal, *external]):
-        rules = [f"{nf} saddr {ep.ip} jump {MARK_MASQ}"]
+        ep_ip = str(ep.ip)
+        chain = names.endpoint(ep, ep_ip)
+        rules = [f"{nf} saddr {ep_ip} jump {MARK_MASQ}"]
+        aset = None
         if affinity is not None:
-            aset = affinity_set(name, ep, affinity)
+            aset = names.affinity(ep, ep_ip, affinity)
             objs.append(Set(nf, aset, _addr_type(nf), timeout=affinity))
             rules.append(f"update @{aset} {{ {nf} saddr }}")
-        rules.append(f"meta l4proto {proto} dnat to {_dnat_target(ep)}")
-        objs.append(Chain(nf, endpoint_chain(name, ep), tuple(rules)))
+        target = f"[{ep_ip}]:{ep.port}" if nf == "ip6" else f"{ep_ip}:{ep.port}"
+        rules.append(f"meta l4proto {proto} dnat to {target}")
+        objs.append(Chain(nf, chain, tuple(rules)))
+        targets[(ep.ip, ep.port)] = (chain, aset)
+    internal_targets = [targets[(ep.ip, ep.port)] for ep in internal]
+    external_targets = [targets[(ep.ip, ep.port)] for ep in external]
 
     # ClusterIP.
     vip = f"{cluster_ip} . {proto} . {svc.port}"
@@ -415,9 +431,9 @@ def _family_objects(
             rules.append(f"{match} jump {MARK_MASQ}")
         elif cluster_cidrs:
             rules.append(f"{match} {nf} saddr != {_set_literal(cluster_cidrs)} jump {MARK_MASQ}")
-        rules += _pick(nf, name, internal, affinity)
-        objs.append(Chain(nf, service_chain(name), tuple(rules)))
-        objs.append(Element(nf, SERVICE_IPS, vip, f"goto {service_chain(name)}", label))
+        rules += _pick(nf, internal_targets)
+        objs.append(Chain(nf, names.service, tuple(rules)))
+        objs.append(Element(nf, SERVICE_IPS, vip, f"goto {names.service}", label))
     else:
         objs.append(Element(nf, NO_EP_SERVICES, vip, no_endpoints, label))
 
@@ -429,16 +445,19 @@ def _family_objects(
         rules = []
         if svc.external_traffic_policy is TrafficPolicy.CLUSTER:
             rules.append(f"jump {MARK_MASQ}")
+            if external_targets == internal_targets:
+                external_targets = []  # the service chain picks from the same endpoints
+                rules.append(f"goto {names.service}")
         elif internal:
             # Pods and the node itself reaching an external address use the cluster-wide
             # path (no reason to drop them); node-originated traffic is masqueraded.
             if cluster_cidrs:
-                rules.append(f"{nf} saddr {_set_literal(cluster_cidrs)} goto {service_chain(name)}")
+                rules.append(f"{nf} saddr {_set_literal(cluster_cidrs)} goto {names.service}")
             rules.append(f"fib saddr type local jump {MARK_MASQ}")
-            rules.append(f"fib saddr type local goto {service_chain(name)}")
-        rules += _pick(nf, name, external, affinity)
-        objs.append(Chain(nf, external_chain(name), tuple(rules)))
-        to_external = f"goto {external_chain(name)}"
+            rules.append(f"fib saddr type local goto {names.service}")
+        rules += _pick(nf, external_targets)
+        objs.append(Chain(nf, names.external, tuple(rules)))
+        to_external = f"goto {names.external}"
         ip_map, port_map = SERVICE_IPS, SERVICE_NODEPORTS
     else:
         to_external = no_endpoints
@@ -454,10 +473,10 @@ def _family_objects(
     if svc.load_balancer_source_ranges and lb_ips:
         ranges = _cidrs(svc.load_balancer_source_ranges, version)
         rule = f"{nf} saddr != {_set_literal(ranges)} drop" if ranges else "drop"
-        objs.append(Chain(nf, firewall_chain(name), (rule,)))
+        objs.append(Chain(nf, names.firewall, (rule,)))
         for ip in lb_ips:
             element = f"{ip} . {proto} . {svc.port}"
-            objs.append(Element(nf, FIREWALL_IPS, element, f"goto {firewall_chain(name)}", label))
+            objs.append(Element(nf, FIREWALL_IPS, element, f"goto {names.firewall}", label))
     return objs
 
 

@@ -42,7 +42,7 @@ def config(ns: str) -> BackendConfig:
     return BackendConfig(
         node_name="node-a",
         netns=ns,
-        cluster_cidrs=parse_networks(["10.244.0.0/16", "fd00:244::/48"]),
+        cluster_cidrs=parse_networks(["10.244.0.0/16", "fd00:244::/32"]),
     )
 
 

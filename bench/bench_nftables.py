@@ -1,0 +1,194 @@
+"""Benchmark of the nftables backend in a network namespace (never the machine's own).
+
+For N Services with 5 endpoints each (the synthetic cluster of ``bench_core``), from Kubernetes
+JSON through the tracker to the kernel:
+
+* cold sync: the first full plan applied to an empty namespace (render + ``nft -f``);
+* one-endpoint change: an EndpointSlice event → tracker → plan → transaction applied
+  (p50/p90 of 100 changes) and the bytes of that transaction;
+* restart adoption: a new backend's first full sync against the programmed tables
+  (reads chains, maps and fingerprints back; sends nothing);
+* first-connection latency to a ClusterIP: new TCP connections from the node namespace
+  to Service 0, answered by a server in a pod namespace (median of 300);
+* peak RSS of the process.
+
+Usage: ``sudo python bench/bench_nftables.py [--sizes 1,1000,10000]`` (root: it creates
+and removes ``kpy-bench…`` namespaces). Each size runs in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from bench_core import cluster, feed_service, feed_slice, pod_ip, slice_of
+from kpy_nftables import NftablesBackend
+
+from kpy import netns_socket
+from kpy.agent import tune_gc
+from kpy.backend import BackendConfig, parse_networks
+from kpy.tracker import Tracker
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def namespaces(tag: str, endpoint_ips: list[str]) -> Iterator[tuple[str, str]]:
+    """A node namespace and a pod namespace holding ``endpoint_ips``, joined by a veth."""
+    node, pod = f"kpy-bench{tag}-node", f"kpy-bench{tag}-pod"
+    try:
+        sh("ip", "netns", "add", node)
+        sh("ip", "netns", "add", pod)
+        sh("ip", "-n", node, "link", "set", "lo", "up")
+        sh("ip", "-n", pod, "link", "set", "lo", "up")
+        sh("ip", "-n", node, "link", "add", "veth0", "type", "veth", "peer", "veth0", "netns", pod)
+        sh("ip", "-n", node, "addr", "add", "192.168.77.1/24", "dev", "veth0")
+        sh("ip", "-n", pod, "addr", "add", "192.168.77.2/24", "dev", "veth0")
+        for ns in (node, pod):
+            sh("ip", "-n", ns, "link", "set", "veth0", "up")
+        for ip in endpoint_ips:
+            sh("ip", "-n", pod, "addr", "add", f"{ip}/32", "dev", "veth0")
+            sh("ip", "-n", node, "route", "add", f"{ip}/32", "via", "192.168.77.2")
+        sh("ip", "-n", pod, "route", "add", "default", "via", "192.168.77.1")
+        # The node needs a route towards Service IPs for its own connections to be
+        # routed at all before the output hook rewrites them.
+        sh("ip", "-n", node, "route", "add", "default", "via", "192.168.77.2")
+        yield node, pod
+    finally:
+        for ns in (node, pod):
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+def serve(pod: str) -> socket.socket:
+    server = netns_socket.run_in_netns(pod, lambda: socket.create_server(("0.0.0.0", 8080)))
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"ok\n")
+
+    threading.Thread(target=loop, daemon=True).start()
+    return server
+
+
+def connection_latency(node: str, vip: str, count: int = 300) -> float:
+    def measure() -> list[float]:
+        samples = []
+        for _ in range(count):
+            start = time.perf_counter()
+            with socket.create_connection((vip, 80), timeout=2) as s:
+                s.recv(16)
+            samples.append(time.perf_counter() - start)
+        return samples
+
+    return statistics.median(netns_socket.run_in_netns(node, measure)) * 1000
+
+
+def measure(n: int) -> dict[str, Any]:
+    tune_gc()
+    services, slices = cluster(n)
+    first_eps = [pod_ip(j) for j in range(6)]  # Service 0's endpoints (and one spare)
+    with namespaces(str(os.getpid()), first_eps) as (node, pod):
+        config = BackendConfig(
+            node_name="node-a", netns=node, cluster_cidrs=parse_networks(["10.0.0.0/8"])
+        )
+        backend = NftablesBackend(config)
+        tracker = Tracker("node-a")
+        for s in services:
+            feed_service(tracker, s)
+        for s in slices:
+            feed_slice(tracker, s)
+        start = time.perf_counter()
+        plan = tracker.checkout()
+        result = asyncio.run(backend.apply(plan))
+        cold = time.perf_counter() - start
+        cold_bytes = result.size
+
+        tracker.request_full_sync()
+        full_plan = tracker.checkout()
+        start = time.perf_counter()
+        adopted = asyncio.run(NftablesBackend(config).apply(full_plan))
+        adopt = time.perf_counter() - start
+        assert adopted.ops == 0, adopted
+
+        samples, sizes = [], []
+        extra: dict[int, int] = {}
+        for k in range(100):
+            i = (k * 7919) % n
+            extra[i] = 0 if extra.get(i) else 1
+            changed = slice_of(i, 5, extra=extra[i])
+            start = time.perf_counter()
+            feed_slice(tracker, changed)
+            r = asyncio.run(backend.apply(tracker.checkout()))
+            samples.append(time.perf_counter() - start)
+            sizes.append(r.size)
+
+        server = serve(pod)
+        try:
+            latency = connection_latency(node, str(services[0]["spec"]["clusterIP"]))
+        finally:
+            server.close()
+    return {
+        "services": n,
+        "cold_sync_s": round(cold, 3),
+        "cold_bytes": cold_bytes,
+        "adopt_s": round(adopt, 3),
+        "change_p50_ms": round(statistics.median(samples) * 1000, 2),
+        "change_p90_ms": round(statistics.quantiles(samples, n=10)[8] * 1000, 2),
+        "change_bytes_p50": int(statistics.median(sizes)),
+        "connect_ms": round(latency, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="1,1000,10000")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one)))
+        return
+    results = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", str(n)], check=True, capture_output=True, text=True
+        )
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(
+        "| services | cold sync (s) | cold bytes | restart adoption (s) | one change p50 (ms) "
+        "| p90 (ms) | change bytes | first connection (ms) | peak RSS (MB) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r['services']} | {r['cold_sync_s']} | {r['cold_bytes']} | {r['adopt_s']} "
+            f"| {r['change_p50_ms']} | {r['change_p90_ms']} | {r['change_bytes_p50']} "
+            f"| {r['connect_ms']} | {r['peak_rss_mb']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
