@@ -71,7 +71,8 @@ class IptablesBackend:
                 change = await self._full(plan)
             else:
                 change = self._partial(plan)
-            inputs = render.restores(change)
+            mode = await self._kernel.mode()
+            inputs = render.restores(change, render.CHUNK_LINES if mode == "nft" else None)
             for family, transactions in sorted(inputs.items()):
                 for restore in transactions:
                     await self._kernel.restore(family, restore.text)
@@ -115,7 +116,8 @@ class IptablesBackend:
                     continue
                 for family in render.FAMILIES:
                     have = observe_.parse(await self._kernel.save(family, mode), family).objects
-                    inputs = render.restores(diff.compute(have, {}))
+                    limit = render.CHUNK_LINES if mode == "nft" else None
+                    inputs = render.restores(diff.compute(have, {}), limit)
                     for restore in inputs.get(family, []):
                         await self._kernel.restore(family, restore.text, mode)
         except IptablesError as exc:

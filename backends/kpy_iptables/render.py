@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kpy import diff
 from kpy.backend import BackendConfig
@@ -434,53 +435,82 @@ def restore(change: diff.Diff[Key, Rules]) -> dict[int, Restore]:
     return result
 
 
-CHUNK_LINES = 20_000  # iptables-nft-restore slows down more than linearly past this
+CHUNK_LINES = 2_500  # iptables-nft-restore slows down more than linearly past a few thousand
 
 _DEPTH = {"SEP": 1, "SVC": 2, "SVL": 2, "EXT": 3, "FW": 4}
 
 
 def _depth(key: Key) -> int:
-    """Chains that others jump to come first: endpoint, service, external, firewall."""
+    """Chains that others jump to come first: endpoint, service, external, firewall,
+    the dispatch chains (helper chains, jumped to from anywhere, count as 0)."""
+    if key.chain in DISPATCH:
+        return 6 if key.chain == SERVICES else 5
     parts = key.chain.split("-")
     return _DEPTH.get(parts[1], 0) if len(parts) == 3 else 0
 
 
-def _chunks(items: list[tuple[Key, Rules]], limit: int) -> list[tuple[tuple[Key, Rules], ...]]:
-    chunks: list[tuple[tuple[Key, Rules], ...]] = []
-    current: list[tuple[Key, Rules]] = []
-    size = 0
+T = TypeVar("T")
+
+
+def _chunks(items: Iterable[T], size: Callable[[T], int], limit: int) -> list[tuple[T, ...]]:
+    chunks: list[tuple[T, ...]] = []
+    current: list[T] = []
+    used = 0
     for item in items:
-        if current and size + 1 + len(item[1]) > limit:
+        if current and used + size(item) > limit:
             chunks.append(tuple(current))
-            current, size = [], 0
+            current, used = [], 0
         current.append(item)
-        size += 1 + len(item[1])
+        used += size(item)
     if current:
         chunks.append(tuple(current))
     return chunks
 
 
-def restores(change: diff.Diff[Key, Rules], limit: int = CHUNK_LINES) -> dict[int, list[Restore]]:
+def restores(
+    change: diff.Diff[Key, Rules], limit: int | None = CHUNK_LINES
+) -> dict[int, list[Restore]]:
     """:func:`restore`, split into several transactions when the change is very large.
 
-    A change of at most ``limit`` lines is one transaction per family (every partial
-    sync). A larger one — a cold start — goes in dependency order, each transaction
-    leaving the kernel consistent: new chains first, endpoint chains before the chains
-    that jump to them (they are unreachable until a dispatch rule points at them), then
-    the new dispatch rules, then every change and removal in one last transaction.
+    A change of at most ``limit`` lines is one transaction per family (every ordinary
+    partial sync), and so is any change when ``limit`` is None (iptables-legacy, whose
+    every restore rewrites the whole table in the kernel). A larger one — a cold start,
+    a cleanup — goes in dependency order, each transaction leaving the kernel
+    consistent: new chains, endpoint chains before the chains that jump to them (all
+    unreachable until a dispatch rule points at them); new dispatch rules; changed
+    chains; removed dispatch rules; removed chains, the ones that jump first.
     """
     lines = (
         len(change)
         + sum(len(v) for _, v in change.added)
         + sum(len(v) for _, _, v in change.changed)
     )
-    if lines <= limit:
+    if limit is None or lines <= limit:
         return {family: [r] for family, r in restore(change).items()}
-    chains = sorted((item for item in change.added if not item[0].rule), key=lambda i: _depth(i[0]))
-    rules = [item for item in change.added if item[0].rule]
-    phases = [diff.Diff(added=chunk) for chunk in _chunks(chains, limit)]
-    phases += [diff.Diff(added=chunk) for chunk in _chunks(rules, limit)]
-    phases.append(diff.Diff(changed=change.changed, removed=change.removed))
+    flushed = {(k.family, k.table, k.chain) for k, _ in change.removed if not k.rule}
+
+    def added(item: tuple[Key, Rules]) -> int:
+        return 1 + len(item[1])
+
+    def changed(item: tuple[Key, Rules, Rules]) -> int:
+        return 1 + len(item[2])
+
+    def removed(item: tuple[Key, Rules]) -> int:
+        return 1 if item[0].rule else 2
+
+    new_chains = sorted((i for i in change.added if not i[0].rule), key=lambda i: _depth(i[0]))
+    new_rules = [i for i in change.added if i[0].rule]
+    old_rules = [
+        i
+        for i in change.removed
+        if i[0].rule and (i[0].family, i[0].table, i[0].chain) not in flushed
+    ]
+    old_chains = sorted((i for i in change.removed if not i[0].rule), key=lambda i: -_depth(i[0]))
+    phases = [diff.Diff(added=c) for c in _chunks(new_chains, added, limit)]
+    phases += [diff.Diff(added=c) for c in _chunks(new_rules, added, limit)]
+    phases += [diff.Diff(changed=c) for c in _chunks(change.changed, changed, limit)]
+    phases += [diff.Diff(removed=c) for c in _chunks(old_rules, removed, limit)]
+    phases += [diff.Diff(removed=c) for c in _chunks(old_chains, removed, limit)]
     result: dict[int, list[Restore]] = {}
     for phase in phases:
         for family, r in restore(phase).items():

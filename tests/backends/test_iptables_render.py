@@ -335,3 +335,35 @@ def test_a_large_change_is_split_so_every_transaction_leaves_the_kernel_consiste
                 assert target in declared, f"{line!r} jumps to a chain not created yet"
     joined = sorted(line for t in split[4] for line in t.text.splitlines() if line[0] in ":-")
     assert joined == sorted(line for line in single[4][0].text.splitlines() if line[0] in ":-")
+
+
+def test_a_large_removal_is_split_so_no_chain_is_deleted_while_referenced() -> None:
+    states = b.synthetic_states(30)
+    have = render.desired(CTX, render.render(b.plan(states), CTX))
+    split = render.restores(diff.compute(have, {}), limit=100)[4]
+    assert len(split) > 5
+    # what still jumps to each chain, as the transactions run one after another
+    references: dict[str, set[str]] = {}
+    for key, rules in have.items():
+        if key.family != 4:
+            continue
+        for rule in (key.rule,) if key.rule else rules:
+            if " -j KPY-" in f" {rule}":
+                target = rule.rsplit("-j ", 1)[1].split()[0]
+                references.setdefault(target, set()).add(f"{key.chain} {rule}")
+    for transaction in split:
+        lines = transaction.text.splitlines()
+        for line in lines:
+            if line.startswith(":"):  # flushed
+                chain = line[1:].split()[0]
+                for refs in references.values():
+                    refs -= {r for r in refs if r.startswith(f"{chain} ")}
+            elif line.startswith("-D "):
+                chain, rule = line[3:].split(" ", 1)
+                for refs in references.values():
+                    refs.discard(f"{chain} {rule}")
+        for line in lines:
+            if line.startswith("-X "):
+                chain = line[3:]
+                assert not references.get(chain), f"{chain} deleted while {references[chain]}"
+    assert all(not refs for refs in references.values())
