@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import bisect
 import contextlib
 import copy
 import json
@@ -349,6 +350,7 @@ class Store:
         self.history: deque[Change] = deque()
         self.oldest_rv = rv_base  # a watch may start from any rv >= this
         self.watches: set[_Watch] = set()
+        self._snapshots: dict[tuple[Resource, int], tuple[list[ObjectKey], list[JSON]]] = {}
 
     # -- writes
 
@@ -475,6 +477,25 @@ class Store:
             else:
                 state[key] = change.old
         return [state[k] for k in sorted(state)]
+
+    def snapshot(self, resource: Resource, rv: int) -> tuple[list[ObjectKey], list[JSON]]:
+        """Sorted keys and objects at ``rv`` (in history), cached: pages of one list share it.
+
+        Objects are never changed in place (a write stores a new dict), so a snapshot at a
+        resourceVersion stays true; the API server serves pages from its cache likewise.
+        """
+        cached = self._snapshots.get((resource, rv))
+        if cached is None:
+            if rv == self.rv:
+                pairs = sorted(self.objects[resource].items())
+                cached = ([k for k, _ in pairs], [o for _, o in pairs])
+            else:
+                objects = self.list_at(resource, rv)
+                cached = ([_key_of(o) for o in objects], objects)
+            self._snapshots[(resource, rv)] = cached
+            while len(self._snapshots) > 8:
+                del self._snapshots[next(iter(self._snapshots))]
+        return cached
 
     def changes_since(self, resource: Resource, rv: int) -> list[Change]:
         return [c for c in self.history if c.rv > rv and c.resource is resource]
@@ -1068,26 +1089,29 @@ class FakeApiServer:
                     "The provided continue parameter is too old to display a consistent list "
                     "result. You can start a new list without the continue parameter."
                 )
-            objects = store.list_at(resource, list_rv)
         elif match == "Exact" and rv is not None:
             if rv < store.oldest_rv:
                 raise _expired(f"too old resource version: {rv} ({store.oldest_rv})")
-            objects, list_rv = store.list_at(resource, rv), rv
+            list_rv = rv
         else:
-            objects = [o for _, o in sorted(store.objects[resource].items())]
             list_rv = store.rv
+        keys, objects = store.snapshot(resource, list_rv)
+        start = bisect.bisect_right(keys, after) if after is not None else 0
         items: list[JSON] = []
         meta: JSON = {"resourceVersion": str(list_rv)}
-        for i, obj in enumerate(objects):
-            if after is not None and _key_of(obj) <= after:
-                continue
+        for i in range(start, len(objects)):
+            obj = objects[i]
             if not selector.matches(obj):
                 continue
             if limit and len(items) == limit:
                 # More matching objects follow: hand out a token to the rest.
                 last = _key_of(items[-1])
                 meta["continue"] = _encode_continue(list_rv, last)
-                meta["remainingItemCount"] = sum(1 for o in objects[i:] if selector.matches(o))
+                meta["remainingItemCount"] = (
+                    len(objects) - i
+                    if selector == Selector()
+                    else sum(1 for o in objects[i:] if selector.matches(o))
+                )
                 break
             item = dict(obj)
             item.pop("kind", None)
