@@ -1,0 +1,418 @@
+"""``kpy lab``: a multi-node cluster in network namespaces on one machine, no Kubernetes.
+
+``up`` builds the :class:`~kpy.testing.cluster.Cluster` under the fixed prefix
+``kpy-lab`` (node, pod, client and underlay namespaces), starts every pod's echo
+server, and starts one kpy agent per node::
+
+    python -m kpy run --source manifests --manifests DIR --backend NAME \\
+        --netns kpy-lab-node-1 --node node-1 --node-ip 192.168.100.11 ...
+
+The agent process lives in the machine's namespace but programs its backend only
+inside ``--netns`` (every kernel command enters that namespace); its health server
+listens on loopback (``127.0.0.1:19250+i``), which is how ``status`` and ``up`` tell
+that it is ready. The agents watch the manifests directory, so editing a file there
+changes the rules while the lab runs.
+
+Everything the lab made is recorded in ``/run/kpy-lab/state.json``; ``down`` reads it
+from any process, stops the agents and echo servers, and deletes every ``kpy-lab-*``
+namespace — also after a crash (without a state file it finds the leftovers by name)
+and as often as it is called. Nothing is ever created in the machine's own namespace
+except the agents' loopback health and metrics listeners.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kpy.netns_socket import NETNS_DIR
+from kpy.testing import cluster as topo
+from kpy.testing.cluster import Cluster, EchoPorts
+
+PREFIX = "kpy-lab"
+STATE_DIR = Path("/run/kpy-lab")
+HEALTH_PORT_BASE = 19250
+METRICS_PORT_BASE = 19350
+ECHO_PORTS = EchoPorts(tcp=(8080,), udp=(5353,), http=(80,))
+
+
+class LabError(RuntimeError):
+    """The lab could not be brought up (the message says why)."""
+
+
+@dataclass
+class LabState:
+    """What ``up`` made; written to ``state.json`` so any process can inspect or remove it."""
+
+    prefix: str
+    nodes: int
+    pods_per_node: int
+    backend: str
+    manifests: str
+    source: str = "manifests"
+    agents: dict[str, int] = field(default_factory=dict)  # node name → pid
+    started: float = 0.0
+
+    def cluster(self) -> Cluster:
+        """The lab's cluster description (built already; nothing is created by this)."""
+        return Cluster(self.nodes, self.pods_per_node, prefix=self.prefix, echo=ECHO_PORTS)
+
+    @staticmethod
+    def health_port(index: int) -> int:
+        return HEALTH_PORT_BASE + index
+
+    @staticmethod
+    def metrics_port(index: int) -> int:
+        return METRICS_PORT_BASE + index
+
+
+def state_file(state_dir: Path = STATE_DIR) -> Path:
+    return state_dir / "state.json"
+
+
+def load(state_dir: Path = STATE_DIR) -> LabState | None:
+    """The running lab's state, or None when no lab is recorded."""
+    try:
+        data = json.loads(state_file(state_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return LabState(**data)
+
+
+def _save(state: LabState, state_dir: Path) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_file(state_dir).with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(state_file(state_dir))
+
+
+def agent_argv(state: LabState, node: topo.Node, *, log_level: str = "info") -> list[str]:
+    """The command line of one node's agent."""
+    return [
+        sys.executable, "-m", "kpy", "run",
+        "--source", state.source,
+        "--manifests", state.manifests,
+        "--backend", state.backend,
+        "--netns", node.netns.name,
+        "--node", node.name,
+        "--node-ip", str(node.ip),
+        "--node-ip", str(node.ip6),
+        "--cluster-cidr", f"{topo.CLUSTER_CIDR},{topo.CLUSTER_CIDR6}",
+        "--healthz-bind-address", f"127.0.0.1:{state.health_port(node.index)}",
+        "--metrics-bind-address", f"127.0.0.1:{state.metrics_port(node.index)}",
+        "--min-sync-period", "200ms",
+        "--log-format", "json",
+        "--log-level", log_level,
+    ]  # fmt: skip
+
+
+def _start_agent(argv: list[str], log_path: Path) -> int:
+    """Start a detached agent (own session, outlives this process); its pid."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            ["setsid", "-f", "sh", "-c", 'echo $$; exec "$@" >&2', "kpy-agent", *argv],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        with proc.stdout:
+            pid_line = proc.stdout.readline().decode().strip()
+        proc.wait()
+    if not pid_line.isdigit():
+        raise LabError(f"agent did not start: {' '.join(argv)}")
+    return int(pid_line)
+
+
+def ready(state: LabState) -> dict[str, bool]:
+    """Node name → whether its agent answers /readyz with 200 (first sync done)."""
+    result = {}
+    for i in range(1, state.nodes + 1):
+        url = f"http://127.0.0.1:{state.health_port(i)}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                result[f"node-{i}"] = answer.status == 200
+        except (OSError, urllib.error.URLError):
+            result[f"node-{i}"] = False
+    return result
+
+
+def wait_ready(state: LabState, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = ready(state)
+        if all(status.values()):
+            return
+        for node, pid in state.agents.items():
+            if not _alive(pid):
+                raise LabError(f"the agent of {node} exited; see {STATE_DIR}/{node}.log")
+        if time.monotonic() > deadline:
+            waiting = ", ".join(n for n, ok in status.items() if not ok)
+            raise LabError(f"agents not ready after {timeout:.0f}s: {waiting}")
+        time.sleep(0.2)
+
+
+def up(
+    *,
+    nodes: int = 2,
+    pods_per_node: int = 2,
+    backend: str = "nftables",
+    manifests: Path = Path("examples"),
+    state_dir: Path = STATE_DIR,
+    timeout: float = 30.0,
+) -> LabState:
+    """Build the lab, start echo servers and agents, wait until every agent has synced."""
+    if load(state_dir) is not None or any(p.name.startswith(PREFIX + "-") for p in _netns_dir()):
+        raise LabError("a lab is already up (kpy lab status; kpy lab down)")
+    if not manifests.exists():
+        raise LabError(f"manifests {manifests} not found")
+    state = LabState(
+        prefix=PREFIX,
+        nodes=nodes,
+        pods_per_node=pods_per_node,
+        backend=backend,
+        manifests=str(manifests.resolve()),
+        started=time.time(),
+    )
+    cluster = state.cluster()
+    _save(state, state_dir)  # first: a crash from here on leaves something `down` finds
+    try:
+        cluster.build()
+        cluster.start_echo(ECHO_PORTS, log_dir=state_dir)
+        for node in cluster.nodes:
+            log_path = state_dir / f"{node.name}.log"
+            state.agents[node.name] = _start_agent(agent_argv(state, node), log_path)
+            _save(state, state_dir)
+        wait_ready(state, timeout)
+    except BaseException:
+        down(state_dir)
+        raise
+    return state
+
+
+def _netns_dir() -> list[Path]:
+    return sorted(NETNS_DIR.iterdir()) if NETNS_DIR.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _lab_agents(prefix: str) -> list[int]:
+    """Agents of this lab found by their command line (``--netns <prefix>-node-…``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        argv = _cmdline(int(entry.name))
+        if "run" in argv and "--netns" in argv:
+            netns = argv[argv.index("--netns") + 1] if argv.index("--netns") + 1 < len(argv) else ""
+            if netns.startswith(prefix + "-node-") and any("kpy" in a for a in argv):
+                found.append(int(entry.name))
+    return found
+
+
+def _stop(pids: list[int], grace: float = 5.0) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def down(state_dir: Path = STATE_DIR) -> list[str]:
+    """Stop the agents and echo servers, delete every lab namespace; the names removed.
+
+    Idempotent, and works without the state file (after a crash) by name.
+    """
+    state = load(state_dir)
+    prefix = state.prefix if state is not None else PREFIX
+    recorded = list(state.agents.values()) if state is not None else []
+    pids = sorted({p for p in recorded if _is_agent(p, prefix)} | set(_lab_agents(prefix)))
+    _stop(pids)
+    removed = topo.remove_stale(prefix)
+    with contextlib.suppress(FileNotFoundError):
+        state_file(state_dir).unlink()
+    return removed
+
+
+def _is_agent(pid: int, prefix: str) -> bool:
+    argv = _cmdline(pid)
+    return any(a.startswith(prefix + "-node-") for a in argv)
+
+
+def status(state_dir: Path = STATE_DIR) -> dict[str, Any]:
+    """What is up: namespaces, agents (alive, ready), echo servers."""
+    state = load(state_dir)
+    leftovers = [p.name for p in _netns_dir() if p.name.startswith(PREFIX + "-")]
+    if state is None:
+        return {"up": False, "leftover_namespaces": leftovers}
+    cluster = state.cluster()
+    readiness = ready(state)
+    nodes = []
+    for node in cluster.nodes:
+        pid = state.agents.get(node.name)
+        nodes.append(
+            {
+                "name": node.name,
+                "netns": node.netns.name,
+                "ip": str(node.ip),
+                "ip6": str(node.ip6),
+                "pod_cidrs": [str(node.pod_cidr), str(node.pod_cidr6)],
+                "agent_pid": pid,
+                "agent_alive": pid is not None and _alive(pid),
+                "ready": readiness.get(node.name, False),
+                "health": f"http://127.0.0.1:{state.health_port(node.index)}/healthz",
+                "pods": [
+                    {
+                        "name": pod.name,
+                        "netns": pod.netns.name,
+                        "ip": str(pod.ip),
+                        "ip6": str(pod.ip6),
+                        "echo_running": bool(pod.netns.exists() and pod.netns.pids()),
+                    }
+                    for pod in node.pods
+                ],
+            }
+        )
+    return {
+        "up": True,
+        "backend": state.backend,
+        "source": state.source,
+        "manifests": state.manifests,
+        "client": {
+            "netns": cluster.client.name,
+            "ip": str(cluster.client_ip),
+            "ip6": str(cluster.client_ip6),
+            "outside_ip": str(cluster.client_outside_ip),
+        },
+        "nodes": nodes,
+        "missing_namespaces": [ns.name for ns in cluster.namespaces() if not ns.exists()],
+    }
+
+
+def render_status(data: dict[str, Any]) -> str:
+    if not data["up"]:
+        extra = data["leftover_namespaces"]
+        return "no lab is up" + (f" (leftover namespaces: {', '.join(extra)})" if extra else "")
+    lines = [
+        f"lab up: backend {data['backend']}, source {data['source']}, "
+        f"manifests {data['manifests']}",
+        f"client   {data['client']['netns']:<22} {data['client']['ip']}, "
+        f"{data['client']['ip6']} (outside: {data['client']['outside_ip']})",
+    ]
+    for node in data["nodes"]:
+        state = "ready" if node["ready"] else ("running" if node["agent_alive"] else "DOWN")
+        lines.append(
+            f"{node['name']:<8} {node['netns']:<22} {node['ip']}, {node['ip6']}  "
+            f"pods {', '.join(node['pod_cidrs'])}  agent pid {node['agent_pid']} {state}"
+        )
+        for pod in node["pods"]:
+            echo = "echo up" if pod["echo_running"] else "echo DOWN"
+            lines.append(f"  {pod['name']:<6} {pod['netns']:<22} {pod['ip']}, {pod['ip6']}  {echo}")
+    if data["missing_namespaces"]:
+        lines.append(f"missing namespaces: {', '.join(data['missing_namespaces'])}")
+    return "\n".join(lines)
+
+
+def command() -> Any:
+    """The ``kpy lab`` click group (added to the CLI by kpy.cli)."""
+    import click
+
+    @click.group("lab")
+    def lab() -> None:
+        """A multi-node cluster in network namespaces on this machine (no Kubernetes)."""
+
+    @lab.command("up")
+    @click.option("--nodes", default=2, show_default=True, type=click.IntRange(1, 9))
+    @click.option("--pods-per-node", default=2, show_default=True, type=click.IntRange(1, 26))
+    @click.option(
+        "--backend", default="nftables", show_default=True, help="kpy backends lists them."
+    )
+    @click.option(
+        "--manifests",
+        default="examples",
+        show_default=True,
+        type=click.Path(path_type=Path, exists=True),
+        help="Services, EndpointSlices and Nodes the agents watch (edit them live).",
+    )
+    @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for ready.")
+    def up_cmd(
+        nodes: int, pods_per_node: int, backend: str, manifests: Path, timeout: float
+    ) -> None:
+        """Build the namespaces, start the pods' echo servers and one agent per node."""
+        if os.geteuid() != 0:
+            raise click.ClickException("kpy lab needs root (network namespaces)")
+        try:
+            up(
+                nodes=nodes,
+                pods_per_node=pods_per_node,
+                backend=backend,
+                manifests=manifests,
+                timeout=timeout,
+            )
+        except LabError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(render_status(status()))
+
+    @lab.command("status")
+    @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+    def status_cmd(output: str) -> None:
+        """What is up: namespaces, addresses, agents, echo servers."""
+        data = status()
+        click.echo(json.dumps(data, indent=2) if output == "json" else render_status(data))
+        if not data["up"]:
+            sys.exit(1)
+
+    @lab.command("down")
+    def down_cmd() -> None:
+        """Stop the agents and echo servers and delete every lab namespace (idempotent)."""
+        removed = down()
+        click.echo(f"removed {len(removed)} namespaces" if removed else "nothing to remove")
+
+    return lab
+
+
+__all__ = [
+    "PREFIX",
+    "STATE_DIR",
+    "LabError",
+    "LabState",
+    "agent_argv",
+    "command",
+    "down",
+    "load",
+    "ready",
+    "render_status",
+    "status",
+    "up",
+    "wait_ready",
+]
