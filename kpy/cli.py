@@ -23,6 +23,7 @@ from kpy.agent import Agent, tune_gc
 from kpy.model import NodeInfo, Plan
 from kpy.sources import Source
 from kpy.sources.manifests import ManifestSource
+from kpy.testing import apiserver
 
 DEMO_NODE = "node-a"
 DEMO_NODE_IP = "192.168.50.2"
@@ -417,6 +418,14 @@ def version_cmd() -> None:
 
 main.add_command(explain.command(_offline_plan))
 main.add_command(lab.command())
+
+
+@main.group("testing")
+def testing_cmd() -> None:
+    """Development tools (a fake Kubernetes API server serving manifests)."""
+
+
+testing_cmd.add_command(apiserver.apiserver)
 
 
 if __name__ == "__main__":  # pragma: no cover
