@@ -669,9 +669,21 @@ class Reflector:
                 if exc.status == 410:
                     need_list = True
                     continue
-                server_side = exc.status >= 500
-                if server_side:
+                # A throttled server is alive and says when to come back; anything else
+                # (5xx, or credentials/RBAC refused: 401/403) means no updates arrive.
+                if exc.status >= 500:
                     self.source.report(self, False, f"API server error: HTTP {exc.status}")
+                elif exc.status in (401, 403):
+                    self.source.report(
+                        self,
+                        False,
+                        f"API server refused access: HTTP {exc.status} {exc.reason} "
+                        "(check the credentials and the ClusterRole)",
+                    )
+                elif exc.status != 429:
+                    self.source.report(
+                        self, False, f"API server rejected the request: HTTP {exc.status}"
+                    )
                 log.warning(
                     "kube_request_failed",
                     kind=str(self.kind),

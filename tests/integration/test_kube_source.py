@@ -12,6 +12,7 @@ import asyncio
 import base64
 import random
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -599,6 +600,9 @@ current-context: x
                 try:
                     await until(lambda: any(e.get("status") == 401 for e in logs), what="401")
                     assert sink.synced_count == 0 and not sink.events
+                    # Refused credentials are a lost connection for health (no updates).
+                    assert sink.connections and sink.connections[-1][0] is False
+                    assert "refused access: HTTP 401" in sink.connections[-1][1]
                 finally:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
@@ -708,6 +712,72 @@ def test_reconnects_and_relists_are_reported_to_metrics() -> None:
         basic(api)
 
     run(test, setup=setup)
+
+
+MANIFESTS = """
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 192.168.0.2}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+"""
+
+
+def test_dev_command_serves_a_manifests_directory(tmp_path: Path) -> None:
+    """`kpy testing apiserver --from DIR`: the real kube path can run against files."""
+    (tmp_path / "cluster.yaml").write_text(MANIFESTS)
+
+    async def main() -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kpy",
+            "testing",
+            "apiserver",
+            "--from",
+            str(tmp_path),
+            "--port",
+            "0",
+            stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        assert proc.stderr is not None
+        try:
+            url = ""
+            async with asyncio.timeout(20):
+                while not url:
+                    line = (await proc.stderr.readline()).decode()
+                    assert line, "the dev command exited"
+                    if "fake Kubernetes API server on " in line:
+                        url = line.split(" on ", 1)[1].split()[0]
+            kube = KubeSource(ApiTarget.from_url(url), NODE, backoff=FAST)
+            sink = RecordingSink()
+            task = asyncio.create_task(kube.run(sink))
+            try:
+                await until(lambda: sink.synced_count == 1, what="synced from the dev server")
+                assert (Kind.SERVICE, "default", "web") in sink.state
+                assert (Kind.NODE, "", NODE) in sink.state
+                # Edits to the directory are served as watch events.
+                (tmp_path / "cluster.yaml").write_text(MANIFESTS.replace("10.96.0.10", "10.96.0.9"))
+                await until(
+                    lambda: (
+                        sink.state[(Kind.SERVICE, "default", "web")]["spec"]["clusterIP"]
+                        == "10.96.0.9"
+                    ),
+                    what="edit served",
+                )
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+    asyncio.run(main())
 
 
 def test_required_permissions_cover_what_the_source_uses() -> None:
