@@ -15,7 +15,7 @@ from typing import Any
 import click
 import structlog
 
-from kpy import __version__, dump, explain, lab, operations
+from kpy import __version__, check, dump, explain, lab, operations
 from kpy import backend as backends
 from kpy import config as cfg
 from kpy import log as logsetup
@@ -418,6 +418,7 @@ def version_cmd() -> None:
 
 main.add_command(explain.command(_offline_plan))
 main.add_command(lab.command())
+main.add_command(check.command())
 
 
 @main.group("testing")
