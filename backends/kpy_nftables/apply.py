@@ -69,7 +69,7 @@ class Nft:
         lists: list[tuple[str, ...]] = []
         for family in present:
             lists.append(("list", "sets", "table", family, render.TABLE))
-            lists.append(("list", "set", family, render.TABLE, render.FINGERPRINTS))
+            lists += [("list", "set", family, render.TABLE, name) for name in render.SETS]
             lists += [("list", "map", family, render.TABLE, name) for name in render.MAPS]
         for out in await asyncio.gather(*(self._maybe(*args) for args in lists)):
             if out is not None:

@@ -2,8 +2,8 @@
 
 Pure parsing of the JSON nftables prints; running ``nft`` is :mod:`kpy_nftables.apply`'s
 job. No rule is read (the kernel is slow to list them): a chain's value is the
-fingerprint its ``fingerprints`` element holds (see :mod:`kpy_nftables.render`), map
-elements are read exactly, and endpoints are read from endpoint chains' names.
+fingerprint its ``fingerprints`` element holds (see :mod:`kpy_nftables.render`), set and
+map elements are read exactly, and the dump's endpoints come from ``service-endpoints``.
 """
 
 from __future__ import annotations
@@ -77,21 +77,17 @@ def parse(documents: Iterable[JSON]) -> Observed:
         key = f"{family} chain {name}"
         fingerprint = fingerprints.get((family, render.fingerprint_key(key)))
         result.values[key] = fingerprint or render.CHAIN_ONLY
-        label = render.parse_chain_label(name)
-        target = _endpoint_of(family, name)
-        if label is not None and target is not None:
-            result.endpoints[label].add(target)
     return result
 
 
-def _endpoint_of(family: str, chain: str) -> str | None:
-    """``10.244.1.5:8080`` from ``endpoint-…__10.244.1.5/8080`` (IPv6: dots for colons)."""
-    if not chain.startswith("endpoint-") or "__" not in chain:
-        return None
-    address, _, port = chain.rsplit("__", 1)[1].partition("/")
-    if family == "ip6":
-        return f"[{ipaddress.IPv6Address(address.replace('.', ':'))}]:{port}"
-    return f"{address}:{port}"
+def _parse_endpoint(result: Observed, family: str, element: str, comment: str) -> None:
+    """Record ``10.244.1.5 . 8080 . <hash>`` (a ``service-endpoints`` element) for the dump."""
+    parts = [p.strip() for p in element.split(" . ")]
+    label = render.parse_label(comment)
+    if len(parts) != 3 or label is None:
+        return
+    host = f"[{parts[0]}]" if family == "ip6" else parts[0]
+    result.endpoints[label].add(f"{host}:{parts[1]}")
 
 
 def _parse_set(
@@ -106,11 +102,13 @@ def _parse_set(
     )
     for entry in s.get("elem", []):
         if kind == "set":
+            element, comment = _element(entry)
             if name == render.FINGERPRINTS:
-                element, comment = _element(entry)
                 element = ipaddress.IPv6Address(element).exploded
                 fingerprints[(family, element)] = comment
-                result.values[f"{family} element {name} {element}"] = f" # {comment}"
+            elif name == render.SERVICE_ENDPOINTS:
+                _parse_endpoint(result, family, element, comment)
+            result.values[f"{family} element {name} {element}"] = f" # {comment}"
             continue
         if not isinstance(entry, list) or len(entry) != 2:
             continue

@@ -60,6 +60,11 @@ NO_EP_NODEPORTS = "no-endpoint-nodeports"
 FIREWALL_IPS = "firewall-ips"
 FINGERPRINTS = "fingerprints"
 MAPS = (SERVICE_IPS, SERVICE_NODEPORTS, NO_EP_SERVICES, NO_EP_NODEPORTS, FIREWALL_IPS)
+# Sets (elements without verdicts).
+MASQ_IPS = "masquerade-ips"  # external/LB frontends whose traffic is masqueraded
+MASQ_NODEPORTS = "masquerade-nodeports"
+SERVICE_ENDPOINTS = "service-endpoints"  # endpoint . port . service hash, for the dump
+SETS = (FINGERPRINTS, MASQ_IPS, MASQ_NODEPORTS, SERVICE_ENDPOINTS)
 
 CHAIN_ONLY = "chain-without-fingerprint"  # how observe reports a chain with no fingerprint
 
@@ -212,9 +217,6 @@ class PortNames:
     def firewall(self) -> str:
         return f"firewall-{self._base}"
 
-    def endpoint(self, ep: Endpoint, ip: str) -> str:
-        return f"endpoint-{self._base}__{ip.replace(':', '.')}/{ep.port}"
-
     def affinity(self, ep: Endpoint, ip: str, timeout: int) -> str:
         return f"affinity-{self._hash}-{timeout}__{ip.replace(':', '.')}/{ep.port}"
 
@@ -231,14 +233,10 @@ def firewall_chain(name: ServicePortName) -> str:
     return PortNames(name).firewall
 
 
-def endpoint_chain(name: ServicePortName, ep: Endpoint) -> str:
-    return PortNames(name).endpoint(ep, str(ep.ip))
-
-
 def parse_chain_label(chain: str) -> str | None:
     """The service port a per-port chain belongs to (``str(ServicePortName)``), if any."""
     kind, sep, rest = chain.partition("-")
-    if not sep or kind not in ("service", "external", "firewall", "endpoint"):
+    if not sep or kind not in ("service", "external", "firewall"):
         return None
     _hash, sep, label = rest.partition("-")
     if not sep:
@@ -279,13 +277,21 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
     for nf in FAMILIES:
         addr = _addr_type(nf)
         objs.append(Set(nf, FINGERPRINTS, "ipv6_addr"))
+        objs.append(Set(nf, MASQ_IPS, f"{addr} . inet_proto . inet_service"))
+        objs.append(Set(nf, MASQ_NODEPORTS, "inet_proto . inet_service"))
+        objs.append(Set(nf, SERVICE_ENDPOINTS, f"{addr} . inet_service . mark"))
         for name in (SERVICE_IPS, NO_EP_SERVICES, FIREWALL_IPS):
             objs.append(Set(nf, name, f"{addr} . inet_proto . inet_service", kind="map"))
         for name in (SERVICE_NODEPORTS, NO_EP_NODEPORTS):
             objs.append(Set(nf, name, "inet_proto . inet_service", kind="map"))
         dispatch = f"{nf} daddr . meta l4proto . th dport"
         nodeport = _nodeport_match(nf, config)
-        services = [f"{dispatch} vmap @{SERVICE_IPS}"]
+        services = [f"{dispatch} @{MASQ_IPS} jump {MARK_MASQ}"]
+        if nodeport is not None:
+            services.append(
+                f"{nodeport} meta l4proto . th dport @{MASQ_NODEPORTS} jump {MARK_MASQ}"
+            )
+        services.append(f"{dispatch} vmap @{SERVICE_IPS}")
         nodeport_check = []
         if nodeport is not None:
             services.append(f"{nodeport} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}")
@@ -359,18 +365,38 @@ def _unique(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
     return sorted(seen.values(), key=Endpoint.sort_key)
 
 
-def _pick(nf: str, targets: list[tuple[str, str | None]]) -> list[str]:
-    """Rules that send a packet to one of ``targets`` — (endpoint chain, affinity set or
-    None) pairs: sticky clients first, then at random."""
-    rules = [f"{nf} saddr @{aset} goto {chain}" for chain, aset in targets if aset is not None]
-    # Rule i draws a fresh number and takes endpoint i with probability 1/(n - i), so
-    # every endpoint is equally likely. (One numgen vmap would need an anonymous map per
-    # chain, and the kernel names anonymous sets by a scan of the table: quadratic.)
+@dataclass(frozen=True, slots=True)
+class _Target:
+    ip: str
+    dnat: str  # "10.244.1.5:8080" or "[fd00::5]:8080"
+    affinity: str | None  # the endpoint's affinity set
+
+
+def _pick(nf: str, proto: str, targets: list[_Target]) -> list[str]:
+    """Rules that DNAT a new connection to one of ``targets``: sticky clients first, then
+    endpoint i of n with probability 1/(n - i) (uniform overall).
+
+    Each endpoint has a hairpin rule (the client is that endpoint: mark for masquerade)
+    and a rule for everyone else; the two exclude each other by source address, so each
+    draws its random number once. (No numgen vmap: that needs an anonymous map per chain
+    and the kernel names anonymous sets by a scan of the table — quadratic. No chain per
+    endpoint: nft lists every chain from the kernel on each run, so chains are what a
+    small transaction costs.)
+    """
+    rules = []
+    masq = f"meta mark set meta mark | {MASQ_MARK}"
+    l4 = f"meta l4proto {proto}"
+    for t in targets:
+        if t.affinity is not None:
+            sticky = f"{nf} saddr @{t.affinity} update @{t.affinity} {{ {nf} saddr }}"
+            rules.append(f"{l4} {nf} saddr {t.ip} {sticky} {masq} dnat to {t.dnat}")
+            rules.append(f"{l4} {nf} saddr != {t.ip} {sticky} dnat to {t.dnat}")
     n = len(targets)
-    for i, (chain, _) in enumerate(targets):
-        rules.append(
-            f"numgen random mod {n - i} == 0 goto {chain}" if i < n - 1 else f"goto {chain}"
-        )
+    for i, t in enumerate(targets):
+        draw = f"numgen random mod {n - i} == 0 " if i < n - 1 else ""
+        update = f"update @{t.affinity} {{ {nf} saddr }} " if t.affinity is not None else ""
+        rules.append(f"{l4} {nf} saddr {t.ip} {draw}{update}{masq} dnat to {t.dnat}")
+        rules.append(f"{l4} {nf} saddr != {t.ip} {draw}{update}dnat to {t.dnat}")
     return rules
 
 
@@ -403,22 +429,19 @@ def _family_objects(
     cluster_cidrs = _cidrs(config.cluster_cidrs, version)
     objs: list[Obj] = []
 
-    # Endpoint chains (shared by the internal and the external path) and affinity sets.
+    # Endpoints: affinity sets, and the dump's record of which endpoints are programmed.
     names = PortNames(name)
-    targets: dict[tuple[IPAddress, int], tuple[str, str | None]] = {}
+    mark = str(int(port_hash(name), 16))  # decimal, as nft prints it back
+    targets: dict[tuple[IPAddress, int], _Target] = {}
     for ep in _unique([*internal, *external]):
         ep_ip = str(ep.ip)
-        chain = names.endpoint(ep, ep_ip)
-        rules = [f"{nf} saddr {ep_ip} jump {MARK_MASQ}"]
         aset = None
         if affinity is not None:
             aset = names.affinity(ep, ep_ip, affinity)
             objs.append(Set(nf, aset, _addr_type(nf), timeout=affinity))
-            rules.append(f"update @{aset} {{ {nf} saddr }}")
-        target = f"[{ep_ip}]:{ep.port}" if nf == "ip6" else f"{ep_ip}:{ep.port}"
-        rules.append(f"meta l4proto {proto} dnat to {target}")
-        objs.append(Chain(nf, chain, tuple(rules)))
-        targets[(ep.ip, ep.port)] = (chain, aset)
+        dnat = f"[{ep_ip}]:{ep.port}" if nf == "ip6" else f"{ep_ip}:{ep.port}"
+        targets[(ep.ip, ep.port)] = _Target(ep_ip, dnat, aset)
+        objs.append(Element(nf, SERVICE_ENDPOINTS, f"{ep_ip} . {ep.port} . {mark}", "", label))
     internal_targets = [targets[(ep.ip, ep.port)] for ep in internal]
     external_targets = [targets[(ep.ip, ep.port)] for ep in external]
 
@@ -431,7 +454,7 @@ def _family_objects(
             rules.append(f"{match} jump {MARK_MASQ}")
         elif cluster_cidrs:
             rules.append(f"{match} {nf} saddr != {_set_literal(cluster_cidrs)} jump {MARK_MASQ}")
-        rules += _pick(nf, internal_targets)
+        rules += _pick(nf, proto, internal_targets)
         objs.append(Chain(nf, names.service, tuple(rules)))
         objs.append(Element(nf, SERVICE_IPS, vip, f"goto {names.service}", label))
     else:
@@ -441,13 +464,24 @@ def _family_objects(
         return objs
 
     # External traffic: NodePort, external IPs, LoadBalancer IPs.
-    if external:
+    addresses = sorted(
+        {ip for ip in (*svc.external_ips, *svc.load_balancer_ips) if ip.version == version},
+        key=int,
+    )
+    cluster_policy = svc.external_traffic_policy is TrafficPolicy.CLUSTER
+    if external and cluster_policy and external_targets == internal_targets:
+        # The common case needs no chain of its own: the frontends are in the
+        # masquerade sets and go straight to the service chain.
+        to_external = f"goto {names.service}"
+        ip_map, port_map = SERVICE_IPS, SERVICE_NODEPORTS
+        for ip in addresses:
+            objs.append(Element(nf, MASQ_IPS, f"{ip} . {proto} . {svc.port}", "", label))
+        if svc.node_port is not None:
+            objs.append(Element(nf, MASQ_NODEPORTS, f"{proto} . {svc.node_port}", "", label))
+    elif external:
         rules = []
-        if svc.external_traffic_policy is TrafficPolicy.CLUSTER:
+        if cluster_policy:
             rules.append(f"jump {MARK_MASQ}")
-            if external_targets == internal_targets:
-                external_targets = []  # the service chain picks from the same endpoints
-                rules.append(f"goto {names.service}")
         elif internal:
             # Pods and the node itself reaching an external address use the cluster-wide
             # path (no reason to drop them); node-originated traffic is masqueraded.
@@ -455,7 +489,7 @@ def _family_objects(
                 rules.append(f"{nf} saddr {_set_literal(cluster_cidrs)} goto {names.service}")
             rules.append(f"fib saddr type local jump {MARK_MASQ}")
             rules.append(f"fib saddr type local goto {names.service}")
-        rules += _pick(nf, external_targets)
+        rules += _pick(nf, proto, external_targets)
         objs.append(Chain(nf, names.external, tuple(rules)))
         to_external = f"goto {names.external}"
         ip_map, port_map = SERVICE_IPS, SERVICE_NODEPORTS
@@ -463,8 +497,7 @@ def _family_objects(
         to_external = no_endpoints
         ip_map, port_map = NO_EP_SERVICES, NO_EP_NODEPORTS
 
-    addresses = [ip for ip in (*svc.external_ips, *svc.load_balancer_ips) if ip.version == version]
-    for ip in sorted(set(addresses), key=int):
+    for ip in addresses:
         objs.append(Element(nf, ip_map, f"{ip} . {proto} . {svc.port}", to_external, label))
     if svc.node_port is not None:
         objs.append(Element(nf, port_map, f"{proto} . {svc.node_port}", to_external, label))

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 from itertools import count
 
 import pytest
+from kpy_nftables import NftablesBackend
 
 from kpy.backend import Backend, BackendConfig, BackendError, parse_networks
 from kpy.model import ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.conformance import BackendConformance, run
-from kpy_nftables import NftablesBackend
 from tests.conftest import require_root
 
 _names = count()
@@ -82,13 +82,13 @@ def test_failed_transaction_keeps_rules_and_forces_a_full_sync(netns: str) -> No
     # Sabotage: a hand-made rule in a chain the next partial sync deletes keeps it
     # referenced, so the kernel refuses the whole transaction.
     gone = states.pop(0)
-    ep_chain = next(
+    svc_chain = next(
         line.split()[1]
         for line in before.splitlines()
-        if line.strip().startswith("chain endpoint-") and "ns-0/svc-0/" in line
+        if line.strip().startswith("chain service-") and "ns-0/svc-0/" in line
     )
     nft(netns, "add", "chain", "ip", "kpy", "hand-made")
-    nft(netns, "add", "rule", "ip", "kpy", "hand-made", "jump", ep_chain)
+    nft(netns, "add", "rule", "ip", "kpy", "hand-made", "jump", svc_chain)
     with pytest.raises(BackendError):
         run(backend.apply(b.plan(states, full_sync=False, removed=[gone.name])))
     after = nft(netns, "list", "ruleset")
