@@ -493,31 +493,36 @@ class Reflector:
         if metrics is not None:
             metrics.relisted(self.path.rsplit("/", 1)[1])
         seen: set[ObjectKey] = set()
-        token = ""
         rv = ""
         count = 0
-        while True:
-            params = self._params()
-            if self.source.page_size > 0:
-                params["limit"] = str(self.source.page_size)
-            if token:
-                params["continue"] = token
-            items, meta = await self._list_page(params)
-            if not token:
-                rv = meta.get("resourceVersion", "")
-                if not isinstance(rv, str) or not rv:
-                    raise ProtocolError("list without metadata.resourceVersion")
-            for obj in items:
-                found = self._key(obj)
-                if found is not None:
-                    seen.add(found[0])
-                    self._upsert(obj, *found)
-                count += 1
-                if count % 2000 == 0:
-                    await asyncio.sleep(0)  # let the other reflectors read meanwhile
-            token = meta.get("continue") or ""
-            if not isinstance(token, str) or not token:
-                break
+        fetch: asyncio.Task[tuple[Sequence[Any], dict[str, Any]]] | None = asyncio.create_task(
+            self._list_page(self._page_params(""))
+        )
+        try:
+            while fetch is not None:
+                items, meta = await fetch
+                fetch = None
+                if not rv:
+                    rv = meta.get("resourceVersion", "")
+                    if not isinstance(rv, str) or not rv:
+                        raise ProtocolError("list without metadata.resourceVersion")
+                token = meta.get("continue") or ""
+                if isinstance(token, str) and token:
+                    # Ask for the next page now: the server builds it while this one is
+                    # converted (the token is all the next request needs).
+                    fetch = asyncio.create_task(self._list_page(self._page_params(token)))
+                for obj in items:
+                    found = self._key(obj)
+                    if found is not None:
+                        seen.add(found[0])
+                        self._upsert(obj, *found)
+                    count += 1
+                    if count % 100 == 0:
+                        await asyncio.sleep(0)  # the fetch and the other reflectors go on
+        finally:
+            if fetch is not None:
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
         for key in [k for k in self.known if k not in seen]:
             # Gone while we were not watching: the relist is the only news of it.
             self._delete(key, self.known[key])
@@ -531,6 +536,14 @@ class Reflector:
             relist=self.lists > 1,
         )
         self.listed.set()
+
+    def _page_params(self, token: str) -> dict[str, str]:
+        params = self._params()
+        if self.source.page_size > 0:
+            params["limit"] = str(self.source.page_size)
+        if token:
+            params["continue"] = token
+        return params
 
     async def _list_page(self, params: dict[str, str]) -> tuple[Sequence[Any], dict[str, Any]]:
         """One list request: its items and its list metadata."""
