@@ -10,7 +10,10 @@ event (the service port re-selected) to the return of the partial apply, i.e. wh
 restore has been committed and the kernel holds the rule (``SAMPLES`` samples, every
 other one removing or adding an endpoint); *restore lines/bytes* are the size of that
 change's ``iptables-restore`` input; *save lines* is the size of ``iptables-save`` after
-the cold sync; *RSS* is the benchmark process's peak resident set.
+the cold sync; *RSS* is the peak resident set of the process that ran the case (one
+process per case: the rendered and held objects, the Plan and the synthetic input).
+A third timing, *full resync*, is a second full apply with nothing to change: it reads
+both families back with ``iptables-save`` and diffs.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import logging
 import os
 import resource
 import statistics
 import subprocess
+import sys
 import time
 
 import structlog
@@ -64,6 +69,10 @@ def run(mode: str, size: int) -> dict[str, object]:
             text=True,
             check=True,
         ).stdout
+        started = time.perf_counter()
+        resync = asyncio.run(backend.apply(b.plan(states, node_info=node)))
+        resync_s = time.perf_counter() - started
+        assert resync.ops == 0
         times, lines, sizes = [], [], []
         for i in range(SAMPLES):
             index = (i * 7919) % len(states)
@@ -96,6 +105,7 @@ def run(mode: str, size: int) -> dict[str, object]:
             "cold_s": round(cold_s, 2),
             "cold_lines": cold.size,
             "save_lines": save.count("\n"),
+            "resync_s": round(resync_s, 2),
             "p50_ms": round(statistics.median(times), 1),
             "p90_ms": round(q[8], 1),
             "lines": f"{min(lines)}-{max(lines)}",
@@ -110,20 +120,34 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--one", help="MODE:SIZE — run one case, print JSON (internal)")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    if args.one:
+        mode, size = args.one.split(":")
+        print(json.dumps(run(mode, int(size))))
+        return
     print(
         "| flavour | services | cold sync (s) | cold restore lines | iptables-save lines "
+        "| full resync, no change (s) "
         "| one change p50 (ms) | p90 (ms) | restore lines per change | bytes per change "
         "| peak RSS (MB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for mode in args.modes.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
-            r = run(mode, size)
+            # each case in a process of its own, so peak RSS is that case's
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", f"{mode}:{size}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            r = json.loads(out.strip().splitlines()[-1])
             print(
                 f"| {r['mode']} | {r['services']} | {r['cold_s']} | {r['cold_lines']} "
-                f"| {r['save_lines']} | {r['p50_ms']} | {r['p90_ms']} | {r['lines']} "
+                f"| {r['save_lines']} | {r['resync_s']} | {r['p50_ms']} | {r['p90_ms']} "
+                f"| {r['lines']} "
                 f"| {r['bytes']} | {r['rss_mb']} |",
                 flush=True,
             )

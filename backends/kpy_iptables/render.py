@@ -320,7 +320,7 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
         if nodeport_match is not None:
             np = f"-p {proto} {note} -m addrtype --dst-type LOCAL {dport} {svc.node_port}"
             drop(np, reject=not usable)
-    if svc.load_balancer_source_ranges:
+    if svc.load_balancer_source_ranges and external:
         for match in lb_matches:
             drop(match, reject=False)  # sources outside the ranges were not DNATed
 

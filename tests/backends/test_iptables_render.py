@@ -367,3 +367,13 @@ def test_a_large_removal_is_split_so_no_chain_is_deleted_while_referenced() -> N
                 chain = line[3:]
                 assert not references.get(chain), f"{chain} deleted while {references[chain]}"
     assert all(not refs for refs in references.values())
+
+
+def test_source_ranges_without_endpoints_reject_rather_than_drop() -> None:
+    svc = b.service(
+        "lb", cluster_ip="10.96.0.12", type="LoadBalancer", node_port=30081,
+        lb_ips=["172.18.0.50"], source_ranges=["203.0.113.0/24"],
+    )  # fmt: skip
+    objs = render.render_port(b.state(svc, []), CTX)
+    targets = [rule.rsplit(" -j ", 1)[1] for rule in rules(objs, FILTER, "KPY-SERVICES")]
+    assert targets == ["REJECT --reject-with icmp-port-unreachable"] * 3
