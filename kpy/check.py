@@ -325,10 +325,11 @@ def _external_checks(
                     continue
                 expect, timeout = expectation(state, IPFamily.of(ip))
                 probe = Probe("client", proto, str(ip), svc.node_port, timeout=timeout)
-                checks.append(_probe(name, "node-port", f"client → {node}", probe, expect))
+                source = f"client → {node}"
+                answer = replace(expect, client=None)
+                checks.append(_probe(name, "node-port", source, probe, answer))
                 if expect.client is not None and ip.version == 4:
-                    kept = replace(expect, pods=None)
-                    checks.append(_probe(name, "source-ip-kept", f"client → {node}", probe, kept))
+                    checks.append(_probe(name, "source-ip-kept", source, probe, expect))
     entry_state = states.get(entry)
     if entry_state is None:
         return checks
@@ -588,11 +589,12 @@ def check_lab(
     *,
     on_result: Callable[[Result], None] | None = None,
     only: Sequence[str] = (),
+    state_dir: Path | None = None,
 ) -> list[Result]:
     """Run the whole catalog against the running lab (``kpy lab up``)."""
     from kpy import lab  # the lab module pulls in process management only when used
 
-    state = lab.load()
+    state = lab.load(state_dir or lab.STATE_DIR)
     if state is None:
         raise lab.LabError("no lab is up (kpy lab up)")
     cluster = state.cluster()
@@ -625,12 +627,23 @@ def command() -> Any:
         help="Derive the checks from these manifests (default: the lab's).",
     )
     @click.option(
+        "--lab-state-dir",
+        envvar="KPY_LAB_STATE_DIR",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="The lab to check (default /run/kpy-lab).",
+    )
+    @click.option(
         "--kubeconfig",
         default=None,
         help="Check a real cluster through a netshoot pod (not implemented yet; see docs/lab.md).",
     )
     def check(
-        output: str, only: tuple[str, ...], manifests: tuple[Path, ...], kubeconfig: str | None
+        output: str,
+        only: tuple[str, ...],
+        manifests: tuple[Path, ...],
+        lab_state_dir: Path | None,
+        kubeconfig: str | None,
     ) -> None:
         """Connectivity checks per Service (curl / nc -u / dig), run in the lab's namespaces.
 
@@ -644,7 +657,7 @@ def command() -> Any:
                 "deploy/netshoot.yaml and docs/lab.md show the manual steps"
             )
         try:
-            results = check_lab(list(manifests), only=only)
+            results = check_lab(list(manifests), only=only, state_dir=lab_state_dir)
         except lab.LabError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(to_json(results) if output == "json" else table(results))

@@ -62,18 +62,18 @@ class LabState:
     source: str = "manifests"
     agents: dict[str, int] = field(default_factory=dict)  # node name → pid
     started: float = 0.0
+    health_base: int = HEALTH_PORT_BASE  # node i's health server: 127.0.0.1:<base + i>
+    metrics_base: int = METRICS_PORT_BASE
 
     def cluster(self) -> Cluster:
         """The lab's cluster description (built already; nothing is created by this)."""
         return Cluster(self.nodes, self.pods_per_node, prefix=self.prefix, echo=ECHO_PORTS)
 
-    @staticmethod
-    def health_port(index: int) -> int:
-        return HEALTH_PORT_BASE + index
+    def health_port(self, index: int) -> int:
+        return self.health_base + index
 
-    @staticmethod
-    def metrics_port(index: int) -> int:
-        return METRICS_PORT_BASE + index
+    def metrics_port(self, index: int) -> int:
+        return self.metrics_base + index
 
 
 def state_file(state_dir: Path = STATE_DIR) -> Path:
@@ -147,7 +147,7 @@ def ready(state: LabState) -> dict[str, bool]:
     return result
 
 
-def wait_ready(state: LabState, timeout: float = 30.0) -> None:
+def wait_ready(state: LabState, timeout: float = 30.0, state_dir: Path = STATE_DIR) -> None:
     deadline = time.monotonic() + timeout
     while True:
         status = ready(state)
@@ -155,7 +155,7 @@ def wait_ready(state: LabState, timeout: float = 30.0) -> None:
             return
         for node, pid in state.agents.items():
             if not _alive(pid):
-                raise LabError(f"the agent of {node} exited; see {STATE_DIR}/{node}.log")
+                raise LabError(f"the agent of {node} exited; see {state_dir}/{node}.log")
         if time.monotonic() > deadline:
             waiting = ", ".join(n for n, ok in status.items() if not ok)
             raise LabError(f"agents not ready after {timeout:.0f}s: {waiting}")
@@ -170,14 +170,22 @@ def up(
     manifests: Path = Path("examples"),
     state_dir: Path = STATE_DIR,
     timeout: float = 30.0,
+    prefix: str = PREFIX,
+    health_base: int = HEALTH_PORT_BASE,
+    metrics_base: int = METRICS_PORT_BASE,
 ) -> LabState:
-    """Build the lab, start echo servers and agents, wait until every agent has synced."""
-    if load(state_dir) is not None or any(p.name.startswith(PREFIX + "-") for p in _netns_dir()):
+    """Build the lab, start echo servers and agents, wait until every agent has synced.
+
+    ``prefix``, ``state_dir`` and the port bases let a second lab (a test) run beside one.
+    """
+    if load(state_dir) is not None or any(p.name.startswith(prefix + "-") for p in _netns_dir()):
         raise LabError("a lab is already up (kpy lab status; kpy lab down)")
     if not manifests.exists():
         raise LabError(f"manifests {manifests} not found")
     state = LabState(
-        prefix=PREFIX,
+        prefix=prefix,
+        health_base=health_base,
+        metrics_base=metrics_base,
         nodes=nodes,
         pods_per_node=pods_per_node,
         backend=backend,
@@ -193,7 +201,7 @@ def up(
             log_path = state_dir / f"{node.name}.log"
             state.agents[node.name] = _start_agent(agent_argv(state, node), log_path)
             _save(state, state_dir)
-        wait_ready(state, timeout)
+        wait_ready(state, timeout, state_dir)
     except BaseException:
         down(state_dir)
         raise
@@ -248,13 +256,14 @@ def _stop(pids: list[int], grace: float = 5.0) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def down(state_dir: Path = STATE_DIR) -> list[str]:
+def down(state_dir: Path = STATE_DIR, prefix: str | None = None) -> list[str]:
     """Stop the agents and echo servers, delete every lab namespace; the names removed.
 
-    Idempotent, and works without the state file (after a crash) by name.
+    Idempotent, and works without the state file (after a crash) by name (``prefix``,
+    default ``kpy-lab``).
     """
     state = load(state_dir)
-    prefix = state.prefix if state is not None else PREFIX
+    prefix = prefix or (state.prefix if state is not None else PREFIX)
     recorded = list(state.agents.values()) if state is not None else []
     pids = sorted({p for p in recorded if _is_agent(p, prefix)} | set(_lab_agents(prefix)))
     _stop(pids)
@@ -272,7 +281,8 @@ def _is_agent(pid: int, prefix: str) -> bool:
 def status(state_dir: Path = STATE_DIR) -> dict[str, Any]:
     """What is up: namespaces, agents (alive, ready), echo servers."""
     state = load(state_dir)
-    leftovers = [p.name for p in _netns_dir() if p.name.startswith(PREFIX + "-")]
+    prefix = state.prefix if state is not None else PREFIX
+    leftovers = [p.name for p in _netns_dir() if p.name.startswith(prefix + "-")]
     if state is None:
         return {"up": False, "leftover_namespaces": leftovers}
     cluster = state.cluster()
@@ -348,8 +358,18 @@ def command() -> Any:
     import click
 
     @click.group("lab")
-    def lab() -> None:
+    @click.option(
+        "--state-dir",
+        envvar="KPY_LAB_STATE_DIR",
+        default=str(STATE_DIR),
+        show_default=True,
+        type=click.Path(path_type=Path),
+        help="Where the lab records what it made.",
+    )
+    @click.pass_context
+    def lab(ctx: click.Context, state_dir: Path) -> None:
         """A multi-node cluster in network namespaces on this machine (no Kubernetes)."""
+        ctx.obj = state_dir
 
     @lab.command("up")
     @click.option("--nodes", default=2, show_default=True, type=click.IntRange(1, 9))
@@ -365,8 +385,14 @@ def command() -> Any:
         help="Services, EndpointSlices and Nodes the agents watch (edit them live).",
     )
     @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for ready.")
+    @click.pass_obj
     def up_cmd(
-        nodes: int, pods_per_node: int, backend: str, manifests: Path, timeout: float
+        state_dir: Path,
+        nodes: int,
+        pods_per_node: int,
+        backend: str,
+        manifests: Path,
+        timeout: float,
     ) -> None:
         """Build the namespaces, start the pods' echo servers and one agent per node."""
         if os.geteuid() != 0:
@@ -378,24 +404,27 @@ def command() -> Any:
                 backend=backend,
                 manifests=manifests,
                 timeout=timeout,
+                state_dir=state_dir,
             )
         except LabError as exc:
             raise click.ClickException(str(exc)) from None
-        click.echo(render_status(status()))
+        click.echo(render_status(status(state_dir)))
 
     @lab.command("status")
     @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
-    def status_cmd(output: str) -> None:
+    @click.pass_obj
+    def status_cmd(state_dir: Path, output: str) -> None:
         """What is up: namespaces, addresses, agents, echo servers."""
-        data = status()
+        data = status(state_dir)
         click.echo(json.dumps(data, indent=2) if output == "json" else render_status(data))
         if not data["up"]:
             sys.exit(1)
 
     @lab.command("down")
-    def down_cmd() -> None:
+    @click.pass_obj
+    def down_cmd(state_dir: Path) -> None:
         """Stop the agents and echo servers and delete every lab namespace (idempotent)."""
-        removed = down()
+        removed = down(state_dir)
         click.echo(f"removed {len(removed)} namespaces" if removed else "nothing to remove")
 
     return lab
