@@ -11,6 +11,9 @@ be programmed), it can (everything is), an EndpointSlice changes, the API server
 away while a Service is deleted and the history is compacted (the rules stay, health
 turns stale), it comes back (the relist removes the Service), and SIGTERM (exit 0).
 The agent also posts its ``Starting`` Event through the API.
+
+With root, the same path drives the real nftables backend inside a network namespace,
+and the oracle is a real TCP connection to the Service's ClusterIP.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -30,6 +34,7 @@ from typing import Any
 import pytest
 
 from kpy.testing.apiserver import FakeApiServer
+from tests.conftest import require_root
 
 PLUGIN = '''
 """A backend whose "kernel" is a JSON file, rewritten atomically on every apply."""
@@ -178,6 +183,41 @@ async def until(check: Callable[[], bool], agent: Agent, what: str, timeout: flo
         await asyncio.sleep(0.05)
 
 
+def kpy_run(api_url: str, backend: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "kpy",
+        "run",
+        "--source",
+        "kube",
+        "--master",
+        api_url,
+        "--node",
+        NODE,
+        "--backend",
+        backend,
+        "--min-sync-period",
+        "50ms",
+        "--healthz-bind-address",
+        "127.0.0.1:0",
+        "--metrics-bind-address",
+        "127.0.0.1:0",
+        "--no-conntrack-cleanup",
+        "--log-format",
+        "json",
+        *extra,
+    ]
+
+
+def agent_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KPY_")},
+        "KUBECONFIG": str(tmp_path / "no-such-kubeconfig"),
+        **extra,
+    }
+
+
 def test_kpy_run_source_kube_end_to_end(tmp_path: Path, plugin: Path) -> None:
     state = tmp_path / "state.json"
 
@@ -190,36 +230,10 @@ def test_kpy_run_source_kube_end_to_end(tmp_path: Path, plugin: Path) -> None:
             api.create(endpoint_slice("gone-1", "gone", "10.244.0.6"))
             # The Node cannot be listed yet: Services and slices can.
             api.fail_next(1000, 500, paths=("/api/v1/nodes",))
+            env = agent_env(tmp_path, PYTHONPATH=str(plugin), KPY_TEST_STATE=str(state))
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "kpy",
-                "run",
-                "--source",
-                "kube",
-                "--master",
-                api.url,
-                "--node",
-                NODE,
-                "--backend",
-                "filestate",
-                "--min-sync-period",
-                "50ms",
-                "--healthz-bind-address",
-                "127.0.0.1:0",
-                "--metrics-bind-address",
-                "127.0.0.1:0",
-                "--healthz-stale-after",
-                "1s",
-                "--no-conntrack-cleanup",
-                "--log-format",
-                "json",
-                env={
-                    **{k: v for k, v in os.environ.items() if not k.startswith("KPY_")},
-                    "PYTHONPATH": str(plugin),
-                    "KPY_TEST_STATE": str(state),
-                    "KUBECONFIG": str(tmp_path / "no-such-kubeconfig"),
-                },
+                *kpy_run(api.url, "filestate", "--healthz-stale-after", "1s"),
+                env=env,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
             )
@@ -311,3 +325,126 @@ async def run_scenario(api: FakeApiServer, agent: Agent, state: Path) -> None:
     agent.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(agent.proc.wait(), 10) == 0
     assert programmed(state) == {WEB: ["10.244.0.5:8080", "10.244.0.7:8080"]}
+
+
+# --------------------------------------------------------------------------- real kernel
+
+
+def nftables_unavailable() -> str | None:
+    from kpy import backend
+
+    entry = backend.load_backends().get("nftables")
+    if entry is None or entry.factory is None:
+        return "the nftables backend is not installed"
+    return entry.factory(backend.BackendConfig()).probe()
+
+
+def in_ns(ns: str, *command: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *command]
+
+
+def ask(ns: str) -> str:
+    """Connect to the ClusterIP from inside the node's namespace; the endpoint's name."""
+    result = subprocess.run(
+        in_ns(ns, "socat", "-T", "2", "-", "TCP:10.96.0.10:80,connect-timeout=2"),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=10,
+    )
+    return result.stdout.strip() if result.returncode == 0 else f"failed: {result.stderr.strip()}"
+
+
+@pytest.mark.root
+def test_kpy_run_source_kube_programs_nftables_in_a_namespace(tmp_path: Path) -> None:
+    require_root()
+    reason = nftables_unavailable()
+    if reason is not None:
+        pytest.skip(f"nftables backend cannot run here: {reason}")
+    ns = f"kpy-ka{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        for command in (
+            ["ip", "link", "set", "lo", "up"],
+            ["ip", "addr", "add", "192.168.50.2/32", "dev", "lo"],
+            ["ip", "addr", "add", "10.244.0.5/32", "dev", "lo"],
+            ["ip", "addr", "add", "10.244.0.6/32", "dev", "lo"],
+            # The node's own traffic to a ClusterIP needs a route before DNAT (as a
+            # real node's default route provides).
+            ["ip", "route", "add", "10.96.0.0/12", "dev", "lo"],
+        ):
+            subprocess.run(in_ns(ns, *command), check=True)
+        for address, name in (("10.244.0.5", "pod-a"), ("10.244.0.6", "pod-b")):
+            listen = f"TCP-LISTEN:8080,bind={address},reuseaddr,fork"
+            servers.append(
+                subprocess.Popen(
+                    in_ns(ns, "socat", listen, f"SYSTEM:echo {name}"),
+                    start_new_session=True,
+                )
+            )
+        asyncio.run(_nftables_scenario(tmp_path, ns))
+    finally:
+        for server in servers:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+async def _nftables_scenario(tmp_path: Path, ns: str) -> None:
+    async with FakeApiServer() as api:
+        api.create(node())
+        api.create(service("web", "10.96.0.10"))
+        api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
+        env = agent_env(tmp_path)
+        proc = await asyncio.create_subprocess_exec(
+            *kpy_run(api.url, "nftables", "--netns", ns),
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        agent = Agent(proc)
+        answers: list[str] = []
+
+        async def answered(expected: str) -> None:
+            async def check() -> bool:
+                answers.append(await asyncio.to_thread(ask, ns))
+                return answers[-1] == expected
+
+            deadline = time.monotonic() + 30
+            while not await check():
+                assert proc.returncode is None, agent.text()
+                assert time.monotonic() < deadline, f"{answers[-5:]}\n{agent.text()}"
+                await asyncio.sleep(0.1)
+
+        try:
+            await answered("pod-a")
+            api.update(endpoint_slice("web-1", "web", "10.244.0.6"))
+            await answered("pod-b")
+            # The API server goes away and the Service is deleted meanwhile: the rules
+            # stay exactly as they were.
+            await api.stop()
+            api.delete("Service", "default", "web")
+            api.delete("EndpointSlice", "default", "web-1")
+            api.expire()
+            await until(
+                lambda: any(e.get("event") == "kube_unreachable" for e in agent.logs),
+                agent,
+                "unreachable",
+            )
+            await asyncio.sleep(1.0)
+            assert await asyncio.to_thread(ask, ns) == "pod-b"
+            # Back: the relist deletes the Service, and its ClusterIP stops answering.
+            await api.start()
+            deadline = time.monotonic() + 40
+            while (answer := await asyncio.to_thread(ask, ns)) == "pod-b":
+                assert time.monotonic() < deadline, agent.text()
+                await asyncio.sleep(0.2)
+            assert answer.startswith("failed"), answer
+            agent.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await agent.reader
