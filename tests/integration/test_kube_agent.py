@@ -33,7 +33,11 @@ from typing import Any
 
 import pytest
 
+from kpy.agent import Agent as KpyAgent
+from kpy.runner import RunnerTimes
+from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
 from kpy.testing.apiserver import FakeApiServer
+from kpy.testing.fake_backend import FakeBackend
 from tests.conftest import require_root
 
 PLUGIN = '''
@@ -181,6 +185,73 @@ async def until(check: Callable[[], bool], agent: Agent, what: str, timeout: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}:\n{agent.text()}")
         await asyncio.sleep(0.05)
+
+
+def test_api_changes_become_the_right_plans() -> None:
+    """In process: the real Agent on the kube source; the Plans the backend receives."""
+
+    async def main() -> None:
+        async with FakeApiServer() as api:
+            api.create(node())
+            api.create(service("web", "10.96.0.10"))
+            api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
+            api.create(service("gone", "10.96.0.11"))
+            source = KubeSource(
+                ApiTarget.from_url(api.url),
+                NODE,
+                backoff=BackoffPolicy(initial=0.02, maximum=0.2),
+            )
+            backend = FakeBackend()
+            agent = KpyAgent(
+                node_name=NODE,
+                source=source,
+                backend=backend,
+                times=RunnerTimes(min_interval=0.01, full_interval=3600),
+            )
+            task = asyncio.create_task(agent.run())
+
+            async def plans(n: int) -> None:
+                deadline = time.monotonic() + 10
+                while len(backend.plans) < n:
+                    assert not task.done(), task
+                    assert time.monotonic() < deadline, backend.plans
+                    await asyncio.sleep(0.01)
+
+            def names(keys: frozenset[Any]) -> set[str]:
+                return {str(k) for k in keys}
+
+            try:
+                await plans(1)
+                first = backend.plans[0]
+                assert first.full_sync and names(frozenset(first.services)) == {WEB, GONE}
+                assert first.node.name == NODE and [str(a) for a in first.node.addresses] == [
+                    "192.168.50.2"
+                ]
+                web = next(s for k, s in first.services.items() if str(k) == WEB)
+                assert [str(e.ip) for e in web.endpoints] == ["10.244.0.5"]
+
+                api.update(endpoint_slice("web-1", "web", "10.244.0.5", "10.244.0.7"))
+                await plans(2)
+                second = backend.plans[1]
+                assert not second.full_sync
+                assert names(second.changed) == {WEB} and not second.removed
+                web = next(s for k, s in second.services.items() if str(k) == WEB)
+                assert sorted(str(e.ip) for e in web.endpoints) == ["10.244.0.5", "10.244.0.7"]
+
+                api.delete("Service", "default", "gone")
+                await plans(3)
+                third = backend.plans[2]
+                assert names(third.removed) == {GONE} and names(frozenset(third.services)) == {WEB}
+
+                api.create(service("new", "10.96.0.12"))
+                await plans(4)
+                assert names(backend.plans[3].changed) == {"default/new:http/TCP"}
+                assert set(backend.programmed) == {WEB, "default/new:http/TCP"}
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
 
 
 def kpy_run(api_url: str, backend: str, *extra: str) -> list[str]:
