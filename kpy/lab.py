@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +65,15 @@ class LabState:
     started: float = 0.0
     health_base: int = HEALTH_PORT_BASE  # node i's health server: 127.0.0.1:<base + i>
     metrics_base: int = METRICS_PORT_BASE
+    api_pid: int | None = None  # --source kube: the fake API server serving the manifests
+
+    @property
+    def api_port(self) -> int:
+        return self.health_base  # node indexes start at 1: base + 0 is free
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
 
     def cluster(self) -> Cluster:
         """The lab's cluster description (built already; nothing is created by this)."""
@@ -101,7 +111,8 @@ def agent_argv(state: LabState, node: topo.Node, *, log_level: str = "info") -> 
     return [
         sys.executable, "-m", "kpy", "run",
         "--source", state.source,
-        "--manifests", state.manifests,
+        *(["--master", state.api_url] if state.source == "kube" else
+          ["--manifests", state.manifests]),
         "--backend", state.backend,
         "--netns", node.netns.name,
         "--node", node.name,
@@ -116,8 +127,8 @@ def agent_argv(state: LabState, node: topo.Node, *, log_level: str = "info") -> 
     ]  # fmt: skip
 
 
-def _start_agent(argv: list[str], log_path: Path) -> int:
-    """Start a detached agent (own session, outlives this process); its pid."""
+def _start_detached(argv: list[str], log_path: Path) -> int:
+    """Start a detached process (own session, outlives this process); its pid."""
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             ["setsid", "-f", "sh", "-c", 'echo $$; exec "$@" >&2', "kpy-agent", *argv],
@@ -130,8 +141,20 @@ def _start_agent(argv: list[str], log_path: Path) -> int:
             pid_line = proc.stdout.readline().decode().strip()
         proc.wait()
     if not pid_line.isdigit():
-        raise LabError(f"agent did not start: {' '.join(argv)}")
+        raise LabError(f"could not start: {' '.join(argv)}")
     return int(pid_line)
+
+
+def _wait_port(port: int, pid: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if not _alive(pid) or time.monotonic() > deadline:
+                raise LabError(f"the fake API server did not listen on port {port}") from None
+            time.sleep(0.1)
 
 
 def ready(state: LabState) -> dict[str, bool]:
@@ -168,6 +191,7 @@ def up(
     pods_per_node: int = 2,
     backend: str = "nftables",
     manifests: Path = Path("examples"),
+    source: str = "manifests",
     state_dir: Path = STATE_DIR,
     timeout: float = 30.0,
     prefix: str = PREFIX,
@@ -175,6 +199,9 @@ def up(
     metrics_base: int = METRICS_PORT_BASE,
 ) -> LabState:
     """Build the lab, start echo servers and agents, wait until every agent has synced.
+
+    ``source`` "kube" puts the fake Kubernetes API server (kpy.testing.apiserver) in
+    front of the manifests, so the agents run the real ``kube`` source (list + watch).
 
     ``prefix``, ``state_dir`` and the port bases let a second lab (a test) run beside one.
     """
@@ -190,6 +217,7 @@ def up(
         pods_per_node=pods_per_node,
         backend=backend,
         manifests=str(manifests.resolve()),
+        source=source,
         started=time.time(),
     )
     cluster = state.cluster()
@@ -197,9 +225,15 @@ def up(
     try:
         cluster.build()
         cluster.start_echo(ECHO_PORTS, log_dir=state_dir)
+        if source == "kube":
+            argv = [sys.executable, "-m", "kpy", "testing", "apiserver", "--from", state.manifests,
+                    "--host", "127.0.0.1", "--port", str(state.api_port)]  # fmt: skip
+            state.api_pid = _start_detached(argv, state_dir / "apiserver.log")
+            _save(state, state_dir)
+            _wait_port(state.api_port, state.api_pid)
         for node in cluster.nodes:
             log_path = state_dir / f"{node.name}.log"
-            state.agents[node.name] = _start_agent(agent_argv(state, node), log_path)
+            state.agents[node.name] = _start_detached(agent_argv(state, node), log_path)
             _save(state, state_dir)
         wait_ready(state, timeout, state_dir)
     except BaseException:
@@ -266,6 +300,8 @@ def down(state_dir: Path = STATE_DIR, prefix: str | None = None) -> list[str]:
     prefix = prefix or (state.prefix if state is not None else PREFIX)
     recorded = list(state.agents.values()) if state is not None else []
     pids = sorted({p for p in recorded if _is_agent(p, prefix)} | set(_lab_agents(prefix)))
+    if state is not None and state.api_pid is not None and "apiserver" in _cmdline(state.api_pid):
+        pids.append(state.api_pid)
     _stop(pids)
     removed = topo.remove_stale(prefix)
     with contextlib.suppress(FileNotFoundError):
@@ -384,6 +420,13 @@ def command() -> Any:
         type=click.Path(path_type=Path, exists=True),
         help="Services, EndpointSlices and Nodes the agents watch (edit them live).",
     )
+    @click.option(
+        "--source",
+        type=click.Choice(["manifests", "kube"]),
+        default="manifests",
+        show_default=True,
+        help="kube: the agents list+watch a fake API server that serves the manifests.",
+    )
     @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for ready.")
     @click.pass_obj
     def up_cmd(
@@ -392,6 +435,7 @@ def command() -> Any:
         pods_per_node: int,
         backend: str,
         manifests: Path,
+        source: str,
         timeout: float,
     ) -> None:
         """Build the namespaces, start the pods' echo servers and one agent per node."""
@@ -403,6 +447,7 @@ def command() -> Any:
                 pods_per_node=pods_per_node,
                 backend=backend,
                 manifests=manifests,
+                source=source,
                 timeout=timeout,
                 state_dir=state_dir,
             )

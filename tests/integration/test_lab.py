@@ -215,3 +215,45 @@ def test_down_after_a_crash_finds_the_leftovers_by_name(tmp_path: Path, manifest
     removed = lab.down(tmp_path, prefix=prefix)
     assert len(removed) == 4 and namespaces(prefix) == []
     assert not any(Path(f"/proc/{pid}").exists() for pid in state.agents.values())
+
+
+def test_the_kube_source_through_the_fake_api_server(tmp_path: Path, manifests: Path) -> None:
+    """The agents list+watch a fake API server serving the manifests; edits travel as
+    watch events."""
+    require_root()
+    prefix = f"kpy-k{os.getpid()}"
+    state_dir = tmp_path / "state"
+    state = lab.up(
+        nodes=2, backend=BACKEND, manifests=manifests, source="kube", state_dir=state_dir,
+        prefix=prefix, health_base=PORTS + 200, metrics_base=PORTS + 205,
+    )  # fmt: skip
+    api_pid = state.api_pid
+    try:
+        assert api_pid is not None and lab.status(state_dir)["source"] == "kube"
+        results = check.check_lab(state_dir=state_dir, only=["local-external", "web-dual"])
+        assert results and all(r.status == "pass" for r in results), check.table(results)
+        path = manifests / "19-no-endpoints.yaml"
+        original = path.read_text()
+        docs = list(yaml.safe_load_all(original))
+        for doc in docs:
+            if doc["kind"] == "EndpointSlice":
+                doc["endpoints"] = [{"addresses": ["10.244.2.3"], "nodeName": "node-2"}]
+        path.write_text(yaml.safe_dump_all(docs))
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                results = check.check_lab(state_dir=state_dir, only=["no-endpoints"])
+                # the catalog follows the file at once, the rules once the watch delivers it
+                if {r.check for r in results} == {"cluster-ip"} and all(
+                    r.status == "pass" for r in results
+                ):
+                    break
+                assert time.monotonic() < deadline, check.table(results)
+                time.sleep(0.5)
+            assert all(r.reason == "answered by pod-2b" for r in results), check.table(results)
+        finally:
+            path.write_text(original)
+    finally:
+        lab.down(state_dir, prefix=prefix)
+    assert namespaces(prefix) == []
+    assert not Path(f"/proc/{api_pid}").exists()
