@@ -303,20 +303,32 @@ async def request(
     params: Mapping[str, str] | None = None,
     body: bytes | None = None,
     content_type: str = "application/json",
+    *,
+    connect_timeout: float | None = None,
 ) -> Response:
     """Send one request on a new connection and read the status line and headers.
 
-    The caller reads the body and closes the response; timeouts are the caller's.
+    ``connect_timeout`` bounds the TCP connect and the TLS handshake (a black-holed
+    address or a peer that never answers the handshake); the caller reads the body,
+    closes the response and bounds the rest.
     """
     headers = await asyncio.to_thread(target.auth) if target.auth_may_block else target.auth()
     query = f"?{urlencode(params)}" if params else ""
-    reader, writer = await asyncio.open_connection(
-        target.host,
-        target.port,
-        ssl=target.ssl_context,
-        server_hostname=(target.server_hostname or target.host) if target.ssl_context else None,
-        limit=1 << 22,
-    )
+    try:
+        async with asyncio.timeout(connect_timeout):
+            reader, writer = await asyncio.open_connection(
+                target.host,
+                target.port,
+                ssl=target.ssl_context,
+                server_hostname=(target.server_hostname or target.host)
+                if target.ssl_context
+                else None,
+                limit=1 << 22,
+            )
+    except TimeoutError:
+        raise TimeoutError(
+            f"no connection to {target.host}:{target.port} within {connect_timeout} s"
+        ) from None
     try:
         _keepalive(writer.get_extra_info("socket"))
         host = f"[{target.host}]" if ":" in target.host else target.host
@@ -403,7 +415,7 @@ class Timeouts:
     watch: float = 300.0  # timeoutSeconds asked for; randomised up to twice this
     watch_grace: float = 30.0  # a watch silent this long past its timeout is abandoned
     list: float = 120.0  # a list (or other request) that takes longer is retried
-    connect: float = 10.0
+    connect: float = 10.0  # TCP connect + TLS handshake
 
 
 class Reflector:
@@ -548,7 +560,13 @@ class Reflector:
     async def _list_page(self, params: dict[str, str]) -> tuple[Sequence[Any], dict[str, Any]]:
         """One list request: its items and its list metadata."""
         async with asyncio.timeout(self.source.timeouts.list):
-            response = await request(self.source.target, "GET", self.path, params)
+            response = await request(
+                self.source.target,
+                "GET",
+                self.path,
+                params,
+                connect_timeout=self.source.timeouts.connect,
+            )
             try:
                 data = await response.body()
             finally:
@@ -592,7 +610,13 @@ class Reflector:
             metrics.watch_reconnected(self.path.rsplit("/", 1)[1])
         self.watch_attempts += 1
         async with asyncio.timeout(seconds + timeouts.watch_grace):
-            response = await request(self.source.target, "GET", self.path, params)
+            response = await request(
+                self.source.target,
+                "GET",
+                self.path,
+                params,
+                connect_timeout=self.source.timeouts.connect,
+            )
             try:
                 if response.status != 200:
                     body = await response.body()
@@ -849,7 +873,15 @@ class KubeSource:
 
     async def _call(self, method: str, path: str, body: bytes, content_type: str) -> JSON:
         async with asyncio.timeout(self.timeouts.list):
-            response = await request(self.target, method, path, None, body, content_type)
+            response = await request(
+                self.target,
+                method,
+                path,
+                None,
+                body,
+                content_type,
+                connect_timeout=self.timeouts.connect,
+            )
             try:
                 data = await response.body()
             finally:

@@ -610,6 +610,49 @@ current-context: x
     asyncio.run(main())
 
 
+def test_a_peer_that_never_completes_the_handshake_is_abandoned(tmp_path: Path) -> None:
+    """TCP accepted, TLS never answered: the connect timeout, not the 2-minute list one."""
+    tls = make_tls(tmp_path)
+
+    async def main() -> None:
+        held: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)  # accept and say nothing
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        target = ApiTarget.from_configuration(_configuration(f"https://127.0.0.1:{port}", tls.ca))
+        kube = KubeSource(target, NODE, backoff=FAST, timeouts=Timeouts(connect=0.2, list=120))
+        sink = RecordingSink()
+        async with server:
+            with capture_logs() as logs:
+                task = asyncio.create_task(kube.run(sink))
+                try:
+                    await until(lambda: bool(sink.connections), timeout=5, what="reported")
+                    assert sink.connections[-1][0] is False
+                    assert "no connection to 127.0.0.1" in sink.connections[-1][1]
+                    await until(lambda: len(held) >= 6, timeout=5, what="retries")
+                    assert any(e["event"] == "kube_unreachable" for e in logs)
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    for w in held:
+                        w.transport.abort()
+
+    asyncio.run(main())
+
+
+def _configuration(host: str, ca: Path) -> Any:
+    """A client Configuration as the kubeconfig loader would leave it."""
+    from kubernetes import client
+
+    configuration = client.Configuration()
+    configuration.host = host
+    configuration.ssl_ca_cert = str(ca)
+    return configuration
+
+
 # --------------------------------------------------------------------------- chunked lists
 
 
