@@ -257,3 +257,30 @@ def test_the_kube_source_through_the_fake_api_server(tmp_path: Path, manifests: 
         lab.down(state_dir, prefix=prefix)
     assert namespaces(prefix) == []
     assert not Path(f"/proc/{api_pid}").exists()
+
+
+def test_the_backend_is_a_flag_iptables_passes_the_same_checks(
+    tmp_path: Path, manifests: Path
+) -> None:
+    require_root()
+    reason = backends.create("iptables", backends.BackendConfig()).probe()
+    if reason is not None:
+        pytest.skip(f"backend iptables cannot run here: {reason}")
+    prefix = f"kpy-i{os.getpid()}"
+    state = lab.up(
+        nodes=2, backend="iptables", manifests=manifests, state_dir=tmp_path, prefix=prefix,
+        health_base=PORTS + 300, metrics_base=PORTS + 305,
+    )  # fmt: skip
+    try:
+        assert state.backend == "iptables"
+        results = check.check_lab(state_dir=tmp_path)
+        assert len(results) > 30
+        assert all(r.status == "pass" for r in results), check.table(results)
+        rules = subprocess.run(
+            ["ip", "netns", "exec", f"{prefix}-node-1", "iptables-save", "-t", "nat"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert "KPY-" in rules
+    finally:
+        lab.down(tmp_path, prefix=prefix)
+    assert namespaces(prefix) == []
