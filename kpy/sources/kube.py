@@ -590,9 +590,12 @@ class Reflector:
     # -- watch
 
     async def watch(self) -> bool:
-        """Watch from the current rv until the stream ends; True if it ended cleanly.
+        """Watch from the current rv until the stream ends cleanly.
 
-        Raises :class:`_Expired` when the rv is too old.
+        False for a "very short watch" (client-go's term): it ended within a second
+        without a single object event — a server or proxy closing watches at once, to be
+        backed off from rather than hammered. Raises :class:`_Expired` when the rv is too
+        old.
         """
         timeouts = self.source.timeouts
         seconds = max(1, int(timeouts.watch * (1 + random.random())))
@@ -603,7 +606,7 @@ class Reflector:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(seconds),
         }
-        got_event = False
+        objects = 0
         started = time.monotonic()
         metrics = self.source.metrics
         if metrics is not None and self.watch_attempts > 0:
@@ -627,17 +630,18 @@ class Reflector:
                 self.watches += 1
                 try:
                     async for line in response.lines():
-                        self._on_line(line)
-                        got_event = True
+                        objects += self._on_line(line)
                 except (OSError, asyncio.IncompleteReadError, ProtocolError) as exc:
                     raise _Interrupted(f"{type(exc).__name__}: {exc}") from None
             finally:
                 response.close()
-        if got_event or time.monotonic() - started > 5:
+        lasted = time.monotonic() - started
+        if objects or lasted > 5:
             self._backoff.reset()
-        return True
+        return objects > 0 or lasted >= 1.0
 
-    def _on_line(self, line: bytes) -> None:
+    def _on_line(self, line: bytes) -> bool:
+        """Apply one watch event; True if it was an object event (not a BOOKMARK)."""
         try:
             event = json.loads(line)
             etype, obj = event["type"], event["object"]
@@ -648,7 +652,7 @@ class Reflector:
                 event=line[:200].decode("utf-8", "replace"),
                 note="skipped",
             )
-            return
+            return False
         if etype == "ERROR":
             code = obj.get("code") if isinstance(obj, dict) else None
             reason = obj.get("reason", "") if isinstance(obj, dict) else ""
@@ -664,13 +668,13 @@ class Reflector:
             )
             if isinstance(rv, str) and rv:
                 self.resource_version = rv
-            return
+            return False
         if etype not in ("ADDED", "MODIFIED", "DELETED"):
             log.warning("kube_watch_event_unknown", kind=str(self.kind), type=str(etype))
-            return
+            return False
         found = self._key(obj)
         if found is None:
-            return
+            return True  # an object event, skipped (warned)
         key, rv = found
         if etype == "DELETED":
             self._delete(key, obj)
@@ -678,6 +682,7 @@ class Reflector:
             self._upsert(obj, key, rv)
         if rv:
             self.resource_version = rv
+        return True
 
     # -- the loop
 
@@ -691,8 +696,15 @@ class Reflector:
                     await self.list()
                     need_list = False
                     self._backoff.reset()
-                await self.watch()
-                # A clean end (the server's timeout): re-watch at once from the last rv.
+                if not await self.watch():
+                    log.warning(
+                        "kube_watch_short",
+                        kind=str(self.kind),
+                        note="the server ended the watch at once without changes; backing off",
+                    )
+                    delay = self._backoff.next()
+                # Otherwise a clean end (the server's timeout): re-watch at once from the
+                # last rv.
             except _Expired as exc:
                 log.info(
                     "kube_watch_expired",

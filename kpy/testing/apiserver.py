@@ -1153,6 +1153,8 @@ class FakeApiServer:
             timeout = float(req.query.get("timeoutSeconds", "") or self.max_watch_seconds)
         except ValueError:
             raise ApiError(400, "BadRequest", "timeoutSeconds must be a number") from None
+        if timeout <= 0:  # 0 means "the server's default", as an absent timeoutSeconds
+            timeout = self.max_watch_seconds
         timeout = min(timeout, self.max_watch_seconds)
         if rv is not None and rv > store.rv:
             raise ApiError(504, "Timeout", f"Too large resource version: {rv}, current: {store.rv}")
@@ -1200,6 +1202,14 @@ class FakeApiServer:
         while True:
             now = loop.time()
             if now >= deadline:
+                # Changes committed before the end are delivered first, so the final
+                # BOOKMARK's resourceVersion never claims an event the client did not get.
+                while not watch.queue.empty():
+                    item = watch.queue.get_nowait()
+                    if isinstance(item, Change):
+                        event = self._event_for(watch.selector, item)
+                        if event is not None:
+                            await self._send(writer, event)
                 if bookmarks:
                     await self._send(writer, self._bookmark(watch.resource, self.store.rv))
                 return True

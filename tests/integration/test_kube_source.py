@@ -342,6 +342,26 @@ def test_stalled_watch_is_abandoned_and_renewed() -> None:
 # --------------------------------------------------------------------------- backoff
 
 
+def test_watches_closed_at_once_are_backed_off_not_hammered() -> None:
+    """A server (or a proxy) that ends every watch immediately, with only a BOOKMARK."""
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1)
+        started = kube.services.watch_attempts
+        await asyncio.sleep(1.0)
+        # Backoff 0.05 s doubling: a handful of attempts a second, not hundreds.
+        assert 2 <= kube.services.watch_attempts - started <= 10
+        api.create(service("later"))  # still delivered by the next short watch
+        await until(lambda: sink.versions() == server_versions(api), what="convergence")
+
+    run(
+        test,
+        setup=basic,
+        server={"max_watch_seconds": 0},
+        source={"backoff": BackoffPolicy(initial=0.05, maximum=0.4)},
+    )
+
+
 def test_server_errors_are_retried_with_backoff() -> None:
     def setup(api: FakeApiServer) -> None:
         basic(api)

@@ -301,6 +301,27 @@ def test_timeout_seconds_closes_the_stream_with_a_final_bookmark() -> None:
     run(test)
 
 
+def test_a_watch_ending_at_once_delivers_its_changes_before_the_final_bookmark() -> None:
+    async def test(api: FakeApiServer) -> None:
+        api.create(svc("a"))
+        since = api.resource_version
+        api.create(svc("b"))
+        api.create(node("n1"))
+        reply = await call(
+            api,
+            "GET",
+            f"/api/v1/services?watch=1&resourceVersion={since}&allowWatchBookmarks=true",
+        )
+        events = reply.events()
+        assert [(e["type"], e["object"]["metadata"].get("name")) for e in events] == [
+            ("ADDED", "b"),
+            ("BOOKMARK", None),
+        ]
+        assert events[1]["object"]["metadata"]["resourceVersion"] == api.resource_version
+
+    run(test, max_watch_seconds=0)  # every watch ends at once (timeoutSeconds 0: default)
+
+
 def test_periodic_bookmarks_only_when_allowed() -> None:
     async def test(api: FakeApiServer) -> None:
         api.create(svc("a"))
