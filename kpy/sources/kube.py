@@ -41,8 +41,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import structlog
+import yaml
 
 from kpy import __version__
+from kpy.config import ConfigError
 from kpy.sources import Event, EventType, Kind, Sink
 
 if TYPE_CHECKING:
@@ -69,8 +71,8 @@ IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 IN_CLUSTER_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 
 
-class KubeConfigError(Exception):
-    """No usable API server configuration; the message says what was tried."""
+class KubeConfigError(ConfigError):
+    """No usable API server configuration; the message says what was tried or what failed."""
 
 
 class ApiStatusError(Exception):
@@ -179,31 +181,40 @@ def load_target(
     ``KUBERNETES_SERVICE_HOST``/``PORT`` in the DaemonSet, which in-cluster reads.
     """
     env = os.environ if environ is None else environ
-    # The client is needed for configuration only (and its functions are untyped).
+    # The client is needed for configuration only (and its functions are untyped: the
+    # modules are held as Any, so nothing untyped leaks past this function).
     client: Any = importlib.import_module("kubernetes.client")
     config: Any = importlib.import_module("kubernetes.config")
 
     configuration = client.Configuration()
-    if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    elif env.get("KUBERNETES_SERVICE_HOST") and os.path.exists(token_file):
-        loader = config.incluster_config.InClusterConfigLoader(
-            token_filename=token_file, cert_filename=ca_file, environ=env
-        )
-        loader.load_and_set(configuration)
-    elif master:
-        configuration.host = master if "://" in master else f"https://{master}"
-    else:
-        default = env.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-        if not os.path.exists(default.split(os.pathsep)[0]):
-            raise KubeConfigError(
-                "no API server: not in a cluster (no KUBERNETES_SERVICE_HOST and service "
-                "account token), no --kubeconfig, no --master, and no default kubeconfig"
+    where = "in-cluster configuration"
+    try:
+        if kubeconfig:
+            where = kubeconfig
+            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        elif env.get("KUBERNETES_SERVICE_HOST") and os.path.exists(token_file):
+            loader = config.incluster_config.InClusterConfigLoader(
+                token_filename=token_file, cert_filename=ca_file, environ=env
             )
-        config.load_kube_config(client_configuration=configuration)
-    if master:
-        configuration.host = master if "://" in master else f"https://{master}"
-    return ApiTarget.from_configuration(configuration)
+            loader.load_and_set(configuration)
+        elif master:
+            configuration.host = master if "://" in master else f"https://{master}"
+        else:
+            where = env.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+            if not os.path.exists(where.split(os.pathsep)[0]):
+                raise KubeConfigError(
+                    "no API server: not in a cluster (no KUBERNETES_SERVICE_HOST and service "
+                    "account token), no --kubeconfig, no --master, and no default kubeconfig"
+                )
+            config.load_kube_config(config_file=where, client_configuration=configuration)
+        if master:
+            where = f"--master {master}"
+            configuration.host = master if "://" in master else f"https://{master}"
+        return ApiTarget.from_configuration(configuration)
+    except (config.ConfigException, yaml.YAMLError, OSError, ValueError, TypeError) as exc:
+        if isinstance(exc, KubeConfigError):
+            raise
+        raise KubeConfigError(f"{where}: {type(exc).__name__}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- HTTP/1.1

@@ -843,6 +843,23 @@ def test_dev_command_serves_a_manifests_directory(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["garbage: [", "apiVersion: v1\nkind: Config\n", None],
+    ids=["not-yaml", "no-current-context", "missing-file"],
+)
+def test_unusable_kubeconfig_is_a_configuration_error(tmp_path: Path, text: str | None) -> None:
+    from kpy.config import ConfigError
+    from kpy.sources.kube import KubeConfigError
+
+    path = tmp_path / "kubeconfig"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(KubeConfigError, match=str(path)) as info:
+        load_target(kubeconfig=str(path), environ={})
+    assert isinstance(info.value, ConfigError)  # `kpy run` reports it as "error: ..."
+
+
 def test_required_permissions_cover_what_the_source_uses() -> None:
     perms = {(g, r): set(v) for g, r, v in REQUIRED_PERMISSIONS}
     assert {"list", "watch"} <= perms[("", "services")]
