@@ -167,7 +167,11 @@ def run(
     reason = backend.probe()
     if reason is not None:
         _fail(f"backend {config.mode} cannot run here: {reason}")
-    source = _make_source(config)
+    try:
+        source = _make_source(config)
+    except cfg.ConfigError as exc:  # e.g. no usable kubeconfig for --source kube
+        _fail(str(exc))
+        return
     node_ips = config.node_ips
     agent = Agent(
         node_name=config.node_name(),
