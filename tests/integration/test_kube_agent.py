@@ -519,3 +519,19 @@ async def _nftables_scenario(tmp_path: Path, ns: str) -> None:
                 proc.kill()
                 await proc.wait()
             await agent.reader
+
+
+def test_unusable_kubeconfig_fails_with_a_message(tmp_path: Path, plugin: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    env = agent_env(tmp_path, PYTHONPATH=str(plugin), KPY_TEST_STATE=str(tmp_path / "s"))
+    result = subprocess.run(
+        [*kpy_run("http://127.0.0.1:1", "filestate"), "--kubeconfig", str(kubeconfig)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {kubeconfig}: ") and "current-context" in result.stderr
+    assert "Traceback" not in result.stderr
