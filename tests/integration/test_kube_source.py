@@ -550,6 +550,31 @@ def test_in_cluster_config_with_master_override(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_in_cluster_service_host_and_port_reach_the_fake_server_over_tls(tmp_path: Path) -> None:
+    """KUBERNETES_SERVICE_HOST/PORT set to the API server itself (the DaemonSet override)."""
+    tls = make_tls(tmp_path)
+    token = tmp_path / "token"
+    token.write_text("sa-token")
+
+    async def main() -> None:
+        async with FakeApiServer(token="sa-token", ssl_context=tls.server_context()) as api:
+            basic(api)
+            env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(api.port)}
+            target = load_target(environ=env, token_file=str(token), ca_file=str(tls.ca))
+            assert target.url == api.url and target.auth_may_block  # the token is re-read
+            kube = KubeSource(target, NODE, backoff=FAST)
+            sink = RecordingSink()
+            task = asyncio.create_task(kube.run(sink))
+            try:
+                await until(lambda: sink.synced_count == 1, what="synced in-cluster over TLS")
+                assert sink.versions() == server_versions(api)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
 def test_in_cluster_config_without_override(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("t")
     ca = make_ca(tmp_path)
