@@ -19,6 +19,7 @@ Options (``BackendConfig.options``): ``iptables_mode`` = ``auto`` (default), ``n
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import structlog
@@ -105,7 +106,8 @@ class IptablesBackend:
         )
 
     async def observe(self) -> Programmed:
-        saved = [await self._read(family) for family in render.FAMILIES]
+        families = await self._kernel.families()
+        saved = [await self._read(family) for family in families]
         return observe_.programmed(self.name, saved)
 
     async def cleanup(self) -> None:
@@ -114,7 +116,7 @@ class IptablesBackend:
             for mode in MODES:
                 if not self._kernel.available(mode):
                     continue
-                for family in render.FAMILIES:
+                for family in await self._kernel.families():
                     have = observe_.parse(await self._kernel.save(family, mode), family).objects
                     limit = render.CHUNK_LINES if mode == "nft" else None
                     inputs = render.restores(diff.compute(have, {}), limit)
@@ -134,9 +136,13 @@ class IptablesBackend:
         return observe_.parse(await self._kernel.save(family), family)
 
     async def _full(self, plan: Plan) -> diff.Diff[Key, Rules]:
+        families = await self._kernel.families()
+        if families != self._ctx.families:
+            log.warning("iptables_family_unavailable", families=families)
+            self._ctx = dataclasses.replace(self._ctx, families=families)
         self._ports = render.render(plan, self._ctx)
         self._want = render.desired(self._ctx, self._ports)
-        self._have = observe_.merge([await self._read(family) for family in render.FAMILIES])
+        self._have = observe_.merge([await self._read(family) for family in families])
         return diff.compute(self._have, self._want)
 
     def _partial(self, plan: Plan) -> diff.Diff[Key, Rules]:

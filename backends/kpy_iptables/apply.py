@@ -40,6 +40,7 @@ class Kernel:
         self.netns = netns
         self.forced = mode if mode in MODES else None
         self._mode: str | None = self.forced
+        self._families: tuple[int, ...] | None = None
 
     def _argv(self, *argv: str) -> list[str]:
         if self.netns:
@@ -110,6 +111,16 @@ class Kernel:
         if self._mode is not None:
             return self._mode
         return await asyncio.to_thread(self.detect)
+
+    async def families(self) -> tuple[int, ...]:
+        """(4, 6), or (4,) when ip6tables cannot run here (IPv6 disabled or missing)."""
+        if self._families is None:
+            try:
+                await self._run([tool(await self.mode(), 6, "save"), "-t", "nat"])
+                self._families = (4, 6)
+            except (IptablesError, OSError):
+                self._families = (4,)
+        return self._families
 
     async def save(self, family: int, mode: str | None = None) -> str:
         """``iptables-save -c`` of the filter and nat tables."""

@@ -98,6 +98,7 @@ class Context:
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     nodeport_addresses: tuple[IPNetwork, ...] = ()
     masquerade_all: bool = False
+    families: tuple[int, ...] = FAMILIES  # 6 left out where the host has no ip6tables
 
     def cidrs(self, family: int) -> tuple[IPNetwork, ...]:
         return tuple(c for c in self.cluster_cidrs if c.version == family)
@@ -221,7 +222,7 @@ def render_port(state: ServicePortState, ctx: Context) -> Objects:
     if not svc.has_vip:
         return {}
     objs: Objects = {}
-    families = sorted({ip.version for ip in svc.cluster_ips})
+    families = sorted({ip.version for ip in svc.cluster_ips} & set(ctx.families))
     for family in families:
         _render_family(state, ctx, family, objs)
     return objs
@@ -346,9 +347,9 @@ def render(plan: Plan, ctx: Context) -> dict[ServicePortName, Objects]:
 
 
 def desired(ctx: Context, ports: Mapping[ServicePortName, Objects]) -> Objects:
-    """The whole wanted state: the fixed part of both families and every port's objects."""
+    """The whole wanted state: the fixed part of each family and every port's objects."""
     want: Objects = {}
-    for family in FAMILIES:
+    for family in ctx.families:
         want.update(base(ctx, family))
     for objs in ports.values():
         want.update(objs)

@@ -377,3 +377,16 @@ def test_source_ranges_without_endpoints_reject_rather_than_drop() -> None:
     objs = render.render_port(b.state(svc, []), CTX)
     targets = [rule.rsplit(" -j ", 1)[1] for rule in rules(objs, FILTER, "KPY-SERVICES")]
     assert targets == ["REJECT --reject-with icmp-port-unreachable"] * 3
+
+
+def test_a_host_without_ip6tables_gets_ipv4_objects_only() -> None:
+    ctx = render.Context(families=(4,))
+    v6 = b.state(b.service("v6", cluster_ip="fd00:96::18"), [b.endpoint("fd00:244:1::5")])
+    dual = b.state(
+        b.service("dual", cluster_ip=["10.96.0.30", "fd00:96::30"]),
+        [b.endpoint("10.244.1.5"), b.endpoint("fd00:244:1::5")],
+    )
+    assert render.render_port(v6, ctx) == {}
+    assert {k.family for k in render.render_port(dual, ctx)} == {4}
+    assert {k.family for k in render.render_port(dual, CTX)} == {4, 6}
+    assert {k.family for k in render.desired(ctx, {})} == {4}
