@@ -88,7 +88,7 @@ def parse(text: str, family: int) -> Saved:
     return saved
 
 
-def _shares(rules: Iterable[tuple[str, int]]) -> list[tuple[str, float]]:
+def shares(rules: Iterable[tuple[str, int]]) -> list[tuple[str, float]]:
     """(target, share of new connections) for the statistic jumps of a spread chain."""
     result: list[tuple[str, float]] = []
     left = 1.0
@@ -163,7 +163,7 @@ def services(saved: Iterable[Saved]) -> dict[str, ServiceView]:
                         extra[f"chain {m.group(1)}"] = chain
                 continue
             if chain.startswith(("KPY-SVC-", "KPY-SVL-")):
-                for sep, share in _shares(rules):
+                for sep, share in shares(rules):
                     extra[f"share {chain} {sep}"] = f"{share:.4f}"
             for rule, _ in rules:
                 target = _TARGET.search(rule)

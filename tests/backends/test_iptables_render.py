@@ -200,7 +200,7 @@ def test_spread_gives_every_endpoint_an_equal_share() -> None:
     eps = [b.endpoint(f"10.244.1.{i}") for i in range(10, 15)]
     objs = render.render_port(b.state(b.service("five"), eps), render.Context())
     jumps = [(r, 0) for r in chain(objs, "SVC")]
-    shares = [share for _, share in observe._shares(jumps)]
+    shares = [share for _, share in observe.shares(jumps)]
     assert len(shares) == 5
     assert all(abs(s - 0.2) < 1e-6 for s in shares)
 
