@@ -7,9 +7,10 @@ tracker), and each semantic the resulting per-node Plans promise becomes a check
 ========================  ============================================================
 check                     expectation
 ========================  ============================================================
-cluster-ip                from a pod on every node, each cluster IP (each family)
-                          answers from one of the endpoints that node's Plan uses
-                          (so internalTrafficPolicy Local shows: only local pods)
+cluster-ip                from a pod on every node and from every node itself, each
+                          cluster IP (each family) answers from one of the endpoints
+                          that node's Plan uses (internalTrafficPolicy Local: only
+                          local pods)
 udp                       the same for UDP Services (``nc -u``)
 no-endpoints              refused at once (TCP reset / ICMP), not left to time out
 load-spread               many new connections reach every endpoint
@@ -245,28 +246,32 @@ def catalog(
         if svc.protocol not in (L4.TCP, L4.UDP):
             continue
         proto: Literal["http", "udp"] = "udp" if svc.protocol is L4.UDP else "http"
-        # from a pod on every node, to every cluster IP
+        # from a pod on every node and from every node itself, to every cluster IP
         for node, state in states.items():
+            senders: list[tuple[str, str, tuple[IPAddress, ...]]] = []
             pod = view.first_pod(node)
-            if pod is None:
-                continue
-            for vip in svc.cluster_ips:
-                family = IPFamily.of(vip)
-                if _same_family(vip, pod.ips) is None:
-                    continue
-                targets = state.internal_for(family)
-                probe = Probe(pod.name, proto, str(vip), svc.port)
-                if not targets:
-                    kind: Literal["answer", "refused", "dropped"] = (
-                        "refused" if not state.has_endpoints else "dropped"
-                    )
-                    if kind == "dropped":
-                        probe = replace(probe, timeout=DROP_TIMEOUT)
-                    check = "no-endpoints" if kind == "refused" else _cip(proto)
-                    checks.append(_probe(name, check, f"{pod.name} ({node})", probe, Expect(kind)))
-                    continue
-                expect = Expect("answer", pods=_names(targets, pods))
-                checks.append(_probe(name, _cip(proto), f"{pod.name} ({node})", probe, expect))
+            if pod is not None:
+                senders.append((pod.name, f"{pod.name} ({node})", pod.ips))
+            if node in view.nodes:
+                senders.append((node, node, view.nodes[node]))
+            for sender, label, own_ips in senders:
+                for vip in svc.cluster_ips:
+                    family = IPFamily.of(vip)
+                    if _same_family(vip, own_ips) is None:
+                        continue
+                    targets = state.internal_for(family)
+                    probe = Probe(sender, proto, str(vip), svc.port)
+                    if not targets:
+                        kind: Literal["answer", "refused", "dropped"] = (
+                            "refused" if not state.has_endpoints else "dropped"
+                        )
+                        if kind == "dropped":
+                            probe = replace(probe, timeout=DROP_TIMEOUT)
+                        check = "no-endpoints" if kind == "refused" else _cip(proto)
+                        checks.append(_probe(name, check, label, probe, Expect(kind)))
+                        continue
+                    expect = Expect("answer", pods=_names(targets, pods))
+                    checks.append(_probe(name, _cip(proto), label, probe, expect))
         # behaviour over many connections, from the first node's pod
         node = node_names[0]
         first = states.get(node)

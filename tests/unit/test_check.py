@@ -52,9 +52,10 @@ def find(checks: list[check.Check], service: str, kind: str) -> list[check.Check
 
 def test_every_semantic_of_the_examples_has_a_check(checks: list[check.Check]) -> None:
     assert Counter(c.check for c in checks) == {
-        "cluster-ip": 18,  # 8 TCP Services with a VIP (dual-stack twice) from a pod on each node
-        "udp": 2,
-        "no-endpoints": 2,
+        # 8 TCP Services with a VIP (dual-stack twice), from a pod on each node and each node
+        "cluster-ip": 36,
+        "udp": 4,
+        "no-endpoints": 4,
         "load-spread": 6,
         "session-affinity": 1,
         "node-port": 6,  # three NodePort/LB Services x two nodes
@@ -71,6 +72,7 @@ def test_internal_policy_local_expects_only_the_node_s_own_pod(checks: list[chec
     by_source = {c.source: c.expect for c in find(checks, "local-internal", "cluster-ip")}
     assert by_source["pod-1a (node-1)"] == Expect("answer", pods=frozenset({"pod-1a"}))
     assert by_source["pod-2a (node-2)"] == Expect("answer", pods=frozenset({"pod-2a"}))
+    assert by_source["node-2"] == Expect("answer", pods=frozenset({"pod-2a"}))  # from the node too
 
 
 def test_external_policy_local_drops_on_the_node_without_endpoints(
@@ -88,7 +90,7 @@ def test_source_ranges_and_commands(checks: list[check.Check]) -> None:
     [blocked] = find(checks, "web-lb", "source-ranges")
     assert blocked.command == "curl -s -m 1 --interface 203.0.113.100 http://172.18.0.50:80/"
     assert blocked.expect == Expect("dropped")
-    [dns] = [c for c in find(checks, "dns", "udp") if "node-1" in c.source]
+    [dns] = [c for c in find(checks, "dns", "udp") if c.source == "pod-1a (node-1)"]
     assert dns.command == "echo hi | nc -u -w1 10.96.0.53 53"
     v6 = [c.command for c in find(checks, "web-dual", "cluster-ip")]
     assert "curl -s -m 2 http://[fd00:96::20]:80/" in v6
