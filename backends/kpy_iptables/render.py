@@ -63,7 +63,7 @@ FAMILIES = (4, 6)
 Rules = tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True, order=True, repr=False)
 class Key:
     """One kernel object: a whole chain (``rule == ""``) or one dispatch rule."""
 
@@ -71,6 +71,9 @@ class Key:
     table: str
     chain: str
     rule: str = ""
+
+    def __repr__(self) -> str:  # kpy.diff sorts keys by repr; the generated one is slow
+        return f"Key({self.family}, {self.table}, {self.chain}, {self.rule})"
 
     def __str__(self) -> str:
         where = f"ipv{self.family}/{self.table}/{self.chain}"
@@ -85,10 +88,14 @@ def owned(chain: str) -> bool:
     return chain.startswith(PREFIX) and not chain.startswith(FOREIGN_PREFIXES)
 
 
+def _hash(*parts: str) -> str:
+    """16 base32 characters of the SHA-256 of the parts (10 bytes make 16 characters)."""
+    return base64.b32encode(hashlib.sha256("/".join(parts).encode()).digest()[:10]).decode()
+
+
 def chain_name(kind: str, *parts: str) -> str:
     """``KPY-<kind>-`` and a stable 16-character hash: a restarted agent finds the same name."""
-    digest = hashlib.sha256("/".join(parts).encode()).digest()
-    return f"KPY-{kind}-{base64.b32encode(digest).decode()[:16]}"
+    return f"KPY-{kind}-{_hash(*parts)}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,10 +126,6 @@ def _host(ip: IPAddress | IPNetwork) -> str:
     if isinstance(ip, IPAddress):
         return f"{ip}/{ip.max_prefixlen}"
     return str(ip)
-
-
-def _to(ep: Endpoint) -> str:
-    return str(ep)  # 10.244.1.5:8080 or [fd00::5]:8080, as --to-destination prints it
 
 
 def probability(p: float) -> str:
@@ -244,11 +247,17 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
     lbs = [ip for ip in svc.load_balancer_ips if ip.version == family]
     ranges = [r for r in svc.load_balancer_source_ranges if r.version == family]
 
-    svc_chain = chain_name("SVC", name)
-    ext_chain = chain_name("EXT", name)
-    fw_chain = chain_name("FW", name)
-    svl_chain = chain_name("SVL", name)
-    seps = {ep: chain_name("SEP", name, str(ep)) for ep in {*internal, *external}}
+    port_hash = _hash(name)
+    svc_chain = f"KPY-SVC-{port_hash}"
+    ext_chain = f"KPY-EXT-{port_hash}"
+    fw_chain = f"KPY-FW-{port_hash}"
+    svl_chain = f"KPY-SVL-{port_hash}"
+    addresses = {ep: str(ep.ip) for ep in {*internal, *external}}  # formatting IPs is slow
+    targets = {
+        ep: f"[{ip}]:{ep.port}" if family == 6 else f"{ip}:{ep.port}"
+        for ep, ip in addresses.items()
+    }  # as str(Endpoint) and --to-destination print them
+    seps = {ep: f"KPY-SEP-{_hash(name, target)}" for ep, target in targets.items()}
     affinity = svc.affinity_timeout if svc.session_affinity is SessionAffinity.CLIENT_IP else None
 
     def nat(chain: str, rule: str) -> None:
@@ -329,11 +338,12 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
         if affinity is not None:
             dnat = (
                 f"-p {proto} -m recent --set --name {sep} --mask {_mask(family)} --rsource "
-                f"-j DNAT --to-destination {_to(ep)}"
+                f"-j DNAT --to-destination {targets[ep]}"
             )
         else:
-            dnat = f"-p {proto} -j DNAT --to-destination {_to(ep)}"
-        objs[Key(family, NAT, sep)] = (f"-s {_host(ep.ip)} -j {MARK_MASQ}", dnat)
+            dnat = f"-p {proto} -j DNAT --to-destination {targets[ep]}"
+        plen = 32 if family == 4 else 128
+        objs[Key(family, NAT, sep)] = (f"-s {addresses[ep]}/{plen} -j {MARK_MASQ}", dnat)
 
 
 def render(plan: Plan, ctx: Context) -> dict[ServicePortName, Objects]:
