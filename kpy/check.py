@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -85,7 +86,7 @@ class Probe:
         host = f"[{self.host}]" if ":" in self.host else self.host
         if self.protocol == "udp":
             bind = f"-s {self.bind} " if self.bind else ""
-            cmd = f"echo hi | nc -u -w1 {bind}{self.host} {self.port}"
+            cmd = f"echo hi | nc -u -W1 -w1 {bind}{self.host} {self.port}"
         else:
             bind = f"--interface {self.bind} " if self.bind else ""
             cmd = f"curl -s -m {self.timeout:g} {bind}http://{host}:{self.port}/"
@@ -420,6 +421,76 @@ class Executor(Protocol):
     def run(self, probe: Probe) -> list[Reply]: ...
 
 
+Shell = Callable[[str, str, float], tuple[int, str]]  # (source, command, timeout) → rc, stdout
+
+
+class ShellExecutor:
+    """Runs each probe as the very command shown (``curl``, ``nc -u``) through ``shell``.
+
+    In the lab ``shell`` is ``ip netns exec <source> sh -c <command>``
+    (:func:`lab_shell`); against a cluster it would be an exec into the netshoot pod.
+    The outcome comes from the command: curl's exit status (0 answer, 7 refused,
+    28 timed out) or nc's output (a reply, or none).
+    """
+
+    def __init__(self, shell: Shell) -> None:
+        self.shell = shell
+
+    def run(self, probe: Probe) -> list[Reply]:
+        single = replace(probe, count=1).command()
+        replies = []
+        for _ in range(probe.count):
+            started = time.monotonic()
+            rc, out = self.shell(probe.source, single, probe.timeout + 5)
+            replies.append(parse_output(probe, rc, out, time.monotonic() - started))
+        return replies
+
+
+def parse_output(probe: Probe, rc: int, out: str, seconds: float) -> Reply:
+    """The outcome of one netshoot command from its exit status and output."""
+    text = out.strip()
+    if probe.protocol == "udp":
+        if text:
+            pod, _, client = text.partition(" ")
+            return Reply("answer", pod, client, seconds=seconds)
+        return Reply("refused" if rc != 0 else "timeout", seconds=seconds)
+    if rc == 0:
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            return Reply(
+                "answer", str(body.get("pod", "")), str(body.get("client", "")), seconds=seconds
+            )
+        return Reply("answer", seconds=seconds)  # a server that does not say who it is
+    if rc == 7:
+        return Reply("refused", seconds=seconds)
+    if rc == 28:
+        return Reply("timeout", seconds=seconds)
+    return Reply("error", detail=f"curl exit status {rc}", seconds=seconds)
+
+
+def lab_shell(cluster: topo.Cluster) -> Shell:
+    """Run a command inside the lab namespace named by a source (pod, node, ``client``)."""
+    names = {"client": cluster.client.name}
+    for node in cluster.nodes:
+        names[node.name] = node.netns.name
+        names.update({pod.name: pod.netns.name for pod in node.pods})
+
+    def shell(source: str, command: str, timeout: float) -> tuple[int, str]:
+        argv = ["ip", "netns", "exec", names[source], "sh", "-c", command]
+        try:
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return 28, ""
+        return done.returncode, done.stdout
+
+    return shell
+
+
 class LabExecutor:
     """Probes from sockets opened inside the lab's namespaces by this process."""
 
@@ -595,8 +666,14 @@ def check_lab(
     on_result: Callable[[Result], None] | None = None,
     only: Sequence[str] = (),
     state_dir: Path | None = None,
+    run_commands: bool = False,
 ) -> list[Result]:
-    """Run the whole catalog against the running lab (``kpy lab up``)."""
+    """Run the whole catalog against the running lab (``kpy lab up``).
+
+    ``run_commands`` runs the shown commands themselves (curl, nc) in the namespaces
+    instead of opening the same connections from this process: slower, and proof that
+    the commands a reader would copy do what the checks say.
+    """
     from kpy import lab  # the lab module pulls in process management only when used
 
     state = lab.load(state_dir or lab.STATE_DIR)
@@ -608,7 +685,8 @@ def check_lab(
     checks = catalog(plans(paths, view), view, observed=lab_observer(state))
     if only:
         checks = [c for c in checks if any(o in c.service for o in only)]
-    return run_checks(checks, LabExecutor(cluster), on_result)
+    executor: Executor = ShellExecutor(lab_shell(cluster)) if run_commands else LabExecutor(cluster)
+    return run_checks(checks, executor, on_result)
 
 
 def command() -> Any:
@@ -632,6 +710,11 @@ def command() -> Any:
         help="Derive the checks from these manifests (default: the lab's).",
     )
     @click.option(
+        "--run-commands",
+        is_flag=True,
+        help="Run the shown curl/nc commands in the namespaces (slower) instead of sockets.",
+    )
+    @click.option(
         "--lab-state-dir",
         envvar="KPY_LAB_STATE_DIR",
         type=click.Path(path_type=Path),
@@ -647,6 +730,7 @@ def command() -> Any:
         output: str,
         only: tuple[str, ...],
         manifests: tuple[Path, ...],
+        run_commands: bool,
         lab_state_dir: Path | None,
         kubeconfig: str | None,
     ) -> None:
@@ -662,7 +746,9 @@ def command() -> Any:
                 "deploy/netshoot.yaml and docs/lab.md show the manual steps"
             )
         try:
-            results = check_lab(list(manifests), only=only, state_dir=lab_state_dir)
+            results = check_lab(
+                list(manifests), only=only, state_dir=lab_state_dir, run_commands=run_commands
+            )
         except lab.LabError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(to_json(results) if output == "json" else table(results))
@@ -680,10 +766,13 @@ __all__ = [
     "Probe",
     "Reply",
     "Result",
+    "ShellExecutor",
     "catalog",
     "check_lab",
     "command",
     "evaluate",
+    "lab_shell",
+    "parse_output",
     "plans",
     "run_checks",
     "table",

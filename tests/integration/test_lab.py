@@ -136,6 +136,13 @@ def test_check_cli_json_matches_the_documented_shape(
         assert row["status"] == "pass"
 
 
+def test_the_shown_commands_themselves_pass(running: lab.LabState, state_dir: Path) -> None:
+    """Each check once more, as the real curl / nc command run inside the namespace."""
+    results = check.check_lab(state_dir=state_dir, run_commands=True)
+    assert len(results) > 50
+    assert all(r.status == "pass" for r in results), check.table(results)
+
+
 def test_a_broken_node_fails_the_checks_with_reasons(
     running: lab.LabState, state_dir: Path
 ) -> None:

@@ -91,7 +91,7 @@ def test_source_ranges_and_commands(checks: list[check.Check]) -> None:
     assert blocked.command == "curl -s -m 1 --interface 203.0.113.100 http://172.18.0.50:80/"
     assert blocked.expect == Expect("dropped")
     [dns] = [c for c in find(checks, "dns", "udp") if c.source == "pod-1a (node-1)"]
-    assert dns.command == "echo hi | nc -u -w1 10.96.0.53 53"
+    assert dns.command == "echo hi | nc -u -W1 -w1 10.96.0.53 53"
     v6 = [c.command for c in find(checks, "web-dual", "cluster-ip")]
     assert "curl -s -m 2 http://[fd00:96::20]:80/" in v6
     [name] = find(checks, "external-name", "external-name")
@@ -154,7 +154,7 @@ def test_probe_commands() -> None:
     assert Probe("p", "http", "10.96.0.10", 80).command() == "curl -s -m 2 http://10.96.0.10:80/"
     assert (
         Probe("p", "udp", "fd00:96::53", 53, count=3).command()
-        == "for i in $(seq 3); do echo hi | nc -u -w1 fd00:96::53 53; done"
+        == "for i in $(seq 3); do echo hi | nc -u -W1 -w1 fd00:96::53 53; done"
     )
 
 
@@ -190,3 +190,39 @@ def test_results_render_as_a_matrix_and_as_json() -> None:
              "status": "fail", "reason": "expected a fast refusal, got no answer within 2s"},
         ]
     }  # fmt: skip
+
+
+HTTP = Probe("pod-1a", "http", "10.96.0.10", 80)
+UDP = Probe("pod-1a", "udp", "10.96.0.53", 53)
+ECHO = '{"pod": "pod-2a", "client": "10.244.1.2"}\n'
+
+
+@pytest.mark.parametrize(
+    ("probe", "rc", "out", "expected"),
+    [
+        (HTTP, 0, ECHO, Reply("answer", "pod-2a", "10.244.1.2")),
+        (HTTP, 0, "<html>hello</html>", Reply("answer")),
+        (HTTP, 7, "", Reply("refused")),
+        (HTTP, 28, "", Reply("timeout")),
+        (HTTP, 6, "", Reply("error", detail="curl exit status 6")),
+        (UDP, 0, "pod-1b 10.244.1.2", Reply("answer", "pod-1b", "10.244.1.2")),
+        (UDP, 0, "", Reply("timeout")),
+        (UDP, 1, "", Reply("refused")),
+    ],
+    ids=["curl-echo", "curl-other-server", "curl-7", "curl-28", "curl-6", "nc-reply", "nc-silent",
+         "nc-refused"],
+)  # fmt: skip
+def test_command_output_is_parsed(probe: Probe, rc: int, out: str, expected: Reply) -> None:
+    assert check.parse_output(probe, rc, out, 0.0) == expected
+
+
+def test_the_shell_executor_runs_the_single_command_count_times() -> None:
+    calls: list[tuple[str, str]] = []
+
+    def shell(source: str, command: str, timeout: float) -> tuple[int, str]:
+        calls.append((source, command))
+        return 0, '{"pod": "a", "client": "c"}'
+
+    replies = check.ShellExecutor(shell).run(Probe("pod-1a", "http", "10.96.0.1", 80, count=3))
+    assert [r.pod for r in replies] == ["a", "a", "a"]
+    assert calls == [("pod-1a", "curl -s -m 2 http://10.96.0.1:80/")] * 3
