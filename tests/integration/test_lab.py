@@ -143,6 +143,60 @@ def test_the_shown_commands_themselves_pass(running: lab.LabState, state_dir: Pa
     assert all(r.status == "pass" for r in results), check.table(results)
 
 
+def test_cluster_mode_from_api_objects_through_a_pod_shell(
+    running: lab.LabState, state_dir: Path, manifests: Path, tmp_path: Path
+) -> None:
+    """``kpy check --kubeconfig`` without a cluster: the objects come from the fake API
+    server through the kubernetes client, and pod-1a stands in for the netshoot pod (its
+    shell runs the commands); only creating the pod and exec are not exercised."""
+    port = PORTS + 400
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kpy", "testing", "apiserver", "--from", str(manifests),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert server.stderr is not None
+        assert "fake Kubernetes API server" in server.stderr.readline().decode()
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+            "clusters": [{"name": "lab", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+            "users": [{"name": "lab", "user": {}}],
+            "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "lab"}}],
+        }))  # fmt: skip
+        client = check.kube_client(str(kubeconfig))
+        try:
+            objects = check.list_objects(client)
+        finally:
+            client.close()
+        assert {o["kind"] for o in objects} == {"Node", "Service", "EndpointSlice"}
+        cluster = running.cluster()
+        pod = cluster.pod("pod-1a")
+        shell = check.lab_shell(cluster)
+        netshoot = check.PodInfo("pod-1a", "node-1", (pod.ip, pod.ip6))
+        checks = [
+            c
+            for c in check.cluster_catalog(objects, netshoot, shell)
+            if c.check not in {"headless", "external-name"}  # the lab has no cluster DNS
+        ]
+        assert {c.check for c in checks} == {"cluster-ip", "udp", "no-endpoints"}
+        assert {c.source for c in checks} == {"pod-1a"}
+        results = check.run_checks(checks, check.ShellExecutor(shell))
+        assert all(r.status == "pass" for r in results), check.table(results)
+        # internalTrafficPolicy Local still holds from the pod's node: only pod-1a answers
+        itp = [c for c in checks if c.service.startswith("default/local-internal")]
+        assert itp and all(
+            r.reason == "answered by pod-1a"
+            for r in check.run_checks(itp, check.ShellExecutor(shell))
+        )
+    finally:
+        server.terminate()
+        server.wait()
+        assert server.stderr is not None
+        server.stderr.close()
+
+
 def test_a_broken_node_fails_the_checks_with_reasons(
     running: lab.LabState, state_dir: Path
 ) -> None:

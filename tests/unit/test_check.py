@@ -11,8 +11,10 @@ import ipaddress
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from kpy import check
 from kpy.check import Expect, Probe, Reply
@@ -226,3 +228,56 @@ def test_the_shell_executor_runs_the_single_command_count_times() -> None:
     replies = check.ShellExecutor(shell).run(Probe("pod-1a", "http", "10.96.0.1", 80, count=3))
     assert [r.pod for r in replies] == ["a", "a", "a"]
     assert calls == [("pod-1a", "curl -s -m 2 http://10.96.0.1:80/")] * 3
+
+
+def test_the_netshoot_pod_is_the_one_in_deploy() -> None:
+    manifest = yaml.safe_load((EXAMPLES.parent / "deploy" / "netshoot.yaml").read_text())
+    assert manifest == check.NETSHOOT_POD
+
+
+def cluster_objects() -> list[dict[str, Any]]:
+    objects = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return objects
+
+
+NETSHOOT = check.PodInfo("kpy-netshoot", "node-2", (ip("10.244.2.9"),))
+
+
+def scripted_dns(answers: dict[str, str]) -> check.Shell:
+    def shell(source: str, command: str, timeout: float) -> tuple[int, str]:
+        assert source == "kpy-netshoot"
+        return 0, answers.get(command, "")
+
+    return shell
+
+
+def test_cluster_catalog_checks_what_one_pod_can_see() -> None:
+    checks = check.cluster_catalog(cluster_objects(), NETSHOOT, scripted_dns({}))
+    assert {c.check for c in checks} == {"cluster-ip", "udp", "no-endpoints", "headless",
+                                         "external-name"}  # fmt: skip
+    assert {c.source for c in checks} == {"kpy-netshoot"}
+    # a real backend does not say who it is: any answer will do, except where there is none
+    by = {(c.service.split(":")[0], c.command): c.expect for c in checks}
+    assert by[("default/web", "curl -s -m 2 http://10.96.0.10:80/")] == Expect("answer")
+    # internalTrafficPolicy Local from node-2: pod-2a is local, so it answers
+    assert by[("default/local-internal", "curl -s -m 2 http://10.96.0.16:80/")] == Expect("answer")
+    assert by[("default/no-endpoints", "curl -s -m 2 http://10.96.0.17:80/")] == Expect("refused")
+
+
+def test_cluster_dns_checks_compare_dig_with_the_endpoints_and_the_cname() -> None:
+    good = {
+        "dig +short headless.default.svc.cluster.local": "10.244.2.2\n10.244.1.2\n",
+        "dig +short CNAME external-name.default.svc.cluster.local": "example.com.\n",
+    }
+    checks = check.cluster_catalog(cluster_objects(), NETSHOOT, scripted_dns(good))
+    dns = {c.check: c for c in checks if c.verify is not None}
+    assert set(dns) == {"headless", "external-name"}
+    assert dns["headless"].verify is not None and dns["external-name"].verify is not None
+    assert dns["headless"].verify() == (True, "DNS answered 10.244.1.2, 10.244.2.2")
+    assert dns["external-name"].verify() == (True, "DNS answered example.com")
+    bad = check.cluster_catalog(cluster_objects(), NETSHOOT, scripted_dns({}))
+    [headless] = [c for c in bad if c.check == "headless"]
+    assert headless.verify is not None
+    assert headless.verify() == (False, "DNS answered nothing, expected 10.244.1.2, 10.244.2.2")
