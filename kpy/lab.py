@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kpy import backend as backends
 from kpy.netns_socket import NETNS_DIR
 from kpy.testing import cluster as topo
 from kpy.testing.cluster import Cluster, EchoPorts
@@ -178,11 +179,28 @@ def wait_ready(state: LabState, timeout: float = 30.0, state_dir: Path = STATE_D
             return
         for node, pid in state.agents.items():
             if not _alive(pid):
-                raise LabError(f"the agent of {node} exited; see {state_dir}/{node}.log")
+                log_path = state_dir / f"{node}.log"
+                raise LabError(f"the agent of {node} exited: {_last_line(log_path)} ({log_path})")
         if time.monotonic() > deadline:
             waiting = ", ".join(n for n, ok in status.items() if not ok)
             raise LabError(f"agents not ready after {timeout:.0f}s: {waiting}")
         time.sleep(0.2)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "no output"
+
+
+def _probe(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this host, or None."""
+    try:
+        return backends.create(backend, backends.BackendConfig()).probe()
+    except (KeyError, backends.BackendError) as exc:
+        return str(exc).strip("'\"")
 
 
 def up(
@@ -209,6 +227,9 @@ def up(
         raise LabError("a lab is already up (kpy lab status; kpy lab down)")
     if not manifests.exists():
         raise LabError(f"manifests {manifests} not found")
+    reason = _probe(backend)
+    if reason is not None:
+        raise LabError(f"backend {backend} cannot run here: {reason} (kpy backends lists them)")
     state = LabState(
         prefix=prefix,
         health_base=health_base,
