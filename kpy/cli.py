@@ -7,7 +7,7 @@ import contextlib
 import ipaddress
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -420,7 +420,20 @@ def version_cmd() -> None:
     click.echo(f"kpy {__version__}")
 
 
-main.add_command(explain.command(_offline_plan))
+def _load_tracer(
+    name: str, config: backends.BackendConfig
+) -> Callable[[Plan, explain.Packet, explain.Origin], explain.Trace] | None:
+    """The named backend's ``trace`` method, if it has one (creating a backend object
+    touches no kernel state)."""
+    try:
+        instance = backends.create(name, config)
+    except (KeyError, backends.BackendError) as exc:
+        raise click.UsageError(str(exc)) from None
+    trace = getattr(instance, "trace", None)
+    return trace if callable(trace) else None
+
+
+main.add_command(explain.command(_offline_plan, _load_tracer))
 main.add_command(lab.command())
 main.add_command(check.command())
 

@@ -13,7 +13,11 @@ meets them. :func:`explain` is pure — Plan and options in, :class:`Explanation
 so it is table-tested and runs offline from manifests. The JSON form
 (:meth:`Explanation.to_json`) is a stable contract: ``verdict``, ``service``,
 ``endpoints``, ``masquerade``, ``reasons``, ``kernel`` (plus descriptive extras).
-``kernel`` stays empty until backends offer a packet trace of their rendered objects.
+``kernel`` lists the backend's kernel objects the packet traverses when a backend is
+named: then ``verdict``, ``endpoints`` and ``masquerade`` come from that backend's own
+:class:`Tracer` over the objects it renders (a render bug shows up in explain), not from
+this module's computation; :func:`with_trace` merges the two and records any
+disagreement as a reason.
 
 :func:`command` builds the click command; the CLI registers it with its own offline
 Plan builder, so this module imports nothing of the shell.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import json
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -31,6 +36,7 @@ from typing import Any
 import click
 
 from kpy import select
+from kpy.backend import BackendConfig
 from kpy.model import (
     Endpoint,
     IPAddress,
@@ -120,6 +126,60 @@ class Explanation:
             "excluded": [{"endpoint": e.endpoint, "reason": e.reason} for e in self.excluded],
             "affinityTimeoutSeconds": self.affinity_timeout,
         }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Trace:
+    """What one backend's rendered kernel objects do with a packet."""
+
+    verdict: Verdict
+    endpoints: tuple[str, ...] = ()  # every ip:port the packet may be sent to, sorted
+    masquerade: bool = False
+    kernel: tuple[str, ...] = ()  # the objects traversed, in order ("ip chain services", …)
+
+
+class Tracer(typing.Protocol):
+    """A backend's packet tracer: pure, over what its render produces for ``plan``.
+
+    ``origin`` is already decided (pod, node, external); ``config`` is the node's
+    backend configuration (node IPs, cluster CIDRs, NodePort addresses, masquerade-all).
+    Backends offer it as a ``trace`` method (``backend.trace(plan, packet, origin)``).
+    """
+
+    def __call__(
+        self, plan: Plan, packet: Packet, origin: Origin, config: BackendConfig
+    ) -> Trace: ...
+
+
+def with_trace(model: Explanation, trace: Trace, backend: str) -> Explanation:
+    """The explanation with the backend's traced verdict, endpoints, masquerade and
+    kernel objects; a disagreement with the model is flagged in ``reasons``."""
+    reasons = [*model.reasons, f"traced_by_{backend}"]
+    if (trace.verdict, trace.endpoints, trace.masquerade) != (
+        model.verdict,
+        model.endpoints,
+        model.masquerade,
+    ):
+        reasons.append("trace_disagrees_with_model")
+    return replace(
+        model,
+        verdict=trace.verdict,
+        endpoints=trace.endpoints,
+        masquerade=trace.masquerade,
+        kernel=trace.kernel,
+        reasons=tuple(reasons),
+    )
+
+
+def options_config(node: str, options: Options) -> BackendConfig:
+    """The BackendConfig a tracer sees for these explain options."""
+    return BackendConfig(
+        node_name=node,
+        node_ips=options.node_ips,
+        cluster_cidrs=options.cluster_cidrs,
+        nodeport_addresses=options.nodeport_addresses,
+        masquerade_all=options.masquerade_all,
+    )
 
 
 def _in(ip: IPAddress, nets: Iterable[IPNetwork]) -> bool:
@@ -352,8 +412,12 @@ def _networks(text: str) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in text.split(",") if c)
 
 
-def command(offline_plan: OfflinePlan) -> click.Command:
-    """The ``kpy explain`` command; ``offline_plan(manifests, node, node_ips)`` → Plan."""
+TracerLoader = Callable[[str, BackendConfig], Callable[[Plan, Packet, Origin], Trace] | None]
+
+
+def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) -> click.Command:
+    """The ``kpy explain`` command; ``offline_plan(manifests, node, node_ips)`` → Plan;
+    ``load_tracer(backend, config)`` → that backend's bound ``trace`` (None: it has none)."""
 
     @click.command("explain")
     @click.option("--from", "src", required=True, help="Source IP of the packet.")
@@ -382,6 +446,11 @@ def command(offline_plan: OfflinePlan) -> click.Command:
     @click.option("--cluster-cidr", default="10.244.0.0/16", show_default=True)
     @click.option("--nodeport-addresses", default="", help="CIDRs NodePorts answer on.")
     @click.option("--masquerade-all", is_flag=True, default=False)
+    @click.option(
+        "--backend",
+        default=None,
+        help="Trace the packet through this backend's rendered kernel objects.",
+    )
     @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
     def explain_cmd(
         src: str,
@@ -393,6 +462,7 @@ def command(offline_plan: OfflinePlan) -> click.Command:
         cluster_cidr: str,
         nodeport_addresses: str,
         masquerade_all: bool,
+        backend: str | None,
         output: str,
     ) -> None:
         """Why does this packet go there? Service, endpoints, policy, masquerade."""
@@ -415,6 +485,11 @@ def command(offline_plan: OfflinePlan) -> click.Command:
             raise click.UsageError(str(exc)) from None
         plan = offline_plan(manifests, node, node_ip)
         result = explain(plan, packet, options)
+        if backend is not None:
+            tracer = load_tracer(backend, options_config(node, options)) if load_tracer else None
+            if tracer is None:
+                raise click.UsageError(f"backend {backend!r} cannot trace packets")
+            result = with_trace(result, tracer(plan, packet, result.origin), backend)
         if output == "json":
             click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
         else:
@@ -430,10 +505,15 @@ __all__ = [
     "Options",
     "Origin",
     "Packet",
+    "Trace",
+    "Tracer",
+    "TracerLoader",
     "Verdict",
     "command",
     "explain",
     "infer_origin",
+    "options_config",
     "parse_destination",
     "render_text",
+    "with_trace",
 ]
