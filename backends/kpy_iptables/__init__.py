@@ -26,9 +26,11 @@ import structlog
 
 from kpy import diff
 from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
+from kpy.explain import Origin, Packet, Trace
 from kpy.model import Plan, ServicePortName
 from kpy_iptables import observe as observe_
 from kpy_iptables import render
+from kpy_iptables import trace as trace_
 from kpy_iptables.apply import MODES, IptablesError, Kernel
 from kpy_iptables.render import Key, Objects, Rules
 
@@ -129,6 +131,10 @@ class IptablesBackend:
             self._want.clear()
             self._have.clear()
             self._needs_full = True
+
+    def trace(self, plan: Plan, packet: Packet, origin: Origin) -> Trace:
+        """``packet`` through the rules render makes of ``plan`` (touches no kernel)."""
+        return trace_.trace(plan, packet, origin, self.config)
 
     # --- internals ------------------------------------------------------------------------
 

@@ -1,0 +1,211 @@
+"""Packets traced through the iptables backend's own rendered rules.
+
+The cross-check: for every case of the ``kpy explain`` table, the verdict, endpoints and
+masquerade the rules produce (:mod:`kpy_iptables.trace`) agree with the model's
+:func:`kpy.explain.explain`. Then the kernel objects a trace reports, the interpreter's
+refusal of syntax it does not know, and ``kpy explain --backend iptables``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import pytest
+from click.testing import CliRunner
+from kpy_iptables import render
+from kpy_iptables import trace as tr
+
+from kpy import explain as ex
+from kpy.backend import BackendConfig
+from kpy.cli import main
+from kpy.model import Plan, Protocol
+from kpy.testing import builders as b
+from tests.unit.test_explain import CASES, CIDRS, CLIENT, NODE, POD, Case, st
+
+
+def _inputs(case: Case) -> tuple[Plan, ex.Packet, ex.Explanation]:
+    plan = b.plan([case.state], node_info=NODE)
+    packet = ex.Packet(
+        src=ipaddress.ip_address(case.src),
+        dst=ipaddress.ip_address(case.dst),
+        port=case.port,
+        protocol=Protocol(case.protocol),
+        origin=ex.Origin(case.origin) if case.origin else None,
+    )
+    return plan, packet, ex.explain(plan, packet, case.options)
+
+
+def _trace(case: Case) -> tuple[ex.Trace, ex.Explanation]:
+    plan, packet, model = _inputs(case)
+    config = ex.options_config(plan.node.name, case.options)
+    return tr.trace(plan, packet, model.origin, config), model
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_trace_agrees_with_model(case: Case) -> None:
+    traced, model = _trace(case)
+    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
+        model.verdict,
+        model.endpoints,
+        model.masquerade,
+    ), traced.kernel
+    # the table's own expectations hold for the traced answer too
+    assert str(traced.verdict) == case.verdict
+    assert traced.endpoints == case.endpoints
+    if case.verdict != "accept":
+        assert traced.kernel, "a Service packet must traverse kernel objects"
+
+
+def _case(case_id: str) -> Case:
+    return next(c for c in CASES if c.id == case_id)
+
+
+SVC = render.chain_name("SVC", "default/web:http/TCP")
+EXT = render.chain_name("EXT", "default/web:http/TCP")
+FW = render.chain_name("FW", "default/web:http/TCP")
+
+
+def _chains(kernel: tuple[str, ...]) -> list[str]:
+    """``table CHAIN`` of each traversed rule, in order."""
+    return [f"{k.split()[2]} {k.split()[4]}" for k in kernel if k.startswith("ip")]
+
+
+def test_kernel_objects_of_a_cluster_ip_from_a_pod() -> None:
+    traced, _ = _trace(_case("clusterip-from-pod"))
+    chains = _chains(traced.kernel)
+    assert chains[:3] == ["nat PREROUTING", "nat KPY-SERVICES", f"nat {SVC}"]
+    seps = [k for k in traced.kernel if "-j DNAT --to-destination" in k]
+    assert [k.rsplit(" ", 1)[1] for k in seps] == ["10.244.1.5:8080", "10.244.2.5:8080"]
+    assert any(
+        k.startswith("iptables -t nat -A KPY-POSTROUTING -m mark ! --mark") for k in traced.kernel
+    )
+    assert "nat KPY-MARK-MASQ" not in chains  # a pod in the cluster CIDR keeps its address
+
+
+def test_kernel_objects_from_the_node_go_through_output() -> None:
+    traced, _ = _trace(_case("clusterip-from-node-is-masqueraded"))
+    chains = _chains(traced.kernel)
+    assert chains[0] == "nat OUTPUT" and "nat PREROUTING" not in chains
+    assert "nat KPY-MARK-MASQ" in chains
+    assert any(k.endswith("-j MASQUERADE --random-fully") for k in traced.kernel)
+
+
+def test_kernel_objects_of_a_denied_source_range() -> None:
+    traced, _ = _trace(_case("lb-source-range-denied"))
+    assert any(k.endswith(f"-j {FW}") for k in traced.kernel)  # entered, no range matched
+    assert not any(EXT in k for k in traced.kernel)
+    assert traced.kernel[-1].startswith("iptables -t filter -A KPY-SERVICES -d 172.18.0.10/32")
+    assert traced.kernel[-1].endswith("-j DROP")
+
+
+def test_kernel_objects_of_no_endpoints_reject_in_filter_forward() -> None:
+    traced, _ = _trace(_case("no-endpoints-rejects"))
+    assert _chains(traced.kernel) == [
+        "nat PREROUTING",  # into nat KPY-SERVICES, where nothing matches
+        "filter FORWARD",
+        "filter KPY-SERVICES",
+    ]
+    assert traced.kernel[-1].endswith("-j REJECT --reject-with icmp-port-unreachable")
+
+
+def test_ipv6_is_traced_through_ip6tables() -> None:
+    traced, _ = _trace(_case("ipv6-dual-stack"))
+    assert traced.kernel and all(k.startswith("ip6tables ") for k in traced.kernel)
+
+
+def test_affinity_rcheck_does_not_match_a_new_client() -> None:
+    traced, _ = _trace(_case("session-affinity"))
+    assert not any("--rcheck" in k for k in traced.kernel)
+    assert sum("--set --name" in k for k in traced.kernel) == 2
+
+
+def test_a_render_bug_shows_up_in_the_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trace follows render: a wrong rule changes the traced answer."""
+    original = render._spread
+
+    def only_first(*args: object, **kwargs: object) -> render.Rules:
+        rules = original(*args, **kwargs)  # type: ignore[arg-type]
+        return tuple(r for r in rules if "statistic" not in r)
+
+    monkeypatch.setattr(render, "_spread", only_first)
+    traced, model = _trace(_case("clusterip-from-pod"))
+    assert traced.endpoints == ("10.244.2.5:8080",) != model.endpoints
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ("-m string --string x -j ACCEPT", "unknown match module 'string'"),
+        ("-m tcp --sport 80 -j ACCEPT", "unknown option '--sport' of -m tcp"),
+        ("-i eth0 -j ACCEPT", "unknown rule option '-i'"),
+        ("-j DNAT --to-source 1.2.3.4", "unknown option '--to-source' of target DNAT"),
+        ("-s 10.0.0.0/8", "rule without a target"),
+    ],
+)
+def test_unknown_syntax_is_refused(rule: str, message: str) -> None:
+    with pytest.raises(tr.TraceError, match=message):
+        tr.parse_rule(rule)
+
+
+def test_unmodelled_match_value_is_refused() -> None:
+    chains = tr.load("*nat\n-A PREROUTING -m addrtype --dst-type BROADCAST -j ACCEPT\nCOMMIT\n")
+    walker = tr._Walker(chains, 4, frozenset())
+    flow = tr.Flow(
+        src=ipaddress.ip_address(CLIENT), dst=ipaddress.ip_address(POD), port=80, protocol="tcp"
+    )
+    with pytest.raises(tr.TraceError, match="address type 'BROADCAST'"):
+        walker.run("nat", "PREROUTING", flow)
+
+
+def test_backend_method_touches_no_kernel() -> None:
+    from kpy_iptables import IptablesBackend
+
+    backend = IptablesBackend(BackendConfig(node_name="node-a", cluster_cidrs=CIDRS))
+    plan = b.plan([st()], node_info=NODE)
+    packet = ex.Packet(
+        src=ipaddress.ip_address(POD), dst=ipaddress.ip_address("10.96.0.10"), port=80
+    )
+    traced = backend.trace(plan, packet, ex.Origin.POD)
+    assert traced.endpoints == ("10.244.1.5:8080", "10.244.2.5:8080")
+    assert backend._kernel._mode is None  # no flavour detection ran
+
+
+def test_cli_explain_backend_iptables() -> None:
+    args = [
+        "explain",
+        "--manifests",
+        "examples",
+        "--node",
+        "node-1",
+        "--node-ip",
+        "192.168.100.11",
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--backend",
+        "iptables",
+        "-o",
+        "json",
+    ]
+    result = CliRunner().invoke(main, [*args, "--from", POD, "--to", _cluster_ip_target()])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["verdict"] == "forward"
+    assert data["endpoints"]
+    assert "traced_by_iptables" in data["reasons"]
+    assert "trace_disagrees_with_model" not in data["reasons"]
+    assert any(k.startswith("iptables -t nat -A KPY-SERVICES ") for k in data["kernel"])
+    assert any("-j DNAT --to-destination" in k for k in data["kernel"])
+
+
+def _cluster_ip_target() -> str:
+    """A ClusterIP Service port with endpoints among the examples."""
+    from kpy.cli import _offline_plan
+
+    plan = _offline_plan(("examples",), "node-1", ("192.168.100.11",))
+    for state in sorted(plan.services.values(), key=lambda s: s.name):
+        svc = state.service
+        if svc.cluster_ips and state.internal and svc.protocol is Protocol.TCP:
+            ip = next(ip for ip in svc.cluster_ips if ip.version == 4)
+            return f"{ip}:{svc.port}/TCP"
+    raise AssertionError("examples/ hold no ClusterIP Service with endpoints")
