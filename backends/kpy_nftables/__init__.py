@@ -22,9 +22,11 @@ from collections.abc import Iterable, Mapping
 import structlog
 
 from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
+from kpy.explain import Origin, Packet, Trace
 from kpy.model import Plan, ServicePortName, ServicePortState
 from kpy_nftables import observe as observe_
 from kpy_nftables import render
+from kpy_nftables import trace as trace_
 from kpy_nftables.apply import Nft, NftError
 
 __all__ = ["NftablesBackend"]
@@ -95,6 +97,11 @@ class NftablesBackend:
         return Programmed(
             backend=self.name, objects=observed.values, services=observe_.views(observed)
         )
+
+    def trace(self, plan: Plan, packet: Packet, origin: Origin) -> Trace:
+        """``packet`` through the objects this backend renders for ``plan``
+        (:func:`kpy_nftables.trace.trace`; pure, touches no kernel state)."""
+        return trace_.trace(plan, packet, origin, self.config)
 
     async def cleanup(self) -> None:
         try:

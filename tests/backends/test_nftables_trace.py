@@ -1,0 +1,309 @@
+"""Packets traced through the nftables backend's own rendered objects.
+
+The cross-check: for every case of the ``kpy explain`` table, the verdict, endpoints and
+masquerade that :mod:`kpy_nftables.trace` finds by interpreting the rendered chains, maps
+and sets agree with the model's :func:`kpy.explain.explain`. Cases where they do not are
+render bugs (the trace reads what the kernel would be given) and are marked xfail with
+the reason, strictly, so fixing render makes them fail until the mark goes. Then the
+kernel objects a trace reports, the interpreter's refusal of syntax it does not know,
+and ``kpy explain --backend nftables``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import replace
+
+import pytest
+from click.testing import CliRunner
+from kpy_nftables import render
+from kpy_nftables import trace as tr
+
+from kpy import explain as ex
+from kpy.cli import main
+from kpy.model import Plan, Protocol
+from kpy.testing import builders as b
+from tests.unit.test_explain import CASES, CIDRS, CLIENT, LB, NODE, NODEPORT, POD, REMOTE, Case, st
+
+# Where kpy's render differs from upstream kube-proxy's nftables layout (and from the
+# model, which follows upstream): externalTrafficPolicy Local with endpoints only on other
+# nodes renders the external frontends into the no-endpoint maps alone ("drop"), with no
+# external chain, so the pod and node short-circuits to the cluster-wide endpoints never
+# run; and filter-output also jumps nodeport-endpoints-check before DNAT, which upstream
+# only does from filter-input. Upstream keeps the service-ips / service-nodeports element
+# (to the external chain) whenever the Service has any endpoint and adds the no-endpoint
+# element besides, so only traffic the external chain did not DNAT is dropped.
+ETP_LOCAL_NO_LOCAL = (
+    "render bug: externalTrafficPolicy Local without local endpoints drops the "
+    "short-circuited pod/node traffic (no external chain; nodeport-endpoints-check in "
+    "filter-output)"
+)
+RENDER_BUGS = {
+    "nodeport-local-policy-from-node-uses-cluster-and-masquerades": ETP_LOCAL_NO_LOCAL,
+    "lb-local-policy-from-pod-short-circuits": ETP_LOCAL_NO_LOCAL,
+}
+
+
+def _packet(case: Case) -> ex.Packet:
+    return ex.Packet(
+        src=ipaddress.ip_address(case.src),
+        dst=ipaddress.ip_address(case.dst),
+        port=case.port,
+        protocol=Protocol(case.protocol),
+        origin=ex.Origin(case.origin) if case.origin else None,
+    )
+
+
+def _trace(case: Case) -> tuple[ex.Trace, ex.Explanation, Plan]:
+    plan = b.plan([case.state], node_info=NODE)
+    packet = _packet(case)
+    model = ex.explain(plan, packet, case.options)
+    config = ex.options_config(plan.node.name, case.options)
+    return tr.trace(plan, packet, model.origin, config), model, plan
+
+
+def _case(case_id: str) -> Case:
+    return next(c for c in CASES if c.id == case_id)
+
+
+def _params() -> list[object]:
+    params: list[object] = []
+    for case in CASES:
+        marks = []
+        if case.id in RENDER_BUGS:
+            marks.append(pytest.mark.xfail(reason=RENDER_BUGS[case.id], strict=True))
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("case", _params())
+def test_trace_agrees_with_model(case: Case) -> None:
+    traced, model, _ = _trace(case)
+    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
+        model.verdict,
+        model.endpoints,
+        model.masquerade,
+    ), traced.kernel
+    assert str(traced.verdict) == case.verdict
+    assert traced.endpoints == case.endpoints
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_kernel_names_only_rendered_objects(case: Case) -> None:
+    """Every chain or element a trace names is one render produced, under its key."""
+    traced, _, plan = _trace(case)
+    objs = tr.objects(plan, ex.options_config(plan.node.name, case.options))
+    keys = [k for k in traced.kernel if " chain " in k or " element " in k]
+    assert keys, traced.kernel
+    assert [k for k in keys if k not in objs] == []
+    # every packet passes a filter hook of its family; one not dropped, its nat hooks
+    family = "ip6" if ":" in case.dst else "ip"
+    assert any(k.startswith(f"{family} chain filter-") for k in keys)
+    if traced.verdict in (ex.Verdict.FORWARD, ex.Verdict.ACCEPT):
+        assert f"{family} chain masquerading" in keys or f"{family} chain filter-input" in keys
+
+
+def test_clusterip_from_pod_kernel_path() -> None:
+    traced, _, plan = _trace(_case("clusterip-from-pod"))
+    chain = render.service_chain(next(iter(plan.services)))
+    assert traced.kernel == (
+        "ip chain filter-prerouting",
+        "ip chain firewall-check",
+        "ip chain nat-prerouting",
+        "ip chain services",
+        "ip element service-ips 10.96.0.10 . tcp . 80",
+        f"ip chain {chain}",
+        "dnat 10.244.1.5:8080",
+        "dnat 10.244.2.5:8080",
+        "ip chain filter-forward",
+        "ip chain service-endpoints-check",
+        "ip chain nat-postrouting",
+        "ip chain masquerading",
+    )
+
+
+def test_nodeport_cluster_policy_goes_through_the_masquerade_set() -> None:
+    traced, _, _ = _trace(_case("nodeport-external-cluster-policy-masquerades"))
+    k = traced.kernel
+    assert "ip element masquerade-nodeports tcp . 30080" in k
+    assert "ip chain mark-for-masquerade" in k
+    assert "ip element service-nodeports tcp . 30080" in k
+    assert k.index("mark 0x00004000") < k.index("dnat 10.244.1.5:8080")
+    assert k[-1] == "masquerade"
+
+
+def test_no_endpoints_rejects_in_the_filter_hook_after_nat() -> None:
+    traced, _, _ = _trace(_case("no-endpoints-rejects"))
+    assert traced.kernel[-4:] == (
+        "ip chain service-endpoints-check",
+        "ip element no-endpoint-services 10.96.0.10 . tcp . 80",
+        "ip chain reject-chain",
+        "reject",
+    )
+    assert "ip chain filter-forward" in traced.kernel  # 10.96.0.10 is not a node address
+    assert not any(k.startswith("dnat") for k in traced.kernel)
+
+
+def test_source_range_drop_happens_before_dnat() -> None:
+    traced, _, plan = _trace(_case("lb-source-range-denied"))
+    fw = render.firewall_chain(next(iter(plan.services)))
+    assert traced.kernel == (
+        "ip chain filter-prerouting",
+        "ip chain firewall-check",
+        "ip element firewall-ips 172.18.0.10 . tcp . 80",
+        f"ip chain {fw}",
+        "drop",
+    )
+
+
+def test_hairpin_masquerades_only_the_path_back_to_the_client() -> None:
+    case = _case("hairpin-is-masqueraded")
+    plan = b.plan([case.state], node_info=NODE)
+    config = ex.options_config(NODE.name, case.options)
+    packet = _packet(case)
+    traced = tr.trace(plan, packet, ex.Origin.POD, config)
+    assert traced.masquerade and traced.endpoints == ("10.244.1.5:8080", "10.244.2.5:8080")
+    # with only the other endpoint, the same client is not masqueraded
+    other = b.plan([st((REMOTE,))], node_info=NODE)
+    assert not tr.trace(other, packet, ex.Origin.POD, config).masquerade
+
+
+def test_affinity_sets_start_empty() -> None:
+    """A fresh client is in no affinity set: every endpoint is reachable, and the
+    trace reads the affinity set before the draw."""
+    traced, _, _ = _trace(_case("session-affinity"))
+    assert traced.endpoints == ("10.244.1.5:8080", "10.244.2.5:8080")
+
+
+def test_nodeport_never_answers_on_loopback() -> None:
+    plan = b.plan([st(**NODEPORT)], node_info=NODE)
+    config = ex.options_config(NODE.name, ex.Options(cluster_cidrs=CIDRS))
+    loop = ex.Packet(
+        src=ipaddress.ip_address("127.0.0.1"), dst=ipaddress.ip_address("127.0.0.1"), port=30080
+    )
+    traced = tr.trace(plan, loop, ex.Origin.NODE, config)
+    assert traced.verdict is ex.Verdict.ACCEPT and not traced.endpoints
+    # and answers on the node's address
+    own = replace(
+        loop, src=ipaddress.ip_address("192.168.50.2"), dst=ipaddress.ip_address("192.168.50.2")
+    )
+    assert tr.trace(plan, own, ex.Origin.NODE, config).verdict is ex.Verdict.FORWARD
+
+
+def test_contested_frontend_goes_to_the_first_port_in_name_order() -> None:
+    first = b.state(b.service(name="a-web"), (b.endpoint("10.244.1.5"),), NODE)
+    second = b.state(b.service(name="b-web"), (b.endpoint("10.244.2.5", node="node-b"),), NODE)
+    plan = b.plan([second, first], node_info=NODE)
+    packet = ex.Packet(
+        src=ipaddress.ip_address(POD), dst=ipaddress.ip_address("10.96.0.10"), port=80
+    )
+    config = ex.options_config(NODE.name, ex.Options(cluster_cidrs=CIDRS))
+    assert tr.trace(plan, packet, ex.Origin.POD, config).endpoints == ("10.244.1.5:8080",)
+
+
+# --- render bugs the tracer finds beyond the table --------------------------------------
+
+
+def test_source_ranges_from_the_node_itself() -> None:
+    """The model (and upstream, whose filter-output jumps firewall-check) drops the
+    node's own connection to a LoadBalancer IP outside its source ranges; kpy's render
+    only checks source ranges in filter-prerouting, which the node's packets never see."""
+    state = st(**LB, source_ranges=("198.51.100.0/24",))
+    plan = b.plan([state], node_info=NODE)
+    packet = ex.Packet(
+        src=ipaddress.ip_address("192.168.50.2"), dst=ipaddress.ip_address("172.18.0.10"), port=80
+    )
+    options = ex.Options(cluster_cidrs=CIDRS)
+    model = ex.explain(plan, packet, options)
+    traced = tr.trace(plan, packet, model.origin, ex.options_config(NODE.name, options))
+    assert model.verdict is ex.Verdict.DROP
+    assert traced.verdict is ex.Verdict.FORWARD  # what render programs today
+    assert "ip chain firewall-check" not in traced.kernel
+
+
+# --- the interpreter refuses what it does not know ---------------------------------------
+
+
+def _tampered(case_id: str, edit: dict[str, tuple[str, ...]]) -> ex.Trace:
+    case = _case(case_id)
+    plan = b.plan([case.state], node_info=NODE)
+    config = ex.options_config(NODE.name, case.options)
+    objs = tr.objects(plan, config)
+    for name, rules in edit.items():
+        key = f"ip chain {name}"
+        chain = objs[key]
+        assert isinstance(chain, render.Chain)
+        objs[key] = replace(chain, rules=rules)
+    return tr.trace_objects(objs, _packet(case), ex.Origin.POD, NODE.addresses)
+
+
+def test_unknown_statement_is_an_error() -> None:
+    with pytest.raises(tr.TraceError, match="unknown selector"):
+        _tampered("clusterip-from-pod", {"services": ("counter",)})
+
+
+def test_unknown_selector_is_an_error() -> None:
+    rule = "ip daddr . meta l4proto . th sport vmap @service-ips"
+    with pytest.raises(tr.TraceError, match="unknown selector"):
+        _tampered("clusterip-from-pod", {"services": (rule,)})
+
+
+def test_reference_to_a_missing_chain_or_set_is_an_error() -> None:
+    with pytest.raises(tr.TraceError, match="not rendered"):
+        _tampered("clusterip-from-pod", {"services": ("jump nowhere",)})
+    with pytest.raises(tr.TraceError, match="no ip set or map"):
+        _tampered(
+            "clusterip-from-pod", {"services": ("ip daddr . meta l4proto . th dport vmap @gone",)}
+        )
+
+
+def test_a_render_bug_shows_up_in_the_trace() -> None:
+    """Drop the last endpoint's rules from the service chain: the trace no longer
+    reaches that endpoint, so it disagrees with the model."""
+    case = _case("clusterip-from-pod")
+    plan = b.plan([case.state], node_info=NODE)
+    chain = render.service_chain(next(iter(plan.services)))
+    config = ex.options_config(NODE.name, case.options)
+    rules = tr.objects(plan, config)[f"ip chain {chain}"]
+    assert isinstance(rules, render.Chain)
+    traced = _tampered(case.id, {chain: rules.rules[:-2]})
+    assert traced.endpoints == ("10.244.1.5:8080",)
+
+
+# --- the CLI --------------------------------------------------------------------------
+
+
+def test_cli_explain_backend_nftables() -> None:
+    args = [
+        "explain",
+        "--backend",
+        "nftables",
+        "-o",
+        "json",
+        "--manifests",
+        "examples/",
+        "--node",
+        "node-1",
+        "--node-ip",
+        "192.168.100.11",
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--from",
+        POD,
+        "--to",
+        "10.96.0.10:80/TCP",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["verdict"] == "forward"
+    assert "traced_by_nftables" in data["reasons"]
+    assert "trace_disagrees_with_model" not in data["reasons"]
+    assert data["endpoints"] and all(f"dnat {e}" in data["kernel"] for e in data["endpoints"])
+    assert "ip element service-ips 10.96.0.10 . tcp . 80" in data["kernel"]
+    assert data["masquerade"] is False
+    # from outside the cluster CIDR the ClusterIP is masqueraded
+    outside = CliRunner().invoke(main, [*args[:-4], "--from", CLIENT, "--to", "10.96.0.10:80/TCP"])
+    assert outside.exit_code == 0, outside.output
+    assert json.loads(outside.output)["masquerade"] is True
