@@ -76,6 +76,12 @@ echo /tmp/kpy-modprobe > /proc/sys/kernel/modprobe
 mount -t hostfs -o {host_result} kpy-result {result}
 for m in {module_list}; do /tmp/kpy-modprobe -q "$m" 2>/dev/null; done
 ip link set lo up
+# A checkout under one of the directories now covered by tmpfs (CI clones into /tmp)
+# is mounted back, read-only, from the host.
+case {cwd} in
+    /tmp/*|/run/*|/var/tmp/*|/var/lib/*|/var/log/*|/var/cache/*)
+        mkdir -p {cwd} && mount -r -t hostfs -o {cwd} kpy-repo {cwd} ;;
+esac
 cd {cwd}
 echo kpy-guest-start
 env -i {env} {command} > {result}/output.txt 2>&1
