@@ -9,7 +9,9 @@ refusal of syntax it does not know, and ``kpy explain --backend iptables``.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -19,9 +21,25 @@ from kpy_iptables import trace as tr
 from kpy import explain as ex
 from kpy.backend import BackendConfig
 from kpy.cli import main
-from kpy.model import Plan, Protocol
+from kpy.model import Endpoint, Plan, Protocol, ServicePortState
 from kpy.testing import builders as b
-from tests.unit.test_explain import CASES, CIDRS, CLIENT, NODE, POD, Case, st
+from tests.unit.test_explain import (
+    CASES,
+    CIDRS,
+    CLIENT,
+    DEFAULT_OPTIONS,
+    LB,
+    LOCAL_A,
+    NODE,
+    NODEPORT,
+    POD,
+    REMOTE,
+    REMOTE_POD,
+    TERMINATING_LOCAL,
+    TERMINATING_REMOTE,
+    Case,
+    st,
+)
 
 
 def _inputs(case: Case) -> tuple[Plan, ex.Packet, ex.Explanation]:
@@ -209,3 +227,142 @@ def _cluster_ip_target() -> str:
             ip = next(ip for ip in svc.cluster_ips if ip.version == 4)
             return f"{ip}:{svc.port}/TCP"
     raise AssertionError("examples/ hold no ClusterIP Service with endpoints")
+
+
+# --- beyond the table ---------------------------------------------------------------------
+
+GRID_ENDPOINTS: dict[str, tuple[Endpoint, ...]] = {
+    "local-and-remote": (LOCAL_A, REMOTE),
+    "remote-only": (REMOTE,),
+    "none": (),
+    "terminating": (TERMINATING_LOCAL, TERMINATING_REMOTE),
+    "dual-stack": (LOCAL_A, b.endpoint("fd00:244:1::5"), REMOTE),
+}
+GRID_SERVICES: dict[str, dict[str, Any]] = {
+    "cluster-ip": {},
+    "nodeport": dict(NODEPORT),
+    "nodeport-etp-local": dict(NODEPORT, etp_local=True),
+    "nodeport-itp-local": dict(NODEPORT, itp_local=True),
+    "lb": dict(LB),
+    "lb-etp-local": dict(LB, etp_local=True),
+    "lb-ranges": dict(LB, source_ranges=("203.0.113.0/24",)),
+    "lb-ranges-etp-local": dict(LB, etp_local=True, source_ranges=("203.0.113.0/24",)),
+    "external-ip": dict(external_ips=("198.51.100.20",)),
+    "external-ip-etp-local": dict(external_ips=("198.51.100.20",), etp_local=True),
+    "affinity": dict(affinity=True, affinity_timeout=60),
+}
+GRID_SOURCES = (POD, REMOTE_POD, "192.168.50.2", CLIENT, "198.51.100.1", "10.244.1.5")
+GRID_DESTINATIONS = (
+    ("10.96.0.10", 80),
+    ("192.168.50.2", 30080),
+    ("172.18.0.10", 80),
+    ("198.51.100.20", 80),
+)
+GRID_OPTIONS = (
+    DEFAULT_OPTIONS,
+    ex.Options(cluster_cidrs=CIDRS, nodeport_addresses=(ipaddress.ip_network("192.168.50.0/24"),)),
+)
+
+
+def _ranges_without_endpoints(state: ServicePortState, packet: ex.Packet) -> bool:
+    """A LoadBalancer IP with source ranges and no usable endpoint, from outside them."""
+    svc = state.service
+    return (
+        bool(svc.load_balancer_source_ranges)
+        and packet.dst in svc.load_balancer_ips
+        and not any(ep.ready or (ep.serving and ep.terminating) for ep in state.endpoints)
+        and not any(packet.src in r for r in svc.load_balancer_source_ranges)
+    )
+
+
+def test_trace_agrees_with_model_over_a_grid() -> None:
+    """Every Service kind, endpoint set, source and frontend (both families where the
+    Service is dual-stack): the rules and the model agree, but for the one documented
+    divergence (test_source_ranges_without_endpoints_reject_instead_of_drop)."""
+    disagreements = []
+    checked = 0
+    for i, ((eps_id, eps), (svc_id, svc), src, (dst, port)) in enumerate(
+        itertools.product(
+            GRID_ENDPOINTS.items(), GRID_SERVICES.items(), GRID_SOURCES, GRID_DESTINATIONS
+        )
+    ):
+        if eps_id == "dual-stack":
+            svc = dict(svc, cluster_ip=("10.96.0.10", "fd00:96::10"))
+        state = b.state(b.service(**svc), eps, NODE)
+        plan = b.plan([state], node_info=NODE)
+        options = GRID_OPTIONS[i % len(GRID_OPTIONS)]
+        packet = ex.Packet(src=ipaddress.ip_address(src), dst=ipaddress.ip_address(dst), port=port)
+        if _ranges_without_endpoints(state, packet):
+            continue
+        model = ex.explain(plan, packet, options)
+        traced = tr.trace(plan, packet, model.origin, ex.options_config(NODE.name, options))
+        checked += 1
+        got = (traced.verdict, traced.endpoints, traced.masquerade)
+        if got != (model.verdict, model.endpoints, model.masquerade):
+            disagreements.append((eps_id, svc_id, src, dst, port, got, model))
+    assert checked > 1000
+    assert not disagreements, disagreements[:5]
+
+
+def _divergence(
+    svc: dict[str, Any],
+    eps: tuple[Endpoint, ...],
+    src: str,
+    dst: str,
+    port: int,
+    options: ex.Options,
+) -> tuple[ex.Trace, ex.Explanation]:
+    plan = b.plan([b.state(b.service(**svc), eps, NODE)], node_info=NODE)
+    packet = ex.Packet(src=ipaddress.ip_address(src), dst=ipaddress.ip_address(dst), port=port)
+    model = ex.explain(plan, packet, options)
+    return tr.trace(plan, packet, model.origin, ex.options_config(NODE.name, options)), model
+
+
+def _agree(traced: ex.Trace, model: ex.Explanation) -> None:
+    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
+        model.verdict,
+        model.endpoints,
+        model.masquerade,
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="render rejects every source of a LoadBalancer IP without endpoints (as upstream's "
+    "iptables mode, whose firewall chain needs endpoints); the model drops sources outside "
+    "loadBalancerSourceRanges first (as upstream's nftables mode)",
+)
+def test_source_ranges_without_endpoints_reject_instead_of_drop() -> None:
+    lb = dict(LB, source_ranges=("203.0.113.0/24",))
+    traced, model = _divergence(lb, (), "198.51.100.1", "172.18.0.10", 80, DEFAULT_OPTIONS)
+    _agree(traced, model)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the model masquerades externalTrafficPolicy Local traffic under masquerade_all; "
+    "render (as upstream) marks only traffic to the cluster IP, so the client IP is kept",
+)
+def test_masquerade_all_with_local_policy() -> None:
+    options = ex.Options(cluster_cidrs=CIDRS, masquerade_all=True)
+    np_local = dict(NODEPORT, etp_local=True)
+    traced, model = _divergence(np_local, (LOCAL_A,), CLIENT, "192.168.50.2", 30080, options)
+    _agree(traced, model)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="without --cluster-cidr the model still takes a source in the Node's podCIDR for "
+    "a pod and short-circuits it to the cluster-wide endpoints; render can only tell pods "
+    "by the cluster CIDRs, so the pod is treated as an outside client (Local endpoints)",
+)
+def test_pod_short_circuit_without_cluster_cidr() -> None:
+    np_local = dict(NODEPORT, etp_local=True)
+    traced, model = _divergence(
+        np_local, (LOCAL_A, REMOTE), POD, "192.168.50.2", 30080, ex.Options()
+    )
+    assert model.origin is ex.Origin.POD
+    _agree(traced, model)
