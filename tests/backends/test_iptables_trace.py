@@ -366,3 +366,24 @@ def test_pod_short_circuit_without_cluster_cidr() -> None:
     )
     assert model.origin is ex.Origin.POD
     _agree(traced, model)
+
+
+def test_tables_keep_the_kernel_order_of_the_first_sync() -> None:
+    """Rules added with ``-I … 1`` end up in front: VIP rules before the NodePort jump."""
+    plan = b.plan([st(**LB, external_ips=("198.51.100.20",))], node_info=NODE)
+    config = ex.options_config(NODE.name, DEFAULT_OPTIONS)
+    services = [r.text for r in tr.tables(plan, config, 4)[("nat", "KPY-SERVICES")]]
+    assert services[-1] == "-m addrtype --dst-type LOCAL -j KPY-NODEPORTS"
+    assert len(services) == 4  # cluster IP, external IP, LoadBalancer IP, NodePorts
+    assert tr.tables(plan, config, 6)[("nat", "KPY-SERVICES")][-1].target == "KPY-NODEPORTS"
+
+
+def test_load_applies_deletes_and_chain_removal() -> None:
+    chains = tr.load(
+        "*nat\n:KPY-X - [0:0]\n-A KPY-X -j RETURN\n-A PREROUTING -j KPY-X\n"
+        "-I PREROUTING 1 -j ACCEPT\n-D PREROUTING -j KPY-X\n-X KPY-X\nCOMMIT\n"
+    )
+    assert [r.text for r in chains[("nat", "PREROUTING")]] == ["-j ACCEPT"]
+    assert ("nat", "KPY-X") not in chains
+    with pytest.raises(tr.TraceError, match="does not exist"):
+        tr.load("*nat\n-A KPY-NOPE -j ACCEPT\nCOMMIT\n")
