@@ -83,7 +83,6 @@ CONTINUE = "continue"  # the chain ended (fell off its end or returned)
 ACCEPT = "accept"
 DROP = "drop"
 REJECT = "reject"
-TERMINAL = (ACCEPT, DROP, REJECT)
 
 _PROTOCOLS = ("tcp", "udp", "sctp")
 
@@ -106,10 +105,6 @@ class _Packet:
 Path = tuple[_Packet, str]
 
 
-def _loopback(ip: IPAddress) -> bool:
-    return ip.is_loopback
-
-
 class _Tracer:
     def __init__(self, objs: Mapping[str, render.Obj], local: frozenset[IPAddress]) -> None:
         self.chains: dict[tuple[str, str], render.Chain] = {}
@@ -126,7 +121,7 @@ class _Tracer:
         self.nf = "ip"
 
     def is_local(self, ip: IPAddress) -> bool:
-        return ip in self.local or _loopback(ip)
+        return ip in self.local or ip.is_loopback
 
     # --- hooks ---------------------------------------------------------------------------
 

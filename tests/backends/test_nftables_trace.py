@@ -23,7 +23,7 @@ from kpy_nftables import NftablesBackend, render
 from kpy_nftables import trace as tr
 
 from kpy import explain as ex
-from kpy.cli import main
+from kpy.cli import _offline_plan, main
 from kpy.model import Plan, Protocol
 from kpy.testing import builders as b
 from kpy.testing import netns, packets
@@ -274,6 +274,51 @@ def test_a_render_bug_shows_up_in_the_trace() -> None:
     assert isinstance(rules, render.Chain)
     traced = _tampered(case.id, {chain: rules.rules[:-2]})
     assert traced.endpoints == ("10.244.1.5:8080",)
+
+
+def test_every_example_frontend_agrees_with_the_model() -> None:
+    """Every frontend of every Service in examples/, from a pod, the node and outside."""
+    plan = _offline_plan(("examples",), "node-1", ("192.168.100.11",))
+    node_ip = ipaddress.ip_address("192.168.100.11")
+    options = ex.Options(
+        cluster_cidrs=(
+            ipaddress.ip_network("10.244.0.0/16"),
+            ipaddress.ip_network("fd00:10:244::/48"),
+        ),
+        node_ips=(node_ip,),
+    )
+    config = ex.options_config("node-1", options)
+    sources = {
+        4: {"pod": "10.244.1.9", "node": "192.168.100.11", "external": CLIENT},
+        6: {"pod": "fd00:10:244:1::9", "node": "fd00:100::11", "external": "2001:db8::7"},
+    }
+    disagree, traced_count = [], 0
+    for state in plan.services.values():
+        svc = state.service
+        frontends = [(ip, svc.port) for ip in (*svc.cluster_ips, *svc.external_ips)]
+        frontends += [(ip, svc.port) for ip in svc.load_balancer_ips]
+        if svc.node_port is not None:
+            frontends.append((node_ip, svc.node_port))
+        for dst, port in frontends:
+            for origin, src in sources[dst.version].items():
+                packet = ex.Packet(
+                    src=ipaddress.ip_address(src),
+                    dst=dst,
+                    port=port,
+                    protocol=svc.protocol,
+                    origin=ex.Origin(origin),
+                )
+                model = ex.explain(plan, packet, options)
+                traced = tr.trace(plan, packet, model.origin, config)
+                traced_count += 1
+                if (traced.verdict, traced.endpoints, traced.masquerade) != (
+                    model.verdict,
+                    model.endpoints,
+                    model.masquerade,
+                ):
+                    disagree.append((str(state.name), origin, str(dst), port, traced))
+    assert traced_count > 30
+    assert disagree == []
 
 
 # --- the CLI --------------------------------------------------------------------------
