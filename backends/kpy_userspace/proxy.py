@@ -266,12 +266,11 @@ class _Inbound(asyncio.Protocol, _Flow):
             if self.closed:
                 return
             try:
-                _, upstream = await asyncio.wait_for(
-                    loop.create_connection(
+                # asyncio.timeout, not wait_for: no extra task per connection attempt
+                async with asyncio.timeout(self.proxy.settings.connect_timeout):
+                    _, upstream = await loop.create_connection(
                         lambda: _Outbound(self), str(endpoint.ip), endpoint.port
-                    ),
-                    self.proxy.settings.connect_timeout,
-                )
+                    )
             except (OSError, TimeoutError) as exc:
                 log.debug("userspace_connect_failed", endpoint=str(endpoint), error=str(exc))
                 continue
