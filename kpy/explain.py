@@ -295,7 +295,9 @@ def explain(plan: Plan, packet: Packet, options: Options | None = None) -> Expla
 
     cluster = _cluster_set(state, node)
     masquerade_reasons: list[str] = []
-    if options.masquerade_all:
+    if options.masquerade_all and not external:
+        # --masquerade-all marks traffic to the cluster IP; external traffic under
+        # policy Local keeps its client address (as upstream's rules do).
         masquerade_reasons.append("masquerade_all")
     if external:
         if policy is TrafficPolicy.LOCAL and origin is Origin.POD:
@@ -402,6 +404,9 @@ def render_text(packet: Packet, e: Explanation) -> str:
     if e.affinity_timeout is not None:
         lines.append(f"session affinity: ClientIP for {e.affinity_timeout}s")
     lines.append("reasons: " + ", ".join(e.reasons))
+    if e.kernel:
+        lines.append("kernel objects traversed:")
+        lines.extend(f"  {k}" for k in e.kernel)
     return "\n".join(lines)
 
 

@@ -330,10 +330,12 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
                 (f"{new} jump {SERVICE_EP_CHECK}",),
                 _hook("filter", "forward", "-110"),
             ),
+            # The node's own traffic: source ranges and rejects before DNAT. No NodePort
+            # check here: a packet to a local address meets filter-input too, after NAT.
             Chain(
                 nf,
                 "filter-output",
-                (f"{new} jump {SERVICE_EP_CHECK}", f"{new} jump {NODEPORT_EP_CHECK}"),
+                (f"{new} jump {FIREWALL_CHECK}", f"{new} jump {SERVICE_EP_CHECK}"),
                 _hook("filter", "output", "-110"),
             ),
             Chain(nf, SERVICES, tuple(services)),
@@ -482,7 +484,9 @@ def _family_objects(
             objs.append(Element(nf, MASQ_IPS, f"{ip} . {proto} . {svc.port}", "", label))
         if svc.node_port is not None:
             objs.append(Element(nf, MASQ_NODEPORTS, f"{proto} . {svc.node_port}", "", label))
-    elif external:
+    elif external or (not cluster_policy and internal and state.has_endpoints):
+        # Policy Local with no endpoint on this node still has a chain: pods and the
+        # node itself are sent on to the cluster-wide endpoints, everyone else dropped.
         rules = []
         if cluster_policy:
             rules.append(SET_MASQ)
@@ -493,7 +497,7 @@ def _family_objects(
                 rules.append(f"{nf} saddr {_set_literal(cluster_cidrs)} goto {names.service}")
             rules.append(f"fib saddr type local {SET_MASQ}")
             rules.append(f"fib saddr type local goto {names.service}")
-        rules += _pick(nf, proto, external_targets)
+        rules += _pick(nf, proto, external_targets) if external_targets else ["drop"]
         objs.append(Chain(nf, names.external, tuple(rules)))
         to_external = f"goto {names.external}"
         ip_map, port_map = SERVICE_IPS, SERVICE_NODEPORTS

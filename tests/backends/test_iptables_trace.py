@@ -339,12 +339,6 @@ def test_source_ranges_without_endpoints_reject_instead_of_drop() -> None:
     _agree(traced, model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the model masquerades externalTrafficPolicy Local traffic under masquerade_all; "
-    "render (as upstream) marks only traffic to the cluster IP, so the client IP is kept",
-)
 def test_masquerade_all_with_local_policy() -> None:
     options = ex.Options(cluster_cidrs=CIDRS, masquerade_all=True)
     np_local = dict(NODEPORT, etp_local=True)

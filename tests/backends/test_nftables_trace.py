@@ -31,23 +31,7 @@ from kpy.testing.netns import Topology
 from tests.conftest import require_root
 from tests.unit.test_explain import CASES, CIDRS, CLIENT, LB, NODE, NODEPORT, POD, REMOTE, Case, st
 
-# Where kpy's render differs from upstream kube-proxy's nftables layout (and from the
-# model, which follows upstream): externalTrafficPolicy Local with endpoints only on other
-# nodes renders the external frontends into the no-endpoint maps alone ("drop"), with no
-# external chain, so the pod and node short-circuits to the cluster-wide endpoints never
-# run; and filter-output also jumps nodeport-endpoints-check before DNAT, which upstream
-# only does from filter-input. Upstream keeps the service-ips / service-nodeports element
-# (to the external chain) whenever the Service has any endpoint and adds the no-endpoint
-# element besides, so only traffic the external chain did not DNAT is dropped.
-ETP_LOCAL_NO_LOCAL = (
-    "render bug: externalTrafficPolicy Local without local endpoints drops the "
-    "short-circuited pod/node traffic (no external chain; nodeport-endpoints-check in "
-    "filter-output)"
-)
-RENDER_BUGS = {
-    "nodeport-local-policy-from-node-uses-cluster-and-masquerades": ETP_LOCAL_NO_LOCAL,
-    "lb-local-policy-from-pod-short-circuits": ETP_LOCAL_NO_LOCAL,
-}
+RENDER_BUGS: dict[str, str] = {}  # case id → why render and the model disagree
 
 
 def _packet(case: Case) -> ex.Packet:
@@ -211,9 +195,8 @@ def test_contested_frontend_goes_to_the_first_port_in_name_order() -> None:
 
 
 def test_source_ranges_from_the_node_itself() -> None:
-    """The model (and upstream, whose filter-output jumps firewall-check) drops the
-    node's own connection to a LoadBalancer IP outside its source ranges; kpy's render
-    only checks source ranges in filter-prerouting, which the node's packets never see."""
+    """The node's own connection to a LoadBalancer IP outside its source ranges is
+    dropped (filter-output jumps firewall-check, as upstream's does)."""
     state = st(**LB, source_ranges=("198.51.100.0/24",))
     plan = b.plan([state], node_info=NODE)
     packet = ex.Packet(
@@ -223,8 +206,8 @@ def test_source_ranges_from_the_node_itself() -> None:
     model = ex.explain(plan, packet, options)
     traced = tr.trace(plan, packet, model.origin, ex.options_config(NODE.name, options))
     assert model.verdict is ex.Verdict.DROP
-    assert traced.verdict is ex.Verdict.FORWARD  # what render programs today
-    assert "ip chain firewall-check" not in traced.kernel
+    assert traced.verdict is ex.Verdict.DROP
+    assert "ip chain firewall-check" in traced.kernel
 
 
 # --- the interpreter refuses what it does not know ---------------------------------------
