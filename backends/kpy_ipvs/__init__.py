@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 
@@ -214,12 +215,14 @@ class IpvsBackend:
                 have_elements, self._want_elements, (e for o in touched for e in o.elements)
             )
 
+        # Every stage is queued, then flushed (sent in windows, acks collected); the
+        # bookkeeping in ``have`` runs per message once its success is known.
         # 1. VIPs first: a virtual service is only reachable once its address is local.
         if addresses.added or touched is None:
             index = kernel.ensure_link()
             for addr, _ in addresses.added:
-                kernel.add_address(index, addr)
-                have.addresses.add(addr)
+                kernel.add_address(index, addr, partial(have.addresses.add, addr))
+            kernel.flush()
         # 2. Companion sets and rules (rules rewritten only when they changed).
         skeleton_id = render.skeleton_id(self._ctx)
         if touched is None and have.table_id != skeleton_id:
@@ -233,20 +236,17 @@ class IpvsBackend:
             have.elements.update(adds)
         # 3. Virtual services, then 4. their real servers.
         for key, settings in services.added:
-            kernel.add_service(key, settings)
-            have.services[key] = settings
+            kernel.add_service(key, settings, partial(have.services.__setitem__, key, settings))
         for key, _, settings in services.changed:
-            kernel.set_service(key, settings)
-            have.services[key] = settings
+            kernel.set_service(key, settings, partial(have.services.__setitem__, key, settings))
+        kernel.flush()
         for dest, weight in dests.added:
             if dest.virtual not in have.services:
                 continue  # its service failed to appear; the full sync retries
-            kernel.add_dest(dest, weight)
-            have.destinations[dest] = weight
+            kernel.add_dest(dest, weight, partial(have.destinations.__setitem__, dest, weight))
         for dest, _, weight in dests.changed:
-            kernel.set_dest(dest, weight)
-            have.destinations[dest] = weight
-            self._pending.pop(dest, None)
+            kernel.set_dest(dest, weight, partial(self._weighted, dest, weight))
+        kernel.flush()
         # 5. Removals: real servers drain gracefully, services go at once.
         gone = {key for key, _ in services.removed}
         status: dict[VirtualKey, dict[DestKey, DestStatus]] = {}
@@ -254,11 +254,8 @@ class IpvsBackend:
             if dest.virtual not in gone:
                 self._retire(dest, status)
         for key in gone:
-            kernel.del_service(key)
-            del have.services[key]
-            for dest in [d for d in have.destinations if d.virtual == key]:
-                del have.destinations[dest]
-                self._pending.pop(dest, None)
+            kernel.del_service(key, partial(self._forget_service, key))
+        kernel.flush()
         deletes = [e for e, _ in elements.removed]
         if deletes:
             kernel.change_elements((), deletes)
@@ -266,8 +263,21 @@ class IpvsBackend:
         if addresses.removed:
             index = kernel.ensure_link()
             for addr, _ in addresses.removed:
-                kernel.del_address(index, addr)
-                have.addresses.discard(addr)
+                kernel.del_address(index, addr, partial(have.addresses.discard, addr))
+            kernel.flush()
+
+    def _weighted(self, dest: DestKey, weight: int) -> None:
+        self._have.destinations[dest] = weight
+        self._pending.pop(dest, None)
+
+    def _forget_dest(self, dest: DestKey) -> None:
+        self._have.destinations.pop(dest, None)
+        self._pending.pop(dest, None)
+
+    def _forget_service(self, key: VirtualKey) -> None:
+        del self._have.services[key]
+        for dest in [d for d in self._have.destinations if d.virtual == key]:
+            self._forget_dest(dest)
 
     def _status(
         self, dest: DestKey, cache: dict[VirtualKey, dict[DestKey, DestStatus]]
@@ -284,20 +294,22 @@ class IpvsBackend:
             self._pending.pop(dest, None)
             return
         if status.active + status.inactive == 0:
-            self._kernel.del_dest(dest)
-            self._have.destinations.pop(dest, None)
-            self._pending.pop(dest, None)
+            self._kernel.del_dest(dest, partial(self._forget_dest, dest))
             return
         if status.weight != 0:
-            self._kernel.set_dest(dest, 0)
-        self._have.destinations[dest] = 0
-        self._pending.setdefault(dest, time.monotonic() + self.grace_period)
+            self._kernel.set_dest(dest, 0, partial(self._drain, dest))
+        else:
+            self._drain(dest)
         log.info(
             "ipvs_real_server_draining",
             real_server=str(dest),
             active=status.active,
             inactive=status.inactive,
         )
+
+    def _drain(self, dest: DestKey) -> None:
+        self._have.destinations[dest] = 0
+        self._pending.setdefault(dest, time.monotonic() + self.grace_period)
 
     def _reap(self) -> None:
         """Delete draining real servers whose connections are gone or whose grace ended."""
@@ -314,14 +326,13 @@ class IpvsBackend:
                 self._pending.pop(dest)
                 self._have.destinations.pop(dest, None)
             elif status.active + status.inactive == 0 or now >= deadline:
-                self._kernel.del_dest(dest)
-                self._pending.pop(dest)
-                self._have.destinations.pop(dest, None)
+                self._kernel.del_dest(dest, partial(self._forget_dest, dest))
                 log.info(
                     "ipvs_real_server_removed",
                     real_server=str(dest),
                     drained=status.active + status.inactive == 0,
                 )
+        self._kernel.flush()
 
     def _cleanup(self) -> None:
         kernel = self._kernel
@@ -329,5 +340,6 @@ class IpvsBackend:
         bound = kernel.dump_addresses()
         for key in sorted(self._owned(services, bound), key=str):
             kernel.del_service(key)
+        kernel.flush()
         kernel.delete_companion()
         kernel.del_link()

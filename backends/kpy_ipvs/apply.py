@@ -5,27 +5,33 @@ worker thread. When the backend is given a network namespace the thread enters i
 (``setns`` affects only the calling thread), so its netlink sockets, ``/proc/sys``
 writes and ``ipset``/``iptables`` subprocesses all act inside that namespace and nowhere else.
 
-IPVS is written with pyroute2's generic-netlink IPVS socket, one message per object
-(there is no IPVS batch); the dummy interface ``kpy-ipvs0`` and its addresses with
-pyroute2's IPRoute; the companion ipset elements with one ``ipset restore``, its fixed rules with
-``iptables-legacy-restore --noflush``.
+IPVS is read with pyroute2's generic-netlink IPVS socket. Writes of virtual services,
+real servers and ``kpy-ipvs0``'s addresses go through a :class:`Pipeline`: one message
+per object (IPVS has no batch), but encoded here with ``struct`` and sent back to back on
+a plain netlink socket, many messages per ``send``; the kernel handles them in order and
+acknowledges only failures, plus the last message of each window, so a window costs one
+round trip and a failure is still attributed to its own message. The dummy interface
+itself is made with pyroute2's IPRoute; the companion ipset elements with one
+``ipset restore``, its fixed rules with ``iptables-legacy-restore --noflush``.
 Each method counts the messages it sends so ``ApplyResult.ops`` is honest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ipaddress
 import os
 import socket
+import struct
 import subprocess
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pyroute2 import IPVS, IPRoute, IPVSDest, IPVSService
+from pyroute2 import IPVS, IPRoute, IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kpy.model import IPAddress, Protocol
@@ -33,6 +39,7 @@ from kpy_ipvs import render
 from kpy_ipvs.render import DestKey, Element, VirtualKey, VirtualService
 
 T = TypeVar("T")
+Done = Callable[[], None] | None  # run once a queued write succeeded
 
 CLONE_NEWNET = 0x40000000
 PROTO_NUMBERS = {
@@ -53,8 +60,188 @@ SYSCTLS = (
 )
 
 
+# netlink framing (linux/netlink.h, linux/genetlink.h, linux/ip_vs.h, linux/rtnetlink.h)
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+SOL_NETLINK, NETLINK_CAP_ACK, SO_RCVBUFFORCE = 270, 10, 33
+NETLINK_GENERIC = 16
+HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+IPVS_CMD_NEW_SERVICE, IPVS_CMD_SET_SERVICE, IPVS_CMD_DEL_SERVICE = 1, 2, 3
+IPVS_CMD_NEW_DEST, IPVS_CMD_SET_DEST, IPVS_CMD_DEL_DEST = 5, 6, 7
+RTM_NEWADDR, RTM_DELADDR = 20, 21
+WINDOW_MESSAGES = 512  # in flight per send; failures each queue one small ack
+WINDOW_BYTES = 64 * 1024  # well under the default socket send buffer
+
+
 class KernelError(Exception):
     """A kernel operation failed; the message names the object."""
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    size = 4 + len(payload)
+    return struct.pack("=HH", size, kind) + payload + bytes(-size % 4)
+
+
+def _u16(v: int) -> bytes:
+    return struct.pack("=H", v)
+
+
+def _u32(v: int) -> bytes:
+    return struct.pack("=I", v)
+
+
+def _port(v: int) -> bytes:
+    return struct.pack("!H", v)
+
+
+def encode_service(key: VirtualKey, settings: VirtualService | None = None) -> bytes:
+    """The ``IPVS_CMD_ATTR_SERVICE`` attribute for ``key`` (with ``settings``: complete,
+    as adding or changing a service needs)."""
+    v6 = key.address.version == 6
+    body = (
+        _nla(1, _u16(socket.AF_INET6 if v6 else socket.AF_INET))  # AF
+        + _nla(2, _u16(PROTO_NUMBERS[key.protocol]))  # PROTOCOL
+        + _nla(3, key.address.packed)  # ADDR
+        + _nla(4, _port(key.port))  # PORT
+    )
+    if settings is not None:
+        flags = PERSISTENT if settings.persistence else 0
+        body += (
+            _nla(6, settings.scheduler.encode() + b"\0")  # SCHED_NAME
+            + _nla(7, struct.pack("=II", flags, PERSISTENT))  # FLAGS {flags, mask}
+            + _nla(8, _u32(settings.persistence))  # TIMEOUT
+            # NETMASK: all ones for IPv4; IPv6 reads it as a prefix length (128)
+            + _nla(9, _u32(128) if v6 else b"\xff\xff\xff\xff")
+        )
+    return _nla(1, body)
+
+
+def encode_dest(key: DestKey, weight: int) -> bytes:
+    """The ``IPVS_CMD_ATTR_DEST`` attribute: a masqueraded real server of ``weight``."""
+    v6 = key.address.version == 6
+    body = (
+        _nla(1, key.address.packed)  # ADDR
+        + _nla(2, _port(key.port))  # PORT
+        + _nla(3, _u32(MASQ))  # FWD_METHOD
+        + _nla(4, _u32(weight))  # WEIGHT
+        + _nla(5, _u32(0))  # U_THRESH
+        + _nla(6, _u32(0))  # L_THRESH
+        + _nla(11, _u16(socket.AF_INET6 if v6 else socket.AF_INET))  # ADDR_FAMILY
+    )
+    return _nla(2, body)
+
+
+def encode_address(index: int, address: IPAddress) -> bytes:
+    """An ``ifaddrmsg`` with its attributes: ``address`` alone (/32, /128) on ``index``."""
+    v6 = address.version == 6
+    family, prefix = (socket.AF_INET6, 128) if v6 else (socket.AF_INET, 32)
+    return (
+        struct.pack("=BBBBI", family, prefix, 0, 0, index)
+        + _nla(2, address.packed)  # IFA_LOCAL
+        + _nla(1, address.packed)  # IFA_ADDRESS
+    )
+
+
+@dataclass(slots=True)
+class _Message:
+    what: str
+    kind: int
+    flags: int
+    payload: bytes
+    done: Done
+
+
+class Pipeline:
+    """Netlink requests of one protocol, sent in windows and acknowledged per window.
+
+    :meth:`add` queues a request (with an optional callback for when it succeeded);
+    :meth:`flush` sends the queue in order. Each window is one ``send`` of up to
+    ``WINDOW_MESSAGES`` concatenated messages; only its last asks for an ack
+    (``NLM_F_ACK``), while the kernel acks every failing message on its own (with
+    ``NETLINK_CAP_ACK``, a small ack). Messages are handled in order, so once the last
+    ack is in, every message of the window has been handled and each failure is known
+    by its sequence number. A lost ack (``ENOBUFS``) leaves the outcome unknown, which
+    is reported as a failure of the whole window.
+    """
+
+    def __init__(self, protocol: int) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        # small error acks; older kernels echo the whole request, which parses the same
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        self.sock.settimeout(30.0)  # a kernel that never acks is a failure, not a hang
+        self.sock.bind((0, 0))
+        self._seq = 0
+        self._queue: list[_Message] = []
+        self.sent = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def add(
+        self,
+        what: str,
+        kind: int,
+        flags: int,
+        payload: bytes,
+        done: Done = None,
+    ) -> None:
+        self._queue.append(_Message(what, kind, flags, payload, done))
+
+    def flush(self) -> None:
+        """Send everything queued; raise :class:`KernelError` naming the failures after
+        the callbacks of every message that succeeded have run."""
+        queue, self._queue = self._queue, []
+        failures: list[str] = []
+        start = 0
+        while start < len(queue):
+            end, size = start, 0
+            while end < len(queue) and end - start < WINDOW_MESSAGES and size < WINDOW_BYTES:
+                size += HEADER.size + len(queue[end].payload)
+                end += 1
+            failures += self._window(queue[start:end])
+            start = end
+        if failures:
+            more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+            raise KernelError("; ".join(failures[:3]) + more)
+
+    def _window(self, window: list[_Message]) -> list[str]:
+        by_seq: dict[int, _Message] = {}
+        chunks: list[bytes] = []
+        for i, m in enumerate(window):
+            self._seq = self._seq % 0x7FFFFFFF + 1
+            by_seq[self._seq] = m
+            flags = NLM_F_REQUEST | m.flags | (NLM_F_ACK if i == len(window) - 1 else 0)
+            size = HEADER.size + len(m.payload)
+            chunks.append(HEADER.pack(size, m.kind, flags, self._seq, 0) + m.payload)
+            chunks.append(bytes(-size % 4))
+        last = self._seq
+        failed: dict[int, str] = {}
+        self.sent += len(window)
+        try:
+            self.sock.send(b"".join(chunks))
+            done = False
+            while not done:
+                data = self.sock.recv(1 << 16)
+                offset = 0
+                while offset + HEADER.size <= len(data):
+                    size, kind, _, seq, _ = HEADER.unpack_from(data, offset)
+                    if kind == NLMSG_ERROR and seq in by_seq:
+                        (error,) = struct.unpack_from("=i", data, offset + HEADER.size)
+                        if error:
+                            failed[seq] = f"{by_seq[seq].what}: {os.strerror(-error)}"
+                        done = done or seq == last
+                    offset += max(size + (-size % 4), HEADER.size)
+        except OSError as exc:
+            return [f"{len(window)} messages from {window[0].what}: outcome unknown ({exc})"]
+        for seq, m in by_seq.items():
+            if seq not in failed and m.done is not None:
+                m.done()
+        return list(failed.values())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,16 +292,6 @@ def _service(key: VirtualKey, settings: VirtualService | None = None) -> IPVSSer
     return IPVSService(**fields)
 
 
-def _dest(key: DestKey, weight: int) -> IPVSDest:
-    return IPVSDest(
-        addr=str(key.address),
-        port=key.port,
-        weight=weight,
-        fwd_method=MASQ,
-        addr_family=socket.AF_INET6 if key.address.version == 6 else socket.AF_INET,
-    )
-
-
 def _attr(msg: Any, name: str) -> Any:
     return msg.get_attr(name)
 
@@ -129,6 +306,9 @@ class Kernel:
         )
         self._ipvs: IPVS | None = None
         self._ipr: IPRoute | None = None
+        self._genl_pipe: Pipeline | None = None
+        self._rtnl_pipe: Pipeline | None = None
+        self._ipvs_family = 0
         self.sent = 0  # write messages sent since the last reset
         self.reads = 0  # dump/get requests since the last reset
 
@@ -145,10 +325,10 @@ class Kernel:
         self._executor.shutdown(wait=True)
 
     def _close_sockets(self) -> None:
-        for sock in (self._ipvs, self._ipr):
+        for sock in (self._ipvs, self._ipr, self._genl_pipe, self._rtnl_pipe):
             if sock is not None:
                 sock.close()
-        self._ipvs = self._ipr = None
+        self._ipvs = self._ipr = self._genl_pipe = self._rtnl_pipe = None
 
     # --- sockets (created lazily on the worker thread) ---------------------------------
 
@@ -299,39 +479,67 @@ class Kernel:
         except (NetlinkError, OSError) as exc:
             raise KernelError(f"{what}: {exc}") from exc
 
-    def add_service(self, key: VirtualKey, settings: VirtualService) -> None:
-        self._send(
-            f"add service {key}",
-            lambda: self.ipvs().service("add", service=_service(key, settings)),
+    def _genl(self) -> Pipeline:
+        if self._genl_pipe is None:
+            self._ipvs_family = int(self.ipvs().prid)
+            self._genl_pipe = Pipeline(NETLINK_GENERIC)
+        return self._genl_pipe
+
+    def _rtnl(self) -> Pipeline:
+        if self._rtnl_pipe is None:
+            self._rtnl_pipe = Pipeline(socket.NETLINK_ROUTE)
+        return self._rtnl_pipe
+
+    def _ipvs_cmd(self, what: str, cmd: int, attrs: bytes, done: Done) -> None:
+        pipe = self._genl()
+        self.sent += 1
+        pipe.add(what, self._ipvs_family, 0, struct.pack("=BBH", cmd, 1, 0) + attrs, done)
+
+    def flush(self) -> None:
+        """Send the queued writes (addresses first) and wait for their acks."""
+        for pipe in (self._rtnl_pipe, self._genl_pipe):
+            if pipe is not None:
+                pipe.flush()
+
+    # Each write below is queued; :meth:`flush` sends it and runs ``done`` on success.
+
+    def add_service(self, key: VirtualKey, settings: VirtualService, done: Done = None) -> None:
+        attrs = encode_service(key, settings)
+        self._ipvs_cmd(f"add service {key}", IPVS_CMD_NEW_SERVICE, attrs, done)
+
+    def set_service(self, key: VirtualKey, settings: VirtualService, done: Done = None) -> None:
+        attrs = encode_service(key, settings)
+        self._ipvs_cmd(f"set service {key}", IPVS_CMD_SET_SERVICE, attrs, done)
+
+    def del_service(self, key: VirtualKey, done: Done = None) -> None:
+        self._ipvs_cmd(f"delete service {key}", IPVS_CMD_DEL_SERVICE, encode_service(key), done)
+
+    def add_dest(self, key: DestKey, weight: int, done: Done = None) -> None:
+        attrs = encode_service(key.virtual) + encode_dest(key, weight)
+        self._ipvs_cmd(f"add real server {key}", IPVS_CMD_NEW_DEST, attrs, done)
+
+    def set_dest(self, key: DestKey, weight: int, done: Done = None) -> None:
+        attrs = encode_service(key.virtual) + encode_dest(key, weight)
+        self._ipvs_cmd(f"set real server {key}", IPVS_CMD_SET_DEST, attrs, done)
+
+    def del_dest(self, key: DestKey, done: Done = None) -> None:
+        attrs = encode_service(key.virtual) + encode_dest(key, 0)
+        self._ipvs_cmd(f"delete real server {key}", IPVS_CMD_DEL_DEST, attrs, done)
+
+    def add_address(self, index: int, address: IPAddress, done: Done = None) -> None:
+        self.sent += 1
+        self._rtnl().add(
+            f"add address {address}",
+            RTM_NEWADDR,
+            NLM_F_CREATE | NLM_F_EXCL,
+            encode_address(index, address),
+            done,
         )
 
-    def set_service(self, key: VirtualKey, settings: VirtualService) -> None:
-        self._send(
-            f"set service {key}",
-            lambda: self.ipvs().service("set", service=_service(key, settings)),
-        )
-
-    def del_service(self, key: VirtualKey) -> None:
-        self._send(
-            f"delete service {key}", lambda: self.ipvs().service("del", service=_service(key))
-        )
-
-    def add_dest(self, key: DestKey, weight: int) -> None:
-        self._send(
-            f"add real server {key}",
-            lambda: self.ipvs().dest("add", service=_service(key.virtual), dest=_dest(key, weight)),
-        )
-
-    def set_dest(self, key: DestKey, weight: int) -> None:
-        self._send(
-            f"set real server {key}",
-            lambda: self.ipvs().dest("set", service=_service(key.virtual), dest=_dest(key, weight)),
-        )
-
-    def del_dest(self, key: DestKey) -> None:
-        self._send(
-            f"delete real server {key}",
-            lambda: self.ipvs().dest("del", service=_service(key.virtual), dest=_dest(key, 0)),
+    def del_address(self, index: int, address: IPAddress, done: Done = None) -> None:
+        self.sent += 1
+        self._rtnl().add(
+            f"delete address {address}", RTM_DELADDR, 0, encode_address(index, address), done
         )
 
     def ensure_link(self) -> int:
@@ -346,20 +554,6 @@ class Kernel:
         if index is None:
             raise KernelError(f"{render.INTERFACE} missing after creating it")
         return index
-
-    def add_address(self, index: int, address: IPAddress) -> None:
-        prefix = 32 if address.version == 4 else 128
-        self._send(
-            f"add address {address}",
-            lambda: self.ipr().addr("add", index=index, address=str(address), prefixlen=prefix),
-        )
-
-    def del_address(self, index: int, address: IPAddress) -> None:
-        prefix = 32 if address.version == 4 else 128
-        self._send(
-            f"delete address {address}",
-            lambda: self.ipr().addr("del", index=index, address=str(address), prefixlen=prefix),
-        )
 
     def del_link(self) -> None:
         index = self.link_index()
