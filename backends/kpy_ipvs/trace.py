@@ -1,0 +1,416 @@
+"""Trace a packet through the IPVS objects and companion layer this backend renders (pure).
+
+``kpy explain --backend ipvs`` takes its verdict, endpoints and masquerade from here, not
+from a second computation. The Plan is rendered with :mod:`kpy_ipvs.render` (virtual
+services, real servers with weights, companion ipset elements) and the companion rules
+(:func:`kpy_ipvs.render.rules`, plus the jumps from the built-in chains that the kernel
+side inserts first) are loaded into an in-memory copy of the ``nat`` and ``filter``
+tables. The first packet of a connection then meets them in the kernel's order:
+
+* from a pod or from outside: nat ``PREROUTING`` (the masquerade mark is set before
+  IPVS rewrites the destination); if the destination is local (a VIP bound on
+  ``kpy-ipvs0`` or a node address), filter ``INPUT`` (externalTrafficPolicy Local
+  drops, source ranges), then IPVS at ``LOCAL_IN`` (it hooks after filter); the packet
+  IPVS sends to a real server continues through nat ``POSTROUTING`` (masquerade);
+* from the node itself: nat ``OUTPUT``, then IPVS at ``LOCAL_OUT`` (locally generated
+  connections are scheduled there, so filter ``INPUT`` is never reached), then nat
+  ``POSTROUTING``.
+
+IPVS itself: the virtual service keyed by (destination, port, protocol); its real
+servers with weight > 0 are the endpoints (weight 0 takes no new connection); a virtual
+service without one answers a new connection with ICMP port unreachable (reject). A
+packet no virtual service matches is not IPVS's (accept).
+
+The rule interpreter knows exactly the syntax :func:`kpy_ipvs.render.rules` emits and
+raises :class:`TraceError` on anything else, so a new kind of companion rule cannot be
+skipped silently.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from kpy.backend import BackendConfig
+from kpy.explain import Origin, Packet, Trace, Verdict
+from kpy.model import IPAddress, Plan, Protocol
+from kpy_ipvs import render
+from kpy_ipvs.render import DestKey, PortObjects, VirtualKey, VirtualService
+
+__all__ = [
+    "Flow",
+    "Rule",
+    "Sets",
+    "Tables",
+    "TraceError",
+    "hooks",
+    "load",
+    "parse_rule",
+    "trace",
+]
+
+MAX_DEPTH = 8
+
+NAT = "nat"
+FILTER = "filter"
+BUILTIN_CHAINS = {
+    NAT: ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    FILTER: ("INPUT", "FORWARD", "OUTPUT"),
+}
+TERMINAL = frozenset({"ACCEPT", "DROP", "RETURN"})
+
+
+class TraceError(ValueError):
+    """The companion rules or sets hold something this interpreter does not understand."""
+
+
+# --- rules --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """``-s``/``-d`` (kind ``"addr"``), ``-m set``, ``-m mark`` or ``-m comment``."""
+
+    kind: str
+    negated: bool
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    text: str
+    matches: tuple[Match, ...]
+    target: str
+    target_args: tuple[str, ...] = ()
+
+
+def parse_rule(text: str) -> Rule:
+    """One companion rule in ``iptables-save`` form (without ``-A CHAIN``)."""
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        raise TraceError(f"cannot tokenize rule {text!r}: {exc}") from None
+    matches: list[Match] = []
+    target = ""
+    target_args: tuple[str, ...] = ()
+    i = 0
+
+    def take(n: int, what: str) -> tuple[str, ...]:
+        nonlocal i
+        args = tuple(tokens[i : i + n])
+        if len(args) != n:
+            raise TraceError(f"{what} needs {n} argument(s) in rule {text!r}")
+        i += n
+        return args
+
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        negated = token == "!"
+        if negated:
+            if i >= len(tokens):
+                raise TraceError(f"dangling '!' in rule {text!r}")
+            token = tokens[i]
+            i += 1
+        if token in ("-s", "-d"):
+            matches.append(Match("addr", negated, (token, *take(1, token))))
+        elif token == "-m" and not negated:
+            (module,) = take(1, "-m")
+            if module == "comment":
+                if take(1, "-m comment") != ("--comment",):
+                    raise TraceError(f"-m comment needs --comment in rule {text!r}")
+                matches.append(Match("comment", False, take(1, "--comment")))
+            elif module == "set":
+                neg = i < len(tokens) and tokens[i] == "!"
+                i += neg
+                if take(1, "-m set") != ("--match-set",):
+                    raise TraceError(f"-m set needs --match-set in rule {text!r}")
+                name, flags = take(2, "--match-set")
+                if flags not in ("dst,dst", "dst,dst,src"):
+                    raise TraceError(f"set flags {flags!r} are not modelled in rule {text!r}")
+                matches.append(Match("set", neg, (name, flags)))
+            elif module == "mark":
+                if take(1, "-m mark") != ("--mark",):
+                    raise TraceError(f"-m mark needs --mark in rule {text!r}")
+                matches.append(Match("mark", False, take(1, "--mark")))
+            else:
+                raise TraceError(f"unknown match module {module!r} in rule {text!r}")
+        elif token == "-j" and not negated:
+            (target,) = take(1, "-j")
+            if target == "MARK":
+                if take(1, "-j MARK") != ("--or-mark",):
+                    raise TraceError(f"-j MARK is modelled with --or-mark only in {text!r}")
+                target_args = take(1, "--or-mark")
+            elif target == "MASQUERADE" or target in TERMINAL or target.startswith("KPY-"):
+                pass
+            else:
+                raise TraceError(f"unknown target {target!r} in rule {text!r}")
+            if i < len(tokens):
+                raise TraceError(f"unknown option {tokens[i]!r} of target {target} in {text!r}")
+        else:
+            raise TraceError(f"unknown rule option {'! ' if negated else ''}{token!r} in {text!r}")
+    if not target:
+        raise TraceError(f"rule without a target: {text!r}")
+    return Rule(text, tuple(matches), target, target_args)
+
+
+Tables = dict[tuple[str, str], list[Rule]]  # (table, chain) → rules in kernel order
+
+
+def load(text: str) -> Tables:
+    """Apply an ``iptables-restore --noflush`` input to empty tables, as the kernel would."""
+    chains: Tables = {(t, c): [] for t, cs in BUILTIN_CHAINS.items() for c in cs}
+    table = ""
+    for line in text.splitlines():
+        if not line or line.startswith("#") or line == "COMMIT":
+            continue
+        if line.startswith("*"):
+            table = line[1:]
+            if table not in BUILTIN_CHAINS:
+                raise TraceError(f"table {table!r} is not modelled")
+            continue
+        if line.startswith(":"):
+            chains[(table, line[1:].split()[0])] = []
+            continue
+        verb, _, rest = line.partition(" ")
+        chain, _, rule = rest.partition(" ")
+        if (table, chain) not in chains:
+            raise TraceError(f"{line!r}: chain {chain} does not exist in table {table}")
+        if verb == "-A":
+            chains[(table, chain)].append(parse_rule(rule))
+        elif verb == "-I":
+            position, _, rule = rule.partition(" ")
+            if not position.isdigit():
+                raise TraceError(f"{line!r}: -I needs a position")
+            chains[(table, chain)].insert(int(position) - 1, parse_rule(rule))
+        else:
+            raise TraceError(f"unknown restore command {line!r}")
+    return chains
+
+
+def hooks() -> str:
+    """The jumps the kernel side inserts at the top of the built-in chains."""
+    return "".join(f"*{t}\n-I {c} 1 -j {target}\nCOMMIT\n" for t, c, target in render.HOOKS)
+
+
+# --- sets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One parsed ipset element: ``ip,proto:port`` or ``ip,proto:port,net``."""
+
+    text: str
+    address: IPAddress
+    protocol: str
+    port: int
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+
+
+Sets = dict[str, list[Member]]
+
+
+def parse_element(set_name: str, value: str) -> Member:
+    parts = value.split(",")
+    try:
+        address = ipaddress.ip_address(parts[0])
+        protocol, _, port = parts[1].partition(":")
+        if protocol not in ("tcp", "udp", "sctp") or not port.isdigit():
+            raise ValueError(f"bad proto:port {parts[1]!r}")
+        net = ipaddress.ip_network(parts[2], strict=False) if len(parts) == 3 else None
+        if len(parts) not in (2, 3):
+            raise ValueError("expected 2 or 3 fields")
+    except (ValueError, IndexError) as exc:
+        raise TraceError(f"cannot read element {value!r} of set {set_name}: {exc}") from None
+    return Member(f"{set_name} {value}", address, protocol, int(port), net)
+
+
+def sets(ports: Iterable[PortObjects]) -> Sets:
+    """Every companion set (empty ones too) with the elements render puts in it."""
+    out: Sets = {name: [] for name, _, _ in render.set_names()}
+    for objs in ports:
+        for el in sorted(objs.elements):
+            if el.set not in out:
+                raise TraceError(f"element {el} names an unknown set")
+            out[el.set].append(parse_element(el.set, el.value))
+    return out
+
+
+# --- the walk -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Flow:
+    """The first packet of a connection, as the companion and IPVS have changed it."""
+
+    src: IPAddress
+    dst: IPAddress
+    port: int
+    protocol: str  # lower case, as ipset writes it
+    mark: int = 0
+    masquerade: bool = False
+    seen: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class _Walker:
+    chains: Tables
+    sets: Sets
+    family: int
+
+    def _in_set(self, rule: Rule, name: str, flags: str, flow: Flow) -> Member | None:
+        if name not in self.sets:
+            raise TraceError(f"set {name} does not exist in rule {rule.text!r}")
+        for m in self.sets[name]:
+            if (m.address, m.port, m.protocol) != (flow.dst, flow.port, flow.protocol):
+                continue
+            if flags == "dst,dst,src":
+                if m.net is None:
+                    raise TraceError(f"{m.text}: a dst,dst,src match needs a net element")
+                if not (flow.src.version == m.net.version and flow.src in m.net):
+                    continue
+            elif m.net is not None:
+                raise TraceError(f"{m.text}: a dst,dst match of an ip,port,net set")
+            return m
+        return None
+
+    def _matches(self, rule: Rule, flow: Flow) -> tuple[bool, tuple[str, ...]]:
+        """Whether ``rule`` matches, and the set elements that made it match."""
+        used: list[str] = []
+        for match in rule.matches:
+            if match.kind == "comment":
+                continue
+            if match.kind == "addr":
+                option, nets = match.args
+                ip = flow.src if option == "-s" else flow.dst
+                hit = any(
+                    ip.version == n.version and ip in n
+                    for n in (ipaddress.ip_network(t, strict=False) for t in nets.split(","))
+                )
+            elif match.kind == "set":
+                member = self._in_set(rule, match.args[0], match.args[1], flow)
+                hit = member is not None
+                if member is not None and not match.negated:
+                    used.append(f"ipset {member.text}")
+            else:  # mark
+                value, _, mask = match.args[0].partition("/")
+                hit = flow.mark & int(mask or "0xffffffff", 0) == int(value, 0)
+            if hit is match.negated:
+                return False, ()
+        return True, tuple(used)
+
+    def run(self, table: str, chain: str, flow: Flow, depth: int = 0) -> tuple[Flow, str]:
+        """How ``flow`` leaves ``chain``: (flow, ACCEPT/DROP/RETURN)."""
+        if depth > MAX_DEPTH:
+            raise TraceError(f"jumps nested deeper than {MAX_DEPTH} at {table} {chain}")
+        if (table, chain) not in self.chains:
+            raise TraceError(f"jump to missing chain {chain} in table {table}")
+        tool = "iptables" if self.family == 4 else "ip6tables"
+        for rule in self.chains[(table, chain)]:
+            matched, used = self._matches(rule, flow)
+            if not matched:
+                continue
+            seen = (*flow.seen, f"{tool} -t {table} -A {chain} {rule.text}", *used)
+            flow = replace(flow, seen=seen)
+            if rule.target in TERMINAL:
+                return flow, rule.target
+            if rule.target == "MARK":
+                flow = replace(flow, mark=flow.mark | int(rule.target_args[0], 0))
+            elif rule.target == "MASQUERADE":
+                if table != NAT or chain not in (render.CHAIN_POST, "POSTROUTING"):
+                    raise TraceError(f"MASQUERADE outside nat POSTROUTING: {rule.text!r}")
+                return replace(flow, masquerade=True), "ACCEPT"
+            else:
+                flow, verdict = self.run(table, rule.target, flow, depth + 1)
+                if verdict != "RETURN":
+                    return flow, verdict
+        return flow, "RETURN"
+
+    def hook(self, table: str, chain: str, flow: Flow) -> tuple[Flow, str]:
+        """A built-in chain: falling off means its policy, ACCEPT."""
+        flow, verdict = self.run(table, chain, flow)
+        return flow, "ACCEPT" if verdict == "RETURN" else verdict
+
+
+def _ipvsadm(key: VirtualKey) -> str:
+    flag = {Protocol.TCP: "-t", Protocol.UDP: "-u", Protocol.SCTP: "--sctp-service"}
+    return f"{flag[key.protocol]} {_host_port(key.address, key.port)}"
+
+
+def _host_port(address: IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def _service_text(key: VirtualKey, settings: VirtualService) -> str:
+    text = f"ipvsadm -A {_ipvsadm(key)} -s {settings.scheduler}"
+    return text + (f" -p {settings.persistence}" if settings.persistence else "")
+
+
+def _dest_text(dest: DestKey, weight: int) -> str:
+    real = _host_port(dest.address, dest.port)
+    return f"ipvsadm -a {_ipvsadm(dest.virtual)} -r {real} -m -w {weight}"
+
+
+def trace(plan: Plan, packet: Packet, origin: Origin, config: BackendConfig) -> Trace:
+    """What the rendered IPVS objects and companion rules do with the first packet of
+    ``packet``'s connection."""
+    family = packet.dst.version
+    ctx = render.context(config, plan.node)
+    ports = render.render(plan, ctx)
+    walker = _Walker(load(render.rules(ctx, family) + hooks()), sets(ports.values()), family)
+    services: dict[VirtualKey, VirtualService] = {}
+    dests: dict[DestKey, int] = {}
+    bound: set[IPAddress] = set()
+    for objs in ports.values():
+        services.update(objs.services)
+        dests.update(objs.destinations)
+        bound |= objs.addresses
+    local = bound | set(config.node_ips) | set(plan.node.addresses) | set(ctx.nodeport_ips)
+    flow = Flow(src=packet.src, dst=packet.dst, port=packet.port, protocol=packet.protocol.lower())
+
+    def done(verdict: Verdict, f: Flow, endpoints: tuple[str, ...] = ()) -> Trace:
+        return Trace(verdict=verdict, endpoints=endpoints, masquerade=f.masquerade, kernel=f.seen)
+
+    if origin is Origin.NODE:
+        flow, verdict = walker.hook(NAT, "OUTPUT", flow)
+    else:
+        flow, verdict = walker.hook(NAT, "PREROUTING", flow)
+        if verdict == "ACCEPT" and flow.dst in local:
+            flow, verdict = walker.hook(FILTER, "INPUT", flow)
+        elif verdict == "ACCEPT":
+            # routed onwards: IPVS only sees packets delivered locally
+            flow, verdict = walker.hook(FILTER, "FORWARD", flow)
+    if verdict == "DROP":
+        return done(Verdict.DROP, flow)
+    key = VirtualKey(address=flow.dst, port=flow.port, protocol=packet.protocol)
+    settings = services.get(key)
+    if settings is None or (origin is not Origin.NODE and flow.dst not in local):
+        return done(Verdict.ACCEPT, flow)  # not IPVS's: delivered or routed as it is
+    seen = [_service_text(key, settings)]
+    reals = sorted(
+        ((d, w) for d, w in dests.items() if d.virtual == key),
+        key=lambda dw: (int(dw[0].address), dw[0].port),
+    )
+    seen += [_dest_text(d, w) for d, w in reals]
+    eligible = [d for d, w in reals if w > 0]
+    flow = replace(flow, seen=(*flow.seen, *seen))
+    if not eligible:
+        return done(Verdict.REJECT, replace(flow, seen=(*flow.seen, "ipvs: no real server")))
+    endpoints = tuple(_host_port(d.address, d.port) for d in eligible)
+    # after IPVS each real server is a different packet (hairpin masquerade depends on
+    # it): follow every one through nat POSTROUTING
+    masquerade = False
+    kernel = list(flow.seen)
+    for real in eligible:
+        nat, verdict = walker.hook(
+            NAT, "POSTROUTING", replace(flow, dst=real.address, port=real.port)
+        )
+        if verdict != "ACCEPT":
+            raise TraceError(f"nat POSTROUTING ends {real.address} in {verdict}: not modelled")
+        masquerade = masquerade or nat.masquerade
+        kernel += [k for k in nat.seen if k not in kernel]
+    return Trace(
+        verdict=Verdict.FORWARD, endpoints=endpoints, masquerade=masquerade, kernel=tuple(kernel)
+    )

@@ -1,0 +1,341 @@
+"""Tracing packets through the IPVS backend's rendered objects (:mod:`kpy_ipvs.trace`).
+
+Every case of the explain table is traced through the virtual services, real servers
+and companion ipset/iptables layer that :mod:`kpy_ipvs.render` produces, and the traced
+verdict, endpoints and masquerade must equal the model's (:func:`kpy.explain.explain`).
+Where they part ways the rendered objects are wrong (the model is upstream's semantics,
+which the other backends' traces agree with); those cases are strict xfails with the
+reason, so fixing render makes them fail until the mark goes. Then the kernel objects
+a trace reports, the interpreter's refusal of syntax it does not know, the backend's
+``trace`` method (which must touch no kernel) and ``kpy explain --backend ipvs``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import pytest
+from click.testing import CliRunner
+from kpy_ipvs import render
+from kpy_ipvs import trace as tr
+
+from kpy import explain as ex
+from kpy.backend import BackendConfig
+from kpy.cli import _offline_plan, main
+from kpy.model import Plan, Protocol
+from kpy.testing import builders as b
+from tests.unit.test_explain import CASES, CIDRS, CLIENT, LB, NODE, POD, Case, st
+
+RENDER_BUGS: dict[str, str] = {
+    # case id → why the rendered IPVS objects and the model disagree
+    "internal-policy-local-without-local-drops": (
+        "render puts no companion DROP element on a cluster IP under internalTrafficPolicy "
+        "Local without a local endpoint: the virtual service has no real server, so IPVS "
+        "rejects (ICMP port unreachable) where upstream drops"
+    ),
+    "nodeport-local-policy-from-node-uses-cluster-and-masquerades": (
+        "the NodePort virtual service under externalTrafficPolicy Local holds only local "
+        "real servers, and the node's own connections are scheduled by IPVS at LOCAL_OUT "
+        "on that same service: no short-circuit to the cluster-wide endpoints, so with no "
+        "local endpoint IPVS rejects instead of forwarding (masqueraded)"
+    ),
+    "lb-local-policy-from-pod-short-circuits": (
+        "the companion DROP set (externalTrafficPolicy Local, no local endpoint) is matched "
+        "in filter INPUT for every source, pods included; upstream short-circuits pods to "
+        "the cluster-wide endpoints"
+    ),
+}
+
+
+def _packet(case: Case) -> ex.Packet:
+    return ex.Packet(
+        src=ipaddress.ip_address(case.src),
+        dst=ipaddress.ip_address(case.dst),
+        port=case.port,
+        protocol=Protocol(case.protocol),
+        origin=ex.Origin(case.origin) if case.origin else None,
+    )
+
+
+def _trace(case: Case) -> tuple[ex.Trace, ex.Explanation, Plan]:
+    plan = b.plan([case.state], node_info=NODE)
+    packet = _packet(case)
+    model = ex.explain(plan, packet, case.options)
+    config = ex.options_config(plan.node.name, case.options)
+    return tr.trace(plan, packet, model.origin, config), model, plan
+
+
+def _case(case_id: str) -> Case:
+    return next(c for c in CASES if c.id == case_id)
+
+
+def _params() -> list[object]:
+    params: list[object] = []
+    for case in CASES:
+        marks = []
+        if case.id in RENDER_BUGS:
+            marks.append(pytest.mark.xfail(reason=RENDER_BUGS[case.id], strict=True))
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("case", _params())
+def test_trace_agrees_with_model(case: Case) -> None:
+    traced, model, _ = _trace(case)
+    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
+        model.verdict,
+        model.endpoints,
+        model.masquerade,
+    ), traced.kernel
+    assert str(traced.verdict) == case.verdict
+    assert traced.endpoints == case.endpoints
+    if case.verdict in ("forward", "reject"):
+        assert any(k.startswith("ipvsadm -A ") for k in traced.kernel), traced.kernel
+
+
+def test_every_known_divergence_is_a_case() -> None:
+    assert set(RENDER_BUGS) <= {c.id for c in CASES}
+
+
+# --- kernel objects -----------------------------------------------------------------------
+
+
+def test_kernel_objects_of_a_cluster_ip_from_a_pod() -> None:
+    traced, _, _ = _trace(_case("clusterip-from-pod"))
+    assert traced.kernel[:2] == (
+        "iptables -t nat -A PREROUTING -j KPY-IPVS-MARK",
+        "iptables -t filter -A INPUT -j KPY-IPVS-FILTER",
+    )
+    assert "ipvsadm -A -t 10.96.0.10:80 -s rr" in traced.kernel
+    assert [k for k in traced.kernel if k.startswith("ipvsadm -a ")] == [
+        "ipvsadm -a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1",
+        "ipvsadm -a -t 10.96.0.10:80 -r 10.244.2.5:8080 -m -w 1",
+    ]
+    # a pod inside the cluster CIDR is not marked: no set element, no MARK rule matched
+    assert not any(k.startswith("ipset ") for k in traced.kernel)
+    assert not traced.masquerade
+
+
+def test_kernel_objects_from_the_node_skip_filter_input() -> None:
+    """IPVS schedules the node's own connections at LOCAL_OUT: nat OUTPUT marks them
+    (outside the cluster CIDR), filter INPUT is never reached, POSTROUTING masquerades."""
+    traced, _, _ = _trace(_case("clusterip-from-node-is-masqueraded"))
+    assert traced.kernel[0] == "iptables -t nat -A OUTPUT -j KPY-IPVS-MARK"
+    assert not any("filter" in k for k in traced.kernel)
+    assert "ipset KPY-IPVS-CLUSTER 10.96.0.10,tcp:80" in traced.kernel
+    assert any(k.endswith("-j MASQUERADE") for k in traced.kernel)
+    assert traced.masquerade
+
+
+def test_kernel_objects_of_a_nodeport_under_policy_cluster() -> None:
+    traced, _, _ = _trace(_case("nodeport-external-cluster-policy-masquerades"))
+    assert "ipset KPY-IPVS-MASQ 192.168.50.2,tcp:30080" in traced.kernel
+    assert "ipvsadm -A -t 192.168.50.2:30080 -s rr" in traced.kernel
+
+
+def test_kernel_objects_of_a_denied_source_range() -> None:
+    traced, _, _ = _trace(_case("lb-source-range-denied"))
+    assert traced.verdict is ex.Verdict.DROP
+    assert traced.kernel[-2].startswith(
+        "iptables -t filter -A KPY-IPVS-FILTER -m set --match-set KPY-IPVS-RANGED dst,dst"
+    )
+    assert traced.kernel[-1] == "ipset KPY-IPVS-RANGED 172.18.0.10,tcp:80"
+    assert not any(k.startswith("ipvsadm") for k in traced.kernel)  # dropped before IPVS
+
+
+def test_kernel_objects_of_an_allowed_source_range_name_no_allowed_element_as_a_hit() -> None:
+    """The ALLOWED set is read negated: an allowed source passes the rule unmatched."""
+    traced, _, _ = _trace(_case("lb-source-range-allowed"))
+    assert traced.verdict is ex.Verdict.FORWARD
+    assert not any("KPY-IPVS-RANGED" in k for k in traced.kernel)
+
+
+def test_no_real_server_rejects() -> None:
+    traced, _, _ = _trace(_case("no-endpoints-rejects"))
+    assert traced.kernel[-2:] == ("ipvsadm -A -t 10.96.0.10:80 -s rr", "ipvs: no real server")
+
+
+def test_affinity_is_persistence() -> None:
+    traced, _, _ = _trace(_case("session-affinity"))
+    assert any(k.startswith("ipvsadm -A -t 10.96.0.10:80 -s rr -p ") for k in traced.kernel)
+
+
+def test_ipv6_uses_ip6tables_and_the_v6_sets() -> None:
+    traced, _, _ = _trace(_case("ipv6-dual-stack"))
+    assert "ip6tables -t nat -A PREROUTING -j KPY-IPVS-MARK" in traced.kernel
+    assert "ipvsadm -A -t [fd00:96::10]:80 -s rr" in traced.kernel
+    assert not any(k.startswith("iptables ") for k in traced.kernel)
+
+
+def test_udp_service_flag() -> None:
+    traced, _, _ = _trace(_case("udp-service"))
+    assert "ipvsadm -A -u 10.96.0.10:53 -s rr" in traced.kernel
+
+
+def test_weight_zero_real_servers_take_no_new_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Endpoints are the real servers with weight > 0 (a draining one is listed, not used)."""
+    original = render.render_port
+
+    def drain_remote(state: object, ctx: render.Context) -> render.PortObjects:
+        objs = original(state, ctx)  # type: ignore[arg-type]
+        weights = {
+            d: (0 if str(d.address) == "10.244.2.5" else w) for d, w in objs.destinations.items()
+        }
+        return render.PortObjects(
+            services=objs.services,
+            destinations=weights,
+            addresses=objs.addresses,
+            elements=objs.elements,
+            node_ports=objs.node_ports,
+        )
+
+    monkeypatch.setattr(render, "render_port", drain_remote)
+    traced, model, _ = _trace(_case("clusterip-from-pod"))
+    assert traced.endpoints == ("10.244.1.5:8080",) != model.endpoints
+    assert "ipvsadm -a -t 10.96.0.10:80 -r 10.244.2.5:8080 -m -w 0" in traced.kernel
+
+
+def test_a_render_bug_shows_up_in_the_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trace reads render's companion rules: losing the MASQ rule changes the answer."""
+    original = render.rules
+
+    def without_masq(ctx: render.Context, version: int) -> str:
+        text = original(ctx, version)
+        return "\n".join(line for line in text.splitlines() if "KPY-IPVS-MASQ" not in line) + "\n"
+
+    monkeypatch.setattr(render, "rules", without_masq)
+    traced, model, _ = _trace(_case("nodeport-external-cluster-policy-masquerades"))
+    assert model.masquerade and not traced.masquerade
+
+
+# --- refusing what is not modelled --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ("-m string --string x -j ACCEPT", "unknown match module 'string'"),
+        ("-m set --match-set KPY-IPVS-MASQ src -j ACCEPT", "set flags 'src' are not modelled"),
+        ("-m mark --mark 0x1 -j MARK --set-xmark 0x1", "--or-mark only"),
+        ("-i eth0 -j ACCEPT", "unknown rule option '-i'"),
+        ("-j REJECT", "unknown target 'REJECT'"),
+        ("-j MASQUERADE --random-fully", "unknown option '--random-fully' of target"),
+        ("-s 10.0.0.0/8", "rule without a target"),
+    ],
+)
+def test_unknown_syntax_is_refused(rule: str, message: str) -> None:
+    with pytest.raises(tr.TraceError, match=message):
+        tr.parse_rule(rule)
+
+
+def test_unknown_companion_syntax_fails_the_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = render.rules
+
+    def extra(ctx: render.Context, version: int) -> str:
+        return (
+            original(ctx, version)
+            + "*filter\n-A KPY-IPVS-FILTER -m conntrack --ctstate INVALID -j DROP\nCOMMIT\n"
+        )
+
+    monkeypatch.setattr(render, "rules", extra)
+    with pytest.raises(tr.TraceError, match="unknown match module 'conntrack'"):
+        _trace(_case("clusterip-from-pod"))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("10.96.0.10,icmp:0", "bad proto:port"), ("10.96.0.10", "cannot read element")],
+)
+def test_unreadable_set_elements_are_refused(value: str, message: str) -> None:
+    with pytest.raises(tr.TraceError, match=message):
+        tr.parse_element("KPY-IPVS-MASQ", value)
+
+
+def test_load_refuses_unknown_commands_and_chains() -> None:
+    with pytest.raises(tr.TraceError, match="unknown restore command"):
+        tr.load("*nat\n-D PREROUTING -j ACCEPT\nCOMMIT\n")
+    with pytest.raises(tr.TraceError, match="does not exist"):
+        tr.load("*nat\n-A KPY-NOPE -j ACCEPT\nCOMMIT\n")
+    with pytest.raises(tr.TraceError, match="table 'mangle'"):
+        tr.load("*mangle\nCOMMIT\n")
+
+
+# --- the backend method and the CLI -------------------------------------------------------
+
+
+def test_backend_trace_touches_no_kernel() -> None:
+    from kpy_ipvs import IpvsBackend
+
+    backend = IpvsBackend(BackendConfig(node_name="node-a", cluster_cidrs=CIDRS))
+    plan = b.plan([st()], node_info=NODE)
+    packet = ex.Packet(
+        src=ipaddress.ip_address(CLIENT), dst=ipaddress.ip_address("10.96.0.10"), port=80
+    )
+    traced = backend.trace(plan, packet, ex.Origin.EXTERNAL)
+    assert traced.endpoints == ("10.244.1.5:8080", "10.244.2.5:8080") and traced.masquerade
+    kernel = backend._kernel
+    # no netlink socket opened, no worker thread (so no namespace entered, no command run)
+    assert kernel._ipvs is None and kernel._ipr is None
+    assert not kernel._executor._threads
+
+
+def test_trace_of_a_load_balancer_with_both_frontends() -> None:
+    plan = b.plan([st(**LB)], node_info=NODE)
+    config = ex.options_config(NODE.name, ex.Options(cluster_cidrs=CIDRS))
+    lb = ex.Packet(
+        src=ipaddress.ip_address(CLIENT), dst=ipaddress.ip_address("172.18.0.10"), port=80
+    )
+    np = ex.Packet(
+        src=ipaddress.ip_address(CLIENT), dst=ipaddress.ip_address("192.168.50.2"), port=30080
+    )
+    for packet in (lb, np):
+        traced = tr.trace(plan, packet, ex.Origin.EXTERNAL, config)
+        assert traced.verdict is ex.Verdict.FORWARD and traced.masquerade
+    wrong_port = ex.Packet(
+        src=ipaddress.ip_address(POD), dst=ipaddress.ip_address("172.18.0.10"), port=30080
+    )
+    assert tr.trace(plan, wrong_port, ex.Origin.POD, config).verdict is ex.Verdict.ACCEPT
+
+
+def _cluster_ip_target() -> str:
+    plan = _offline_plan(("examples",), "node-1", ("192.168.100.11",))
+    for state in sorted(plan.services.values(), key=lambda s: s.name):
+        svc = state.service
+        if svc.cluster_ips and state.internal and svc.protocol is Protocol.TCP:
+            ip = next(ip for ip in svc.cluster_ips if ip.version == 4)
+            return f"{ip}:{svc.port}/TCP"
+    raise AssertionError("examples/ hold no ClusterIP Service with endpoints")
+
+
+def test_cli_explain_backend_ipvs() -> None:
+    target = _cluster_ip_target()
+    args = [
+        "explain",
+        "--manifests",
+        "examples",
+        "--node",
+        "node-1",
+        "--node-ip",
+        "192.168.100.11",
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--backend",
+        "ipvs",
+        "-o",
+        "json",
+        "--from",
+        "10.244.1.7",
+        "--to",
+        target,
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["verdict"] == "forward" and data["endpoints"]
+    assert "traced_by_ipvs" in data["reasons"]
+    assert "trace_disagrees_with_model" not in data["reasons"]
+    vip = target.removesuffix("/TCP")
+    assert any(k.startswith(f"ipvsadm -A -t {vip} ") for k in data["kernel"])
+    reals = [k for k in data["kernel"] if k.startswith(f"ipvsadm -a -t {vip} -r ")]
+    assert sorted(k.split(" -r ")[1].split()[0] for k in reals) == sorted(data["endpoints"])
