@@ -70,12 +70,20 @@ def _case(case_id: str) -> Case:
     return next(c for c in CASES if c.id == case_id)
 
 
+# Hairpin masquerade needs the companion's LOOPBACK set; until render has it, a pod
+# reaching itself through its Service keeps its address (README: not masqueraded yet).
+HAIRPIN_RENDERED = any(name == "LOOPBACK" for name, _ in render.SETS)
+
+
 def _params() -> list[object]:
     params: list[object] = []
     for case in CASES:
         marks = []
         if case.id in RENDER_BUGS:
             marks.append(pytest.mark.xfail(reason=RENDER_BUGS[case.id], strict=True))
+        if case.id == "hairpin-is-masqueraded" and not HAIRPIN_RENDERED:
+            reason = "render has no hairpin (LOOPBACK) masquerade set yet"
+            marks.append(pytest.mark.xfail(reason=reason, strict=True))
         params.append(pytest.param(case, id=case.id, marks=marks))
     return params
 
