@@ -28,9 +28,11 @@ import structlog
 
 from kpy import diff
 from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
+from kpy.explain import Origin, Packet, Trace
 from kpy.model import IPAddress, Plan, ServicePortName
 from kpy_ipvs import observe as observe_
 from kpy_ipvs import render
+from kpy_ipvs import trace as trace_
 from kpy_ipvs.apply import DestStatus, Kernel, KernelError
 from kpy_ipvs.render import DestKey, Element, PortObjects, VirtualKey, VirtualService
 
@@ -65,6 +67,7 @@ class IpvsBackend:
         self._want_dests: dict[DestKey, int] = {}
         self._want_elements: dict[Element, bool] = {}
         self._address_refs: Counter[IPAddress] = Counter()
+        self._element_refs: Counter[Element] = Counter()  # hairpin elements are shared
         self._have = _Held()
         self._pending: dict[DestKey, float] = {}  # draining real server → deadline
         self._needs_full = True
@@ -116,6 +119,7 @@ class IpvsBackend:
         self._want_dests.clear()
         self._want_elements.clear()
         self._address_refs.clear()
+        self._element_refs.clear()
         self._pending.clear()
         self._have = _Held()
         self._needs_full = True
@@ -123,6 +127,11 @@ class IpvsBackend:
     def close(self) -> None:
         """Close the netlink sockets and the worker thread."""
         self._kernel.close()
+
+    def trace(self, plan: Plan, packet: Packet, origin: Origin) -> Trace:
+        """``packet`` through the virtual services, real servers and companion layer
+        render makes of ``plan`` (:func:`kpy_ipvs.trace.trace`; touches no kernel)."""
+        return trace_.trace(plan, packet, origin, self.config)
 
     # --- internals (run on the kernel thread) ------------------------------------------
 
@@ -140,14 +149,18 @@ class IpvsBackend:
             self._want_services.update(objs.services)
             self._want_dests.update(objs.destinations)
             self._want_elements.update(dict.fromkeys(objs.elements, True))
+            self._element_refs.update(objs.elements)
             self._address_refs.update(objs.addresses)
         else:
             for key in objs.services:
                 self._want_services.pop(key, None)
             for dest in objs.destinations:
                 self._want_dests.pop(dest, None)
+            self._element_refs.subtract(objs.elements)
             for el in objs.elements:
-                self._want_elements.pop(el, None)
+                if self._element_refs[el] <= 0:
+                    del self._element_refs[el]
+                    self._want_elements.pop(el, None)
             self._address_refs.subtract(objs.addresses)
             for addr in objs.addresses:
                 if self._address_refs[addr] <= 0:
@@ -162,6 +175,7 @@ class IpvsBackend:
             self._ports = render.render(plan, self._ctx)
             self._want_services, self._want_dests = {}, {}
             self._want_elements, self._address_refs = {}, Counter()
+            self._element_refs = Counter()
             for objs in self._ports.values():
                 self._register(objs, +1)
             snap = kernel.snapshot()
@@ -193,26 +207,30 @@ class IpvsBackend:
 
     def _write(self, touched: list[PortObjects] | None) -> None:
         kernel, have = self._kernel, self._have
-        want_addresses = dict.fromkeys(self._address_refs, True)
-        have_addresses = dict.fromkeys(have.addresses, True)
-        have_elements = dict.fromkeys(have.elements, True)
         if touched is None:
             services = diff.compute(have.services, self._want_services)
             dests = diff.compute(have.destinations, self._want_dests)
-            addresses = diff.compute(have_addresses, want_addresses)
-            elements = diff.compute(have_elements, self._want_elements)
+            addresses = diff.compute(
+                dict.fromkeys(have.addresses, True), dict.fromkeys(self._address_refs, True)
+            )
+            elements = diff.compute(dict.fromkeys(have.elements, True), self._want_elements)
         else:
+            # only the touched keys: nothing here grows with the number of Services
             services = diff.compute_keys(
                 have.services, self._want_services, (k for o in touched for k in o.services)
             )
             dests = diff.compute_keys(
                 have.destinations, self._want_dests, (k for o in touched for k in o.destinations)
             )
+            some = {a for o in touched for a in o.addresses}
             addresses = diff.compute_keys(
-                have_addresses, want_addresses, (a for o in touched for a in o.addresses)
+                {a: True for a in some if a in have.addresses},
+                {a: True for a in some if a in self._address_refs},
+                some,
             )
+            els = {e for o in touched for e in o.elements}
             elements = diff.compute_keys(
-                have_elements, self._want_elements, (e for o in touched for e in o.elements)
+                {e: True for e in els if e in have.elements}, self._want_elements, els
             )
 
         # Every stage is queued, then flushed (sent in windows, acks collected); the

@@ -29,9 +29,11 @@ import subprocess
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
-from pyroute2 import IPVS, IPRoute, IPVSService
+from pyroute2 import IPVS, IPRoute, IPSet, IPVSService
+from pyroute2.ipset import PortEntry
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kpy.model import IPAddress, Protocol
@@ -71,6 +73,7 @@ IPVS_CMD_NEW_DEST, IPVS_CMD_SET_DEST, IPVS_CMD_DEL_DEST = 5, 6, 7
 RTM_NEWADDR, RTM_DELADDR = 20, 21
 WINDOW_MESSAGES = 512  # in flight per send; failures each queue one small ack
 WINDOW_BYTES = 64 * 1024  # well under the default socket send buffer
+FEW_ELEMENTS = 16  # up to this many set elements go as netlink messages, more as a restore
 
 
 class KernelError(Exception):
@@ -308,6 +311,7 @@ class Kernel:
         self._ipr: IPRoute | None = None
         self._genl_pipe: Pipeline | None = None
         self._rtnl_pipe: Pipeline | None = None
+        self._ipset: IPSet | None = None
         self._ipvs_family = 0
         self.sent = 0  # write messages sent since the last reset
         self.reads = 0  # dump/get requests since the last reset
@@ -325,10 +329,10 @@ class Kernel:
         self._executor.shutdown(wait=True)
 
     def _close_sockets(self) -> None:
-        for sock in (self._ipvs, self._ipr, self._genl_pipe, self._rtnl_pipe):
+        for sock in (self._ipvs, self._ipr, self._ipset, self._genl_pipe, self._rtnl_pipe):
             if sock is not None:
                 sock.close()
-        self._ipvs = self._ipr = self._genl_pipe = self._rtnl_pipe = None
+        self._ipvs = self._ipr = self._genl_pipe = self._rtnl_pipe = self._ipset = None
 
     # --- sockets (created lazily on the worker thread) ---------------------------------
 
@@ -582,11 +586,30 @@ class Kernel:
             self.sent += 1
             self.run([f"{tool}-restore", "-w", "--noflush"], script)
 
+    def ipset(self) -> IPSet:
+        if self._ipset is None:
+            self._ipset = IPSet()
+        return self._ipset
+
     def change_elements(self, add: Iterable[Element], delete: Iterable[Element]) -> None:
-        script = render.elements_script(add, delete)
-        if script:
+        """A few elements: one ipset netlink message each (no process to start, which
+        would dominate a one-endpoint change); many: one ``ipset restore``."""
+        add, delete = list(add), list(delete)
+        if len(add) + len(delete) > FEW_ELEMENTS:
+            script = render.elements_script(add, delete)
             self.sent += 1
             self.run(["ipset", "restore"], script)
+            return
+        types = {name: typ for name, typ, _ in render.set_names()}
+        for verb, elements in (("add", add), ("delete", delete)):
+            for el in elements:
+                etype = types[el.set].split(":", 1)[1]
+                entry, family = _ipset_entry(el.value, etype)
+                call = getattr(self.ipset(), verb)
+                self._send(
+                    f"{verb} {el}",
+                    partial(call, el.set, entry, family=family, exclusive=False, etype=etype),
+                )
 
     def delete_companion(self) -> None:
         for tool in IPTABLES:
@@ -609,6 +632,21 @@ class Kernel:
                     self.run([tool, "-w", "-t", table, verb, chain], check=False)
         for name, _, _ in render.set_names():
             self.run(["ipset", "destroy", name], check=False)
+
+
+def _ipset_entry(value: str, etype: str) -> tuple[tuple[object, ...], int]:
+    """``10.96.0.10,tcp:80`` of type ``ip,port`` → pyroute2's entry tuple and family."""
+    entry: list[object] = []
+    family = socket.AF_INET
+    for part, kind in zip(value.split(","), etype.split(","), strict=True):
+        if kind == "port":
+            proto, _, port = part.partition(":")
+            entry.append(PortEntry(int(port), protocol=PROTO_NUMBERS[Protocol(proto.upper())]))
+        else:
+            entry.append(part)
+            if ":" in part:
+                family = socket.AF_INET6
+    return tuple(entry), family
 
 
 def _missing_jumps(saved: str) -> list[tuple[str, str, str]]:

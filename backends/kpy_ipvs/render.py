@@ -192,6 +192,13 @@ def render_port(state: ServicePortState, ctx: Context) -> PortObjects:
         elif not svc.external_policy_local:
             elements.add(Element(set=set_name("MASQ", ip.version), value=value))
     addresses |= bound
+    # Hairpin: an endpoint reaching itself through the Service is masqueraded, or its
+    # reply would go straight back over its own loopback, past IPVS's reverse NAT.
+    proto = str(svc.protocol).lower()
+    elements.update(
+        Element(set=set_name("LOOPBACK", ep.ip.version), value=f"{ep.ip},{proto}:{ep.port},{ep.ip}")
+        for ep in {*state.internal, *state.external}
+    )
     for ip in svc.load_balancer_ips:
         ranges = [r for r in svc.load_balancer_source_ranges if r.version == ip.version]
         if not ranges:
@@ -222,6 +229,7 @@ SETS: tuple[tuple[str, str], ...] = (
     ("DROP", "hash:ip,port"),
     ("RANGED", "hash:ip,port"),
     ("ALLOWED", "hash:ip,port,net"),
+    ("LOOPBACK", "hash:ip,port,ip"),  # endpoint,proto:port,endpoint: hairpin
 )
 CHAIN_MARK = "KPY-IPVS-MARK"  # nat: mark what must be masqueraded (before IPVS)
 CHAIN_POST = "KPY-IPVS-POSTROUTING"  # nat: masquerade marked packets
@@ -256,6 +264,8 @@ def rules(ctx: Context, version: int) -> str:
       local endpoint are dropped in INPUT, which runs before IPVS's hook;
     * ``RANGED``/``ALLOWED``: a LoadBalancer frontend with source ranges accepts only
       sources inside them;
+    * ``LOOPBACK``: an endpoint whose connection IPVS sent back to itself (hairpin) is
+      masqueraded in POSTROUTING (destination = source = the endpoint);
     * ``MASQ``: always masqueraded (external traffic under policy Cluster, or every
       frontend with masquerade-all); ``CLUSTER``: masqueraded when the source is outside
       the cluster CIDRs. The packet is marked in nat PREROUTING/OUTPUT (before IPVS sees
@@ -279,6 +289,10 @@ def rules(ctx: Context, version: int) -> str:
         )
     lines.append(
         f"-A {CHAIN_POST} -m mark --mark {MASQUERADE_MARK:#x}/{MASQUERADE_MARK:#x} -j MASQUERADE"
+    )
+    lines.append(
+        f"-A {CHAIN_POST} -m set --match-set {set_name('LOOPBACK', version)} dst,dst,src "
+        "-j MASQUERADE"
     )
     lines += ["COMMIT", "*filter", f":{CHAIN_FILTER} - [0:0]"]
     lines.append(

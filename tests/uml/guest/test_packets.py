@@ -159,3 +159,20 @@ def test_restart_during_traffic_loses_no_connection(lab: Lab, backend: IpvsBacke
     errors = [o for o in outcomes if o.startswith("error")]
     assert len(outcomes) >= 5
     assert errors == []
+
+
+def test_hairpin_pod_reaches_itself_masqueraded(lab: Lab, backend: IpvsBackend) -> None:
+    pod1 = b.endpoint(lab.pods["pod1"])
+    own = b.state(b.service("own", cluster_ip="10.96.0.13"), [pod1], NODE)
+    twin = b.state(b.service("twin", cluster_ip="10.96.0.14"), [pod1], NODE)
+    asyncio.run(backend.apply(b.plan([own, twin], node_info=NODE)))
+    for vip in ("10.96.0.13", "10.96.0.14"):
+        name, peer = ask(vip, 80, netns="pod1").split()
+        assert name == "pod1"
+        assert peer == "10.244.1.1", "hairpin is masqueraded to the node's address"
+    # both ports share the pod's hairpin element: removing one keeps it for the other
+    plan = b.plan([own], node_info=NODE, full_sync=False, changed=[], removed=[twin.name])
+    asyncio.run(backend.apply(plan))
+    assert ask("10.96.0.13", 80, netns="pod1").split() == ["pod1", "10.244.1.1"]
+    # from another pod the source is kept (inside the cluster CIDR, not a hairpin)
+    assert ask("10.96.0.13", 80, netns="pod3").split() == ["pod1", lab.pods["pod3"]]
