@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kpy.backend import Backend, BackendConfig
-from kpy.model import Endpoint, ServicePortState
+from kpy.explain import Origin, Packet, Tracer, Verdict
+from kpy.model import Endpoint, Protocol, ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.netns import (
     CLIENT_IP,
@@ -251,3 +252,117 @@ class PacketConformance:
             assert not failures
             held.sendall(b"still there\n")
             assert reader.readline() == b"still there\n"
+
+
+# --- explain's traces against real packets --------------------------------------------------
+
+# (name, namespace role, source, destination, port, protocol, origin)
+REAL = [
+    ("clusterip-from-pod", "pod-a", "10.244.1.5", "10.96.0.10", 80, "TCP", "pod"),
+    ("clusterip-from-node", "node", "192.168.50.2", "10.96.0.10", 80, "TCP", "node"),
+    ("nodeport-from-outside", "client", "192.168.50.10", "192.168.50.2", 30080, "TCP", "external"),
+    ("nodeport-local-policy", "client", "192.168.50.10", "192.168.50.2", 30082, "TCP", "external"),
+    (
+        "nodeport-no-local-endpoint",
+        "client",
+        "192.168.50.10",
+        "192.168.50.2",
+        30083,
+        "TCP",
+        "external",
+    ),
+    (
+        "nodeport-no-local-endpoint-from-pod",
+        "pod-a",
+        "10.244.1.5",
+        "192.168.50.2",
+        30083,
+        "TCP",
+        "pod",
+    ),
+    ("external-ip", "client", "192.168.50.10", "192.0.2.10", 80, "TCP", "external"),
+    ("lb-source-range-denied", "client", "203.0.113.7", "172.18.0.50", 80, "TCP", "external"),
+    ("lb-source-range-allowed", "client", "192.168.50.10", "172.18.0.50", 80, "TCP", "external"),
+    ("no-endpoints", "pod-a", "10.244.1.5", "10.96.0.16", 80, "TCP", "pod"),
+    ("udp", "pod-a", "10.244.1.5", "10.96.0.17", 53, "UDP", "pod"),
+    ("ipv6", "pod-a", "fd00:244:1::5", "fd00:96::18", 80, "TCP", "pod"),
+]
+
+
+def _namespace(topo: Topology, role: str) -> str:
+    return {"node": topo.node, "client": topo.client}.get(role) or topo.pods[role]
+
+
+def _pod_endpoint(name: str, family: int) -> str:
+    ips = {"pod-a": (POD_A, POD_A6), "pod-b": (POD_B, POD_B6)}[name]
+    return f"{ips[0]}:8080" if family == 4 else f"[{ips[1]}]:8080"
+
+
+class TraceAgreement:
+    """Where real connections go is within what a backend's packet trace says.
+
+    Subclass and provide ``make_backend`` and ``tracer`` (the backend's pure
+    ``trace(plan, packet, origin, config)``): each row's packet is traced through the
+    backend's rendered objects, then sent for real through the rules the backend
+    programmed; a traced drop must time out, a traced reject be refused, and a traced
+    forward reach only traced endpoints, with the source address the trace predicts.
+    """
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def topology(cls) -> Iterator[Topology]:
+        if os.geteuid() != 0:
+            pytest.skip("needs root for network namespaces")
+        with topology("kpy-tr") as topo:
+            yield topo
+
+    @pytest.fixture
+    def programmed(self, topology: Topology, make_backend: MakeBackend) -> Iterator[Topology]:
+        backend = make_backend(config_for(topology))
+        asyncio.run(backend.apply(b.plan(states(), node_info=NODE)))
+        try:
+            yield topology
+        finally:
+            asyncio.run(backend.cleanup())
+
+    @pytest.mark.parametrize("row", REAL, ids=[r[0] for r in REAL])
+    def test_real_connections_go_where_the_trace_says(
+        self,
+        programmed: Topology,
+        tracer: Tracer,
+        row: tuple[str, str, str, str, int, str, str],
+    ) -> None:
+        _, role, src, dst, port, proto, origin = row
+        plan = b.plan(states(), node_info=NODE)
+        packet = Packet(
+            src=ipaddress.ip_address(src),
+            dst=ipaddress.ip_address(dst),
+            port=port,
+            protocol=Protocol(proto),
+        )
+        traced = tracer(plan, packet, Origin(origin), config_for(programmed))
+        where = _namespace(programmed, role)
+        source = src if role == "client" else None
+        family = packet.dst.version
+        if traced.verdict is Verdict.DROP:
+            with pytest.raises(TimeoutError):
+                tcp(where, dst, port, source=source, timeout=1.0)
+            return
+        if traced.verdict is Verdict.REJECT:
+            with pytest.raises(ConnectionRefusedError):
+                tcp(where, dst, port, source=source)
+            return
+        assert traced.verdict is Verdict.FORWARD, traced
+        if proto == "UDP":
+            replies = [udp(where, dst, port) for _ in range(5)]
+        else:
+            replies = [tcp(where, dst, port, source=source) for _ in range(20)]
+        reached = {_pod_endpoint(r.split()[0], family) for r in replies}
+        assert reached <= set(traced.endpoints), (reached, traced.endpoints)
+        assert reached, replies
+        if origin != "node":  # the node's own source address is the kernel's choice
+            peers = {r.split()[1] for r in replies}
+            if traced.masquerade:
+                assert peers != {src}, replies
+            else:
+                assert peers == {src}, replies

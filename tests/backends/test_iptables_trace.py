@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from kpy_iptables import render
+from kpy_iptables import IptablesBackend, render
 from kpy_iptables import trace as tr
 
 from kpy import explain as ex
@@ -23,6 +23,7 @@ from kpy.backend import BackendConfig
 from kpy.cli import main
 from kpy.model import Endpoint, Plan, Protocol, ServicePortState
 from kpy.testing import builders as b
+from kpy.testing import packets
 from tests.unit.test_explain import (
     CASES,
     CIDRS,
@@ -381,3 +382,17 @@ def test_load_applies_deletes_and_chain_removal() -> None:
     assert ("nat", "KPY-X") not in chains
     with pytest.raises(tr.TraceError, match="does not exist"):
         tr.load("*nat\n-A KPY-NOPE -j ACCEPT\nCOMMIT\n")
+
+
+# --- real packets: where connections go is within what the trace says ---------------------
+
+
+@pytest.mark.root
+class TestRealPacketsFollowTheTrace(packets.TraceAgreement):
+    @pytest.fixture
+    def make_backend(self) -> packets.MakeBackend:
+        return IptablesBackend
+
+    @pytest.fixture
+    def tracer(self) -> ex.Tracer:
+        return tr.trace

@@ -11,10 +11,8 @@ and ``kpy explain --backend nftables``.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -26,9 +24,7 @@ from kpy import explain as ex
 from kpy.cli import _offline_plan, main
 from kpy.model import Plan, Protocol
 from kpy.testing import builders as b
-from kpy.testing import netns, packets
-from kpy.testing.netns import Topology
-from tests.conftest import require_root
+from kpy.testing import packets
 from tests.unit.test_explain import CASES, CIDRS, CLIENT, LB, NODE, NODEPORT, POD, REMOTE, Case, st
 
 RENDER_BUGS: dict[str, str] = {}  # case id → why render and the model disagree
@@ -344,96 +340,13 @@ def test_cli_explain_backend_nftables() -> None:
 
 # --- real packets: where connections go is within what the trace says ---------------------
 
-# (name, namespace role, source, destination, port, protocol, origin)
-REAL = [
-    ("clusterip-from-pod", "pod-a", "10.244.1.5", "10.96.0.10", 80, "TCP", "pod"),
-    ("clusterip-from-node", "node", "192.168.50.2", "10.96.0.10", 80, "TCP", "node"),
-    ("nodeport-from-outside", "client", "192.168.50.10", "192.168.50.2", 30080, "TCP", "external"),
-    ("nodeport-local-policy", "client", "192.168.50.10", "192.168.50.2", 30082, "TCP", "external"),
-    (
-        "nodeport-no-local-endpoint",
-        "client",
-        "192.168.50.10",
-        "192.168.50.2",
-        30083,
-        "TCP",
-        "external",
-    ),
-    (
-        "nodeport-no-local-endpoint-from-pod",
-        "pod-a",
-        "10.244.1.5",
-        "192.168.50.2",
-        30083,
-        "TCP",
-        "pod",
-    ),
-    ("external-ip", "client", "192.168.50.10", "192.0.2.10", 80, "TCP", "external"),
-    ("lb-source-range-denied", "client", "203.0.113.7", "172.18.0.50", 80, "TCP", "external"),
-    ("lb-source-range-allowed", "client", "192.168.50.10", "172.18.0.50", 80, "TCP", "external"),
-    ("no-endpoints", "pod-a", "10.244.1.5", "10.96.0.16", 80, "TCP", "pod"),
-    ("udp", "pod-a", "10.244.1.5", "10.96.0.17", 53, "UDP", "pod"),
-    ("ipv6", "pod-a", "fd00:244:1::5", "fd00:96::18", 80, "TCP", "pod"),
-]
-
-
-@pytest.fixture(scope="module")
-def programmed() -> Iterator[Topology]:
-    require_root()
-    with netns.topology("kpy-tr") as topo:
-        backend = NftablesBackend(packets.config_for(topo))
-        asyncio.run(backend.apply(b.plan(packets.states(), node_info=packets.NODE)))
-        try:
-            yield topo
-        finally:
-            asyncio.run(backend.cleanup())
-
-
-def _namespace(topo: Topology, role: str) -> str:
-    return {"node": topo.node, "client": topo.client}.get(role) or topo.pods[role]
-
-
-def _pod_endpoint(name: str, family: int) -> str:
-    ips = {"pod-a": (netns.POD_A, netns.POD_A6), "pod-b": (netns.POD_B, netns.POD_B6)}[name]
-    return f"{ips[0]}:8080" if family == 4 else f"[{ips[1]}]:8080"
-
 
 @pytest.mark.root
-@pytest.mark.parametrize("row", REAL, ids=[r[0] for r in REAL])
-def test_real_connections_go_where_the_trace_says(
-    programmed: Topology, row: tuple[str, str, str, str, int, str, str]
-) -> None:
-    _, role, src, dst, port, proto, origin = row
-    plan = b.plan(packets.states(), node_info=packets.NODE)
-    packet = ex.Packet(
-        src=ipaddress.ip_address(src),
-        dst=ipaddress.ip_address(dst),
-        port=port,
-        protocol=Protocol(proto),
-    )
-    traced = tr.trace(plan, packet, ex.Origin(origin), packets.config_for(programmed))
-    where = _namespace(programmed, role)
-    source = src if role == "client" else None
-    family = packet.dst.version
-    if traced.verdict is ex.Verdict.DROP:
-        with pytest.raises(TimeoutError):
-            netns.tcp(where, dst, port, source=source, timeout=1.0)
-        return
-    if traced.verdict is ex.Verdict.REJECT:
-        with pytest.raises(ConnectionRefusedError):
-            netns.tcp(where, dst, port, source=source)
-        return
-    assert traced.verdict is ex.Verdict.FORWARD, traced
-    if proto == "UDP":
-        replies = [netns.udp(where, dst, port) for _ in range(5)]
-    else:
-        replies = [netns.tcp(where, dst, port, source=source) for _ in range(20)]
-    reached = {_pod_endpoint(r.split()[0], family) for r in replies}
-    assert reached <= set(traced.endpoints), (reached, traced.endpoints)
-    assert reached, replies
-    if origin != "node":  # the node's own source address is the kernel's choice
-        peers = {r.split()[1] for r in replies}
-        if traced.masquerade:
-            assert peers != {src}, replies
-        else:
-            assert peers == {src}, replies
+class TestRealPacketsFollowTheTrace(packets.TraceAgreement):
+    @pytest.fixture
+    def make_backend(self) -> packets.MakeBackend:
+        return NftablesBackend
+
+    @pytest.fixture
+    def tracer(self) -> ex.Tracer:
+        return tr.trace
