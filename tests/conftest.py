@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from kpy.testing.netns import scratch
+
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
@@ -26,3 +28,12 @@ def require_root() -> None:
     """Skip (or, under CI, fail) a test that needs root and network namespaces."""
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
+
+
+@pytest.fixture
+def netns(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh network namespace for one test (root), named after the test's module."""
+    require_root()
+    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    with scratch(f"kpy-{module[:6]}") as name:
+        yield name

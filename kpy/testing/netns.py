@@ -227,3 +227,18 @@ def udp(netns: str, host: str, port: int, *, timeout: float = 2.0) -> str:
         sock.settimeout(timeout)
         sock.sendto(b"hello", (host, port))
         return sock.recv(4096).decode().strip()
+
+
+_scratch_counter = iter(range(1_000_000))
+
+
+@contextlib.contextmanager
+def scratch(prefix: str = "kpy-s") -> Iterator[str]:
+    """A fresh, empty network namespace with ``lo`` up; deleted on exit (also on failure)."""
+    name = f"{prefix}{os.getpid()}-{next(_scratch_counter)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)

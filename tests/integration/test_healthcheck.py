@@ -5,32 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-from collections.abc import Iterator
 from types import MappingProxyType
-
-import pytest
 
 from kpy.backend import ApplyResult
 from kpy.healthcheck import HealthCheckServers
 from kpy.model import Plan, ServicePortState
 from kpy.testing import builders as b
-from tests.conftest import require_root
 
 PORT = 31000 + os.getpid() % 1000
 RESULT = ApplyResult(full_sync=False, ops=1)
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    require_root()
-    name = f"kpy-hc{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 async def probe(netns: str | None, port: int, host: str = "127.0.0.1") -> tuple[int, object]:

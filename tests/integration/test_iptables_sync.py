@@ -7,10 +7,8 @@ Every test programs only a network namespace it created (deleted afterwards).
 from __future__ import annotations
 
 import asyncio
-import os
 import shlex
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 from kpy_iptables import IptablesBackend, render
@@ -18,22 +16,8 @@ from kpy_iptables import IptablesBackend, render
 from kpy.backend import BackendConfig, BackendError
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states
-from tests.conftest import require_root
 
 pytestmark = pytest.mark.root
-
-_counter = iter(range(1_000_000))
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    require_root()
-    name = f"kpy-iptsync-{os.getpid()}-{next(_counter)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def sh(netns: str, *argv: str) -> str:

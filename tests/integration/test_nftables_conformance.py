@@ -3,10 +3,8 @@ properties, in a fresh network namespace per test (never the machine's own)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-from collections.abc import Callable, Iterator
-from itertools import count
+from collections.abc import Callable
 
 import pytest
 from kpy_nftables import NftablesBackend
@@ -15,9 +13,6 @@ from kpy.backend import Backend, BackendConfig, BackendError, parse_networks
 from kpy.model import ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.conformance import BackendConformance, run
-from tests.conftest import require_root
-
-_names = count()
 
 
 def nft(ns: str, *args: str, check: bool = True) -> str:
@@ -25,17 +20,6 @@ def nft(ns: str, *args: str, check: bool = True) -> str:
         ["ip", "netns", "exec", ns, "nft", *args], capture_output=True, text=True, check=check
     )
     return done.stdout
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    require_root()
-    name = f"kpy-nft{os.getpid()}-{next(_names)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def config(ns: str) -> BackendConfig:

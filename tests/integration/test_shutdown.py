@@ -17,12 +17,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import require_root
 
 KPY = Path(sys.executable).with_name("kpy")
 
@@ -214,17 +211,6 @@ def nftables_available() -> str | None:
         return entry.factory(backend.BackendConfig()).probe()
     except Exception as exc:
         return f"nftables backend unusable: {exc}"
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    require_root()
-    name = f"kpy-sd{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_sigterm_keeps_nftables_rules_in_namespace(tmp_path: Path, netns: str) -> None:

@@ -4,10 +4,8 @@ namespace per test (never the machine's own), plus what a restart really keeps."
 from __future__ import annotations
 
 import ipaddress
-import os
 import subprocess
 from collections.abc import Callable, Iterator
-from itertools import count
 
 import pytest
 from kpy_userspace import UserspaceBackend
@@ -15,11 +13,8 @@ from kpy_userspace import UserspaceBackend
 from kpy.backend import Backend, BackendConfig, desired_view
 from kpy.testing import builders as b
 from kpy.testing.conformance import BackendConformance, MakeBackend, conformance_states, run
-from tests.conftest import require_root
 
 pytestmark = pytest.mark.root
-
-_names = count()
 
 
 def lo_addresses(netns: str) -> set[str]:
@@ -30,18 +25,6 @@ def lo_addresses(netns: str) -> set[str]:
         check=True,
     ).stdout
     return {line.split()[3].split("/")[0] for line in out.splitlines()} - {"127.0.0.1", "::1"}
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    require_root()
-    name = f"kpy-us{os.getpid()}-{next(_names)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def config(netns: str) -> BackendConfig:
