@@ -40,25 +40,18 @@ from tests.unit.test_explain import (
     TERMINATING_REMOTE,
     Case,
     st,
+    traced,
 )
 
 
 def _inputs(case: Case) -> tuple[Plan, ex.Packet, ex.Explanation]:
-    plan = b.plan([case.state], node_info=NODE)
-    packet = ex.Packet(
-        src=ipaddress.ip_address(case.src),
-        dst=ipaddress.ip_address(case.dst),
-        port=case.port,
-        protocol=Protocol(case.protocol),
-        origin=ex.Origin(case.origin) if case.origin else None,
-    )
+    plan, packet = case.plan(), case.packet()
     return plan, packet, ex.explain(plan, packet, case.options)
 
 
 def _trace(case: Case) -> tuple[ex.Trace, ex.Explanation]:
-    plan, packet, model = _inputs(case)
-    config = ex.options_config(plan.node.name, case.options)
-    return tr.trace(plan, packet, model.origin, config), model
+    trace, model, _ = traced(case, tr.trace)
+    return trace, model
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -26,7 +26,18 @@ from kpy.backend import BackendConfig
 from kpy.cli import _offline_plan, main
 from kpy.model import Plan, Protocol
 from kpy.testing import builders as b
-from tests.unit.test_explain import CASES, CIDRS, CLIENT, LB, NODE, POD, Case, st
+from tests.unit.test_explain import (
+    CASES,
+    CIDRS,
+    CLIENT,
+    LB,
+    NODE,
+    POD,
+    Case,
+    case_by_id,
+    st,
+    traced,
+)
 
 RENDER_BUGS: dict[str, str] = {
     # case id → why the rendered IPVS objects and the model disagree
@@ -50,25 +61,14 @@ RENDER_BUGS: dict[str, str] = {
 
 
 def _packet(case: Case) -> ex.Packet:
-    return ex.Packet(
-        src=ipaddress.ip_address(case.src),
-        dst=ipaddress.ip_address(case.dst),
-        port=case.port,
-        protocol=Protocol(case.protocol),
-        origin=ex.Origin(case.origin) if case.origin else None,
-    )
+    return case.packet()
 
 
 def _trace(case: Case) -> tuple[ex.Trace, ex.Explanation, Plan]:
-    plan = b.plan([case.state], node_info=NODE)
-    packet = _packet(case)
-    model = ex.explain(plan, packet, case.options)
-    config = ex.options_config(plan.node.name, case.options)
-    return tr.trace(plan, packet, model.origin, config), model, plan
+    return traced(case, tr.trace)
 
 
-def _case(case_id: str) -> Case:
-    return next(c for c in CASES if c.id == case_id)
+_case = case_by_id
 
 
 # Hairpin masquerade needs the companion's LOOPBACK set; until render has it, a pod

@@ -22,34 +22,36 @@ from kpy_nftables import trace as tr
 
 from kpy import explain as ex
 from kpy.cli import _offline_plan, main
-from kpy.model import Plan, Protocol
+from kpy.model import Plan
 from kpy.testing import builders as b
 from kpy.testing import packets
-from tests.unit.test_explain import CASES, CIDRS, CLIENT, LB, NODE, NODEPORT, POD, REMOTE, Case, st
+from tests.unit.test_explain import (
+    CASES,
+    CIDRS,
+    CLIENT,
+    LB,
+    NODE,
+    NODEPORT,
+    POD,
+    REMOTE,
+    Case,
+    case_by_id,
+    st,
+    traced,
+)
 
 RENDER_BUGS: dict[str, str] = {}  # case id → why render and the model disagree
 
 
 def _packet(case: Case) -> ex.Packet:
-    return ex.Packet(
-        src=ipaddress.ip_address(case.src),
-        dst=ipaddress.ip_address(case.dst),
-        port=case.port,
-        protocol=Protocol(case.protocol),
-        origin=ex.Origin(case.origin) if case.origin else None,
-    )
+    return case.packet()
 
 
 def _trace(case: Case) -> tuple[ex.Trace, ex.Explanation, Plan]:
-    plan = b.plan([case.state], node_info=NODE)
-    packet = _packet(case)
-    model = ex.explain(plan, packet, case.options)
-    config = ex.options_config(plan.node.name, case.options)
-    return tr.trace(plan, packet, model.origin, config), model, plan
+    return traced(case, tr.trace)
 
 
-def _case(case_id: str) -> Case:
-    return next(c for c in CASES if c.id == case_id)
+_case = case_by_id
 
 
 def _params() -> list[object]:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from kpy import explain as ex
 from kpy.cli import _offline_plan
-from kpy.model import Endpoint, Protocol, ServicePortState
+from kpy.model import Endpoint, Plan, Protocol, ServicePortState
 from kpy.testing import builders as b
 
 NODE = b.node(addresses=("192.168.50.2", "fd00:50::2"))
@@ -54,6 +54,31 @@ class Case:
     origin: str | None = None
     protocol: str = "TCP"
     options: ex.Options = DEFAULT_OPTIONS
+
+    def packet(self) -> ex.Packet:
+        return ex.Packet(
+            src=ipaddress.ip_address(self.src),
+            dst=ipaddress.ip_address(self.dst),
+            port=self.port,
+            protocol=Protocol(self.protocol),
+            origin=ex.Origin(self.origin) if self.origin else None,
+        )
+
+    def plan(self) -> Plan:
+        return b.plan([self.state], node_info=NODE)
+
+
+def traced(case: Case, tracer: ex.Tracer) -> tuple[ex.Trace, ex.Explanation, Plan]:
+    """A backend's trace of the case's packet, the model's explanation, and the plan
+    (the backends' trace tests cross-check the two over CASES)."""
+    plan, packet = case.plan(), case.packet()
+    model = ex.explain(plan, packet, case.options)
+    config = ex.options_config(plan.node.name, case.options)
+    return tracer(plan, packet, model.origin, config), model, plan
+
+
+def case_by_id(case_id: str) -> Case:
+    return next(c for c in CASES if c.id == case_id)
 
 
 NODEPORT: dict[str, Any] = dict(type="NodePort", node_port=30080)
