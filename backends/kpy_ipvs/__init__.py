@@ -248,10 +248,7 @@ class IpvsBackend:
             have.elements = set(self._want_elements)
             have.table_id = skeleton_id
             elements = diff.Diff()
-        adds = [e for e, _ in elements.added]
-        if adds:
-            kernel.change_elements(adds, ())
-            have.elements.update(adds)
+        kernel.change_elements([e for e, _ in elements.added], (), have.elements.add)
         # 3. Virtual services, then 4. their real servers.
         for key, settings in services.added:
             kernel.add_service(key, settings, partial(have.services.__setitem__, key, settings))
@@ -274,10 +271,8 @@ class IpvsBackend:
         for key in gone:
             kernel.del_service(key, partial(self._forget_service, key))
         kernel.flush()
-        deletes = [e for e, _ in elements.removed]
-        if deletes:
-            kernel.change_elements((), deletes)
-            have.elements.difference_update(deletes)
+        kernel.change_elements((), [e for e, _ in elements.removed], have.elements.discard)
+        kernel.flush()
         if addresses.removed:
             index = kernel.ensure_link()
             for addr, _ in addresses.removed:

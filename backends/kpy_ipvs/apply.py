@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import ipaddress
 import os
 import socket
@@ -29,11 +30,9 @@ import subprocess
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeVar
 
-from pyroute2 import IPVS, IPRoute, IPSet, IPVSService
-from pyroute2.ipset import PortEntry
+from pyroute2 import IPVS, IPRoute, IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kpy.model import IPAddress, Protocol
@@ -73,7 +72,10 @@ IPVS_CMD_NEW_DEST, IPVS_CMD_SET_DEST, IPVS_CMD_DEL_DEST = 5, 6, 7
 RTM_NEWADDR, RTM_DELADDR = 20, 21
 WINDOW_MESSAGES = 512  # in flight per send; failures each queue one small ack
 WINDOW_BYTES = 64 * 1024  # well under the default socket send buffer
-FEW_ELEMENTS = 16  # up to this many set elements go as netlink messages, more as a restore
+NETLINK_NETFILTER, NLA_F_NESTED, NLA_F_NET_BYTEORDER = 12, 0x8000, 0x4000
+IPSET_CMD_ADD, IPSET_CMD_DEL = (6 << 8) | 9, (6 << 8) | 10  # nfnetlink subsystem 6: ipset
+IPSET_PROTOCOL = 7
+SET_TYPES = {name: typ.split(":", 1)[1] for name, typ, _ in render.set_names()}
 
 
 class KernelError(Exception):
@@ -142,6 +144,38 @@ def encode_address(index: int, address: IPAddress) -> bytes:
         struct.pack("=BBBBI", family, prefix, 0, 0, index)
         + _nla(2, address.packed)  # IFA_LOCAL
         + _nla(1, address.packed)  # IFA_ADDRESS
+    )
+
+
+def _ipset_ip(kind: int, address: IPAddress) -> bytes:
+    inner = _nla((1 if address.version == 4 else 2) | NLA_F_NET_BYTEORDER, address.packed)
+    return _nla(kind | NLA_F_NESTED, inner)
+
+
+def encode_element(el: Element) -> bytes:
+    """An ipset add/del request body for ``el`` (ipset's own text, e.g.
+    ``10.244.1.2,tcp:8080,10.244.1.2`` in a ``hash:ip,port,ip`` set)."""
+    data = b""
+    family = socket.AF_INET
+    for i, (part, kind) in enumerate(
+        zip(el.value.split(","), SET_TYPES[el.set].split(","), strict=True)
+    ):
+        if kind == "port":
+            proto, _, port = part.partition(":")
+            data += _nla(4 | NLA_F_NET_BYTEORDER, _port(int(port)))  # PORT
+            data += _nla(7, bytes([PROTO_NUMBERS[Protocol(proto.upper())]]))  # PROTO
+            continue
+        net = ipaddress.ip_network(part, strict=False)
+        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+        first = i == 0
+        data += _ipset_ip(1 if first else 20, net.network_address)  # IP / IP2
+        if kind == "net":
+            data += _nla(3 if first else 21, bytes([net.prefixlen]))  # CIDR / CIDR2
+    return (
+        struct.pack("=BBH", family, 0, 0)  # nfgenmsg
+        + _nla(1, bytes([IPSET_PROTOCOL]))  # PROTOCOL
+        + _nla(2, el.set.encode() + b"\0")  # SETNAME
+        + _nla(7 | NLA_F_NESTED, data)  # DATA
     )
 
 
@@ -311,7 +345,7 @@ class Kernel:
         self._ipr: IPRoute | None = None
         self._genl_pipe: Pipeline | None = None
         self._rtnl_pipe: Pipeline | None = None
-        self._ipset: IPSet | None = None
+        self._nfnl_pipe: Pipeline | None = None
         self._ipvs_family = 0
         self.sent = 0  # write messages sent since the last reset
         self.reads = 0  # dump/get requests since the last reset
@@ -329,10 +363,10 @@ class Kernel:
         self._executor.shutdown(wait=True)
 
     def _close_sockets(self) -> None:
-        for sock in (self._ipvs, self._ipr, self._ipset, self._genl_pipe, self._rtnl_pipe):
+        for sock in (self._ipvs, self._ipr, self._genl_pipe, self._rtnl_pipe, self._nfnl_pipe):
             if sock is not None:
                 sock.close()
-        self._ipvs = self._ipr = self._genl_pipe = self._rtnl_pipe = self._ipset = None
+        self._ipvs = self._ipr = self._genl_pipe = self._rtnl_pipe = self._nfnl_pipe = None
 
     # --- sockets (created lazily on the worker thread) ---------------------------------
 
@@ -494,14 +528,19 @@ class Kernel:
             self._rtnl_pipe = Pipeline(socket.NETLINK_ROUTE)
         return self._rtnl_pipe
 
+    def _nfnl(self) -> Pipeline:
+        if self._nfnl_pipe is None:
+            self._nfnl_pipe = Pipeline(NETLINK_NETFILTER)
+        return self._nfnl_pipe
+
     def _ipvs_cmd(self, what: str, cmd: int, attrs: bytes, done: Done) -> None:
         pipe = self._genl()
         self.sent += 1
         pipe.add(what, self._ipvs_family, 0, struct.pack("=BBH", cmd, 1, 0) + attrs, done)
 
     def flush(self) -> None:
-        """Send the queued writes (addresses first) and wait for their acks."""
-        for pipe in (self._rtnl_pipe, self._genl_pipe):
+        """Send the queued writes (addresses, set elements, IPVS) and wait for their acks."""
+        for pipe in (self._rtnl_pipe, self._nfnl_pipe, self._genl_pipe):
             if pipe is not None:
                 pipe.flush()
 
@@ -574,10 +613,9 @@ class Kernel:
         ]
         lines += [f"flush {name}" for name, _, _ in render.set_names()]
         self.sent += 1
-        self.run(
-            ["ipset", "restore"],
-            "\n".join(lines) + "\n" + render.elements_script(elements, ()),
-        )
+        self.run(["ipset", "restore"], "\n".join(lines) + "\n")
+        self.change_elements(elements, ())
+        self.flush()
         for version, tool in zip((4, 6), IPTABLES, strict=True):
             missing = _missing_jumps(self.run([f"{tool}-save"], check=False))
             script = render.rules(ctx, version)
@@ -586,30 +624,20 @@ class Kernel:
             self.sent += 1
             self.run([f"{tool}-restore", "-w", "--noflush"], script)
 
-    def ipset(self) -> IPSet:
-        if self._ipset is None:
-            self._ipset = IPSet()
-        return self._ipset
-
-    def change_elements(self, add: Iterable[Element], delete: Iterable[Element]) -> None:
-        """A few elements: one ipset netlink message each (no process to start, which
-        would dominate a one-endpoint change); many: one ``ipset restore``."""
-        add, delete = list(add), list(delete)
-        if len(add) + len(delete) > FEW_ELEMENTS:
-            script = render.elements_script(add, delete)
-            self.sent += 1
-            self.run(["ipset", "restore"], script)
-            return
-        types = {name: typ for name, typ, _ in render.set_names()}
-        for verb, elements in (("add", add), ("delete", delete)):
-            for el in elements:
-                etype = types[el.set].split(":", 1)[1]
-                entry, family = _ipset_entry(el.value, etype)
-                call = getattr(self.ipset(), verb)
-                self._send(
-                    f"{verb} {el}",
-                    partial(call, el.set, entry, family=family, exclusive=False, etype=etype),
-                )
+    def change_elements(
+        self,
+        add: Iterable[Element],
+        delete: Iterable[Element],
+        done: Callable[[Element], None] | None = None,
+    ) -> None:
+        """Add and delete companion set elements, one ipset netlink message each, sent
+        through the pipeline (queued; :meth:`flush` sends them). Adding an element that
+        is there, or deleting one that is not, is no error (no ``NLM_F_EXCL``)."""
+        for cmd, verb, elements in ((IPSET_CMD_ADD, "add", add), (IPSET_CMD_DEL, "del", delete)):
+            for el in sorted(elements):
+                self.sent += 1
+                ok = None if done is None else functools.partial(done, el)
+                self._nfnl().add(f"ipset {verb} {el}", cmd, 0, encode_element(el), ok)
 
     def delete_companion(self) -> None:
         for tool in IPTABLES:
@@ -632,21 +660,6 @@ class Kernel:
                     self.run([tool, "-w", "-t", table, verb, chain], check=False)
         for name, _, _ in render.set_names():
             self.run(["ipset", "destroy", name], check=False)
-
-
-def _ipset_entry(value: str, etype: str) -> tuple[tuple[object, ...], int]:
-    """``10.96.0.10,tcp:80`` of type ``ip,port`` → pyroute2's entry tuple and family."""
-    entry: list[object] = []
-    family = socket.AF_INET
-    for part, kind in zip(value.split(","), etype.split(","), strict=True):
-        if kind == "port":
-            proto, _, port = part.partition(":")
-            entry.append(PortEntry(int(port), protocol=PROTO_NUMBERS[Protocol(proto.upper())]))
-        else:
-            entry.append(part)
-            if ":" in part:
-                family = socket.AF_INET6
-    return tuple(entry), family
 
 
 def _missing_jumps(saved: str) -> list[tuple[str, str, str]]:

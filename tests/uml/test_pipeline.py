@@ -1,6 +1,6 @@
-"""The IPVS backend's netlink pipeline against the host kernel (rtnetlink, no IPVS needed):
-addresses on ``lo`` of a throwaway namespace, sent in windows, each failure attributed to
-its own message while every other message still lands."""
+"""The IPVS backend's netlink pipeline against the host kernel (no IPVS needed): addresses
+on ``lo`` and companion set elements in a throwaway namespace, sent in windows, each
+failure attributed to its own message while every other message still lands."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from functools import partial
 
 import pytest
-from kpy_ipvs.apply import WINDOW_MESSAGES, Kernel, KernelError
+from kpy_ipvs import render
+from kpy_ipvs.apply import SET_TYPES, WINDOW_MESSAGES, Kernel, KernelError
+from kpy_ipvs.render import Element
 
 from kpy.model import IPAddress
 from tests.conftest import require_root
@@ -67,3 +69,57 @@ def test_window_of_addresses_with_one_failure(kernel: Kernel) -> None:
 
     kernel._executor.submit(remove).result()
     assert not {str(a) for a in wanted} & _bound(kernel)
+
+
+def _saved(kernel: Kernel) -> set[str]:
+    out = subprocess.run(
+        ["ip", "netns", "exec", str(kernel.netns), "ipset", "save"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {line for line in out.splitlines() if line.startswith("add ")}
+
+
+def test_set_elements_over_netlink(kernel: Kernel) -> None:
+    script = "".join(
+        f"create {name} {typ} family {'inet6' if version == 6 else 'inet'}\n"
+        for name, typ, version in render.set_names()
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", str(kernel.netns), "ipset", "restore"],
+        input=script,
+        text=True,
+        check=True,
+    )
+    elements = [
+        Element(set="KPY-IPVS-MASQ", value="10.96.0.10,tcp:80"),
+        Element(set="KPY-IPVS-DROP6", value="fd00::10,udp:53"),
+        Element(set="KPY-IPVS-ALLOWED", value="203.0.113.7,tcp:443,198.51.100.0/24"),
+        Element(set="KPY-IPVS-ALLOWED6", value="2001:db8::7,tcp:443,2001:db8:1::/48"),
+        Element(set="KPY-IPVS-LOOPBACK", value="10.244.1.2,sctp:9000,10.244.1.2"),
+        Element(set="KPY-IPVS-LOOPBACK6", value="fd00:244::2,tcp:8080,fd00:244::2"),
+    ]
+    done: list[Element] = []
+
+    def add() -> None:
+        kernel.change_elements([*elements, elements[0]], (), done.append)  # repeat: no error
+        kernel.flush()
+
+    kernel._executor.submit(add).result()
+    assert sorted(done) == sorted([*elements, elements[0]])
+    assert _saved(kernel) == {f"add {e.set} {e.value}" for e in elements}, "as ipset prints it"
+
+    missing = Element(set="KPY-IPVS-NOSUCH", value="10.96.0.10,tcp:80")
+    SET_TYPES[missing.set] = "ip,port"
+    try:
+
+        def delete() -> None:
+            kernel.change_elements((), [missing, *elements[:3]])
+            kernel.flush()
+
+        with pytest.raises(KernelError, match="ipset del KPY-IPVS-NOSUCH"):
+            kernel._executor.submit(delete).result()
+    finally:
+        del SET_TYPES[missing.set]
+    assert _saved(kernel) == {f"add {e.set} {e.value}" for e in elements[3:]}
