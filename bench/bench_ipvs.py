@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import io
 import ipaddress
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -28,7 +31,7 @@ SIZES = (1000, 10000)
 SAMPLES = 100
 
 
-def guest(sizes: tuple[int, ...]) -> dict[str, object]:
+def guest(sizes: tuple[int, ...], profile: bool = False) -> dict[str, object]:
     from kpy_ipvs import IpvsBackend
 
     from kpy.backend import BackendConfig
@@ -45,6 +48,7 @@ def guest(sizes: tuple[int, ...]) -> dict[str, object]:
         cold = asyncio.run(backend.apply(b.plan(states, node_info=node)))
         cold_s = time.perf_counter() - started
         times, messages = [], []
+        profiler = cProfile.Profile() if profile else None
         for i in range(SAMPLES):
             first = states[i % len(states)]
             if i % 2 == 0:
@@ -55,9 +59,17 @@ def guest(sizes: tuple[int, ...]) -> dict[str, object]:
             states[i % len(states)] = new
             plan = b.plan(states, node_info=node, full_sync=False, changed=[new.name])
             started = time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
             result = asyncio.run(backend.apply(plan))
+            if profiler is not None:
+                profiler.disable()
             times.append((time.perf_counter() - started) * 1000)
             messages.append(result.ops)
+        if profiler is not None:
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+            Path(os.environ["KPY_RESULT_DIR"], f"profile-{size}.txt").write_text(out.getvalue())
         q = statistics.quantiles(times, n=10)
         results.append(
             {
@@ -78,16 +90,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--in-guest", action="store_true")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--profile", action="store_true", help="cProfile the one-change syncs")
     args = parser.parse_args()
     sizes = tuple(int(s) for s in args.sizes.split(","))
     if args.in_guest:
-        out = guest(sizes)
+        out = guest(sizes, args.profile)
         Path(os.environ["KPY_RESULT_DIR"], "bench.json").write_text(json.dumps(out))
         return
     from kpy.testing import uml
 
     run = uml.run(
-        [uml.python(), "bench/bench_ipvs.py", "--in-guest", "--sizes", args.sizes],
+        [uml.python(), "bench/bench_ipvs.py", "--in-guest", "--sizes", args.sizes]
+        + (["--profile"] if args.profile else []),
         timeout=1800,
         mem="2048M",
     )
@@ -108,6 +122,8 @@ def main() -> None:
                 f"| {r['services']} | {r['cold_s']} | {r['cold_ops']} | {r['p50_ms']} "
                 f"| {r['p90_ms']} | {msgs} |"
             )
+        for found in sorted(run.result_dir.glob("profile-*.txt")):
+            print(f"--- {found.name} ---\n{found.read_text()}")
     finally:
         uml.remove(run)
 

@@ -6,12 +6,13 @@ worker thread. When the backend is given a network namespace the thread enters i
 writes and ``ipset``/``iptables`` subprocesses all act inside that namespace and nowhere else.
 
 IPVS is read with pyroute2's generic-netlink IPVS socket. Writes of virtual services,
-real servers and ``kpy-ipvs0``'s addresses go through a :class:`Pipeline`: one message
+real servers, ``kpy-ipvs0``'s addresses and companion set elements go through a
+:class:`Pipeline`: one message
 per object (IPVS has no batch), but encoded here with ``struct`` and sent back to back on
 a plain netlink socket, many messages per ``send``; the kernel handles them in order and
 acknowledges only failures, plus the last message of each window, so a window costs one
 round trip and a failure is still attributed to its own message. The dummy interface
-itself is made with pyroute2's IPRoute; the companion ipset elements with one
+itself is made with pyroute2's IPRoute; the companion sets (empty) with
 ``ipset restore``, its fixed rules with ``iptables-legacy-restore --noflush``.
 Each method counts the messages it sends so ``ApplyResult.ops`` is honest.
 """
