@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
-import io
 import ipaddress
 import json
 import os
-import pstats
 import statistics
 import sys
 import time
@@ -31,7 +28,7 @@ SIZES = (1000, 10000)
 SAMPLES = 100
 
 
-def guest(sizes: tuple[int, ...], profile: bool = False) -> dict[str, object]:
+def guest(sizes: tuple[int, ...]) -> dict[str, object]:
     from kpy_ipvs import IpvsBackend
 
     from kpy.backend import BackendConfig
@@ -48,7 +45,6 @@ def guest(sizes: tuple[int, ...], profile: bool = False) -> dict[str, object]:
         cold = asyncio.run(backend.apply(b.plan(states, node_info=node)))
         cold_s = time.perf_counter() - started
         times, messages = [], []
-        profiler = cProfile.Profile() if profile else None
         for i in range(SAMPLES):
             first = states[i % len(states)]
             if i % 2 == 0:
@@ -59,17 +55,9 @@ def guest(sizes: tuple[int, ...], profile: bool = False) -> dict[str, object]:
             states[i % len(states)] = new
             plan = b.plan(states, node_info=node, full_sync=False, changed=[new.name])
             started = time.perf_counter()
-            if profiler is not None:
-                profiler.enable()
             result = asyncio.run(backend.apply(plan))
-            if profiler is not None:
-                profiler.disable()
             times.append((time.perf_counter() - started) * 1000)
             messages.append(result.ops)
-        if profiler is not None:
-            out = io.StringIO()
-            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
-            Path(os.environ["KPY_RESULT_DIR"], f"profile-{size}.txt").write_text(out.getvalue())
         q = statistics.quantiles(times, n=10)
         results.append(
             {
@@ -78,6 +66,9 @@ def guest(sizes: tuple[int, ...], profile: bool = False) -> dict[str, object]:
                 "cold_ops": cold.ops,
                 "p50_ms": round(statistics.median(times), 2),
                 "p90_ms": round(q[8], 2),
+                # even samples removed an endpoint (graceful: reads first), odd added one
+                "remove_p50_ms": round(statistics.median(times[0::2]), 2),
+                "add_p50_ms": round(statistics.median(times[1::2]), 2),
                 "messages": sorted(set(messages)),
             }
         )
@@ -90,18 +81,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--in-guest", action="store_true")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
-    parser.add_argument("--profile", action="store_true", help="cProfile the one-change syncs")
     args = parser.parse_args()
     sizes = tuple(int(s) for s in args.sizes.split(","))
     if args.in_guest:
-        out = guest(sizes, args.profile)
+        out = guest(sizes)
         Path(os.environ["KPY_RESULT_DIR"], "bench.json").write_text(json.dumps(out))
         return
     from kpy.testing import uml
 
     run = uml.run(
-        [uml.python(), "bench/bench_ipvs.py", "--in-guest", "--sizes", args.sizes]
-        + (["--profile"] if args.profile else []),
+        [uml.python(), "bench/bench_ipvs.py", "--in-guest", "--sizes", args.sizes],
         timeout=1800,
         mem="2048M",
     )
@@ -113,17 +102,15 @@ def main() -> None:
         print(f"guest run: {run.seconds:.0f} s (boot included)")
         print(
             "| services | cold sync (s) | cold messages | one change p50 (ms) | p90 (ms) "
-            "| messages per change |"
+            "| messages per change | p50 add / remove (ms) |"
         )
-        print("|---:|---:|---:|---:|---:|---|")
+        print("|---:|---:|---:|---:|---:|---|---|")
         for r in json.loads(report.read_text())["results"]:
             msgs = ", ".join(str(m) for m in r["messages"])
             print(
                 f"| {r['services']} | {r['cold_s']} | {r['cold_ops']} | {r['p50_ms']} "
-                f"| {r['p90_ms']} | {msgs} |"
+                f"| {r['p90_ms']} | {msgs} | {r['add_p50_ms']} / {r['remove_p50_ms']} |"
             )
-        for found in sorted(run.result_dir.glob("profile-*.txt")):
-            print(f"--- {found.name} ---\n{found.read_text()}")
     finally:
         uml.remove(run)
 

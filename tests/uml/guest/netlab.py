@@ -29,8 +29,10 @@ CLIENT_IP = "192.168.50.2"
 SERVER = r"""
 import socket, sys, threading
 name, port = sys.argv[1], int(sys.argv[2])
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", port)); srv.listen(128)
+host = sys.argv[3] if len(sys.argv) > 3 else "0.0.0.0"
+srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((host, port)); srv.listen(128)
 print("ready", flush=True)
 def serve(conn, peer):
     with conn, conn.makefile("rwb") as f:
@@ -101,6 +103,7 @@ def talk(sock: socket.socket) -> str:
 @dataclass
 class Lab:
     pods: dict[str, str] = field(default_factory=dict)  # name → IP
+    pods6: dict[str, str] = field(default_factory=dict)  # name → IPv6 address
     servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def add_pod(self, name: str, index: int, port: int = 8080) -> str:
@@ -133,6 +136,22 @@ class Lab:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == b"ready"
         self.pods[name] = ip
+        return ip
+
+    def add_ipv6(self, name: str, index: int, port: int = 8086) -> str:
+        """Give pod ``name`` an IPv6 address and a server for it on ``port``."""
+        ip = f"fd00:244:{index}::2"
+        with open("/proc/sys/net/ipv6/conf/all/forwarding", "w") as f:
+            f.write("1")
+        sh("ip", "addr", "add", f"fd00:244:{index}::1/64", "dev", f"veth-{name}", "nodad")
+        sh("ip", "-n", name, "addr", "add", f"{ip}/64", "dev", "eth0", "nodad")
+        sh("ip", "-n", name, "-6", "route", "add", "default", "via", f"fd00:244:{index}::1")
+        cmd = [sys.executable, "-c", SERVER, name, str(port), "::"]
+        proc = subprocess.Popen(["ip", "netns", "exec", name, *cmd], stdout=subprocess.PIPE)
+        self.servers.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"ready"
+        self.pods6[name] = ip
         return ip
 
     def add_client(self) -> None:

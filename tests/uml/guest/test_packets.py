@@ -33,6 +33,8 @@ def lab() -> Iterator[Lab]:
         lab.add_pod("pod1", 1)
         lab.add_pod("pod2", 2)
         lab.add_pod("pod3", 3)
+        for index, pod in enumerate(("pod1", "pod2", "pod3"), start=1):
+            lab.add_ipv6(pod, index)
         lab.add_client()
         yield lab
     finally:
@@ -176,3 +178,16 @@ def test_hairpin_pod_reaches_itself_masqueraded(lab: Lab, backend: IpvsBackend) 
     assert ask("10.96.0.13", 80, netns="pod1").split() == ["pod1", "10.244.1.1"]
     # from another pod the source is kept (inside the cluster CIDR, not a hairpin)
     assert ask("10.96.0.13", 80, netns="pod3").split() == ["pod1", lab.pods["pod3"]]
+
+
+def test_ipv6_clusterip_from_node_and_pod(lab: Lab, backend: IpvsBackend) -> None:
+    svc = b.service("web6", cluster_ip="fd00:96::10", target_port=8086)
+    pods = [b.endpoint(lab.pods6[p], 8086) for p in ("pod1", "pod2")]
+    asyncio.run(backend.apply(b.plan([b.state(svc, pods, NODE)], node_info=NODE)))
+    answers = [ask("fd00:96::10", 80).split()[0] for _ in range(4)]
+    assert sorted(answers) == ["pod1", "pod1", "pod2", "pod2"]  # rr alternates
+    name, peer = ask("fd00:96::10", 80, netns="pod3").split()
+    assert name in {"pod1", "pod2"}
+    assert peer == lab.pods6["pod3"], "pod traffic keeps its source"
+    objects = asyncio.run(backend.observe()).objects
+    assert "dest [fd00:96::10]:80/TCP [fd00:244:1::2]:8086" in objects, sorted(objects)[:8]
