@@ -28,7 +28,7 @@ import os
 import socket
 import struct
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -63,13 +63,14 @@ SYSCTLS = (
 
 
 # netlink framing (linux/netlink.h, linux/genetlink.h, linux/ip_vs.h, linux/rtnetlink.h)
-NLMSG_ERROR = 2
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_DUMP = 0x300
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 SOL_NETLINK, NETLINK_CAP_ACK, SO_RCVBUFFORCE = 270, 10, 33
 NETLINK_GENERIC = 16
 HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 IPVS_CMD_NEW_SERVICE, IPVS_CMD_SET_SERVICE, IPVS_CMD_DEL_SERVICE = 1, 2, 3
-IPVS_CMD_NEW_DEST, IPVS_CMD_SET_DEST, IPVS_CMD_DEL_DEST = 5, 6, 7
+IPVS_CMD_NEW_DEST, IPVS_CMD_SET_DEST, IPVS_CMD_DEL_DEST, IPVS_CMD_GET_DEST = 5, 6, 7, 8
 RTM_NEWADDR, RTM_DELADDR = 20, 21
 WINDOW_MESSAGES = 512  # in flight per send; failures each queue one small ack
 WINDOW_BYTES = 64 * 1024  # well under the default socket send buffer
@@ -247,6 +248,34 @@ class Pipeline:
             more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
             raise KernelError("; ".join(failures[:3]) + more)
 
+    def dump(self, what: str, kind: int, payload: bytes) -> list[bytes]:
+        """One dump request (the queue must be empty): the payload of each reply."""
+        if self._queue:
+            raise KernelError(f"{what}: {len(self._queue)} writes still queued")
+        self._seq = self._seq % 0x7FFFFFFF + 1
+        seq = self._seq
+        size = HEADER.size + len(payload)
+        replies: list[bytes] = []
+        try:
+            self.sock.send(HEADER.pack(size, kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + payload)
+            while True:
+                data = self.sock.recv(1 << 16)
+                offset = 0
+                while offset + HEADER.size <= len(data):
+                    size, typ, _, got, _ = HEADER.unpack_from(data, offset)
+                    if got == seq:
+                        if typ == NLMSG_DONE:
+                            return replies
+                        if typ == NLMSG_ERROR:
+                            (error,) = struct.unpack_from("=i", data, offset + HEADER.size)
+                            if error:
+                                raise KernelError(f"{what}: {os.strerror(-error)}")
+                            return replies
+                        replies.append(data[offset + HEADER.size : offset + size])
+                    offset += max(size + (-size % 4), HEADER.size)
+        except OSError as exc:
+            raise KernelError(f"{what}: {exc}") from exc
+
     def _window(self, window: list[_Message]) -> list[str]:
         by_seq: dict[int, _Message] = {}
         chunks: list[bytes] = []
@@ -347,6 +376,7 @@ class Kernel:
         self._genl_pipe: Pipeline | None = None
         self._rtnl_pipe: Pipeline | None = None
         self._nfnl_pipe: Pipeline | None = None
+        self._read_pipe: Pipeline | None = None
         self._ipvs_family = 0
         self.sent = 0  # write messages sent since the last reset
         self.reads = 0  # dump/get requests since the last reset
@@ -364,10 +394,12 @@ class Kernel:
         self._executor.shutdown(wait=True)
 
     def _close_sockets(self) -> None:
-        for sock in (self._ipvs, self._ipr, self._genl_pipe, self._rtnl_pipe, self._nfnl_pipe):
+        pipes = (self._genl_pipe, self._rtnl_pipe, self._nfnl_pipe, self._read_pipe)
+        for sock in (self._ipvs, self._ipr, *pipes):
             if sock is not None:
                 sock.close()
-        self._ipvs = self._ipr = self._genl_pipe = self._rtnl_pipe = self._nfnl_pipe = None
+        self._ipvs = self._ipr = None
+        self._genl_pipe = self._rtnl_pipe = self._nfnl_pipe = self._read_pipe = None
 
     # --- sockets (created lazily on the worker thread) ---------------------------------
 
@@ -429,22 +461,30 @@ class Kernel:
         return result
 
     def dump_destinations(self, key: VirtualKey) -> dict[DestKey, DestStatus]:
+        """The real servers of one virtual service with weights and connection counts
+        (one raw generic-netlink dump: graceful termination reads this on every removal,
+        and a full sync once per virtual service)."""
         self.reads += 1
+        self._genl()  # resolves the family
+        if self._read_pipe is None:  # its own socket: writes may be queued meanwhile
+            self._read_pipe = Pipeline(NETLINK_GENERIC)
+        pipe = self._read_pipe
+        request = struct.pack("=BBH", IPVS_CMD_GET_DEST, 1, 0) + encode_service(key)
         result: dict[DestKey, DestStatus] = {}
-        for msg in self.ipvs().dest("dump", service=_service(key)):
-            attrs = msg.get_attr("IPVS_CMD_ATTR_DEST")
-            if attrs is None:
-                continue
-            dest = DestKey(
-                virtual=key,
-                address=ipaddress.ip_address(attrs.get_attr("IPVS_DEST_ATTR_ADDR")),
-                port=attrs.get_attr("IPVS_DEST_ATTR_PORT"),
-            )
-            result[dest] = DestStatus(
-                weight=attrs.get_attr("IPVS_DEST_ATTR_WEIGHT") or 0,
-                active=attrs.get_attr("IPVS_DEST_ATTR_ACTIVE_CONNS") or 0,
-                inactive=attrs.get_attr("IPVS_DEST_ATTR_INACT_CONNS") or 0,
-            )
+        for body in pipe.dump(f"dump real servers of {key}", self._ipvs_family, request):
+            for kind, dest in _attrs(body, 4):
+                if kind != 2:  # IPVS_CMD_ATTR_DEST
+                    continue
+                fields = dict(_attrs(dest, 0))
+                family = struct.unpack("=H", fields[11])[0] if 11 in fields else socket.AF_INET
+                raw = fields[1][:16] if family == socket.AF_INET6 else fields[1][:4]
+                address = ipaddress.ip_address(raw)
+                dkey = DestKey(virtual=key, address=address, port=struct.unpack("!H", fields[2])[0])
+                result[dkey] = DestStatus(
+                    weight=_u32_of(fields, 4),
+                    active=_u32_of(fields, 7),
+                    inactive=_u32_of(fields, 8),
+                )
         return result
 
     def link_index(self) -> int | None:
@@ -661,6 +701,21 @@ class Kernel:
                     self.run([tool, "-w", "-t", table, verb, chain], check=False)
         for name, _, _ in render.set_names():
             self.run(["ipset", "destroy", name], check=False)
+
+
+def _attrs(data: bytes, offset: int) -> Iterator[tuple[int, bytes]]:
+    """(type without flags, payload) of each netlink attribute in ``data[offset:]``."""
+    while offset + 4 <= len(data):
+        size, kind = struct.unpack_from("=HH", data, offset)
+        if size < 4:
+            return
+        yield kind & 0x3FFF, data[offset + 4 : offset + size]
+        offset += size + (-size % 4)
+
+
+def _u32_of(fields: dict[int, bytes], kind: int) -> int:
+    value = fields.get(kind)
+    return int(struct.unpack("=I", value[:4])[0]) if value and len(value) >= 4 else 0
 
 
 def _missing_jumps(saved: str) -> list[tuple[str, str, str]]:
