@@ -5,7 +5,8 @@ worker thread. When the backend is given a network namespace the thread enters i
 (``setns`` affects only the calling thread), so its netlink sockets, ``/proc/sys``
 writes and ``ipset``/``iptables`` subprocesses all act inside that namespace and nowhere else.
 
-IPVS is read with pyroute2's generic-netlink IPVS socket. Writes of virtual services,
+Virtual services are read with pyroute2's generic-netlink IPVS socket, real servers with
+a raw dump (:meth:`Pipeline.dump`, on a socket of its own). Writes of virtual services,
 real servers, ``kpy-ipvs0``'s addresses and companion set elements go through a
 :class:`Pipeline`: one message
 per object (IPVS has no batch), but encoded here with ``struct`` and sent back to back on
