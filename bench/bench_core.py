@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kpy import convert
@@ -132,23 +133,35 @@ def measure(n: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def per_size(
+    script: str, measure_one: Callable[[int], dict[str, Any]], default_sizes: str
+) -> list[dict[str, Any]] | None:
+    """The command line every benchmark shares: each size measured in its own process
+    (``--one N``, so peak RSS belongs to that size alone); ``--json`` prints the results
+    and returns None, otherwise they are returned for the caller's table."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", default="10,1000,10000")
+    parser.add_argument("--sizes", default=default_sizes)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one)))
-        return
+        print(json.dumps(measure_one(args.one)))
+        return None
     results = []
     for n in (int(s) for s in args.sizes.split(",")):
         out = subprocess.run(
-            [sys.executable, __file__, "--one", str(n)], check=True, capture_output=True, text=True
+            [sys.executable, script, "--one", str(n)], check=True, capture_output=True, text=True
         )
-        results.append(json.loads(out.stdout))
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     if args.json:
         print(json.dumps(results, indent=2))
+        return None
+    return results
+
+
+def main() -> None:
+    results = per_size(__file__, measure, "10,1000,10000")
+    if results is None:
         return
     print("| services | full plan (s) | one-change plan p50 (ms) | p90 (ms) | peak RSS (MB) |")
     print("|---:|---:|---:|---:|---:|")

@@ -33,6 +33,8 @@ import sys
 import time
 from typing import Any
 
+from bench_core import slice_of
+
 from kpy import log as logsetup
 from kpy.agent import Agent, tune_gc
 from kpy.model import Plan
@@ -43,10 +45,6 @@ from kpy.testing.fake_backend import FakeBackend
 
 NODE = "node-a"
 ENDPOINTS = 5
-
-
-def pod_ip(n: int) -> str:
-    return f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}"
 
 
 def service(i: int) -> dict[str, Any]:
@@ -69,26 +67,7 @@ def service(i: int) -> dict[str, Any]:
 
 
 def endpoint_slice(i: int, extra: int = 0) -> dict[str, Any]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"svc-{i}-abcde",
-            "namespace": f"ns-{i % 50}",
-            "labels": {"kubernetes.io/service-name": f"svc-{i}"},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [
-            {
-                "addresses": [pod_ip(i * 8 + j)],
-                "conditions": {"ready": True, "serving": True, "terminating": False},
-                "nodeName": ("node-a", "node-b", "node-c")[j % 3],
-                "zone": "z1",
-            }
-            for j in range(ENDPOINTS + extra)
-        ],
-    }
+    return slice_of(i, ENDPOINTS, extra)
 
 
 # --------------------------------------------------------------------------- server process

@@ -18,22 +18,19 @@ and removes ``kpy-bench…`` namespaces). Each size runs in its own process.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import os
 import resource
 import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from bench_core import cluster, feed_service, feed_slice, pod_ip, slice_of
+from bench_core import cluster, feed_service, feed_slice, per_size, pod_ip, slice_of
 from kpy_nftables import NftablesBackend
 
 from kpy import netns_socket
@@ -160,22 +157,8 @@ def measure(n: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", default="1,1000,10000")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(args.one)))
-        return
-    results = []
-    for n in (int(s) for s in args.sizes.split(",")):
-        out = subprocess.run(
-            [sys.executable, __file__, "--one", str(n)], check=True, capture_output=True, text=True
-        )
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    if args.json:
-        print(json.dumps(results, indent=2))
+    results = per_size(__file__, measure, "1,1000,10000")
+    if results is None:
         return
     print(
         "| services | cold sync (s) | cold bytes | restart adoption (s) | one change p50 (ms) "

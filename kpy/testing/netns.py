@@ -200,7 +200,7 @@ def topology(prefix: str = "kpy-t") -> Iterator[Topology]:
             subprocess.run(["ip", "netns", "del", netns], check=False)
 
 
-def _socket(netns: str, family: int, kind: int, source: str | None) -> socket.socket:
+def socket_in(netns: str, family: int, kind: int, source: str | None) -> socket.socket:
     def make() -> socket.socket:
         sock = socket.socket(family, kind)
         if source is not None:
@@ -215,7 +215,7 @@ def tcp(
 ) -> str:
     """The greeting of a TCP server reached from ``netns``; raises OSError on failure."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with _socket(netns, family, socket.SOCK_STREAM, source) as sock:
+    with socket_in(netns, family, socket.SOCK_STREAM, source) as sock:
         sock.settimeout(timeout)
         sock.connect((host, port))
         return sock.makefile().readline().strip()
@@ -223,7 +223,7 @@ def tcp(
 
 def udp(netns: str, host: str, port: int, *, timeout: float = 2.0) -> str:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with _socket(netns, family, socket.SOCK_DGRAM, None) as sock:
+    with socket_in(netns, family, socket.SOCK_DGRAM, None) as sock:
         sock.settimeout(timeout)
         sock.sendto(b"hello", (host, port))
         return sock.recv(4096).decode().strip()

@@ -33,7 +33,7 @@ from kpy.testing.netns import (
     POD_B,
     POD_B6,
     Topology,
-    _socket,
+    socket_in,
     tcp,
     topology,
     udp,
@@ -55,9 +55,10 @@ def config_for(topo: Topology) -> BackendConfig:
     )
 
 
-def local_and_remote(*, ipv6: bool = False) -> list[Endpoint]:
+def local_and_remote(*, ipv6: bool = False, port: int = 8080) -> list[Endpoint]:
+    """pod-a (this node's endpoint) and pod-b (labelled as node-b's)."""
     a, b_ = (POD_A6, POD_B6) if ipv6 else (POD_A, POD_B)
-    return [b.endpoint(a, node="node-a"), b.endpoint(b_, node="node-b")]
+    return [b.endpoint(a, port, node="node-a"), b.endpoint(b_, port, node="node-b")]
 
 
 def states() -> list[ServicePortState]:
@@ -222,7 +223,7 @@ class PacketConformance:
         self, topology: Topology, programmed: Backend, make_backend: MakeBackend
     ) -> None:
         family = socket.AF_INET
-        held = _socket(topology.client, family, socket.SOCK_STREAM, None)
+        held = socket_in(topology.client, family, socket.SOCK_STREAM, None)
         with held:
             held.settimeout(2)
             held.connect((NODE_IP, 30080))

@@ -216,7 +216,7 @@ def nftables_available() -> str | None:
 def test_sigterm_keeps_nftables_rules_in_namespace(tmp_path: Path, netns: str) -> None:
     reason = nftables_available()
     if reason is not None:
-        pytest.skip(f"nftables backend not available yet: {reason}")
+        pytest.skip(f"nftables backend cannot run here: {reason}")
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     write_manifest(manifests, "10.244.1.5")

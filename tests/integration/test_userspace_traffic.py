@@ -27,32 +27,24 @@ from kpy.testing.netns import (
     NODE_IP,
     OUTSIDE_IP,
     POD_A,
-    POD_A6,
     POD_B,
-    POD_B6,
     Topology,
-    _socket,
+    socket_in,
     tcp,
     topology,
     udp,
 )
-from kpy.testing.packets import config_for
+from kpy.testing.packets import NODE, config_for, local_and_remote
 
 pytestmark = pytest.mark.root
-NODE = b.node("node-a", addresses=[NODE_IP])
 BR0 = "10.244.1.1"  # the node's address towards the pods: what endpoints see as the client
-
-
-def both(*, ipv6: bool = False, port: int = 8080) -> list:  # type: ignore[type-arg]
-    a, b_ = (POD_A6, POD_B6) if ipv6 else (POD_A, POD_B)
-    return [b.endpoint(a, port, node="node-a"), b.endpoint(b_, port, node="node-b")]
 
 
 def svc(name: str, ip: str, **kw: object) -> ServicePortState:
     eps = kw.pop("endpoints", None)
     return b.state(
         b.service(name, cluster_ip=ip, port=8000, **kw),  # type: ignore[arg-type]
-        both() if eps is None else eps,  # type: ignore[arg-type]
+        local_and_remote() if eps is None else eps,  # type: ignore[arg-type]
         NODE,
     )
 
@@ -93,7 +85,7 @@ def states() -> list[ServicePortState]:
         svc(
             "dnp", "10.96.0.18", protocol="UDP", port_name_="dns", type="NodePort", node_port=30090
         ),
-        svc("v6", "fd00:96::18", endpoints=both(ipv6=True)),
+        svc("v6", "fd00:96::18", endpoints=local_and_remote(ipv6=True)),
     ]
 
 
@@ -198,7 +190,7 @@ def test_ipv6_cluster_ip(topo: Topology, proxy: UserspaceBackend) -> None:
 
 
 def _connect(netns: str, host: str, port: int) -> tuple[socket.socket, str]:
-    sock = _socket(netns, socket.AF_INET, socket.SOCK_STREAM, None)
+    sock = socket_in(netns, socket.AF_INET, socket.SOCK_STREAM, None)
     sock.settimeout(5)
     sock.connect((host, port))
     greeting = b""
@@ -343,7 +335,7 @@ def test_udp_sessions_reply_from_the_service_address_and_expire(
         (topo.pods["pod-a"], "10.96.0.17", 8000),
         (topo.client, NODE_IP, 30090),
     ):
-        sock = _socket(netns, socket.AF_INET, socket.SOCK_DGRAM, None)
+        sock = socket_in(netns, socket.AF_INET, socket.SOCK_DGRAM, None)
         with sock:
             sock.settimeout(2)
             sock.connect((host, port))
