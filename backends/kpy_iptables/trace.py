@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from kpy import diff
@@ -34,7 +34,20 @@ from kpy.model import IPAddress, Plan
 from kpy_iptables import render
 from kpy_iptables.render import FILTER, NAT
 
-__all__ = ["Flow", "Rule", "Tables", "TraceError", "load", "parse_rule", "tables", "trace"]
+__all__ = [
+    "BUILTIN_CHAINS",
+    "SYNTAX",
+    "Flow",
+    "Match",
+    "Rule",
+    "Syntax",
+    "Tables",
+    "TraceError",
+    "load",
+    "parse_rule",
+    "tables",
+    "trace",
+]
 
 MAX_DEPTH = 32  # nested jumps; render's deepest path is FW → EXT → SVC → SEP → MARK-MASQ
 
@@ -82,6 +95,26 @@ TARGETS: dict[str, dict[str, int]] = {
 
 
 @dataclass(frozen=True, slots=True)
+class Syntax:
+    """The part of the iptables language a backend's rules use; anything else is refused.
+
+    The IPVS backend's companion rules are read with the same parser and a syntax of
+    their own (``-m set``, ``-j MARK --or-mark``, no ``-D``).
+    """
+
+    modules: Mapping[str, Mapping[str, int]]  # module → option → number of arguments
+    targets: Mapping[str, Mapping[str, int]]  # target → option → number of arguments
+    addresses: tuple[str, ...] = ("-s", "-d", "-p")
+    user_chains: str = ""  # the prefix a jump to a user chain must have ("": any)
+    verbs: frozenset[str] = frozenset({"-A", "-I", "-D", "-X"})
+    # option → why its arguments are not modelled (None: they are)
+    checks: Mapping[str, Callable[[tuple[str, ...]], str | None]] = field(default_factory=dict)
+
+
+SYNTAX = Syntax(modules=MODULES, targets=TARGETS)
+
+
+@dataclass(frozen=True, slots=True)
 class Match:
     """One match: ``-s``/``-d``/``-p`` (module ``""``) or one ``-m`` module's options."""
 
@@ -97,7 +130,7 @@ class Rule:
     target_options: dict[str, str] = field(default_factory=dict)
 
 
-def parse_rule(text: str) -> Rule:
+def parse_rule(text: str, syntax: Syntax = SYNTAX) -> Rule:
     """One rule in ``iptables-save`` form (without ``-A CHAIN``)."""
     try:
         tokens = shlex.split(text)
@@ -114,6 +147,10 @@ def parse_rule(text: str) -> Rule:
         if len(args) != n:
             raise TraceError(f"{what} needs {n} argument(s) in rule {text!r}")
         i += n
+        check = syntax.checks.get(what)
+        why = check(args) if check is not None else None
+        if why is not None:
+            raise TraceError(f"{why} in rule {text!r}")
         return args
 
     while i < len(tokens):
@@ -124,11 +161,11 @@ def parse_rule(text: str) -> Rule:
             raise TraceError(f"dangling '!' in rule {text!r}")
         token = tokens[i]
         i += 1
-        if token in ("-s", "-d", "-p"):
+        if token in syntax.addresses:
             matches.append(Match("", ((token, negated, take(1, token)),)))
         elif token == "-m" and not negated:
             (module,) = take(1, "-m")
-            known = MODULES.get(module)
+            known = syntax.modules.get(module)
             if known is None:
                 raise TraceError(f"unknown match module {module!r} in rule {text!r}")
             options: list[tuple[str, bool, tuple[str, ...]]] = []
@@ -144,11 +181,17 @@ def parse_rule(text: str) -> Rule:
             matches.append(Match(module, tuple(options)))
         elif token == "-j" and not negated:
             (target,) = take(1, "-j")
-            allowed = TARGETS.get(target, {})  # a user chain takes no options
+            if target not in syntax.targets and not target.startswith(syntax.user_chains):
+                raise TraceError(f"unknown target {target!r} in rule {text!r}")
+            allowed = syntax.targets.get(target, {})  # a user chain takes no options
             while i < len(tokens):
                 option = tokens[i]
                 if option not in allowed:
-                    raise TraceError(f"unknown option {option!r} of target {target} in {text!r}")
+                    only = f" ({target} is modelled with {', '.join(allowed)} only)"
+                    raise TraceError(
+                        f"unknown option {option!r} of target {target}"
+                        f"{only if allowed else ''} in {text!r}"
+                    )
                 i += 1
                 args = take(allowed[option], option)
                 target_options[option] = args[0] if args else ""
@@ -169,7 +212,7 @@ BUILTIN_CHAINS = {
 }
 
 
-def load(text: str) -> Tables:
+def load(text: str, syntax: Syntax = SYNTAX) -> Tables:
     """Apply an ``iptables-restore --noflush`` input to empty tables, as the kernel would."""
     chains: Tables = {(t, c): [] for t, cs in BUILTIN_CHAINS.items() for c in cs}
     table = ""
@@ -178,29 +221,33 @@ def load(text: str) -> Tables:
             continue
         if line.startswith("*"):
             table = line[1:]
+            if table not in BUILTIN_CHAINS:
+                raise TraceError(f"table {table!r} is not modelled")
             continue
         if line.startswith(":"):
             chains[(table, line[1:].split()[0])] = []  # declare, or flush
             continue
         verb, _, rest = line.partition(" ")
         chain, _, rule = rest.partition(" ")
+        if verb not in syntax.verbs:
+            raise TraceError(f"unknown restore command {line!r}")
         if (table, chain) not in chains:
             raise TraceError(f"{line!r}: chain {chain} does not exist in table {table}")
         rules = chains[(table, chain)]
         if verb == "-A":
-            rules.append(parse_rule(rule))
+            rules.append(parse_rule(rule, syntax))
         elif verb == "-I":
             position, _, rule = rule.partition(" ")
-            rules.insert(int(position) - 1, parse_rule(rule))
+            if not position.isdigit():
+                raise TraceError(f"{line!r}: -I needs a position")
+            rules.insert(int(position) - 1, parse_rule(rule, syntax))
         elif verb == "-D":
             texts = [r.text for r in rules]
             if rule not in texts:
                 raise TraceError(f"{line!r}: no such rule")
             del rules[texts.index(rule)]
-        elif verb == "-X":
+        else:  # -X
             del chains[(table, chain)]
-        else:
-            raise TraceError(f"unknown restore command {line!r}")
     return chains
 
 

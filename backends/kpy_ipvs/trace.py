@@ -29,9 +29,12 @@ skipped silently.
 from __future__ import annotations
 
 import ipaddress
-import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+
+from kpy_iptables import trace as iptables_trace
+from kpy_iptables.render import FILTER, NAT
+from kpy_iptables.trace import Rule, Syntax, Tables, TraceError
 
 from kpy.backend import BackendConfig
 from kpy.explain import Origin, Packet, Trace, Verdict
@@ -53,141 +56,33 @@ __all__ = [
 
 MAX_DEPTH = 8
 
-NAT = "nat"
-FILTER = "filter"
-BUILTIN_CHAINS = {
-    NAT: ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
-    FILTER: ("INPUT", "FORWARD", "OUTPUT"),
-}
 TERMINAL = frozenset({"ACCEPT", "DROP", "RETURN"})
 
 
-class TraceError(ValueError):
-    """The companion rules or sets hold something this interpreter does not understand."""
+def _set_flags(args: tuple[str, ...]) -> str | None:
+    flags = args[1]
+    return None if flags in ("dst,dst", "dst,dst,src") else f"set flags {flags!r} are not modelled"
 
 
-# --- rules --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    """``-s``/``-d`` (kind ``"addr"``), ``-m set``, ``-m mark`` or ``-m comment``."""
-
-    kind: str
-    negated: bool
-    args: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    text: str
-    matches: tuple[Match, ...]
-    target: str
-    target_args: tuple[str, ...] = ()
+# The companion's part of the iptables language, read by the iptables backend's parser.
+SYNTAX = Syntax(
+    modules={"comment": {"--comment": 1}, "set": {"--match-set": 2}, "mark": {"--mark": 1}},
+    targets={t: {} for t in (*TERMINAL, "MASQUERADE")} | {"MARK": {"--or-mark": 1}},
+    addresses=("-s", "-d"),
+    user_chains="KPY-",
+    verbs=frozenset({"-A", "-I"}),
+    checks={"--match-set": _set_flags},
+)
 
 
 def parse_rule(text: str) -> Rule:
     """One companion rule in ``iptables-save`` form (without ``-A CHAIN``)."""
-    try:
-        tokens = shlex.split(text)
-    except ValueError as exc:
-        raise TraceError(f"cannot tokenize rule {text!r}: {exc}") from None
-    matches: list[Match] = []
-    target = ""
-    target_args: tuple[str, ...] = ()
-    i = 0
-
-    def take(n: int, what: str) -> tuple[str, ...]:
-        nonlocal i
-        args = tuple(tokens[i : i + n])
-        if len(args) != n:
-            raise TraceError(f"{what} needs {n} argument(s) in rule {text!r}")
-        i += n
-        return args
-
-    while i < len(tokens):
-        token = tokens[i]
-        i += 1
-        negated = token == "!"
-        if negated:
-            if i >= len(tokens):
-                raise TraceError(f"dangling '!' in rule {text!r}")
-            token = tokens[i]
-            i += 1
-        if token in ("-s", "-d"):
-            matches.append(Match("addr", negated, (token, *take(1, token))))
-        elif token == "-m" and not negated:
-            (module,) = take(1, "-m")
-            if module == "comment":
-                if take(1, "-m comment") != ("--comment",):
-                    raise TraceError(f"-m comment needs --comment in rule {text!r}")
-                matches.append(Match("comment", False, take(1, "--comment")))
-            elif module == "set":
-                neg = i < len(tokens) and tokens[i] == "!"
-                i += neg
-                if take(1, "-m set") != ("--match-set",):
-                    raise TraceError(f"-m set needs --match-set in rule {text!r}")
-                name, flags = take(2, "--match-set")
-                if flags not in ("dst,dst", "dst,dst,src"):
-                    raise TraceError(f"set flags {flags!r} are not modelled in rule {text!r}")
-                matches.append(Match("set", neg, (name, flags)))
-            elif module == "mark":
-                if take(1, "-m mark") != ("--mark",):
-                    raise TraceError(f"-m mark needs --mark in rule {text!r}")
-                matches.append(Match("mark", False, take(1, "--mark")))
-            else:
-                raise TraceError(f"unknown match module {module!r} in rule {text!r}")
-        elif token == "-j" and not negated:
-            (target,) = take(1, "-j")
-            if target == "MARK":
-                if take(1, "-j MARK") != ("--or-mark",):
-                    raise TraceError(f"-j MARK is modelled with --or-mark only in {text!r}")
-                target_args = take(1, "--or-mark")
-            elif target == "MASQUERADE" or target in TERMINAL or target.startswith("KPY-"):
-                pass
-            else:
-                raise TraceError(f"unknown target {target!r} in rule {text!r}")
-            if i < len(tokens):
-                raise TraceError(f"unknown option {tokens[i]!r} of target {target} in {text!r}")
-        else:
-            raise TraceError(f"unknown rule option {'! ' if negated else ''}{token!r} in {text!r}")
-    if not target:
-        raise TraceError(f"rule without a target: {text!r}")
-    return Rule(text, tuple(matches), target, target_args)
-
-
-Tables = dict[tuple[str, str], list[Rule]]  # (table, chain) → rules in kernel order
+    return iptables_trace.parse_rule(text, SYNTAX)
 
 
 def load(text: str) -> Tables:
-    """Apply an ``iptables-restore --noflush`` input to empty tables, as the kernel would."""
-    chains: Tables = {(t, c): [] for t, cs in BUILTIN_CHAINS.items() for c in cs}
-    table = ""
-    for line in text.splitlines():
-        if not line or line.startswith("#") or line == "COMMIT":
-            continue
-        if line.startswith("*"):
-            table = line[1:]
-            if table not in BUILTIN_CHAINS:
-                raise TraceError(f"table {table!r} is not modelled")
-            continue
-        if line.startswith(":"):
-            chains[(table, line[1:].split()[0])] = []
-            continue
-        verb, _, rest = line.partition(" ")
-        chain, _, rule = rest.partition(" ")
-        if (table, chain) not in chains:
-            raise TraceError(f"{line!r}: chain {chain} does not exist in table {table}")
-        if verb == "-A":
-            chains[(table, chain)].append(parse_rule(rule))
-        elif verb == "-I":
-            position, _, rule = rule.partition(" ")
-            if not position.isdigit():
-                raise TraceError(f"{line!r}: -I needs a position")
-            chains[(table, chain)].insert(int(position) - 1, parse_rule(rule))
-        else:
-            raise TraceError(f"unknown restore command {line!r}")
-    return chains
+    """Apply the companion's restore input to empty tables, as the kernel would."""
+    return iptables_trace.load(text, SYNTAX)
 
 
 def hooks() -> str:
@@ -280,25 +175,23 @@ class _Walker:
         """Whether ``rule`` matches, and the set elements that made it match."""
         used: list[str] = []
         for match in rule.matches:
-            if match.kind == "comment":
-                continue
-            if match.kind == "addr":
-                option, nets = match.args
-                ip = flow.src if option == "-s" else flow.dst
-                hit = any(
-                    ip.version == n.version and ip in n
-                    for n in (ipaddress.ip_network(t, strict=False) for t in nets.split(","))
-                )
-            elif match.kind == "set":
-                member = self._in_set(rule, match.args[0], match.args[1], flow)
-                hit = member is not None
-                if member is not None and not match.negated:
-                    used.append(f"ipset {member.text}")
-            else:  # mark
-                value, _, mask = match.args[0].partition("/")
-                hit = flow.mark & int(mask or "0xffffffff", 0) == int(value, 0)
-            if hit is match.negated:
-                return False, ()
+            for option, negated, args in match.options:
+                if option == "--comment":
+                    continue
+                if option in ("-s", "-d"):
+                    ip = flow.src if option == "-s" else flow.dst
+                    nets = (ipaddress.ip_network(t, strict=False) for t in args[0].split(","))
+                    hit = any(ip.version == n.version and ip in n for n in nets)
+                elif option == "--match-set":
+                    member = self._in_set(rule, args[0], args[1], flow)
+                    hit = member is not None
+                    if member is not None and not negated:
+                        used.append(f"ipset {member.text}")
+                else:  # --mark
+                    value, _, mask = args[0].partition("/")
+                    hit = flow.mark & int(mask or "0xffffffff", 0) == int(value, 0)
+                if hit is negated:
+                    return False, ()
         return True, tuple(used)
 
     def run(self, table: str, chain: str, flow: Flow, depth: int = 0) -> tuple[Flow, str]:
@@ -317,7 +210,7 @@ class _Walker:
             if rule.target in TERMINAL:
                 return flow, rule.target
             if rule.target == "MARK":
-                flow = replace(flow, mark=flow.mark | int(rule.target_args[0], 0))
+                flow = replace(flow, mark=flow.mark | int(rule.target_options["--or-mark"], 0))
             elif rule.target == "MASQUERADE":
                 if table != NAT or chain not in (render.CHAIN_POST, "POSTROUTING"):
                     raise TraceError(f"MASQUERADE outside nat POSTROUTING: {rule.text!r}")
