@@ -29,6 +29,7 @@ from tests.unit.test_explain import (
     CIDRS,
     CLIENT,
     DEFAULT_OPTIONS,
+    EXAMPLES_AS_NODE_1,
     LB,
     LOCAL_A,
     NODE,
@@ -186,14 +187,7 @@ def test_backend_method_touches_no_kernel() -> None:
 def test_cli_explain_backend_iptables() -> None:
     args = [
         "explain",
-        "--manifests",
-        "examples",
-        "--node",
-        "node-1",
-        "--node-ip",
-        "192.168.100.11",
-        "--cluster-cidr",
-        "10.244.0.0/16",
+        *EXAMPLES_AS_NODE_1,
         "--backend",
         "iptables",
         "-o",

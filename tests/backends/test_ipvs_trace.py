@@ -30,11 +30,13 @@ from tests.unit.test_explain import (
     CASES,
     CIDRS,
     CLIENT,
+    EXAMPLES_AS_NODE_1,
     LB,
     NODE,
     POD,
     Case,
     case_by_id,
+    case_params,
     st,
     traced,
 )
@@ -71,25 +73,7 @@ def _trace(case: Case) -> tuple[ex.Trace, ex.Explanation, Plan]:
 _case = case_by_id
 
 
-# Hairpin masquerade needs the companion's LOOPBACK set; until render has it, a pod
-# reaching itself through its Service keeps its address (README: not masqueraded yet).
-HAIRPIN_RENDERED = any(name == "LOOPBACK" for name, _ in render.SETS)
-
-
-def _params() -> list[object]:
-    params: list[object] = []
-    for case in CASES:
-        marks = []
-        if case.id in RENDER_BUGS:
-            marks.append(pytest.mark.xfail(reason=RENDER_BUGS[case.id], strict=True))
-        if case.id == "hairpin-is-masqueraded" and not HAIRPIN_RENDERED:
-            reason = "render has no hairpin (LOOPBACK) masquerade set yet"
-            marks.append(pytest.mark.xfail(reason=reason, strict=True))
-        params.append(pytest.param(case, id=case.id, marks=marks))
-    return params
-
-
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", case_params(RENDER_BUGS))
 def test_trace_agrees_with_model(case: Case) -> None:
     traced, model, _ = _trace(case)
     assert (traced.verdict, traced.endpoints, traced.masquerade) == (
@@ -321,14 +305,7 @@ def test_cli_explain_backend_ipvs() -> None:
     target = _cluster_ip_target()
     args = [
         "explain",
-        "--manifests",
-        "examples",
-        "--node",
-        "node-1",
-        "--node-ip",
-        "192.168.100.11",
-        "--cluster-cidr",
-        "10.244.0.0/16",
+        *EXAMPLES_AS_NODE_1,
         "--backend",
         "ipvs",
         "-o",

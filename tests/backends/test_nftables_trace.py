@@ -29,6 +29,7 @@ from tests.unit.test_explain import (
     CASES,
     CIDRS,
     CLIENT,
+    EXAMPLES_AS_NODE_1,
     LB,
     NODE,
     NODEPORT,
@@ -36,6 +37,7 @@ from tests.unit.test_explain import (
     REMOTE,
     Case,
     case_by_id,
+    case_params,
     st,
     traced,
 )
@@ -54,17 +56,7 @@ def _trace(case: Case) -> tuple[ex.Trace, ex.Explanation, Plan]:
 _case = case_by_id
 
 
-def _params() -> list[object]:
-    params: list[object] = []
-    for case in CASES:
-        marks = []
-        if case.id in RENDER_BUGS:
-            marks.append(pytest.mark.xfail(reason=RENDER_BUGS[case.id], strict=True))
-        params.append(pytest.param(case, id=case.id, marks=marks))
-    return params
-
-
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", case_params(RENDER_BUGS))
 def test_trace_agrees_with_model(case: Case) -> None:
     traced, model, _ = _trace(case)
     assert (traced.verdict, traced.endpoints, traced.masquerade) == (
@@ -312,14 +304,7 @@ def test_cli_explain_backend_nftables() -> None:
         "nftables",
         "-o",
         "json",
-        "--manifests",
-        "examples/",
-        "--node",
-        "node-1",
-        "--node-ip",
-        "192.168.100.11",
-        "--cluster-cidr",
-        "10.244.0.0/16",
+        *EXAMPLES_AS_NODE_1,
         "--from",
         POD,
         "--to",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,33 @@ def traced(case: Case, tracer: ex.Tracer) -> tuple[ex.Trace, ex.Explanation, Pla
 
 def case_by_id(case_id: str) -> Case:
     return next(c for c in CASES if c.id == case_id)
+
+
+def case_params(render_bugs: Mapping[str, str]) -> list[object]:
+    """CASES as pytest params; a case a backend's render gets wrong is a strict xfail."""
+    return [
+        pytest.param(
+            case,
+            id=case.id,
+            marks=[pytest.mark.xfail(reason=render_bugs[case.id], strict=True)]
+            if case.id in render_bugs
+            else [],
+        )
+        for case in CASES
+    ]
+
+
+# The options that explain the lab's examples/ as node-1 sees them.
+EXAMPLES_AS_NODE_1 = [
+    "--manifests",
+    "examples",
+    "--node",
+    "node-1",
+    "--node-ip",
+    "192.168.100.11",
+    "--cluster-cidr",
+    "10.244.0.0/16",
+]
 
 
 NODEPORT: dict[str, Any] = dict(type="NodePort", node_port=30080)
