@@ -67,7 +67,8 @@ class IptablesBackend:
             return f"iptables unavailable: {type(exc).__name__}: {exc}"
 
     async def apply(self, plan: Plan) -> ApplyResult:
-        full = plan.full_sync or self._needs_full
+        # The Node's pod CIDRs tell pods apart in every externalTrafficPolicy Local chain.
+        full = plan.full_sync or self._needs_full or plan.node.pod_cidrs != self._ctx.pod_cidrs
         started = time.monotonic()
         try:
             if full:
@@ -146,6 +147,8 @@ class IptablesBackend:
         if families != self._ctx.families:
             log.warning("iptables_family_unavailable", families=families)
             self._ctx = dataclasses.replace(self._ctx, families=families)
+        if plan.node.pod_cidrs != self._ctx.pod_cidrs:
+            self._ctx = dataclasses.replace(self._ctx, pod_cidrs=plan.node.pod_cidrs)
         self._ports = render.render(plan, self._ctx)
         self._want = render.desired(self._ctx, self._ports)
         self._have = observe_.merge([await self._read(family) for family in families])

@@ -36,6 +36,7 @@ from kpy.model import (
     IPAddress,
     IPFamily,
     IPNetwork,
+    NodeInfo,
     Plan,
     ServicePortName,
     ServicePortState,
@@ -103,6 +104,7 @@ class Context:
     """The node-wide settings render needs (changing any means a full sync)."""
 
     cluster_cidrs: tuple[IPNetwork, ...] = ()
+    pod_cidrs: tuple[IPNetwork, ...] = ()  # the Node's spec.podCIDRs
     nodeport_addresses: tuple[IPNetwork, ...] = ()
     masquerade_all: bool = False
     families: tuple[int, ...] = FAMILIES  # 6 left out where the host has no ip6tables
@@ -110,10 +112,24 @@ class Context:
     def cidrs(self, family: int) -> tuple[IPNetwork, ...]:
         return tuple(c for c in self.cluster_cidrs if c.version == family)
 
+    def pods(self, family: int) -> tuple[IPNetwork, ...]:
+        """The sources taken for pods: the cluster CIDRs, and the Node's pod CIDRs where
+        no cluster CIDR covers them (upstream's ClusterCIDR and NodeCIDR detect-local
+        modes together, which is how the model tells a pod: kpy.explain.infer_origin)."""
+        cluster = self.cidrs(family)
+        node = tuple(
+            c
+            for c in self.pod_cidrs
+            if c.version == family and not any(c.subnet_of(k) for k in cluster)  # type: ignore[arg-type]
+        )
+        return cluster + node
 
-def context(config: BackendConfig) -> Context:
+
+def context(config: BackendConfig, node: NodeInfo | None = None) -> Context:
+    """The render context of ``config`` on ``node`` (whose pod CIDRs tell pods apart)."""
     return Context(
         cluster_cidrs=config.cluster_cidrs,
+        pod_cidrs=node.pod_cidrs if node is not None else (),
         nodeport_addresses=config.nodeport_addresses,
         masquerade_all=config.masquerade_all,
     )
@@ -297,7 +313,7 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
     if local:
         if internal:
             # Pods and the node itself reach the Service as if it were Cluster-wide.
-            ext_rules += [f"-s {cidr} -j {svc_chain}" for cidr in ctx.cidrs(family)]
+            ext_rules += [f"-s {cidr} -j {svc_chain}" for cidr in ctx.pods(family)]
             ext_rules.append(f"-m addrtype --src-type LOCAL -j {MARK_MASQ}")
             ext_rules.append(f"-m addrtype --src-type LOCAL -j {svc_chain}")
     else:
@@ -324,9 +340,22 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
             objs[Key(family, NAT, fw_chain)] = tuple(f"-s {r} -j {ext_chain}" for r in ranges)
     if not external:
         # Nothing to send it to: reject when the Service has no endpoint at all, drop when
-        # a Local policy excludes the ones it has (what was not DNATed above).
-        for match in external_matches + lb_matches:
+        # a Local policy excludes the ones it has (what was not DNATed above). A
+        # LoadBalancer IP with source ranges drops the sources outside them first, in a
+        # filter-table firewall chain (as upstream's nftables mode does).
+        for match in external_matches:
             drop(match, reject=not usable)
+        if svc.load_balancer_source_ranges and lbs:
+            target = _reject(family) if not usable else "DROP"
+            objs[Key(family, FILTER, fw_chain)] = (
+                *(f"-s {r} -j {target}" for r in ranges),
+                "-j DROP",
+            )
+            for match in lb_matches:
+                objs[Key(family, FILTER, SERVICES, f"{match} -j {fw_chain}")] = ()
+        else:
+            for match in lb_matches:
+                drop(match, reject=not usable)
         if nodeport_match is not None:
             np = f"-p {proto} {note} -m addrtype --dst-type LOCAL {dport} {svc.node_port}"
             drop(np, reject=not usable)

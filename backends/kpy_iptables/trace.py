@@ -253,7 +253,7 @@ def load(text: str, syntax: Syntax = SYNTAX) -> Tables:
 
 def tables(plan: Plan, config: BackendConfig, family: int) -> Tables:
     """The nat and filter tables of one family after a first sync of ``plan``."""
-    ctx = render.context(config)
+    ctx = render.context(config, plan.node)
     wanted = render.desired(ctx, render.render(plan, ctx))
     inputs = render.restore(diff.compute({}, wanted))
     return load(inputs[family].text if family in inputs else "")

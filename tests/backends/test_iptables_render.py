@@ -14,6 +14,7 @@ from kpy_iptables import observe, render
 from kpy_iptables.render import FILTER, NAT, Key, Objects
 
 from kpy import diff
+from kpy.backend import BackendConfig
 from kpy.model import ServicePortState
 from kpy.testing import builders as b
 
@@ -369,14 +370,54 @@ def test_a_large_removal_is_split_so_no_chain_is_deleted_while_referenced() -> N
     assert all(not refs for refs in references.values())
 
 
-def test_source_ranges_without_endpoints_reject_rather_than_drop() -> None:
+def test_source_ranges_without_endpoints_drop_outside_then_reject() -> None:
     svc = b.service(
         "lb", cluster_ip="10.96.0.12", type="LoadBalancer", node_port=30081,
+        lb_ips=["172.18.0.50"], source_ranges=["203.0.113.0/24", "198.51.100.0/24"],
+    )  # fmt: skip
+    name = "default/lb:http/TCP"
+    fw = render.chain_name("FW", name)
+    objs = render.render_port(b.state(svc, []), CTX)
+    reject = "REJECT --reject-with icmp-port-unreachable"
+    lb = f'-d 172.18.0.50/32 -p tcp -m comment --comment "{name}" -m tcp --dport 80'
+    targets = sorted(rule.rsplit(" -j ", 1)[1] for rule in rules(objs, FILTER, "KPY-SERVICES"))
+    assert targets == [fw, reject, reject]  # the LoadBalancer IP, the cluster IP, the NodePort
+    assert f"{lb} -j {fw}" in rules(objs, FILTER, "KPY-SERVICES")
+    assert objs[Key(4, FILTER, fw)] == (
+        f"-s 203.0.113.0/24 -j {reject}",
+        f"-s 198.51.100.0/24 -j {reject}",
+        "-j DROP",
+    )
+    assert Key(4, NAT, fw) not in objs
+    # endpoints elsewhere only, policy Local: drop inside the ranges too
+    local = b.service(
+        "lb", cluster_ip="10.96.0.12", type="LoadBalancer", node_port=30081, etp_local=True,
         lb_ips=["172.18.0.50"], source_ranges=["203.0.113.0/24"],
     )  # fmt: skip
-    objs = render.render_port(b.state(svc, []), CTX)
-    targets = [rule.rsplit(" -j ", 1)[1] for rule in rules(objs, FILTER, "KPY-SERVICES")]
-    assert targets == ["REJECT --reject-with icmp-port-unreachable"] * 3
+    objs = render.render_port(b.state(local, [b.endpoint("10.244.2.6", node="node-b")]), CTX)
+    assert objs[Key(4, FILTER, fw)] == ("-s 203.0.113.0/24 -j DROP", "-j DROP")
+
+
+def test_pods_are_told_by_cluster_cidrs_and_the_nodes_pod_cidrs() -> None:
+    svc = b.service(
+        "local", cluster_ip="10.96.0.13", type="NodePort", node_port=30082, etp_local=True
+    )
+    state = b.state(svc, [b.endpoint("10.244.1.10")])
+    svc_chain = render.chain_name("SVC", "default/local:http/TCP")
+    node = b.node(pod_cidrs=("10.244.1.0/24", "fd00:244:1::/64"))
+    # no --cluster-cidr: the Node's pod CIDR (upstream's NodeCIDR detect-local mode)
+    ctx = render.context(BackendConfig(), node)
+    assert chain(render.render_port(state, ctx), "EXT")[0] == f"-s 10.244.1.0/24 -j {svc_chain}"
+    # a cluster CIDR covering it: the cluster CIDR alone
+    ctx = render.context(BackendConfig(cluster_cidrs=CTX.cluster_cidrs), node)
+    ext = chain(render.render_port(state, ctx), "EXT")
+    assert [r for r in ext if r.startswith("-s ")] == [f"-s 10.244.0.0/16 -j {svc_chain}"]
+    # neither: no pod is recognised, only the node itself
+    ext = chain(render.render_port(state, render.Context()), "EXT")
+    assert not [r for r in ext if r.startswith("-s ")]
+    # the masquerade of cluster-IP traffic still follows the cluster CIDRs only
+    ctx = render.context(BackendConfig(), node)
+    assert not [r for r in chain(render.render_port(state, ctx), "SVC") if "MARK-MASQ" in r]
 
 
 def test_a_host_without_ip6tables_gets_ipv4_objects_only() -> None:

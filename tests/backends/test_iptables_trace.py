@@ -21,7 +21,7 @@ from kpy_iptables import trace as tr
 from kpy import explain as ex
 from kpy.backend import BackendConfig
 from kpy.cli import main
-from kpy.model import Endpoint, Plan, Protocol, ServicePortState
+from kpy.model import Endpoint, Plan, Protocol
 from kpy.testing import builders as b
 from kpy.testing import packets
 from tests.unit.test_explain import (
@@ -249,24 +249,14 @@ GRID_DESTINATIONS = (
 GRID_OPTIONS = (
     DEFAULT_OPTIONS,
     ex.Options(cluster_cidrs=CIDRS, nodeport_addresses=(ipaddress.ip_network("192.168.50.0/24"),)),
+    ex.Options(),  # no --cluster-cidr: pods are told by the Node's podCIDR
 )
-
-
-def _ranges_without_endpoints(state: ServicePortState, packet: ex.Packet) -> bool:
-    """A LoadBalancer IP with source ranges and no usable endpoint, from outside them."""
-    svc = state.service
-    return (
-        bool(svc.load_balancer_source_ranges)
-        and packet.dst in svc.load_balancer_ips
-        and not any(ep.ready or (ep.serving and ep.terminating) for ep in state.endpoints)
-        and not any(packet.src in r for r in svc.load_balancer_source_ranges)
-    )
 
 
 def test_trace_agrees_with_model_over_a_grid() -> None:
     """Every Service kind, endpoint set, source and frontend (both families where the
-    Service is dual-stack): the rules and the model agree, but for the one documented
-    divergence (test_source_ranges_without_endpoints_reject_instead_of_drop)."""
+    Service is dual-stack), with and without cluster CIDRs: the rules and the model
+    agree."""
     disagreements = []
     checked = 0
     for i, ((eps_id, eps), (svc_id, svc), src, (dst, port)) in enumerate(
@@ -280,8 +270,6 @@ def test_trace_agrees_with_model_over_a_grid() -> None:
         plan = b.plan([state], node_info=NODE)
         options = GRID_OPTIONS[i % len(GRID_OPTIONS)]
         packet = ex.Packet(src=ipaddress.ip_address(src), dst=ipaddress.ip_address(dst), port=port)
-        if _ranges_without_endpoints(state, packet):
-            continue
         model = ex.explain(plan, packet, options)
         traced = tr.trace(plan, packet, model.origin, ex.options_config(NODE.name, options))
         checked += 1
@@ -292,7 +280,7 @@ def test_trace_agrees_with_model_over_a_grid() -> None:
     assert not disagreements, disagreements[:5]
 
 
-def _divergence(
+def _traced_and_model(
     svc: dict[str, Any],
     eps: tuple[Endpoint, ...],
     src: str,
@@ -314,40 +302,33 @@ def _agree(traced: ex.Trace, model: ex.Explanation) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="render rejects every source of a LoadBalancer IP without endpoints (as upstream's "
-    "iptables mode, whose firewall chain needs endpoints); the model drops sources outside "
-    "loadBalancerSourceRanges first (as upstream's nftables mode)",
-)
-def test_source_ranges_without_endpoints_reject_instead_of_drop() -> None:
+@pytest.mark.parametrize(("src", "verdict"), [("198.51.100.1", "drop"), ("203.0.113.9", "reject")])
+def test_source_ranges_without_endpoints_drop_outside_and_reject_inside(
+    src: str, verdict: str
+) -> None:
     lb = dict(LB, source_ranges=("203.0.113.0/24",))
-    traced, model = _divergence(lb, (), "198.51.100.1", "172.18.0.10", 80, DEFAULT_OPTIONS)
+    traced, model = _traced_and_model(lb, (), src, "172.18.0.10", 80, DEFAULT_OPTIONS)
     _agree(traced, model)
+    assert str(traced.verdict) == verdict
+    assert any(f"-A {FW}" in k for k in traced.kernel)  # the filter table's firewall chain
 
 
 def test_masquerade_all_with_local_policy() -> None:
     options = ex.Options(cluster_cidrs=CIDRS, masquerade_all=True)
     np_local = dict(NODEPORT, etp_local=True)
-    traced, model = _divergence(np_local, (LOCAL_A,), CLIENT, "192.168.50.2", 30080, options)
+    traced, model = _traced_and_model(np_local, (LOCAL_A,), CLIENT, "192.168.50.2", 30080, options)
     _agree(traced, model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="without --cluster-cidr the model still takes a source in the Node's podCIDR for "
-    "a pod and short-circuits it to the cluster-wide endpoints; render can only tell pods "
-    "by the cluster CIDRs, so the pod is treated as an outside client (Local endpoints)",
-)
 def test_pod_short_circuit_without_cluster_cidr() -> None:
     np_local = dict(NODEPORT, etp_local=True)
-    traced, model = _divergence(
+    traced, model = _traced_and_model(
         np_local, (LOCAL_A, REMOTE), POD, "192.168.50.2", 30080, ex.Options()
     )
     assert model.origin is ex.Origin.POD
     _agree(traced, model)
+    assert traced.endpoints == ("10.244.1.5:8080", "10.244.2.5:8080")  # cluster-wide
+    assert any(f"-A {EXT} -s 10.244.1.0/24 -j {SVC}" in k for k in traced.kernel)
 
 
 def test_tables_keep_the_kernel_order_of_the_first_sync() -> None:

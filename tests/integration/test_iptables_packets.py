@@ -1,19 +1,25 @@
 """Real packets through the iptables backend's rules: the shared packet suite
 (:mod:`kpy.testing.packets` on the :mod:`kpy.testing.netns` topology) in both iptables
-flavours, plus what only this backend shows (per-endpoint packet counters in the dump).
+flavours, plus what only this backend shows (per-endpoint packet counters in the dump)
+and two cases its rules once got wrong: a LoadBalancer IP with source ranges and no
+endpoints, and pods told by the Node's pod CIDR when no cluster CIDR is configured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
+from collections.abc import Iterator
 
 import pytest
 from kpy_iptables import IptablesBackend
 
 from kpy.backend import Backend, BackendConfig
-from kpy.testing.netns import POD_B, Topology, tcp
-from kpy.testing.packets import MakeBackend, PacketConformance
+from kpy.model import ServicePortState
+from kpy.testing import builders as b
+from kpy.testing.netns import CLIENT_IP, NODE_IP, OUTSIDE_IP, POD_B, Topology, tcp, topology
+from kpy.testing.packets import NODE, MakeBackend, PacketConformance, config_for
 
 pytestmark = pytest.mark.root
 
@@ -42,3 +48,68 @@ class TestIptablesNftPackets(PacketConformance):
 
 class TestIptablesLegacyPackets(TestIptablesNftPackets):
     mode = "legacy"
+
+
+def _gap_states() -> list[ServicePortState]:
+    return [
+        b.state(
+            b.service(
+                "lb-empty",
+                cluster_ip="10.96.0.12",
+                type="LoadBalancer",
+                node_port=30081,
+                lb_ips=["172.18.0.50"],
+                source_ranges=["192.168.50.0/24"],
+            ),
+            [],
+            NODE,
+        ),
+        b.state(
+            b.service(
+                "remote", cluster_ip="10.96.0.20", type="NodePort", node_port=30083, etp_local=True
+            ),
+            [b.endpoint(POD_B, node="node-b")],
+            NODE,
+        ),
+    ]
+
+
+@pytest.fixture(scope="module")
+def gap_topology() -> Iterator[Topology]:
+    with topology("kpy-ig") as topo:
+        yield topo
+
+
+@pytest.mark.parametrize("mode", ["nft", "legacy"])
+class TestRenderGaps:
+    @pytest.fixture
+    def programmed(self, gap_topology: Topology, mode: str) -> Iterator[Topology]:
+        # No --cluster-cidr: pods are told by the Node's pod CIDR (10.244.1.0/24).
+        config = dataclasses.replace(
+            config_for(gap_topology), cluster_cidrs=(), options=(("iptables_mode", mode),)
+        )
+        backend = IptablesBackend(config)
+        asyncio.run(backend.apply(b.plan(_gap_states(), node_info=NODE)))
+        try:
+            yield gap_topology
+        finally:
+            asyncio.run(backend.cleanup())
+
+    def test_source_ranges_without_endpoints_drop_outside_and_reject_inside(
+        self, programmed: Topology
+    ) -> None:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            tcp(programmed.client, "172.18.0.50", 80, source=OUTSIDE_IP, timeout=1.0)
+        assert time.monotonic() - started >= 0.9  # dropped, not rejected
+        started = time.monotonic()
+        with pytest.raises(ConnectionRefusedError):
+            tcp(programmed.client, "172.18.0.50", 80, source=CLIENT_IP)
+        assert time.monotonic() - started < 0.5
+
+    def test_a_pod_in_the_nodes_pod_cidr_is_short_circuited(self, programmed: Topology) -> None:
+        replies = {tcp(programmed.pods["pod-a"], NODE_IP, 30083) for _ in range(5)}
+        assert {r.split()[0] for r in replies} == {"pod-b"}
+        # an outside client still finds no local endpoint
+        with pytest.raises(TimeoutError):
+            tcp(programmed.client, NODE_IP, 30083, timeout=1.0)
