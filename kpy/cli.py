@@ -127,6 +127,11 @@ def _given_flags(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--netns", help="Program the rules inside this named network namespace.")
 @click.option("--backend-option", multiple=True, help="Backend option key=value (repeatable).")
+@click.option(
+    "--iptables-mode",
+    type=click.Choice(["auto", "nft", "legacy"]),
+    help="iptables flavour for --backend iptables (same as --backend-option iptables_mode=).",
+)
 @click.option("--healthz-bind-address", help="Health server address (default 0.0.0.0:10256).")
 @click.option("--metrics-bind-address", help="Metrics address (default 127.0.0.1:10249).")
 @click.option("--healthz-stale-after", help="API unreachable this long → health says stale.")
@@ -150,6 +155,9 @@ def run(
     except cfg.ConfigError as exc:
         _fail(str(exc))
         return
+    if params["iptables_mode"] is not None:  # over the other backend options, from anywhere
+        options = dict(config.backend_options) | {"iptables_mode": params["iptables_mode"]}
+        config = replace(config, backend_options=tuple(sorted(options.items())))
     if write_config_to is not None:
         text = config.to_yaml()
         if str(write_config_to) == "-":
