@@ -45,7 +45,8 @@ class NftablesBackend:
         self._base = render.base_objects(config)
         self._have: dict[str, str] = {}  # what the kernel holds: key → value
         self._port_keys: dict[ServicePortName, frozenset[str]] = {}
-        self._owner: dict[str, ServicePortName] = {}  # element key → the port using it
+        # an element's claim (its key without the shard table) → the port holding it
+        self._owner: dict[str, ServicePortName] = {}
         self._needs_full = True
 
     # --- the Backend protocol -----------------------------------------------------------
@@ -139,8 +140,9 @@ class NftablesBackend:
         for name in names:
             for key in self._port_keys.get(name, ()):
                 keys.add(key)
-                if owner.get(key) == name:
-                    owner.release(key)
+                claim = render.claim_key(key)
+                if owner.get(claim) == name:
+                    owner.release(claim)
         for name in names:
             state = plan.services.get(name)
             objs = self._port_objects(state, owner) if state is not None else {}
@@ -158,7 +160,7 @@ class NftablesBackend:
         for key, obj in list(objs.items()):
             if not isinstance(obj, render.Element):
                 continue
-            holder = owner.claim(key, state.name)
+            holder = owner.claim(obj.claim, state.name)
             if holder != state.name:
                 log.warning(
                     "nftables_frontend_conflict",

@@ -51,45 +51,28 @@ class Nft:
         await self._run("-f", "-", stdin=script)
 
     async def list_tables(self) -> list[dict[str, Any]]:
-        """JSON of kpy's tables without their rules: chains, set and map definitions,
-        the elements of the verdict maps and of ``fingerprints`` (dynamic affinity sets'
-        elements are clients, not state, and are not read).
+        """JSON of the ruleset without its rules: every chain, every set and map with
+        its elements (:mod:`kpy_nftables.observe` keeps kpy's tables).
 
-        ``nft list tables`` is not used: it makes nft load every rule (seconds at scale).
+        ``nft list table`` is not used: it makes nft load every rule (seconds at scale).
+        The three lists run as three processes: ``nft -j -f`` on a pipe does not read
+        nft syntax reliably (it tries JSON first).
         """
-        chains = json.loads(await self._run("-j", "list", "chains"))
-        docs = [chains]
-        present = sorted(
-            {
-                item["chain"]["family"]
-                for item in chains.get("nftables", [])
-                if "chain" in item and item["chain"].get("table") == render.TABLE
-            }
+        outs = await asyncio.gather(
+            *(self._run("-j", "list", what) for what in ("chains", "sets", "maps"))
         )
-        lists: list[tuple[str, ...]] = []
-        for family in present:
-            lists.append(("list", "sets", "table", family, render.TABLE))
-            lists += [("list", "set", family, render.TABLE, name) for name in render.SETS]
-            lists += [("list", "map", family, render.TABLE, name) for name in render.MAPS]
-        for out in await asyncio.gather(*(self._maybe(*args) for args in lists)):
-            if out is not None:
-                docs.append(json.loads(out))
-        return docs
-
-    async def _maybe(self, *args: str) -> str | None:
-        """The output of ``nft -j args``, None when the object does not exist."""
-        try:
-            return await self._run("-j", *args)
-        except NftError:
-            return None
+        return [json.loads(out) for out in outs]
 
     async def delete_tables(self) -> None:
-        for family in render.FAMILIES:
-            try:
-                await self.run_script(f"delete table {family} {render.TABLE}\n")
-            except NftError as exc:
-                if "No such file or directory" not in str(exc):
-                    raise
+        """Delete kpy's base and shard tables (of any shard count), nothing else."""
+        listed = json.loads(await self._run("-j", "list", "tables"))
+        doomed = sorted(
+            (t["family"], t["name"])
+            for item in listed.get("nftables", [])
+            if "table" in item and render.is_kpy_table((t := item["table"]).get("name", ""))
+        )
+        if doomed:
+            await self.run_script("".join(f"delete table {f} {n}\n" for f, n in doomed))
 
     def probe(self) -> str | None:
         if shutil.which(self.binary) is None:

@@ -1,4 +1,4 @@
-"""Read ``nft -j list table`` output back into the keys and values render produces.
+"""Read ``nft -j list`` output back into the keys and values render produces.
 
 Pure parsing of the JSON nftables prints; running ``nft`` is :mod:`kpy_nftables.apply`'s
 job. No rule is read (the kernel is slow to list them): a chain's value is the
@@ -28,7 +28,7 @@ class Observed:
     frontends: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     endpoints: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     rejecting: dict[str, str] = field(default_factory=dict)  # frontend → "reject"/"drop"
-    tables: set[str] = field(default_factory=set)  # families with a kpy table
+    tables: set[str] = field(default_factory=set)  # families with a kpy base table
 
 
 def _verdict(data: JSON) -> str:
@@ -54,9 +54,10 @@ def _frontend(map_name: str, element: str) -> str | None:
 
 
 def parse(documents: Iterable[JSON]) -> Observed:
-    """Merge ``nft -j list …`` outputs (chains, set and map definitions, elements)."""
+    """Merge ``nft -j list …`` outputs (chains, set and map definitions, elements) of
+    the base and shard tables; other tables are ignored."""
     result = Observed()
-    chains: set[tuple[str, str]] = set()
+    chains: set[tuple[str, str, str]] = set()
     fingerprints: dict[tuple[str, str], str] = {}
     for doc in documents:
         for item in doc.get("nftables", []):
@@ -66,15 +67,17 @@ def parse(documents: Iterable[JSON]) -> Observed:
                     result.tables.add(t["family"])
             elif "chain" in item:
                 c = item["chain"]
-                if c.get("table") == render.TABLE:
-                    chains.add((c["family"], c["name"]))
+                if render.is_kpy_table(c.get("table", "")):
+                    chains.add((c["family"], c["table"], c["name"]))
             elif "set" in item or "map" in item:
                 kind = "set" if "set" in item else "map"
                 s = item[kind]
-                if s.get("table") == render.TABLE:
+                if render.is_kpy_table(s.get("table", "")):
                     _parse_set(result, kind, s, fingerprints)
-    for family, name in sorted(chains):
-        key = f"{family} chain {name}"
+    for family, table, name in sorted(chains):
+        if table == render.TABLE:
+            result.tables.add(family)
+        key = render.Chain(family, name, (), table=table).key
         fingerprint = fingerprints.get((family, render.fingerprint_key(key)))
         result.values[key] = fingerprint or render.CHAIN_ONLY
     return result
@@ -94,10 +97,11 @@ def _parse_set(
     result: Observed, kind: str, s: JSON, fingerprints: dict[tuple[str, str], str]
 ) -> None:
     family, name = s["family"], s["name"]
+    where = family if s["table"] == render.TABLE else f"{family} {s['table']}"
     type_ = s["type"]
     type_text = " . ".join(type_) if isinstance(type_, list) else str(type_)
     timeout = s.get("timeout")
-    result.values[f"{family} {kind} {name}"] = render.set_value(
+    result.values[f"{where} {kind} {name}"] = render.set_value(
         type_text, int(timeout) if timeout is not None and kind == "set" else None
     )
     for entry in s.get("elem", []):
@@ -108,13 +112,13 @@ def _parse_set(
                 fingerprints[(family, element)] = comment
             elif name == render.SERVICE_ENDPOINTS:
                 _parse_endpoint(result, family, element, comment)
-            result.values[f"{family} element {name} {element}"] = f" # {comment}"
+            result.values[f"{where} element {name} {element}"] = f" # {comment}"
             continue
         if not isinstance(entry, list) or len(entry) != 2:
             continue
         element, comment = _element(entry[0])
         verdict = _verdict(entry[1]) if isinstance(entry[1], dict) else str(entry[1])
-        result.values[f"{family} element {name} {element}"] = f"{verdict} # {comment}"
+        result.values[f"{where} element {name} {element}"] = f"{verdict} # {comment}"
         label = render.parse_label(comment)
         fe = _frontend(name, element)
         if label is None or fe is None or name == render.FIREWALL_IPS:

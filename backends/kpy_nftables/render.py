@@ -39,6 +39,14 @@ from kpy.model import (
 )
 
 TABLE = "kpy"
+# Service ports are spread over this many shard tables per family, ``kpy-0`` … by the
+# hash of their name. Committing a rule with a DNAT, a mark or a jump makes the kernel
+# re-validate every chain reachable from that table's hooks (~80 ms for 10,000 Services
+# in one table); a shard holds 1/SHARDS of them. Each shard hooks nat prerouting and
+# output itself, one priority after the base table, and looks up only its own ports.
+SHARDS = 16
+SHARD_PREFIX = f"{TABLE}-"
+SHARD_NAT_PRIORITY = "-99"  # after the base table's nat chains (dstnat = -100)
 MASQ_MARK = "0x00004000"
 # Marking inline rather than jumping to mark-for-masquerade: a rule that adds a jump or
 # goto makes the kernel re-validate every chain reachable from the table's hooks at
@@ -64,6 +72,7 @@ NO_EP_NODEPORTS = "no-endpoint-nodeports"
 FIREWALL_IPS = "firewall-ips"
 FINGERPRINTS = "fingerprints"
 MAPS = (SERVICE_IPS, SERVICE_NODEPORTS, NO_EP_SERVICES, NO_EP_NODEPORTS, FIREWALL_IPS)
+SHARD_MAPS = (SERVICE_IPS, SERVICE_NODEPORTS)  # in the shard tables; the rest in the base
 # Sets (elements without verdicts).
 MASQ_IPS = "masquerade-ips"  # external/LB frontends whose traffic is masqueraded
 MASQ_NODEPORTS = "masquerade-nodeports"
@@ -81,16 +90,38 @@ def _addr_type(nf: str) -> str:
     return "ipv4_addr" if nf == "ip" else "ipv6_addr"
 
 
+def shard_table(name: ServicePortName) -> str:
+    """The shard table a service port's chains, sets and dispatch elements live in."""
+    return f"{SHARD_PREFIX}{int(port_hash(name), 16) % SHARDS}"
+
+
+def is_kpy_table(name: str) -> bool:
+    """The base table or a shard table (of any shard count)."""
+    if name == TABLE:
+        return True
+    return name.startswith(SHARD_PREFIX) and name[len(SHARD_PREFIX) :].isdigit()
+
+
+def shard_tables() -> tuple[str, ...]:
+    return tuple(f"{SHARD_PREFIX}{i}" for i in range(SHARDS))
+
+
+def _where(family: str, table: str) -> str:
+    """A key's prefix: the family, and the table when it is a shard."""
+    return family if table == TABLE else f"{family} {table}"
+
+
 @dataclass(frozen=True, slots=True)
 class Chain:
     family: str
     name: str
     rules: tuple[str, ...]
     hook: str | None = None  # "type nat hook prerouting priority dstnat; policy accept;"
+    table: str = TABLE
 
     @property
     def key(self) -> str:
-        return f"{self.family} chain {self.name}"
+        return f"{_where(self.family, self.table)} chain {self.name}"
 
     @property
     def value(self) -> str:
@@ -104,10 +135,17 @@ class Element:
     element: str  # "10.96.0.1 . tcp . 80" or "tcp . 30080"
     verdict: str  # "goto service-…", "drop"; "" in a set (no verdict)
     comment: str
+    table: str = TABLE
 
     @property
     def key(self) -> str:
-        return f"{self.family} element {self.map} {self.element}"
+        return f"{_where(self.family, self.table)} element {self.map} {self.element}"
+
+    @property
+    def claim(self) -> str:
+        """What two service ports cannot both hold: the element in its map, whichever
+        shard table the map is in."""
+        return claim_key(self.key)
 
     @property
     def value(self) -> str:
@@ -127,10 +165,11 @@ class Set:
     type: str  # "ipv4_addr" or "ipv4_addr . inet_proto . inet_service"
     timeout: int | None = None  # seconds; a dynamic set with per-element expiry
     kind: str = "set"  # "set" or "map" (a verdict map)
+    table: str = TABLE
 
     @property
     def key(self) -> str:
-        return f"{self.family} {self.kind} {self.name}"
+        return f"{_where(self.family, self.table)} {self.kind} {self.name}"
 
     @property
     def value(self) -> str:
@@ -143,6 +182,24 @@ class Set:
         if self.timeout is not None:
             return f"type {self.type}; flags dynamic,timeout; timeout {self.timeout}s;"
         return f"type {self.type};"
+
+
+_KINDS = frozenset(("chain", "element", "set", "map"))
+
+
+def split_key(key: str) -> tuple[str, str, str, str]:
+    """A key's family, table, kind and the rest (name, or map and element)."""
+    family, second, rest = key.split(" ", 2)
+    if second in _KINDS:
+        return family, TABLE, second, rest
+    kind, rest = rest.split(" ", 1)
+    return family, second, kind, rest
+
+
+def claim_key(key: str) -> str:
+    """``key`` without its shard table (see :attr:`Element.claim`)."""
+    family, _table, kind, rest = split_key(key)
+    return f"{family} {kind} {rest}"
 
 
 def set_value(type_: str, timeout: int | None) -> str:
@@ -284,22 +341,23 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
         objs.append(Set(nf, MASQ_IPS, f"{addr} . inet_proto . inet_service"))
         objs.append(Set(nf, MASQ_NODEPORTS, "inet_proto . inet_service"))
         objs.append(Set(nf, SERVICE_ENDPOINTS, f"{addr} . inet_service . mark"))
-        for name in (SERVICE_IPS, NO_EP_SERVICES, FIREWALL_IPS):
+        for name in (NO_EP_SERVICES, FIREWALL_IPS):
             objs.append(Set(nf, name, f"{addr} . inet_proto . inet_service", kind="map"))
-        for name in (SERVICE_NODEPORTS, NO_EP_NODEPORTS):
-            objs.append(Set(nf, name, "inet_proto . inet_service", kind="map"))
+        objs.append(Set(nf, NO_EP_NODEPORTS, "inet_proto . inet_service", kind="map"))
         dispatch = f"{nf} daddr . meta l4proto . th dport"
         nodeport = _nodeport_match(nf, config)
+        # The base table's nat chains only mark for masquerade; the shards (one priority
+        # later) dispatch. A nat chain that DNATs ends the hook's nat chains for that
+        # connection, so marking must come first.
         services = [f"{dispatch} @{MASQ_IPS} jump {MARK_MASQ}"]
         if nodeport is not None:
             services.append(
                 f"{nodeport} meta l4proto . th dport @{MASQ_NODEPORTS} jump {MARK_MASQ}"
             )
-        services.append(f"{dispatch} vmap @{SERVICE_IPS}")
         nodeport_check = []
         if nodeport is not None:
-            services.append(f"{nodeport} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}")
             nodeport_check.append(f"{nodeport} meta l4proto . th dport vmap @{NO_EP_NODEPORTS}")
+        objs += _shard_skeleton(nf, addr, dispatch, nodeport)
         new = "ct state new"
         objs += [
             Chain(
@@ -355,6 +413,35 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
             Chain(nf, REJECT, ("meta l4proto tcp reject with tcp reset", "reject")),
         ]
     return with_fingerprints(objs)
+
+
+def _shard_skeleton(nf: str, addr: str, dispatch: str, nodeport: str | None) -> list[Obj]:
+    """Each shard table's dispatch: its own nat hooks, verdict maps and services chain."""
+    objs: list[Obj] = []
+    services = [f"{dispatch} vmap @{SERVICE_IPS}"]
+    if nodeport is not None:
+        services.append(f"{nodeport} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}")
+    for table in shard_tables():
+        objs += [
+            Set(nf, SERVICE_IPS, f"{addr} . inet_proto . inet_service", kind="map", table=table),
+            Set(nf, SERVICE_NODEPORTS, "inet_proto . inet_service", kind="map", table=table),
+            Chain(nf, SERVICES, tuple(services), table=table),
+            Chain(
+                nf,
+                "nat-prerouting",
+                (f"jump {SERVICES}",),
+                _hook("nat", "prerouting", SHARD_NAT_PRIORITY),
+                table=table,
+            ),
+            Chain(
+                nf,
+                "nat-output",
+                (f"jump {SERVICES}",),
+                _hook("nat", "output", SHARD_NAT_PRIORITY),
+                table=table,
+            ),
+        ]
+    return objs
 
 
 def _hook(kind: str, hook: str, priority: str) -> str:
@@ -437,6 +524,7 @@ def _family_objects(
 
     # Endpoints: affinity sets, and the dump's record of which endpoints are programmed.
     names = PortNames(name)
+    shard = shard_table(name)
     mark = str(int(port_hash(name), 16))  # decimal, as nft prints it back
     targets: dict[tuple[IPAddress, int], _Target] = {}
     for ep in _unique([*internal, *external]):
@@ -444,7 +532,7 @@ def _family_objects(
         aset = None
         if affinity is not None:
             aset = names.affinity(ep, ep_ip, affinity)
-            objs.append(Set(nf, aset, _addr_type(nf), timeout=affinity))
+            objs.append(Set(nf, aset, _addr_type(nf), timeout=affinity, table=shard))
         dnat = f"[{ep_ip}]:{ep.port}" if nf == "ip6" else f"{ep_ip}:{ep.port}"
         targets[(ep.ip, ep.port)] = _Target(ep_ip, dnat, aset)
         objs.append(Element(nf, SERVICE_ENDPOINTS, f"{ep_ip} . {ep.port} . {mark}", "", label))
@@ -461,8 +549,8 @@ def _family_objects(
         elif cluster_cidrs:
             rules.append(f"{match} {nf} saddr != {_set_literal(cluster_cidrs)} {SET_MASQ}")
         rules += _pick(nf, proto, internal_targets)
-        objs.append(Chain(nf, names.service, tuple(rules)))
-        objs.append(Element(nf, SERVICE_IPS, vip, f"goto {names.service}", label))
+        objs.append(Chain(nf, names.service, tuple(rules), table=shard))
+        objs.append(Element(nf, SERVICE_IPS, vip, f"goto {names.service}", label, shard))
     else:
         objs.append(Element(nf, NO_EP_SERVICES, vip, no_endpoints, label))
 
@@ -498,17 +586,21 @@ def _family_objects(
             rules.append(f"fib saddr type local {SET_MASQ}")
             rules.append(f"fib saddr type local goto {names.service}")
         rules += _pick(nf, proto, external_targets) if external_targets else ["drop"]
-        objs.append(Chain(nf, names.external, tuple(rules)))
+        objs.append(Chain(nf, names.external, tuple(rules), table=shard))
         to_external = f"goto {names.external}"
         ip_map, port_map = SERVICE_IPS, SERVICE_NODEPORTS
     else:
         to_external = no_endpoints
         ip_map, port_map = NO_EP_SERVICES, NO_EP_NODEPORTS
 
+    ip_table = shard if ip_map == SERVICE_IPS else TABLE
+    port_table = shard if port_map == SERVICE_NODEPORTS else TABLE
     for ip in addresses:
-        objs.append(Element(nf, ip_map, f"{ip} . {proto} . {svc.port}", to_external, label))
+        element = f"{ip} . {proto} . {svc.port}"
+        objs.append(Element(nf, ip_map, element, to_external, label, ip_table))
     if svc.node_port is not None:
-        objs.append(Element(nf, port_map, f"{proto} . {svc.node_port}", to_external, label))
+        element = f"{proto} . {svc.node_port}"
+        objs.append(Element(nf, port_map, element, to_external, label, port_table))
 
     lb_ips = sorted({ip for ip in svc.load_balancer_ips if ip.version == version}, key=int)
     if svc.load_balancer_source_ranges and lb_ips:
@@ -529,25 +621,21 @@ def _quote(comment: str) -> str:
 
 
 def _chain_rules(chain: Chain) -> list[str]:
-    return [f"add rule {chain.family} {TABLE} {chain.name} {rule}" for rule in chain.rules]
+    where = f"{chain.family} {chain.table} {chain.name}"
+    return [f"add rule {where} {rule}" for rule in chain.rules]
 
 
 def _add(obj: Obj) -> str:
     if isinstance(obj, Chain):
         body = f" {{ {obj.hook} }}" if obj.hook else ""
-        return f"add chain {obj.family} {TABLE} {obj.name}{body}"
+        return f"add chain {obj.family} {obj.table} {obj.name}{body}"
     if isinstance(obj, Set):
-        return f"add {obj.kind} {obj.family} {TABLE} {obj.name} {{ {obj.spec} }}"
+        return f"add {obj.kind} {obj.family} {obj.table} {obj.name} {{ {obj.spec} }}"
     verdict = f" : {obj.verdict}" if obj.verdict else ""
     return (
-        f"add element {obj.family} {TABLE} {obj.map} "
+        f"add element {obj.family} {obj.table} {obj.map} "
         f"{{ {obj.element} comment {_quote(obj.comment)}{verdict} }}"
     )
-
-
-def _split(key: str) -> tuple[str, str, str]:
-    family, kind, rest = key.split(" ", 2)
-    return family, kind, rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,6 +661,7 @@ def transaction(
     del_chains: list[str] = []
     del_sets: list[str] = []
     ops = 0
+    tables: set[tuple[str, str]] = set()
     for key in sorted(set(keys)):
         obj = want.get(key)
         current = have.get(key)
@@ -581,27 +670,28 @@ def transaction(
         if obj is None and current is None:
             continue
         ops += 1
-        family, kind, rest = _split(key)
+        family, table, kind, rest = split_key(key)
+        tables.add((family, table))
         if obj is None:  # remove
             if kind == "element":
                 map_name, element = rest.split(" ", 1)
-                del_elements.append(f"delete element {family} {TABLE} {map_name} {{ {element} }}")
+                del_elements.append(f"delete element {family} {table} {map_name} {{ {element} }}")
             elif kind == "chain":
-                flushes.append(f"flush chain {family} {TABLE} {rest}")
-                del_chains.append(f"delete chain {family} {TABLE} {rest}")
+                flushes.append(f"flush chain {family} {table} {rest}")
+                del_chains.append(f"delete chain {family} {table} {rest}")
             else:
-                del_sets.append(f"delete {kind} {family} {TABLE} {rest}")
+                del_sets.append(f"delete {kind} {family} {table} {rest}")
             continue
         if isinstance(obj, Element):
             if current is not None:
                 del_elements.append(
-                    f"delete element {family} {TABLE} {obj.map} {{ {obj.element} }}"
+                    f"delete element {family} {table} {obj.map} {{ {obj.element} }}"
                 )
             add_elements.append(_add(obj))
         elif isinstance(obj, Chain):
             add_defs.append(_add(obj))
             if current is not None:
-                flushes.append(f"flush chain {family} {TABLE} {obj.name}")
+                flushes.append(f"flush chain {family} {table} {obj.name}")
             rules += _chain_rules(obj)
         elif current is None:
             add_defs.append(_add(obj))
@@ -611,6 +701,8 @@ def transaction(
             ops -= 1
     if not ops:
         return Transaction((), 0)
-    head = [f"add table {nf} {TABLE}" for nf in FAMILIES]
+    # Fingerprints live in the base tables, so a transaction always touches them.
+    tables.update((nf, TABLE) for nf in FAMILIES)
+    head = [f"add table {nf} {table}" for nf, table in sorted(tables)]
     lines = head + add_defs + flushes + rules + del_elements + add_elements + del_chains + del_sets
     return Transaction(tuple(lines), ops)

@@ -51,10 +51,13 @@ class TraceError(ValueError):
 def objects(plan: Plan, config: BackendConfig) -> dict[str, render.Obj]:
     """Every object the backend renders for ``plan``, keyed as the backend keys them."""
     objs: dict[str, render.Obj] = dict(render.base_objects(config))
+    claimed: set[str] = set()
     for name in sorted(plan.services):
         for key, obj in render.port_objects(plan.services[name], config).items():
-            if isinstance(obj, render.Element) and key in objs:
-                continue  # the first port in name order keeps a contested element
+            if isinstance(obj, render.Element):
+                if obj.claim in claimed:
+                    continue  # the first port in name order keeps a contested element
+                claimed.add(obj.claim)
             objs[key] = obj
     return objs
 
@@ -105,18 +108,38 @@ class _Packet:
 Path = tuple[_Packet, str]
 
 
+_PRIORITIES = {"dstnat": -100, "filter": 0, "srcnat": 100}
+
+
+def _priority(chain: render.Chain) -> int:
+    """A base chain's hook priority, from ``… priority <name or number>; …``."""
+    words = (chain.hook or "").replace(";", " ").split()
+    if "priority" not in words or words.index("priority") + 1 >= len(words):
+        raise TraceError(f"{chain.key}: no priority in {chain.hook!r}")
+    value = words[words.index("priority") + 1]
+    if value in _PRIORITIES:
+        return _PRIORITIES[value]
+    try:
+        return int(value)
+    except ValueError:
+        raise TraceError(f"{chain.key}: unknown priority {value!r}") from None
+
+
 class _Tracer:
     def __init__(self, objs: Mapping[str, render.Obj], local: frozenset[IPAddress]) -> None:
-        self.chains: dict[tuple[str, str], render.Chain] = {}
-        self.sets: dict[tuple[str, str], render.Set] = {}
-        self.elements: dict[tuple[str, str], dict[str, render.Element]] = {}
+        # Keyed by (family, table, name): jumps, gotos and set references stay in the
+        # table of the rule that makes them.
+        self.chains: dict[tuple[str, str, str], render.Chain] = {}
+        self.sets: dict[tuple[str, str, str], render.Set] = {}
+        self.elements: dict[tuple[str, str, str], dict[str, render.Element]] = {}
         for obj in objs.values():
             if isinstance(obj, render.Chain):
-                self.chains[(obj.family, obj.name)] = obj
+                self.chains[(obj.family, obj.table, obj.name)] = obj
             elif isinstance(obj, render.Set):
-                self.sets[(obj.family, obj.name)] = obj
+                self.sets[(obj.family, obj.table, obj.name)] = obj
             else:
-                self.elements.setdefault((obj.family, obj.map), {})[obj.element] = obj
+                where = (obj.family, obj.table, obj.map)
+                self.elements.setdefault(where, {})[obj.element] = obj
         self.local = local
         self.nf = "ip"
 
@@ -175,27 +198,51 @@ class _Tracer:
         return paths
 
     def hook(self, name: str, pkt: _Packet) -> list[Path]:
-        chain = self.chains.get((self.nf, name))
-        if chain is None:
+        """``pkt`` through every table's base chain called ``name``, in priority order
+        (the base table, then its shards). An accept goes on to the next chain; in the
+        destination-NAT hooks a connection that has been DNATed skips the remaining nat
+        chains, as the kernel does once a NAT binding is set up."""
+        chains = sorted(
+            (c for (nf, _, n), c in self.chains.items() if nf == self.nf and n == name),
+            key=lambda c: (_priority(c), c.table != render.TABLE, c.table),
+        )
+        if not chains:
             raise TraceError(f"no base chain {self.nf} {name} was rendered")
-        if chain.hook is None:
-            raise TraceError(f"{chain.key} is not a base chain")
         out: list[Path] = []
-        for res, verdict in self.chain(name, pkt):
-            # A base chain's end is its policy; render's hooks all say accept.
-            if verdict == CONTINUE:
-                if "policy accept;" not in chain.hook:
-                    raise TraceError(f"{chain.key}: unknown policy in {chain.hook!r}")
-                verdict = ACCEPT
-            out.append((res, verdict))
-        return out
+        paths = [pkt]
+        for chain in chains:
+            if chain.hook is None:
+                raise TraceError(f"{chain.key} is not a base chain")
+            accepted: list[_Packet] = []
+            for path in paths:
+                if name in ("nat-prerouting", "nat-output") and path.dnat is not None:
+                    accepted.append(path)
+                    continue
+                results = self.chain(chain.table, name, path)
+                if chain.table != render.TABLE and _untouched(results, path):
+                    accepted.append(path)  # a shard without this frontend: not shown
+                    continue
+                for res, verdict in results:
+                    # A base chain's end is its policy; render's hooks all say accept.
+                    if verdict == CONTINUE:
+                        if "policy accept;" not in chain.hook:
+                            raise TraceError(f"{chain.key}: unknown policy in {chain.hook!r}")
+                        verdict = ACCEPT
+                    if verdict == ACCEPT:
+                        accepted.append(res)
+                    else:
+                        out.append((res, verdict))
+            paths = accepted
+        return out + [(p, ACCEPT) for p in paths]
 
     # --- chains and rules --------------------------------------------------------------
 
-    def chain(self, name: str, pkt: _Packet) -> list[Path]:
-        chain = self.chains.get((self.nf, name))
+    def chain(self, table: str, name: str, pkt: _Packet) -> list[Path]:
+        chain = self.chains.get((self.nf, table, name))
         if chain is None:
-            raise TraceError(f"jump or goto to {self.nf} chain {name}, which was not rendered")
+            raise TraceError(
+                f"jump or goto to {self.nf} {table} chain {name}, which was not rendered"
+            )
         return self.rules(chain, 0, pkt.visit(chain.key))
 
     def rules(self, chain: render.Chain, index: int, pkt: _Packet) -> list[Path]:
@@ -209,20 +256,32 @@ class _Tracer:
                 out.append((res, verdict))
         return out
 
-    def lookup(self, name: str, key: str, *, vmap: bool) -> render.Element | None:
-        definition = self.sets.get((self.nf, name))
+    def lookup(self, table: str, name: str, key: str, *, vmap: bool) -> render.Element | None:
+        definition = self.sets.get((self.nf, table, name))
         if definition is None:
-            raise TraceError(f"@{name}: no {self.nf} set or map of that name was rendered")
+            raise TraceError(
+                f"@{name}: no {self.nf} set or map of that name was rendered in {table}"
+            )
         if (definition.kind == "map") is not vmap:
             raise TraceError(
                 f"@{name} is a {definition.kind}, used as a {'map' if vmap else 'set'}"
             )
-        found = self.elements.get((self.nf, name), {}).get(key)
+        found = self.elements.get((self.nf, table, name), {}).get(key)
         if found is not None and bool(found.verdict) is not vmap:
             raise TraceError(
                 f"{found.key}: a {definition.kind} element with verdict {found.verdict!r}"
             )
         return found
+
+
+def _untouched(results: list[Path], pkt: _Packet) -> bool:
+    """The chain let ``pkt`` through unchanged, having matched nothing."""
+    if len(results) != 1 or results[0][1] != CONTINUE:
+        return False
+    res = results[0][0]
+    return replace(res, trail=pkt.trail) == pkt and not any(
+        " element " in item for item in res.trail[len(pkt.trail) :]
+    )
 
 
 def _merge(kernel: list[str], trail: Iterable[str]) -> None:
@@ -284,7 +343,7 @@ class _Rule:
         if word in ("jump", "goto"):
             if i + 2 != len(tok):
                 raise self.error(f"{word} must end the rule")
-            results = self.t.chain(tok[i + 1], pkt)
+            results = self.t.chain(self.chain.table, tok[i + 1], pkt)
             if word == "jump":
                 return [(r, NEXT if v == CONTINUE else v) for r, v in results]
             return results  # a goto's chain ending returns past this chain
@@ -347,7 +406,7 @@ class _Rule:
         body = tok[i + 2 : i + 6]
         if not name.startswith("@") or body != ["{", self.nf, "saddr", "}"]:
             raise self.error("unknown update form")
-        definition = self.t.sets.get((self.nf, name[1:]))
+        definition = self.t.sets.get((self.nf, self.chain.table, name[1:]))
         if definition is None or definition.timeout is None:
             raise self.error(f"update of {name}, which is not a rendered dynamic set")
         # Adding the client to its affinity set matters only to the next connection.
@@ -423,7 +482,7 @@ class _Rule:
         if op == "vmap":
             return self.vmap(tok, i, kinds, values, pkt)
         if op.startswith("@"):
-            found = self.t.lookup(op[1:], " . ".join(values), vmap=False)
+            found = self.t.lookup(self.chain.table, op[1:], " . ".join(values), vmap=False)
             if found is None:
                 return [(pkt, NEXT)]
             return self.step(i + 1, pkt.visit(found.key))
@@ -453,7 +512,7 @@ class _Rule:
             raise self.error("vmap must be 'vmap @map' at the end")
         if "" in values:
             return [(pkt, NEXT)]
-        found = self.t.lookup(name[1:], " . ".join(values), vmap=True)
+        found = self.t.lookup(self.chain.table, name[1:], " . ".join(values), vmap=True)
         if found is None:
             return [(pkt, NEXT)]
         verdict = found.verdict.split()
@@ -463,7 +522,7 @@ class _Rule:
                 return [(pkt.visit("drop"), DROP)]
             return [(pkt, ACCEPT)]
         if len(verdict) == 2 and verdict[0] in ("goto", "jump"):
-            results = self.t.chain(verdict[1], pkt)
+            results = self.t.chain(self.chain.table, verdict[1], pkt)
             if verdict[0] == "jump":
                 return [(r, NEXT if v == CONTINUE else v) for r, v in results]
             return results

@@ -202,10 +202,12 @@ def test_a_broken_node_fails_the_checks_with_reasons(
 ) -> None:
     # hand-made damage on node-2: nothing repairs it before the agent's next sync (an
     # event, or the periodic full sync) — the next test's edit triggers one
-    subprocess.run(
-        ["ip", "netns", "exec", f"{PREFIX}-node-2", "nft", "delete", "table", "ip", "kpy"],
-        check=True,
-    )
+    ns = ["ip", "netns", "exec", f"{PREFIX}-node-2"]
+    tables = subprocess.run([*ns, "nft", "list", "tables"], capture_output=True, text=True)
+    for line in tables.stdout.splitlines():  # "table ip kpy", "table ip kpy-3", …
+        _, family, name = line.split()
+        if family == "ip" and (name == "kpy" or name.startswith("kpy-")):
+            subprocess.run([*ns, "nft", "delete", "table", "ip", name], check=True)
     done = kpy("check", "--service", "web-nodeport", state_dir=state_dir)
     assert done.returncode == 1
     assert "FAIL" in done.stdout and "client → node-2" in done.stdout

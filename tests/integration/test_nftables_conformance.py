@@ -7,7 +7,7 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
-from kpy_nftables import NftablesBackend
+from kpy_nftables import NftablesBackend, render
 
 from kpy.backend import Backend, BackendConfig, BackendError, parse_networks
 from kpy.model import ServicePortState
@@ -71,13 +71,14 @@ def test_failed_transaction_keeps_rules_and_forces_a_full_sync(netns: str) -> No
         for line in before.splitlines()
         if line.strip().startswith("chain service-") and "ns-0/svc-0/" in line
     )
-    nft(netns, "add", "chain", "ip", "kpy", "hand-made")
-    nft(netns, "add", "rule", "ip", "kpy", "hand-made", "jump", svc_chain)
+    table = render.shard_table(gone.name)  # a jump must stay in its table
+    nft(netns, "add", "chain", "ip", table, "hand-made")
+    nft(netns, "add", "rule", "ip", table, "hand-made", "jump", svc_chain)
     with pytest.raises(BackendError):
         run(backend.apply(b.plan(states, full_sync=False, removed=[gone.name])))
     after = nft(netns, "list", "ruleset")
     assert "ns-0/svc-0/" in after, "a failed transaction must leave the rules as they were"
-    nft(netns, "delete", "chain", "ip", "kpy", "hand-made")
+    nft(netns, "delete", "chain", "ip", table, "hand-made")
     result = run(backend.apply(b.plan(states, full_sync=False, changed=[])))
     assert result.full_sync, "after a failure the next sync is a full one"
     assert "ns-0/svc-0/" not in nft(netns, "list", "ruleset")
@@ -90,12 +91,15 @@ def test_hand_deleted_objects_are_restored_by_the_next_full_sync(netns: str) -> 
     want = run(backend.observe())
     # An operator removes a ClusterIP's dispatch element and its service chain, and
     # an element of another Service.
-    first, second = [k for k in want.objects if k.startswith("ip element service-ips ")][:2]
+    dispatch = [k for k in want.objects if " element service-ips " in k]
+    first, second = dispatch[:2]
     target = str(want.objects[first]).split(" # ")[0].removeprefix("goto ")
-    nft(netns, "delete", "element", "ip", "kpy", "service-ips", "{", first.split(" ", 3)[3], "}")
-    nft(netns, "delete", "element", "ip", "kpy", "service-ips", "{", second.split(" ", 3)[3], "}")
-    nft(netns, "flush", "chain", "ip", "kpy", target)
-    nft(netns, "delete", "chain", "ip", "kpy", target)
+    for key in (first, second):
+        _, table, _, rest = render.split_key(key)
+        nft(netns, "delete", "element", "ip", table, "service-ips", "{", rest.split(" ", 1)[1], "}")
+    table = render.split_key(first)[1]
+    nft(netns, "flush", "chain", "ip", table, target)
+    nft(netns, "delete", "chain", "ip", table, target)
     assert run(backend.observe()).objects != want.objects
     partial = run(backend.apply(b.plan(states, full_sync=False, changed=[])))
     assert partial.ops == 0, "a partial sync trusts its record and does not list the kernel"
@@ -107,7 +111,13 @@ def test_hand_deleted_objects_are_restored_by_the_next_full_sync(netns: str) -> 
 def test_conflicting_frontends_keep_the_first_and_serve_the_rest(netns: str) -> None:
     n = b.node()
     a = b.state(b.service("a", cluster_ip="10.96.1.1"), [b.endpoint("10.244.1.5")], n)
-    same_vip = b.state(b.service("b", cluster_ip="10.96.1.1"), [b.endpoint("10.244.1.6")], n)
+    # a rival whose chains live in another shard table: the claim spans the shards
+    rival = next(
+        f"b{i}"
+        for i in range(100)
+        if render.shard_table(b.service(f"b{i}").name) != render.shard_table(a.name)
+    )
+    same_vip = b.state(b.service(rival, cluster_ip="10.96.1.1"), [b.endpoint("10.244.1.6")], n)
     other = b.state(b.service("c", cluster_ip="10.96.1.2"), [b.endpoint("10.244.1.7")], n)
     backend = NftablesBackend(config(netns))
     run(backend.apply(b.plan([a, same_vip, other])))
@@ -115,6 +125,8 @@ def test_conflicting_frontends_keep_the_first_and_serve_the_rest(netns: str) -> 
     assert views[str(a.name)].frontends == ("10.96.1.1:80/TCP",)
     assert views[str(other.name)].frontends == ("10.96.1.2:80/TCP",)
     assert str(same_vip.name) not in views or not views[str(same_vip.name)].frontends
+    held = [k for k in run(backend.observe()).objects if k.endswith(" 10.96.1.1 . tcp . 80")]
+    assert held == [f"ip {render.shard_table(a.name)} element service-ips 10.96.1.1 . tcp . 80"]
 
 
 def test_cleanup_leaves_other_tables_alone(netns: str) -> None:
