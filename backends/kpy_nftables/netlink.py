@@ -1,0 +1,763 @@
+"""Sending kpy's nftables transactions to the kernel over netlink, without ``nft``.
+
+A one-endpoint change at 10,000 Services spends most of its time outside the kernel
+when it goes through ``nft -f``: starting the process, and nft listing every chain
+and set of the ruleset into its cache before it sends a byte. kpy knows exactly what
+it wants, so :func:`encode` turns the script :func:`kpy_nftables.render.transaction`
+writes into nf_tables netlink messages itself, and :class:`NetlinkWriter` sends them as
+one atomic batch (``NFNL_MSG_BATCH_BEGIN`` … ``NFNL_MSG_BATCH_END``) on a socket it
+keeps open inside the node's network namespace.
+
+Only the subset of the nft language that render writes is understood: tables, regular
+chains, affinity sets, verdict-map and set elements, and the rules of the per-service
+chains. Anything else — base chains, anonymous sets, statements render never writes —
+raises :class:`Unsupported`, and the caller sends that transaction with ``nft -f``
+instead. Nothing is guessed: every encoding here is the one ``nft --debug=mnl`` shows
+nft 1.0 sending, and the tests compare ``nft list ruleset`` after both writers.
+"""
+
+from __future__ import annotations
+
+import errno as errno_
+import ipaddress
+import os
+import socket
+import struct
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kpy.netns_socket import run_in_netns
+from kpy_nftables.apply import NftError
+
+# --- netlink and nf_tables constants (linux/netlink.h, linux/netfilter/nf_tables.h) --------
+
+NETLINK_NETFILTER = 12
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_CREATE = 0x400
+NLM_F_APPEND = 0x800
+NLA_F_NESTED = 0x8000
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NETLINK_CAP_ACK = 10
+SOL_NETLINK = 270
+
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN = 16
+NFNL_MSG_BATCH_END = 17
+
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_NEWCHAIN = 3
+NFT_MSG_DELCHAIN = 5
+NFT_MSG_NEWRULE = 6
+NFT_MSG_DELRULE = 8
+NFT_MSG_NEWSET = 9
+NFT_MSG_DELSET = 11
+NFT_MSG_NEWSETELEM = 12
+NFT_MSG_DELSETELEM = 14
+
+FAMILIES = {"ip": socket.AF_INET, "ip6": socket.AF_INET6}
+
+# Set key types: nft's datatype ids and the bytes one value takes in a key.
+DATATYPES: dict[str, tuple[int, int]] = {
+    "ipv4_addr": (7, 4),
+    "ipv6_addr": (8, 16),
+    "inet_proto": (12, 1),
+    "inet_service": (13, 2),
+    "mark": (19, 4),
+}
+TYPE_BITS = 6  # a concatenation's type id: component ids shifted in, 6 bits each
+NFT_DATA_VERDICT = 0xFFFFFF00
+NFT_SET_MAP = 0x8
+NFT_SET_TIMEOUT = 0x10
+NFT_SET_EVAL = 0x20
+# Set userdata as nft 1.0 writes it (libnftnl's NFTNL_UDATA_SET_* TLVs); ``nft list``
+# reads the key's byte order back from it.
+UDATA_ADDR_SET = bytes.fromhex("000402000000")  # key byte order: big endian
+UDATA_CONCAT_SET = bytes.fromhex("000400000000030800040d0000000100")
+UDATA_CONCAT_MAP = bytes.fromhex("000400000000010400000000030800040d0000000100060400000000")
+
+VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
+PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
+# (family, selector) → payload offset in the network header, length.
+ADDRESSES = {
+    ("ip", "saddr"): (12, 4),
+    ("ip", "daddr"): (16, 4),
+    ("ip6", "saddr"): (8, 16),
+    ("ip6", "daddr"): (24, 16),
+}
+NFT_PAYLOAD_NETWORK_HEADER = 1
+NFT_PAYLOAD_TRANSPORT_HEADER = 2
+NFT_META_MARK = 3
+NFT_META_L4PROTO = 16
+NFT_CMP_EQ = 0
+NFT_CMP_NEQ = 1
+NFT_NG_RANDOM = 1
+NFT_DYNSET_OP_UPDATE = 1
+NFT_NAT_DNAT = 1
+NF_NAT_RANGE_PROTO_SPECIFIED = 0x2
+NFT_FIB_RESULT_ADDRTYPE = 3
+NFTA_FIB_F_SADDR = 0x1
+RTN_LOCAL = 2
+REG_VERDICT = 0
+REG_1 = 1
+REG_2 = 2
+
+
+class Unsupported(Exception):
+    """A script line outside the subset this module encodes; use ``nft -f`` instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetType:
+    """What encoding a set's elements needs to know about the set."""
+
+    type: str  # "ipv4_addr . inet_proto . inet_service"
+    kind: str = "set"  # "set" or "map" (a verdict map)
+    timeout: int | None = None  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Netlink messages (sequence numbers still 0) and the script line of each."""
+
+    messages: tuple[bytes, ...]
+    lines: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(len(m) for m in self.messages)
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+
+# --- attributes and messages ------------------------------------------------------------
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _nest(kind: int, *attrs: bytes) -> bytes:
+    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
+
+
+def _u32(kind: int, value: int) -> bytes:
+    return _attr(kind, struct.pack(">I", value & 0xFFFFFFFF))
+
+
+def _u64(kind: int, value: int) -> bytes:
+    return _attr(kind, struct.pack(">Q", value))
+
+
+def _str(kind: int, value: str) -> bytes:
+    return _attr(kind, value.encode() + b"\0")
+
+
+def _message(kind: int, flags: int, family: int, *attrs: bytes) -> bytes:
+    body = b"".join(attrs)
+    header = struct.pack(
+        "=IHHIIBBH",
+        16 + 4 + len(body),
+        (NFNL_SUBSYS_NFTABLES << 8) | kind,
+        NLM_F_REQUEST | NLM_F_ACK | flags,
+        0,
+        0,
+        family,
+        0,  # NFNETLINK_V0
+        0,
+    )
+    return header + body
+
+
+def _batch_marker(kind: int, seq: int) -> bytes:
+    return struct.pack(
+        "=IHHIIBBH", 20, kind, NLM_F_REQUEST, seq, 0, 0, 0, socket.htons(NFNL_SUBSYS_NFTABLES)
+    )
+
+
+def _data(value: bytes) -> bytes:
+    return _attr(1, value)  # NFTA_DATA_VALUE
+
+
+def _verdict_data(kind: int, verdict: str, chain: str | None) -> bytes:
+    code = _u32(1, VERDICTS[verdict])  # NFTA_VERDICT_CODE
+    target = (_str(2, chain),) if chain is not None else ()  # NFTA_VERDICT_CHAIN
+    return _nest(kind, _nest(2, code, *target))  # NFTA_DATA_VERDICT
+
+
+def _expr(name: str, *attrs: bytes) -> bytes:
+    return _nest(1, _str(1, name), _nest(2, *attrs))  # NFTA_LIST_ELEM{NAME, DATA}
+
+
+def _payload(base: int, offset: int, length: int) -> bytes:
+    return _expr("payload", _u32(1, REG_1), _u32(2, base), _u32(3, offset), _u32(4, length))
+
+
+def _cmp(op: int, value: bytes) -> bytes:
+    return _expr("cmp", _u32(1, REG_1), _u32(2, op), _nest(3, _data(value)))
+
+
+def _meta_load(key: int) -> bytes:
+    return _expr("meta", _u32(2, key), _u32(1, REG_1))
+
+
+def _bitwise(mask: bytes, xor: bytes, *, op: bool) -> bytes:
+    attrs = [_u32(1, REG_1), _u32(2, REG_1)]
+    if op:
+        attrs.append(_u32(6, 0))  # NFT_BITWISE_BOOL, as nft writes it for statements
+    attrs += [_u32(3, len(mask)), _nest(4, _data(mask)), _nest(5, _data(xor))]
+    return _expr("bitwise", *attrs)
+
+
+def _immediate(reg: int, value: bytes) -> bytes:
+    return _expr("immediate", _u32(1, reg), _nest(2, _data(value)))
+
+
+# --- values -------------------------------------------------------------------------------
+
+
+def _address(text: str, family: str) -> bytes:
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise Unsupported(f"not an address: {text!r}") from exc
+    if addr.version != (4 if family == "ip" else 6):
+        raise Unsupported(f"{text} is not an {family} address")
+    return addr.packed
+
+
+def _number(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError as exc:
+        raise Unsupported(f"not a number: {text!r}") from exc
+
+
+def _component(kind: str, text: str) -> bytes:
+    if kind == "ipv4_addr":
+        return _address(text, "ip")
+    if kind == "ipv6_addr":
+        return _address(text, "ip6")
+    if kind == "inet_proto":
+        if text in PROTOCOLS:
+            return bytes([PROTOCOLS[text]])
+        value = _number(text)
+        if not 0 <= value <= 255:
+            raise Unsupported(f"not a protocol: {text!r}")
+        return bytes([value])
+    if kind == "inet_service":
+        value = _number(text)
+        if not 0 <= value <= 65535:
+            raise Unsupported(f"not a port: {text!r}")
+        return struct.pack(">H", value)
+    if kind == "mark":
+        value = _number(text)
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise Unsupported(f"not a mark: {text!r}")
+        return struct.pack("=I", value)
+    raise Unsupported(f"set key type {kind!r}")
+
+
+def _key_parts(type_: str) -> list[str]:
+    parts = [p.strip() for p in type_.split(" . ")]
+    for part in parts:
+        if part not in DATATYPES:
+            raise Unsupported(f"set key type {type_!r}")
+    return parts
+
+
+def _key(type_: str, text: str) -> bytes:
+    """A set key: one value, or a concatenation of values each padded to 4 bytes."""
+    parts = _key_parts(type_)
+    values = [v.strip() for v in text.split(" . ")]
+    if len(values) != len(parts):
+        raise Unsupported(f"{text!r} does not match the set type {type_!r}")
+    if len(parts) == 1:
+        return _component(parts[0], values[0])
+    out = b""
+    for part, value in zip(parts, values, strict=True):
+        raw = _component(part, value)
+        out += raw + b"\0" * (-len(raw) % 4)
+    return out
+
+
+def _key_type(type_: str) -> tuple[int, int]:
+    """nft's type id and the key length in bytes of a set of ``type_``."""
+    parts = _key_parts(type_)
+    if len(parts) == 1:
+        return DATATYPES[parts[0]]
+    type_id = 0
+    length = 0
+    for part in parts:
+        ident, size = DATATYPES[part]
+        type_id = (type_id << TYPE_BITS) | ident
+        length += size + (-size % 4)
+    return type_id, length
+
+
+# --- the script ---------------------------------------------------------------------------
+
+
+class _Encoder:
+    def __init__(self, sets: Mapping[tuple[str, str, str], SetType]) -> None:
+        self.sets = dict(sets)
+        self.new_sets: dict[tuple[str, str, str], int] = {}  # set id within this batch
+        self.messages: list[bytes] = []
+        self.lines: list[str] = []
+
+    def line(self, line: str) -> None:
+        words = line.split()
+        if len(words) < 4 or words[2] not in FAMILIES:
+            raise Unsupported(line)
+        verb, obj, family, table = words[:4]
+        nf = FAMILIES[family]
+        rest = line.split(None, 4)[4] if len(words) > 4 else ""
+        if (verb, obj) == ("add", "table") and not rest:
+            msg = _message(NFT_MSG_NEWTABLE, NLM_F_CREATE, nf, _str(1, table), _u32(2, 0))
+        elif (verb, obj) == ("add", "chain") and len(words) == 5:
+            msg = _message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, nf, _str(1, table), _str(3, rest))
+        elif (verb, obj) == ("flush", "chain") and len(words) == 5:
+            msg = _message(NFT_MSG_DELRULE, 0, nf, _str(1, table), _str(2, rest))
+        elif (verb, obj) == ("delete", "chain") and len(words) == 5:
+            msg = _message(NFT_MSG_DELCHAIN, 0, nf, _str(1, table), _str(3, rest))
+        elif verb == "delete" and obj in ("set", "map") and len(words) == 5:
+            msg = _message(NFT_MSG_DELSET, 0, nf, _str(1, table), _str(2, rest))
+        elif verb == "add" and obj in ("set", "map") and len(words) > 5:
+            msg = self._add_set(line, obj, family, table, rest)
+        elif obj == "element" and verb in ("add", "delete") and len(words) > 5:
+            msg = self._element(line, verb, family, table, rest)
+        elif (verb, obj) == ("add", "rule") and len(words) > 5:
+            chain, rule = rest.split(None, 1)
+            exprs = _Rule(self, family, table, line).encode(rule.split())
+            msg = _message(
+                NFT_MSG_NEWRULE,
+                NLM_F_CREATE | NLM_F_APPEND,
+                nf,
+                _str(1, table),
+                _str(2, chain),
+                _nest(4, *exprs),
+            )
+        else:
+            raise Unsupported(line)
+        self.messages.append(msg)
+        self.lines.append(line)
+
+    def set_ref(self, family: str, table: str, name: str) -> tuple[bytes, ...]:
+        """The name (and, for a set created in this batch, the id) to reference a set by."""
+        set_id = self.new_sets.get((family, table, name))
+        return (name.encode(),) if set_id is None else (name.encode(), struct.pack(">I", set_id))
+
+    def _add_set(self, line: str, obj: str, family: str, table: str, rest: str) -> bytes:
+        name, sep, spec = rest.partition(" { ")
+        if not sep or not spec.endswith(" }"):
+            raise Unsupported(line)
+        clauses = [c.strip() for c in spec[: -len(" }")].split(";") if c.strip()]
+        timeout = None
+        type_ = None
+        flags = NFT_SET_MAP if obj == "map" else 0
+        for clause in clauses:
+            if clause.startswith("type "):
+                type_ = clause.removeprefix("type ")
+            elif clause == "flags dynamic,timeout" and obj == "set":
+                flags |= NFT_SET_TIMEOUT | NFT_SET_EVAL
+            elif clause.startswith("timeout ") and clause.endswith("s") and obj == "set":
+                timeout = _number(clause.removeprefix("timeout ").removesuffix("s"))
+            else:
+                raise Unsupported(line)
+        if type_ is None:
+            raise Unsupported(line)
+        if obj == "map":
+            type_, sep, data = type_.partition(" : ")
+            if data != "verdict":
+                raise Unsupported(line)
+        if (timeout is None) != (not flags & NFT_SET_TIMEOUT):
+            raise Unsupported(line)
+        type_id, key_len = _key_type(type_)
+        concat = " . " in type_
+        if not concat and type_ not in ("ipv4_addr", "ipv6_addr"):
+            raise Unsupported(line)  # other byte orders: not written by render
+        set_id = len(self.new_sets) + 1
+        self.new_sets[(family, table, name)] = set_id
+        self.sets[(family, table, name)] = SetType(type_, obj, timeout)
+        attrs = [
+            _str(1, table),
+            _str(2, name),
+            _u32(3, flags),
+            _u32(4, type_id),
+            _u32(5, key_len),
+        ]
+        if obj == "map":
+            attrs += [_u32(6, NFT_DATA_VERDICT), _u32(7, 0)]
+        attrs.append(_u32(10, set_id))
+        if timeout is not None:
+            attrs.append(_u64(11, timeout * 1000))
+        if not concat:
+            udata = UDATA_ADDR_SET
+        else:
+            udata = UDATA_CONCAT_MAP if obj == "map" else UDATA_CONCAT_SET
+        attrs.append(_attr(13, udata))
+        return _message(NFT_MSG_NEWSET, NLM_F_CREATE, FAMILIES[family], *attrs)
+
+    def _element(self, line: str, verb: str, family: str, table: str, rest: str) -> bytes:
+        name, sep, body = rest.partition(" { ")
+        if not sep or not body.endswith(" }") or "," in body:
+            raise Unsupported(line)
+        body = body[: -len(" }")]
+        comment = None
+        verdict = None
+        key_text, sep, after = body.partition(' comment "')
+        if sep:
+            comment, sep, after = after.partition('"')
+            if not sep:
+                raise Unsupported(line)
+            if after:
+                if not after.startswith(" : "):
+                    raise Unsupported(line)
+                verdict = after.removeprefix(" : ")
+        elif " : " in body:
+            key_text, _, verdict = body.partition(" : ")
+        set_type = self.sets.get((family, table, name))
+        if set_type is None:
+            raise Unsupported(f"type of set {name!r} unknown")
+        if verb == "delete" and (comment is not None or verdict is not None):
+            raise Unsupported(line)
+        if (verdict is not None) != (set_type.kind == "map") and verb == "add":
+            raise Unsupported(line)
+        elem = [_nest(1, _data(_key(set_type.type, key_text.strip())))]  # NFTA_SET_ELEM_KEY
+        if verdict is not None:
+            elem.append(_verdict_data(2, *_verdict(verdict, line)))  # NFTA_SET_ELEM_DATA
+        if comment is not None:
+            raw = comment.encode() + b"\0"
+            if len(raw) > 128:
+                raise Unsupported(line)
+            elem.append(_attr(6, bytes([0, len(raw)]) + raw))  # NFTNL_UDATA_SET_ELEM_COMMENT
+        ref = self.set_ref(family, table, name)
+        attrs = [_str(1, table), _attr(2, ref[0] + b"\0")]
+        if len(ref) > 1:
+            attrs.append(_attr(4, ref[1]))
+        attrs.append(_nest(3, _nest(1, *elem)))
+        kind, flags = (
+            (NFT_MSG_NEWSETELEM, NLM_F_CREATE) if verb == "add" else (NFT_MSG_DELSETELEM, 0)
+        )
+        return _message(kind, flags, FAMILIES[family], *attrs)
+
+
+def _verdict(text: str, line: str) -> tuple[str, str | None]:
+    words = text.split()
+    if len(words) == 1 and words[0] in ("drop", "accept", "return"):
+        return words[0], None
+    if len(words) == 2 and words[0] in ("jump", "goto"):
+        return words[0], words[1]
+    raise Unsupported(line)
+
+
+class _Rule:
+    """One rule's statements → expressions, as nft 1.0 linearizes them."""
+
+    def __init__(self, encoder: _Encoder, family: str, table: str, line: str) -> None:
+        self.encoder = encoder
+        self.family = family
+        self.table = table
+        self.line = line
+        self.l4proto = False
+
+    def fail(self) -> Unsupported:
+        return Unsupported(self.line)
+
+    def encode(self, words: list[str]) -> list[bytes]:
+        exprs: list[bytes] = []
+        i = 0
+        n = len(words)
+
+        def take(count: int) -> list[str]:
+            nonlocal i
+            if i + count > n:
+                raise self.fail()
+            got = words[i : i + count]
+            i += count
+            return got
+
+        while i < n:
+            word = words[i]
+            if word in ("drop", "accept", "return") and i == n - 1:
+                take(1)
+                exprs.append(_expr("immediate", _u32(1, REG_VERDICT), _verdict_data(2, word, None)))
+            elif word in ("goto", "jump") and i == n - 2:
+                _, chain = take(2)
+                exprs.append(
+                    _expr("immediate", _u32(1, REG_VERDICT), _verdict_data(2, word, chain))
+                )
+            elif word == "meta" and words[i + 1 : i + 2] == ["l4proto"]:
+                _, _, proto = take(3)
+                if proto not in PROTOCOLS or self.l4proto:
+                    raise self.fail()
+                self.l4proto = True
+                exprs += [_meta_load(NFT_META_L4PROTO), _cmp(NFT_CMP_EQ, bytes([PROTOCOLS[proto]]))]
+            elif words[i : i + 6] == ["meta", "mark", "set", "meta", "mark", "|"]:
+                mark = _number(take(7)[6])
+                if not 0 <= mark <= 0xFFFFFFFF:
+                    raise self.fail()
+                exprs += [
+                    _meta_load(NFT_META_MARK),
+                    _bitwise(
+                        struct.pack("=I", ~mark & 0xFFFFFFFF), struct.pack("=I", mark), op=True
+                    ),
+                    _expr("meta", _u32(2, NFT_META_MARK), _u32(3, REG_1)),
+                ]
+            elif word == self.family and i + 2 < n:
+                exprs += self._address_match(take(3) if words[i + 2] != "!=" else take(4))
+            elif word in PROTOCOLS and words[i + 1 : i + 2] == ["dport"]:
+                _, _, port = take(3)
+                if self.l4proto:
+                    raise self.fail()  # nft would drop its own dependency: not encoded
+                exprs += [
+                    _meta_load(NFT_META_L4PROTO),
+                    _cmp(NFT_CMP_EQ, bytes([PROTOCOLS[word]])),
+                    _payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
+                    _cmp(NFT_CMP_EQ, _component("inet_service", port)),
+                ]
+            elif word == "numgen":
+                got = take(6)
+                if got[1:3] != ["random", "mod"] or got[4:6] != ["==", "0"]:
+                    raise self.fail()
+                modulus = _number(got[3])
+                if not 1 <= modulus <= 0xFFFFFFFF:
+                    raise self.fail()
+                exprs += [
+                    _expr(
+                        "numgen",
+                        _u32(1, REG_1),
+                        _u32(2, modulus),
+                        _u32(3, NFT_NG_RANDOM),
+                        _u32(4, 0),
+                    ),
+                    _cmp(NFT_CMP_EQ, struct.pack("=I", 0)),
+                ]
+            elif word == "fib":
+                if take(4) != ["fib", "saddr", "type", "local"]:
+                    raise self.fail()
+                exprs += [
+                    _expr(
+                        "fib",
+                        _u32(3, NFTA_FIB_F_SADDR),
+                        _u32(2, NFT_FIB_RESULT_ADDRTYPE),
+                        _u32(1, REG_1),
+                    ),
+                    _cmp(NFT_CMP_EQ, struct.pack("=I", RTN_LOCAL)),
+                ]
+            elif word == "update":
+                got = take(6)
+                if not got[1].startswith("@") or got[2:6] != ["{", self.family, "saddr", "}"]:
+                    raise self.fail()
+                offset, length = ADDRESSES[(self.family, "saddr")]
+                ref = self.encoder.set_ref(self.family, self.table, got[1][1:])
+                attrs = [_u32(3, NFT_DYNSET_OP_UPDATE), _u32(4, REG_1), _attr(1, ref[0] + b"\0")]
+                if len(ref) > 1:
+                    attrs.append(_attr(2, ref[1]))
+                exprs += [
+                    _payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length),
+                    _expr("dynset", *attrs),
+                ]
+            elif word == "dnat" and i == n - 3 and words[i + 1] == "to":
+                exprs += self._dnat(take(3)[2])
+            else:
+                raise self.fail()
+        return exprs
+
+    def _address_match(self, words: list[str]) -> list[bytes]:
+        selector = words[1]
+        if (self.family, selector) not in ADDRESSES:
+            raise self.fail()
+        offset, length = ADDRESSES[(self.family, selector)]
+        op = NFT_CMP_EQ
+        value = words[-1]
+        if len(words) == 4:
+            op = NFT_CMP_NEQ
+        load = _payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length)
+        if value.startswith("@"):
+            if op != NFT_CMP_EQ:
+                raise self.fail()
+            ref = self.encoder.set_ref(self.family, self.table, value[1:])
+            attrs = [_u32(2, REG_1), _attr(1, ref[0] + b"\0")]
+            if len(ref) > 1:
+                attrs.append(_attr(4, ref[1]))
+            return [load, _expr("lookup", *attrs)]
+        if "/" not in value:
+            return [load, _cmp(op, _address(value, self.family))]
+        try:
+            net = ipaddress.ip_network(value)
+        except ValueError as exc:
+            raise self.fail() from exc
+        if net.version != (4 if self.family == "ip" else 6) or net.prefixlen == 0:
+            raise self.fail()
+        if net.prefixlen == net.max_prefixlen:
+            return [load, _cmp(op, net.network_address.packed)]
+        if net.prefixlen % 8 == 0:
+            size = net.prefixlen // 8
+            return [
+                _payload(NFT_PAYLOAD_NETWORK_HEADER, offset, size),
+                _cmp(op, net.network_address.packed[:size]),
+            ]
+        mask = net.netmask.packed
+        return [
+            load,
+            _bitwise(mask, b"\0" * length, op=False),
+            _cmp(op, net.network_address.packed),
+        ]
+
+    def _dnat(self, target: str) -> list[bytes]:
+        if self.family == "ip6":
+            if not target.startswith("["):
+                raise self.fail()
+            addr, sep, port = target[1:].partition("]:")
+        else:
+            addr, sep, port = target.partition(":")
+        if not sep:
+            raise self.fail()
+        return [
+            _immediate(REG_1, _address(addr, self.family)),
+            _immediate(REG_2, _component("inet_service", port)),
+            _expr(
+                "nat",
+                _u32(1, NFT_NAT_DNAT),
+                _u32(2, FAMILIES[self.family]),
+                _u32(3, REG_1),
+                _u32(5, REG_2),
+                _u32(7, NF_NAT_RANGE_PROTO_SPECIFIED),
+            ),
+        ]
+
+
+def encode(script: str, sets: Mapping[tuple[str, str, str], SetType]) -> Batch:
+    """The netlink messages for ``script`` (one or more per line), pure.
+
+    ``sets`` gives the key type of every set the script adds elements to, keyed by
+    (family, table, name); ``add set``/``add map`` lines in the script add to it.
+    Raises :class:`Unsupported` for any line outside the subset render writes.
+    """
+    encoder = _Encoder(sets)
+    for line in script.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            encoder.line(line)
+        except Unsupported as exc:
+            if str(exc).startswith(line):
+                raise
+            raise Unsupported(f"{line} ({exc})") from exc
+    return Batch(tuple(encoder.messages), tuple(encoder.lines))
+
+
+# --- the socket ---------------------------------------------------------------------------
+
+
+class NetlinkWriter:
+    """An nfnetlink socket inside ``netns`` (None: this namespace), reused for every send."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._rcvbuf = 0
+        self._sock: socket.socket | None = run_in_netns(netns, self._open)
+
+    @staticmethod
+    def _open() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            sock.bind((0, 0))
+            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # errors without our message
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def send(self, batch: Batch) -> None:
+        """Send ``batch`` as one transaction; blocking. Raises NftError when the kernel
+        refuses it (nothing was changed then), naming the first refused line."""
+        if not batch.messages:
+            return
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise NftError("netlink writer is closed")
+            self._reserve(sock, len(batch.messages))
+            begin = self._seq + 1
+            self._seq += len(batch.messages) + 2
+            data = bytearray(_batch_marker(NFNL_MSG_BATCH_BEGIN, begin))
+            for n, msg in enumerate(batch.messages):
+                at = len(data)
+                data += msg
+                struct.pack_into("=I", data, at + 8, begin + 1 + n)
+            data += _batch_marker(NFNL_MSG_BATCH_END, begin + len(batch.messages) + 1)
+            try:
+                sock.sendto(data, (0, 0))
+            except OSError as exc:
+                raise NftError(f"netlink send failed: {exc}") from exc
+            errors = self._replies(sock, begin, len(batch.messages))
+        if errors:
+            seq, err = errors[0]
+            text = f"{os.strerror(err)} (errno {errno_.errorcode.get(err, err)})"
+            if begin < seq <= begin + len(batch.messages):
+                where = batch.lines[seq - begin - 1]
+            else:
+                where = "the transaction's commit"
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise NftError(f"kernel refused: {text}: {where}{more}")
+
+    def _reserve(self, sock: socket.socket, count: int) -> None:
+        """Room for one acknowledgement per message (each takes ~1 KiB of buffer)."""
+        want = max(count * 1024 + 65536, 212992)
+        if want > self._rcvbuf:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, 33, want)  # SO_RCVBUFFORCE (root)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
+            self._rcvbuf = want
+
+    def _replies(self, sock: socket.socket, begin: int, count: int) -> list[tuple[int, int]]:
+        """Read every answer to the batch: (seq, errno) of each refusal.
+
+        nfnetlink handles a batch synchronously inside ``sendto``, so its answers are
+        queued by the time that returns; they are read until the queue is empty.
+        """
+        acked: set[int] = set()
+        errors: list[tuple[int, int]] = []
+        last = begin + count + 1
+        while True:
+            try:
+                data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                raise NftError(f"netlink receive failed, outcome unknown: {exc}") from exc
+            at = 0
+            while at + 16 <= len(data):
+                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, at)
+                if length < 16:
+                    break
+                if kind == NLMSG_ERROR and begin <= seq <= last:
+                    (err,) = struct.unpack_from("=i", data, at + 16)
+                    if err:
+                        errors.append((seq, -err))
+                    else:
+                        acked.add(seq)
+                at += (length + 3) & ~3
+        if not errors and len(acked) < count:
+            raise NftError(f"kernel acknowledged {len(acked)} of {count} messages, outcome unknown")
+        errors.sort()
+        return errors
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+
+__all__ = ["Batch", "NetlinkWriter", "SetType", "Unsupported", "encode"]

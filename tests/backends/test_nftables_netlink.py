@@ -1,0 +1,424 @@
+"""The netlink writer against nft itself: the same transaction sent by ``nft -f`` in one
+namespace and by :class:`kpy_nftables.netlink.NetlinkWriter` in another must leave
+identical rulesets (``nft list ruleset``), for every kind of Service render produces.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from kpy_nftables import netlink, render
+from kpy_nftables.apply import NftError
+
+from kpy.backend import BackendConfig
+from kpy.model import Endpoint, ServicePort, ServicePortState
+from kpy.testing import builders as b
+from kpy.testing.netns import scratch
+from tests.conftest import require_root
+
+V4_CIDR = ipaddress.ip_network("10.244.0.0/16")
+V6_CIDR = ipaddress.ip_network("fd00:244::/48")
+DUAL = ["10.96.0.10", "fd00:96::10"]
+
+
+def _nft(netns: str, *args: str, script: str | None = None) -> str:
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", *args],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"nft {' '.join(args)} failed: {done.stderr}")
+    return done.stdout
+
+
+def _apply(netns: str, script: str) -> None:
+    if script:
+        _nft(netns, "-f", "-", script=script)
+
+
+def _ruleset(netns: str) -> str:
+    return _nft(netns, "list", "ruleset")
+
+
+def _want(states: Sequence[ServicePortState], config: BackendConfig) -> dict[str, render.Obj]:
+    want: dict[str, render.Obj] = {}
+    for state in states:
+        want.update(render.port_objects(state, config))
+    return want
+
+
+def _set_types(objs: Mapping[str, render.Obj]) -> dict[tuple[str, str, str], netlink.SetType]:
+    return {
+        (o.family, getattr(o, "table", render.TABLE), o.name): netlink.SetType(
+            o.type, o.kind, o.timeout
+        )
+        for o in objs.values()
+        if isinstance(o, render.Set)
+    }
+
+
+@dataclass
+class Node:
+    """One namespace with kpy's base objects and a set of service ports programmed."""
+
+    netns: str
+    config: BackendConfig
+    have: dict[str, render.Obj] = field(default_factory=dict)
+
+    def start(self, states: Sequence[ServicePortState]) -> None:
+        base = render.base_objects(self.config)
+        _apply(self.netns, render.transaction(base, {}, base).script)
+        want = _want(states, self.config)
+        _apply(self.netns, render.transaction(want, {}, want).script)
+        self.have = {**base, **want}
+
+
+def _change(
+    config: BackendConfig,
+    before: Sequence[ServicePortState],
+    after: Sequence[ServicePortState],
+) -> tuple[str, dict[tuple[str, str, str], netlink.SetType]]:
+    """The transaction from ``before`` to ``after`` and the set types programmed before."""
+    old = _want(before, config)
+    new = _want(after, config)
+    have = {key: obj.value for key, obj in old.items()}
+    script = render.transaction(new, have, {*old, *new}).script
+    return script, _set_types({**render.base_objects(config), **old})
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[str, str]]:
+    """Two fresh namespaces: ``nft -f`` programs the first, the netlink writer the second."""
+    require_root()
+    with scratch("kpy-nl-") as a, scratch("kpy-nl-") as b_:
+        yield a, b_
+
+
+def _same_after(
+    pair: tuple[str, str],
+    config: BackendConfig,
+    before: Sequence[ServicePortState],
+    after: Sequence[ServicePortState],
+) -> str:
+    a, b_ = pair
+    for ns in pair:
+        Node(ns, config).start(before)
+    script, sets = _change(config, before, after)
+    assert script, "the case changes nothing"
+    batch = netlink.encode(script, sets)
+    _apply(a, script)
+    writer = netlink.NetlinkWriter(b_)
+    try:
+        writer.send(batch)
+    finally:
+        writer.close()
+    ruleset = _ruleset(a)
+    assert _ruleset(b_) == ruleset
+    return ruleset
+
+
+# --- the cases: (config, before, after) -------------------------------------------------
+
+
+def _eps(*ips: str, port: int = 8080, node: str = b.NODE) -> list[Endpoint]:
+    return [b.endpoint(ip, port, node=node) for ip in ips]
+
+
+PLAIN = BackendConfig()
+CIDRS = BackendConfig(cluster_cidrs=(V4_CIDR, V6_CIDR))
+ODD_CIDRS = BackendConfig(
+    cluster_cidrs=(ipaddress.ip_network("10.240.0.0/12"), ipaddress.ip_network("fd00:240::/28"))
+)
+MASQ_ALL = BackendConfig(masquerade_all=True)
+
+
+def _state(svc: ServicePort, eps: Sequence[Endpoint] = ()) -> ServicePortState:
+    return b.state(svc, eps)
+
+
+CLUSTER_IP = _state(b.service("web"), _eps("10.244.1.5", "10.244.1.6", "10.244.2.5"))
+CLUSTER_IP_MORE = _state(
+    b.service("web"), _eps("10.244.1.5", "10.244.1.6", "10.244.2.5", "10.244.2.6")
+)
+CLUSTER_IP_LESS = _state(b.service("web"), _eps("10.244.1.5", "10.244.2.5"))
+NO_ENDPOINTS = _state(b.service("web"))
+NOT_READY = _state(b.service("web"), [b.endpoint("10.244.1.5", ready=False, serving=False)])
+UDP = _state(
+    b.service("dns", protocol="UDP", port=53, cluster_ip="10.96.0.53"),
+    _eps("10.244.1.7", "10.244.1.8", port=53),
+)
+SCTP = _state(
+    b.service("sig", protocol="SCTP", port=3868, cluster_ip="10.96.0.68"),
+    _eps("10.244.1.9", port=3868),
+)
+NODE_PORT = _state(
+    b.service("np", type="NodePort", node_port=30080, cluster_ip="10.96.0.80"),
+    _eps("10.244.1.5", "10.244.2.5"),
+)
+LB = _state(
+    b.service(
+        "lb",
+        type="LoadBalancer",
+        node_port=30443,
+        cluster_ip="10.96.0.43",
+        port=443,
+        lb_ips=["172.18.0.50"],
+        source_ranges=["203.0.113.0/24", "198.51.100.0/24"],
+    ),
+    _eps("10.244.1.5"),
+)
+LB_ONE_RANGE = _state(
+    b.service(
+        "lb1",
+        type="LoadBalancer",
+        node_port=30444,
+        cluster_ip="10.96.0.44",
+        lb_ips=["172.18.0.51"],
+        source_ranges=["203.0.113.0/24"],
+    ),
+    _eps("10.244.1.5"),
+)
+EXTERNAL_IPS = _state(
+    b.service("ext", cluster_ip="10.96.0.90", external_ips=["192.0.2.10", "192.0.2.11"]),
+    _eps("10.244.1.6"),
+)
+ETP_LOCAL = _state(
+    b.service(
+        "loc",
+        type="NodePort",
+        node_port=30090,
+        cluster_ip="10.96.0.91",
+        etp_local=True,
+    ),
+    [*_eps("10.244.1.5"), *_eps("10.244.2.5", node="node-b")],
+)
+ETP_LOCAL_NONE_HERE = _state(
+    b.service(
+        "loc",
+        type="NodePort",
+        node_port=30090,
+        cluster_ip="10.96.0.91",
+        etp_local=True,
+    ),
+    _eps("10.244.2.5", node="node-b"),
+)
+AFFINITY = _state(
+    b.service("aff", cluster_ip="10.96.0.92", affinity=True, affinity_timeout=600),
+    _eps("10.244.1.5", "10.244.1.6"),
+)
+AFFINITY_LONGER = _state(
+    b.service("aff", cluster_ip="10.96.0.92", affinity=True, affinity_timeout=900),
+    _eps("10.244.1.5", "10.244.1.6"),
+)
+DUAL_STACK = _state(
+    b.service(
+        "dual",
+        cluster_ip=DUAL,
+        type="LoadBalancer",
+        node_port=30100,
+        lb_ips=["172.18.0.60", "fd00:18::60"],
+        affinity=True,
+        etp_local=True,
+    ),
+    [
+        *_eps("10.244.1.5", "fd00:244:1::5"),
+        *_eps("10.244.2.5", "fd00:244:2::5", node="node-b"),
+    ],
+)
+IPV6_ONLY = _state(
+    b.service("six", cluster_ip="fd00:96::20"),
+    _eps("fd00:244:1::5", "fd00:244:1::6"),
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    config: BackendConfig
+    before: tuple[ServicePortState, ...]
+    after: tuple[ServicePortState, ...]
+
+
+CASES = [
+    Case("clusterip-new", CIDRS, (), (CLUSTER_IP,)),
+    Case("endpoint-added", CIDRS, (CLUSTER_IP,), (CLUSTER_IP_MORE,)),
+    Case("endpoint-removed", CIDRS, (CLUSTER_IP,), (CLUSTER_IP_LESS,)),
+    Case("to-no-endpoints", CIDRS, (CLUSTER_IP,), (NO_ENDPOINTS,)),
+    Case("from-no-endpoints", CIDRS, (NO_ENDPOINTS,), (CLUSTER_IP,)),
+    Case("not-ready-drop", CIDRS, (), (NOT_READY,)),
+    Case("service-removed", CIDRS, (CLUSTER_IP, UDP), (UDP,)),
+    Case("udp-and-sctp", PLAIN, (), (UDP, SCTP)),
+    Case("nodeport", CIDRS, (), (NODE_PORT,)),
+    Case("loadbalancer-source-range", CIDRS, (), (LB_ONE_RANGE,)),
+    Case("loadbalancer-removed", CIDRS, (LB_ONE_RANGE, NODE_PORT), (NODE_PORT,)),
+    Case("external-ips", CIDRS, (), (EXTERNAL_IPS,)),
+    Case("etp-local", CIDRS, (), (ETP_LOCAL,)),
+    Case("etp-local-last-local-endpoint-gone", CIDRS, (ETP_LOCAL,), (ETP_LOCAL_NONE_HERE,)),
+    Case("affinity", CIDRS, (), (AFFINITY,)),
+    Case("affinity-timeout-changed", CIDRS, (AFFINITY,), (AFFINITY_LONGER,)),
+    Case("affinity-removed", CIDRS, (AFFINITY,), ()),
+    Case("dual-stack-lb-affinity-etp-local", CIDRS, (), (DUAL_STACK,)),
+    Case("ipv6", CIDRS, (), (IPV6_ONLY,)),
+    Case("masquerade-all", MASQ_ALL, (), (CLUSTER_IP, DUAL_STACK, NODE_PORT)),
+    Case("no-cluster-cidrs", PLAIN, (), (CLUSTER_IP, ETP_LOCAL, IPV6_ONLY)),
+    Case("unaligned-cluster-cidrs", ODD_CIDRS, (), (CLUSTER_IP, DUAL_STACK, ETP_LOCAL)),
+    Case(
+        "everything-at-once",
+        CIDRS,
+        (),
+        (
+            CLUSTER_IP,
+            UDP,
+            SCTP,
+            NODE_PORT,
+            LB_ONE_RANGE,
+            EXTERNAL_IPS,
+            ETP_LOCAL,
+            AFFINITY,
+            DUAL_STACK,
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_writer_leaves_the_ruleset_nft_leaves(pair: tuple[str, str], case: Case) -> None:
+    ruleset = _same_after(pair, case.config, case.before, case.after)
+    for state in case.after:  # the comparison is about something: the services are there
+        assert render.service_chain(state.name) in ruleset or "no-endpoint" in ruleset
+
+
+def test_several_source_ranges_are_unsupported() -> None:
+    """An anonymous set (several ranges) is left to ``nft -f``."""
+    script, sets = _change(CIDRS, (), (LB,))
+    with pytest.raises(netlink.Unsupported) as refused:
+        netlink.encode(script, sets)
+    assert "ip saddr != { 198.51.100.0/24, 203.0.113.0/24 } drop" in str(refused.value)
+
+
+def test_one_endpoint_change_among_many_services(pair: tuple[str, str]) -> None:
+    states = b.synthetic_states(60)
+    changed = list(states)
+    first = changed[0]
+    changed[0] = b.state(first.service, [*first.endpoints, b.endpoint("10.244.99.99")])
+    ruleset = _same_after(pair, CIDRS, states, changed)
+    assert "10.244.99.99" in ruleset
+
+
+def test_a_writer_is_reused_for_many_sends(pair: tuple[str, str]) -> None:
+    a, b_ = pair
+    for ns in pair:
+        Node(ns, CIDRS).start([CLUSTER_IP])
+    writer = netlink.NetlinkWriter(b_)
+    try:
+        previous = [CLUSTER_IP]
+        for n in range(20):
+            eps = _eps(*(f"10.244.3.{i}" for i in range(1, 2 + n % 5)))
+            current = [_state(b.service("web"), eps), *([UDP] if n % 2 else [])]
+            script, sets = _change(CIDRS, previous, current)
+            _apply(a, script)
+            writer.send(netlink.encode(script, sets))
+            previous = current
+    finally:
+        writer.close()
+    assert _ruleset(b_) == _ruleset(a)
+
+
+def test_refused_transaction_names_the_line_and_changes_nothing(pair: tuple[str, str]) -> None:
+    _, b_ = pair
+    Node(b_, CIDRS).start([CLUSTER_IP])
+    before = _ruleset(b_)
+    script, sets = _change(CIDRS, [CLUSTER_IP], [CLUSTER_IP_MORE, UDP])
+    table = render.shard_table(UDP.name) if hasattr(render, "shard_table") else render.TABLE
+    bad = f"add rule ip {table} {render.service_chain(UDP.name)} goto no-such-chain"
+    lines = script.splitlines()
+    at = max(i for i, line in enumerate(lines) if line.startswith("add rule ")) + 1
+    script = "\n".join([*lines[:at], bad, *lines[at:]]) + "\n"
+    writer = netlink.NetlinkWriter(b_)
+    try:
+        with pytest.raises(NftError) as refused:
+            writer.send(netlink.encode(script, sets))
+        assert bad in str(refused.value)
+        assert "No such file or directory" in str(refused.value)
+        assert _ruleset(b_) == before
+        # The same writer goes on working after a refusal.
+        good, sets = _change(CIDRS, [CLUSTER_IP], [CLUSTER_IP_MORE])
+        writer.send(netlink.encode(good, sets))
+        assert _ruleset(b_) != before
+    finally:
+        writer.close()
+
+
+# --- pure: encoding -----------------------------------------------------------------------
+
+SETS = {
+    ("ip", "kpy", "service-ips"): netlink.SetType("ipv4_addr . inet_proto . inet_service", "map"),
+    ("ip", "kpy", "service-endpoints"): netlink.SetType("ipv4_addr . inet_service . mark"),
+}
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "add chain ip kpy nat-output { type nat hook output priority -100; policy accept; }",
+        "add rule ip kpy services ip daddr . meta l4proto . th dport vmap @service-ips",
+        "add rule ip kpy x ip saddr != { 10.0.0.0/8, 10.244.0.0/16 } drop",
+        "add rule ip kpy masquerading masquerade fully-random",
+        "add rule ip kpy filter-input ct state new jump nodeport-endpoints-check",
+        "add rule ip kpy reject-chain reject",
+        "add rule ip kpy x dnat to 10.244.1.5",
+        "add rule ip kpy x meta l4proto tcp tcp dport 80 drop",
+        "add rule ip kpy x ip6 saddr fd00::1 drop",
+        "add rule ip kpy x drop accept",
+        "add element ip kpy unknown-set { 10.0.0.1 }",
+        "add element ip kpy service-ips { 10.96.0.1 . tcp . 80 : drop, 10.9.0.2 . tcp . 8 : drop }",
+        'add element ip kpy service-ips { 10.96.0.1 . tcp comment "x" : goto a }',
+        'add element ip kpy service-endpoints { 10.244.1.5 . 8080 . 1 comment "x" : drop }',
+        "add set ip kpy s { type ipv4_addr; flags interval; }",
+        "add set ip kpy s { type ether_addr; }",
+        "add map ip kpy m { type ipv4_addr : ipv4_addr; }",
+        "list ruleset",
+        "delete table ip kpy",
+    ],
+)
+def test_lines_outside_the_subset_are_unsupported(line: str) -> None:
+    with pytest.raises(netlink.Unsupported) as refused:
+        netlink.encode(f"add table ip kpy\n{line}\n", SETS)
+    assert line in str(refused.value)
+
+
+def test_concatenated_keys_are_padded_registers() -> None:
+    """The element bytes nft 1.0 sends (``nft --debug=mnl``) for the same line."""
+    batch = netlink.encode(
+        'add element ip kpy service-ips { 10.96.0.1 . tcp . 80 comment "ns/name/tcp/80"'
+        " : goto service-x }\n"
+        'add element ip kpy service-endpoints { 10.244.1.5 . 8080 . 1234567 comment "x" }\n',
+        SETS,
+    )
+    assert len(batch) == 2
+    assert batch.lines[1].startswith("add element ip kpy service-endpoints")
+    assert bytes.fromhex("0a6000010600000000500000") in batch.messages[0]
+    assert bytes.fromhex("000f") + b"ns/name/tcp/80\0" in batch.messages[0]
+    assert bytes.fromhex("0af401051f90000087d61200") in batch.messages[1]
+
+
+def test_sets_added_in_the_script_are_known_to_later_lines() -> None:
+    batch = netlink.encode(
+        "add set ip6 kpy-3 aff { type ipv6_addr; flags dynamic,timeout; timeout 300s; }\n"
+        "add element ip6 kpy-3 aff { fd00::5 }\n"
+        "add rule ip6 kpy-3 c ip6 saddr @aff update @aff { ip6 saddr } drop\n",
+        {},
+    )
+    assert len(batch) == 3
+    assert all(b"kpy-3\0" in m for m in batch.messages)
+
+
+def test_empty_script_is_an_empty_batch() -> None:
+    assert len(netlink.encode("", {})) == 0
