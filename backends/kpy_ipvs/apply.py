@@ -693,11 +693,7 @@ class Kernel:
                     == 0
                 ):
                     self.sent += 1
-            for table, chain in (
-                ("nat", render.CHAIN_MARK),
-                ("nat", render.CHAIN_POST),
-                ("filter", render.CHAIN_FILTER),
-            ):
+            for table, chain in render.CHAINS:
                 for verb in ("-F", "-X"):
                     self.run([tool, "-w", "-t", table, verb, chain], check=False)
         for name, _, _ in render.set_names():

@@ -8,11 +8,27 @@ kernel accepts packets for them.
 
 IPVS cannot express every Service semantic, so a companion layer carries the rest, as
 upstream's IPVS proxier does: ipsets of frontends whose traffic is masqueraded,
-frontends dropped under externalTrafficPolicy Local without a local endpoint, and
+frontends dropped under a Local traffic policy without a local endpoint, and
 LoadBalancer source ranges, read by a few fixed iptables rules in ``KPY-IPVS-*``
-chains (README.md says why this is not nftables). The rules are fixed for a given
-configuration (:func:`rules`); only set elements change with Services, so a
-one-endpoint change never rewrites rules.
+chains (README.md says why this is not nftables).
+
+Traffic policy Local, where one virtual service per frontend cannot say everything:
+
+* internalTrafficPolicy Local with no local endpoint (but some elsewhere): the cluster
+  IP's virtual service has no real server, and the frontend goes into ``NOLOCAL``,
+  dropped for every source before IPVS sees it (filter INPUT for pods, mangle OUTPUT
+  for the node); with no endpoint anywhere it is not, and IPVS rejects.
+* externalTrafficPolicy Local with no local endpoint (but some elsewhere): the virtual
+  service holds the cluster-wide endpoints (as upstream does since kubernetes#97081),
+  and the frontend goes into ``DROP``, dropped in filter INPUT for every source that is
+  not a pod; pods and the node (whose connections IPVS schedules at LOCAL_OUT, past
+  filter INPUT) reach the cluster-wide endpoints, the node masqueraded (``LOCAL``).
+  With no endpoint anywhere the frontend is in no set, and IPVS rejects.
+* With local endpoints, the virtual service holds only those, for every source: pods
+  and the node do not short-circuit to the cluster-wide endpoints (README.md).
+
+The rules are fixed for a given configuration (:func:`rules`); only set elements change
+with Services, so a one-endpoint change never rewrites rules.
 
 Everything here is keyed per service port, so a partial sync renders only the ports
 that changed.
@@ -23,8 +39,9 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from kpy import select
 from kpy.backend import BackendConfig, frontend
 from kpy.model import (
     Endpoint,
@@ -36,6 +53,7 @@ from kpy.model import (
     ServicePortName,
     ServicePortState,
     SessionAffinity,
+    TrafficPolicy,
 )
 
 INTERFACE = "kpy-ipvs0"
@@ -117,6 +135,22 @@ class Context:
     nodeport_ips: tuple[IPAddress, ...] = ()
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     masquerade_all: bool = False
+    node: NodeInfo | None = None  # the cluster-wide endpoint set follows its topology
+
+    def cidrs(self, version: int) -> tuple[IPNetwork, ...]:
+        return tuple(c for c in self.cluster_cidrs if c.version == version)
+
+    def pods(self, version: int) -> tuple[IPNetwork, ...]:
+        """The sources taken for pods: the cluster CIDRs, and the Node's pod CIDRs where
+        no cluster CIDR covers them (how :func:`kpy.explain.infer_origin` tells a pod)."""
+        cluster = self.cidrs(version)
+        pod_cidrs = () if self.node is None else self.node.pod_cidrs
+        node = tuple(
+            c
+            for c in pod_cidrs
+            if c.version == version and not any(c.subnet_of(k) for k in cluster)  # type: ignore[arg-type]
+        )
+        return cluster + node
 
 
 def context(config: BackendConfig, node: NodeInfo) -> Context:
@@ -136,11 +170,30 @@ def context(config: BackendConfig, node: NodeInfo) -> Context:
         nodeport_ips=tuple(dict.fromkeys(ips)),
         cluster_cidrs=config.cluster_cidrs,
         masquerade_all=config.masquerade_all,
+        node=node,
     )
 
 
 def _frontend_value(address: IPAddress, protocol: Protocol, port: int) -> str:
     return f"{address},{str(protocol).lower()}:{port}"
+
+
+def _versions(endpoints: Iterable[Endpoint]) -> frozenset[int]:
+    return frozenset(ep.ip.version for ep in endpoints)
+
+
+def cluster_endpoints(state: ServicePortState, node: NodeInfo | None) -> tuple[Endpoint, ...]:
+    """The port's cluster-wide endpoints (what policy Cluster would use), whatever its
+    traffic policies: where pods and the node go when a Local policy finds none here."""
+    svc = state.service
+    if not (svc.internal_policy_local or svc.external_policy_local):
+        return state.internal
+    cluster = replace(
+        svc,
+        internal_traffic_policy=TrafficPolicy.CLUSTER,
+        external_traffic_policy=TrafficPolicy.CLUSTER,
+    )
+    return select.categorize(cluster, state.endpoints, node or NodeInfo(name="")).internal
 
 
 def render_port(state: ServicePortState, ctx: Context) -> PortObjects:
@@ -157,6 +210,9 @@ def render_port(state: ServicePortState, ctx: Context) -> PortObjects:
     dests: dict[DestKey, int] = {}
     elements: set[Element] = set()
     addresses: set[IPAddress] = set()
+    served: set[Endpoint] = set()  # every endpoint some virtual service sends to
+    cluster = cluster_endpoints(state, ctx.node)
+    elsewhere = _versions((*cluster, *state.local))  # families with an endpoint anywhere
 
     def add(address: IPAddress, port: int, endpoints: tuple[Endpoint, ...]) -> VirtualKey:
         key = VirtualKey(address=address, port=port, protocol=svc.protocol)
@@ -164,12 +220,17 @@ def render_port(state: ServicePortState, ctx: Context) -> PortObjects:
         for ep in endpoints:
             if ep.ip.version == address.version:
                 dests[DestKey(virtual=key, address=ep.ip, port=ep.port)] = WEIGHT
+                served.add(ep)
         return key
 
+    internal = _versions(state.internal)
     for ip in svc.cluster_ips:
         add(ip, svc.port, state.internal)
         addresses.add(ip)
         value = _frontend_value(ip, svc.protocol, svc.port)
+        if ip.version not in internal and ip.version in elsewhere:
+            # internalTrafficPolicy Local without a local endpoint: drop, not reject
+            elements.add(Element(set=set_name("NOLOCAL", ip.version), value=value))
         if ctx.masquerade_all:
             elements.add(Element(set=set_name("MASQ", ip.version), value=value))
         elif ctx.cluster_cidrs:
@@ -180,24 +241,31 @@ def render_port(state: ServicePortState, ctx: Context) -> PortObjects:
     bound = {ip for ip, _ in external}
     if svc.node_port is not None:
         external += [(ip, svc.node_port) for ip in ctx.nodeport_ips]
-    drop = svc.external_policy_local and not state.external
+    local = _versions(state.external)
     node_ports: set[VirtualKey] = set()
     for ip, port in external:
-        key = add(ip, port, state.external)
+        value = _frontend_value(ip, svc.protocol, port)
+        targets = state.external
+        if svc.external_policy_local:
+            # the node's own connections use the cluster-wide endpoints, masqueraded
+            elements.add(Element(set=set_name("LOCAL", ip.version), value=value))
+            if ip.version not in local and ip.version in elsewhere:
+                # none here: outside clients are dropped (DROP), pods and the node
+                # reach the cluster-wide endpoints through the virtual service
+                elements.add(Element(set=set_name("DROP", ip.version), value=value))
+                targets = cluster
+        else:
+            elements.add(Element(set=set_name("MASQ", ip.version), value=value))
+        key = add(ip, port, targets)
         if ip not in bound:
             node_ports.add(key)
-        value = _frontend_value(ip, svc.protocol, port)
-        if drop:
-            elements.add(Element(set=set_name("DROP", ip.version), value=value))
-        elif not svc.external_policy_local:
-            elements.add(Element(set=set_name("MASQ", ip.version), value=value))
     addresses |= bound
     # Hairpin: an endpoint reaching itself through the Service is masqueraded, or its
     # reply would go straight back over its own loopback, past IPVS's reverse NAT.
     proto = str(svc.protocol).lower()
     elements.update(
         Element(set=set_name("LOOPBACK", ep.ip.version), value=f"{ep.ip},{proto}:{ep.port},{ep.ip}")
-        for ep in {*state.internal, *state.external}
+        for ep in served
     )
     for ip in svc.load_balancer_ips:
         ranges = [r for r in svc.load_balancer_source_ranges if r.version == ip.version]
@@ -226,21 +294,27 @@ SETS: tuple[tuple[str, str], ...] = (
     # (name, ipset type); the IPv6 twin of each is named with a trailing "6"
     ("MASQ", "hash:ip,port"),
     ("CLUSTER", "hash:ip,port"),
-    ("DROP", "hash:ip,port"),
+    ("DROP", "hash:ip,port"),  # external, policy Local, none here: outside clients dropped
+    ("NOLOCAL", "hash:ip,port"),  # cluster IP, policy Local, none here: every source dropped
+    ("LOCAL", "hash:ip,port"),  # external, policy Local: the node's connections masqueraded
     ("RANGED", "hash:ip,port"),
     ("ALLOWED", "hash:ip,port,net"),
     ("LOOPBACK", "hash:ip,port,ip"),  # endpoint,proto:port,endpoint: hairpin
 )
+MANGLE = "mangle"
 CHAIN_MARK = "KPY-IPVS-MARK"  # nat: mark what must be masqueraded (before IPVS)
 CHAIN_POST = "KPY-IPVS-POSTROUTING"  # nat: masquerade marked packets
-CHAIN_FILTER = "KPY-IPVS-FILTER"  # filter: ETP Local drop, source ranges
+CHAIN_FILTER = "KPY-IPVS-FILTER"  # filter: policy Local drops, source ranges
+CHAIN_OUTPUT = "KPY-IPVS-OUTPUT"  # mangle: the node's own connections, before IPVS
 HOOKS: tuple[tuple[str, str, str], ...] = (
     # (table, built-in chain, our chain): jump rules, inserted first
     ("nat", "PREROUTING", CHAIN_MARK),
     ("nat", "OUTPUT", CHAIN_MARK),
     ("nat", "POSTROUTING", CHAIN_POST),
     ("filter", "INPUT", CHAIN_FILTER),
+    (MANGLE, "OUTPUT", CHAIN_OUTPUT),
 )
+CHAINS: tuple[tuple[str, str], ...] = tuple(dict.fromkeys((t, c) for t, _, c in HOOKS))
 
 
 def set_name(name: str, version: int) -> str:
@@ -258,12 +332,20 @@ def rules(ctx: Context, version: int) -> str:
     """The companion chains of one family, as ``iptables-restore --noflush`` text.
 
     The rules read the frontend sets that :func:`render_port` fills (the upstream IPVS
-    proxier's design, with ipsets):
+    proxier's design, with ipsets). Packets from pods and from outside meet nat
+    PREROUTING, then filter INPUT, then IPVS (it hooks LOCAL_IN after filter); the
+    node's own connections meet mangle OUTPUT, nat OUTPUT, then IPVS (LOCAL_OUT, after
+    nat and before filter, so filter OUTPUT only sees the real server):
 
-    * ``DROP``: external frontends of externalTrafficPolicy Local services with no
-      local endpoint are dropped in INPUT, which runs before IPVS's hook;
+    * ``NOLOCAL``: cluster IPs under internalTrafficPolicy Local without a local
+      endpoint are dropped for every source: filter INPUT, and mangle OUTPUT for the node;
+    * ``DROP``: external frontends under externalTrafficPolicy Local without a local
+      endpoint are dropped in filter INPUT, except for pods (``RETURN`` per pod CIDR),
+      whose connections the virtual service sends to the cluster-wide endpoints;
     * ``RANGED``/``ALLOWED``: a LoadBalancer frontend with source ranges accepts only
-      sources inside them;
+      sources inside them (filter INPUT, and mangle OUTPUT for the node);
+    * ``LOCAL``: the node's own connections to an external frontend under policy Local
+      are marked for masquerade in mangle OUTPUT;
     * ``LOOPBACK``: an endpoint whose connection IPVS sent back to itself (hairpin) is
       masqueraded in POSTROUTING (destination = source = the endpoint);
     * ``MASQ``: always masqueraded (external traffic under policy Cluster, or every
@@ -272,43 +354,45 @@ def rules(ctx: Context, version: int) -> str:
       it) and masqueraded in POSTROUTING after IPVS rewrote its destination; the NAT
       binding lives on its conntrack entry (``net.ipv4.vs.conntrack=1``).
 
+    A source test against several CIDRs is a ``RETURN`` per CIDR before the rule, as
+    iptables refuses ``! -s`` with more than one network.
     The first rule of the mark chain carries :func:`skeleton_id` as its comment, so
     adoption can tell whether the rules in the kernel are these.
     """
     mark = f"-j MARK --or-mark {MASQUERADE_MARK:#x}"
-    cidrs = [str(c) for c in ctx.cluster_cidrs if c.version == version]
+
+    def match(name: str, flags: str = "dst,dst") -> str:
+        return f"-m set --match-set {set_name(name, version)} {flags}"
+
+    ranged = f"{match('RANGED')} -m set ! --match-set {set_name('ALLOWED', version)} dst,dst,src"
     lines = ["*nat", f":{CHAIN_MARK} - [0:0]", f":{CHAIN_POST} - [0:0]"]
-    lines.append(
-        f"-A {CHAIN_MARK} -m comment --comment {skeleton_id(ctx)} "
-        f"-m set --match-set {set_name('MASQ', version)} dst,dst {mark}"
-    )
-    if not ctx.masquerade_all and cidrs:
-        lines.append(
-            f"-A {CHAIN_MARK} ! -s {','.join(cidrs)} "
-            f"-m set --match-set {set_name('CLUSTER', version)} dst,dst {mark}"
-        )
+    lines.append(f"-A {CHAIN_MARK} -m comment --comment {skeleton_id(ctx)} {match('MASQ')} {mark}")
+    if not ctx.masquerade_all and ctx.cidrs(version):
+        lines += [
+            f"-A {CHAIN_MARK} -s {c} {match('CLUSTER')} -j RETURN" for c in ctx.cidrs(version)
+        ]
+        lines.append(f"-A {CHAIN_MARK} {match('CLUSTER')} {mark}")
     lines.append(
         f"-A {CHAIN_POST} -m mark --mark {MASQUERADE_MARK:#x}/{MASQUERADE_MARK:#x} -j MASQUERADE"
     )
-    lines.append(
-        f"-A {CHAIN_POST} -m set --match-set {set_name('LOOPBACK', version)} dst,dst,src "
-        "-j MASQUERADE"
-    )
+    lines.append(f"-A {CHAIN_POST} {match('LOOPBACK', 'dst,dst,src')} -j MASQUERADE")
     lines += ["COMMIT", "*filter", f":{CHAIN_FILTER} - [0:0]"]
-    lines.append(
-        f"-A {CHAIN_FILTER} -m set --match-set {set_name('DROP', version)} dst,dst -j DROP"
-    )
-    lines.append(
-        f"-A {CHAIN_FILTER} -m set --match-set {set_name('RANGED', version)} dst,dst "
-        f"-m set ! --match-set {set_name('ALLOWED', version)} dst,dst,src -j DROP"
-    )
+    lines.append(f"-A {CHAIN_FILTER} {match('NOLOCAL')} -j DROP")
+    lines.append(f"-A {CHAIN_FILTER} {ranged} -j DROP")
+    lines += [f"-A {CHAIN_FILTER} -s {c} {match('DROP')} -j RETURN" for c in ctx.pods(version)]
+    lines.append(f"-A {CHAIN_FILTER} {match('DROP')} -j DROP")
+    lines += ["COMMIT", f"*{MANGLE}", f":{CHAIN_OUTPUT} - [0:0]"]
+    lines.append(f"-A {CHAIN_OUTPUT} {match('NOLOCAL')} -j DROP")
+    lines.append(f"-A {CHAIN_OUTPUT} {ranged} -j DROP")
+    lines.append(f"-A {CHAIN_OUTPUT} {match('LOCAL')} {mark}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
 def skeleton_id(ctx: Context) -> str:
     """A short identity of the rules (a rule comment, read back on adoption)."""
-    text = repr((ctx.masquerade_all, tuple(str(c) for c in ctx.cluster_cidrs), SETS, 2))
+    pods = tuple(str(c) for version in (4, 6) for c in ctx.pods(version))
+    text = repr((ctx.masquerade_all, tuple(str(c) for c in ctx.cluster_cidrs), pods, SETS, 3))
     return "kpy-ipvs-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -12,9 +12,10 @@ tables. The first packet of a connection then meets them in the kernel's order:
   ``kpy-ipvs0`` or a node address), filter ``INPUT`` (externalTrafficPolicy Local
   drops, source ranges), then IPVS at ``LOCAL_IN`` (it hooks after filter); the packet
   IPVS sends to a real server continues through nat ``POSTROUTING`` (masquerade);
-* from the node itself: nat ``OUTPUT``, then IPVS at ``LOCAL_OUT`` (locally generated
-  connections are scheduled there, so filter ``INPUT`` is never reached), then nat
-  ``POSTROUTING``.
+* from the node itself: mangle ``OUTPUT`` (policy Local drops and source ranges for
+  the node), nat ``OUTPUT``, then IPVS at ``LOCAL_OUT`` (locally generated connections
+  are scheduled there, after nat and before filter, so filter ``INPUT`` is never
+  reached and filter ``OUTPUT`` only sees the real server), then nat ``POSTROUTING``.
 
 IPVS itself: the virtual service keyed by (destination, port, protocol); its real
 servers with weight > 0 are the endpoints (weight 0 takes no new connection); a virtual
@@ -81,8 +82,27 @@ def parse_rule(text: str) -> Rule:
 
 
 def load(text: str) -> Tables:
-    """Apply the companion's restore input to empty tables, as the kernel would."""
-    return iptables_trace.load(text, SYNTAX)
+    """Apply the companion's restore input to empty tables, as the kernel would.
+
+    The iptables tracer models ``nat`` and ``filter``; the companion's ``mangle``
+    sections hold only ``OUTPUT`` and chains of its own, so they are read with the same
+    loader as a table of their own and keyed ``mangle``."""
+    sections: dict[bool, list[str]] = {False: [], True: []}
+    mangle = False
+    for line in text.splitlines():
+        if line.startswith("*"):
+            mangle = line == f"*{render.MANGLE}"
+            sections[mangle].append(f"*{FILTER}" if mangle else line)
+        else:
+            sections[mangle].append(line)
+    tables = iptables_trace.load("\n".join(sections[False]) + "\n", SYNTAX)
+    theirs = iptables_trace.load("\n".join(sections[True]) + "\n", SYNTAX)
+    builtin = set(iptables_trace.BUILTIN_CHAINS[FILTER]) - {"OUTPUT"}
+    for chain in sorted(builtin):
+        if theirs[(FILTER, chain)]:
+            raise TraceError(f"mangle {chain} is not modelled (the companion uses OUTPUT)")
+    tables.update({(render.MANGLE, c): r for (_, c), r in theirs.items() if c not in builtin})
+    return tables
 
 
 def hooks() -> str:
@@ -267,7 +287,9 @@ def trace(plan: Plan, packet: Packet, origin: Origin, config: BackendConfig) -> 
         return Trace(verdict=verdict, endpoints=endpoints, masquerade=f.masquerade, kernel=f.seen)
 
     if origin is Origin.NODE:
-        flow, verdict = walker.hook(NAT, "OUTPUT", flow)
+        flow, verdict = walker.hook(render.MANGLE, "OUTPUT", flow)
+        if verdict == "ACCEPT":
+            flow, verdict = walker.hook(NAT, "OUTPUT", flow)
     else:
         flow, verdict = walker.hook(NAT, "PREROUTING", flow)
         if verdict == "ACCEPT" and flow.dst in local:

@@ -34,6 +34,7 @@ from tests.unit.test_explain import (
     LB,
     NODE,
     POD,
+    REMOTE,
     Case,
     case_by_id,
     case_params,
@@ -43,22 +44,6 @@ from tests.unit.test_explain import (
 
 RENDER_BUGS: dict[str, str] = {
     # case id → why the rendered IPVS objects and the model disagree
-    "internal-policy-local-without-local-drops": (
-        "render puts no companion DROP element on a cluster IP under internalTrafficPolicy "
-        "Local without a local endpoint: the virtual service has no real server, so IPVS "
-        "rejects (ICMP port unreachable) where upstream drops"
-    ),
-    "nodeport-local-policy-from-node-uses-cluster-and-masquerades": (
-        "the NodePort virtual service under externalTrafficPolicy Local holds only local "
-        "real servers, and the node's own connections are scheduled by IPVS at LOCAL_OUT "
-        "on that same service: no short-circuit to the cluster-wide endpoints, so with no "
-        "local endpoint IPVS rejects instead of forwarding (masqueraded)"
-    ),
-    "lb-local-policy-from-pod-short-circuits": (
-        "the companion DROP set (externalTrafficPolicy Local, no local endpoint) is matched "
-        "in filter INPUT for every source, pods included; upstream short-circuits pods to "
-        "the cluster-wide endpoints"
-    ),
 }
 
 
@@ -96,8 +81,11 @@ def test_every_known_divergence_is_a_case() -> None:
 
 def test_kernel_objects_of_a_cluster_ip_from_a_pod() -> None:
     traced, _, _ = _trace(_case("clusterip-from-pod"))
-    assert traced.kernel[:2] == (
+    assert traced.kernel[:4] == (
         "iptables -t nat -A PREROUTING -j KPY-IPVS-MARK",
+        "iptables -t nat -A KPY-IPVS-MARK -s 10.244.0.0/16 -m set --match-set KPY-IPVS-CLUSTER "
+        "dst,dst -j RETURN",
+        "ipset KPY-IPVS-CLUSTER 10.96.0.10,tcp:80",
         "iptables -t filter -A INPUT -j KPY-IPVS-FILTER",
     )
     assert "ipvsadm -A -t 10.96.0.10:80 -s rr" in traced.kernel
@@ -105,16 +93,20 @@ def test_kernel_objects_of_a_cluster_ip_from_a_pod() -> None:
         "ipvsadm -a -t 10.96.0.10:80 -r 10.244.1.5:8080 -m -w 1",
         "ipvsadm -a -t 10.96.0.10:80 -r 10.244.2.5:8080 -m -w 1",
     ]
-    # a pod inside the cluster CIDR is not marked: no set element, no MARK rule matched
-    assert not any(k.startswith("ipset ") for k in traced.kernel)
+    # a pod inside the cluster CIDR returns before the MARK rule: not masqueraded
+    assert not any(k.endswith("-j MARK --or-mark 0x4000") for k in traced.kernel)
     assert not traced.masquerade
 
 
 def test_kernel_objects_from_the_node_skip_filter_input() -> None:
-    """IPVS schedules the node's own connections at LOCAL_OUT: nat OUTPUT marks them
-    (outside the cluster CIDR), filter INPUT is never reached, POSTROUTING masquerades."""
+    """IPVS schedules the node's own connections at LOCAL_OUT: mangle OUTPUT, then nat
+    OUTPUT marks them (outside the cluster CIDR), filter INPUT is never reached,
+    POSTROUTING masquerades."""
     traced, _, _ = _trace(_case("clusterip-from-node-is-masqueraded"))
-    assert traced.kernel[0] == "iptables -t nat -A OUTPUT -j KPY-IPVS-MARK"
+    assert traced.kernel[:2] == (
+        "iptables -t mangle -A OUTPUT -j KPY-IPVS-OUTPUT",
+        "iptables -t nat -A OUTPUT -j KPY-IPVS-MARK",
+    )
     assert not any("filter" in k for k in traced.kernel)
     assert "ipset KPY-IPVS-CLUSTER 10.96.0.10,tcp:80" in traced.kernel
     assert any(k.endswith("-j MASQUERADE") for k in traced.kernel)
@@ -202,6 +194,121 @@ def test_a_render_bug_shows_up_in_the_trace(monkeypatch: pytest.MonkeyPatch) -> 
     assert model.masquerade and not traced.masquerade
 
 
+# --- traffic policy Local -----------------------------------------------------------------
+
+
+def _node_trace(state: object, dst: str, port: int, **options: object) -> ex.Trace:
+    plan = b.plan([state], node_info=NODE)  # type: ignore[list-item]
+    opts = ex.Options(cluster_cidrs=CIDRS, **options)  # type: ignore[arg-type]
+    packet = ex.Packet(
+        src=ipaddress.ip_address("192.168.50.2"), dst=ipaddress.ip_address(dst), port=port
+    )
+    model = ex.explain(plan, packet, opts)
+    assert model.origin is ex.Origin.NODE
+    traced = tr.trace(plan, packet, model.origin, ex.options_config(NODE.name, opts))
+    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
+        model.verdict,
+        model.endpoints,
+        model.masquerade,
+    ), traced.kernel
+    return traced
+
+
+def test_internal_policy_local_without_local_endpoint_drops_pods_in_filter_input() -> None:
+    traced, _, _ = _trace(_case("internal-policy-local-without-local-drops"))
+    assert traced.kernel[-2:] == (
+        "iptables -t filter -A KPY-IPVS-FILTER -m set --match-set KPY-IPVS-NOLOCAL dst,dst -j DROP",
+        "ipset KPY-IPVS-NOLOCAL 10.96.0.10,tcp:80",
+    )
+
+
+def test_internal_policy_local_without_local_endpoint_drops_the_node_before_ipvs() -> None:
+    """The node's connection is scheduled at LOCAL_OUT, past filter INPUT: mangle OUTPUT
+    (before IPVS) drops it."""
+    traced = _node_trace(st((REMOTE,), itp_local=True), "10.96.0.10", 80)
+    assert traced.verdict is ex.Verdict.DROP
+    assert traced.kernel[-2:] == (
+        "iptables -t mangle -A KPY-IPVS-OUTPUT -m set --match-set KPY-IPVS-NOLOCAL dst,dst -j DROP",
+        "ipset KPY-IPVS-NOLOCAL 10.96.0.10,tcp:80",
+    )
+
+
+def test_internal_policy_local_without_any_endpoint_rejects() -> None:
+    plan = b.plan([st((), itp_local=True)], node_info=NODE)
+    objs = render.render(plan, render.context(BackendConfig(node_name=NODE.name), NODE))
+    assert not any(e.set.startswith("KPY-IPVS-NOLOCAL") for o in objs.values() for e in o.elements)
+    assert _node_trace(st((), itp_local=True), "10.96.0.10", 80).verdict is ex.Verdict.REJECT
+
+
+def test_node_to_a_local_nodeport_without_local_endpoint_uses_the_cluster_masqueraded() -> None:
+    traced, _, _ = _trace(_case("nodeport-local-policy-from-node-uses-cluster-and-masquerades"))
+    assert "ipvsadm -a -t 192.168.50.2:30080 -r 10.244.2.5:8080 -m -w 1" in traced.kernel
+    assert "ipset KPY-IPVS-LOCAL 192.168.50.2,tcp:30080" in traced.kernel
+    assert any(
+        k.startswith("iptables -t nat -A KPY-IPVS-POSTROUTING -m mark") for k in traced.kernel
+    )
+
+
+def test_outside_clients_of_a_local_frontend_without_local_endpoint_are_dropped() -> None:
+    """The same virtual service holds the cluster-wide endpoints; filter INPUT keeps
+    outside clients off it."""
+    traced, _, _ = _trace(_case("nodeport-local-policy-no-local-endpoint-drops"))
+    assert traced.verdict is ex.Verdict.DROP
+    assert traced.kernel[-1] == "ipset KPY-IPVS-DROP 192.168.50.2,tcp:30080"
+    assert not any(k.startswith("ipvsadm") for k in traced.kernel)
+
+
+def test_pods_reach_a_local_lb_without_local_endpoint_through_the_cluster() -> None:
+    traced, _, _ = _trace(_case("lb-local-policy-from-pod-short-circuits"))
+    assert (
+        "iptables -t filter -A KPY-IPVS-FILTER -s 10.244.0.0/16 -m set --match-set "
+        "KPY-IPVS-DROP dst,dst -j RETURN"
+    ) in traced.kernel
+    assert "ipvsadm -a -t 172.18.0.10:80 -r 10.244.2.5:8080 -m -w 1" in traced.kernel
+    assert not traced.masquerade
+
+
+def test_pods_are_told_by_the_node_pod_cidr_without_cluster_cidrs() -> None:
+    node = b.node(addresses=("192.168.50.2",), pod_cidrs=("10.244.1.0/24",))
+    text = render.rules(render.context(BackendConfig(node_name=node.name), node), 4)
+    assert (
+        "-A KPY-IPVS-FILTER -s 10.244.1.0/24 -m set --match-set KPY-IPVS-DROP dst,dst -j RETURN"
+    ) in text.splitlines()
+
+
+def test_local_frontend_without_any_endpoint_rejects() -> None:
+    state = st((), **LB, etp_local=True)
+    plan = b.plan([state], node_info=NODE)
+    for dst, port in (("172.18.0.10", 80), ("192.168.50.2", 30080)):
+        packet = ex.Packet(
+            src=ipaddress.ip_address(CLIENT), dst=ipaddress.ip_address(dst), port=port
+        )
+        config = ex.options_config(NODE.name, ex.Options(cluster_cidrs=CIDRS))
+        traced = tr.trace(plan, packet, ex.Origin.EXTERNAL, config)
+        assert traced.verdict is ex.Verdict.REJECT, traced.kernel
+        assert traced.kernel[-1] == "ipvs: no real server"
+
+
+def test_source_ranges_apply_to_the_node_before_ipvs() -> None:
+    denied = _node_trace(st(**LB, source_ranges=("198.51.100.0/24",)), "172.18.0.10", 80)
+    assert denied.verdict is ex.Verdict.DROP
+    assert denied.kernel[-2].startswith(
+        "iptables -t mangle -A KPY-IPVS-OUTPUT -m set --match-set KPY-IPVS-RANGED dst,dst"
+    )
+    allowed = _node_trace(st(**LB, source_ranges=("192.168.50.0/24",)), "172.18.0.10", 80)
+    assert allowed.verdict is ex.Verdict.FORWARD
+
+
+def test_several_cluster_cidrs_of_a_family_are_a_return_each() -> None:
+    """iptables refuses ``! -s`` with several networks: one RETURN per CIDR instead."""
+    cidrs = (ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("10.245.0.0/16"))
+    text = render.rules(render.Context(cluster_cidrs=cidrs), 4)
+    returns = [line for line in text.splitlines() if line.endswith("-j RETURN")]
+    assert len(returns) == 4  # CLUSTER and DROP, per CIDR
+    assert not any("! -s" in line for line in text.splitlines())
+    tr.load(text + tr.hooks())  # the tracer reads every rule
+
+
 # --- refusing what is not modelled --------------------------------------------------------
 
 
@@ -250,8 +357,10 @@ def test_load_refuses_unknown_commands_and_chains() -> None:
         tr.load("*nat\n-D PREROUTING -j ACCEPT\nCOMMIT\n")
     with pytest.raises(tr.TraceError, match="does not exist"):
         tr.load("*nat\n-A KPY-NOPE -j ACCEPT\nCOMMIT\n")
-    with pytest.raises(tr.TraceError, match="table 'mangle'"):
-        tr.load("*mangle\nCOMMIT\n")
+    with pytest.raises(tr.TraceError, match="table 'raw'"):
+        tr.load("*raw\nCOMMIT\n")
+    with pytest.raises(tr.TraceError, match="does not exist"):
+        tr.load("*mangle\n-A PREROUTING -j ACCEPT\nCOMMIT\n")  # mangle: OUTPUT only
 
 
 # --- the backend method and the CLI -------------------------------------------------------
@@ -333,21 +442,11 @@ def test_cli_explain_backend_ipvs() -> None:
 # must be seen (fixing render makes its entry fail until it goes) and nothing else may.
 GRID_DIVERGENCES = {
     "external_local_not_short_circuited": (
-        "pods and the node reach an external frontend under policy Local through the same "
-        "virtual service as outside clients: local real servers only (or the DROP set), "
-        "never the cluster-wide endpoints, and the node is not masqueraded"
-    ),
-    "external_local_drops_without_any_endpoint": (
-        "render puts a policy-Local external frontend into the DROP set when it has no "
-        "local endpoint, even when the Service has no endpoint at all (upstream rejects)"
-    ),
-    "source_ranges_skip_the_node": (
-        "loadBalancerSourceRanges are enforced in filter INPUT, which the node's own "
-        "connections (scheduled by IPVS at LOCAL_OUT) never reach"
-    ),
-    "internal_local_rejects": (
-        "a cluster IP under internalTrafficPolicy Local without a local endpoint is a "
-        "virtual service without real servers: IPVS rejects where upstream drops"
+        "with a local endpoint, the virtual service of an external frontend under policy "
+        "Local holds only the local real servers, for pods and the node too (one virtual "
+        "service per frontend); upstream sends pods and the node to the cluster-wide "
+        "endpoints. The verdict agrees; the endpoint set differs, and with it masquerade "
+        "where the source is one of the cluster-wide endpoints only (hairpin)"
     ),
 }
 
@@ -362,24 +461,17 @@ def _divergence(
     ):
         return None
     external = model.frontend not in (None, ex.Frontend.CLUSTER_IP)
-    ranged = bool(svc.get("source_ranges")) and str(packet.dst) in svc.get("lb_ips", ())  # type: ignore[operator]
+    hairpin_elsewhere = "masquerade_hairpin" in model.reasons and str(packet.src) not in {
+        e.rpartition(":")[0].strip("[]") for e in traced.endpoints
+    }
     if (
-        svc.get("itp_local")
-        and not external
-        and (model.verdict, traced.verdict)
-        == (
-            ex.Verdict.DROP,
-            ex.Verdict.REJECT,
-        )
+        svc.get("etp_local")
+        and external
+        and model.origin in (ex.Origin.POD, ex.Origin.NODE)
+        and traced.verdict is model.verdict is ex.Verdict.FORWARD
+        and (traced.masquerade == model.masquerade or hairpin_elsewhere)
     ):
-        return "internal_local_rejects"
-    if ranged and model.origin is ex.Origin.NODE and model.verdict is ex.Verdict.DROP:
-        return "source_ranges_skip_the_node"
-    if svc.get("etp_local") and external:
-        if (model.verdict, traced.verdict) == (ex.Verdict.REJECT, ex.Verdict.DROP):
-            return "external_local_drops_without_any_endpoint"
-        if model.origin in (ex.Origin.POD, ex.Origin.NODE):
-            return "external_local_not_short_circuited"
+        return "external_local_not_short_circuited"
     return "unexplained"
 
 
