@@ -42,6 +42,8 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NETLINK_CAP_ACK = 10
 SOL_NETLINK = 270
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 16
@@ -656,6 +658,14 @@ def encode(script: str, sets: Mapping[tuple[str, str, str], SetType]) -> Batch:
 # --- the socket ---------------------------------------------------------------------------
 
 
+def _grow(sock: socket.socket, force: int, plain: int, size: int) -> None:
+    """A socket buffer of at least ``size`` bytes: past the sysctl limit as root."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
 class NetlinkWriter:
     """An nfnetlink socket inside ``netns`` (None: this namespace), reused for every send."""
 
@@ -664,6 +674,7 @@ class NetlinkWriter:
         self._lock = threading.Lock()
         self._seq = 0
         self._rcvbuf = 0
+        self._sndbuf = 0
         self._sock: socket.socket | None = run_in_netns(netns, self._open)
 
     @staticmethod
@@ -686,7 +697,7 @@ class NetlinkWriter:
             sock = self._sock
             if sock is None:
                 raise NftError("netlink writer is closed")
-            self._reserve(sock, len(batch.messages))
+            self._reserve(sock, len(batch.messages), batch.size)
             begin = self._seq + 1
             self._seq += len(batch.messages) + 2
             data = bytearray(_batch_marker(NFNL_MSG_BATCH_BEGIN, begin))
@@ -710,15 +721,18 @@ class NetlinkWriter:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise NftError(f"kernel refused: {text}: {where}{more}")
 
-    def _reserve(self, sock: socket.socket, count: int) -> None:
-        """Room for one acknowledgement per message (each takes ~1 KiB of buffer)."""
-        want = max(count * 1024 + 65536, 212992)
-        if want > self._rcvbuf:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, 33, want)  # SO_RCVBUFFORCE (root)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
-            self._rcvbuf = want
+    def _reserve(self, sock: socket.socket, count: int, size: int) -> None:
+        """Room to send the batch in one ``sendto`` (the kernel refuses a message larger
+        than the send buffer) and to queue one acknowledgement per message (each takes
+        up to ~1 KiB of receive buffer)."""
+        snd = size + 65536
+        if snd > self._sndbuf:
+            _grow(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, snd)
+            self._sndbuf = snd
+        rcv = count * 1024 + 65536
+        if rcv > self._rcvbuf:
+            _grow(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, rcv)
+            self._rcvbuf = rcv
 
     def _replies(self, sock: socket.socket, begin: int, count: int) -> list[tuple[int, int]]:
         """Read every answer to the batch: (seq, errno) of each refusal.
