@@ -17,6 +17,7 @@ from kpy_nftables.apply import NftError
 from kpy.backend import BackendConfig
 from kpy.model import Endpoint, ServicePort, ServicePortState
 from kpy.testing import builders as b
+from kpy.testing import netns as lab
 from kpy.testing.netns import scratch
 from tests.conftest import require_root
 
@@ -354,6 +355,40 @@ def test_refused_transaction_names_the_line_and_changes_nothing(pair: tuple[str,
         assert _ruleset(b_) != before
     finally:
         writer.close()
+
+
+def test_rules_sent_over_netlink_carry_real_connections() -> None:
+    """Real packets: the node's Services programmed only by the writer answer."""
+    require_root()
+    config = BackendConfig(
+        cluster_cidrs=(V4_CIDR, V6_CIDR), node_ips=(ipaddress.ip_address(lab.NODE_IP),)
+    )
+    pods = _eps(lab.POD_A, lab.POD_B, lab.POD_A6, lab.POD_B6)
+    web = b.service("web", cluster_ip=DUAL, type="NodePort", node_port=30080)
+    sticky = b.service("sticky", cluster_ip="10.96.0.11", affinity=True)
+    dns = b.service("dns", protocol="UDP", cluster_ip="10.96.0.12", port=53)
+    both = [_state(web, pods), _state(sticky, pods), _state(dns, pods)]
+    only_b = [_state(web, _eps(lab.POD_B, lab.POD_B6)), *both[1:]]
+    with lab.topology("kpy-nl") as topo:
+        base = render.base_objects(config)
+        _apply(topo.node, render.transaction(base, {}, base).script)
+        pod_a = topo.pods["pod-a"]
+        writer = netlink.NetlinkWriter(topo.node)
+        try:
+            script, sets = _change(config, (), both)
+            writer.send(netlink.encode(script, sets))
+            seen = {lab.tcp(pod_a, "10.96.0.10", 80).split()[0] for _ in range(40)}
+            assert seen == {"pod-a", "pod-b"}
+            assert lab.tcp(pod_a, "fd00:96::10", 80).split()[0] in {"pod-a", "pod-b"}
+            assert lab.tcp(topo.client, lab.NODE_IP, 30080).split()[0] in {"pod-a", "pod-b"}
+            assert lab.udp(pod_a, "10.96.0.12", 53).split()[0] in {"pod-a", "pod-b"}
+            assert len({lab.tcp(pod_a, "10.96.0.11", 80).split()[0] for _ in range(10)}) == 1
+            script, sets = _change(config, both, only_b)
+            writer.send(netlink.encode(script, sets))
+            seen = {lab.tcp(pod_a, "10.96.0.10", 80).split()[0] for _ in range(20)}
+            assert seen == {"pod-b"}
+        finally:
+            writer.close()
 
 
 # --- pure: encoding -----------------------------------------------------------------------
