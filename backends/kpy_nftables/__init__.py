@@ -60,16 +60,13 @@ class NftablesBackend:
         try:
             work = await self._full(plan) if full else self._partial(plan)
             txn = render.transaction(work.want, work.have, work.keys)
-            script = txn.script  # joined once: 27 MB on a cold sync of 10,000 Services
-            if script:
-                await self._nft.run_script(script)
+            size = await self._nft.run_lines(txn.iter_lines()) if txn.ops else 0
         except NftError as exc:
             self._needs_full = True
             log.warning("nftables_apply_failed", error=str(exc), full_sync=full)
             raise BackendError(f"nft transaction failed: {exc}") from exc
         self._commit(work, full)
         self._needs_full = False
-        size = len(script.encode())
         log.debug(
             "nftables_applied",
             full_sync=full,
@@ -82,7 +79,7 @@ class NftablesBackend:
             ops=txn.ops,
             size=size,
             size_unit="bytes",
-            detail={"lines": len(txn.lines), "ports": len(work.ports)},
+            detail={"lines": txn.line_count, "ports": len(work.ports)},
         )
 
     async def dry_run(self, plan: Plan) -> str:

@@ -22,7 +22,7 @@ into one ``nft -f`` script whose size is proportional to what differs.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from kpy.backend import BackendConfig
@@ -640,12 +640,32 @@ def _add(obj: Obj) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Transaction:
-    lines: tuple[str, ...]
+    """An nft script in its order. The rules are kept as their chains and written out
+    only when the script is read (a cold sync of 10,000 Services has 110,000 of them)."""
+
+    before: tuple[str, ...]  # tables, definitions, flushes
+    rule_chains: tuple[Chain, ...]  # the chains whose rules are (re)added
+    after: tuple[str, ...]  # element changes, then deletions
     ops: int  # objects added, changed or removed
+
+    def iter_lines(self) -> Iterator[str]:
+        yield from self.before
+        for chain in self.rule_chains:
+            yield from _chain_rules(chain)
+        yield from self.after
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return tuple(self.iter_lines())
+
+    @property
+    def line_count(self) -> int:
+        rules = sum(len(c.rules) for c in self.rule_chains)
+        return len(self.before) + rules + len(self.after)
 
     @property
     def script(self) -> str:
-        return "\n".join(self.lines) + "\n" if self.lines else ""
+        return "\n".join(self.iter_lines()) + "\n" if self.ops else ""
 
 
 def transaction(
@@ -655,7 +675,7 @@ def transaction(
     reference exists when it is made and nothing referenced is deleted before its users."""
     add_defs: list[str] = []  # sets, maps, chains to create
     flushes: list[str] = []
-    rules: list[str] = []
+    rules: list[Chain] = []
     del_elements: list[str] = []
     add_elements: list[str] = []
     del_chains: list[str] = []
@@ -692,7 +712,7 @@ def transaction(
             add_defs.append(_add(obj))
             if current is not None:
                 flushes.append(f"flush chain {family} {table} {obj.name}")
-            rules += _chain_rules(obj)
+            rules.append(obj)
         elif current is None:
             add_defs.append(_add(obj))
         else:
@@ -700,9 +720,13 @@ def transaction(
             # redefined while rules use it; its name fixes what matters, so leave it.
             ops -= 1
     if not ops:
-        return Transaction((), 0)
+        return Transaction((), (), (), 0)
     # Fingerprints live in the base tables, so a transaction always touches them.
     tables.update((nf, TABLE) for nf in FAMILIES)
     head = [f"add table {nf} {table}" for nf, table in sorted(tables)]
-    lines = head + add_defs + flushes + rules + del_elements + add_elements + del_chains + del_sets
-    return Transaction(tuple(lines), ops)
+    return Transaction(
+        (*head, *add_defs, *flushes),
+        tuple(rules),
+        (*del_elements, *add_elements, *del_chains, *del_sets),
+        ops,
+    )
