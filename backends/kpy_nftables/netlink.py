@@ -74,10 +74,21 @@ NFT_DATA_VERDICT = 0xFFFFFF00
 NFT_SET_MAP = 0x8
 NFT_SET_TIMEOUT = 0x10
 NFT_SET_EVAL = 0x20
+NFT_SET_ANONYMOUS = 0x1
+NFT_SET_CONSTANT = 0x2
+NFT_SET_INTERVAL = 0x4
+NFT_SET_ELEM_INTERVAL_END = 0x1
+NFT_LOOKUP_F_INV = 0x1
 # Set userdata as nft 1.0 writes it (libnftnl's NFTNL_UDATA_SET_* TLVs); ``nft list``
 # reads the key's byte order back from it.
 UDATA_ADDR_SET = bytes.fromhex("000402000000")  # key byte order: big endian
 UDATA_CONCAT_SET = bytes.fromhex("000400000000030800040d0000000100")
+# An anonymous interval set of source addresses: byte order, "merge elements", and the
+# ``typeof ip saddr`` / ``typeof ip6 saddr`` description nft uses to print it.
+UDATA_SADDR_SET = {
+    "ip": bytes.fromhex("0004020000000204010000000314000407000000010c00040c00000001040b000000"),
+    "ip6": bytes.fromhex("0004020000000204010000000314000407000000010c00040d000000010408000000"),
+}
 UDATA_CONCAT_MAP = bytes.fromhex("000400000000010400000000030800040d0000000100060400000000")
 
 VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
@@ -310,6 +321,7 @@ class _Encoder:
         self.new_sets: dict[tuple[str, str, str], int] = {}  # set id within this batch
         self.messages: list[bytes] = []
         self.lines: list[str] = []
+        self.last_set_id = 0
 
     def line(self, line: str) -> None:
         words = line.split()
@@ -348,6 +360,16 @@ class _Encoder:
         self.messages.append(msg)
         self.lines.append(line)
 
+    def next_set_id(self) -> int:
+        """A set id, unique within the batch, for named and anonymous sets alike."""
+        self.last_set_id += 1
+        return self.last_set_id
+
+    def extra(self, message: bytes, line: str) -> None:
+        """A message a line needs before its own (an anonymous set for a rule)."""
+        self.messages.append(message)
+        self.lines.append(line)
+
     def set_ref(self, family: str, table: str, name: str) -> tuple[bytes, ...]:
         """The name (and, for a set created in this batch, the id) to reference a set by."""
         set_id = self.new_sets.get((family, table, name))
@@ -382,7 +404,7 @@ class _Encoder:
         concat = " . " in type_
         if not concat and type_ not in ("ipv4_addr", "ipv6_addr"):
             raise Unsupported(line)  # other byte orders: not written by render
-        set_id = len(self.new_sets) + 1
+        set_id = self.next_set_id()
         self.new_sets[(family, table, name)] = set_id
         self.sets[(family, table, name)] = SetType(type_, obj, timeout)
         attrs = [
@@ -511,7 +533,12 @@ class _Rule:
                     _expr("meta", _u32(2, NFT_META_MARK), _u32(3, REG_1)),
                 ]
             elif word == self.family and i + 2 < n:
-                exprs += self._address_match(take(3) if words[i + 2] != "!=" else take(4))
+                count = 3 if words[i + 2] != "!=" else 4
+                if words[i + count - 1 : i + count] == ["{"]:
+                    if "}" not in words[i + count :]:
+                        raise self.fail()
+                    count = words.index("}", i + count) - i + 1
+                exprs += self._address_match(take(count))
             elif word in PROTOCOLS and words[i + 1 : i + 2] == ["dport"]:
                 _, _, port = take(3)
                 if self.l4proto:
@@ -575,11 +602,14 @@ class _Rule:
         if (self.family, selector) not in ADDRESSES:
             raise self.fail()
         offset, length = ADDRESSES[(self.family, selector)]
-        op = NFT_CMP_EQ
-        value = words[-1]
-        if len(words) == 4:
-            op = NFT_CMP_NEQ
+        op = NFT_CMP_NEQ if words[2] == "!=" else NFT_CMP_EQ
         load = _payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length)
+        if words[-1] == "}":
+            items = " ".join(words[4 if op == NFT_CMP_NEQ else 3 : -1]).split(",")
+            return [load, self._anonymous_lookup(selector, [x.strip() for x in items], op)]
+        if len(words) != (4 if op == NFT_CMP_NEQ else 3):
+            raise self.fail()
+        value = words[-1]
         if value.startswith("@"):
             if op != NFT_CMP_EQ:
                 raise self.fail()
@@ -610,6 +640,71 @@ class _Rule:
             _bitwise(mask, b"\0" * length, op=False),
             _cmp(op, net.network_address.packed),
         ]
+
+    def _anonymous_lookup(self, selector: str, items: list[str], op: int) -> bytes:
+        """``ip saddr { a/16, b/16 }``: an anonymous interval set, as nft writes it —
+        a set named ``__set%d`` (the kernel numbers it), its elements as ranges (start,
+        and end + 1 flagged as an interval end), and a lookup by its id."""
+        if selector != "saddr":
+            raise self.fail()  # the set's typeof userdata is only known for saddr
+        try:
+            nets = sorted((ipaddress.ip_network(x) for x in items), key=lambda n: int(n[0]))
+        except ValueError as exc:
+            raise self.fail() from exc
+        if not nets or any(n.version != (4 if self.family == "ip" else 6) for n in nets):
+            raise self.fail()
+        bits = nets[0].max_prefixlen
+        bounds: list[tuple[int, int]] = []  # [start, end) of each range
+        for net in nets:
+            start, end = int(net[0]), int(net[-1]) + 1
+            if bounds and start <= bounds[-1][1]:
+                raise self.fail()  # nft would merge overlapping or adjacent ranges
+            if start == 0 or end == 1 << bits:
+                raise self.fail()  # nft leaves out an end at the edges: not encoded
+            bounds.append((start, end))
+        size = bits // 8
+        elems: list[tuple[int, bool]] = [(0, True)]  # (key, interval end)
+        for start, end in bounds:
+            elems += [(start, False), (end, True)]
+        nested = []
+        for n, (key, is_end) in enumerate(elems, 1):
+            flags = (_u32(3, NFT_SET_ELEM_INTERVAL_END),) if is_end else ()
+            nested.append(_nest(n, *flags, _nest(1, _data(key.to_bytes(size, "big")))))
+        set_id = self.encoder.next_set_id()
+        nf = FAMILIES[self.family]
+        name = _str(2, "__set%d")
+        self.encoder.extra(
+            _message(
+                NFT_MSG_NEWSET,
+                NLM_F_CREATE,
+                nf,
+                _str(1, self.table),
+                name,
+                _u32(3, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT | NFT_SET_INTERVAL),
+                _u32(4, DATATYPES["ipv4_addr" if self.family == "ip" else "ipv6_addr"][0]),
+                _u32(5, size),
+                _u32(10, set_id),
+                _nest(9, _u32(1, len(elems))),  # NFTA_SET_DESC_SIZE
+                _attr(13, UDATA_SADDR_SET[self.family]),
+            ),
+            self.line,
+        )
+        self.encoder.extra(
+            _message(
+                NFT_MSG_NEWSETELEM,
+                NLM_F_CREATE,
+                nf,
+                _str(1, self.table),
+                name,
+                _u32(4, set_id),
+                _nest(3, *nested),
+            ),
+            self.line,
+        )
+        attrs = [_u32(2, REG_1), _str(1, "__set%d"), _u32(4, set_id)]
+        if op == NFT_CMP_NEQ:
+            attrs.append(_u32(5, NFT_LOOKUP_F_INV))
+        return _expr("lookup", *attrs)
 
     def _dnat(self, target: str) -> list[bytes]:
         if self.family == "ip6":

@@ -138,6 +138,12 @@ ODD_CIDRS = BackendConfig(
     cluster_cidrs=(ipaddress.ip_network("10.240.0.0/12"), ipaddress.ip_network("fd00:240::/28"))
 )
 MASQ_ALL = BackendConfig(masquerade_all=True)
+MULTI_CIDRS = BackendConfig(
+    cluster_cidrs=tuple(
+        ipaddress.ip_network(c)
+        for c in ("10.244.0.0/16", "10.96.128.0/17", "fd00:244::/48", "fd00:300::/40")
+    )
+)
 
 
 def _state(svc: ServicePort, eps: Sequence[Endpoint] = ()) -> ServicePortState:
@@ -258,6 +264,9 @@ CASES = [
     Case("udp-and-sctp", PLAIN, (), (UDP, SCTP)),
     Case("nodeport", CIDRS, (), (NODE_PORT,)),
     Case("loadbalancer-source-range", CIDRS, (), (LB_ONE_RANGE,)),
+    Case("loadbalancer-source-ranges", CIDRS, (), (LB, LB_ONE_RANGE)),
+    Case("several-cluster-cidrs", MULTI_CIDRS, (), (CLUSTER_IP, ETP_LOCAL, DUAL_STACK)),
+    Case("several-cluster-cidrs-changed", MULTI_CIDRS, (CLUSTER_IP,), (CLUSTER_IP_LESS,)),
     Case("loadbalancer-removed", CIDRS, (LB_ONE_RANGE, NODE_PORT), (NODE_PORT,)),
     Case("external-ips", CIDRS, (), (EXTERNAL_IPS,)),
     Case("etp-local", CIDRS, (), (ETP_LOCAL,)),
@@ -296,12 +305,27 @@ def test_writer_leaves_the_ruleset_nft_leaves(pair: tuple[str, str], case: Case)
         assert render.service_chain(state.name) in ruleset or "no-endpoint" in ruleset
 
 
-def test_several_source_ranges_are_unsupported() -> None:
-    """An anonymous set (several ranges) is left to ``nft -f``."""
-    script, sets = _change(CIDRS, (), (LB,))
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        "10.0.0.0/9, 10.128.0.0/9",  # adjacent: nft merges them
+        "10.0.0.0/8, 10.1.0.0/16",  # overlapping
+        "0.0.0.0/8, 10.0.0.0/8",  # from the lowest address
+        "10.0.0.0/8, 255.0.0.0/8",  # to the highest
+    ],
+)
+def test_anonymous_sets_nft_would_rewrite_are_unsupported(ranges: str) -> None:
+    line = f"add rule ip kpy x ip saddr != {{ {ranges} }} drop"
     with pytest.raises(netlink.Unsupported) as refused:
-        netlink.encode(script, sets)
-    assert "ip saddr != { 198.51.100.0/24, 203.0.113.0/24 } drop" in str(refused.value)
+        netlink.encode(line, {})
+    assert line in str(refused.value)
+
+
+def test_an_anonymous_set_comes_before_its_rule() -> None:
+    line = "add rule ip kpy x ip saddr != { 203.0.113.0/24, 198.51.100.0/24 } drop"
+    batch = netlink.encode(line, {})
+    assert batch.lines == (line, line, line)
+    assert all(b"__set%d\0" in m for m in batch.messages)
 
 
 def test_one_endpoint_change_among_many_services(pair: tuple[str, str]) -> None:
