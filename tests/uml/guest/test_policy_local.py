@@ -1,0 +1,143 @@
+"""Traffic policy Local through the IPVS backend, with real packets in the guest's kernel.
+
+The edge cases where one virtual service per frontend is not enough and the companion
+layer decides (``kpy_ipvs.render``): a Local policy without a local endpoint drops
+(a timeout, not a refusal), except where upstream sends pods and the node to the
+cluster-wide endpoints; with no endpoint anywhere it rejects; source ranges hold for
+the node's own connections too. "Remote" endpoints are pods of this guest that the
+Plan places on another node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterator
+
+import pytest
+from kpy_ipvs import IpvsBackend
+
+from kpy.backend import BackendConfig
+from kpy.model import Endpoint
+from kpy.testing import builders as b
+
+from .netlab import CLIENT_IP, NODE_IP, Lab, ask
+
+NODE = b.node(addresses=[NODE_IP], pod_cidrs=())
+CONFIG = BackendConfig(
+    node_name=NODE.name,
+    node_ips=(ipaddress.ip_address(NODE_IP),),
+    cluster_cidrs=(ipaddress.ip_network("10.244.0.0/16"),),
+)
+LB_IP = "172.18.0.10"
+DROPPED = 1.0  # seconds a dropped connection attempt is given before it counts as dropped
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab = Lab()
+    try:
+        lab.add_pod("pod1", 1)
+        lab.add_pod("pod2", 2)
+        lab.add_pod("pod3", 3)
+        lab.add_client()
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture
+def backend(lab: Lab) -> Iterator[IpvsBackend]:
+    backend = IpvsBackend(CONFIG)
+    try:
+        yield backend
+    finally:
+        asyncio.run(backend.cleanup())
+        backend.close()
+
+
+def remote(lab: Lab, pod: str) -> Endpoint:
+    return b.endpoint(lab.pods[pod], node="node-b")
+
+
+def dropped(address: str, port: int, netns: str | None = None) -> bool:
+    """True when the connection attempt times out (a drop), False when it is answered;
+    a refusal (reject) raises."""
+    try:
+        ask(address, port, netns=netns, timeout=DROPPED)
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_internal_policy_local_without_local_endpoint_drops(lab: Lab, backend: IpvsBackend) -> None:
+    svc = b.service("itp", cluster_ip="10.96.0.20", itp_local=True)
+    empty = b.service("itp-empty", cluster_ip="10.96.0.21", itp_local=True)
+    states = [b.state(svc, [remote(lab, "pod2")], NODE), b.state(empty, [], NODE)]
+    asyncio.run(backend.apply(b.plan(states, node_info=NODE)))
+    assert dropped("10.96.0.20", 80, netns="pod3"), "a pod's connection is dropped"
+    assert dropped("10.96.0.20", 80), "the node's own connection is dropped before IPVS"
+    with pytest.raises(ConnectionRefusedError):  # no endpoint anywhere: reject
+        ask("10.96.0.21", 80, netns="pod3")
+    with pytest.raises(ConnectionRefusedError):
+        ask("10.96.0.21", 80)
+
+
+def test_node_to_local_nodeport_without_local_endpoint_reaches_the_cluster(
+    lab: Lab, backend: IpvsBackend
+) -> None:
+    svc = b.service("np", cluster_ip="10.96.0.22", type="NodePort", node_port=30090, etp_local=True)
+    asyncio.run(backend.apply(b.plan([b.state(svc, [remote(lab, "pod2")], NODE)], node_info=NODE)))
+    name, peer = ask(NODE_IP, 30090).split()
+    assert name == "pod2"
+    assert peer == "10.244.2.1", "the node's connection is masqueraded towards the pod"
+    assert dropped(NODE_IP, 30090, netns="client"), "an outside client is dropped"
+
+
+def test_pod_to_local_lb_without_local_endpoint_short_circuits(
+    lab: Lab, backend: IpvsBackend
+) -> None:
+    svc = b.service(
+        "lb",
+        cluster_ip="10.96.0.23",
+        type="LoadBalancer",
+        node_port=30091,
+        lb_ips=(LB_IP,),
+        etp_local=True,
+    )
+    asyncio.run(backend.apply(b.plan([b.state(svc, [remote(lab, "pod2")], NODE)], node_info=NODE)))
+    assert ask(LB_IP, 80, netns="pod3").split() == ["pod2", lab.pods["pod3"]], (
+        "a pod reaches the cluster-wide endpoint with its own address"
+    )
+    assert dropped(LB_IP, 80, netns="client"), "an outside client is dropped"
+
+
+def test_local_frontend_without_any_endpoint_rejects(lab: Lab, backend: IpvsBackend) -> None:
+    svc = b.service(
+        "lb-empty",
+        cluster_ip="10.96.0.24",
+        type="LoadBalancer",
+        node_port=30092,
+        lb_ips=(LB_IP,),
+        etp_local=True,
+    )
+    asyncio.run(backend.apply(b.plan([b.state(svc, [], NODE)], node_info=NODE)))
+    for address, port in ((LB_IP, 80), (NODE_IP, 30092)):
+        with pytest.raises(ConnectionRefusedError):
+            ask(address, port, netns="client")
+
+
+def test_source_ranges_hold_for_the_node(lab: Lab, backend: IpvsBackend) -> None:
+    svc = b.service(
+        "ranged",
+        cluster_ip="10.96.0.25",
+        type="LoadBalancer",
+        node_port=30093,
+        lb_ips=(LB_IP,),
+        source_ranges=(f"{CLIENT_IP}/32",),
+    )
+    pods = [b.endpoint(lab.pods["pod1"])]
+    asyncio.run(backend.apply(b.plan([b.state(svc, pods, NODE)], node_info=NODE)))
+    assert ask(LB_IP, 80, netns="client").split()[0] == "pod1", "an allowed source passes"
+    assert dropped(LB_IP, 80, netns="pod3"), "a pod outside the ranges is dropped"
+    assert dropped(LB_IP, 80), "so is the node's own connection, before IPVS"
