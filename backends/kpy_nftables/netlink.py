@@ -9,11 +9,12 @@ one atomic batch (``NFNL_MSG_BATCH_BEGIN`` … ``NFNL_MSG_BATCH_END``) on a sock
 keeps open inside the node's network namespace.
 
 Only the subset of the nft language that render writes is understood: tables, regular
-chains, affinity sets, verdict-map and set elements, and the rules of the per-service
-chains. Anything else — base chains, anonymous sets, statements render never writes —
-raises :class:`Unsupported`, and the caller sends that transaction with ``nft -f``
-instead. Nothing is guessed: every encoding here is the one ``nft --debug=mnl`` shows
-nft 1.0 sending, and the tests compare ``nft list ruleset`` after both writers.
+chains, named sets and maps, their elements, and the rules of the per-service chains
+(with anonymous sets of source ranges). Anything else — base chains, verdict-map
+lookups, statements render never writes — raises :class:`Unsupported`, and the caller
+sends that transaction with ``nft -f`` instead. Nothing is guessed: every encoding here
+is the one ``nft --debug=mnl`` shows nft 1.0 sending, and the tests compare
+``nft list ruleset`` after both writers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import errno as errno_
 import ipaddress
 import os
+import re
 import socket
 import struct
 import threading
@@ -198,7 +200,7 @@ def _data(value: bytes) -> bytes:
 
 def _verdict_data(kind: int, verdict: str, chain: str | None) -> bytes:
     code = _u32(1, VERDICTS[verdict])  # NFTA_VERDICT_CODE
-    target = (_str(2, chain),) if chain is not None else ()  # NFTA_VERDICT_CHAIN
+    target = (_str(2, _check_name(chain)),) if chain is not None else ()  # NFTA_VERDICT_CHAIN
     return _nest(kind, _nest(2, code, *target))  # NFTA_DATA_VERDICT
 
 
@@ -315,6 +317,17 @@ def _key_type(type_: str) -> tuple[int, int]:
 # --- the script ---------------------------------------------------------------------------
 
 
+# A name nft reads without quotes (its scanner's string token); anything else would be
+# quoted or a variable in the script, and is left to nft.
+_NAME = re.compile(r"[A-Za-z_.][A-Za-z0-9/_.\-]*")
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.fullmatch(name) or len(name) > 255:
+        raise Unsupported(f"name {name!r}")
+    return name
+
+
 class _Encoder:
     def __init__(self, sets: Mapping[tuple[str, str, str], SetType]) -> None:
         self.sets = dict(sets)
@@ -328,8 +341,11 @@ class _Encoder:
         if len(words) < 4 or words[2] not in FAMILIES:
             raise Unsupported(line)
         verb, obj, family, table = words[:4]
+        _check_name(table)
         nf = FAMILIES[family]
         rest = line.split(None, 4)[4] if len(words) > 4 else ""
+        if len(words) == 5:
+            _check_name(rest)  # the chain or set a line names
         if (verb, obj) == ("add", "table") and not rest:
             msg = _message(NFT_MSG_NEWTABLE, NLM_F_CREATE, nf, _str(1, table), _u32(2, 0))
         elif (verb, obj) == ("add", "chain") and len(words) == 5:
@@ -346,6 +362,7 @@ class _Encoder:
             msg = self._element(line, verb, family, table, rest)
         elif (verb, obj) == ("add", "rule") and len(words) > 5:
             chain, rule = rest.split(None, 1)
+            _check_name(chain)
             exprs = _Rule(self, family, table, line).encode(rule.split())
             msg = _message(
                 NFT_MSG_NEWRULE,
@@ -372,13 +389,14 @@ class _Encoder:
 
     def set_ref(self, family: str, table: str, name: str) -> tuple[bytes, ...]:
         """The name (and, for a set created in this batch, the id) to reference a set by."""
-        set_id = self.new_sets.get((family, table, name))
+        set_id = self.new_sets.get((family, table, _check_name(name)))
         return (name.encode(),) if set_id is None else (name.encode(), struct.pack(">I", set_id))
 
     def _add_set(self, line: str, obj: str, family: str, table: str, rest: str) -> bytes:
         name, sep, spec = rest.partition(" { ")
         if not sep or not spec.endswith(" }"):
             raise Unsupported(line)
+        _check_name(name)
         clauses = [c.strip() for c in spec[: -len(" }")].split(";") if c.strip()]
         timeout = None
         type_ = None

@@ -444,6 +444,9 @@ SETS = {
         "add set ip kpy s { type ether_addr; }",
         "add map ip kpy m { type ipv4_addr : ipv4_addr; }",
         "list ruleset",
+        'add chain ip kpy "quoted name"',
+        "add rule ip kpy x goto $chain",
+        'add element ip kpy "service-ips" { 10.96.0.1 . tcp . 80 : drop }',
         "delete table ip kpy",
     ],
 )
