@@ -16,7 +16,9 @@ See README.md beside this file for the table layout.
 
 from __future__ import annotations
 
+import asyncio
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 
 import structlog
@@ -24,8 +26,8 @@ import structlog
 from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
 from kpy.explain import Origin, Packet, Trace
 from kpy.model import Plan, ServicePortName, ServicePortState
+from kpy_nftables import netlink, render
 from kpy_nftables import observe as observe_
-from kpy_nftables import render
 from kpy_nftables import trace as trace_
 from kpy_nftables.apply import Nft, NftError
 
@@ -48,6 +50,16 @@ class NftablesBackend:
         # an element's claim (its key without the shard table) → the port holding it
         self._owner: dict[str, ServicePortName] = {}
         self._needs_full = True
+        writer = config.option("nftables_writer", "netlink")
+        if writer not in ("netlink", "nft"):
+            raise ValueError(f"nftables_writer must be netlink or nft (got {writer!r})")
+        self._use_netlink = writer == "netlink"
+        self._netlink: netlink.NetlinkWriter | None = None
+        self._set_types = {
+            (o.family, o.table, o.name): netlink.SetType(o.type, o.kind, o.timeout)
+            for o in self._base.values()
+            if isinstance(o, render.Set)
+        }
 
     # --- the Backend protocol -----------------------------------------------------------
 
@@ -60,8 +72,13 @@ class NftablesBackend:
         try:
             work = await self._full(plan) if full else self._partial(plan)
             txn = render.transaction(work.want, work.have, work.keys)
-            size = await self._nft.run_lines(txn.iter_lines()) if txn.ops else 0
-        except NftError as exc:
+            if not txn.ops:
+                size, writer = 0, "none"
+            elif full or not self._use_netlink:
+                size, writer = await self._nft.run_lines(txn.iter_lines()), "nft"
+            else:
+                size, writer = await self._send_small(txn)
+        except (NftError, OSError) as exc:
             self._needs_full = True
             log.warning("nftables_apply_failed", error=str(exc), full_sync=full)
             raise BackendError(f"nft transaction failed: {exc}") from exc
@@ -72,6 +89,7 @@ class NftablesBackend:
             full_sync=full,
             ops=txn.ops,
             bytes=size,
+            writer=writer,
             ms=round((time.monotonic() - started) * 1000, 3),
         )
         return ApplyResult(
@@ -79,8 +97,29 @@ class NftablesBackend:
             ops=txn.ops,
             size=size,
             size_unit="bytes",
-            detail={"lines": txn.line_count, "ports": len(work.ports)},
+            detail={
+                "lines": txn.line_count,
+                "ports": len(work.ports),
+                "netlink": writer == "netlink",
+            },
         )
+
+    async def _send_small(self, txn: render.Transaction) -> tuple[int, str]:
+        """A partial sync's transaction as one netlink batch from this process (no nft
+        process, no cache of the ruleset); ``nft -f`` when it holds a line the encoder
+        does not know. Returns the script's size in bytes and the writer used."""
+        script = txn.script
+        try:
+            batch = netlink.encode(script, self._set_types)
+        except netlink.Unsupported as exc:
+            log.debug("nftables_netlink_unsupported", line=str(exc))
+            await self._nft.run_script(script)
+            return len(script.encode()), "nft"
+        if self._netlink is None:
+            self._netlink = netlink.NetlinkWriter(self.config.netns)
+            weakref.finalize(self, self._netlink.close)  # the socket goes with the backend
+        await asyncio.to_thread(self._netlink.send, batch)
+        return len(script.encode()), "netlink"
 
     async def dry_run(self, plan: Plan) -> str:
         """The transaction ``apply(plan)`` would send now, without sending it."""
@@ -102,7 +141,14 @@ class NftablesBackend:
         (:func:`kpy_nftables.trace.trace`; pure, touches no kernel state)."""
         return trace_.trace(plan, packet, origin, self.config)
 
+    def close(self) -> None:
+        """Close the netlink socket (the rules stay; a later sync opens a new one)."""
+        if self._netlink is not None:
+            self._netlink.close()
+            self._netlink = None
+
     async def cleanup(self) -> None:
+        self.close()
         try:
             await self._nft.delete_tables()
         except NftError as exc:

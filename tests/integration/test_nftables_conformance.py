@@ -7,7 +7,7 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
-from kpy_nftables import NftablesBackend, render
+from kpy_nftables import NftablesBackend, netlink, render
 
 from kpy.backend import Backend, BackendConfig, BackendError, parse_networks
 from kpy.model import ServicePortState
@@ -137,3 +137,46 @@ def test_cleanup_leaves_other_tables_alone(netns: str) -> None:
     tables = nft(netns, "list", "tables")
     assert "someone-else" in tables
     assert "kpy" not in tables
+
+
+def _one_endpoint_less(states: list[ServicePortState]) -> tuple[list[ServicePortState], str]:
+    first = states[0]
+    states = [b.state(first.service, first.endpoints[1:]), *states[1:]]
+    return states, str(first.endpoints[0].ip)
+
+
+def test_partial_syncs_go_over_netlink_and_full_syncs_through_nft(netns: str) -> None:
+    states = states_with(3)
+    backend = NftablesBackend(config(netns))
+    assert run(backend.apply(b.plan(states))).detail["netlink"] == 0
+    changed, gone = _one_endpoint_less(states)
+    result = run(backend.apply(b.plan(changed, full_sync=False, changed=[changed[0].name])))
+    assert result.detail["netlink"] == 1 and result.ops > 0
+    assert f"dnat to {gone}:" not in nft(netns, "list", "ruleset")
+    # what netlink wrote is what a full sync would have written: nothing left to do
+    assert run(backend.apply(b.plan(changed, full_sync=True))).ops == 0
+    backend.close()
+
+
+def test_writer_option_nft_and_fallback_for_lines_netlink_cannot_encode(
+    netns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    states = states_with(3)
+    forced = BackendConfig(node_name="node-a", netns=netns, options=(("nftables_writer", "nft"),))
+    backend = NftablesBackend(forced)
+    run(backend.apply(b.plan(states)))
+    changed, _ = _one_endpoint_less(states)
+    result = run(backend.apply(b.plan(changed, full_sync=False, changed=[changed[0].name])))
+    assert result.detail["netlink"] == 0 and result.ops > 0
+
+    def refuse(script: str, sets: object) -> netlink.Batch:
+        raise netlink.Unsupported(script.splitlines()[0])
+
+    monkeypatch.setattr(netlink, "encode", refuse)
+    backend = NftablesBackend(config(netns))
+    run(backend.apply(b.plan(changed)))
+    result = run(backend.apply(b.plan(states, full_sync=False, changed=[states[0].name])))
+    assert result.detail["netlink"] == 0 and result.ops > 0
+    assert run(backend.apply(b.plan(states, full_sync=True))).ops == 0
+    with pytest.raises(ValueError, match="nftables_writer"):
+        NftablesBackend(BackendConfig(node_name="n", options=(("nftables_writer", "x"),)))
