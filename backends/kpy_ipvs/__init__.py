@@ -63,6 +63,7 @@ class IpvsBackend:
         self._kernel = Kernel(config.netns)
         self._ctx = render.Context()
         self._ports: dict[ServicePortName, PortObjects] = {}
+        self._marks: dict[ServicePortName, int] = {}  # short-circuit marks in use
         self._want_services: dict[VirtualKey, VirtualService] = {}
         self._want_dests: dict[DestKey, int] = {}
         self._want_elements: dict[Element, bool] = {}
@@ -115,6 +116,7 @@ class IpvsBackend:
         except KernelError as exc:
             raise BackendError(str(exc)) from exc
         self._ports.clear()
+        self._marks.clear()
         self._want_services.clear()
         self._want_dests.clear()
         self._want_elements.clear()
@@ -139,10 +141,17 @@ class IpvsBackend:
         self, services: dict[VirtualKey, VirtualService], bound: frozenset[IPAddress]
     ) -> set[VirtualKey]:
         """Virtual services that are kpy's: on kpy-ipvs0's addresses, on the NodePort
-        addresses, or rendered by this backend. Anything else is left alone."""
+        addresses, short-circuit firewall marks, or rendered by this backend. Anything
+        else is left alone."""
         known = set(self._want_services)
         node_ips = set(self._ctx.nodeport_ips) | set(self.config.node_ips)
-        return {k for k in services if k in known or k.address in bound or k.address in node_ips}
+        return {
+            k
+            for k in services
+            if k in known
+            or render.is_short_circuit(k)
+            or (not k.fwmark and (k.address in bound or k.address in node_ips))
+        }
 
     def _register(self, objs: PortObjects, sign: int) -> None:
         if sign > 0:
@@ -172,7 +181,13 @@ class IpvsBackend:
         if full:
             self._ctx = render.context(self.config, plan.node)
             kernel.sysctls()
-            self._ports = render.render(plan, self._ctx)
+            self._marks = render.allocate_marks(
+                name for name, state in plan.services.items() if render.wants_mark(state)
+            )
+            self._ports = {
+                name: render.render_port(state, self._ctx, self._marks.get(name, 0))
+                for name, state in plan.services.items()
+            }
             self._want_services, self._want_dests = {}, {}
             self._want_elements, self._address_refs = {}, Counter()
             self._element_refs = Counter()
@@ -196,7 +211,16 @@ class IpvsBackend:
                 old = self._ports.pop(name, render.EMPTY)
                 self._register(old, -1)
                 state = plan.services.get(name)
-                new = render.render_port(state, self._ctx) if state is not None else render.EMPTY
+                if state is None or not render.wants_mark(state):
+                    self._marks.pop(name, None)
+                elif name not in self._marks:
+                    self._marks = render.allocate_marks([name], self._marks)
+                mark = self._marks.get(name, 0)
+                new = (
+                    render.render_port(state, self._ctx, mark)
+                    if state is not None
+                    else render.EMPTY
+                )
                 if new is not render.EMPTY:
                     self._ports[name] = new
                     self._register(new, +1)

@@ -106,12 +106,15 @@ def encode_service(key: VirtualKey, settings: VirtualService | None = None) -> b
     """The ``IPVS_CMD_ATTR_SERVICE`` attribute for ``key`` (with ``settings``: complete,
     as adding or changing a service needs)."""
     v6 = key.address.version == 6
-    body = (
-        _nla(1, _u16(socket.AF_INET6 if v6 else socket.AF_INET))  # AF
-        + _nla(2, _u16(PROTO_NUMBERS[key.protocol]))  # PROTOCOL
-        + _nla(3, key.address.packed)  # ADDR
-        + _nla(4, _port(key.port))  # PORT
-    )
+    body = _nla(1, _u16(socket.AF_INET6 if v6 else socket.AF_INET))  # AF
+    if key.fwmark:
+        body += _nla(5, _u32(key.fwmark))  # FWMARK (no protocol, address or port)
+    else:
+        body += (
+            _nla(2, _u16(PROTO_NUMBERS[key.protocol]))  # PROTOCOL
+            + _nla(3, key.address.packed)  # ADDR
+            + _nla(4, _port(key.port))  # PORT
+        )
     if settings is not None:
         flags = PERSISTENT if settings.persistence else 0
         body += (
@@ -157,11 +160,20 @@ def _ipset_ip(kind: int, address: IPAddress) -> bytes:
 
 def encode_element(el: Element) -> bytes:
     """An ipset add/del request body for ``el`` (ipset's own text, e.g.
-    ``10.244.1.2,tcp:8080,10.244.1.2`` in a ``hash:ip,port,ip`` set)."""
+    ``10.244.1.2,tcp:8080,10.244.1.2`` in a ``hash:ip,port,ip`` set, or
+    ``172.18.0.10,tcp:80 skbmark 0x10000/0xffff0000`` in a ``skbinfo`` one)."""
     data = b""
     family = socket.AF_INET
+    value, _, extension = el.value.partition(" ")
+    if extension:
+        word, _, mark = extension.partition(" ")
+        if word != "skbmark":
+            raise KernelError(f"ipset element {el}: unknown extension {word!r}")
+        text, _, mask = mark.partition("/")
+        full = (int(text, 0) << 32) | int(mask or "0xffffffff", 0)
+        data += _nla(27 | NLA_F_NET_BYTEORDER, struct.pack("!Q", full))  # SKBMARK
     for i, (part, kind) in enumerate(
-        zip(el.value.split(","), SET_TYPES[el.set].split(","), strict=True)
+        zip(value.split(","), SET_TYPES[el.set].split(","), strict=True)
     ):
         if kind == "port":
             proto, _, port = part.partition(":")
@@ -442,19 +454,24 @@ class Kernel:
         result: dict[VirtualKey, VirtualService] = {}
         for msg in self.ipvs().service("dump"):
             attrs = msg.get_attr("IPVS_CMD_ATTR_SERVICE")
-            if attrs is None or attrs.get_attr("IPVS_SVC_ATTR_FWMARK"):
-                continue
-            proto = PROTO_NAMES.get(attrs.get_attr("IPVS_SVC_ATTR_PROTOCOL"))
-            addr = attrs.get_attr("IPVS_SVC_ATTR_ADDR")
-            if proto is None or addr is None:
+            if attrs is None:
                 continue
             flags = attrs.get_attr("IPVS_SVC_ATTR_FLAGS") or {"flags": 0}
             persistent = bool(flags["flags"] & PERSISTENT)
-            key = VirtualKey(
-                address=ipaddress.ip_address(addr),
-                port=attrs.get_attr("IPVS_SVC_ATTR_PORT"),
-                protocol=proto,
-            )
+            fwmark = attrs.get_attr("IPVS_SVC_ATTR_FWMARK")
+            if fwmark:
+                v6 = attrs.get_attr("IPVS_SVC_ATTR_AF") == socket.AF_INET6
+                key = render.fwmark_key(fwmark, 6 if v6 else 4)
+            else:
+                proto = PROTO_NAMES.get(attrs.get_attr("IPVS_SVC_ATTR_PROTOCOL"))
+                addr = attrs.get_attr("IPVS_SVC_ATTR_ADDR")
+                if proto is None or addr is None:
+                    continue
+                key = VirtualKey(
+                    address=ipaddress.ip_address(addr),
+                    port=attrs.get_attr("IPVS_SVC_ATTR_PORT"),
+                    protocol=proto,
+                )
             result[key] = VirtualService(
                 scheduler=attrs.get_attr("IPVS_SVC_ATTR_SCHED_NAME"),
                 persistence=attrs.get_attr("IPVS_SVC_ATTR_TIMEOUT") if persistent else 0,
@@ -521,8 +538,8 @@ class Kernel:
             if len(parts) >= 3 and parts[1] in names:
                 if parts[0] == "create":
                     present.add(parts[1])
-                elif parts[0] == "add":
-                    elements.add(Element(set=parts[1], value=parts[2]))
+                elif parts[0] == "add":  # with its extensions (skbmark)
+                    elements.add(Element(set=parts[1], value=" ".join(parts[2:])))
         ids: set[str] = set()
         for tool in IPTABLES:
             saved = self.run([f"{tool}-save"], check=False)
@@ -650,7 +667,8 @@ class Kernel:
     def write_companion(self, ctx: render.Context, elements: Iterable[Element]) -> None:
         """(Re)create the companion sets and rules, and fill the sets with ``elements``."""
         lines = [
-            f"create {name} {typ} family {'inet6' if version == 6 else 'inet'} -exist"
+            f"create {name} {typ} family {'inet6' if version == 6 else 'inet'} "
+            f"{render.create_options(name)} -exist".replace("  ", " ")
             for name, typ, version in render.set_names()
         ]
         lines += [f"flush {name}" for name, _, _ in render.set_names()]

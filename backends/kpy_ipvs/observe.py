@@ -4,7 +4,8 @@ IPVS does not record which Service a virtual service belongs to, so the per-serv
 views are attributed through what this backend rendered (the service ports it was last
 told about); virtual services kpy owns but cannot attribute (e.g. read before the first
 sync of a restarted agent) are listed under ``?<frontend>``. Real servers with weight 0
-are draining (graceful termination): they are shown in ``extra``, not as endpoints.
+are draining (graceful termination): they are shown in ``extra``, not as endpoints; so
+are the short-circuit (firewall-mark) virtual services' real servers.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def programmed(
             continue
         found = owner.get(key)
         label = str(found[0]) if found is not None else f"?{key}"
+        if key.fwmark:
+            # pods' and the node's way to an externalTrafficPolicy Local frontend: not a
+            # frontend of its own, and its (cluster-wide) real servers are not the view's
+            facts = extra.setdefault(label, {})
+            facts[f"short-circuit {key}"] = " ".join(
+                _endpoint(d) for d, st in sorted(by_dest.get(key, []), key=lambda d: str(d[0]))
+            )
+            continue
         node_port = found is not None and found[1]
         text = frontend(None, key.port, str(key.protocol)) if node_port else str(key)
         fronts.setdefault(label, set()).add(text)

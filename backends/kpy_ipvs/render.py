@@ -18,14 +18,21 @@ Traffic policy Local, where one virtual service per frontend cannot say everythi
   IP's virtual service has no real server, and the frontend goes into ``NOLOCAL``,
   dropped for every source before IPVS sees it (filter INPUT for pods, mangle OUTPUT
   for the node); with no endpoint anywhere it is not, and IPVS rejects.
-* externalTrafficPolicy Local with no local endpoint (but some elsewhere): the virtual
-  service holds the cluster-wide endpoints (as upstream does since kubernetes#97081),
-  and the frontend goes into ``DROP``, dropped in filter INPUT for every source that is
-  not a pod; pods and the node (whose connections IPVS schedules at LOCAL_OUT, past
-  filter INPUT) reach the cluster-wide endpoints, the node masqueraded (``LOCAL``).
-  With no endpoint anywhere the frontend is in no set, and IPVS rejects.
-* With local endpoints, the virtual service holds only those, for every source: pods
-  and the node do not short-circuit to the cluster-wide endpoints (README.md).
+* externalTrafficPolicy Local: an external frontend's own virtual service holds the
+  local endpoints, for outside clients (source kept). Pods and the node go to the
+  cluster-wide endpoints, as upstream short-circuits them: the port has a mark
+  (:func:`allocate_marks`, upper 16 bits), its frontends are ``SHORT`` elements
+  carrying it as ``skbmark``, mangle PREROUTING (pod sources) and OUTPUT (the node)
+  set it with ``-j SET --map-mark``, and IPVS, which looks firewall-mark services up
+  before addresses, picks the port's firewall-mark virtual service holding the
+  cluster-wide endpoints. The node's marked connections are masqueraded. With no local
+  endpoint (but some elsewhere) the frontend is also in ``DROP``: outside clients are
+  dropped in filter INPUT (pods ``RETURN`` first). With no endpoint anywhere nothing
+  drops, and IPVS rejects.
+* Should the marks run out, a port has none: then the node's connections are
+  masqueraded through ``LOCAL``, the frontend's virtual service holds the cluster-wide
+  endpoints when there is no local one, and with local endpoints pods and the node use
+  those only (README.md).
 
 The rules are fixed for a given configuration (:func:`rules`); only set elements change
 with Services, so a one-endpoint change never rewrites rules.
@@ -62,19 +69,40 @@ SCHEDULERS = frozenset({"rr", "wrr", "lc", "wlc", "sh", "dh", "mh", "sed", "nq",
 DEFAULT_SCHEDULER = "rr"
 WEIGHT = 1
 MASQUERADE_MARK = 0x4000  # the packet-mark bit upstream kube-proxy uses for "masquerade me"
+# Short-circuit marks (pods and the node to an externalTrafficPolicy Local frontend): one
+# per service port in the upper 16 bits, selecting its firewall-mark virtual service.
+SHORT_MARK_SHIFT = 16
+SHORT_MARK_MASK = 0xFFFF0000
+SHORT_MARKS = 0xFFFF  # how many service ports can have one
 _MARK = f"meta mark set meta mark | {MASQUERADE_MARK:#x}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VirtualKey:
-    """One IPVS virtual service: what a packet's destination must be to hit it."""
+    """One IPVS virtual service: what a packet's destination must be to hit it, or (with
+    ``fwmark``) the packet mark that selects it (:func:`fwmark_key`)."""
 
     address: IPAddress
     port: int
     protocol: Protocol
+    fwmark: int = 0
 
     def __str__(self) -> str:
+        if self.fwmark:
+            return f"fwmark {self.fwmark:#x} IPv{self.address.version}"
         return frontend(self.address, self.port, str(self.protocol))
+
+
+def fwmark_key(mark: int, version: int) -> VirtualKey:
+    """The key of a firewall-mark virtual service (the kernel keeps no address, port or
+    protocol for one: it reports TCP)."""
+    unspecified = ipaddress.ip_address("::" if version == 6 else "0.0.0.0")
+    return VirtualKey(address=unspecified, port=0, protocol=Protocol.TCP, fwmark=mark)
+
+
+def is_short_circuit(key: VirtualKey) -> bool:
+    """Whether ``key`` is one of kpy's short-circuit (firewall-mark) virtual services."""
+    return bool(key.fwmark) and key.fwmark & ~SHORT_MARK_MASK == 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,8 +224,48 @@ def cluster_endpoints(state: ServicePortState, node: NodeInfo | None) -> tuple[E
     return select.categorize(cluster, state.endpoints, node or NodeInfo(name="")).internal
 
 
-def render_port(state: ServicePortState, ctx: Context) -> PortObjects:
-    """The IPVS services, real servers, VIPs and companion elements of one service port."""
+def wants_mark(state: ServicePortState) -> bool:
+    """Whether the port needs a short-circuit mark: externalTrafficPolicy Local with an
+    external frontend."""
+    svc = state.service
+    external = svc.external_ips or svc.load_balancer_ips or svc.node_port is not None
+    return svc.has_vip and svc.external_policy_local and bool(external)
+
+
+def _preferred_mark(name: ServicePortName) -> int:
+    digest = hashlib.sha256(str(name).encode()).digest()
+    return int.from_bytes(digest[:4], "big") % SHORT_MARKS + 1
+
+
+def allocate_marks(
+    names: Iterable[ServicePortName], taken: Mapping[ServicePortName, int] | None = None
+) -> dict[ServicePortName, int]:
+    """Short-circuit marks (1..SHORT_MARKS, 0: none left) for ``names``, in name order,
+    each at a hash of its name or the next free one, around the ones in ``taken``
+    (kept as they are)."""
+    result = dict(taken or {})
+    used = set(result.values())
+    for name in sorted(set(names) - set(result)):
+        mark = _preferred_mark(name)
+        for _ in range(SHORT_MARKS):
+            if mark not in used:
+                break
+            mark = mark % SHORT_MARKS + 1
+        else:
+            mark = 0
+        result[name] = mark
+        used.add(mark)
+    return result
+
+
+def render_port(state: ServicePortState, ctx: Context, mark: int = 0) -> PortObjects:
+    """The IPVS services, real servers, VIPs and companion elements of one service port.
+
+    ``mark`` (from :func:`allocate_marks`) is the port's short-circuit mark under
+    externalTrafficPolicy Local: its external frontends go into ``SHORT`` with it, and a
+    firewall-mark virtual service per family holds the cluster-wide endpoints, which
+    pods and the node reach that way. Without one, the fallback in the module docstring
+    applies."""
     svc = state.service
     if not svc.has_vip:
         return EMPTY
@@ -215,10 +283,12 @@ def render_port(state: ServicePortState, ctx: Context) -> PortObjects:
     elsewhere = _versions((*cluster, *state.local))  # families with an endpoint anywhere
 
     def add(address: IPAddress, port: int, endpoints: tuple[Endpoint, ...]) -> VirtualKey:
-        key = VirtualKey(address=address, port=port, protocol=svc.protocol)
+        return add_key(VirtualKey(address=address, port=port, protocol=svc.protocol), endpoints)
+
+    def add_key(key: VirtualKey, endpoints: tuple[Endpoint, ...]) -> VirtualKey:
         services[key] = settings
         for ep in endpoints:
-            if ep.ip.version == address.version:
+            if ep.ip.version == key.address.version:
                 dests[DestKey(virtual=key, address=ep.ip, port=ep.port)] = WEIGHT
                 served.add(ep)
         return key
@@ -243,17 +313,24 @@ def render_port(state: ServicePortState, ctx: Context) -> PortObjects:
         external += [(ip, svc.node_port) for ip in ctx.nodeport_ips]
     local = _versions(state.external)
     node_ports: set[VirtualKey] = set()
+    skbmark = f"skbmark {mark << SHORT_MARK_SHIFT:#x}/{SHORT_MARK_MASK:#x}"
     for ip, port in external:
         value = _frontend_value(ip, svc.protocol, port)
         targets = state.external
         if svc.external_policy_local:
-            # the node's own connections use the cluster-wide endpoints, masqueraded
-            elements.add(Element(set=set_name("LOCAL", ip.version), value=value))
             if ip.version not in local and ip.version in elsewhere:
-                # none here: outside clients are dropped (DROP), pods and the node
-                # reach the cluster-wide endpoints through the virtual service
+                # none here but some elsewhere: outside clients are dropped
                 elements.add(Element(set=set_name("DROP", ip.version), value=value))
-                targets = cluster
+            if mark:
+                # pods and the node: the firewall-mark virtual service (cluster-wide)
+                elements.add(Element(set=set_name("SHORT", ip.version), value=f"{value} {skbmark}"))
+                add_key(fwmark_key(mark << SHORT_MARK_SHIFT, ip.version), cluster)
+            else:
+                # no mark: the node's own connections are masqueraded, and without a
+                # local endpoint the virtual service holds the cluster-wide ones
+                elements.add(Element(set=set_name("LOCAL", ip.version), value=value))
+                if ip.version not in local and ip.version in elsewhere:
+                    targets = cluster
         else:
             elements.add(Element(set=set_name("MASQ", ip.version), value=value))
         key = add(ip, port, targets)
@@ -286,8 +363,11 @@ def render_port(state: ServicePortState, ctx: Context) -> PortObjects:
 
 
 def render(plan: Plan, ctx: Context) -> dict[ServicePortName, PortObjects]:
-    """Every service port of the plan."""
-    return {name: render_port(state, ctx) for name, state in plan.services.items()}
+    """Every service port of the plan (short-circuit marks as a full sync allocates them)."""
+    marks = allocate_marks(name for name, st in plan.services.items() if wants_mark(st))
+    return {
+        name: render_port(state, ctx, marks.get(name, 0)) for name, state in plan.services.items()
+    }
 
 
 SETS: tuple[tuple[str, str], ...] = (
@@ -296,7 +376,8 @@ SETS: tuple[tuple[str, str], ...] = (
     ("CLUSTER", "hash:ip,port"),
     ("DROP", "hash:ip,port"),  # external, policy Local, none here: outside clients dropped
     ("NOLOCAL", "hash:ip,port"),  # cluster IP, policy Local, none here: every source dropped
-    ("LOCAL", "hash:ip,port"),  # external, policy Local: the node's connections masqueraded
+    ("LOCAL", "hash:ip,port"),  # external, policy Local, no mark: the node masqueraded
+    ("SHORT", "hash:ip,port"),  # external, policy Local: skbmark = the port's mark (skbinfo)
     ("RANGED", "hash:ip,port"),
     ("ALLOWED", "hash:ip,port,net"),
     ("LOOPBACK", "hash:ip,port,ip"),  # endpoint,proto:port,endpoint: hairpin
@@ -306,12 +387,14 @@ CHAIN_MARK = "KPY-IPVS-MARK"  # nat: mark what must be masqueraded (before IPVS)
 CHAIN_POST = "KPY-IPVS-POSTROUTING"  # nat: masquerade marked packets
 CHAIN_FILTER = "KPY-IPVS-FILTER"  # filter: policy Local drops, source ranges
 CHAIN_OUTPUT = "KPY-IPVS-OUTPUT"  # mangle: the node's own connections, before IPVS
+CHAIN_PODS = "KPY-IPVS-PREROUTING"  # mangle: short-circuit marks for pods
 HOOKS: tuple[tuple[str, str, str], ...] = (
     # (table, built-in chain, our chain): jump rules, inserted first
     ("nat", "PREROUTING", CHAIN_MARK),
     ("nat", "OUTPUT", CHAIN_MARK),
     ("nat", "POSTROUTING", CHAIN_POST),
     ("filter", "INPUT", CHAIN_FILTER),
+    (MANGLE, "PREROUTING", CHAIN_PODS),
     (MANGLE, "OUTPUT", CHAIN_OUTPUT),
 )
 CHAINS: tuple[tuple[str, str], ...] = tuple(dict.fromkeys((t, c) for t, _, c in HOOKS))
@@ -319,6 +402,11 @@ CHAINS: tuple[tuple[str, str], ...] = tuple(dict.fromkeys((t, c) for t, _, c in 
 
 def set_name(name: str, version: int) -> str:
     return f"KPY-IPVS-{name}" + ("6" if version == 6 else "")
+
+
+def create_options(name: str) -> str:
+    """Extra ``ipset create`` options of a companion set."""
+    return "skbinfo" if name.rstrip("6") == set_name("SHORT", 4) else ""
 
 
 def set_names() -> Iterator[tuple[str, str, int]]:
@@ -376,14 +464,21 @@ def rules(ctx: Context, version: int) -> str:
         f"-A {CHAIN_POST} -m mark --mark {MASQUERADE_MARK:#x}/{MASQUERADE_MARK:#x} -j MASQUERADE"
     )
     lines.append(f"-A {CHAIN_POST} {match('LOOPBACK', 'dst,dst,src')} -j MASQUERADE")
+    lines.append(
+        f"-A {CHAIN_POST} -m mark ! --mark 0x0/{SHORT_MARK_MASK:#x} "
+        "-m addrtype --src-type LOCAL -j MASQUERADE"
+    )
     lines += ["COMMIT", "*filter", f":{CHAIN_FILTER} - [0:0]"]
     lines.append(f"-A {CHAIN_FILTER} {match('NOLOCAL')} -j DROP")
     lines.append(f"-A {CHAIN_FILTER} {ranged} -j DROP")
     lines += [f"-A {CHAIN_FILTER} -s {c} {match('DROP')} -j RETURN" for c in ctx.pods(version)]
     lines.append(f"-A {CHAIN_FILTER} {match('DROP')} -j DROP")
-    lines += ["COMMIT", f"*{MANGLE}", f":{CHAIN_OUTPUT} - [0:0]"]
+    short = f"{match('SHORT')} -j SET --map-set {set_name('SHORT', version)} dst,dst --map-mark"
+    lines += ["COMMIT", f"*{MANGLE}", f":{CHAIN_PODS} - [0:0]", f":{CHAIN_OUTPUT} - [0:0]"]
+    lines += [f"-A {CHAIN_PODS} -s {c} {short}" for c in ctx.pods(version)]
     lines.append(f"-A {CHAIN_OUTPUT} {match('NOLOCAL')} -j DROP")
     lines.append(f"-A {CHAIN_OUTPUT} {ranged} -j DROP")
+    lines.append(f"-A {CHAIN_OUTPUT} {short}")
     lines.append(f"-A {CHAIN_OUTPUT} {match('LOCAL')} {mark}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
@@ -392,7 +487,7 @@ def rules(ctx: Context, version: int) -> str:
 def skeleton_id(ctx: Context) -> str:
     """A short identity of the rules (a rule comment, read back on adoption)."""
     pods = tuple(str(c) for version in (4, 6) for c in ctx.pods(version))
-    text = repr((ctx.masquerade_all, tuple(str(c) for c in ctx.cluster_cidrs), pods, SETS, 3))
+    text = repr((ctx.masquerade_all, tuple(str(c) for c in ctx.cluster_cidrs), pods, SETS, 4))
     return "kpy-ipvs-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -65,14 +65,28 @@ def _set_flags(args: tuple[str, ...]) -> str | None:
     return None if flags in ("dst,dst", "dst,dst,src") else f"set flags {flags!r} are not modelled"
 
 
+def _map_flags(args: tuple[str, ...]) -> str | None:
+    return None if args[1] == "dst,dst" else f"--map-set flags {args[1]!r} are not modelled"
+
+
+def _local_type(args: tuple[str, ...]) -> str | None:
+    return None if args[0] == "LOCAL" else f"address type {args[0]!r} is not modelled"
+
+
 # The companion's part of the iptables language, read by the iptables backend's parser.
 SYNTAX = Syntax(
-    modules={"comment": {"--comment": 1}, "set": {"--match-set": 2}, "mark": {"--mark": 1}},
-    targets={t: {} for t in (*TERMINAL, "MASQUERADE")} | {"MARK": {"--or-mark": 1}},
+    modules={
+        "comment": {"--comment": 1},
+        "set": {"--match-set": 2},
+        "mark": {"--mark": 1},
+        "addrtype": {"--src-type": 1},
+    },
+    targets={t: {} for t in (*TERMINAL, "MASQUERADE")}
+    | {"MARK": {"--or-mark": 1}, "SET": {"--map-set": 2, "--map-mark": 0}},
     addresses=("-s", "-d"),
     user_chains="KPY-",
     verbs=frozenset({"-A", "-I"}),
-    checks={"--match-set": _set_flags},
+    checks={"--match-set": _set_flags, "--map-set": _map_flags, "--src-type": _local_type},
 )
 
 
@@ -85,23 +99,28 @@ def load(text: str) -> Tables:
     """Apply the companion's restore input to empty tables, as the kernel would.
 
     The iptables tracer models ``nat`` and ``filter``; the companion's ``mangle``
-    sections hold only ``OUTPUT`` and chains of its own, so they are read with the same
-    loader as a table of their own and keyed ``mangle``."""
+    sections hold only ``PREROUTING``, ``OUTPUT`` and chains of its own, so they are read
+    with the same loader (as if they were ``nat``, which has those built-in chains) and
+    keyed ``mangle``."""
     sections: dict[bool, list[str]] = {False: [], True: []}
     mangle = False
     for line in text.splitlines():
         if line.startswith("*"):
             mangle = line == f"*{render.MANGLE}"
-            sections[mangle].append(f"*{FILTER}" if mangle else line)
+            sections[mangle].append(f"*{NAT}" if mangle else line)
         else:
             sections[mangle].append(line)
     tables = iptables_trace.load("\n".join(sections[False]) + "\n", SYNTAX)
     theirs = iptables_trace.load("\n".join(sections[True]) + "\n", SYNTAX)
-    builtin = set(iptables_trace.BUILTIN_CHAINS[FILTER]) - {"OUTPUT"}
-    for chain in sorted(builtin):
-        if theirs[(FILTER, chain)]:
-            raise TraceError(f"mangle {chain} is not modelled (the companion uses OUTPUT)")
-    tables.update({(render.MANGLE, c): r for (_, c), r in theirs.items() if c not in builtin})
+    unused = set(iptables_trace.BUILTIN_CHAINS[NAT]) - {"PREROUTING", "OUTPUT"}
+    for chain in sorted(unused):
+        if theirs[(NAT, chain)]:
+            raise TraceError(
+                f"mangle {chain} is not modelled (the companion uses PREROUTING, OUTPUT)"
+            )
+    tables.update(
+        {(render.MANGLE, c): r for (t, c), r in theirs.items() if t == NAT and c not in unused}
+    )
     return tables
 
 
@@ -122,13 +141,25 @@ class Member:
     protocol: str
     port: int
     net: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    skbmark: tuple[int, int] | None = None  # (mark, mask) of a skbinfo set's element
 
 
 Sets = dict[str, list[Member]]
 
 
 def parse_element(set_name: str, value: str) -> Member:
-    parts = value.split(",")
+    value_part, _, extension = value.partition(" ")
+    skbmark = None
+    if extension:
+        word, _, mark = extension.partition(" ")
+        text, _, mask = mark.partition("/")
+        try:
+            if word != "skbmark":
+                raise ValueError(f"unknown extension {word!r}")
+            skbmark = (int(text, 0), int(mask or "0xffffffff", 0))
+        except ValueError as exc:
+            raise TraceError(f"cannot read element {value!r} of set {set_name}: {exc}") from None
+    parts = value_part.split(",")
     try:
         address = ipaddress.ip_address(parts[0])
         protocol, _, port = parts[1].partition(":")
@@ -139,7 +170,7 @@ def parse_element(set_name: str, value: str) -> Member:
             raise ValueError("expected 2 or 3 fields")
     except (ValueError, IndexError) as exc:
         raise TraceError(f"cannot read element {value!r} of set {set_name}: {exc}") from None
-    return Member(f"{set_name} {value}", address, protocol, int(port), net)
+    return Member(f"{set_name} {value}", address, protocol, int(port), net, skbmark)
 
 
 def sets(ports: Iterable[PortObjects]) -> Sets:
@@ -174,6 +205,7 @@ class _Walker:
     chains: Tables
     sets: Sets
     family: int
+    local: frozenset[IPAddress] = frozenset()  # addrtype LOCAL: node addresses and VIPs
 
     def _in_set(self, rule: Rule, name: str, flags: str, flow: Flow) -> Member | None:
         if name not in self.sets:
@@ -207,6 +239,8 @@ class _Walker:
                     hit = member is not None
                     if member is not None and not negated:
                         used.append(f"ipset {member.text}")
+                elif option == "--src-type":
+                    hit = flow.src in self.local
                 else:  # --mark
                     value, _, mask = args[0].partition("/")
                     hit = flow.mark & int(mask or "0xffffffff", 0) == int(value, 0)
@@ -231,6 +265,8 @@ class _Walker:
                 return flow, rule.target
             if rule.target == "MARK":
                 flow = replace(flow, mark=flow.mark | int(rule.target_options["--or-mark"], 0))
+            elif rule.target == "SET":
+                flow = self._map_mark(rule, flow)
             elif rule.target == "MASQUERADE":
                 if table != NAT or chain not in (render.CHAIN_POST, "POSTROUTING"):
                     raise TraceError(f"MASQUERADE outside nat POSTROUTING: {rule.text!r}")
@@ -241,6 +277,20 @@ class _Walker:
                     return flow, verdict
         return flow, "RETURN"
 
+    def _map_mark(self, rule: Rule, flow: Flow) -> Flow:
+        """``-j SET --map-set NAME dst,dst --map-mark``: the element's skbmark, as the
+        kernel applies it (``mark = (mark & ~mask) ^ value``); no element, no change."""
+        if "--map-mark" not in rule.target_options:
+            raise TraceError(f"SET without --map-mark is not modelled: {rule.text!r}")
+        member = self._in_set(rule, rule.target_options["--map-set"], "dst,dst", flow)
+        if member is None:
+            return flow
+        if member.skbmark is None:
+            raise TraceError(f"{member.text}: --map-mark from an element without skbmark")
+        value, mask = member.skbmark
+        seen = (*flow.seen, f"ipset {member.text}")
+        return replace(flow, mark=(flow.mark & ~mask & 0xFFFFFFFF) ^ value, seen=seen)
+
     def hook(self, table: str, chain: str, flow: Flow) -> tuple[Flow, str]:
         """A built-in chain: falling off means its policy, ACCEPT."""
         flow, verdict = self.run(table, chain, flow)
@@ -248,6 +298,8 @@ class _Walker:
 
 
 def _ipvsadm(key: VirtualKey) -> str:
+    if key.fwmark:
+        return f"-f {key.fwmark}" + (" -6" if key.address.version == 6 else "")
     flag = {Protocol.TCP: "-t", Protocol.UDP: "-u", Protocol.SCTP: "--sctp-service"}
     return f"{flag[key.protocol]} {_host_port(key.address, key.port)}"
 
@@ -272,7 +324,6 @@ def trace(plan: Plan, packet: Packet, origin: Origin, config: BackendConfig) -> 
     family = packet.dst.version
     ctx = render.context(config, plan.node)
     ports = render.render(plan, ctx)
-    walker = _Walker(load(render.rules(ctx, family) + hooks()), sets(ports.values()), family)
     services: dict[VirtualKey, VirtualService] = {}
     dests: dict[DestKey, int] = {}
     bound: set[IPAddress] = set()
@@ -281,6 +332,8 @@ def trace(plan: Plan, packet: Packet, origin: Origin, config: BackendConfig) -> 
         dests.update(objs.destinations)
         bound |= objs.addresses
     local = bound | set(config.node_ips) | set(plan.node.addresses) | set(ctx.nodeport_ips)
+    tables = load(render.rules(ctx, family) + hooks())
+    walker = _Walker(tables, sets(ports.values()), family, frozenset(local))
     flow = Flow(src=packet.src, dst=packet.dst, port=packet.port, protocol=packet.protocol.lower())
 
     def done(verdict: Verdict, f: Flow, endpoints: tuple[str, ...] = ()) -> Trace:
@@ -291,7 +344,9 @@ def trace(plan: Plan, packet: Packet, origin: Origin, config: BackendConfig) -> 
         if verdict == "ACCEPT":
             flow, verdict = walker.hook(NAT, "OUTPUT", flow)
     else:
-        flow, verdict = walker.hook(NAT, "PREROUTING", flow)
+        flow, verdict = walker.hook(render.MANGLE, "PREROUTING", flow)
+        if verdict == "ACCEPT":
+            flow, verdict = walker.hook(NAT, "PREROUTING", flow)
         if verdict == "ACCEPT" and flow.dst in local:
             flow, verdict = walker.hook(FILTER, "INPUT", flow)
         elif verdict == "ACCEPT":
@@ -300,6 +355,8 @@ def trace(plan: Plan, packet: Packet, origin: Origin, config: BackendConfig) -> 
     if verdict == "DROP":
         return done(Verdict.DROP, flow)
     key = VirtualKey(address=flow.dst, port=flow.port, protocol=packet.protocol)
+    if flow.mark and render.fwmark_key(flow.mark, family) in services:
+        key = render.fwmark_key(flow.mark, family)  # IPVS looks firewall marks up first
     settings = services.get(key)
     if settings is None or (origin is not Origin.NODE and flow.dst not in local):
         return done(Verdict.ACCEPT, flow)  # not IPVS's: delivered or routed as it is

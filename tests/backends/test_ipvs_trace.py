@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -81,7 +82,8 @@ def test_every_known_divergence_is_a_case() -> None:
 
 def test_kernel_objects_of_a_cluster_ip_from_a_pod() -> None:
     traced, _, _ = _trace(_case("clusterip-from-pod"))
-    assert traced.kernel[:4] == (
+    assert traced.kernel[:5] == (
+        "iptables -t mangle -A PREROUTING -j KPY-IPVS-PREROUTING",
         "iptables -t nat -A PREROUTING -j KPY-IPVS-MARK",
         "iptables -t nat -A KPY-IPVS-MARK -s 10.244.0.0/16 -m set --match-set KPY-IPVS-CLUSTER "
         "dst,dst -j RETURN",
@@ -162,8 +164,8 @@ def test_weight_zero_real_servers_take_no_new_connection(monkeypatch: pytest.Mon
     """Endpoints are the real servers with weight > 0 (a draining one is listed, not used)."""
     original = render.render_port
 
-    def drain_remote(state: object, ctx: render.Context) -> render.PortObjects:
-        objs = original(state, ctx)  # type: ignore[arg-type]
+    def drain_remote(state: object, ctx: render.Context, mark: int = 0) -> render.PortObjects:
+        objs = original(state, ctx, mark)  # type: ignore[arg-type]
         weights = {
             d: (0 if str(d.address) == "10.244.2.5" else w) for d, w in objs.destinations.items()
         }
@@ -240,12 +242,25 @@ def test_internal_policy_local_without_any_endpoint_rejects() -> None:
     assert _node_trace(st((), itp_local=True), "10.96.0.10", 80).verdict is ex.Verdict.REJECT
 
 
+def _mark(case: Case) -> int:
+    return render.allocate_marks([case.state.name])[case.state.name] << render.SHORT_MARK_SHIFT
+
+
 def test_node_to_a_local_nodeport_without_local_endpoint_uses_the_cluster_masqueraded() -> None:
-    traced, _, _ = _trace(_case("nodeport-local-policy-from-node-uses-cluster-and-masquerades"))
-    assert "ipvsadm -a -t 192.168.50.2:30080 -r 10.244.2.5:8080 -m -w 1" in traced.kernel
-    assert "ipset KPY-IPVS-LOCAL 192.168.50.2,tcp:30080" in traced.kernel
-    assert any(
-        k.startswith("iptables -t nat -A KPY-IPVS-POSTROUTING -m mark") for k in traced.kernel
+    """mangle OUTPUT gives the node's packet the port's short-circuit mark (from the
+    SHORT element), IPVS picks the firewall-mark virtual service (cluster-wide real
+    servers), POSTROUTING masquerades a marked packet from a local address."""
+    case = _case("nodeport-local-policy-from-node-uses-cluster-and-masquerades")
+    traced, _, _ = _trace(case)
+    mark = _mark(case)
+    assert (
+        f"ipset KPY-IPVS-SHORT 192.168.50.2,tcp:30080 skbmark {mark:#x}/0xffff0000"
+    ) in traced.kernel
+    assert f"ipvsadm -A -f {mark} -s rr" in traced.kernel
+    assert f"ipvsadm -a -f {mark} -r 10.244.2.5:8080 -m -w 1" in traced.kernel
+    assert traced.kernel[-1] == (
+        "iptables -t nat -A KPY-IPVS-POSTROUTING -m mark ! --mark 0x0/0xffff0000 "
+        "-m addrtype --src-type LOCAL -j MASQUERADE"
     )
 
 
@@ -259,13 +274,56 @@ def test_outside_clients_of_a_local_frontend_without_local_endpoint_are_dropped(
 
 
 def test_pods_reach_a_local_lb_without_local_endpoint_through_the_cluster() -> None:
-    traced, _, _ = _trace(_case("lb-local-policy-from-pod-short-circuits"))
+    case = _case("lb-local-policy-from-pod-short-circuits")
+    traced, _, _ = _trace(case)
+    mark = _mark(case)
+    assert traced.kernel[:2] == (
+        "iptables -t mangle -A PREROUTING -j KPY-IPVS-PREROUTING",
+        "iptables -t mangle -A KPY-IPVS-PREROUTING -s 10.244.0.0/16 -m set --match-set "
+        "KPY-IPVS-SHORT dst,dst -j SET --map-set KPY-IPVS-SHORT dst,dst --map-mark",
+    )
     assert (
         "iptables -t filter -A KPY-IPVS-FILTER -s 10.244.0.0/16 -m set --match-set "
         "KPY-IPVS-DROP dst,dst -j RETURN"
     ) in traced.kernel
-    assert "ipvsadm -a -t 172.18.0.10:80 -r 10.244.2.5:8080 -m -w 1" in traced.kernel
+    assert f"ipvsadm -a -f {mark} -r 10.244.2.5:8080 -m -w 1" in traced.kernel
     assert not traced.masquerade
+
+
+@pytest.mark.parametrize("origin", [ex.Origin.POD, ex.Origin.NODE])
+def test_pods_and_the_node_use_the_cluster_even_with_local_endpoints(origin: ex.Origin) -> None:
+    """The frontend's own virtual service holds the local real server only (outside
+    clients); the firewall-mark one, which pods and the node reach, holds both."""
+    state = st(**LB, etp_local=True)
+    plan = b.plan([state], node_info=NODE)
+    src = POD if origin is ex.Origin.POD else "192.168.50.2"
+    packet = ex.Packet(
+        src=ipaddress.ip_address(src), dst=ipaddress.ip_address("172.18.0.10"), port=80
+    )
+    config = ex.options_config(NODE.name, ex.Options(cluster_cidrs=CIDRS))
+    traced = tr.trace(plan, packet, origin, config)
+    assert traced.endpoints == ("10.244.1.5:8080", "10.244.2.5:8080")
+    assert traced.masquerade is (origin is ex.Origin.NODE)
+    outside = tr.trace(
+        plan, replace(packet, src=ipaddress.ip_address(CLIENT)), ex.Origin.EXTERNAL, config
+    )
+    assert outside.endpoints == ("10.244.1.5:8080",) and not outside.masquerade
+    assert "ipvsadm -A -t 172.18.0.10:80 -s rr" in outside.kernel
+
+
+def test_short_circuit_marks_are_stable_and_distinct() -> None:
+    names = [b.service(f"svc-{i}").name for i in range(50)]
+    marks = render.allocate_marks(names)
+    assert sorted(marks) == sorted(names) and len(set(marks.values())) == 50
+    assert all(0 < m <= render.SHORT_MARKS for m in marks.values())
+    assert render.allocate_marks(reversed(names)) == marks  # by name, not by order given
+    # a taken mark is kept; a newcomer whose preferred mark is taken probes onwards
+    taken = {names[0]: marks[names[1]]}
+    again = render.allocate_marks(names[:2], taken)
+    assert again[names[0]] == marks[names[1]]
+    assert again[names[1]] == marks[names[1]] % render.SHORT_MARKS + 1
+    # the mark lives in the upper 16 bits, clear of the masquerade bit
+    assert render.SHORT_MARK_MASK & render.MASQUERADE_MARK == 0
 
 
 def test_pods_are_told_by_the_node_pod_cidr_without_cluster_cidrs() -> None:
@@ -359,8 +417,8 @@ def test_load_refuses_unknown_commands_and_chains() -> None:
         tr.load("*nat\n-A KPY-NOPE -j ACCEPT\nCOMMIT\n")
     with pytest.raises(tr.TraceError, match="table 'raw'"):
         tr.load("*raw\nCOMMIT\n")
-    with pytest.raises(tr.TraceError, match="does not exist"):
-        tr.load("*mangle\n-A PREROUTING -j ACCEPT\nCOMMIT\n")  # mangle: OUTPUT only
+    with pytest.raises(tr.TraceError, match="mangle POSTROUTING is not modelled"):
+        tr.load("*mangle\n-A POSTROUTING -j ACCEPT\nCOMMIT\n")
 
 
 # --- the backend method and the CLI -------------------------------------------------------
@@ -438,15 +496,15 @@ def test_cli_explain_backend_ipvs() -> None:
 
 # --- beyond the table ---------------------------------------------------------------------
 
-# Where the rendered IPVS objects and the model part ways over the grid, by cause; each
-# must be seen (fixing render makes its entry fail until it goes) and nothing else may.
-GRID_DIVERGENCES = {
+# Without short-circuit marks (all taken) the fallback parts ways with the model over the
+# grid for this cause only; it must be seen, and nothing else may.
+FALLBACK_DIVERGENCES = {
     "external_local_not_short_circuited": (
         "with a local endpoint, the virtual service of an external frontend under policy "
-        "Local holds only the local real servers, for pods and the node too (one virtual "
-        "service per frontend); upstream sends pods and the node to the cluster-wide "
-        "endpoints. The verdict agrees; the endpoint set differs, and with it masquerade "
-        "where the source is one of the cluster-wide endpoints only (hairpin)"
+        "Local holds only the local real servers, for pods and the node too; upstream "
+        "sends them to the cluster-wide endpoints. The verdict agrees; the endpoint set "
+        "differs, and with it masquerade where the source is one of the cluster-wide "
+        "endpoints only (hairpin)"
     ),
 }
 
@@ -475,9 +533,7 @@ def _divergence(
     return "unexplained"
 
 
-def test_trace_agrees_with_model_over_a_grid() -> None:
-    """Every Service kind, endpoint set, source and frontend of the iptables trace's grid:
-    the rendered IPVS objects agree with the model but for the documented causes."""
+def _grid_divergences() -> dict[str, int]:
     from tests.backends.test_iptables_trace import (
         GRID_DESTINATIONS,
         GRID_ENDPOINTS,
@@ -508,4 +564,19 @@ def test_trace_agrees_with_model_over_a_grid() -> None:
             seen[cause] = seen.get(cause, 0) + 1
     assert checked > 1000
     assert not unexplained, unexplained[:3]
-    assert set(seen) == set(GRID_DIVERGENCES), seen
+    return seen
+
+
+def test_trace_agrees_with_model_over_a_grid() -> None:
+    """Every Service kind, endpoint set, source and frontend of the iptables trace's grid:
+    the rendered IPVS objects agree with the model."""
+    assert _grid_divergences() == {}
+
+
+def test_without_short_circuit_marks_only_the_documented_cause_diverges(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When every mark is taken a port falls back to its frontends' own virtual
+    services: the grid then parts ways with the model for the documented cause only."""
+    monkeypatch.setattr(render, "allocate_marks", lambda names, taken=None: {})
+    assert set(_grid_divergences()) == set(FALLBACK_DIVERGENCES)

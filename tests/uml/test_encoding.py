@@ -8,7 +8,7 @@ import socket
 from typing import Any
 
 import pytest
-from kpy_ipvs import apply
+from kpy_ipvs import apply, render
 from kpy_ipvs.render import DestKey, VirtualKey, VirtualService
 from pyroute2 import IPVSDest, IPVSService
 from pyroute2.netlink.generic import ipvs
@@ -56,6 +56,18 @@ def test_service_matches_pyroute2(addr: str, persistence: int) -> None:
         **({"af": socket.AF_INET6, "netmask": "128.0.0.0"} if v6 else {}),
     )
     assert _decode(apply.encode_service(key, settings)) == _pyroute2(theirs, key=False)
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_fwmark_service_decodes(version: int) -> None:
+    """A short-circuit virtual service is keyed by family and mark alone."""
+    key = render.fwmark_key(0xE1600000, version)
+    attrs = _decode(apply.encode_service(key, VirtualService(scheduler="rr")))
+    service = attrs["IPVS_CMD_ATTR_SERVICE"]
+    assert service["IPVS_SVC_ATTR_AF"] == (socket.AF_INET6 if version == 6 else socket.AF_INET)
+    assert service["IPVS_SVC_ATTR_FWMARK"] == 0xE1600000
+    assert service["IPVS_SVC_ATTR_SCHED_NAME"] == "rr"
+    assert not {"IPVS_SVC_ATTR_ADDR", "IPVS_SVC_ATTR_PORT", "IPVS_SVC_ATTR_PROTOCOL"} & set(service)
 
 
 @pytest.mark.parametrize("addr", ["10.244.1.5", "fd00:244::5"])

@@ -83,7 +83,8 @@ def _saved(kernel: Kernel) -> set[str]:
 
 def test_set_elements_over_netlink(kernel: Kernel) -> None:
     script = "".join(
-        f"create {name} {typ} family {'inet6' if version == 6 else 'inet'}\n"
+        f"create {name} {typ} family {'inet6' if version == 6 else 'inet'} "
+        f"{render.create_options(name)}\n"
         for name, typ, version in render.set_names()
     )
     subprocess.run(
@@ -99,6 +100,8 @@ def test_set_elements_over_netlink(kernel: Kernel) -> None:
         Element(set="KPY-IPVS-ALLOWED6", value="2001:db8::7,tcp:443,2001:db8:1::/48"),
         Element(set="KPY-IPVS-LOOPBACK", value="10.244.1.2,sctp:9000,10.244.1.2"),
         Element(set="KPY-IPVS-LOOPBACK6", value="fd00:244::2,tcp:8080,fd00:244::2"),
+        Element(set="KPY-IPVS-SHORT", value="172.18.0.10,tcp:80 skbmark 0xe1600000/0xffff0000"),
+        Element(set="KPY-IPVS-SHORT6", value="fd00:18::10,udp:53 skbmark 0x10000/0xffff0000"),
     ]
     done: list[Element] = []
 

@@ -141,3 +141,37 @@ def test_source_ranges_hold_for_the_node(lab: Lab, backend: IpvsBackend) -> None
     assert ask(LB_IP, 80, netns="client").split()[0] == "pod1", "an allowed source passes"
     assert dropped(LB_IP, 80, netns="pod3"), "a pod outside the ranges is dropped"
     assert dropped(LB_IP, 80), "so is the node's own connection, before IPVS"
+
+
+def test_pods_and_the_node_reach_every_endpoint_of_a_local_frontend(
+    lab: Lab, backend: IpvsBackend
+) -> None:
+    """With a local endpoint too, outside clients keep to it (source kept) while pods and
+    the node are short-circuited by their mark to the cluster-wide endpoints; a restarted
+    backend adopts the firewall-mark services and marked set elements as they are."""
+    svc = b.service(
+        "lb-both",
+        cluster_ip="10.96.0.26",
+        type="LoadBalancer",
+        node_port=30094,
+        lb_ips=(LB_IP,),
+        etp_local=True,
+    )
+    plan = b.plan(
+        [b.state(svc, [b.endpoint(lab.pods["pod1"]), remote(lab, "pod2")], NODE)], node_info=NODE
+    )
+    asyncio.run(backend.apply(plan))
+    from_pod = {tuple(ask(LB_IP, 80, netns="pod3").split()) for _ in range(6)}
+    assert from_pod == {("pod1", lab.pods["pod3"]), ("pod2", lab.pods["pod3"])}
+    from_node = {tuple(ask(NODE_IP, 30094).split()) for _ in range(6)}
+    assert from_node == {("pod1", "10.244.1.1"), ("pod2", "10.244.2.1")}, "masqueraded"
+    from_outside = {tuple(ask(LB_IP, 80, netns="client").split()) for _ in range(4)}
+    assert from_outside == {("pod1", CLIENT_IP)}
+    restarted = IpvsBackend(CONFIG)
+    try:
+        assert asyncio.run(restarted.apply(plan)).ops == 0
+    finally:
+        restarted.close()
+    view = asyncio.run(backend.observe()).services[str(svc.name)]
+    short = [v for k, v in view.extra.items() if k.startswith("short-circuit fwmark ")]
+    assert short == [f"{lab.pods['pod1']}:8080 {lab.pods['pod2']}:8080"], view.extra
