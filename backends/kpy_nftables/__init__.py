@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import structlog
@@ -49,6 +50,8 @@ class NftablesBackend:
         self._port_keys: dict[ServicePortName, frozenset[str]] = {}
         # an element's claim (its key without the shard table) → the port holding it
         self._owner: dict[str, ServicePortName] = {}
+        # a shared element's key (render.SHARED_SETS) → how many ports want it
+        self._shares: dict[str, int] = {}
         self._needs_full = True
         writer = config.option("nftables_writer", "netlink")
         if writer not in ("netlink", "nft"):
@@ -156,6 +159,7 @@ class NftablesBackend:
         self._have.clear()
         self._port_keys.clear()
         self._owner.clear()
+        self._shares.clear()
         self._needs_full = True
 
     # --- syncs --------------------------------------------------------------------------
@@ -172,7 +176,10 @@ class NftablesBackend:
             objs = self._port_objects(plan.services[name], owner)
             want.update(objs)
             ports[name] = frozenset(objs)
-        return _Work(want, have, set(want) | set(have), ports, owner, replace=True)
+        shares = Counter(k for keys in ports.values() for k in keys if render.is_shared(k))
+        work = _Work(want, have, set(want) | set(have), ports, owner, replace=True)
+        work.shares = dict(shares)
+        return work
 
     def _partial(self, plan: Plan) -> _Work:
         want: dict[str, render.Obj] = {}
@@ -180,9 +187,13 @@ class NftablesBackend:
         ports: dict[ServicePortName, frozenset[str]] = {}
         owner = _Owners(self._owner)
         names = sorted(plan.changed | plan.removed)
+        delta: Counter[str] = Counter()
         for name in names:
             for key in self._port_keys.get(name, ()):
                 keys.add(key)
+                if render.is_shared(key):
+                    delta[key] -= 1
+                    continue
                 claim = render.claim_key(key)
                 if owner.get(claim) == name:
                     owner.release(claim)
@@ -192,7 +203,14 @@ class NftablesBackend:
             want.update(objs)
             keys.update(objs)
             ports[name] = frozenset(objs)
-        return _Work(want, self._have, keys, ports, owner, replace=False)
+            delta.update(k for k in objs if render.is_shared(k))
+        work = _Work(want, self._have, keys, ports, owner, replace=False)
+        for key, change in delta.items():
+            count = self._shares.get(key, 0) + change
+            work.shares[key] = count
+            if count > 0 and key not in want:
+                want[key] = render.shared_object(key)  # other ports still want it
+        return work
 
     def _port_objects(
         self, state: ServicePortState | None, owner: _Owners
@@ -201,7 +219,7 @@ class NftablesBackend:
             return {}
         objs = render.port_objects(state, self.config)
         for key, obj in list(objs.items()):
-            if not isinstance(obj, render.Element):
+            if not isinstance(obj, render.Element) or obj.map in render.SHARED_SETS:
                 continue
             holder = owner.claim(obj.claim, state.name)
             if holder != state.name:
@@ -220,7 +238,13 @@ class NftablesBackend:
             self._have = {k: o.value for k, o in work.want.items()}
             self._port_keys = dict(work.ports)
             self._owner = {k: v for k, v in work.owner.changes.items() if v is not None}
+            self._shares = work.shares
             return
+        for key, count in work.shares.items():
+            if count > 0:
+                self._shares[key] = count
+            else:
+                self._shares.pop(key, None)
         for key in work.keys:
             obj = work.want.get(key)
             if obj is None:
@@ -238,7 +262,7 @@ class NftablesBackend:
 class _Work:
     """One sync's inputs to :func:`render.transaction` and what to record after it."""
 
-    __slots__ = ("have", "keys", "owner", "ports", "replace", "want")
+    __slots__ = ("have", "keys", "owner", "ports", "replace", "shares", "want")
 
     def __init__(
         self,
@@ -256,6 +280,7 @@ class _Work:
         self.ports = ports
         self.owner = owner
         self.replace = replace
+        self.shares: dict[str, int] = {}  # shared keys' new counts (all of them if replace)
 
 
 class _Owners:

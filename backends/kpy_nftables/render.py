@@ -77,7 +77,12 @@ SHARD_MAPS = (SERVICE_IPS, SERVICE_NODEPORTS)  # in the shard tables; the rest i
 MASQ_IPS = "masquerade-ips"  # external/LB frontends whose traffic is masqueraded
 MASQ_NODEPORTS = "masquerade-nodeports"
 SERVICE_ENDPOINTS = "service-endpoints"  # endpoint . port . service hash, for the dump
-SETS = (FINGERPRINTS, MASQ_IPS, MASQ_NODEPORTS, SERVICE_ENDPOINTS)
+# "10.244.1.5 . 10.244.1.5" for every endpoint address: a DNATed connection whose source
+# is its destination (a pod reaching itself through a Service) is masqueraded. Shared:
+# ports with an endpoint on the same address want the same element.
+HAIRPIN = "hairpin"
+SETS = (FINGERPRINTS, MASQ_IPS, MASQ_NODEPORTS, SERVICE_ENDPOINTS, HAIRPIN)
+SHARED_SETS = frozenset((HAIRPIN,))
 
 CHAIN_ONLY = "chain-without-fingerprint"  # how observe reports a chain with no fingerprint
 
@@ -341,6 +346,7 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
         objs.append(Set(nf, MASQ_IPS, f"{addr} . inet_proto . inet_service"))
         objs.append(Set(nf, MASQ_NODEPORTS, "inet_proto . inet_service"))
         objs.append(Set(nf, SERVICE_ENDPOINTS, f"{addr} . inet_service . mark"))
+        objs.append(Set(nf, HAIRPIN, f"{addr} . {addr}"))
         for name in (NO_EP_SERVICES, FIREWALL_IPS):
             objs.append(Set(nf, name, f"{addr} . inet_proto . inet_service", kind="map"))
         objs.append(Set(nf, NO_EP_NODEPORTS, "inet_proto . inet_service", kind="map"))
@@ -405,6 +411,7 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
                 nf,
                 MASQUERADING,
                 (
+                    f"{nf} saddr . {nf} daddr @{HAIRPIN} masquerade fully-random",
                     f"meta mark & {MASQ_MARK} == 0x00000000 return",
                     f"meta mark set meta mark ^ {MASQ_MARK}",
                     "masquerade fully-random",
@@ -467,30 +474,42 @@ class _Target:
 
 def _pick(nf: str, proto: str, targets: list[_Target]) -> list[str]:
     """Rules that DNAT a new connection to one of ``targets``: sticky clients first, then
-    endpoint i of n with probability 1/(n - i) (uniform overall).
+    endpoint i of n with probability 1/(n - i) (uniform overall). A client that lands on
+    itself is masqueraded in postrouting (the ``hairpin`` set), not here.
 
-    Each endpoint has a hairpin rule (the client is that endpoint: mark for masquerade)
-    and a rule for everyone else; the two exclude each other by source address, so each
-    draws its random number once. (No numgen vmap: that needs an anonymous map per chain
-    and the kernel names anonymous sets by a scan of the table — quadratic. No chain per
-    endpoint: nft lists every chain from the kernel on each run, so chains are what a
-    small transaction costs.)
+    (No numgen vmap: that needs an anonymous map per chain and the kernel names
+    anonymous sets by a scan of the table — quadratic. No chain per endpoint: chains are
+    what a transaction's cache and the kernel's validation cost.)
     """
     rules = []
-    masq = SET_MASQ
     l4 = f"meta l4proto {proto}"
     for t in targets:
         if t.affinity is not None:
             sticky = f"{nf} saddr @{t.affinity} update @{t.affinity} {{ {nf} saddr }}"
-            rules.append(f"{l4} {nf} saddr {t.ip} {sticky} {masq} dnat to {t.dnat}")
-            rules.append(f"{l4} {nf} saddr != {t.ip} {sticky} dnat to {t.dnat}")
+            rules.append(f"{l4} {sticky} dnat to {t.dnat}")
     n = len(targets)
     for i, t in enumerate(targets):
         draw = f"numgen random mod {n - i} == 0 " if i < n - 1 else ""
         update = f"update @{t.affinity} {{ {nf} saddr }} " if t.affinity is not None else ""
-        rules.append(f"{l4} {nf} saddr {t.ip} {draw}{update}{masq} dnat to {t.dnat}")
-        rules.append(f"{l4} {nf} saddr != {t.ip} {draw}{update}dnat to {t.dnat}")
+        rules.append(f"{l4} {draw}{update}dnat to {t.dnat}")
     return rules
+
+
+def hairpin_element(family: str, ip: str) -> Element:
+    return Element(family, HAIRPIN, f"{ip} . {ip}", "", "")
+
+
+def shared_object(key: str) -> Element:
+    """The (shared) object a key of :data:`SHARED_SETS` stands for."""
+    family, _table, kind, rest = split_key(key)
+    name, element = rest.split(" ", 1)
+    if kind != "element" or name not in SHARED_SETS:
+        raise ValueError(f"{key!r} is not a shared element")
+    return hairpin_element(family, element.split(" . ")[0])
+
+
+def is_shared(key: str) -> bool:
+    return f" element {HAIRPIN} " in key
 
 
 def port_objects(state: ServicePortState, config: BackendConfig) -> dict[str, Obj]:
@@ -536,6 +555,7 @@ def _family_objects(
         dnat = f"[{ep_ip}]:{ep.port}" if nf == "ip6" else f"{ep_ip}:{ep.port}"
         targets[(ep.ip, ep.port)] = _Target(ep_ip, dnat, aset)
         objs.append(Element(nf, SERVICE_ENDPOINTS, f"{ep_ip} . {ep.port} . {mark}", "", label))
+        objs.append(hairpin_element(nf, ep_ip))
     internal_targets = [targets[(ep.ip, ep.port)] for ep in internal]
     external_targets = [targets[(ep.ip, ep.port)] for ep in external]
 
@@ -632,10 +652,8 @@ def _add(obj: Obj) -> str:
     if isinstance(obj, Set):
         return f"add {obj.kind} {obj.family} {obj.table} {obj.name} {{ {obj.spec} }}"
     verdict = f" : {obj.verdict}" if obj.verdict else ""
-    return (
-        f"add element {obj.family} {obj.table} {obj.map} "
-        f"{{ {obj.element} comment {_quote(obj.comment)}{verdict} }}"
-    )
+    comment = f" comment {_quote(obj.comment)}" if obj.comment else ""
+    return f"add element {obj.family} {obj.table} {obj.map} {{ {obj.element}{comment}{verdict} }}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -124,6 +125,21 @@ class Topology:
 _counter = iter(range(1_000_000))
 
 
+def _settle(pod: str, deadline: float = 5.0) -> None:
+    """Wait until ``pod`` reaches the node over both families. A pod's first IPv6
+    packets right after its link comes up can vanish (a connection then times out);
+    one answered connection to the node's echo server settles neighbour discovery."""
+    end = time.monotonic() + deadline
+    for host in ("10.244.1.1", "fd00:244:1::1"):
+        while True:
+            try:
+                tcp(pod, host, 80, timeout=0.2)
+                break
+            except OSError:
+                if time.monotonic() > end:
+                    raise
+
+
 @contextlib.contextmanager
 def topology(prefix: str = "kpy-t") -> Iterator[Topology]:
     """Build the topology; remove every namespace it made on exit (also on failure)."""
@@ -190,6 +206,8 @@ def topology(prefix: str = "kpy-t") -> Iterator[Topology]:
             server = EchoServers(pod, names[pod])
             server.start()
             servers.append(server)
+        for pod in ("pod-a", "pod-b"):
+            _settle(names[pod])
         yield Topology(
             node=node, client=client, pods={"pod-a": names["pod-a"], "pod-b": names["pod-b"]}
         )

@@ -242,7 +242,7 @@ def test_reference_to_a_missing_chain_or_set_is_an_error() -> None:
 
 
 def test_a_render_bug_shows_up_in_the_trace() -> None:
-    """Drop the last endpoint's rules from the service chain: the trace no longer
+    """Drop the last endpoint's rule from the service chain: the trace no longer
     reaches that endpoint, so it disagrees with the model."""
     case = _case("clusterip-from-pod")
     plan = b.plan([case.state], node_info=NODE)
@@ -251,7 +251,7 @@ def test_a_render_bug_shows_up_in_the_trace() -> None:
     shard = render.shard_table(next(iter(plan.services)))
     rules = tr.objects(plan, config)[f"ip {shard} chain {chain}"]
     assert isinstance(rules, render.Chain)
-    traced = _tampered(case.id, {chain: rules.rules[:-2]})
+    traced = _tampered(case.id, {chain: rules.rules[:-1]})
     assert traced.endpoints == ("10.244.1.5:8080",)
 
 

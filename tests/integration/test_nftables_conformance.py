@@ -180,3 +180,30 @@ def test_writer_option_nft_and_fallback_for_lines_netlink_cannot_encode(
     assert run(backend.apply(b.plan(states, full_sync=True))).ops == 0
     with pytest.raises(ValueError, match="nftables_writer"):
         NftablesBackend(BackendConfig(node_name="n", options=(("nftables_writer", "x"),)))
+
+
+def test_a_hairpin_element_stays_while_any_port_has_that_endpoint(netns: str) -> None:
+    n = b.node()
+    a = b.state(b.service("a", cluster_ip="10.96.1.1"), [b.endpoint("10.244.1.5")], n)
+    both = b.state(
+        b.service("b", cluster_ip="10.96.1.2"),
+        [b.endpoint("10.244.1.5"), b.endpoint("10.244.1.6")],
+        n,
+    )
+    backend = NftablesBackend(config(netns))
+
+    def hairpin() -> set[str]:
+        out = nft(netns, "list", "set", "ip", "kpy", "hairpin")
+        return {ip for ip in ("10.244.1.5", "10.244.1.6") if f"{ip} . {ip}" in out}
+
+    run(backend.apply(b.plan([a, both])))
+    assert hairpin() == {"10.244.1.5", "10.244.1.6"}
+    run(backend.apply(b.plan([both], full_sync=False, removed=[a.name])))
+    assert hairpin() == {"10.244.1.5", "10.244.1.6"}  # b still has 10.244.1.5
+    only_6 = b.state(both.service, [b.endpoint("10.244.1.6")], n)
+    run(backend.apply(b.plan([only_6], full_sync=False, changed=[both.name])))
+    assert hairpin() == {"10.244.1.6"}
+    run(backend.apply(b.plan([a, only_6], full_sync=False, changed=[a.name])))
+    assert hairpin() == {"10.244.1.5", "10.244.1.6"}
+    assert run(backend.apply(b.plan([a, only_6], full_sync=True))).ops == 0
+    backend.close()
