@@ -4,23 +4,27 @@
 from a second computation. The Plan is rendered with :mod:`kpy_ipvs.render` (virtual
 services, real servers with weights, companion ipset elements) and the companion rules
 (:func:`kpy_ipvs.render.rules`, plus the jumps from the built-in chains that the kernel
-side inserts first) are loaded into an in-memory copy of the ``nat`` and ``filter``
-tables. The first packet of a connection then meets them in the kernel's order:
+side inserts first) are loaded into an in-memory copy of the ``mangle``, ``nat`` and
+``filter`` tables. The first packet of a connection then meets them in the kernel's order:
 
-* from a pod or from outside: nat ``PREROUTING`` (the masquerade mark is set before
+* from a pod or from outside: mangle ``PREROUTING`` (a pod's short-circuit mark, from
+  a ``SHORT`` element's skbmark), nat ``PREROUTING`` (the masquerade mark is set before
   IPVS rewrites the destination); if the destination is local (a VIP bound on
-  ``kpy-ipvs0`` or a node address), filter ``INPUT`` (externalTrafficPolicy Local
-  drops, source ranges), then IPVS at ``LOCAL_IN`` (it hooks after filter); the packet
-  IPVS sends to a real server continues through nat ``POSTROUTING`` (masquerade);
-* from the node itself: mangle ``OUTPUT`` (policy Local drops and source ranges for
-  the node), nat ``OUTPUT``, then IPVS at ``LOCAL_OUT`` (locally generated connections
-  are scheduled there, after nat and before filter, so filter ``INPUT`` is never
-  reached and filter ``OUTPUT`` only sees the real server), then nat ``POSTROUTING``.
+  ``kpy-ipvs0`` or a node address), filter ``INPUT`` (traffic policy Local drops,
+  source ranges), then IPVS at ``LOCAL_IN`` (it hooks after filter); the packet IPVS
+  sends to a real server continues through nat ``POSTROUTING`` (masquerade);
+* from the node itself: mangle ``OUTPUT`` (policy Local drops, source ranges and the
+  short-circuit mark for the node), nat ``OUTPUT``, then IPVS at ``LOCAL_OUT`` (locally
+  generated connections are scheduled there, after nat and before filter, so filter
+  ``INPUT`` is never reached and filter ``OUTPUT`` only sees the real server), then nat
+  ``POSTROUTING``.
 
-IPVS itself: the virtual service keyed by (destination, port, protocol); its real
-servers with weight > 0 are the endpoints (weight 0 takes no new connection); a virtual
-service without one answers a new connection with ICMP port unreachable (reject). A
-packet no virtual service matches is not IPVS's (accept).
+IPVS itself: a firewall-mark virtual service whose mark equals the packet's, else the
+virtual service keyed by (destination, port, protocol); its real servers with weight > 0
+are the endpoints (weight 0 takes no new connection); a virtual service without one
+answers a new connection with ICMP port unreachable (reject). A packet no virtual
+service matches is not IPVS's (accept). ``-m addrtype --src-type LOCAL`` means a node
+address or a bound VIP.
 
 The rule interpreter knows exactly the syntax :func:`kpy_ipvs.render.rules` emits and
 raises :class:`TraceError` on anything else, so a new kind of companion rule cannot be
