@@ -18,7 +18,7 @@ import pytest
 from kpy_ipvs import IpvsBackend
 
 from kpy.backend import BackendConfig
-from kpy.model import Endpoint
+from kpy.model import Endpoint, ServicePortState
 from kpy.testing import builders as b
 
 from .netlab import CLIENT_IP, NODE_IP, Lab, ask
@@ -27,7 +27,7 @@ NODE = b.node(addresses=[NODE_IP], pod_cidrs=())
 CONFIG = BackendConfig(
     node_name=NODE.name,
     node_ips=(ipaddress.ip_address(NODE_IP),),
-    cluster_cidrs=(ipaddress.ip_network("10.244.0.0/16"),),
+    cluster_cidrs=(ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("fd00:244::/32")),
 )
 LB_IP = "172.18.0.10"
 DROPPED = 1.0  # seconds a dropped connection attempt is given before it counts as dropped
@@ -40,6 +40,8 @@ def lab() -> Iterator[Lab]:
         lab.add_pod("pod1", 1)
         lab.add_pod("pod2", 2)
         lab.add_pod("pod3", 3)
+        for index, pod in enumerate(("pod1", "pod2", "pod3"), start=1):
+            lab.add_ipv6(pod, index)
         lab.add_client()
         yield lab
     finally:
@@ -175,3 +177,43 @@ def test_pods_and_the_node_reach_every_endpoint_of_a_local_frontend(
     view = asyncio.run(backend.observe()).services[str(svc.name)]
     short = [v for k, v in view.extra.items() if k.startswith("short-circuit fwmark ")]
     assert short == [f"{lab.pods['pod1']}:8080 {lab.pods['pod2']}:8080"], view.extra
+
+
+def test_a_port_added_by_a_partial_sync_gets_its_own_mark(lab: Lab, backend: IpvsBackend) -> None:
+    def lb(name: str, cluster_ip: str, node_port: int, lb_ip: str) -> ServicePortState:
+        svc = b.service(
+            name,
+            cluster_ip=cluster_ip,
+            type="LoadBalancer",
+            node_port=node_port,
+            lb_ips=(lb_ip,),
+            etp_local=True,
+        )
+        return b.state(svc, [b.endpoint(lab.pods["pod1"]), remote(lab, "pod2")], NODE)
+
+    first = lb("first", "10.96.0.27", 30096, LB_IP)
+    asyncio.run(backend.apply(b.plan([first], node_info=NODE)))
+    second = lb("second", "10.96.0.28", 30097, "172.18.0.11")
+    plan = b.plan([first, second], node_info=NODE, full_sync=False, changed=[second.name])
+    asyncio.run(backend.apply(plan))
+    for vip in (LB_IP, "172.18.0.11"):
+        assert {ask(vip, 80, netns="pod3").split()[0] for _ in range(6)} == {"pod1", "pod2"}
+        assert {ask(vip, 80, netns="client").split()[0] for _ in range(4)} == {"pod1"}
+
+
+def test_ipv6_short_circuit(lab: Lab, backend: IpvsBackend) -> None:
+    svc = b.service(
+        "lb6",
+        cluster_ip="fd00:96::26",
+        type="LoadBalancer",
+        node_port=30098,
+        lb_ips=("fd00:18::10",),
+        etp_local=True,
+        target_port=8086,
+    )
+    pods = [b.endpoint(lab.pods6["pod1"], 8086), b.endpoint(lab.pods6["pod2"], 8086, node="node-b")]
+    asyncio.run(backend.apply(b.plan([b.state(svc, pods, NODE)], node_info=NODE)))
+    from_pod = {tuple(ask("fd00:18::10", 80, netns="pod3").split()) for _ in range(6)}
+    assert from_pod == {("pod1", lab.pods6["pod3"]), ("pod2", lab.pods6["pod3"])}
+    from_node = {tuple(ask("fd00:18::10", 80).split()) for _ in range(6)}
+    assert from_node == {("pod1", "fd00:244:1::1"), ("pod2", "fd00:244:2::1")}, "masqueraded"
