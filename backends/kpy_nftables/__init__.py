@@ -74,7 +74,7 @@ class NftablesBackend:
         started = time.monotonic()
         try:
             work = await self._full(plan) if full else self._partial(plan)
-            txn = render.transaction(work.want, work.have, work.keys)
+            txn = self._transaction(work, full)
             if not txn.ops:
                 size, writer = 0, "none"
             elif full or not self._use_netlink:
@@ -107,6 +107,12 @@ class NftablesBackend:
             },
         )
 
+    def _transaction(self, work: _Work, full: bool) -> render.Transaction:
+        # nft takes a set's elements faster in one command; the netlink encoder wants
+        # one element per line (and sends one message per element anyway)
+        group = full or not self._use_netlink
+        return render.transaction(work.want, work.have, work.keys, group=group)
+
     async def _send_small(self, txn: render.Transaction) -> tuple[int, str]:
         """A partial sync's transaction as one netlink batch from this process (no nft
         process, no cache of the ruleset); ``nft -f`` when it holds a line the encoder
@@ -128,7 +134,7 @@ class NftablesBackend:
         """The transaction ``apply(plan)`` would send now, without sending it."""
         full = plan.full_sync or self._needs_full
         work = await self._full(plan) if full else self._partial(plan)
-        return render.transaction(work.want, work.have, work.keys).script
+        return self._transaction(work, full).script
 
     async def observe(self) -> Programmed:
         try:
