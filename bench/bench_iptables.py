@@ -14,6 +14,15 @@ the cold sync; *RSS* is the peak resident set of the process that ran the case (
 process per case: the rendered and held objects, the Plan and the synthetic input).
 A third timing, *full resync*, is a second full apply with nothing to change: it reads
 both families back with ``iptables-save`` and diffs.
+
+Where a change's time goes: *restore p50* is the part of each sample spent in the
+``iptables-restore`` process (exec, cache, kernel commit; the rest, *agent p50*, is
+select, render, diff and the restore text). Two probes then commit into the programmed
+nat table (best of five each): an *empty commit* (``*nat`` / ``COMMIT``) and a
+*one-rule commit* (a scratch chain with one ``-j RETURN`` rule, removed again untimed).
+Their difference is what adding any rule costs the kernel: in the nft flavour the
+nf_tables commit validates every chain reachable from each nat base chain; in the
+legacy flavour both probes replace the whole table.
 """
 
 from __future__ import annotations
@@ -73,7 +82,18 @@ def run(mode: str, size: int) -> dict[str, object]:
         resync = asyncio.run(backend.apply(b.plan(states, node_info=node)))
         resync_s = time.perf_counter() - started
         assert resync.ops == 0
-        times, lines, sizes = [], [], []
+        times, tool, lines, sizes = [], [], [], []
+        restore = backend._kernel.restore
+        in_tool = [0.0]
+
+        async def timed(family: int, text: str, mode: str | None = None) -> None:
+            started = time.perf_counter()
+            try:
+                await restore(family, text, mode)
+            finally:
+                in_tool[0] += time.perf_counter() - started
+
+        backend._kernel.restore = timed  # type: ignore[method-assign]
         for i in range(SAMPLES):
             index = (i * 7919) % len(states)
             old = states[index]
@@ -83,6 +103,7 @@ def run(mode: str, size: int) -> dict[str, object]:
                 extra = b.endpoint(str(ipaddress.ip_address("10.250.0.1") + i))
                 new_eps = (*old.endpoints, extra)
             services = {s.name: s for s in states}
+            in_tool[0] = 0.0
             started = time.perf_counter()
             new = b.state(old.service, new_eps, node)  # the event, selected for this node
             services[new.name] = new
@@ -94,10 +115,12 @@ def run(mode: str, size: int) -> dict[str, object]:
             )
             result = asyncio.run(backend.apply(plan))
             times.append((time.perf_counter() - started) * 1000)
+            tool.append(in_tool[0] * 1000)
             states[index] = new
             lines.append(result.size)
             sizes.append(int(result.detail["bytes"]))
         q = statistics.quantiles(times, n=10)
+        empty_ms, rule_ms = _probe(netns, mode)
         asyncio.run(backend.cleanup())
         return {
             "mode": mode,
@@ -108,12 +131,42 @@ def run(mode: str, size: int) -> dict[str, object]:
             "resync_s": round(resync_s, 2),
             "p50_ms": round(statistics.median(times), 1),
             "p90_ms": round(q[8], 1),
+            "restore_ms": round(statistics.median(tool), 1),
+            "agent_ms": round(
+                statistics.median(t - u for t, u in zip(times, tool, strict=True)), 1
+            ),
+            "empty_ms": round(empty_ms, 1),
+            "rule_ms": round(rule_ms, 1),
             "lines": f"{min(lines)}-{max(lines)}",
             "bytes": f"{min(sizes)}-{max(sizes)}",
             "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         }
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+PROBE_CHAIN = "KPY-BENCH-PROBE"
+
+
+def _probe(netns: str, mode: str) -> tuple[float, float]:
+    """Best of five: an empty nat commit, and one adding a rule (then removed, untimed)."""
+    argv = ["nsenter", f"--net=/run/netns/{netns}", f"iptables-{mode}-restore", "--noflush"]
+    inputs = {
+        "empty": "*nat\nCOMMIT\n",
+        "rule": f"*nat\n:{PROBE_CHAIN} - [0:0]\n-A {PROBE_CHAIN} -j RETURN\nCOMMIT\n",
+    }
+    undo = f"*nat\n-F {PROBE_CHAIN}\n-X {PROBE_CHAIN}\nCOMMIT\n"
+    best = {}
+    for name, text in inputs.items():
+        runs = []
+        for _ in range(5):
+            started = time.perf_counter()
+            subprocess.run(argv, input=text, text=True, check=True)
+            runs.append((time.perf_counter() - started) * 1000)
+            if name == "rule":
+                subprocess.run(argv, input=undo, text=True, check=True)
+        best[name] = min(runs)
+    return best["empty"], best["rule"]
 
 
 def main() -> None:
@@ -130,10 +183,11 @@ def main() -> None:
     print(
         "| flavour | services | cold sync (s) | cold restore lines | iptables-save lines "
         "| full resync, no change (s) "
-        "| one change p50 (ms) | p90 (ms) | restore lines per change | bytes per change "
-        "| peak RSS (MB) |"
+        "| one change p50 (ms) | p90 (ms) | of which restore p50 (ms) | agent p50 (ms) "
+        "| empty commit (ms) | one-rule commit (ms) "
+        "| restore lines per change | bytes per change | peak RSS (MB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for mode in args.modes.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
             # each case in a process of its own, so peak RSS is that case's
@@ -147,6 +201,7 @@ def main() -> None:
             print(
                 f"| {r['mode']} | {r['services']} | {r['cold_s']} | {r['cold_lines']} "
                 f"| {r['save_lines']} | {r['resync_s']} | {r['p50_ms']} | {r['p90_ms']} "
+                f"| {r['restore_ms']} | {r['agent_ms']} | {r['empty_ms']} | {r['rule_ms']} "
                 f"| {r['lines']} "
                 f"| {r['bytes']} | {r['rss_mb']} |",
                 flush=True,
