@@ -25,8 +25,7 @@ from kpy.sources import Source
 from kpy.sources.manifests import ManifestSource
 from kpy.testing import apiserver
 
-DEMO_NODE = "node-a"
-DEMO_NODE_IP = "192.168.50.2"
+DEMO_NODE, DEMO_NODE_IP = explain.DEMO_NODE, explain.DEMO_NODE_IP
 
 
 def _fail(message: str) -> None:

@@ -50,6 +50,10 @@ from kpy.model import (
     TrafficPolicy,
 )
 
+# The offline commands' defaults: the first node of examples/, their default manifests.
+DEMO_NODE = "node-1"
+DEMO_NODE_IP = "192.168.100.11"
+
 
 class Origin(enum.StrEnum):
     POD = "pod"
@@ -440,11 +444,11 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
         show_default=True,
         help="Manifest directory or file (repeatable).",
     )
-    @click.option("--node", default="node-a", show_default=True, help="This node's name.")
+    @click.option("--node", default=DEMO_NODE, show_default=True, help="This node's name.")
     @click.option(
         "--node-ip",
         multiple=True,
-        default=("192.168.50.2",),
+        default=(DEMO_NODE_IP,),
         show_default=True,
         help="This node's IP (repeatable).",
     )

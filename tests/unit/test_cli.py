@@ -82,3 +82,15 @@ def test_unknown_backend_is_a_clear_error() -> None:
     assert result.exit_code == 0  # only writes config
     result = CliRunner().invoke(main, ["run", "--backend", "nope"])
     assert result.exit_code == 2 and "unknown backend 'nope'" in result.output
+
+
+def test_offline_defaults_are_the_first_node_of_the_examples() -> None:
+    """With no options, plan/dump/explain read examples/ as its node-1: its NodePort
+    under externalTrafficPolicy Local reaches node-1's own endpoint."""
+    packet = ["--from", "203.0.113.7", "--to", "192.168.100.11:30082/TCP", "-o", "json"]
+    result = CliRunner().invoke(main, ["explain", *packet])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert (data["verdict"], data["endpoints"]) == ("forward", ["10.244.1.2:80", "10.244.1.3:80"])
+    plan = CliRunner().invoke(main, ["plan"])
+    assert plan.exit_code == 0 and plan.output.startswith("node node-1:")
