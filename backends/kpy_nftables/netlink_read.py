@@ -1,0 +1,607 @@
+"""Reading kpy's nftables state back from the kernel over netlink, without ``nft``.
+
+A restarted agent adopts what the kernel holds, and every periodic full sync compares
+against it (:mod:`kpy_nftables.observe`). Through ``nft -j list`` that costs three nft
+processes and, at 10,000 Services, tens of MB of JSON text decoded into Python objects
+all at once — the agent's peak memory. :class:`NetlinkReader` asks the kernel itself:
+``NFT_MSG_GETTABLE``, ``NFT_MSG_GETCHAIN`` and ``NFT_MSG_GETSET`` dumps, then one
+``NFT_MSG_GETSETELEM`` dump per set, on one nfnetlink socket opened inside the node's
+namespace. It yields documents in the very shape ``nft -j`` prints them, so
+:func:`kpy_nftables.observe.parse` reads either, one small document at a time.
+
+It is the mirror of :mod:`kpy_nftables.netlink` (the writer): the same key encodings
+(concatenated values each padded to 4 bytes, ports big endian, marks in host order),
+element comments in the userdata TLV, verdicts in ``NFTA_SET_ELEM_DATA``. Only kpy's
+tables (:func:`kpy_nftables.render.is_kpy_table`) of families ip and ip6 are read.
+
+Two things differ from ``nft -j list`` on purpose:
+
+* Elements of dynamic sets (session-affinity sets, ``flags dynamic,timeout``) are not
+  read: they are clients the kernel added, not anything render writes, and reading
+  them would make a full sync delete them (breaking affinity). The definitions are
+  read.
+* A large set comes as several documents (the definition repeated, a slice of the
+  elements in each), so no document holds a whole set's elements.
+
+Every dump is received whole (raw bytes, a fraction of their decoded size) before any
+of it is decoded: a dump the kernel marks interrupted (``NLM_F_DUMP_INTR``, the
+ruleset changed under it) or refuses as busy is simply asked for again.
+"""
+
+from __future__ import annotations
+
+import errno as errno_
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kpy.netns_socket import run_in_netns
+from kpy_nftables import render
+from kpy_nftables.apply import NftError
+
+JSON = dict[str, Any]
+
+# --- netlink and nf_tables constants (linux/netlink.h, linux/netfilter/nf_tables.h) --------
+
+NETLINK_NETFILTER = 12
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_DUMP_INTR = 0x10
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+SOL_NETLINK = 270
+NETLINK_EXT_ACK = 11
+NETLINK_GET_STRICT_CHK = 12
+
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETTABLE = 1
+NFT_MSG_GETCHAIN = 4
+NFT_MSG_GETSET = 10
+NFT_MSG_GETSETELEM = 13
+NFT_MSG_GETGEN = 16
+NFTA_GEN_ID = 1
+
+NFPROTO_UNSPEC = 0
+FAMILY_NAMES: dict[int, str] = {int(socket.AF_INET): "ip", int(socket.AF_INET6): "ip6"}
+FAMILY_NUMBERS = {name: number for number, name in FAMILY_NAMES.items()}
+
+# NFTA_TABLE_*, NFTA_CHAIN_*
+NFTA_TABLE_NAME = 1
+NFTA_CHAIN_TABLE = 1
+NFTA_CHAIN_NAME = 3
+# NFTA_SET_*
+NFTA_SET_TABLE = 1
+NFTA_SET_NAME = 2
+NFTA_SET_FLAGS = 3
+NFTA_SET_KEY_TYPE = 4
+NFTA_SET_KEY_LEN = 5
+NFTA_SET_DATA_TYPE = 6
+NFTA_SET_DATA_LEN = 7
+NFTA_SET_TIMEOUT = 11
+NFT_SET_ANONYMOUS = 0x1
+NFT_SET_MAP = 0x8
+NFT_SET_TIMEOUT = 0x10
+NFT_SET_EVAL = 0x20
+# NFTA_SET_ELEM_LIST_*, NFTA_SET_ELEM_*, NFTA_DATA_*, NFTA_VERDICT_*
+NFTA_SET_ELEM_LIST_TABLE = 1
+NFTA_SET_ELEM_LIST_SET = 2
+NFTA_SET_ELEM_LIST_ELEMENTS = 3
+NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_DATA = 2
+NFTA_SET_ELEM_USERDATA = 6
+NFTA_DATA_VALUE = 1
+NFTA_DATA_VERDICT = 2
+NFTA_VERDICT_CODE = 1
+NFTA_VERDICT_CHAIN = 2
+NFTNL_UDATA_SET_ELEM_COMMENT = 0
+NFT_DATA_VERDICT = 0xFFFFFF00
+
+# nft's datatype ids (src/datatype.h) → the name ``nft -j`` prints, and how many bytes
+# one value takes in a key (None: only known from the key length).
+DATATYPES: dict[int, tuple[str, int | None]] = {
+    4: ("integer", None),
+    5: ("string", None),
+    7: ("ipv4_addr", 4),
+    8: ("ipv6_addr", 16),
+    9: ("ether_addr", 6),
+    12: ("inet_proto", 1),
+    13: ("inet_service", 2),
+    19: ("mark", 4),
+    20: ("iface_index", 4),
+    41: ("ifname", 16),
+}
+TYPE_BITS = 6  # a concatenation's type id: component ids shifted in, 6 bits each
+VERDICTS = {0: "drop", 1: "accept", -1: "continue", -2: "break", -3: "jump", -4: "goto"}
+VERDICTS[-5] = "return"
+PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp"}
+
+ELEMENTS_PER_DOCUMENT = 2048
+RETRIES = 10  # dumps asked again after an interruption or a busy socket
+RECV_SIZE = 1 << 16  # a dump part is at most ~32 KiB
+
+
+@dataclass(frozen=True, slots=True)
+class SetDef:
+    """A set or map as ``NFT_MSG_GETSET`` describes it."""
+
+    family: str
+    table: str
+    name: str
+    flags: int
+    key_type: int
+    key_len: int
+    data_type: int | None
+    timeout_ms: int | None
+
+    @property
+    def is_map(self) -> bool:
+        return bool(self.flags & NFT_SET_MAP)
+
+    @property
+    def dynamic(self) -> bool:
+        """Filled by the kernel from the packet path (affinity): elements not read."""
+        return bool(self.flags & (NFT_SET_TIMEOUT | NFT_SET_EVAL))
+
+    def document(self, elements: list[Any] | None) -> JSON:
+        """The set as ``nft -j list sets``/``maps`` prints it, with ``elements``."""
+        parts = type_names(self.key_type)
+        body: JSON = {
+            "family": self.family,
+            "name": self.name,
+            "table": self.table,
+            "type": parts[0] if len(parts) == 1 else parts,
+        }
+        if self.is_map:
+            data = self.data_type
+            if data is None or data == NFT_DATA_VERDICT:
+                body["map"] = "verdict"
+            else:
+                names = type_names(data)
+                body["map"] = names[0] if len(names) == 1 else names
+        if self.timeout_ms is not None:
+            body["timeout"] = self.timeout_ms // 1000
+        if elements:
+            body["elem"] = elements
+        return {"nftables": [{"map" if self.is_map else "set": body}]}
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+
+def type_names(type_id: int) -> list[str]:
+    """``7`` → ``["ipv4_addr"]``; a concatenation's id → each component's name."""
+    ids: list[int] = []
+    while type_id:
+        ids.append(type_id & ((1 << TYPE_BITS) - 1))
+        type_id >>= TYPE_BITS
+    if not ids:
+        ids = [0]
+    return [DATATYPES.get(i, (f"type-{i}", None))[0] for i in reversed(ids)]
+
+
+def _component(name: str, raw: bytes, exploded: bool) -> str | int:
+    """One value of a key, printed as nft prints it in JSON."""
+    if name == "ipv4_addr" and len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw)
+    if name == "ipv6_addr" and len(raw) == 16:
+        if exploded:
+            text = raw.hex()
+            return ":".join(text[i : i + 4] for i in range(0, 32, 4))
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    if name == "inet_proto" and len(raw) == 1:
+        return PROTOCOL_NAMES.get(raw[0], raw[0])
+    if name == "inet_service" and len(raw) == 2:
+        return int.from_bytes(raw, "big")
+    if name in ("mark", "iface_index") and len(raw) == 4:
+        return int.from_bytes(raw, "little" if _LITTLE else "big")  # host byte order
+    return "0x" + raw.hex()
+
+
+_LITTLE = struct.pack("=I", 1) == struct.pack("<I", 1)
+
+
+class _KeyDecoder:
+    """Key bytes → the ``val`` nft prints: a value, or ``{"concat": [...]}``."""
+
+    __slots__ = ("exploded", "fields", "names")
+
+    def __init__(self, key_type: int, key_len: int, *, exploded: bool = False) -> None:
+        self.names = type_names(key_type)
+        self.exploded = exploded
+        # a concatenation's (name, offset, width): each value padded to 4 bytes
+        self.fields: list[tuple[str, int, int]] | None = None
+        if len(self.names) > 1:
+            fields = []
+            at = 0
+            for name in self.names:
+                width = WIDTHS.get(name)
+                if width is None:
+                    break
+                fields.append((name, at, width))
+                at += width + (-width % 4)
+            else:
+                if at == key_len:
+                    self.fields = fields
+
+    def __call__(self, raw: bytes) -> Any:
+        if len(self.names) == 1:
+            return _component(self.names[0], raw, self.exploded)
+        if self.fields is None:
+            return "0x" + raw.hex()
+        return {
+            "concat": [_component(name, raw[at : at + n], False) for name, at, n in self.fields]
+        }
+
+
+WIDTHS = {name: width for name, width in DATATYPES.values() if width is not None}
+
+
+def _attrs(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, payload start, payload end) of each attribute in ``data[start:end]``."""
+    at = start
+    while at + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, at)
+        if length < 4 or at + length > end:
+            return
+        yield kind & NLA_TYPE_MASK, at + 4, at + length
+        at += (length + 3) & ~3
+
+
+def _string(data: bytes, start: int, end: int) -> str:
+    return data[start:end].split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _u32(data: bytes, start: int) -> int:
+    value: int = struct.unpack_from(">I", data, start)[0]
+    return value
+
+
+def _messages(buffers: list[bytes]) -> Iterator[tuple[bytes, int, int, int]]:
+    """(buffer, family, attributes start, message end) of every dumped object."""
+    for data in buffers:
+        at = 0
+        while at + 16 <= len(data):
+            length, kind, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, at)
+            if length < 16 or at + length > len(data):
+                break
+            if kind >> 8 == NFNL_SUBSYS_NFTABLES and length >= 20:
+                yield data, data[at + 16], at + 20, at + length
+            at += (length + 3) & ~3
+
+
+def _comment(data: bytes, start: int, end: int) -> str | None:
+    """The comment TLV (``NFTNL_UDATA_SET_ELEM_COMMENT``) of an element's userdata."""
+    at = start
+    while at + 2 <= end:
+        kind, length = data[at], data[at + 1]
+        if kind == NFTNL_UDATA_SET_ELEM_COMMENT:
+            return _string(data, at + 2, min(at + 2 + length, end))
+        at += 2 + length
+    return None
+
+
+def _verdict(data: bytes, start: int, end: int) -> JSON | None:
+    code: int | None = None
+    chain = None
+    for kind, s, e in _attrs(data, start, end):
+        if kind == NFTA_VERDICT_CODE:
+            code = struct.unpack_from(">i", data, s)[0]
+        elif kind == NFTA_VERDICT_CHAIN:
+            chain = _string(data, s, e)
+    if code is None:
+        return None
+    word = VERDICTS.get(code, f"verdict-{code}")
+    if chain is not None and word in ("jump", "goto"):
+        return {word: {"target": chain}}
+    return {word: None}
+
+
+def _element(
+    data: bytes, start: int, end: int, key: _KeyDecoder, data_key: _KeyDecoder | None
+) -> Any:
+    """One element as nft -j prints it: the value, or ``{"elem": {...}}`` with a
+    comment; in a map ``[that, data]``."""
+    val: Any = None
+    comment = None
+    mapped: Any = None
+    for kind, s, e in _attrs(data, start, end):
+        if kind == NFTA_SET_ELEM_KEY:
+            for k2, s2, e2 in _attrs(data, s, e):
+                if k2 == NFTA_DATA_VALUE:
+                    val = key(data[s2:e2])
+        elif kind == NFTA_SET_ELEM_DATA:
+            for k2, s2, e2 in _attrs(data, s, e):
+                if k2 == NFTA_DATA_VERDICT:
+                    mapped = _verdict(data, s2, e2)
+                elif k2 == NFTA_DATA_VALUE and data_key is not None:
+                    mapped = data_key(data[s2:e2])
+        elif kind == NFTA_SET_ELEM_USERDATA:
+            comment = _comment(data, s, e)
+    item: Any = val if comment is None else {"elem": {"val": val, "comment": comment}}
+    if data_key is None and mapped is None:
+        return item
+    return [item, mapped]
+
+
+# --- the socket ---------------------------------------------------------------------------
+
+
+class _Interrupted(Exception):
+    """The kernel marked the dump inconsistent, or refused it as busy: ask again."""
+
+
+class NetlinkReader:
+    """An nfnetlink socket inside ``netns`` (None: this namespace) that reads kpy's
+    tables back as ``nft -j`` documents (see the module docstring)."""
+
+    def __init__(
+        self, netns: str | None, *, elements_per_document: int = ELEMENTS_PER_DOCUMENT
+    ) -> None:
+        self.netns = netns
+        self.elements_per_document = elements_per_document
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._sock: socket.socket | None = None
+        self.restarts = 0  # dumps asked again (interrupted or busy), for tests and logs
+
+    @staticmethod
+    def _open() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            sock.bind((0, 0))
+            sock.settimeout(30.0)  # a dump that stops answering is an error, not a hang
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            try:
+                self._sock = run_in_netns(self.netns, self._open)
+            except OSError as exc:
+                raise NftError(f"cannot open an nfnetlink socket: {exc}") from exc
+        return self._sock
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+    def __enter__(self) -> NetlinkReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- dumps --------------------------------------------------------------------------
+
+    def dump(self, kind: int, family: int, *attrs: bytes) -> list[bytes]:
+        """Every part of one dump, raw; asked again while the ruleset changed during
+        the dump: the kernel marks only some dumps (``NLM_F_DUMP_INTR``; not a set's
+        elements), so the ruleset's generation is also compared before and after."""
+        with self._lock:
+            for _attempt in range(RETRIES):
+                try:
+                    before = self._generation()
+                    parts = self._exchange(kind, family, attrs, dump=True)
+                    if self._generation() != before:
+                        raise _Interrupted
+                    return parts
+                except _Interrupted:
+                    self.restarts += 1
+                    continue
+        raise NftError(f"nf_tables dump {kind} interrupted {RETRIES} times in a row")
+
+    def _generation(self) -> int:
+        """The ruleset's generation id (``NFT_MSG_GETGEN``): each commit changes it."""
+        for data, _family, start, end in _messages(
+            self._exchange(NFT_MSG_GETGEN, NFPROTO_UNSPEC, (), dump=False)
+        ):
+            for kind, s, _e in _attrs(data, start, end):
+                if kind == NFTA_GEN_ID:
+                    return _u32(data, s)
+        raise NftError("the kernel sent no nf_tables generation id")
+
+    def _exchange(
+        self, kind: int, family: int, attrs: tuple[bytes, ...], *, dump: bool
+    ) -> list[bytes]:
+        """Send one request; every part of its answer (a dump: up to NLMSG_DONE)."""
+        sock = self._socket()
+        self._seq += 1
+        seq = self._seq
+        body = b"".join(attrs)
+        header = struct.pack(
+            "=IHHIIBBH",
+            20 + len(body),
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            NLM_F_REQUEST | NLM_F_DUMP if dump else NLM_F_REQUEST,
+            seq,
+            0,
+            family,
+            0,  # NFNETLINK_V0
+            0,
+        )
+        try:
+            sock.sendto(header + body, (0, 0))
+        except OSError as exc:
+            self._reset()
+            raise NftError(f"netlink send failed: {exc}") from exc
+        parts: list[bytes] = []
+        interrupted = False
+        while True:
+            try:
+                data = self._receive(sock, kind, len(parts))
+            except OSError as exc:
+                self._reset()
+                raise NftError(f"netlink receive failed: {exc}") from exc
+            done = False
+            ours = False  # a part left over from an abandoned request is dropped
+            at = 0
+            while at + 16 <= len(data):
+                length, mtype, flags, mseq, _pid = struct.unpack_from("=IHHII", data, at)
+                if length < 16:
+                    break
+                if mseq == seq:
+                    ours = True
+                    if not dump and mtype != NLMSG_ERROR:
+                        done = True
+                    if flags & NLM_F_DUMP_INTR:
+                        interrupted = True
+                    if mtype == NLMSG_DONE:
+                        done = True
+                    elif mtype == NLMSG_ERROR:
+                        (err,) = struct.unpack_from("=i", data, at + 16)
+                        if err in (-errno_.EINTR, -errno_.EBUSY, -errno_.EAGAIN):
+                            if err == -errno_.EBUSY:
+                                self._reset()  # a dump left running: start afresh
+                            raise _Interrupted
+                        if err:
+                            text = f"{os.strerror(-err)} (errno {errno_.errorcode.get(-err, -err)})"
+                            raise NftError(f"kernel refused the nf_tables dump: {text}")
+                        done = True
+                at += (length + 3) & ~3
+            if ours:
+                parts.append(data)
+            if done:
+                break
+        if interrupted:
+            raise _Interrupted
+        return parts
+
+    def _receive(self, sock: socket.socket, kind: int, part: int) -> bytes:
+        """The next part (number ``part``) of a ``kind`` dump; tests subclass this to
+        change the ruleset in the middle of a dump."""
+        return sock.recv(RECV_SIZE)
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # --- documents ------------------------------------------------------------------------
+
+    def documents(self) -> Iterator[JSON]:
+        """kpy's tables as ``nft -j list`` documents: tables, chains, then every set
+        and map (definition and elements), one document at a time."""
+        tables: list[JSON] = []
+        for data, family, start, end in _messages(self.dump(NFT_MSG_GETTABLE, NFPROTO_UNSPEC)):
+            name = _find_string(data, start, end, NFTA_TABLE_NAME)
+            nf = FAMILY_NAMES.get(family)
+            if nf is not None and name is not None and render.is_kpy_table(name):
+                tables.append({"table": {"family": nf, "name": name}})
+        if not tables:
+            return
+        yield {"nftables": tables}
+        del tables
+
+        for data in self.dump(NFT_MSG_GETCHAIN, NFPROTO_UNSPEC):
+            chains: list[JSON] = []
+            for part, family, start, end in _messages([data]):
+                nf = FAMILY_NAMES.get(family)
+                if nf is None:
+                    continue
+                table = name = None
+                for kind, s, e in _attrs(part, start, end):
+                    if kind == NFTA_CHAIN_TABLE:
+                        table = _string(part, s, e)
+                    elif kind == NFTA_CHAIN_NAME:
+                        name = _string(part, s, e)
+                if table is not None and name is not None and render.is_kpy_table(table):
+                    chains.append({"chain": {"family": nf, "table": table, "name": name}})
+            if chains:
+                yield {"nftables": chains}
+
+        for set_def in self.sets():
+            if set_def.dynamic:
+                yield set_def.document(None)
+                continue
+            yield from self._set_documents(set_def)
+
+    def sets(self) -> list[SetDef]:
+        """The named sets and maps of kpy's tables."""
+        result = []
+        for data, family, start, end in _messages(self.dump(NFT_MSG_GETSET, NFPROTO_UNSPEC)):
+            nf = FAMILY_NAMES.get(family)
+            if nf is None:
+                continue
+            got: dict[int, tuple[int, int]] = {k: (s, e) for k, s, e in _attrs(data, start, end)}
+            if NFTA_SET_TABLE not in got or NFTA_SET_NAME not in got:
+                continue
+            table = _string(data, *got[NFTA_SET_TABLE])
+            flags = _u32(data, got[NFTA_SET_FLAGS][0]) if NFTA_SET_FLAGS in got else 0
+            if not render.is_kpy_table(table) or flags & NFT_SET_ANONYMOUS:
+                continue
+            timeout = None
+            if NFTA_SET_TIMEOUT in got:
+                (timeout,) = struct.unpack_from(">Q", data, got[NFTA_SET_TIMEOUT][0])
+            result.append(
+                SetDef(
+                    family=nf,
+                    table=table,
+                    name=_string(data, *got[NFTA_SET_NAME]),
+                    flags=flags,
+                    key_type=_u32(data, got[NFTA_SET_KEY_TYPE][0])
+                    if NFTA_SET_KEY_TYPE in got
+                    else 0,
+                    key_len=_u32(data, got[NFTA_SET_KEY_LEN][0]) if NFTA_SET_KEY_LEN in got else 0,
+                    data_type=_u32(data, got[NFTA_SET_DATA_TYPE][0])
+                    if NFTA_SET_DATA_TYPE in got
+                    else None,
+                    timeout_ms=timeout,
+                )
+            )
+        return result
+
+    def _set_documents(self, set_def: SetDef) -> Iterator[JSON]:
+        parts = self.dump(
+            NFT_MSG_GETSETELEM,
+            FAMILY_NUMBERS[set_def.family],
+            _attr_str(NFTA_SET_ELEM_LIST_TABLE, set_def.table),
+            _attr_str(NFTA_SET_ELEM_LIST_SET, set_def.name),
+        )
+        key = _KeyDecoder(
+            set_def.key_type, set_def.key_len, exploded=set_def.name == render.FINGERPRINTS
+        )
+        data_key = None
+        if set_def.is_map and set_def.data_type not in (None, NFT_DATA_VERDICT):
+            data_key = _KeyDecoder(set_def.data_type or 0, 0)
+        elements: list[Any] = []
+        sent = False
+        while parts:
+            data = parts.pop(0)  # each part dropped once decoded
+            for part, _family, start, end in _messages([data]):
+                for kind, s, e in _attrs(part, start, end):
+                    if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
+                        continue
+                    for _k, s2, e2 in _attrs(part, s, e):
+                        elements.append(_element(part, s2, e2, key, data_key))
+                        if len(elements) >= self.elements_per_document:
+                            yield set_def.document(elements)
+                            sent = True
+                            elements = []
+        if elements or not sent:
+            yield set_def.document(elements)
+
+
+def _attr_str(kind: int, value: str) -> bytes:
+    payload = value.encode() + b"\0"
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _find_string(data: bytes, start: int, end: int, kind: int) -> str | None:
+    for k, s, e in _attrs(data, start, end):
+        if k == kind:
+            return _string(data, s, e)
+    return None
+
+
+__all__ = ["NetlinkReader", "SetDef", "type_names"]

@@ -1,0 +1,424 @@
+"""The netlink reader against nft itself: for real kpy state programmed by the nftables
+backend in a namespace, :class:`kpy_nftables.netlink_read.NetlinkReader`'s documents
+must parse (:func:`kpy_nftables.observe.parse`) to exactly what ``nft -j list chains /
+sets / maps`` parses to — the same keys and values, the same per-Service views.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import pytest
+from kpy_nftables import NftablesBackend, netlink_read, observe, render
+from kpy_nftables.apply import Nft
+from kpy_nftables.netlink_read import NetlinkReader, type_names
+
+from kpy.backend import BackendConfig
+from kpy.model import Endpoint, ServicePortState
+from kpy.testing import builders as b
+from kpy.testing.netns import scratch
+from tests.conftest import require_root
+
+pytestmark = pytest.mark.root
+
+CIDRS = (ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("fd00:244::/48"))
+DUAL = ["10.96.0.10", "fd00:96::10"]
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    require_root()
+    with scratch("kpy-nlr-") as name:
+        yield name
+
+
+def _nft(netns: str, *args: str, script: str | None = None) -> str:
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", *args],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"nft {' '.join(args)} failed: {done.stderr}")
+    return done.stdout
+
+
+def _program(
+    netns: str, states: Sequence[ServicePortState], *, masquerade_all: bool = False
+) -> None:
+    config = BackendConfig(netns=netns, cluster_cidrs=CIDRS, masquerade_all=masquerade_all)
+    backend = NftablesBackend(config)
+    try:
+        asyncio.run(backend.apply(b.plan(states)))
+    finally:
+        backend.close()
+
+
+def _by_nft(netns: str) -> observe.Observed:
+    return observe.parse(asyncio.run(Nft(netns).list_tables()))
+
+
+def _by_netlink(netns: str, **options: int) -> observe.Observed:
+    reader = NetlinkReader(netns, **options)
+    try:
+        return observe.parse(reader.documents())
+    finally:
+        reader.close()
+
+
+def _assert_same(netns: str) -> observe.Observed:
+    want = _by_nft(netns)
+    got = _by_netlink(netns)
+    assert got.values == want.values
+    assert observe.views(got) == observe.views(want)
+    assert got.tables == want.tables
+    return got
+
+
+# --- the cases ----------------------------------------------------------------------------
+
+
+def _eps(*ips: str, port: int = 8080, node: str = b.NODE) -> list[Endpoint]:
+    return [b.endpoint(ip, port, node=node) for ip in ips]
+
+
+CLUSTER_IP = b.state(b.service("web"), _eps("10.244.1.5", "10.244.1.6", "10.244.2.5"))
+NO_ENDPOINTS = b.state(b.service("empty", cluster_ip="10.96.0.30"))
+NOT_READY = b.state(
+    b.service("down", cluster_ip="10.96.0.31"),
+    [b.endpoint("10.244.1.5", ready=False, serving=False)],
+)
+UDP = b.state(
+    b.service("dns", protocol="UDP", port=53, cluster_ip="10.96.0.53"),
+    _eps("10.244.1.7", "10.244.1.8", port=53),
+)
+SCTP = b.state(
+    b.service("sig", protocol="SCTP", port=3868, cluster_ip="10.96.0.68"),
+    _eps("10.244.1.9", port=3868),
+)
+NODE_PORT = b.state(
+    b.service("np", type="NodePort", node_port=30080, cluster_ip="10.96.0.80"),
+    _eps("10.244.1.5", "10.244.2.5"),
+)
+LB = b.state(
+    b.service(
+        "lb",
+        type="LoadBalancer",
+        node_port=30443,
+        cluster_ip="10.96.0.43",
+        port=443,
+        lb_ips=["172.18.0.50", "172.18.0.51"],
+        source_ranges=["203.0.113.0/24", "198.51.100.0/24"],
+    ),
+    _eps("10.244.1.5"),
+)
+LB_NO_ENDPOINTS = b.state(
+    b.service(
+        "lb0",
+        type="LoadBalancer",
+        node_port=30444,
+        cluster_ip="10.96.0.44",
+        lb_ips=["172.18.0.52"],
+        source_ranges=["203.0.113.0/24"],
+    ),
+)
+EXTERNAL_IPS = b.state(
+    b.service("ext", cluster_ip="10.96.0.90", external_ips=["192.0.2.10", "192.0.2.11"]),
+    _eps("10.244.1.6"),
+)
+ETP_LOCAL = b.state(
+    b.service("loc", type="NodePort", node_port=30090, cluster_ip="10.96.0.91", etp_local=True),
+    [*_eps("10.244.1.5"), *_eps("10.244.2.5", node="node-b")],
+)
+ETP_LOCAL_NONE_HERE = b.state(
+    b.service("far", type="NodePort", node_port=30091, cluster_ip="10.96.0.93", etp_local=True),
+    _eps("10.244.2.6", node="node-b"),
+)
+AFFINITY = b.state(
+    b.service("aff", cluster_ip="10.96.0.92", affinity=True, affinity_timeout=600),
+    _eps("10.244.1.5", "10.244.1.6"),
+)
+DUAL_STACK = b.state(
+    b.service(
+        "dual",
+        cluster_ip=DUAL,
+        type="LoadBalancer",
+        node_port=30100,
+        lb_ips=["172.18.0.60", "fd00:18::60"],
+        affinity=True,
+        etp_local=True,
+    ),
+    [
+        *_eps("10.244.1.5", "fd00:244:1::5"),
+        *_eps("10.244.2.5", "fd00:244:2::5", node="node-b"),
+    ],
+)
+IPV6_ONLY = b.state(
+    b.service("six", cluster_ip="fd00:96::20", type="NodePort", node_port=30200),
+    _eps("fd00:244:1::5", "fd00:244:1::6", "fd00::1:0:0:7"),
+)
+# The same VIP claimed by two Services: the second is refused (a conflict).
+CONFLICT = b.state(b.service("clash", cluster_ip="10.96.0.10"), _eps("10.244.3.3"))
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    states: tuple[ServicePortState, ...]
+    masquerade_all: bool = False
+
+
+CASES = [
+    Case("base-tables-only", ()),
+    Case("clusterip", (CLUSTER_IP,)),
+    Case("no-endpoints", (NO_ENDPOINTS, NOT_READY)),
+    Case("udp-and-sctp", (UDP, SCTP)),
+    Case("nodeport", (NODE_PORT,)),
+    Case("loadbalancer-source-ranges", (LB, LB_NO_ENDPOINTS)),
+    Case("external-ips", (EXTERNAL_IPS,)),
+    Case("etp-local", (ETP_LOCAL, ETP_LOCAL_NONE_HERE)),
+    Case("affinity", (AFFINITY,)),
+    Case("dual-stack", (DUAL_STACK,)),
+    Case("ipv6", (IPV6_ONLY,)),
+    Case("conflict", (CLUSTER_IP, CONFLICT)),
+    Case("masquerade-all", (CLUSTER_IP, DUAL_STACK, NODE_PORT), masquerade_all=True),
+    Case(
+        "everything",
+        (
+            CLUSTER_IP,
+            NO_ENDPOINTS,
+            UDP,
+            SCTP,
+            NODE_PORT,
+            LB,
+            LB_NO_ENDPOINTS,
+            EXTERNAL_IPS,
+            ETP_LOCAL,
+            ETP_LOCAL_NONE_HERE,
+            AFFINITY,
+            DUAL_STACK,
+            IPV6_ONLY,
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_reads_what_nft_reads(ns: str, case: Case) -> None:
+    _program(ns, case.states, masquerade_all=case.masquerade_all)
+    got = _assert_same(ns)
+    # about something: every service port's frontends or endpoints were read
+    assert got.tables == {"ip", "ip6"}
+    views = observe.views(got)
+    for state in case.states:
+        if state.name != CONFLICT.name:
+            assert str(state.name) in views, state.name
+    chains = {k.rsplit(" chain ", 1)[1] for k in got.values if " chain " in k}
+    for state in case.states:
+        if state.name != CONFLICT.name:
+            assert (render.service_chain(state.name) in chains) == bool(state.internal), state
+
+
+def test_two_hundred_services(ns: str) -> None:
+    _program(ns, b.synthetic_states(200))
+    got = _assert_same(ns)
+    assert len(observe.views(got)) == 200
+    fingerprinted = [v for k, v in got.values.items() if " chain " in k]
+    assert fingerprinted and render.CHAIN_ONLY not in fingerprinted
+
+
+def test_large_sets_come_in_slices(ns: str) -> None:
+    _program(ns, b.synthetic_states(40))
+    reader = NetlinkReader(ns, elements_per_document=7)
+    try:
+        docs = list(reader.documents())
+    finally:
+        reader.close()
+    sizes = [
+        len(body.get("elem", []))
+        for doc in docs
+        for item in doc["nftables"]
+        for body in item.values()
+        if "elem" in body
+    ]
+    assert max(sizes) == 7 and len(sizes) > 20
+    assert observe.parse(docs).values == _by_nft(ns).values
+
+
+def test_drift_is_read_as_it_is(ns: str) -> None:
+    """Hand-made damage — a chain gone, an element gone, a stray element — reads the
+    same through both."""
+    _program(ns, (CLUSTER_IP, NODE_PORT, UDP))
+    shard = render.shard_table(CLUSTER_IP.name)
+    chain = render.service_chain(CLUSTER_IP.name)
+    _nft(
+        ns,
+        "-f",
+        "-",
+        script=(
+            f"delete element ip {shard} service-ips {{ 10.96.0.10 . tcp . 80 }}\n"
+            f"flush chain ip {shard} {chain}\n"
+            f"delete chain ip {shard} {chain}\n"
+            "add element ip kpy masquerade-nodeports { udp . 31000 }\n"
+            "add element ip kpy no-endpoint-services"
+            ' { 10.96.9.9 . tcp . 9 comment "x/y/tcp/z" : drop }\n'
+        ),
+    )
+    got = _assert_same(ns)
+    assert f"ip {shard} chain {chain}" not in got.values
+    assert got.values["ip element masquerade-nodeports udp . 31000"] == " # "
+
+
+def test_empty_namespace_reads_nothing(ns: str) -> None:
+    reader = NetlinkReader(ns)
+    try:
+        assert list(reader.documents()) == []
+    finally:
+        reader.close()
+    assert _by_netlink(ns).values == {} == _by_nft(ns).values
+
+
+FOREIGN = """\
+table ip filter {
+  set blocked { type ipv4_addr; elements = { 192.0.2.1 } }
+  map ports { type inet_service : verdict; elements = { 22 : drop } }
+  chain input { type filter hook input priority 0; policy accept; ip saddr @blocked drop; }
+}
+table inet kpy {
+  set s { type ipv4_addr . inet_service; elements = { 10.0.0.1 . 80 } }
+  chain c {
+  }
+}
+add table ip kpy-x
+add chain ip kpy-x c
+add table ip kpyish
+add chain ip kpyish c
+add table netdev kpy-1
+add chain netdev kpy-1 c
+"""
+
+
+def test_foreign_tables_are_ignored(ns: str) -> None:
+    _nft(ns, "-f", "-", script=FOREIGN)
+    reader = NetlinkReader(ns)
+    try:
+        assert list(reader.documents()) == []
+        _program(ns, (CLUSTER_IP, IPV6_ONLY))
+        docs = list(reader.documents())  # the same reader, a second time
+    finally:
+        reader.close()
+    read = {
+        (body["family"], body.get("table", body["name"]))
+        for doc in docs
+        for item in doc["nftables"]
+        for body in item.values()
+    }
+    assert read == {("ip", render.TABLE), ("ip6", render.TABLE)} | {
+        (f, t) for f in ("ip", "ip6") for t in render.shard_tables()
+    }
+    assert observe.parse(docs).values == _by_nft(ns).values
+
+
+def test_affinity_clients_are_not_read(ns: str) -> None:
+    """Clients the kernel adds to an affinity set are not render's: nft lists them, the
+    reader leaves them out (and the definition in)."""
+    _program(ns, (AFFINITY,))
+    shard = render.shard_table(AFFINITY.name)
+    sets = [k for k in _by_nft(ns).values if k.startswith(f"ip {shard} set affinity-")]
+    assert len(sets) == 2
+    name = sets[0].split(" set ", 1)[1]
+    _nft(ns, "add", "element", "ip", shard, name, "{ 10.244.7.7 }")
+    want = _by_nft(ns).values
+    client = f"ip {shard} element {name} 10.244.7.7"
+    assert client in want
+    got = _by_netlink(ns).values
+    assert got == {k: v for k, v in want.items() if k != client}
+    assert got[f"ip {shard} set {name}"] == "ipv4_addr timeout 600s"
+
+
+class _Meddler(NetlinkReader):
+    """A reader that runs ``script`` with nft once, after the first part of the first
+    dump of ``kind`` whose request names ``target`` — a change to the ruleset in the
+    middle of that dump (the kernel has made the next part already; the one after it
+    is made after the change)."""
+
+    def __init__(self, netns: str, kind: int, target: bytes, script: str) -> None:
+        super().__init__(netns)
+        self.kind = kind
+        self.target = target
+        self.script: str | None = script
+        self.request = b""
+
+    def dump(self, kind: int, family: int, *attrs: bytes) -> list[bytes]:
+        self.request = b"".join(attrs)
+        return super().dump(kind, family, *attrs)
+
+    def _receive(self, sock: socket.socket, kind: int, part: int) -> bytes:
+        data = super()._receive(sock, kind, part)
+        meddle = kind == self.kind and part == 0 and self.target in self.request
+        if meddle and self.script is not None:
+            _nft(self.netns or "", "-f", "-", script=self.script)
+            self.script = None
+        return data
+
+
+@pytest.mark.parametrize(
+    ("kind", "target", "script", "added"),
+    [
+        (
+            netlink_read.NFT_MSG_GETSETELEM,
+            b"service-endpoints",
+            "add element ip kpy service-endpoints { 10.244.99.9 . 8080 . 7 }",
+            "ip element service-endpoints 10.244.99.9 . 8080 . 7",
+        ),
+        (
+            netlink_read.NFT_MSG_GETCHAIN,
+            b"",
+            "add chain ip kpy extra-chain",
+            "ip chain extra-chain",
+        ),
+        (netlink_read.NFT_MSG_GETSET, b"", "add table ip other", None),
+    ],
+    ids=["elements", "chains", "sets"],
+)
+def test_a_dump_changed_under_the_reader_is_asked_again(
+    ns: str, kind: int, target: bytes, script: str, added: str | None
+) -> None:
+    """The kernel marks a dump whose ruleset changed between its parts
+    (``NLM_F_DUMP_INTR``); the reader drops it and asks again, so what it reads is
+    the ruleset after the change."""
+    _program(ns, b.synthetic_states(300))
+    reader = _Meddler(ns, kind, target, script)
+    try:
+        got = observe.parse(reader.documents()).values
+    finally:
+        reader.close()
+    assert reader.script is None, "the dump came in one part: nothing was changed under it"
+    assert reader.restarts == 1
+    assert got == _by_nft(ns).values
+    if added is not None:
+        assert added in got
+
+
+# --- pure -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("type_id", "names"),
+    [
+        (7, ["ipv4_addr"]),
+        (8, ["ipv6_addr"]),
+        ((7 << 12) | (12 << 6) | 13, ["ipv4_addr", "inet_proto", "inet_service"]),
+        ((8 << 12) | (13 << 6) | 19, ["ipv6_addr", "inet_service", "mark"]),
+        ((12 << 6) | 13, ["inet_proto", "inet_service"]),
+    ],
+)
+def test_type_names(type_id: int, names: list[str]) -> None:
+    assert type_names(type_id) == names
