@@ -183,7 +183,7 @@ class NftablesBackend:
             want.update(objs)
             ports[name] = frozenset(objs)
         shares = Counter(k for keys in ports.values() for k in keys if render.is_shared(k))
-        work = _Work(want, have, set(want) | set(have), ports, owner, replace=True)
+        work = _Work(want, have, want.keys() | have.keys(), ports, owner, replace=True)
         work.shares = dict(shares)
         return work
 
@@ -199,6 +199,8 @@ class NftablesBackend:
                 keys.add(key)
                 if render.is_shared(key):
                     delta[key] -= 1
+                    continue
+                if " element " not in key:
                     continue
                 claim = render.claim_key(key)
                 if owner.get(claim) == name:
@@ -225,7 +227,7 @@ class NftablesBackend:
             return {}
         objs = render.port_objects(state, self.config)
         for key, obj in list(objs.items()):
-            if not isinstance(obj, render.Element) or obj.map in render.SHARED_SETS:
+            if not isinstance(obj, render.Element) or obj.map not in render.FRONTEND_SETS:
                 continue
             holder = owner.claim(obj.claim, state.name)
             if holder != state.name:
@@ -241,7 +243,9 @@ class NftablesBackend:
 
     def _commit(self, work: _Work, full: bool) -> None:
         if full:
-            self._have = {k: o.value for k, o in work.want.items()}
+            # values repeat (a port's elements share its comment): keep one of each
+            seen: dict[str, str] = {}
+            self._have = {k: seen.setdefault(v := o.value, v) for k, o in work.want.items()}
             self._port_keys = dict(work.ports)
             self._owner = {k: v for k, v in work.owner.changes.items() if v is not None}
             self._shares = work.shares
@@ -282,7 +286,7 @@ class _Work:
     ) -> None:
         self.want = want
         self.have = have
-        self.keys = set(keys)
+        self.keys = keys if isinstance(keys, set) else set(keys)
         self.ports = ports
         self.owner = owner
         self.replace = replace

@@ -22,6 +22,7 @@ into one ``nft -f`` script whose size is proportional to what differs.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -83,6 +84,20 @@ SERVICE_ENDPOINTS = "service-endpoints"  # endpoint . port . service hash, for t
 HAIRPIN = "hairpin"
 SETS = (FINGERPRINTS, MASQ_IPS, MASQ_NODEPORTS, SERVICE_ENDPOINTS, HAIRPIN)
 SHARED_SETS = frozenset((HAIRPIN,))
+# The sets and maps whose elements are frontends: two service ports may claim the same
+# one (invalid input), and the first in name order keeps it. Other elements are unique
+# to their port by construction (they hold its hash or its chain's).
+FRONTEND_SETS = frozenset(
+    (
+        SERVICE_IPS,
+        SERVICE_NODEPORTS,
+        NO_EP_SERVICES,
+        NO_EP_NODEPORTS,
+        FIREWALL_IPS,
+        MASQ_IPS,
+        MASQ_NODEPORTS,
+    )
+)
 
 CHAIN_ONLY = "chain-without-fingerprint"  # how observe reports a chain with no fingerprint
 
@@ -203,8 +218,8 @@ def split_key(key: str) -> tuple[str, str, str, str]:
 
 def claim_key(key: str) -> str:
     """``key`` without its shard table (see :attr:`Element.claim`)."""
-    family, _table, kind, rest = split_key(key)
-    return f"{family} {kind} {rest}"
+    family, table, kind, rest = split_key(key)
+    return key if table == TABLE else f"{family} {kind} {rest}"
 
 
 def set_value(type_: str, timeout: int | None) -> str:
@@ -651,9 +666,7 @@ def _add(obj: Obj) -> str:
         return f"add chain {obj.family} {obj.table} {obj.name}{body}"
     if isinstance(obj, Set):
         return f"add {obj.kind} {obj.family} {obj.table} {obj.name} {{ {obj.spec} }}"
-    verdict = f" : {obj.verdict}" if obj.verdict else ""
-    comment = f" comment {_quote(obj.comment)}" if obj.comment else ""
-    return f"add element {obj.family} {obj.table} {obj.map} {{ {obj.element}{comment}{verdict} }}"
+    return f"add element {obj.family} {obj.table} {obj.map} {{ {_element_body(obj)} }}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -663,13 +676,21 @@ class Transaction:
 
     before: tuple[str, ...]  # tables, definitions, flushes
     rule_chains: tuple[Chain, ...]  # the chains whose rules are (re)added
-    after: tuple[str, ...]  # element changes, then deletions
+    del_elements: tuple[str, ...]
+    add_elements: tuple[Element, ...]  # written out when read, like the rules
+    after: tuple[str, ...]  # deletions of chains and sets
     ops: int  # objects added, changed or removed
+    group: bool = False  # a set's elements in commands of up to GROUP
 
     def iter_lines(self) -> Iterator[str]:
         yield from self.before
         for chain in self.rule_chains:
             yield from _chain_rules(chain)
+        yield from (_grouped(self.del_elements) if self.group else self.del_elements)
+        if self.group:
+            yield from _grouped_adds(self.add_elements)
+        else:
+            yield from (_add(e) for e in self.add_elements)
         yield from self.after
 
     @property
@@ -679,7 +700,13 @@ class Transaction:
     @property
     def line_count(self) -> int:
         rules = sum(len(c.rules) for c in self.rule_chains)
-        return len(self.before) + rules + len(self.after)
+        if self.group:
+            dels = len(_grouped(self.del_elements))
+            per_set = Counter(_set_of(e) for e in self.add_elements)
+            adds = sum(-(-n // GROUP) for n in per_set.values())
+        else:
+            dels, adds = len(self.del_elements), len(self.add_elements)
+        return len(self.before) + rules + dels + adds + len(self.after)
 
     @property
     def script(self) -> str:
@@ -689,7 +716,7 @@ class Transaction:
 GROUP = 1000  # elements per command when grouped
 
 
-def _grouped(lines: list[str]) -> list[str]:
+def _grouped(lines: Iterable[str]) -> list[str]:
     """``add|delete element F T S { e }`` lines of one set merged into commands of up to
     :data:`GROUP` elements (order kept per set): nft parses one big command much faster
     than many small ones (a cold sync of 10,000 Services has 125,000 elements)."""
@@ -702,6 +729,27 @@ def _grouped(lines: list[str]) -> list[str]:
         for i in range(0, len(items), GROUP):
             out.append(f"{head} {{ {', '.join(items[i : i + GROUP])} }}")
     return out
+
+
+def _set_of(e: Element) -> tuple[str, str, str]:
+    return (e.family, e.table, e.map)
+
+
+def _element_body(e: Element) -> str:
+    comment = f" comment {_quote(e.comment)}" if e.comment else ""
+    verdict = f" : {e.verdict}" if e.verdict else ""
+    return f"{e.element}{comment}{verdict}"
+
+
+def _grouped_adds(elements: Iterable[Element]) -> Iterator[str]:
+    """Additions grouped as :func:`_grouped` does, one command at a time."""
+    by_set: dict[tuple[str, str, str], list[Element]] = {}
+    for e in elements:
+        by_set.setdefault(_set_of(e), []).append(e)
+    for (family, table, name), items in by_set.items():
+        for i in range(0, len(items), GROUP):
+            body = ", ".join(_element_body(e) for e in items[i : i + GROUP])
+            yield f"add element {family} {table} {name} {{ {body} }}"
 
 
 def transaction(
@@ -719,7 +767,7 @@ def transaction(
     flushes: list[str] = []
     rules: list[Chain] = []
     del_elements: list[str] = []
-    add_elements: list[str] = []
+    add_elements: list[Element] = []
     del_chains: list[str] = []
     del_sets: list[str] = []
     ops = 0
@@ -749,7 +797,7 @@ def transaction(
                 del_elements.append(
                     f"delete element {family} {table} {obj.map} {{ {obj.element} }}"
                 )
-            add_elements.append(_add(obj))
+            add_elements.append(obj)
         elif isinstance(obj, Chain):
             add_defs.append(_add(obj))
             if current is not None:
@@ -762,18 +810,16 @@ def transaction(
             # redefined while rules use it; its name fixes what matters, so leave it.
             ops -= 1
     if not ops:
-        return Transaction((), (), (), 0)
+        return Transaction((), (), (), (), (), 0)
     # Fingerprints live in the base tables, so a transaction always touches them.
     tables.update((nf, TABLE) for nf in FAMILIES)
     head = [f"add table {nf} {table}" for nf, table in sorted(tables)]
     return Transaction(
         (*head, *add_defs, *flushes),
         tuple(rules),
-        (
-            *(_grouped(del_elements) if group else del_elements),
-            *(_grouped(add_elements) if group else add_elements),
-            *del_chains,
-            *del_sets,
-        ),
+        tuple(del_elements),
+        tuple(add_elements),
+        (*del_chains, *del_sets),
         ops,
+        group,
     )
