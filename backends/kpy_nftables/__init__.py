@@ -27,7 +27,7 @@ import structlog
 from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
 from kpy.explain import Origin, Packet, Trace
 from kpy.model import Plan, ServicePortName, ServicePortState
-from kpy_nftables import netlink, render
+from kpy_nftables import netlink, netlink_read, render
 from kpy_nftables import observe as observe_
 from kpy_nftables import trace as trace_
 from kpy_nftables.apply import Nft, NftError
@@ -58,6 +58,7 @@ class NftablesBackend:
             raise ValueError(f"nftables_writer must be netlink or nft (got {writer!r})")
         self._use_netlink = writer == "netlink"
         self._netlink: netlink.NetlinkWriter | None = None
+        self._reader: netlink_read.NetlinkReader | None = None
         self._set_types = {
             (o.family, o.table, o.name): netlink.SetType(o.type, o.kind, o.timeout)
             for o in self._base.values()
@@ -136,9 +137,20 @@ class NftablesBackend:
         work = await self._full(plan) if full else self._partial(plan)
         return self._transaction(work, full).script
 
+    async def _read(self) -> observe_.Observed:
+        """What kpy's tables hold: over netlink (no nft process, one set slice at a
+        time), or ``nft -j list`` with ``nftables_writer=nft``."""
+        if not self._use_netlink:
+            return observe_.parse(await self._nft.list_tables())
+        if self._reader is None:
+            self._reader = netlink_read.NetlinkReader(self.config.netns)
+            weakref.finalize(self, self._reader.close)
+        reader = self._reader
+        return await asyncio.to_thread(lambda: observe_.parse(reader.documents()))
+
     async def observe(self) -> Programmed:
         try:
-            observed = observe_.parse(await self._nft.list_tables())
+            observed = await self._read()
         except NftError as exc:
             raise BackendError(f"cannot read the kpy tables: {exc}") from exc
         return Programmed(
@@ -151,10 +163,13 @@ class NftablesBackend:
         return trace_.trace(plan, packet, origin, self.config)
 
     def close(self) -> None:
-        """Close the netlink socket (the rules stay; a later sync opens a new one)."""
+        """Close the netlink sockets (the rules stay; a later sync opens new ones)."""
         if self._netlink is not None:
             self._netlink.close()
             self._netlink = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     async def cleanup(self) -> None:
         self.close()
@@ -172,7 +187,7 @@ class NftablesBackend:
 
     async def _full(self, plan: Plan) -> _Work:
         try:
-            have = observe_.parse(await self._nft.list_tables()).values
+            have = (await self._read()).values
         except NftError as exc:
             raise NftError(f"reading the kpy tables back: {exc}") from exc
         want: dict[str, render.Obj] = dict(self._base)

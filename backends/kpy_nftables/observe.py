@@ -104,6 +104,10 @@ def _parse_set(
     result.values[f"{where} {kind} {name}"] = render.set_value(
         type_text, int(timeout) if timeout is not None and kind == "set" else None
     )
+    if kind == "set" and timeout is not None:
+        # an affinity set (kpy's only sets with a timeout; nft -j does not print their
+        # "dynamic" flag): its elements are clients the kernel added, not state
+        return
     for entry in s.get("elem", []):
         if kind == "set":
             element, comment = _element(entry)

@@ -207,3 +207,24 @@ def test_a_hairpin_element_stays_while_any_port_has_that_endpoint(netns: str) ->
     assert hairpin() == {"10.244.1.5", "10.244.1.6"}
     assert run(backend.apply(b.plan([a, only_6], full_sync=True))).ops == 0
     backend.close()
+
+
+@pytest.mark.parametrize("writer", ["netlink", "nft"])
+def test_a_full_sync_keeps_the_clients_in_affinity_sets(netns: str, writer: str) -> None:
+    n = b.node()
+    sticky = b.state(
+        b.service("sticky", cluster_ip="10.96.1.3", affinity=True), [b.endpoint("10.244.1.5")], n
+    )
+    options = (("nftables_writer", writer),)
+    backend = NftablesBackend(BackendConfig(node_name="node-a", netns=netns, options=options))
+    run(backend.apply(b.plan([sticky])))
+    table = render.shard_table(sticky.name)
+    affinity = next(
+        line.split()[1]
+        for line in nft(netns, "list", "table", "ip", table).splitlines()
+        if line.strip().startswith("set affinity-")
+    )
+    nft(netns, "add", "element", "ip", table, affinity, "{", "192.0.2.7", "}")  # a client
+    assert run(backend.apply(b.plan([sticky], full_sync=True))).ops == 0
+    assert "192.0.2.7" in nft(netns, "list", "set", "ip", table, affinity)
+    backend.close()
