@@ -53,6 +53,12 @@ def _frontend(map_name: str, element: str) -> str | None:
     return None
 
 
+def _ours(obj: JSON) -> bool:
+    """In one of kpy's tables: the base or a shard table of family ip or ip6 (an
+    ``inet kpy`` or ``netdev kpy-1`` table is someone else's)."""
+    return obj.get("family") in render.FAMILIES and render.is_kpy_table(obj.get("table", ""))
+
+
 def parse(documents: Iterable[JSON]) -> Observed:
     """Merge ``nft -j list …`` outputs (chains, set and map definitions, elements) of
     the base and shard tables; other tables are ignored."""
@@ -63,16 +69,16 @@ def parse(documents: Iterable[JSON]) -> Observed:
         for item in doc.get("nftables", []):
             if "table" in item:
                 t = item["table"]
-                if t.get("name") == render.TABLE:
+                if t.get("name") == render.TABLE and t.get("family") in render.FAMILIES:
                     result.tables.add(t["family"])
             elif "chain" in item:
                 c = item["chain"]
-                if render.is_kpy_table(c.get("table", "")):
+                if _ours(c):
                     chains.add((c["family"], c["table"], c["name"]))
             elif "set" in item or "map" in item:
                 kind = "set" if "set" in item else "map"
                 s = item[kind]
-                if render.is_kpy_table(s.get("table", "")):
+                if _ours(s):
                     _parse_set(result, kind, s, fingerprints)
     for family, table, name in sorted(chains):
         if table == render.TABLE:

@@ -91,8 +91,11 @@ def test_hand_deleted_objects_are_restored_by_the_next_full_sync(netns: str) -> 
     want = run(backend.observe())
     # An operator removes a ClusterIP's dispatch element and its service chain, and
     # an element of another Service.
-    dispatch = [k for k in want.objects if " element service-ips " in k]
-    first, second = dispatch[:2]
+    dispatch = sorted(k for k in want.objects if " element service-ips " in k)
+    verdicts = [str(v).split(" # ")[0] for v in want.objects.values()]
+    # an element whose chain nothing else jumps to (no NodePort element): deletable
+    first = next(k for k in dispatch if verdicts.count(str(want.objects[k]).split(" # ")[0]) == 1)
+    second = next(k for k in dispatch if k != first)
     target = str(want.objects[first]).split(" # ")[0].removeprefix("goto ")
     for key in (first, second):
         _, table, _, rest = render.split_key(key)
