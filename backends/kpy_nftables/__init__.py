@@ -190,16 +190,34 @@ class NftablesBackend:
             have = (await self._read()).values
         except NftError as exc:
             raise NftError(f"reading the kpy tables back: {exc}") from exc
-        want: dict[str, render.Obj] = dict(self._base)
+        # Every wanted object's value is kept (the record after this sync); the object
+        # itself only where the kernel differs — at start-up against intact tables that
+        # is nothing, and each port's rules are dropped as soon as they are compared.
+        want: dict[str, render.Obj] = {}
+        values: dict[str, str] = {}
+        seen: dict[str, str] = {}  # one copy of each repeated value
         ports: dict[ServicePortName, frozenset[str]] = {}
         owner = _Owners({})
+
+        def keep(objs: Mapping[str, render.Obj]) -> None:
+            for key, obj in objs.items():
+                value = seen.setdefault(v := obj.value, v)
+                values[key] = value
+                if have.get(key) != value:
+                    want[key] = obj
+
+        keep(self._base)
         for name in sorted(plan.services):
             objs = self._port_objects(plan.services[name], owner)
-            want.update(objs)
+            keep(objs)
             ports[name] = frozenset(objs)
-        shares = Counter(k for keys in ports.values() for k in keys if render.is_shared(k))
-        work = _Work(want, have, want.keys() | have.keys(), ports, owner, replace=True)
-        work.shares = dict(shares)
+        keys = set(want)
+        keys.update(k for k in have if k not in values)  # to remove
+        work = _Work(want, have, keys, ports, owner, replace=True)
+        work.values = values
+        work.shares = dict(
+            Counter(k for keys in ports.values() for k in keys if render.is_shared(k))
+        )
         return work
 
     def _partial(self, plan: Plan) -> _Work:
@@ -258,9 +276,7 @@ class NftablesBackend:
 
     def _commit(self, work: _Work, full: bool) -> None:
         if full:
-            # values repeat (a port's elements share its comment): keep one of each
-            seen: dict[str, str] = {}
-            self._have = {k: seen.setdefault(v := o.value, v) for k, o in work.want.items()}
+            self._have = work.values
             self._port_keys = dict(work.ports)
             self._owner = {k: v for k, v in work.owner.changes.items() if v is not None}
             self._shares = work.shares
@@ -287,7 +303,7 @@ class NftablesBackend:
 class _Work:
     """One sync's inputs to :func:`render.transaction` and what to record after it."""
 
-    __slots__ = ("have", "keys", "owner", "ports", "replace", "shares", "want")
+    __slots__ = ("have", "keys", "owner", "ports", "replace", "shares", "values", "want")
 
     def __init__(
         self,
@@ -306,6 +322,7 @@ class _Work:
         self.owner = owner
         self.replace = replace
         self.shares: dict[str, int] = {}  # shared keys' new counts (all of them if replace)
+        self.values: dict[str, str] = {}  # a full sync: every wanted key's value
 
 
 class _Owners:
