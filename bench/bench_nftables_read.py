@@ -23,18 +23,22 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kpy_nftables import observe as observe_
 
 
-def read(netns: str, how: str) -> int:
+def read(netns: str, how: str) -> observe_.Observed:
     from kpy_nftables import observe
     from kpy_nftables.apply import Nft
     from kpy_nftables.netlink_read import NetlinkReader
 
     if how == "nft":
-        return len(observe.parse(asyncio.run(Nft(netns).list_tables())).values)
+        return observe.parse(asyncio.run(Nft(netns).list_tables()))
     reader = NetlinkReader(netns)
     try:
-        return len(observe.parse(reader.documents()).values)
+        return observe.parse(reader.documents())
     finally:
         reader.close()
 
@@ -60,11 +64,12 @@ def child(netns: str, how: str, traced: bool) -> None:
     if traced:
         tracemalloc.start()
     started = time.perf_counter()
-    values = read(netns, how)
+    observed = read(netns, how)
     wall = time.perf_counter() - started
-    peak = tracemalloc.get_traced_memory()[1] if traced else 0
+    kept, peak = tracemalloc.get_traced_memory() if traced else (0, 0)
+    values = len(observed.values)
     grown = _status("VmHWM") - base
-    print(json.dumps({"values": values, "s": wall, "rss_kb": grown, "traced": peak}))
+    print(json.dumps({"values": values, "s": wall, "rss_kb": grown, "traced": peak, "kept": kept}))
 
 
 def run_child(netns: str, how: str, traced: bool) -> dict[str, float]:
@@ -116,7 +121,8 @@ def main() -> None:
             rss = statistics.median(r["rss_kb"] for r in runs) / 1024
             print(
                 f"{how:8s} read+parse {wall:6.2f} s (median of {args.runs})  "
-                f"peak RSS +{rss:6.1f} MB  tracemalloc peak {traced['traced'] / 2**20:6.1f} MB  "
+                f"peak RSS +{rss:6.1f} MB  tracemalloc peak {traced['traced'] / 2**20:6.1f} MB "
+                f"(the parsed result itself {traced['kept'] / 2**20:5.1f} MB)  "
                 f"keys {sorted(values)}"
             )
     finally:
