@@ -24,8 +24,10 @@ Two things differ from ``nft -j list`` on purpose:
   elements in each), so no document holds a whole set's elements.
 
 Every dump is received whole (raw bytes, a fraction of their decoded size) before any
-of it is decoded: a dump the kernel marks interrupted (``NLM_F_DUMP_INTR``, the
-ruleset changed under it) or refuses as busy is simply asked for again.
+of it is decoded, between two reads of the ruleset's generation id: a dump during
+which the ruleset changed (a different generation, or ``NLM_F_DUMP_INTR``), or that
+the kernel refuses as busy, is simply asked for again. A set deleted between the
+listing of the sets and the dump of its elements is left out.
 """
 
 from __future__ import annotations
@@ -368,6 +370,15 @@ class _Interrupted(Exception):
     """The kernel marked the dump inconsistent, or refused it as busy: ask again."""
 
 
+class DumpRefused(NftError):
+    """The kernel answered a dump with an error (``errno``)."""
+
+    def __init__(self, errno: int) -> None:
+        text = f"{os.strerror(errno)} (errno {errno_.errorcode.get(errno, errno)})"
+        super().__init__(f"kernel refused the nf_tables dump: {text}")
+        self.errno = errno
+
+
 class NetlinkReader:
     """An nfnetlink socket inside ``netns`` (None: this namespace) that reads kpy's
     tables back as ``nft -j`` documents (see the module docstring)."""
@@ -496,8 +507,7 @@ class NetlinkReader:
                                 self._reset()  # a dump left running: start afresh
                             raise _Interrupted
                         if err:
-                            text = f"{os.strerror(-err)} (errno {errno_.errorcode.get(-err, -err)})"
-                            raise NftError(f"kernel refused the nf_tables dump: {text}")
+                            raise DumpRefused(-err)
                         done = True
                 at += (length + 3) & ~3
             if ours:
@@ -593,12 +603,17 @@ class NetlinkReader:
         return result
 
     def _set_documents(self, set_def: SetDef) -> Iterator[JSON]:
-        parts = self.dump(
-            NFT_MSG_GETSETELEM,
-            FAMILY_NUMBERS[set_def.family],
-            _attr_str(NFTA_SET_ELEM_LIST_TABLE, set_def.table),
-            _attr_str(NFTA_SET_ELEM_LIST_SET, set_def.name),
-        )
+        try:
+            parts = self.dump(
+                NFT_MSG_GETSETELEM,
+                FAMILY_NUMBERS[set_def.family],
+                _attr_str(NFTA_SET_ELEM_LIST_TABLE, set_def.table),
+                _attr_str(NFTA_SET_ELEM_LIST_SET, set_def.name),
+            )
+        except DumpRefused as exc:
+            if exc.errno == errno_.ENOENT:
+                return  # deleted since the sets were listed: it is not there
+            raise
         key = _KeyDecoder(
             set_def.key_type, set_def.key_len, exploded=set_def.name == render.FINGERPRINTS
         )
@@ -635,4 +650,4 @@ def _find_string(data: bytes, start: int, end: int, kind: int) -> str | None:
     return None
 
 
-__all__ = ["NetlinkReader", "SetDef", "type_names"]
+__all__ = ["DumpRefused", "NetlinkReader", "SetDef", "type_names"]

@@ -7,6 +7,7 @@ sets / maps`` parses to — the same keys and values, the same per-Service views
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import socket
@@ -285,11 +286,16 @@ def test_drift_is_read_as_it_is(ns: str) -> None:
             "add element ip kpy masquerade-nodeports { udp . 31000 }\n"
             "add element ip kpy no-endpoint-services"
             ' { 10.96.9.9 . tcp . 9 comment "x/y/tcp/z" : drop }\n'
+            "add element ip kpy no-endpoint-nodeports"
+            " { tcp . 31999 : accept, udp . 31998 : jump reject-chain }\n"
+            "add element ip6 kpy service-endpoints { ::ffff:10.1.2.3 . 80 . 4294967295 }\n"
         ),
     )
     got = _assert_same(ns)
     assert f"ip {shard} chain {chain}" not in got.values
     assert got.values["ip element masquerade-nodeports udp . 31000"] == " # "
+    assert got.values["ip element no-endpoint-nodeports udp . 31998"] == "jump reject-chain # "
+    assert got.values["ip element no-endpoint-nodeports tcp . 31999"] == "accept # "
 
 
 def test_empty_namespace_reads_nothing(ns: str) -> None:
@@ -428,6 +434,38 @@ def test_a_dump_changed_under_the_reader_is_asked_again(
     assert got == _by_nft(ns).values
     if added is not None:
         assert added in got
+
+
+def test_a_set_deleted_before_its_elements_are_read_is_not_there(ns: str) -> None:
+    _program(ns, (CLUSTER_IP, NODE_PORT))
+    _nft(ns, "add", "set", "ip", "kpy", "zz-extra", "{ type ipv4_addr; elements = { 192.0.2.7 } }")
+    reader = _Meddler(
+        ns, netlink_read.NFT_MSG_GETSETELEM, b"fingerprints", "delete set ip kpy zz-extra"
+    )
+    try:
+        got = observe.parse(reader.documents()).values
+    finally:
+        reader.close()
+    assert reader.script is None
+    assert not any("zz-extra" in k for k in got)
+    assert got == _by_nft(ns).values
+
+
+def test_a_dump_of_a_missing_set_is_refused_with_its_errno(ns: str) -> None:
+    _program(ns, ())
+    reader = NetlinkReader(ns)
+    try:
+        with pytest.raises(netlink_read.DumpRefused) as refused:
+            reader.dump(
+                netlink_read.NFT_MSG_GETSETELEM,
+                socket.AF_INET,
+                netlink_read._attr_str(netlink_read.NFTA_SET_ELEM_LIST_TABLE, "kpy"),
+                netlink_read._attr_str(netlink_read.NFTA_SET_ELEM_LIST_SET, "no-such-set"),
+            )
+        assert refused.value.errno == errno.ENOENT
+        assert observe.parse(reader.documents()).values == _by_nft(ns).values  # still usable
+    finally:
+        reader.close()
 
 
 # --- pure -----------------------------------------------------------------------------------
