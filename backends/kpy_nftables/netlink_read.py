@@ -23,6 +23,11 @@ Two things differ from ``nft -j list`` on purpose:
 * A large set comes as several documents (the definition repeated, a slice of the
   elements in each), so no document holds a whole set's elements.
 
+Not mirrored, because render writes none of them: named interval sets (their elements
+come as raw bounds, where nft prints prefixes and ranges), key types other than
+addresses, protocols, ports and marks (printed as hex), and tables of other families
+(an ``inet kpy`` table is not kpy's).
+
 Every dump is received whole (raw bytes, a fraction of their decoded size) before any
 of it is decoded, between two reads of the ruleset's generation id: a dump during
 which the ruleset changed (a different generation, or ``NLM_F_DUMP_INTR``), or that
@@ -53,15 +58,11 @@ JSON = dict[str, Any]
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
 NLM_F_DUMP_INTR = 0x10
 NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
-SOL_NETLINK = 270
-NETLINK_EXT_ACK = 11
-NETLINK_GET_STRICT_CHK = 12
 
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETTABLE = 1
@@ -86,7 +87,6 @@ NFTA_SET_FLAGS = 3
 NFTA_SET_KEY_TYPE = 4
 NFTA_SET_KEY_LEN = 5
 NFTA_SET_DATA_TYPE = 6
-NFTA_SET_DATA_LEN = 7
 NFTA_SET_TIMEOUT = 11
 NFT_SET_ANONYMOUS = 0x1
 NFT_SET_MAP = 0x8
@@ -121,8 +121,16 @@ DATATYPES: dict[int, tuple[str, int | None]] = {
     41: ("ifname", 16),
 }
 TYPE_BITS = 6  # a concatenation's type id: component ids shifted in, 6 bits each
-VERDICTS = {0: "drop", 1: "accept", -1: "continue", -2: "break", -3: "jump", -4: "goto"}
-VERDICTS[-5] = "return"
+# NF_DROP, NF_ACCEPT and NFT_CONTINUE … NFT_RETURN
+VERDICTS = {
+    0: "drop",
+    1: "accept",
+    -1: "continue",
+    -2: "break",
+    -3: "jump",
+    -4: "goto",
+    -5: "return",
+}
 PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp"}
 
 ELEMENTS_PER_DOCUMENT = 2048
@@ -602,14 +610,19 @@ class NetlinkReader:
             )
         return result
 
+    def element_parts(self, family: str, table: str, name: str) -> list[bytes]:
+        """The raw dump of one set's elements (``NFT_MSG_GETSETELEM``); raises
+        :class:`DumpRefused` (``ENOENT``) when there is no such set."""
+        return self.dump(
+            NFT_MSG_GETSETELEM,
+            FAMILY_NUMBERS[family],
+            _attr_str(NFTA_SET_ELEM_LIST_TABLE, table),
+            _attr_str(NFTA_SET_ELEM_LIST_SET, name),
+        )
+
     def _set_documents(self, set_def: SetDef) -> Iterator[JSON]:
         try:
-            parts = self.dump(
-                NFT_MSG_GETSETELEM,
-                FAMILY_NUMBERS[set_def.family],
-                _attr_str(NFTA_SET_ELEM_LIST_TABLE, set_def.table),
-                _attr_str(NFTA_SET_ELEM_LIST_SET, set_def.name),
-            )
+            parts = self.element_parts(set_def.family, set_def.table, set_def.name)
         except DumpRefused as exc:
             if exc.errno == errno_.ENOENT:
                 return  # deleted since the sets were listed: it is not there

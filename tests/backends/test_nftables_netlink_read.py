@@ -485,12 +485,7 @@ def test_a_dump_of_a_missing_set_is_refused_with_its_errno(ns: str) -> None:
     reader = NetlinkReader(ns)
     try:
         with pytest.raises(netlink_read.DumpRefused) as refused:
-            reader.dump(
-                netlink_read.NFT_MSG_GETSETELEM,
-                socket.AF_INET,
-                netlink_read._attr_str(netlink_read.NFTA_SET_ELEM_LIST_TABLE, "kpy"),
-                netlink_read._attr_str(netlink_read.NFTA_SET_ELEM_LIST_SET, "no-such-set"),
-            )
+            reader.element_parts("ip", render.TABLE, "no-such-set")
         assert refused.value.errno == errno.ENOENT
         assert observe.parse(reader.documents()).values == _by_nft(ns).values  # still usable
     finally:
