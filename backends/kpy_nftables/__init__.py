@@ -20,7 +20,7 @@ import asyncio
 import time
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import structlog
 
@@ -76,7 +76,10 @@ class NftablesBackend:
         try:
             work = await self._full(plan) if full else self._partial(plan)
             txn = self._transaction(work, full)
-            if not txn.ops:
+            if isinstance(txn, render.Fresh):
+                # nothing of ours to disturb yet: two nft processes, half the tables each
+                size, writer = await self._nft.run_parallel(txn.halves()), "nft"
+            elif not txn.ops:
                 size, writer = 0, "none"
             elif full or not self._use_netlink:
                 size, writer = await self._nft.run_lines(txn.iter_lines()), "nft"
@@ -108,7 +111,9 @@ class NftablesBackend:
             },
         )
 
-    def _transaction(self, work: _Work, full: bool) -> render.Transaction:
+    def _transaction(self, work: _Work, full: bool) -> render.Transaction | render.Fresh:
+        if work.fresh is not None:
+            return work.fresh
         # nft takes a set's elements faster in one command; the netlink encoder wants
         # one element per line (and sends one message per element anyway)
         group = full or not self._use_netlink
@@ -199,14 +204,32 @@ class NftablesBackend:
         ports: dict[ServicePortName, frozenset[str]] = {}
         owner = _Owners({})
 
-        def keep(objs: Mapping[str, render.Obj]) -> None:
+        def keep(objs: Mapping[str, render.Obj], *, objects: bool = True) -> None:
             for key, obj in objs.items():
                 value = seen.setdefault(v := obj.value, v)
                 values[key] = value
-                if have.get(key) != value:
+                if objects and have.get(key) != value:
                     want[key] = obj
 
         keep(self._base)
+        if all(key in self._base for key in have):
+            # Nothing of any service port in the kernel: render while nft reads.
+            def rendered() -> Iterator[Mapping[str, render.Obj]]:
+                for name in sorted(plan.services):
+                    objs = self._port_objects(plan.services[name], owner)
+                    keep(objs, objects=False)  # written as rendered, not kept
+                    ports[name] = frozenset(objs)
+                    yield objs
+                work.shares = dict(
+                    Counter(k for keys in ports.values() for k in keys if render.is_shared(k))
+                )
+
+            stale = {k for k in have if k not in values}
+            skeleton = render.transaction(want, have, want.keys() | stale, group=True)
+            work = _Work({}, have, (), ports, owner, replace=True)
+            work.values = values
+            work.fresh = render.Fresh(skeleton, rendered())
+            return work
         for name in sorted(plan.services):
             objs = self._port_objects(plan.services[name], owner)
             keep(objs)
@@ -303,7 +326,17 @@ class NftablesBackend:
 class _Work:
     """One sync's inputs to :func:`render.transaction` and what to record after it."""
 
-    __slots__ = ("have", "keys", "owner", "ports", "replace", "shares", "values", "want")
+    __slots__ = (
+        "fresh",
+        "have",
+        "keys",
+        "owner",
+        "ports",
+        "replace",
+        "shares",
+        "values",
+        "want",
+    )
 
     def __init__(
         self,
@@ -323,6 +356,7 @@ class _Work:
         self.replace = replace
         self.shares: dict[str, int] = {}  # shared keys' new counts (all of them if replace)
         self.values: dict[str, str] = {}  # a full sync: every wanted key's value
+        self.fresh: render.Fresh | None = None  # a full sync rendered while written
 
 
 class _Owners:

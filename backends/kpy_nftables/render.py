@@ -22,7 +22,7 @@ into one ``nft -f`` script whose size is proportional to what differs.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -711,6 +711,77 @@ class Transaction:
     @property
     def script(self) -> str:
         return "\n".join(self.iter_lines()) + "\n" if self.ops else ""
+
+
+class Fresh:
+    """A full sync onto tables that hold no service port yet (a node's first start),
+    rendered while it is written: the skeleton's transaction first, then each port's
+    sets, chains and rules as ``ports`` yields them, and every element last (grouped,
+    each once). Whoever reads the lines renders the ports, so ``nft`` parses the head
+    of the script while the rest is still being rendered. ``ops`` and ``line_count``
+    are final once the lines have been read."""
+
+    def __init__(self, skeleton: Transaction, ports: Iterable[Mapping[str, Obj]]) -> None:
+        self.skeleton = skeleton
+        self.ports = ports
+        self.ops = skeleton.ops
+        self.line_count = 0
+
+    def iter_lines(self) -> Iterator[str]:
+        for line in self._lines():
+            self.line_count += 1
+            yield line
+
+    def _lines(self) -> Iterator[str]:
+        yield from self.skeleton.iter_lines()
+        elements: dict[str, Element] = {}
+        for objs in self.ports:
+            for obj in objs.values():
+                if isinstance(obj, Set):
+                    self.ops += 1
+                    yield _add(obj)
+            for obj in objs.values():
+                if isinstance(obj, Chain):
+                    self.ops += 1
+                    yield _add(obj)
+                    yield from _chain_rules(obj)
+            for key, obj in objs.items():
+                if isinstance(obj, Element):
+                    elements.setdefault(key, obj)  # a shared element once
+        self.ops += len(elements)
+        yield from _grouped_adds(elements.values())
+
+    @property
+    def script(self) -> str:
+        text = "\n".join(self.iter_lines())
+        return text + "\n" if text else ""
+
+    def halves(self) -> tuple[Iterator[str], Iterator[str]]:
+        """The lines split by table — the base table and the first half of the shards,
+        the other half — for two ``nft`` processes at once (a table references nothing
+        in another). Both read one rendering; a half that is behind buffers its lines."""
+        source = self.iter_lines()
+        queues: tuple[deque[str], deque[str]] = (deque(), deque())
+
+        def half(i: int) -> Iterator[str]:
+            while True:
+                while not queues[i]:
+                    line = next(source, None)
+                    if line is None:
+                        return
+                    queues[_half_of(line)].append(line)
+                yield queues[i].popleft()
+
+        return half(0), half(1)
+
+
+def _half_of(line: str) -> int:
+    """0 for a line about the base table or a shard of the first half, else 1 (the
+    table is the fourth word of every line a transaction writes)."""
+    table = line.split(" ", 4)[3]
+    if table == TABLE:
+        return 0
+    return 0 if int(table[len(SHARD_PREFIX) :]) < SHARDS // 2 else 1
 
 
 GROUP = 1000  # elements per command when grouped

@@ -48,3 +48,49 @@ def test_removals_are_grouped_too() -> None:
     gone = render.transaction({}, have, have, group=True)
     deletions = [ln for ln in gone.lines if ln.startswith("delete element ")]
     assert deletions and all(", " in ln for ln in deletions if " service-endpoints " in ln)
+
+
+def test_a_fresh_sync_writes_every_object_once_and_elements_after_chains() -> None:
+    config = BackendConfig(node_name="node-a")
+    n = b.node()
+    a = b.state(
+        b.service("a", cluster_ip="10.96.1.1", affinity=True), [b.endpoint("10.244.1.5")], n
+    )
+    shared = b.state(b.service("b", cluster_ip="10.96.1.2"), [b.endpoint("10.244.1.5")], n)
+    ports = [render.port_objects(s, config) for s in (a, shared)]
+    base = dict(render.base_objects(config))
+    fresh = render.Fresh(render.transaction(base, {}, base, group=True), iter(ports))
+    lines = list(fresh.iter_lines())
+    assert fresh.line_count == len(lines)
+    # the ordinary transaction of the same objects adds the same things
+    everything = {**base, **ports[0], **ports[1]}
+    assert fresh.ops == render.transaction(everything, {}, everything).ops == len(everything)
+    hairpin = [ln for ln in lines if " hairpin { " in ln and ln.startswith("add element")]
+    assert len(hairpin) == 1 and hairpin[0].count("10.244.1.5 . 10.244.1.5") == 1
+    last_definition = max(
+        i for i, ln in enumerate(lines) if ln.startswith(("add chain", "add rule", "add set"))
+    )
+    first_port_element = min(
+        i for i, ln in enumerate(lines) if ln.startswith("add element") and "10.96.1." in ln
+    )
+    assert last_definition < first_port_element
+
+
+def test_the_halves_of_a_fresh_sync_split_it_by_table_in_order() -> None:
+    config = BackendConfig(node_name="node-a")
+    ports = [render.port_objects(s, config) for s in b.synthetic_states(40)]
+    base = dict(render.base_objects(config))
+
+    def fresh() -> render.Fresh:
+        return render.Fresh(render.transaction(base, {}, base, group=True), iter(ports))
+
+    whole = list(fresh().iter_lines())
+    first, second = (list(h) for h in fresh().halves())
+    assert sorted(first + second) == sorted(whole)
+    assert [ln for ln in whole if ln in set(first)] == first  # order kept in each half
+
+    def tables(lines: list[str]) -> set[str]:
+        return {ln.split()[3] for ln in lines}
+
+    assert tables(first) == {"kpy", *(f"kpy-{i}" for i in range(render.SHARDS // 2))}
+    assert tables(second) == {f"kpy-{i}" for i in range(render.SHARDS // 2, render.SHARDS)}

@@ -231,3 +231,13 @@ def test_a_full_sync_keeps_the_clients_in_affinity_sets(netns: str, writer: str)
     assert run(backend.apply(b.plan([sticky], full_sync=True))).ops == 0
     assert "192.0.2.7" in nft(netns, "list", "set", "ip", table, affinity)
     backend.close()
+
+
+def test_parallel_transactions_report_the_one_the_kernel_refused(netns: str) -> None:
+    from kpy_nftables.apply import Nft, NftError
+
+    good = ["add table ip kpy-parallel-test", "add chain ip kpy-parallel-test c"]
+    bad = ["add rule ip no-such-table c drop"]
+    with pytest.raises(NftError, match="no-such-table"):
+        run(Nft(netns).run_parallel([good, bad]))
+    assert "kpy-parallel-test" in nft(netns, "list", "tables")  # each one is atomic alone
