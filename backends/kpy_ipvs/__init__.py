@@ -60,8 +60,10 @@ class IpvsBackend:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.grace_period = float(config.option("grace_period", "30") or "30")
+        # the short-circuit mark mask is checked here, before any kernel is touched
+        mask = render.mark_mask(config.option(render.MARK_MASK_OPTION))
         self._kernel = Kernel(config.netns)
-        self._ctx = render.Context()
+        self._ctx = render.Context(mark_mask=mask)  # cleanup before a sync needs the mask
         self._ports: dict[ServicePortName, PortObjects] = {}
         self._marks: dict[ServicePortName, int] = {}  # short-circuit marks in use
         self._want_services: dict[VirtualKey, VirtualService] = {}
@@ -149,7 +151,7 @@ class IpvsBackend:
             k
             for k in services
             if k in known
-            or render.is_short_circuit(k)
+            or render.is_short_circuit(k, self._ctx.mark_mask)
             or (not k.fwmark and (k.address in bound or k.address in node_ips))
         }
 
@@ -182,7 +184,8 @@ class IpvsBackend:
             self._ctx = render.context(self.config, plan.node)
             kernel.sysctls()
             self._marks = render.allocate_marks(
-                name for name, state in plan.services.items() if render.wants_mark(state)
+                (name for name, state in plan.services.items() if render.wants_mark(state)),
+                count=self._ctx.mark_count,
             )
             self._ports = {
                 name: render.render_port(state, self._ctx, self._marks.get(name, 0))
@@ -214,7 +217,9 @@ class IpvsBackend:
                 if state is None or not render.wants_mark(state):
                     self._marks.pop(name, None)
                 elif name not in self._marks:
-                    self._marks = render.allocate_marks([name], self._marks)
+                    self._marks = render.allocate_marks(
+                        [name], self._marks, count=self._ctx.mark_count
+                    )
                 mark = self._marks.get(name, 0)
                 new = (
                     render.render_port(state, self._ctx, mark)

@@ -21,7 +21,8 @@ Traffic policy Local, where one virtual service per frontend cannot say everythi
 * externalTrafficPolicy Local: an external frontend's own virtual service holds the
   local endpoints, for outside clients (source kept). Pods and the node go to the
   cluster-wide endpoints, as upstream short-circuits them: the port has a mark
-  (:func:`allocate_marks`, upper 16 bits), its frontends are ``SHORT`` elements
+  (:func:`allocate_marks`, in the ``ipvs_mark_mask`` bits, by default the upper 16),
+  its frontends are ``SHORT`` elements
   carrying it as ``skbmark``, mangle PREROUTING (pod sources) and OUTPUT (the node)
   set it with ``-j SET --map-mark``, and IPVS, which looks firewall-mark services up
   before addresses, picks the port's firewall-mark virtual service holding the
@@ -69,11 +70,17 @@ SCHEDULERS = frozenset({"rr", "wrr", "lc", "wlc", "sh", "dh", "mh", "sed", "nq",
 DEFAULT_SCHEDULER = "rr"
 WEIGHT = 1
 MASQUERADE_MARK = 0x4000  # the packet-mark bit upstream kube-proxy uses for "masquerade me"
+# Every other packet-mark bit this backend sets or matches: the short-circuit mask may
+# not overlap these.
+RESERVED_MARKS = MASQUERADE_MARK
 # Short-circuit marks (pods and the node to an externalTrafficPolicy Local frontend): one
-# per service port in the upper 16 bits, selecting its firewall-mark virtual service.
-SHORT_MARK_SHIFT = 16
-SHORT_MARK_MASK = 0xFFFF0000
-SHORT_MARKS = 0xFFFF  # how many service ports can have one
+# per service port, a number in the bits of a mask (backend option ``ipvs_mark_mask``,
+# default the upper 16 bits), selecting its firewall-mark virtual service.
+MARK_MASK_OPTION = "ipvs_mark_mask"
+SHORT_MARK_MASK = 0xFFFF0000  # the default mask
+SHORT_MARK_SHIFT = 16  # its lowest set bit
+SHORT_MARKS = 0xFFFF  # how many service ports can have one under it
+MIN_MARK_BITS = 4
 _MARK = f"meta mark set meta mark | {MASQUERADE_MARK:#x}"
 
 
@@ -100,9 +107,50 @@ def fwmark_key(mark: int, version: int) -> VirtualKey:
     return VirtualKey(address=unspecified, port=0, protocol=Protocol.TCP, fwmark=mark)
 
 
-def is_short_circuit(key: VirtualKey) -> bool:
-    """Whether ``key`` is one of kpy's short-circuit (firewall-mark) virtual services."""
-    return bool(key.fwmark) and key.fwmark & ~SHORT_MARK_MASK == 0
+def is_short_circuit(key: VirtualKey, mask: int = SHORT_MARK_MASK) -> bool:
+    """Whether ``key`` is one of kpy's short-circuit (firewall-mark) virtual services:
+    its mark lies inside ``mask`` (the configured one, :attr:`Context.mark_mask`)."""
+    return bool(key.fwmark) and key.fwmark & ~mask == 0
+
+
+def mark_mask(text: str | None) -> int:
+    """The short-circuit mark mask from the ``ipvs_mark_mask`` option's text (hex with
+    ``0x`` or decimal; None or empty: the default).
+
+    Raises ValueError naming the option when the mask is not one contiguous run of at
+    least :data:`MIN_MARK_BITS` bits inside 32, or overlaps a mark bit this backend
+    uses for something else (:data:`RESERVED_MARKS`: the masquerade mark)."""
+    if text is None or not text.strip():
+        return SHORT_MARK_MASK
+    try:
+        mask = int(text.strip(), 0)
+    except ValueError:
+        raise ValueError(
+            f"{MARK_MASK_OPTION}={text!r}: not a number (hex with 0x, or decimal)"
+        ) from None
+    if mask <= 0 or mask > 0xFFFFFFFF:
+        raise ValueError(f"{MARK_MASK_OPTION}={text!r}: must be a non-zero 32-bit mask")
+    run = mask >> _lowest_bit(mask)
+    if run & (run + 1):
+        raise ValueError(
+            f"{MARK_MASK_OPTION}={mask:#x}: must be one contiguous run of bits "
+            "(the marks are numbers counted inside it)"
+        )
+    if run.bit_length() < MIN_MARK_BITS:
+        raise ValueError(
+            f"{MARK_MASK_OPTION}={mask:#x}: must have at least {MIN_MARK_BITS} bits "
+            f"(it has {run.bit_length()}, for {run} service ports)"
+        )
+    if mask & RESERVED_MARKS:
+        raise ValueError(
+            f"{MARK_MASK_OPTION}={mask:#x}: overlaps {mask & RESERVED_MARKS:#x}, "
+            f"the masquerade mark ({MASQUERADE_MARK:#x}) kpy sets on packets to masquerade"
+        )
+    return mask
+
+
+def _lowest_bit(mask: int) -> int:
+    return (mask & -mask).bit_length() - 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,6 +212,17 @@ class Context:
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     masquerade_all: bool = False
     node: NodeInfo | None = None  # the cluster-wide endpoint set follows its topology
+    mark_mask: int = SHORT_MARK_MASK  # short-circuit marks (option ``ipvs_mark_mask``)
+
+    @property
+    def mark_shift(self) -> int:
+        """The mask's lowest set bit: a port's mark number shifted by it is its mark."""
+        return _lowest_bit(self.mark_mask)
+
+    @property
+    def mark_count(self) -> int:
+        """How many service ports can have a short-circuit mark."""
+        return self.mark_mask >> self.mark_shift
 
     def cidrs(self, version: int) -> tuple[IPNetwork, ...]:
         return tuple(c for c in self.cluster_cidrs if c.version == version)
@@ -182,7 +241,8 @@ class Context:
 
 
 def context(config: BackendConfig, node: NodeInfo) -> Context:
-    """The render context for this node: scheduler flag and NodePort addresses."""
+    """The render context for this node: scheduler flag, NodePort addresses and the
+    short-circuit mark mask (ValueError when the ``ipvs_mark_mask`` option is invalid)."""
     scheduler = config.option("scheduler", DEFAULT_SCHEDULER) or DEFAULT_SCHEDULER
     if scheduler not in SCHEDULERS:
         scheduler = DEFAULT_SCHEDULER
@@ -199,6 +259,7 @@ def context(config: BackendConfig, node: NodeInfo) -> Context:
         cluster_cidrs=config.cluster_cidrs,
         masquerade_all=config.masquerade_all,
         node=node,
+        mark_mask=mark_mask(config.option(MARK_MASK_OPTION)),
     )
 
 
@@ -232,25 +293,28 @@ def wants_mark(state: ServicePortState) -> bool:
     return svc.has_vip and svc.external_policy_local and bool(external)
 
 
-def _preferred_mark(name: ServicePortName) -> int:
+def _preferred_mark(name: ServicePortName, count: int) -> int:
     digest = hashlib.sha256(str(name).encode()).digest()
-    return int.from_bytes(digest[:4], "big") % SHORT_MARKS + 1
+    return int.from_bytes(digest[:4], "big") % count + 1
 
 
 def allocate_marks(
-    names: Iterable[ServicePortName], taken: Mapping[ServicePortName, int] | None = None
+    names: Iterable[ServicePortName],
+    taken: Mapping[ServicePortName, int] | None = None,
+    count: int = SHORT_MARKS,
 ) -> dict[ServicePortName, int]:
-    """Short-circuit marks (1..SHORT_MARKS, 0: none left) for ``names``, in name order,
-    each at a hash of its name or the next free one, around the ones in ``taken``
-    (kept as they are)."""
+    """Short-circuit mark numbers (1..``count``, :attr:`Context.mark_count`; 0: none
+    left) for ``names``, in name order, each at a hash of its name or the next free
+    one, around the ones in ``taken`` (kept as they are). A number is shifted into the
+    mask by :attr:`Context.mark_shift`."""
     result = dict(taken or {})
     used = set(result.values())
     for name in sorted(set(names) - set(result)):
-        mark = _preferred_mark(name)
-        for _ in range(SHORT_MARKS):
+        mark = _preferred_mark(name, count)
+        for _ in range(count):
             if mark not in used:
                 break
-            mark = mark % SHORT_MARKS + 1
+            mark = mark % count + 1
         else:
             mark = 0
         result[name] = mark
@@ -313,7 +377,7 @@ def render_port(state: ServicePortState, ctx: Context, mark: int = 0) -> PortObj
         external += [(ip, svc.node_port) for ip in ctx.nodeport_ips]
     local = _versions(state.external)
     node_ports: set[VirtualKey] = set()
-    skbmark = f"skbmark {mark << SHORT_MARK_SHIFT:#x}/{SHORT_MARK_MASK:#x}"
+    skbmark = f"skbmark {mark << ctx.mark_shift:#x}/{ctx.mark_mask:#x}"
     for ip, port in external:
         value = _frontend_value(ip, svc.protocol, port)
         targets = state.external
@@ -324,7 +388,7 @@ def render_port(state: ServicePortState, ctx: Context, mark: int = 0) -> PortObj
             if mark:
                 # pods and the node: the firewall-mark virtual service (cluster-wide)
                 elements.add(Element(set=set_name("SHORT", ip.version), value=f"{value} {skbmark}"))
-                add_key(fwmark_key(mark << SHORT_MARK_SHIFT, ip.version), cluster)
+                add_key(fwmark_key(mark << ctx.mark_shift, ip.version), cluster)
             else:
                 # no mark: the node's own connections are masqueraded, and without a
                 # local endpoint the virtual service holds the cluster-wide ones
@@ -364,7 +428,9 @@ def render_port(state: ServicePortState, ctx: Context, mark: int = 0) -> PortObj
 
 def render(plan: Plan, ctx: Context) -> dict[ServicePortName, PortObjects]:
     """Every service port of the plan (short-circuit marks as a full sync allocates them)."""
-    marks = allocate_marks(name for name, st in plan.services.items() if wants_mark(st))
+    marks = allocate_marks(
+        (name for name, st in plan.services.items() if wants_mark(st)), count=ctx.mark_count
+    )
     return {
         name: render_port(state, ctx, marks.get(name, 0)) for name, state in plan.services.items()
     }
@@ -465,7 +531,7 @@ def rules(ctx: Context, version: int) -> str:
     )
     lines.append(f"-A {CHAIN_POST} {match('LOOPBACK', 'dst,dst,src')} -j MASQUERADE")
     lines.append(
-        f"-A {CHAIN_POST} -m mark ! --mark 0x0/{SHORT_MARK_MASK:#x} "
+        f"-A {CHAIN_POST} -m mark ! --mark 0x0/{ctx.mark_mask:#x} "
         "-m addrtype --src-type LOCAL -j MASQUERADE"
     )
     lines += ["COMMIT", "*filter", f":{CHAIN_FILTER} - [0:0]"]
@@ -488,6 +554,8 @@ def skeleton_id(ctx: Context) -> str:
     """A short identity of the rules (a rule comment, read back on adoption)."""
     pods = tuple(str(c) for version in (4, 6) for c in ctx.pods(version))
     text = repr((ctx.masquerade_all, tuple(str(c) for c in ctx.cluster_cidrs), pods, SETS, 4))
+    if ctx.mark_mask != SHORT_MARK_MASK:  # (the default keeps the identity it had)
+        text += f" mark_mask={ctx.mark_mask:#x}"
     return "kpy-ipvs-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -25,7 +25,7 @@ from kpy_ipvs import trace as tr
 from kpy import explain as ex
 from kpy.backend import BackendConfig
 from kpy.cli import _offline_plan, main
-from kpy.model import Plan, Protocol
+from kpy.model import Plan, Protocol, ServicePortState
 from kpy.testing import builders as b
 from tests.unit.test_explain import (
     CASES,
@@ -533,7 +533,7 @@ def _divergence(
     return "unexplained"
 
 
-def _grid_divergences() -> dict[str, int]:
+def _grid_divergences(mask: int | None = None) -> dict[str, int]:
     from tests.backends.test_iptables_trace import (
         GRID_DESTINATIONS,
         GRID_ENDPOINTS,
@@ -555,7 +555,10 @@ def _grid_divergences() -> dict[str, int]:
         options = GRID_OPTIONS[i % len(GRID_OPTIONS)]
         packet = ex.Packet(src=ipaddress.ip_address(src), dst=ipaddress.ip_address(dst), port=port)
         model = ex.explain(plan, packet, options)
-        traced = tr.trace(plan, packet, model.origin, ex.options_config(NODE.name, options))
+        config = ex.options_config(NODE.name, options)
+        if mask is not None:
+            config = _masked(config, mask)
+        traced = tr.trace(plan, packet, model.origin, config)
         checked += 1
         cause = _divergence(svc, model, traced, packet)
         if cause == "unexplained":
@@ -578,5 +581,208 @@ def test_without_short_circuit_marks_only_the_documented_cause_diverges(
 ) -> None:
     """When every mark is taken a port falls back to its frontends' own virtual
     services: the grid then parts ways with the model for the documented cause only."""
-    monkeypatch.setattr(render, "allocate_marks", lambda names, taken=None: {})
+    monkeypatch.setattr(render, "allocate_marks", lambda names, taken=None, count=0: {})
     assert set(_grid_divergences()) == set(FALLBACK_DIVERGENCES)
+
+
+# --- the short-circuit mark mask (option ipvs_mark_mask) ----------------------------------
+
+MASK = 0x00FF0000  # a non-default mask: bits 16-23
+
+
+def _masked(config: BackendConfig, mask: int | str = MASK) -> BackendConfig:
+    text = mask if isinstance(mask, str) else f"{mask:#x}"
+    return replace(config, options=(*config.options, (render.MARK_MASK_OPTION, text)))
+
+
+@pytest.mark.parametrize(
+    ("text", "mask", "count"),
+    [
+        (None, 0xFFFF0000, 0xFFFF),
+        ("", 0xFFFF0000, 0xFFFF),
+        ("0x00FF0000", 0x00FF0000, 0xFF),
+        ("16711680", 0x00FF0000, 0xFF),  # decimal
+        ("0x3fff", 0x3FFF, 0x3FFF),  # low 14 bits, clear of the masquerade bit
+        ("0xF0000", 0xF0000, 15),  # the smallest: 4 bits
+        ("0xff000000", 0xFF000000, 0xFF),
+    ],
+)
+def test_valid_mark_masks(text: str | None, mask: int, count: int) -> None:
+    assert render.mark_mask(text) == mask
+    ctx = render.Context(mark_mask=mask)
+    assert ctx.mark_count == count
+    assert (count << ctx.mark_shift) == mask
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("ffff", "not a number"),
+        ("0x", "not a number"),
+        ("0", "non-zero 32-bit"),
+        ("-65536", "non-zero 32-bit"),
+        ("0x1ffff0000", "non-zero 32-bit"),
+        ("0x00F0F000", "contiguous"),
+        ("0xFFFF0001", "contiguous"),
+        ("0x70000", "at least 4 bits"),
+        ("0x4000", "at least 4 bits"),
+        ("0xFFFF", "masquerade mark"),  # upstream's 0x4000 inside
+        ("0x7C00", "masquerade mark"),
+        ("0xFFFFFFFF", "masquerade mark"),
+    ],
+)
+def test_invalid_mark_masks_are_refused_naming_the_option(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match="ipvs_mark_mask") as raised:
+        render.mark_mask(text)
+    assert reason in str(raised.value)
+
+
+def test_the_backend_refuses_an_invalid_mask_when_constructed() -> None:
+    from kpy_ipvs import IpvsBackend
+
+    config = _masked(BackendConfig(node_name="node-a"), "0xFFFF")
+    with pytest.raises(ValueError, match=r"ipvs_mark_mask=0xffff: overlaps 0x4000"):
+        IpvsBackend(config)
+    with pytest.raises(ValueError, match="ipvs_mark_mask"):
+        render.context(config, NODE)  # trace and render read it the same way
+
+
+def test_a_non_default_mask_in_the_rendered_objects() -> None:
+    """The SHORT element's skbmark, the firewall-mark virtual service and the
+    POSTROUTING rule all use the configured mask."""
+    state = st((REMOTE,), **LB, etp_local=True)
+    plan = b.plan([state], node_info=NODE)
+    ctx = render.context(_masked(BackendConfig(node_name=NODE.name, cluster_cidrs=CIDRS)), NODE)
+    assert (ctx.mark_mask, ctx.mark_shift, ctx.mark_count) == (MASK, 16, 0xFF)
+    number = render.allocate_marks([state.name], count=0xFF)[state.name]
+    assert 0 < number <= 0xFF
+    mark = number << 16
+    objs = render.render(plan, ctx)[state.name]
+    short = sorted(e.value for e in objs.elements if e.set == "KPY-IPVS-SHORT")
+    assert short == [
+        f"172.18.0.10,tcp:80 skbmark {mark:#x}/0xff0000",
+        f"192.168.50.2,tcp:30080 skbmark {mark:#x}/0xff0000",
+    ]
+    fwmarks = [k for k in objs.services if k.fwmark]
+    assert render.fwmark_key(mark, 4) in fwmarks and {k.fwmark for k in fwmarks} == {mark}
+    assert mark & ~MASK == 0
+    text = render.rules(ctx, 4)
+    assert (
+        "-A KPY-IPVS-POSTROUTING -m mark ! --mark 0x0/0xff0000 -m addrtype --src-type LOCAL "
+        "-j MASQUERADE"
+    ) in text.splitlines()
+    assert "0xffff0000" not in text
+    # a mask change rewrites the companion rules (their identity names the mask)
+    assert render.skeleton_id(ctx) != render.skeleton_id(replace(ctx, mark_mask=0xFFFF0000))
+
+
+def test_node_to_a_local_nodeport_under_a_non_default_mask() -> None:
+    case = _case("nodeport-local-policy-from-node-uses-cluster-and-masquerades")
+    plan, packet = case.plan(), case.packet()
+    model = ex.explain(plan, packet, case.options)
+    config = _masked(ex.options_config(plan.node.name, case.options))
+    traced = tr.trace(plan, packet, model.origin, config)
+    mark = render.allocate_marks([case.state.name], count=0xFF)[case.state.name] << 16
+    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
+        model.verdict,
+        model.endpoints,
+        model.masquerade,
+    )
+    assert f"ipset KPY-IPVS-SHORT 192.168.50.2,tcp:30080 skbmark {mark:#x}/0xff0000" in (
+        traced.kernel
+    )
+    assert f"ipvsadm -a -f {mark} -r 10.244.2.5:8080 -m -w 1" in traced.kernel
+    assert traced.kernel[-1] == (
+        "iptables -t nat -A KPY-IPVS-POSTROUTING -m mark ! --mark 0x0/0xff0000 "
+        "-m addrtype --src-type LOCAL -j MASQUERADE"
+    )
+
+
+def test_firewall_mark_services_are_ours_only_inside_the_mask() -> None:
+    from kpy_ipvs import IpvsBackend
+
+    inside, outside = render.fwmark_key(0x10000, 4), render.fwmark_key(0x1000000, 4)
+    low = render.fwmark_key(0x1, 6)
+    assert render.is_short_circuit(inside) and render.is_short_circuit(outside)
+    assert not render.is_short_circuit(low)  # the default mask: upper 16 bits
+    assert render.is_short_circuit(inside, MASK) and not render.is_short_circuit(outside, MASK)
+    assert render.is_short_circuit(low, 0x3FFF)
+    assert not render.is_short_circuit(render.fwmark_key(0x14000, 4), MASK)  # straddles it
+    # the backend's ownership (what sync adopts and cleanup removes) follows its option
+    settings = render.VirtualService()
+    services = dict.fromkeys((inside, outside, low), settings)
+    backend = IpvsBackend(_masked(BackendConfig(node_name="node-a")))
+    try:
+        assert backend._owned(services, frozenset()) == {inside}
+    finally:
+        backend.close()
+    backend = IpvsBackend(BackendConfig(node_name="node-a"))
+    try:
+        assert backend._owned(services, frozenset()) == {inside, outside}
+    finally:
+        backend.close()
+
+
+def _lb_local(i: int) -> ServicePortState:
+    return st(
+        (REMOTE,),
+        etp_local=True,
+        name=f"lb-{i}",
+        cluster_ip=f"10.96.1.{i}",
+        type="LoadBalancer",
+        node_port=31000 + i,
+        lb_ips=(f"172.18.1.{i}",),
+    )
+
+
+def test_a_tiny_mask_runs_out_of_marks_into_the_documented_fallback() -> None:
+    """0xF0000 has 15 marks: of 16 Local ports one has none, and takes the fallback
+    (README.md): its frontends go into LOCAL, its virtual services hold the cluster-wide
+    endpoints (none is local), there is no firewall-mark service for it; the node still
+    reaches the endpoint, masqueraded."""
+    states = [_lb_local(i) for i in range(1, 17)]
+    plan = b.plan(states, node_info=NODE)
+    config = _masked(ex.options_config(NODE.name, ex.Options(cluster_cidrs=CIDRS)), 0xF0000)
+    ctx = render.context(config, NODE)
+    assert ctx.mark_count == 15
+    objs = render.render(plan, ctx)
+    per_port = [{k.fwmark for k in o.services if k.fwmark} for o in objs.values()]
+    fwmarks = [m for marks in per_port for m in marks]  # one mark a port (both families)
+    assert len(fwmarks) == len(set(fwmarks)) == 15
+    assert {m >> 16 for m in fwmarks} == set(range(1, 16))
+    assert all(m & ~0xF0000 == 0 for m in fwmarks)
+    unmarked = [s for s in states if not any(k.fwmark for k in objs[s.name].services)]
+    assert len(unmarked) == 1
+    state = unmarked[0]
+    elements = objs[state.name].elements
+    assert not any(e.set == "KPY-IPVS-SHORT" for e in elements)
+    assert {e.set for e in elements} >= {"KPY-IPVS-LOCAL", "KPY-IPVS-DROP"}
+    lb_ip = state.service.load_balancer_ips[0]
+    packet = ex.Packet(src=ipaddress.ip_address("192.168.50.2"), dst=lb_ip, port=80)
+    traced = tr.trace(plan, packet, ex.Origin.NODE, config)
+    assert traced.verdict is ex.Verdict.FORWARD and traced.masquerade
+    assert traced.endpoints == ("10.244.2.5:8080",)
+    assert f"ipset KPY-IPVS-LOCAL {lb_ip},tcp:80" in traced.kernel
+    outside = tr.trace(
+        plan, replace(packet, src=ipaddress.ip_address(CLIENT)), ex.Origin.EXTERNAL, config
+    )
+    assert outside.verdict is ex.Verdict.DROP
+
+
+@pytest.mark.parametrize("case", case_params(RENDER_BUGS))
+def test_trace_agrees_with_model_under_a_non_default_mask(case: Case) -> None:
+    plan, packet = case.plan(), case.packet()
+    model = ex.explain(plan, packet, case.options)
+    traced = tr.trace(
+        plan, packet, model.origin, _masked(ex.options_config(NODE.name, case.options))
+    )
+    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
+        model.verdict,
+        model.endpoints,
+        model.masquerade,
+    )
+
+
+@pytest.mark.parametrize("mask", [MASK, 0x3FFF])
+def test_trace_agrees_with_model_over_a_grid_under_a_non_default_mask(mask: int) -> None:
+    assert _grid_divergences(mask) == {}
