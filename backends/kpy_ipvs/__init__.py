@@ -13,6 +13,9 @@ has no connections; otherwise its weight drops to 0 (no new connections) and it 
 on a pending list until its connections reach 0 or the grace period
 (``grace_period`` option, seconds, default 30) passes — checked on every sync.
 
+The short-circuit mark mask (``ipvs_mark_mask`` option, default ``0xffff0000``; see
+:func:`kpy_ipvs.render.mark_mask`) is checked when the backend is constructed.
+
 A failed message raises :class:`~kpy.backend.BackendError` and makes the next sync a
 full one, which re-reads the kernel and retries whatever is still missing.
 """

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from kpy_ipvs import IpvsBackend
@@ -145,38 +147,75 @@ def test_source_ranges_hold_for_the_node(lab: Lab, backend: IpvsBackend) -> None
     assert dropped(LB_IP, 80), "so is the node's own connection, before IPVS"
 
 
+FOREIGN_FWMARK = 0x10000  # inside the default mask, outside 0x3fff
+
+
+@pytest.mark.parametrize("mask", [None, "0x3fff"], ids=["default-mask", "mask-0x3fff"])
 def test_pods_and_the_node_reach_every_endpoint_of_a_local_frontend(
-    lab: Lab, backend: IpvsBackend
+    lab: Lab, mask: str | None
 ) -> None:
     """With a local endpoint too, outside clients keep to it (source kept) while pods and
     the node are short-circuited by their mark to the cluster-wide endpoints; a restarted
-    backend adopts the firewall-mark services and marked set elements as they are."""
-    svc = b.service(
-        "lb-both",
-        cluster_ip="10.96.0.26",
-        type="LoadBalancer",
-        node_port=30094,
-        lb_ips=(LB_IP,),
-        etp_local=True,
-    )
-    plan = b.plan(
-        [b.state(svc, [b.endpoint(lab.pods["pod1"]), remote(lab, "pod2")], NODE)], node_info=NODE
-    )
-    asyncio.run(backend.apply(plan))
-    from_pod = {tuple(ask(LB_IP, 80, netns="pod3").split()) for _ in range(6)}
-    assert from_pod == {("pod1", lab.pods["pod3"]), ("pod2", lab.pods["pod3"])}
-    from_node = {tuple(ask(NODE_IP, 30094).split()) for _ in range(6)}
-    assert from_node == {("pod1", "10.244.1.1"), ("pod2", "10.244.2.1")}, "masqueraded"
-    from_outside = {tuple(ask(LB_IP, 80, netns="client").split()) for _ in range(4)}
-    assert from_outside == {("pod1", CLIENT_IP)}
-    restarted = IpvsBackend(CONFIG)
+    backend adopts the firewall-mark services and marked set elements as they are.
+
+    With ``ipvs_mark_mask=0x3fff`` (the low bits, as beside Calico's 0xffff0000) the
+    marks, the firewall-mark virtual services and the masquerade rule live in those
+    bits, and a firewall-mark service outside them is not kpy's: sync and cleanup leave
+    it alone."""
+    config = CONFIG if mask is None else replace(CONFIG, options=(("ipvs_mark_mask", mask),))
+    bits = 0xFFFF0000 if mask is None else int(mask, 0)
+    if mask is not None:
+        run("ipvsadm", "-A", "-f", str(FOREIGN_FWMARK), "-s", "rr")
+    backend = IpvsBackend(config)
     try:
-        assert asyncio.run(restarted.apply(plan)).ops == 0
+        svc = b.service(
+            "lb-both",
+            cluster_ip="10.96.0.26",
+            type="LoadBalancer",
+            node_port=30094,
+            lb_ips=(LB_IP,),
+            etp_local=True,
+        )
+        plan = b.plan(
+            [b.state(svc, [b.endpoint(lab.pods["pod1"]), remote(lab, "pod2")], NODE)],
+            node_info=NODE,
+        )
+        asyncio.run(backend.apply(plan))
+        from_pod = {tuple(ask(LB_IP, 80, netns="pod3").split()) for _ in range(6)}
+        assert from_pod == {("pod1", lab.pods["pod3"]), ("pod2", lab.pods["pod3"])}
+        from_node = {tuple(ask(NODE_IP, 30094).split()) for _ in range(6)}
+        assert from_node == {("pod1", "10.244.1.1"), ("pod2", "10.244.2.1")}, "masqueraded"
+        from_outside = {tuple(ask(LB_IP, 80, netns="client").split()) for _ in range(4)}
+        assert from_outside == {("pod1", CLIENT_IP)}
+        restarted = IpvsBackend(config)
+        try:
+            assert asyncio.run(restarted.apply(plan)).ops == 0
+        finally:
+            restarted.close()
+        view = asyncio.run(backend.observe()).services[str(svc.name)]
+        short = {k: v for k, v in view.extra.items() if k.startswith("short-circuit fwmark ")}
+        assert list(short.values()) == [f"{lab.pods['pod1']}:8080 {lab.pods['pod2']}:8080"]
+        fwmark = int(next(iter(short)).split()[2], 0)
+        assert fwmark and fwmark & ~bits == 0, view.extra
+        post = [
+            line
+            for line in run("iptables-legacy-save", "-t", "nat").splitlines()
+            if line.startswith("-A KPY-IPVS-POSTROUTING") and "! --mark" in line
+        ]
+        assert post and all(f"--mark 0x0/{bits:#x}" in line for line in post), post
     finally:
-        restarted.close()
-    view = asyncio.run(backend.observe()).services[str(svc.name)]
-    short = [v for k, v in view.extra.items() if k.startswith("short-circuit fwmark ")]
-    assert short == [f"{lab.pods['pod1']}:8080 {lab.pods['pod2']}:8080"], view.extra
+        asyncio.run(backend.cleanup())
+        backend.close()
+        left = run("ipvsadm", "-S", "-n")
+        if mask is not None:
+            run("ipvsadm", "-D", "-f", str(FOREIGN_FWMARK), check=False)
+    if mask is not None:
+        assert f"-A -f {FOREIGN_FWMARK} " in left, "a firewall mark outside the mask is not kpy's"
+    assert left.count("-A -f") == (mask is not None), left
+
+
+def run(*args: str, check: bool = True) -> str:
+    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
 
 
 def test_a_port_added_by_a_partial_sync_gets_its_own_mark(lab: Lab, backend: IpvsBackend) -> None:
