@@ -141,7 +141,10 @@ def create(name: str, config: BackendConfig) -> Backend:
     entry = entries[name]
     if entry.factory is None:
         raise BackendError(f"backend {name!r} failed to load: {entry.error}")
-    return entry.factory(config)
+    try:
+        return entry.factory(config)
+    except ValueError as exc:  # a backend option it refuses, named in the message
+        raise BackendError(f"backend {name!r}: {exc}") from exc
 
 
 def parse_networks(values: list[str] | tuple[str, ...]) -> tuple[IPNetwork, ...]:

@@ -94,3 +94,16 @@ def test_offline_defaults_are_the_first_node_of_the_examples() -> None:
     assert (data["verdict"], data["endpoints"]) == ("forward", ["10.244.1.2:80", "10.244.1.3:80"])
     plan = CliRunner().invoke(main, ["plan"])
     assert plan.exit_code == 0 and plan.output.startswith("node node-1:")
+
+
+def test_a_refused_backend_option_is_a_clear_error() -> None:
+    for backend, option, word in (
+        ("nftables", "nftables_writer=bogus", "nftables_writer"),
+        ("ipvs", "ipvs_mark_mask=0x4000", "ipvs_mark_mask"),
+        ("iptables", "iptables_mode=bogus", "iptables_mode"),
+    ):
+        args = ["run", "--backend", backend, "--backend-option", option]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (backend, result.output)
+        assert f"backend '{backend}'" in result.output and word in result.output
+        assert "Traceback" not in result.output
