@@ -9,7 +9,9 @@ Per size (N Services x 5 endpoints, a third each ClusterIP, NodePort, LoadBalanc
 *cold sync* is the first full apply into an empty kernel; *one-endpoint change* is a
 partial apply after one endpoint was added or removed (``SAMPLES`` samples), timed from
 the call to its return (the netlink acks are in); *messages* are the write messages
-that change sent (ApplyResult.ops); *floor* is one empty call on the backend's kernel
+that change sent (ApplyResult.ops); *restart adoption* is a new backend's first full
+sync against what the kernel holds after the changes (time, and messages it sent);
+*floor* is one empty call on the backend's kernel
 thread (what every apply costs before any kernel work). All samples run in one event
 loop, as in the kpy daemon.
 """
@@ -50,12 +52,22 @@ def guest(sizes: tuple[int, ...]) -> dict[str, object]:
         states = b.synthetic_states(size)
         # one event loop for the whole run, as the kpy daemon keeps one
         cold, cold_s, times, messages, floor = asyncio.run(_samples(backend, states, node))
+        backend.close()
+        # a restarted agent: a new backend's first full sync adopts what the kernel holds
+        backend = IpvsBackend(
+            BackendConfig(node_name=node.name, node_ips=(ipaddress.ip_address("192.168.50.1"),))
+        )
+        started = time.perf_counter()
+        adopted = asyncio.run(backend.apply(b.plan(states, node_info=node)))
+        adopt_s = time.perf_counter() - started
         q = statistics.quantiles(times, n=10)
         results.append(
             {
                 "services": size,
                 "cold_s": round(cold_s, 2),
                 "cold_ops": cold.ops,
+                "adopt_s": round(adopt_s, 2),
+                "adopt_ops": adopted.ops,
                 "p50_ms": round(statistics.median(times), 2),
                 "p90_ms": round(q[8], 2),
                 # even samples removed an endpoint (graceful: reads first), odd added one
@@ -125,14 +137,16 @@ def main() -> None:
             raise SystemExit("the guest wrote no result")
         print(f"guest run: {run.seconds:.0f} s (boot included)")
         print(
-            "| services | cold sync (s) | cold messages | one change p50 (ms) | p90 (ms) "
+            "| services | cold sync (s) | cold messages | restart adoption (s) "
+            "| adoption messages | one change p50 (ms) | p90 (ms) "
             "| messages per change | p50 add / remove (ms) | floor p50 (ms) |"
         )
-        print("|---:|---:|---:|---:|---:|---|---|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
         for r in json.loads(report.read_text())["results"]:
             msgs = ", ".join(str(m) for m in r["messages"])
             print(
-                f"| {r['services']} | {r['cold_s']} | {r['cold_ops']} | {r['p50_ms']} "
+                f"| {r['services']} | {r['cold_s']} | {r['cold_ops']} | {r['adopt_s']} "
+                f"| {r['adopt_ops']} | {r['p50_ms']} "
                 f"| {r['p90_ms']} | {msgs} | {r['add_p50_ms']} / {r['remove_p50_ms']} "
                 f"| {r['floor_p50_ms']} |"
             )
