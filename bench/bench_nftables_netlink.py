@@ -33,16 +33,6 @@ def objects(states: list[ServicePortState], config: BackendConfig) -> dict[str, 
     return want
 
 
-def set_types(objs: dict[str, render.Obj]) -> dict[tuple[str, str, str], netlink.SetType]:
-    return {
-        (o.family, getattr(o, "table", render.TABLE), o.name): netlink.SetType(
-            o.type, o.kind, o.timeout
-        )
-        for o in objs.values()
-        if isinstance(o, render.Set)
-    }
-
-
 def nft_f(netns: str, script: str) -> None:
     subprocess.run(
         ["nsenter", f"--net=/run/netns/{netns}", "--", "nft", "-f", "-"],
@@ -67,7 +57,7 @@ def main() -> None:
     states = b.synthetic_states(args.services)
     base = render.base_objects(config)
     programmed = {**base, **objects(states, config)}
-    sets = set_types(programmed)
+    sets = netlink.set_types(programmed.values())
     have = {key: obj.value for key, obj in programmed.items()}
 
     netns = f"kpy-bench-nl-{os.getpid()}"

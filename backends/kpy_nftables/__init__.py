@@ -59,11 +59,7 @@ class NftablesBackend:
         self._use_netlink = writer == "netlink"
         self._netlink: netlink.NetlinkWriter | None = None
         self._reader: netlink_read.NetlinkReader | None = None
-        self._set_types = {
-            (o.family, o.table, o.name): netlink.SetType(o.type, o.kind, o.timeout)
-            for o in self._base.values()
-            if isinstance(o, render.Set)
-        }
+        self._set_types = netlink.set_types(self._base.values())
 
     # --- the Backend protocol -----------------------------------------------------------
 

@@ -26,10 +26,11 @@ import re
 import socket
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from kpy.netns_socket import run_in_netns
+from kpy_nftables import render
 from kpy_nftables.apply import NftError
 
 # --- netlink and nf_tables constants (linux/netlink.h, linux/netfilter/nf_tables.h) --------
@@ -745,6 +746,16 @@ class _Rule:
                 _u32(7, NF_NAT_RANGE_PROTO_SPECIFIED),
             ),
         ]
+
+
+def set_types(objs: Iterable[render.Obj]) -> dict[tuple[str, str, str], SetType]:
+    """What :func:`encode` needs to know of the sets among ``objs``, keyed by (family,
+    table, name)."""
+    return {
+        (o.family, o.table, o.name): SetType(o.type, o.kind, o.timeout)
+        for o in objs
+        if isinstance(o, render.Set)
+    }
 
 
 def encode(script: str, sets: Mapping[tuple[str, str, str], SetType]) -> Batch:

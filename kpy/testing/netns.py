@@ -42,6 +42,21 @@ def ip(*argv: str) -> None:
     subprocess.run(["ip", *argv], check=True, capture_output=True)
 
 
+def nft(netns: str, *args: str, script: str | None = None) -> str:
+    """``nft args`` inside ``netns`` (``script`` on its input); its output. A refusal
+    raises AssertionError with nft's message."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", *args],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"nft {' '.join(args)} failed: {done.stderr}")
+    return done.stdout
+
+
 def ns_sysctl(netns: str, key: str, value: str) -> None:
     subprocess.run(
         ["ip", "netns", "exec", netns, "sysctl", "-qw", f"{key}={value}"],

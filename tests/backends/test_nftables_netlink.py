@@ -6,8 +6,7 @@ identical rulesets (``nft list ruleset``), for every kind of Service render prod
 from __future__ import annotations
 
 import ipaddress
-import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -18,7 +17,7 @@ from kpy.backend import BackendConfig
 from kpy.model import Endpoint, ServicePort, ServicePortState
 from kpy.testing import builders as b
 from kpy.testing import netns as lab
-from kpy.testing.netns import scratch
+from kpy.testing.netns import nft, scratch
 from tests.conftest import require_root
 
 V4_CIDR = ipaddress.ip_network("10.244.0.0/16")
@@ -26,26 +25,13 @@ V6_CIDR = ipaddress.ip_network("fd00:244::/48")
 DUAL = ["10.96.0.10", "fd00:96::10"]
 
 
-def _nft(netns: str, *args: str, script: str | None = None) -> str:
-    done = subprocess.run(
-        ["ip", "netns", "exec", netns, "nft", *args],
-        input=script,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise AssertionError(f"nft {' '.join(args)} failed: {done.stderr}")
-    return done.stdout
-
-
 def _apply(netns: str, script: str) -> None:
     if script:
-        _nft(netns, "-f", "-", script=script)
+        nft(netns, "-f", "-", script=script)
 
 
 def _ruleset(netns: str) -> str:
-    return _nft(netns, "list", "ruleset")
+    return nft(netns, "list", "ruleset")
 
 
 def _want(states: Sequence[ServicePortState], config: BackendConfig) -> dict[str, render.Obj]:
@@ -53,16 +39,6 @@ def _want(states: Sequence[ServicePortState], config: BackendConfig) -> dict[str
     for state in states:
         want.update(render.port_objects(state, config))
     return want
-
-
-def _set_types(objs: Mapping[str, render.Obj]) -> dict[tuple[str, str, str], netlink.SetType]:
-    return {
-        (o.family, getattr(o, "table", render.TABLE), o.name): netlink.SetType(
-            o.type, o.kind, o.timeout
-        )
-        for o in objs.values()
-        if isinstance(o, render.Set)
-    }
 
 
 @dataclass
@@ -91,7 +67,7 @@ def _change(
     new = _want(after, config)
     have = {key: obj.value for key, obj in old.items()}
     script = render.transaction(new, have, {*old, *new}).script
-    return script, _set_types({**render.base_objects(config), **old})
+    return script, netlink.set_types({**render.base_objects(config), **old}.values())
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import errno
 import ipaddress
 import json
 import socket
-import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ from kpy_nftables.netlink_read import NetlinkReader, type_names
 from kpy.backend import BackendConfig
 from kpy.model import Endpoint, ServicePortState
 from kpy.testing import builders as b
-from kpy.testing.netns import scratch
+from kpy.testing.netns import nft, scratch
 from tests.conftest import require_root
 
 pytestmark = pytest.mark.root
@@ -38,19 +37,6 @@ def ns() -> Iterator[str]:
     require_root()
     with scratch("kpy-nlr-") as name:
         yield name
-
-
-def _nft(netns: str, *args: str, script: str | None = None) -> str:
-    done = subprocess.run(
-        ["ip", "netns", "exec", netns, "nft", *args],
-        input=script,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise AssertionError(f"nft {' '.join(args)} failed: {done.stderr}")
-    return done.stdout
 
 
 def _program(
@@ -78,7 +64,7 @@ def _nft_documents(netns: str) -> Iterator[dict[str, Any]]:
         }
 
 
-def _by_nft(netns: str) -> observe.Observed:
+def _bynft(netns: str) -> observe.Observed:
     return observe.parse(_nft_documents(netns))
 
 
@@ -91,7 +77,7 @@ def _by_netlink(netns: str, **options: int) -> observe.Observed:
 
 
 def _assert_same(netns: str) -> observe.Observed:
-    want = _by_nft(netns)
+    want = _bynft(netns)
     got = _by_netlink(netns)
     assert got.values == want.values
     assert observe.views(got) == observe.views(want)
@@ -266,7 +252,7 @@ def test_large_sets_come_in_slices(ns: str) -> None:
         if "elem" in body
     ]
     assert max(sizes) == 7 and len(sizes) > 20
-    assert observe.parse(docs).values == _by_nft(ns).values
+    assert observe.parse(docs).values == _bynft(ns).values
 
 
 class _Counting(NetlinkReader):
@@ -293,7 +279,7 @@ def test_documents_stream_one_set_at_a_time(ns: str) -> None:
                 break
         assert reader.dumps.get(netlink_read.NFT_MSG_GETSETELEM) == 1
         # the first generator is left where it stopped, still alive
-        assert observe.parse(reader.documents()).values == _by_nft(ns).values
+        assert observe.parse(reader.documents()).values == _bynft(ns).values
     finally:
         reader.close()
 
@@ -304,7 +290,7 @@ def test_drift_is_read_as_it_is(ns: str) -> None:
     _program(ns, (CLUSTER_IP, NODE_PORT, UDP))
     shard = render.shard_table(CLUSTER_IP.name)
     chain = render.service_chain(CLUSTER_IP.name)
-    _nft(
+    nft(
         ns,
         "-f",
         "-",
@@ -333,7 +319,7 @@ def test_empty_namespace_reads_nothing(ns: str) -> None:
         assert list(reader.documents()) == []
     finally:
         reader.close()
-    assert _by_netlink(ns).values == {} == _by_nft(ns).values
+    assert _by_netlink(ns).values == {} == _bynft(ns).values
 
 
 FOREIGN = """\
@@ -357,7 +343,7 @@ add chain netdev kpy-1 c
 
 
 def test_foreign_tables_are_ignored(ns: str) -> None:
-    _nft(ns, "-f", "-", script=FOREIGN)
+    nft(ns, "-f", "-", script=FOREIGN)
     reader = NetlinkReader(ns)
     try:
         assert list(reader.documents()) == []
@@ -374,8 +360,8 @@ def test_foreign_tables_are_ignored(ns: str) -> None:
     assert read == {("ip", render.TABLE), ("ip6", render.TABLE)} | {
         (f, t) for f in ("ip", "ip6") for t in render.shard_tables()
     }
-    assert observe.parse(docs).values == _by_nft(ns).values
-    listed = json.loads(_nft(ns, "-j", "list", "tables"))["nftables"]
+    assert observe.parse(docs).values == _bynft(ns).values
+    listed = json.loads(nft(ns, "-j", "list", "tables"))["nftables"]
     families = {item["table"]["family"] for item in listed if "table" in item}
     assert {"inet", "netdev"} <= families  # the foreign tables are still there
 
@@ -385,10 +371,10 @@ def test_affinity_clients_are_not_read(ns: str) -> None:
     reader does not even read them (the definition it does)."""
     _program(ns, (AFFINITY,))
     shard = render.shard_table(AFFINITY.name)
-    sets = [k for k in _by_nft(ns).values if k.startswith(f"ip {shard} set affinity-")]
+    sets = [k for k in _bynft(ns).values if k.startswith(f"ip {shard} set affinity-")]
     assert len(sets) == 2
     name = sets[0].split(" set ", 1)[1]
-    _nft(ns, "add", "element", "ip", shard, name, "{ 10.244.7.7 }")
+    nft(ns, "add", "element", "ip", shard, name, "{ 10.244.7.7 }")
     assert "10.244.7.7" in json.dumps(list(_nft_documents(ns)))
     reader = NetlinkReader(ns)
     try:
@@ -397,7 +383,7 @@ def test_affinity_clients_are_not_read(ns: str) -> None:
         reader.close()
     assert "10.244.7.7" not in json.dumps(docs)
     got = observe.parse(docs).values
-    assert got == _by_nft(ns).values
+    assert got == _bynft(ns).values
     assert got[f"ip {shard} set {name}"] == "ipv4_addr timeout 600s"
 
 
@@ -422,7 +408,7 @@ class _Meddler(NetlinkReader):
         data = super()._receive(sock, kind, part)
         meddle = kind == self.kind and part == 0 and self.target in self.request
         if meddle and self.script is not None:
-            _nft(self.netns or "", "-f", "-", script=self.script)
+            nft(self.netns or "", "-f", "-", script=self.script)
             self.script = None
         return data
 
@@ -460,14 +446,14 @@ def test_a_dump_changed_under_the_reader_is_asked_again(
         reader.close()
     assert reader.script is None, "the dump came in one part: nothing was changed under it"
     assert reader.restarts == 1
-    assert got == _by_nft(ns).values
+    assert got == _bynft(ns).values
     if added is not None:
         assert added in got
 
 
 def test_a_set_deleted_before_its_elements_are_read_is_not_there(ns: str) -> None:
     _program(ns, (CLUSTER_IP, NODE_PORT))
-    _nft(ns, "add", "set", "ip", "kpy", "zz-extra", "{ type ipv4_addr; elements = { 192.0.2.7 } }")
+    nft(ns, "add", "set", "ip", "kpy", "zz-extra", "{ type ipv4_addr; elements = { 192.0.2.7 } }")
     reader = _Meddler(
         ns, netlink_read.NFT_MSG_GETSETELEM, b"fingerprints", "delete set ip kpy zz-extra"
     )
@@ -477,7 +463,7 @@ def test_a_set_deleted_before_its_elements_are_read_is_not_there(ns: str) -> Non
         reader.close()
     assert reader.script is None
     assert not any("zz-extra" in k for k in got)
-    assert got == _by_nft(ns).values
+    assert got == _bynft(ns).values
 
 
 def test_a_dump_of_a_missing_set_is_refused_with_its_errno(ns: str) -> None:
@@ -487,7 +473,7 @@ def test_a_dump_of_a_missing_set_is_refused_with_its_errno(ns: str) -> None:
         with pytest.raises(netlink_read.DumpRefused) as refused:
             reader.element_parts("ip", render.TABLE, "no-such-set")
         assert refused.value.errno == errno.ENOENT
-        assert observe.parse(reader.documents()).values == _by_nft(ns).values  # still usable
+        assert observe.parse(reader.documents()).values == _bynft(ns).values  # still usable
     finally:
         reader.close()
 

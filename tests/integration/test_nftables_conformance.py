@@ -3,7 +3,6 @@ properties, in a fresh network namespace per test (never the machine's own)."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 
 import pytest
@@ -13,13 +12,7 @@ from kpy.backend import Backend, BackendConfig, BackendError, parse_networks
 from kpy.model import ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.conformance import BackendConformance, run
-
-
-def nft(ns: str, *args: str, check: bool = True) -> str:
-    done = subprocess.run(
-        ["ip", "netns", "exec", ns, "nft", *args], capture_output=True, text=True, check=check
-    )
-    return done.stdout
+from kpy.testing.netns import nft
 
 
 def config(ns: str) -> BackendConfig:
