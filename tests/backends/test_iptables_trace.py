@@ -21,7 +21,7 @@ from kpy_iptables import trace as tr
 from kpy import explain as ex
 from kpy.backend import BackendConfig
 from kpy.cli import main
-from kpy.model import Endpoint, Plan, Protocol
+from kpy.model import Endpoint, Plan
 from kpy.testing import builders as b
 from kpy.testing import packets
 from tests.unit.test_explain import (
@@ -40,6 +40,8 @@ from tests.unit.test_explain import (
     TERMINATING_LOCAL,
     TERMINATING_REMOTE,
     Case,
+    assert_traced_as_modelled,
+    example_cluster_ip_target,
     st,
     traced,
 )
@@ -57,15 +59,7 @@ def _trace(case: Case) -> tuple[ex.Trace, ex.Explanation]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_trace_agrees_with_model(case: Case) -> None:
-    traced, model = _trace(case)
-    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
-        model.verdict,
-        model.endpoints,
-        model.masquerade,
-    ), traced.kernel
-    # the table's own expectations hold for the traced answer too
-    assert str(traced.verdict) == case.verdict
-    assert traced.endpoints == case.endpoints
+    traced = assert_traced_as_modelled(case, tr.trace)
     if case.verdict != "accept":
         assert traced.kernel, "a Service packet must traverse kernel objects"
 
@@ -193,7 +187,7 @@ def test_cli_explain_backend_iptables() -> None:
         "-o",
         "json",
     ]
-    result = CliRunner().invoke(main, [*args, "--from", POD, "--to", _cluster_ip_target()])
+    result = CliRunner().invoke(main, [*args, "--from", POD, "--to", example_cluster_ip_target()])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["verdict"] == "forward"
@@ -202,19 +196,6 @@ def test_cli_explain_backend_iptables() -> None:
     assert "trace_disagrees_with_model" not in data["reasons"]
     assert any(k.startswith("iptables -t nat -A KPY-SERVICES ") for k in data["kernel"])
     assert any("-j DNAT --to-destination" in k for k in data["kernel"])
-
-
-def _cluster_ip_target() -> str:
-    """A ClusterIP Service port with endpoints among the examples."""
-    from kpy.cli import _offline_plan
-
-    plan = _offline_plan(("examples",), "node-1", ("192.168.100.11",))
-    for state in sorted(plan.services.values(), key=lambda s: s.name):
-        svc = state.service
-        if svc.cluster_ips and state.internal and svc.protocol is Protocol.TCP:
-            ip = next(ip for ip in svc.cluster_ips if ip.version == 4)
-            return f"{ip}:{svc.port}/TCP"
-    raise AssertionError("examples/ hold no ClusterIP Service with endpoints")
 
 
 # --- beyond the table ---------------------------------------------------------------------

@@ -24,8 +24,8 @@ from kpy_ipvs import trace as tr
 
 from kpy import explain as ex
 from kpy.backend import BackendConfig
-from kpy.cli import _offline_plan, main
-from kpy.model import Plan, Protocol, ServicePortState
+from kpy.cli import main
+from kpy.model import Plan, ServicePortState
 from kpy.testing import builders as b
 from tests.unit.test_explain import (
     CASES,
@@ -37,8 +37,10 @@ from tests.unit.test_explain import (
     POD,
     REMOTE,
     Case,
+    assert_traced_as_modelled,
     case_by_id,
     case_params,
+    example_cluster_ip_target,
     st,
     traced,
 )
@@ -61,14 +63,7 @@ _case = case_by_id
 
 @pytest.mark.parametrize("case", case_params(RENDER_BUGS))
 def test_trace_agrees_with_model(case: Case) -> None:
-    traced, model, _ = _trace(case)
-    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
-        model.verdict,
-        model.endpoints,
-        model.masquerade,
-    ), traced.kernel
-    assert str(traced.verdict) == case.verdict
-    assert traced.endpoints == case.endpoints
+    traced = assert_traced_as_modelled(case, tr.trace)
     if case.verdict in ("forward", "reject"):
         assert any(k.startswith("ipvsadm -A ") for k in traced.kernel), traced.kernel
 
@@ -458,18 +453,8 @@ def test_trace_of_a_load_balancer_with_both_frontends() -> None:
     assert tr.trace(plan, wrong_port, ex.Origin.POD, config).verdict is ex.Verdict.ACCEPT
 
 
-def _cluster_ip_target() -> str:
-    plan = _offline_plan(("examples",), "node-1", ("192.168.100.11",))
-    for state in sorted(plan.services.values(), key=lambda s: s.name):
-        svc = state.service
-        if svc.cluster_ips and state.internal and svc.protocol is Protocol.TCP:
-            ip = next(ip for ip in svc.cluster_ips if ip.version == 4)
-            return f"{ip}:{svc.port}/TCP"
-    raise AssertionError("examples/ hold no ClusterIP Service with endpoints")
-
-
 def test_cli_explain_backend_ipvs() -> None:
-    target = _cluster_ip_target()
+    target = example_cluster_ip_target()
     args = [
         "explain",
         *EXAMPLES_AS_NODE_1,

@@ -36,6 +36,7 @@ from tests.unit.test_explain import (
     POD,
     REMOTE,
     Case,
+    assert_traced_as_modelled,
     case_by_id,
     case_params,
     st,
@@ -58,14 +59,7 @@ _case = case_by_id
 
 @pytest.mark.parametrize("case", case_params(RENDER_BUGS))
 def test_trace_agrees_with_model(case: Case) -> None:
-    traced, model, _ = _trace(case)
-    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
-        model.verdict,
-        model.endpoints,
-        model.masquerade,
-    ), traced.kernel
-    assert str(traced.verdict) == case.verdict
-    assert traced.endpoints == case.endpoints
+    assert_traced_as_modelled(case, tr.trace)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

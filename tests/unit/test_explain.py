@@ -78,6 +78,34 @@ def traced(case: Case, tracer: ex.Tracer) -> tuple[ex.Trace, ex.Explanation, Pla
     return tracer(plan, packet, model.origin, config), model, plan
 
 
+def assert_traced_as_modelled(case: Case, tracer: ex.Tracer) -> ex.Trace:
+    """A backend's trace of ``case`` agrees with the model and with the case's own
+    expectations (each backend's trace tests run this over CASES)."""
+    trace, model, _ = traced(case, tracer)
+    assert (trace.verdict, trace.endpoints, trace.masquerade) == (
+        model.verdict,
+        model.endpoints,
+        model.masquerade,
+    ), trace.kernel
+    assert str(trace.verdict) == case.verdict
+    assert trace.endpoints == case.endpoints
+    return trace
+
+
+def example_cluster_ip_target() -> str:
+    """``ip:port/TCP`` of a ClusterIP Service port with endpoints among examples/, as
+    node-1 sees them (for ``kpy explain --to``)."""
+    from kpy.cli import _offline_plan
+
+    plan = _offline_plan(("examples",), "node-1", ("192.168.100.11",))
+    for state in sorted(plan.services.values(), key=lambda s: s.name):
+        svc = state.service
+        if svc.cluster_ips and state.internal and svc.protocol is Protocol.TCP:
+            ip = next(ip for ip in svc.cluster_ips if ip.version == 4)
+            return f"{ip}:{svc.port}/TCP"
+    raise AssertionError("examples/ hold no ClusterIP Service with endpoints")
+
+
 def case_by_id(case_id: str) -> Case:
     return next(c for c in CASES if c.id == case_id)
 
