@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+
+from .netlab import Lab
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -12,3 +15,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         skip = pytest.mark.skip(reason="runs only inside the UML guest (tests/uml)")
         for item in items:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    """Three pods (IPv4 and IPv6) on the node's bridge and an outside client; one per
+    test module."""
+    lab = Lab()
+    try:
+        lab.add_pod("pod1", 1)
+        lab.add_pod("pod2", 2)
+        lab.add_pod("pod3", 3)
+        for index, pod in enumerate(("pod1", "pod2", "pod3"), start=1):
+            lab.add_ipv6(pod, index)
+        lab.add_client()
+        yield lab
+    finally:
+        lab.close()

@@ -26,21 +26,6 @@ CONFIG = BackendConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    lab = Lab()
-    try:
-        lab.add_pod("pod1", 1)
-        lab.add_pod("pod2", 2)
-        lab.add_pod("pod3", 3)
-        for index, pod in enumerate(("pod1", "pod2", "pod3"), start=1):
-            lab.add_ipv6(pod, index)
-        lab.add_client()
-        yield lab
-    finally:
-        lab.close()
-
-
 @pytest.fixture
 def backend(lab: Lab) -> Iterator[IpvsBackend]:
     backend = IpvsBackend(CONFIG)
