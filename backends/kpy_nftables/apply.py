@@ -33,24 +33,24 @@ class Nft:
             return cmd
         return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *cmd]
 
-    async def _run(self, *args: str, stdin: str | None = None) -> str:
+    async def _run(self, *args: str) -> str:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.command(*args),
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:
             raise NftError(f"cannot run nft: {exc}") from exc
-        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+        out, err = await proc.communicate()
         if proc.returncode != 0:
             raise NftError(err.decode(errors="replace").strip() or f"nft exited {proc.returncode}")
         return out.decode()
 
     async def run_script(self, script: str) -> None:
         """Apply ``script`` as one atomic transaction (all of it or nothing)."""
-        await self._run("-f", "-", stdin=script)
+        await self.run_lines(script.splitlines())
 
     async def run_lines(self, lines: Iterable[str], chunk: int = 4096) -> int:
         """Apply ``lines`` as one atomic transaction, written to nft's input a chunk at a

@@ -25,6 +25,7 @@ import hashlib
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from kpy.backend import BackendConfig
 from kpy.model import (
@@ -701,9 +702,8 @@ class Transaction:
     def line_count(self) -> int:
         rules = sum(len(c.rules) for c in self.rule_chains)
         if self.group:
-            dels = len(_grouped(self.del_elements))
-            per_set = Counter(_set_of(e) for e in self.add_elements)
-            adds = sum(-(-n // GROUP) for n in per_set.values())
+            dels = _commands(Counter(ln.partition(" { ")[0] for ln in self.del_elements))
+            adds = _commands(Counter(_set_of(e) for e in self.add_elements))
         else:
             dels, adds = len(self.del_elements), len(self.add_elements)
         return len(self.before) + rules + dels + adds + len(self.after)
@@ -800,6 +800,11 @@ def _grouped(lines: Iterable[str]) -> list[str]:
         for i in range(0, len(items), GROUP):
             out.append(f"{head} {{ {', '.join(items[i : i + GROUP])} }}")
     return out
+
+
+def _commands(per_set: Counter[Any]) -> int:
+    """How many commands elements grouped per set take (GROUP to a command)."""
+    return sum(-(-n // GROUP) for n in per_set.values())
 
 
 def _set_of(e: Element) -> tuple[str, str, str]:

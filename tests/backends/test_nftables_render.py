@@ -21,6 +21,7 @@ def test_grouped_elements_are_the_same_elements_in_fewer_commands() -> None:
     single = render.transaction(want, {}, want)
     grouped = render.transaction(want, {}, want, group=True)
     assert grouped.ops == single.ops
+    assert (grouped.line_count, single.line_count) == (len(grouped.lines), len(single.lines))
 
     def elements(lines: tuple[str, ...]) -> dict[str, list[str]]:
         found: dict[str, list[str]] = {}
@@ -47,6 +48,7 @@ def test_removals_are_grouped_too() -> None:
     have = {key: obj.value for key, obj in want.items()}
     gone = render.transaction({}, have, have, group=True)
     deletions = [ln for ln in gone.lines if ln.startswith("delete element ")]
+    assert gone.line_count == len(gone.lines)
     assert deletions and all(", " in ln for ln in deletions if " service-endpoints " in ln)
 
 
