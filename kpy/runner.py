@@ -6,9 +6,13 @@ actually runs:
 * never more often than ``min_interval`` (event storms coalesce into one sync);
 * at least every ``full_interval`` a full sync, which repairs drift in the kernel;
 * after a failure, retry with exponential backoff (capped), and the retry is full.
+  The backoff holds every kind of sync back: a periodic full sync that comes due, or
+  new requests arriving meanwhile, wait for the retry time too (otherwise a failing
+  sync would be retried as fast as events arrive, or at once when the periodic full
+  sync is overdue because the last full one failed).
 
 The sync function receives ``full: bool`` and raises on failure. Time comes from an
-injectable clock and sleep, so tests drive it without waiting.
+injectable clock and wait, so tests drive it without waiting.
 """
 
 from __future__ import annotations
@@ -32,16 +36,27 @@ class RunnerTimes:
     backoff_max: float = 60.0
 
 
+Waiter = Callable[[asyncio.Event, "float | None"], Awaitable[None]]
+"""Wait until the event is set or ``timeout`` seconds have passed (None: no timeout)."""
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+
+
 class Runner:
     def __init__(
         self,
         sync: Callable[[bool], Awaitable[None]],
         times: RunnerTimes | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wait: Waiter = wait_event,
     ) -> None:
         self._sync = sync
         self._times = times or RunnerTimes()
         self._clock = clock
+        self._wait = wait
         self._wake = asyncio.Event()
         self._pending = True  # the first sync always runs
         self._full_pending = True
@@ -61,13 +76,19 @@ class Runner:
     def failures(self) -> int:
         return self._failures
 
+    @property
+    def retry_at(self) -> float:
+        """Clock time before which no sync runs (-inf when the last sync succeeded)."""
+        return self._retry_at
+
     def _next_due(self, now: float) -> float:
         """The earliest time the next sync may run (inf: nothing to do)."""
-        due_full = self._last_full + self._times.full_interval
-        due = due_full
+        due = self._last_full + self._times.full_interval
         if self._pending:
-            due = min(due, max(self._last_start + self._times.min_interval, self._retry_at))
-        return due
+            due = min(due, self._last_start + self._times.min_interval)
+        # After a failure nothing runs before the retry time: not a request, and not the
+        # periodic full sync (overdue, since the failed full sync did not move it on).
+        return max(due, self._retry_at)
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -77,8 +98,7 @@ class Runner:
             if due > now:
                 self._wake.clear()
                 timeout = None if due == float("inf") else due - now
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                await self._wait(self._wake, timeout)
                 continue
             full = self._full_pending or now >= self._last_full + self._times.full_interval
             self._pending = False

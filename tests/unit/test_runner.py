@@ -1,4 +1,5 @@
-"""The runner: coalesces requests, retries with backoff, and the retry is full."""
+"""The runner: coalesces requests, retries with backoff that holds every sync back, and the
+retry is full."""
 
 from __future__ import annotations
 
@@ -57,3 +58,93 @@ def test_periodic_full_sync() -> None:
 
     asyncio.run(main())
     assert len(calls) >= 2 and all(calls)
+
+
+class FakeTime:
+    """An injected clock: waiting with a timeout moves time on instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def clock(self) -> float:
+        return self.now
+
+    async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
+        if event.is_set():
+            return
+        if timeout is None:
+            await event.wait()
+            return
+        self.now += timeout
+        await asyncio.sleep(0)
+
+
+def _run_until(runner: Runner, done: asyncio.Event) -> None:
+    async def main() -> None:
+        task = asyncio.create_task(runner.run())
+        await done.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+def _failing_runner(
+    times: RunnerTimes, fake: FakeTime, calls: list[tuple[float, bool]], stop_after: int
+) -> tuple[Runner, asyncio.Event]:
+    done = asyncio.Event()
+    runner: Runner
+
+    async def sync(full: bool) -> None:
+        calls.append((fake.now, full))
+        # Work keeps arriving while the sync fails: requests must not shorten the backoff.
+        runner.request()
+        runner.request(full=False)
+        if len(calls) >= stop_after:
+            done.set()
+        raise RuntimeError("nft: transaction refused")
+
+    runner = Runner(sync, times, clock=fake.clock, wait=fake.wait)
+    return runner, done
+
+
+def test_backoff_holds_back_requests_and_the_overdue_periodic_full_sync() -> None:
+    fake = FakeTime()
+    calls: list[tuple[float, bool]] = []
+    # A short full period: after the first failed full sync the periodic one is always
+    # overdue — it must still wait for the retry time.
+    times = RunnerTimes(min_interval=0.5, full_interval=2.0, backoff_initial=1.0, backoff_max=8.0)
+    runner, done = _failing_runner(times, fake, calls, stop_after=8)
+    _run_until(runner, done)
+    gaps = [round(b[0] - a[0], 6) for a, b in zip(calls, calls[1:], strict=False)]
+    assert gaps == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]
+    assert all(full for _, full in calls)  # every retry is a full sync
+    assert runner.failures == 8
+    assert runner.retry_at == calls[-1][0] + 8.0
+
+
+def test_backoff_ends_with_the_first_success() -> None:
+    fake = FakeTime()
+    calls: list[tuple[float, bool]] = []
+    done = asyncio.Event()
+    runner: Runner
+
+    async def sync(full: bool) -> None:
+        calls.append((fake.now, full))
+        if len(calls) <= 3:
+            raise RuntimeError("refused")
+        if len(calls) == 4:
+            runner.request()  # new work right after the recovery: no backoff any more
+            return
+        done.set()
+
+    times = RunnerTimes(
+        min_interval=0.25, full_interval=3600.0, backoff_initial=1.0, backoff_max=60.0
+    )
+    runner = Runner(sync, times, clock=fake.clock, wait=fake.wait)
+    _run_until(runner, done)
+    gaps = [round(b[0] - a[0], 6) for a, b in zip(calls, calls[1:], strict=False)]
+    assert gaps == [1.0, 2.0, 4.0, 0.25]
+    assert [full for _, full in calls] == [True, True, True, True, False]
+    assert runner.failures == 0 and runner.retry_at == float("-inf")
