@@ -37,12 +37,12 @@ class RunnerTimes:
 
 
 Waiter = Callable[[asyncio.Event, "float | None"], Awaitable[None]]
-"""Wait until the event is set or ``timeout`` seconds have passed (None: no timeout)."""
+"""Wait until the event is set or ``seconds`` have passed (None: no limit)."""
 
 
-async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
+async def wait_event(event: asyncio.Event, seconds: float | None) -> None:
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
+        await asyncio.wait_for(event.wait(), seconds)
 
 
 class Runner:

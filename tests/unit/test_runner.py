@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 
 from kpy.runner import Runner, RunnerTimes
 
@@ -69,13 +70,13 @@ class FakeTime:
     def clock(self) -> float:
         return self.now
 
-    async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
+    async def wait(self, event: asyncio.Event, seconds: float | None) -> None:
         if event.is_set():
             return
-        if timeout is None:
+        if seconds is None:
             await event.wait()
             return
-        self.now += timeout
+        self.now += seconds
         await asyncio.sleep(0)
 
 
@@ -117,7 +118,7 @@ def test_backoff_holds_back_requests_and_the_overdue_periodic_full_sync() -> Non
     times = RunnerTimes(min_interval=0.5, full_interval=2.0, backoff_initial=1.0, backoff_max=8.0)
     runner, done = _failing_runner(times, fake, calls, stop_after=8)
     _run_until(runner, done)
-    gaps = [round(b[0] - a[0], 6) for a, b in zip(calls, calls[1:], strict=False)]
+    gaps = [round(b[0] - a[0], 6) for a, b in itertools.pairwise(calls)]
     assert gaps == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]
     assert all(full for _, full in calls)  # every retry is a full sync
     assert runner.failures == 8
@@ -144,7 +145,7 @@ def test_backoff_ends_with_the_first_success() -> None:
     )
     runner = Runner(sync, times, clock=fake.clock, wait=fake.wait)
     _run_until(runner, done)
-    gaps = [round(b[0] - a[0], 6) for a, b in zip(calls, calls[1:], strict=False)]
+    gaps = [round(b[0] - a[0], 6) for a, b in itertools.pairwise(calls)]
     assert gaps == [1.0, 2.0, 4.0, 0.25]
     assert [full for _, full in calls] == [True, True, True, True, False]
     assert runner.failures == 0 and runner.retry_at == float("-inf")
