@@ -78,6 +78,9 @@ class Service:
 
     name: ServiceName
     ports: tuple[ServicePort, ...]
+    # metadata.creationTimestamp (RFC 3339, UTC, as the API server writes it; "" when
+    # missing or malformed): the last tie-break between two Services claiming one frontend.
+    created: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -414,7 +417,18 @@ def _service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
     problems = tuple(
         Problem(kind="Service", namespace=namespace, name=name, reason=n) for n in notes
     )
-    return Service(name=svc_name, ports=tuple(ports)), problems
+    return Service(name=svc_name, ports=tuple(ports), created=_created(meta)), problems
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z")
+
+
+def _created(meta: Mapping[str, Any]) -> str:
+    """metadata.creationTimestamp when it is a well-formed UTC timestamp, else ""."""
+    value = meta.get("creationTimestamp")
+    if isinstance(value, str) and len(value) <= 40 and _RFC3339.fullmatch(value):
+        return value
+    return ""
 
 
 def _policy(value: Any, what: str) -> TrafficPolicy:
