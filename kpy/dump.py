@@ -75,6 +75,20 @@ def rows(plan: Plan, programmed: Programmed | None = None) -> list[dict[str, Any
             row["loadBalancerSourceRanges"] = [str(r) for r in svc.load_balancer_source_ranges]
         if svc.has_vip and not state.internal:
             row["note"] = "no usable endpoints: connections are rejected"
+        conflicts = plan.conflicts.get(name, ())
+        if conflicts:
+            row["conflicts"] = [
+                {
+                    "frontend": c.frontend,
+                    "claimedAs": c.claimed_as,
+                    "heldBy": str(c.held_by),
+                    "heldAs": c.held_as,
+                }
+                for c in conflicts
+            ]
+        reason = plan.refused.get(name)
+        if reason is not None:
+            row["refused"] = reason
         if programmed is not None:
             seen = observed.pop(str(name), None)
             if seen is None:
@@ -145,6 +159,15 @@ def table(data: Iterable[dict[str, Any]]) -> str:
             lines.append(f"{svc:<44} {kind:<13} {front:<28} {ep}".rstrip())
         if row.get("note"):
             lines.append(f"{'':<44} {'':<13} {'':<28} {row['note']}")
+        for c in row.get("conflicts", ()):
+            lines.append(
+                f"{'':<44}  ! CONFLICT: {c['frontend']} ({c['claimedAs']}) not served here:"
+                f" held by {c['heldBy']} ({c['heldAs']})"
+            )
+        if row.get("refused"):
+            lines.append(
+                f"{'':<44}  ! REFUSED by the backend, last good state kept: {row['refused']}"
+            )
         if flag:
             lines.append(f"{'':<44}{flag}")
     return "\n".join(lines)

@@ -229,11 +229,30 @@ class StaleFlow:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Conflict:
+    """A frontend a service port claims but does not get: another port holds it.
+
+    Two Services claiming one address and port (or one NodePort) is invalid input — or an
+    attempt to take over someone else's traffic (an ``externalIPs`` entry naming another
+    Service's ClusterIP). The address the cluster allocated wins: ClusterIP, then
+    load-balancer ingress, then user-supplied external IPs, then the older Service, then
+    the name; the loser is programmed without the frontend.
+    """
+
+    frontend: str  # "10.96.0.10:80/TCP", "*:30080/TCP" for a NodePort
+    claimed_as: str  # ClusterIP, LoadBalancer, ExternalIP or NodePort: how the loser claims it
+    held_by: ServicePortName
+    held_as: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
     """What one sync must do: the full node-local state and what changed since the last.
 
     ``services`` is a read-only view owned by the tracker; it stays valid until the
-    tracker's next ``checkout()``.
+    tracker's next ``checkout()``. ``conflicts`` names every service port programmed
+    without a frontend it claims (see :class:`Conflict`); ``refused`` every service port
+    the backend refused, kept at its last programmed state (see :mod:`kpy.quarantine`).
     """
 
     node: NodeInfo
@@ -243,6 +262,10 @@ class Plan:
     stale_flows: tuple[StaleFlow, ...] = ()
     full_sync: bool = False
     trigger_times: tuple[float, ...] = field(default=(), compare=False)
+    conflicts: Mapping[ServicePortName, tuple[Conflict, ...]] = field(
+        default_factory=dict, compare=False
+    )
+    refused: Mapping[ServicePortName, str] = field(default_factory=dict, compare=False)
 
     @property
     def needs_conntrack_cleanup(self) -> bool:

@@ -8,15 +8,26 @@ previous one vanishes from the Plan — upstream kube-proxy's {previous, current
 
 A change of this node (name, addresses, zone) changes what every Service selects, so it
 recomputes everything and makes the Plan a full sync.
+
+Frontend conflicts are settled here, before any backend sees them: when two service
+ports claim one frontend (address, port and protocol, or one NodePort), the address the
+cluster allocated wins — ClusterIP, then load-balancer ingress, then user-supplied
+external IPs (the CVE-2020-8554 class: an ``externalIPs`` entry naming someone else's
+ClusterIP must not take it over), then the older Service, then the name. The loser is
+programmed without that frontend, and :attr:`~kpy.model.Plan.conflicts` says so. An
+index of claims keeps this O(what changed): only the holders of a frontend a dirty port
+claims (or claimed) are looked at again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from types import MappingProxyType
 
 from kpy import convert, select
 from kpy.model import (
+    Conflict,
     Endpoint,
     NodeInfo,
     Plan,
@@ -42,6 +53,12 @@ class Tracker:
         self._dirty: set[ServiceName] = set()
         self._full = True
         self._trigger_times: list[float] = []
+        # Frontend claims: every port's computed state before conflicts are settled, the
+        # claims it makes, who claims each frontend (and how), and what each port lost.
+        self._raw: dict[ServicePortName, ServicePortState] = {}
+        self._claims_of: dict[ServicePortName, tuple[tuple[_Claim, str], ...]] = {}
+        self._holders: dict[_Claim, dict[ServicePortName, str]] = {}
+        self._conflicts: dict[ServicePortName, tuple[Conflict, ...]] = {}
 
     # ----------------------------------------------------------------- events
 
@@ -127,23 +144,38 @@ class Tracker:
         changed: set[ServicePortName] = set()
         removed: set[ServicePortName] = set()
         stale: list[StaleFlow] = []
+        recheck: set[ServicePortName] = set()  # ports whose final state may have changed
         for name in self._dirty:
             new = self._compute(name)
             old_keys = self._ports_of.get(name, frozenset())
             for key in old_keys - new.keys():
+                self._raw.pop(key, None)
+                recheck.update(self._unclaim(key))
+                self._conflicts.pop(key, None)
                 old_state = self._state.pop(key)
                 removed.add(key)
                 stale.extend(_stale_on_removal(old_state))
             for key, state in new.items():
-                previous = self._state.get(key)
-                if previous != state:
-                    self._state[key] = state
-                    changed.add(key)
-                    stale.extend(_stale_flows(previous, state))
+                if self._raw.get(key) == state and key in self._state:
+                    continue
+                recheck.update(self._unclaim(key))
+                self._raw[key] = state
+                recheck.update(self._claim(key, state))
+                recheck.add(key)
             if new:
                 self._ports_of[name] = frozenset(new)
             else:
                 self._ports_of.pop(name, None)
+        for key in recheck:
+            raw = self._raw.get(key)
+            if raw is None:
+                continue
+            state = self._settle(key, raw)
+            previous = self._state.get(key)
+            if previous != state:
+                self._state[key] = state
+                changed.add(key)
+                stale.extend(_stale_flows(previous, state))
         self._dirty.clear()
         full, self._full = self._full, False
         triggers, self._trigger_times = tuple(self._trigger_times), []
@@ -156,7 +188,105 @@ class Tracker:
             stale_flows=tuple(dict.fromkeys(stale)),
             full_sync=full,
             trigger_times=triggers,
+            conflicts=MappingProxyType(self._conflicts),
         )
+
+    # ----------------------------------------------------------------- conflicts
+
+    def _claim(self, key: ServicePortName, state: ServicePortState) -> set[ServicePortName]:
+        """Index ``key``'s frontends; the other holders of any of them need a recheck."""
+        claims = tuple(_claims(state.service))
+        if claims:
+            self._claims_of[key] = claims
+        others: set[ServicePortName] = set()
+        for claim, how in claims:
+            holders = self._holders.setdefault(claim, {})
+            others.update(holders)
+            holders[key] = how
+        return others
+
+    def _unclaim(self, key: ServicePortName) -> set[ServicePortName]:
+        others: set[ServicePortName] = set()
+        for claim, _ in self._claims_of.pop(key, ()):
+            holders = self._holders.get(claim)
+            if holders is None:
+                continue
+            holders.pop(key, None)
+            others.update(holders)
+            if not holders:
+                del self._holders[claim]
+        return others
+
+    def _rank(self, key: ServicePortName, how: str) -> tuple[int, str, str]:
+        service = self._services.get(ServiceName(namespace=key.namespace, name=key.name))
+        created = service.created if service is not None and service.created else "~"
+        return (_CLAIM_RANK[how], created, str(key))
+
+    def _settle(self, key: ServicePortName, raw: ServicePortState) -> ServicePortState:
+        """``raw`` without the frontends another port holds; records the conflicts."""
+        lost: list[Conflict] = []
+        for claim, how in self._claims_of.get(key, ()):
+            holders = self._holders[claim]
+            if len(holders) == 1:
+                continue
+            winner = min(holders, key=lambda n: self._rank(n, holders[n]))
+            if winner != key:
+                lost.append(
+                    Conflict(
+                        frontend=_claim_text(claim),
+                        claimed_as=how,
+                        held_by=winner,
+                        held_as=holders[winner],
+                    )
+                )
+        if not lost:
+            self._conflicts.pop(key, None)
+            return raw
+        self._conflicts[key] = tuple(lost)
+        return dataclasses.replace(raw, service=_without(raw.service, lost))
+
+
+_Claim = tuple[str, int, str]  # (address or "*" for a NodePort, port, protocol)
+_CLAIM_RANK = {"ClusterIP": 0, "NodePort": 0, "LoadBalancer": 1, "ExternalIP": 2}
+
+
+def _claims(service: ServicePort) -> Iterable[tuple[_Claim, str]]:
+    proto = str(service.protocol)
+    for how, ips in (
+        ("ClusterIP", service.cluster_ips),
+        ("LoadBalancer", service.load_balancer_ips),
+        ("ExternalIP", service.external_ips),
+    ):
+        for ip in ips:
+            yield (str(ip), service.port, proto), how
+    if service.node_port is not None:
+        yield ("*", service.node_port, proto), "NodePort"
+
+
+def _claim_text(claim: _Claim) -> str:
+    host, port, proto = claim
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}/{proto}"
+
+
+def _without(service: ServicePort, lost: Iterable[Conflict]) -> ServicePort:
+    gone = {c.frontend for c in lost}
+    proto = str(service.protocol)
+
+    def keep(ips: tuple[object, ...]) -> tuple[object, ...]:
+        return tuple(ip for ip in ips if _claim_text((str(ip), service.port, proto)) not in gone)
+
+    node_port = service.node_port
+    if node_port is not None and _claim_text(("*", node_port, proto)) in gone:
+        node_port = None
+    return dataclasses.replace(
+        service,
+        cluster_ips=keep(service.cluster_ips),  # type: ignore[arg-type]
+        load_balancer_ips=keep(service.load_balancer_ips),  # type: ignore[arg-type]
+        external_ips=keep(service.external_ips),  # type: ignore[arg-type]
+        node_port=node_port,
+    )
 
 
 def _frontends(service: ServicePort) -> Iterable[tuple[object, int]]:
