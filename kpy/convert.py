@@ -48,10 +48,42 @@ LEGACY_HINTS_ANNOTATION = "service.kubernetes.io/topology-aware-hints"
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 KPY_ANNOTATION_PREFIX = "kpy.io/"
 
-MAX_PORTS = 256  # per Service or EndpointSlice; far above anything real
+MAX_PORTS = 256  # per Service or EndpointSlice; far above anything real (the API: 20,000 per slice)
 MAX_ADDRESSES = 256  # external IPs, LB ingress, source ranges per Service
 MAX_ENDPOINTS = 1000  # per EndpointSlice (the API caps slices at 1000)
+MAX_ENDPOINT_ADDRESSES = 100  # per slice endpoint, as the API validates it
+MAX_HINTS = 8  # forZones / forNodes per slice endpoint, as the API validates them
 MAX_NAME = 253
+MAX_LABEL = 63
+MAX_ANNOTATIONS_BYTES = 256 * 1024  # the API's limit on all annotations of an object
+MAX_SHOWN = 80  # characters of a bad value quoted in a Problem's reason
+
+# Names as Kubernetes' apimachinery validates them (k8s.io/apimachinery/pkg/util/validation).
+# Only these ever reach a backend: kpy's rule text is derived from them.
+_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+DNS1123_LABEL = re.compile(_LABEL)  # namespaces, port names, endpoint hostnames
+DNS1123_SUBDOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")  # slices, nodes, ExternalName
+DNS1035_LABEL = re.compile(r"[a-z](?:[-a-z0-9]*[a-z0-9])?")  # Service names
+
+_RULES = {
+    "dns-1123-label": (
+        DNS1123_LABEL,
+        MAX_LABEL,
+        "a DNS-1123 label (lowercase letters, digits and '-', starting and ending with a "
+        f"letter or digit, at most {MAX_LABEL} characters)",
+    ),
+    "dns-1035-label": (
+        DNS1035_LABEL,
+        MAX_LABEL,
+        "a DNS-1035 label (lowercase letters, digits and '-', starting with a letter, ending "
+        f"with a letter or digit, at most {MAX_LABEL} characters)",
+    ),
+    "dns-1123-subdomain": (
+        DNS1123_SUBDOMAIN,
+        MAX_NAME,
+        f"a DNS-1123 subdomain (DNS-1123 labels joined by '.', at most {MAX_NAME} characters)",
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,6 +142,36 @@ class _Invalid(Exception):
 # --------------------------------------------------------------------------- helpers
 
 
+def show(value: Any) -> str:
+    """A bad value as a reason quotes it: its repr, escaped to ASCII and cut short."""
+    if isinstance(value, (dict, list)):
+        return f"<{type(value).__name__} of {len(value)}>"
+    if isinstance(value, str) and len(value) > MAX_SHOWN:
+        return ascii(value[:MAX_SHOWN]) + f"... ({len(value)} characters)"
+    text = ascii(value)
+    return text if len(text) <= MAX_SHOWN * 2 else text[: MAX_SHOWN * 2] + "..."
+
+
+def valid_name(value: str, rule: str) -> bool:
+    """True when ``value`` is a name of the given kind (``dns-1123-label``,
+    ``dns-1035-label`` or ``dns-1123-subdomain``) as the Kubernetes API accepts it."""
+    pattern, limit, _ = _RULES[rule]
+    return len(value) <= limit and pattern.fullmatch(value) is not None
+
+
+def _name(value: Any, what: str, rule: str, *, required: bool = True) -> str:
+    """A name Kubernetes would accept, or _Invalid saying what it must be."""
+    if value is None or value == "":
+        if required:
+            raise _Invalid(f"{what} is missing")
+        return ""
+    if not isinstance(value, str):
+        raise _Invalid(f"{what} is {type(value).__name__}, not a string")
+    if not valid_name(value, rule):
+        raise _Invalid(f"{what} {show(value)} is not {_RULES[rule][2]}")
+    return value
+
+
 def _dict(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -142,7 +204,7 @@ def _str(value: Any, what: str, *, required: bool = False, limit: int = MAX_NAME
 
 def _port(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"{what} {value!r} is not an integer")
+        raise _Invalid(f"{what} {show(value)} is not an integer")
     if not 1 <= value <= 65535:
         raise _Invalid(f"{what} {value} is out of range 1-65535")
     return value
@@ -154,7 +216,7 @@ def _protocol(value: Any, what: str) -> Protocol:
     try:
         return Protocol(value)
     except (ValueError, TypeError):
-        raise _Invalid(f"{what} {value!r} is not TCP, UDP or SCTP") from None
+        raise _Invalid(f"{what} {show(value)} is not TCP, UDP or SCTP") from None
 
 
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -172,23 +234,33 @@ def _ipv4_fast(value: str) -> IPAddress | None:
 
 def _ip(value: Any, what: str) -> IPAddress:
     if not isinstance(value, str):
-        raise _Invalid(f"{what} {value!r} is not a string")
+        raise _Invalid(f"{what} {show(value)} is not a string")
     fast = _ipv4_fast(value)
     if fast is not None:
         return fast
     try:
         return ipaddress.ip_address(value)
     except ValueError:
-        raise _Invalid(f"{what} {value!r} is not an IP address") from None
+        raise _Invalid(f"{what} {show(value)} is not an IP address") from None
 
 
 def _net(value: Any, what: str) -> IPNetwork:
     if not isinstance(value, str):
-        raise _Invalid(f"{what} {value!r} is not a string")
+        raise _Invalid(f"{what} {show(value)} is not a string")
     try:
         return ipaddress.ip_network(value.strip(), strict=False)
     except ValueError:
-        raise _Invalid(f"{what} {value!r} is not a CIDR") from None
+        raise _Invalid(f"{what} {show(value)} is not a CIDR") from None
+
+
+def _annotations(value: Any) -> dict[str, str]:
+    raw = _str_map(value, "metadata.annotations")
+    size = sum(len(k) + len(v) for k, v in raw.items())
+    if size > MAX_ANNOTATIONS_BYTES:
+        raise _Invalid(
+            f"metadata.annotations hold {size} characters, more than {MAX_ANNOTATIONS_BYTES}"
+        )
+    return raw
 
 
 def _str_map(value: Any, what: str) -> dict[str, str]:
@@ -196,24 +268,46 @@ def _str_map(value: Any, what: str) -> dict[str, str]:
     return {str(k): v for k, v in raw.items() if isinstance(v, str)}
 
 
+_NAME_RULES = {
+    "Service": "dns-1035-label",
+    "EndpointSlice": "dns-1123-subdomain",
+    "Node": "dns-1123-subdomain",
+}
+
+
 def _meta(obj: Any, kind: str) -> tuple[str, str, dict[str, Any]]:
-    """(namespace, name, metadata) or _Invalid. Namespace is "" for cluster-scoped kinds."""
+    """(namespace, name, metadata) or _Invalid. Namespace is "" for cluster-scoped kinds.
+
+    Names and namespaces are validated as the API server validates them: everything a
+    backend writes into rule text derives from them.
+    """
     if not isinstance(obj, dict):
         raise _Invalid(f"{kind} is {type(obj).__name__}, not an object")
     meta = _dict(obj.get("metadata"), "metadata")
-    name = _str(meta.get("name"), "metadata.name", required=True)
-    namespace = _str(meta.get("namespace"), "metadata.namespace") or ""
-    assert name is not None
+    name = _name(meta.get("name"), "metadata.name", _NAME_RULES[kind])
+    namespace = ""
+    if kind != "Node":
+        namespace = _name(meta.get("namespace"), "metadata.namespace", "dns-1123-label")
     return namespace, name, meta
 
 
 def identify(obj: Any) -> tuple[str, str]:
-    """Best-effort (namespace, name) of any object, for naming it in a Problem."""
+    """Best-effort (namespace, name) of any object, for naming it in a Problem.
+
+    A name that is not a valid Kubernetes name is shown escaped and cut short (see
+    :func:`show`), so a Problem never carries control characters or megabytes into a log.
+    """
     if isinstance(obj, dict) and isinstance(obj.get("metadata"), dict):
         meta = obj["metadata"]
         ns, name = meta.get("namespace"), meta.get("name")
-        return (ns if isinstance(ns, str) else "", name if isinstance(name, str) else "<unnamed>")
+        return (_shown_name(ns, ""), _shown_name(name, "<unnamed>"))
     return ("", "<unnamed>")
+
+
+def _shown_name(value: Any, missing: str) -> str:
+    if not isinstance(value, str) or not value:
+        return missing if value is None or value == "" else show(value)
+    return value if valid_name(value, "dns-1123-subdomain") else show(value)
 
 
 # --------------------------------------------------------------------------- Service
@@ -254,13 +348,11 @@ def is_other_proxys(obj: Any) -> bool:
 
 def _service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
     namespace, name, meta = _meta(obj, "Service")
-    if not namespace:
-        raise _Invalid("metadata.namespace is missing")
     labels = _str_map(meta.get("labels"), "metadata.labels")
     svc_name = ServiceName(namespace=namespace, name=name)
     if PROXY_NAME_LABEL in labels:
         return None, ()
-    annotations = _str_map(meta.get("annotations"), "metadata.annotations")
+    annotations = _annotations(meta.get("annotations"))
     spec = _dict(obj.get("spec"), "spec")
     status = _dict(obj.get("status"), "status")
     notes: list[str] = []
@@ -269,13 +361,16 @@ def _service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
     try:
         svc_type = ServiceType(type_raw)
     except ValueError:
-        raise _Invalid(f"spec.type {type_raw!r} is not a Service type") from None
+        raise _Invalid(f"spec.type {show(type_raw)} is not a Service type") from None
 
     external_name = None
     headless = False
     cluster_ips: tuple[IPAddress, ...] = ()
     if svc_type is ServiceType.EXTERNAL_NAME:
         external_name = _str(spec.get("externalName"), "spec.externalName", required=True)
+        assert external_name is not None
+        # A CNAME: may end in a dot (fully qualified).
+        _name(external_name.removesuffix("."), "spec.externalName", "dns-1123-subdomain")
     else:
         raw_ips = _list(spec.get("clusterIPs"), "spec.clusterIPs", 2) or (
             [spec["clusterIP"]] if spec.get("clusterIP") else []
@@ -309,7 +404,11 @@ def _service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
             spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges", MAX_ADDRESSES
         )
         if not raw_ranges and annotations.get(SOURCE_RANGES_ANNOTATION):
-            raw_ranges = annotations[SOURCE_RANGES_ANNOTATION].split(",")
+            raw_ranges = _list(
+                annotations[SOURCE_RANGES_ANNOTATION].split(","),
+                f"annotation {SOURCE_RANGES_ANNOTATION}",
+                MAX_ADDRESSES,
+            )
         source_ranges = tuple(_net(r, "loadBalancerSourceRanges entry") for r in raw_ranges)
 
     affinity = SessionAffinity.NONE
@@ -327,12 +426,12 @@ def _service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
             or not 1 <= raw_timeout <= 86400
         ):
             raise _Invalid(
-                f"sessionAffinityConfig.clientIP.timeoutSeconds {raw_timeout!r} is not 1-86400"
+                f"sessionAffinityConfig.clientIP.timeoutSeconds {show(raw_timeout)} is not 1-86400"
             )
         timeout = raw_timeout
     elif spec.get("sessionAffinity") not in (None, "None"):
         raise _Invalid(
-            f"spec.sessionAffinity {spec.get('sessionAffinity')!r} is not None or ClientIP"
+            f"spec.sessionAffinity {show(spec.get('sessionAffinity'))} is not None or ClientIP"
         )
 
     etp = _policy(spec.get("externalTrafficPolicy"), "spec.externalTrafficPolicy")
@@ -362,7 +461,7 @@ def _service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
         what = f"spec.ports[{index}]"
         try:
             p = _dict(raw, what)
-            port_name = _str(p.get("name"), f"{what}.name") or ""
+            port_name = _name(p.get("name"), f"{what}.name", "dns-1123-label", required=False)
             protocol = _protocol(p.get("protocol"), f"{what}.protocol")
             number = (
                 0
@@ -370,7 +469,7 @@ def _service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
                 else _port(p.get("port"), f"{what}.port")
             )
             if (port_name, protocol) in seen:
-                raise _Invalid(f"{what} duplicates port name {port_name!r}/{protocol}")
+                raise _Invalid(f"{what} duplicates port name {show(port_name)}/{protocol}")
             if number and (number, protocol) in seen_numbers:
                 raise _Invalid(f"{what} duplicates port {number}/{protocol}")
             target_raw = p.get("targetPort", number)
@@ -436,7 +535,7 @@ def _policy(value: Any, what: str) -> TrafficPolicy:
         return TrafficPolicy.CLUSTER
     if value == "Local":
         return TrafficPolicy.LOCAL
-    raise _Invalid(f"{what} {value!r} is not Cluster or Local")
+    raise _Invalid(f"{what} {show(value)} is not Cluster or Local")
 
 
 # --------------------------------------------------------------------------- EndpointSlice
@@ -467,33 +566,35 @@ def slice_service(obj: Any) -> str | None:
 
 def _endpoint_slice(obj: Any) -> tuple[EndpointSlice | None, tuple[Problem, ...]]:
     namespace, name, meta = _meta(obj, "EndpointSlice")
-    if not namespace:
-        raise _Invalid("metadata.namespace is missing")
     labels = _str_map(meta.get("labels"), "metadata.labels")
-    service_name = labels.get(SERVICE_NAME_LABEL)
-    if not service_name:
-        raise _Invalid(f"label {SERVICE_NAME_LABEL} is missing")
+    service_name = _name(
+        labels.get(SERVICE_NAME_LABEL), f"label {SERVICE_NAME_LABEL}", "dns-1035-label"
+    )
     address_type = obj.get("addressType")
     if address_type == "FQDN":
         return None, ()
     if address_type not in ("IPv4", "IPv6"):
-        raise _Invalid(f"addressType {address_type!r} is not IPv4 or IPv6")
+        raise _Invalid(f"addressType {show(address_type)} is not IPv4 or IPv6")
     family = IPFamily(address_type)
     notes: list[str] = []
     ports: list[SlicePort] = []
+    seen: set[tuple[str, Protocol]] = set()
     for index, raw in enumerate(_list(obj.get("ports"), "ports", MAX_PORTS)):
         what = f"ports[{index}]"
         try:
             p = _dict(raw, what)
-            ports.append(
-                SlicePort(
-                    name=_str(p.get("name"), f"{what}.name") or "",
-                    port=_port(p.get("port"), f"{what}.port"),
-                    protocol=_protocol(p.get("protocol"), f"{what}.protocol"),
-                )
+            port = SlicePort(
+                name=_name(p.get("name"), f"{what}.name", "dns-1123-label", required=False),
+                port=_port(p.get("port"), f"{what}.port"),
+                protocol=_protocol(p.get("protocol"), f"{what}.protocol"),
             )
+            if (port.name, port.protocol) in seen:
+                raise _Invalid(f"{what} duplicates port name {show(port.name)}/{port.protocol}")
         except _Invalid as exc:
             notes.append(str(exc))
+            continue
+        seen.add((port.name, port.protocol))
+        ports.append(port)
     parsed: list[dict[str, Any]] = []
     for index, raw in enumerate(_list(obj.get("endpoints"), "endpoints", MAX_ENDPOINTS)):
         what = f"endpoints[{index}]"
@@ -520,7 +621,7 @@ def _bool(value: Any, what: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise _Invalid(f"{what} {value!r} is not a boolean")
+        raise _Invalid(f"{what} {show(value)} is not a boolean")
     return value
 
 
@@ -531,8 +632,8 @@ def _slice_endpoint(raw: dict[str, Any], what: str, family: IPFamily) -> dict[st
     error messages are formatted only when something is wrong.
     """
     addresses = raw.get("addresses")
-    if type(addresses) is not list or not addresses:
-        _list(addresses, f"{what}.addresses", 100)
+    if type(addresses) is not list or not addresses or len(addresses) > MAX_ENDPOINT_ADDRESSES:
+        _list(addresses, f"{what}.addresses", MAX_ENDPOINT_ADDRESSES)  # a wrong type, too many
         raise _Invalid(f"{what}.addresses is empty")
     first = addresses[0]
     ip = _ipv4_fast(first) if type(first) is str else None
@@ -559,18 +660,25 @@ def _slice_endpoint(raw: dict[str, Any], what: str, family: IPFamily) -> dict[st
         hints = _dict(raw.get("hints"), f"{what}.hints")
         zones = frozenset(
             z["name"]
-            for z in _list(hints.get("forZones"), f"{what}.hints.forZones", 100)
+            for z in _list(hints.get("forZones"), f"{what}.hints.forZones", MAX_HINTS)
             if isinstance(z, dict) and isinstance(z.get("name"), str)
         )
         nodes = frozenset(
             n["name"]
-            for n in _list(hints.get("forNodes"), f"{what}.hints.forNodes", 100)
+            for n in _list(hints.get("forNodes"), f"{what}.hints.forNodes", MAX_HINTS)
             if isinstance(n, dict) and isinstance(n.get("name"), str)
         )
     node_name, zone, hostname = raw.get("nodeName"), raw.get("zone"), raw.get("hostname")
-    for value, field_name in ((node_name, "nodeName"), (zone, "zone"), (hostname, "hostname")):
-        if value is not None and (type(value) is not str or len(value) > MAX_NAME):
-            _str(value, f"{what}.{field_name}")
+    if zone is not None and (type(zone) is not str or len(zone) > MAX_NAME):
+        _str(zone, f"{what}.zone")
+    if node_name is not None and (
+        type(node_name) is not str or not valid_name(node_name, "dns-1123-subdomain")
+    ):
+        _name(node_name, f"{what}.nodeName", "dns-1123-subdomain", required=False)
+    if hostname is not None and (
+        type(hostname) is not str or not valid_name(hostname, "dns-1123-label")
+    ):
+        _name(hostname, f"{what}.hostname", "dns-1123-label", required=False)
     return {
         "ip": ip,
         "ready": ready,

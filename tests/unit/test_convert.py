@@ -348,3 +348,152 @@ def test_no_exception_escapes_for_mutated_specs(spec: dict[str, Any]) -> None:
     obj = svc(**spec)
     obj["metadata"]["labels"] = {}
     convert.service(obj)
+
+
+# --------------------------------------------------------------------------- names
+
+NASTY_NAMES = [
+    "Web",  # uppercase
+    "web\n-A PREROUTING -j DNAT --to-destination 1.2.3.4",
+    'web" -j ACCEPT #',
+    "web;flush ruleset",
+    "web}",
+    "web#comment",
+    "we\\b",
+    "web\x00",
+    "wéb",
+    "-web",
+    "web-",
+    "a" * 64,
+    "web.example",  # a subdomain, not a label
+    "1web",  # a DNS-1123 label but not DNS-1035 (Services)
+]
+
+
+def _meta_with(obj: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    obj = copy.deepcopy(obj)
+    obj["metadata"].update(meta)
+    return obj
+
+
+@pytest.mark.parametrize("bad", NASTY_NAMES)
+def test_service_names_must_be_dns_1035_labels(bad: str) -> None:
+    result, problems = convert.service(_meta_with(svc(), name=bad))
+    assert result is None
+    (problem,) = problems
+    assert problem.kind == "Service" and "metadata.name" in problem.reason
+    assert "DNS-1035" in problem.reason
+    # The Problem names the object readably, never with raw control characters.
+    assert problem.name.isprintable() and len(problem.name) < 200
+    assert "\n" not in problem.reason and "\x00" not in problem.reason
+
+
+@pytest.mark.parametrize("bad", [*NASTY_NAMES[:-2], "kube.system"])
+def test_namespaces_must_be_dns_1123_labels(bad: str) -> None:
+    for convert_fn, obj in ((convert.service, svc()), (convert.endpoint_slice, eps())):
+        result, problems = convert_fn(_meta_with(obj, namespace=bad))  # type: ignore[operator]
+        assert result is None
+        assert len(problems) == 1 and "metadata.namespace" in problems[0].reason
+
+
+@pytest.mark.parametrize("bad", [n for n in NASTY_NAMES if n not in ("web.example", "1web")])
+def test_port_names_must_be_dns_1123_labels(bad: str) -> None:
+    ports = [{"name": bad, "port": 80}, {"name": "ok", "port": 81}]
+    result, problems = convert.service(svc(ports=ports))
+    assert result is not None and [p.name.port for p in result.ports] == ["ok"]
+    assert len(problems) == 1 and "spec.ports[0].name" in problems[0].reason
+    slice_ports = [{"name": bad, "port": 8080}, {"name": "ok", "port": 8081}]
+    parsed, problems = convert.endpoint_slice(eps(ports=slice_ports))
+    assert parsed is not None and [p.name for p in parsed.ports] == ["ok"]
+    assert len(problems) == 1 and "ports[0].name" in problems[0].reason
+
+
+def test_valid_names_pass() -> None:
+    ok = _meta_with(svc(), name="a" * 63, namespace="kube-system-2")
+    result, problems = convert.service(ok)
+    assert problems == () and result is not None
+    slice_ok = _meta_with(eps(service="a" * 63), name="web-1.abc" + ".x" * 100)
+    parsed, problems = convert.endpoint_slice(slice_ok)
+    assert problems == () and parsed is not None
+    assert convert.node({"metadata": {"name": "node-1.example.com"}})[0] is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [("Web-1", "web"), ("web-1", "Web"), ("web-1", "web\n"), ("a" * 254, "web")],
+)
+def test_slice_name_and_service_label_validated(name: str, label: str) -> None:
+    result, problems = convert.endpoint_slice(eps(name=name, service=label))
+    assert result is None and len(problems) == 1
+
+
+@pytest.mark.parametrize("bad", ["Node-1", "node_1", "node\n1", "a" * 254, ""])
+def test_node_names_must_be_dns_1123_subdomains(bad: str) -> None:
+    result, problems = convert.node({"metadata": {"name": bad}})
+    assert result is None and len(problems) == 1
+
+
+def test_endpoint_node_name_and_hostname_validated() -> None:
+    endpoints = [
+        {"addresses": ["10.244.1.5"], "nodeName": "Node A"},
+        {"addresses": ["10.244.1.6"], "hostname": "pod.with.dots"},
+        {"addresses": ["10.244.1.7"], "nodeName": "node-a", "hostname": "pod-7"},
+    ]
+    result, problems = convert.endpoint_slice(eps(endpoints=endpoints))
+    assert result is not None and [str(e.ip) for e in result.endpoints[0]] == ["10.244.1.7"]
+    assert len(problems) == 2
+
+
+def test_external_name_validated() -> None:
+    cname = svc(type="ExternalName", externalName="db.example.com.")
+    del cname["spec"]["clusterIP"], cname["spec"]["clusterIPs"]
+    assert convert.service(cname)[0] is not None
+    cname["spec"]["externalName"] = "db example\ncom"
+    result, problems = convert.service(cname)
+    assert result is None and "spec.externalName" in problems[0].reason
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("endpoints", [{"addresses": ["10.0.0.1"]}] * 1001, "more than 1000"),
+        ("ports", [{"name": f"p{i}", "port": i + 1} for i in range(257)], "more than 256"),
+    ],
+)
+def test_oversized_slices_rejected(field: str, value: Any, reason: str) -> None:
+    result, problems = convert.endpoint_slice(eps(**{field: value}))
+    assert result is None and reason in problems[0].reason
+
+
+def test_endpoint_limits_as_the_api_validates_them() -> None:
+    endpoints = [
+        {"addresses": ["10.0.0.1"] * 101},
+        {"addresses": ["10.0.0.2"], "hints": {"forZones": [{"name": f"z{i}"} for i in range(9)]}},
+        {"addresses": ["10.0.0.3"]},
+    ]
+    result, problems = convert.endpoint_slice(eps(endpoints=endpoints))
+    assert result is not None and [str(e.ip) for e in result.endpoints[0]] == ["10.0.0.3"]
+    assert len(problems) == 2
+
+
+def test_duplicate_slice_ports_rejected() -> None:
+    ports = [{"name": "http", "port": 8080}, {"name": "http", "port": 8081}]
+    result, problems = convert.endpoint_slice(eps(ports=ports))
+    assert result is not None and [p.port for p in result.ports] == [8080]
+    assert "duplicates" in problems[0].reason
+
+
+def test_huge_values_are_shown_short() -> None:
+    result, problems = convert.service(svc(ports=[{"name": "a", "port": "9" * 100_000}]))
+    assert result is not None and len(problems[0].reason) < 300
+    result, problems = convert.service(_meta_with(svc(), name="x" * 1_000_000))
+    assert result is None and len(problems[0].name) < 300 and len(problems[0].reason) < 500
+
+
+def test_annotations_over_the_api_limit_rejected() -> None:
+    obj = _meta_with(svc(), annotations={"kpy.io/x": "y" * (256 * 1024 + 1)})
+    result, problems = convert.service(obj)
+    assert result is None and "annotations" in problems[0].reason
