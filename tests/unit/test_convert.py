@@ -391,7 +391,7 @@ def test_service_names_must_be_dns_1035_labels(bad: str) -> None:
 @pytest.mark.parametrize("bad", [*NASTY_NAMES[:-2], "kube.system"])
 def test_namespaces_must_be_dns_1123_labels(bad: str) -> None:
     for convert_fn, obj in ((convert.service, svc()), (convert.endpoint_slice, eps())):
-        result, problems = convert_fn(_meta_with(obj, namespace=bad))  # type: ignore[operator]
+        result, problems = convert_fn(_meta_with(obj, namespace=bad))
         assert result is None
         assert len(problems) == 1 and "metadata.namespace" in problems[0].reason
 
