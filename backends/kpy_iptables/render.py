@@ -54,7 +54,6 @@ POSTROUTING = "KPY-POSTROUTING"  # nat: masquerade marked packets
 FORWARD = "KPY-FORWARD"  # filter: accept forwarded Service traffic
 
 PREFIX = "KPY-"
-FOREIGN_PREFIXES = ("KPY-IPVS-",)  # the IPVS backend's companion chains are not ours
 BUILTIN = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 DISPATCH = frozenset({SERVICES, NODEPORTS})  # chains edited rule by rule
 
@@ -84,9 +83,25 @@ class Key:
 Objects = dict[Key, Rules]
 
 
+FIXED = frozenset({SERVICES, NODEPORTS, MARK_MASQ, POSTROUTING, FORWARD})
+KINDS = ("SVC", "SVL", "EXT", "FW", "SEP")  # the per-port and per-endpoint chains
+_HASH_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+
+
 def owned(chain: str) -> bool:
-    """True for a chain this backend owns (``KPY-`` but not another backend's)."""
-    return chain.startswith(PREFIX) and not chain.startswith(FOREIGN_PREFIXES)
+    """True for a chain this backend creates: one of the fixed chains, or
+    ``KPY-<kind>-`` and the 16 base32 characters of :func:`chain_name`. Any other name,
+    even under ``KPY-`` (the IPVS backend's ``KPY-IPVS-…``, a user's ``KPY-MINE``), is
+    not ours and is never read as ours, rewritten or deleted."""
+    if chain in FIXED:
+        return True
+    kind, _, digest = chain.removeprefix(PREFIX).partition("-")
+    return (
+        chain.startswith(PREFIX)
+        and kind in KINDS
+        and len(digest) == 16
+        and _HASH_CHARS.issuperset(digest)
+    )
 
 
 def _hash(*parts: str) -> str:
