@@ -6,6 +6,13 @@ or size changes (polling: no inotify dependency, works on every filesystem), and
 difference to the previous read is emitted as events — the same events the ``kube``
 source emits. A file that fails to parse keeps its previous objects (a half-saved edit
 never removes working Services) and is reported with a structured warning.
+
+Nothing in a file can stop the source: a file larger than :data:`MAX_FILE_BYTES` is not
+read, invalid UTF-8, syntax errors, documents nested deeper than :data:`MAX_DEPTH`,
+recursive YAML aliases and alias "bombs" that would expand past :data:`MAX_NODES` are
+each one warning naming the file, and the file is skipped (YAML is checked as a node
+graph, before it is turned into objects). What is in the objects is
+:mod:`kpy.convert`'s business.
 """
 
 from __future__ import annotations
@@ -27,6 +34,12 @@ log = structlog.get_logger("kpy.sources.manifests")
 SUFFIXES = (".yaml", ".yml", ".json")
 KINDS = {k.value: k for k in Kind}
 
+MAX_FILE_BYTES = 4 << 20  # the API server takes objects up to ~1.5 MiB; a file may hold a few
+MAX_DEPTH = 64  # nesting; a Service, EndpointSlice or Node is about 8 deep
+MAX_NODES = 2_000_000  # values in one document, aliases expanded (a 4 MiB file has fewer)
+
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 ObjectKey = tuple[Kind, str, str]
 
 
@@ -36,11 +49,88 @@ class FileError:
     reason: str
 
 
+class ManifestError(ValueError):
+    """A file kpy will not read: too large, too deep, or an alias bomb."""
+
+
+def _children(value: Any) -> list[Any]:
+    """The values inside a YAML node or a decoded JSON value."""
+    if isinstance(value, yaml.MappingNode):
+        return [v for pair in value.value for v in pair]
+    if isinstance(value, yaml.SequenceNode):
+        return list(value.value)
+    if isinstance(value, dict):
+        return [v for pair in value.items() for v in pair]
+    if isinstance(value, list):
+        return value
+    return []
+
+
+def check_shape(root: Any) -> None:
+    """Raise :class:`ManifestError` for a document nested deeper than ``MAX_DEPTH``, one
+    that holds itself (a recursive alias), or one that holds more than ``MAX_NODES``
+    values once its aliases are expanded. Iterative: deep input cannot overflow the
+    stack here, and a shared (aliased) value is measured once."""
+    sizes: dict[int, tuple[int, int]] = {}  # id → (values, height), aliases expanded
+    open_: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        value, done = stack.pop()
+        key = id(value)
+        if done:
+            open_.discard(key)
+            count, height = 1, 1
+            for child in _children(value):
+                c, h = sizes.get(id(child), (1, 1))
+                count += c
+                height = max(height, h + 1)
+            if count > MAX_NODES:
+                raise ManifestError(f"more than {MAX_NODES} values once aliases are expanded")
+            if height > MAX_DEPTH:
+                raise ManifestError(f"nested deeper than {MAX_DEPTH}")
+            sizes[key] = (count, height)
+            continue
+        if key in sizes:
+            continue
+        if key in open_:
+            raise ManifestError("a value holds itself (recursive alias)")
+        children = _children(value)
+        if not children:
+            continue
+        open_.add(key)
+        stack.append((value, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
+def _read_text(path: Path) -> str:
+    with path.open("rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ManifestError(f"larger than {MAX_FILE_BYTES} bytes")
+    return data.decode("utf-8")  # UnicodeDecodeError is a ValueError
+
+
 def _documents(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix == ".json":
-        return [json.loads(text)]
-    return [d for d in yaml.safe_load_all(text) if d is not None]
+        try:
+            doc = json.loads(text)
+        except RecursionError:
+            raise ManifestError(f"nested deeper than {MAX_DEPTH}") from None
+        check_shape(doc)
+        return [doc]
+    loader = _Loader(text)
+    try:
+        docs = []
+        while loader.check_node():
+            node = loader.get_node()
+            check_shape(node)  # before any value is built from it
+            doc = loader.construct_document(node)
+            if doc is not None:
+                docs.append(doc)
+        return docs
+    finally:
+        loader.dispose()
 
 
 def _objects(docs: Iterable[Any]) -> Iterable[dict[str, Any]]:
@@ -62,28 +152,59 @@ def _objects(docs: Iterable[Any]) -> Iterable[dict[str, Any]]:
 
 
 def files_in(paths: Iterable[Path]) -> list[Path]:
+    """The manifest files under ``paths``; a directory that cannot be listed is skipped
+    with a warning (the next scan tries again)."""
     found: list[Path] = []
     for p in paths:
-        if p.is_dir():
-            found.extend(sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file()))
-        elif p.exists():
-            found.append(p)
+        try:
+            if p.is_dir():
+                found.extend(
+                    sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file())
+                )
+            elif p.exists():
+                found.append(p)
+        except OSError as exc:
+            log.warning("manifest_path_unreadable", path=str(p), error=_reason(exc))
     return found
 
 
-def read_file(path: Path) -> dict[ObjectKey, dict[str, Any]]:
-    """The Services, EndpointSlices and Nodes in one file (raises on parse errors)."""
+def read_file(path: Path, notes: list[str] | None = None) -> dict[ObjectKey, dict[str, Any]]:
+    """The Services, EndpointSlices and Nodes in one file (raises on a file it cannot
+    read: see :data:`READ_ERRORS`). What is skipped inside a readable file is added to
+    ``notes``: documents that are not objects, objects of a served kind without a name."""
     result: dict[ObjectKey, dict[str, Any]] = {}
-    for obj in _objects(_documents(path)):
-        kind = KINDS.get(str(obj.get("kind", "")))
+    skipped = notes if notes is not None else []
+    docs = _documents(path)
+    for index, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            skipped.append(f"document {index + 1} is {type(doc).__name__}, not an object")
+    for obj in _objects(docs):
+        raw_kind = obj.get("kind", "")
+        kind = KINDS.get(raw_kind) if isinstance(raw_kind, str) else None
+        if kind is None:
+            continue
         meta = obj.get("metadata")
-        if kind is None or not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+            skipped.append(f"a {kind} without metadata.name")
             continue
         namespace = "" if kind is Kind.NODE else str(meta.get("namespace") or "default")
         if kind is not Kind.NODE:
             meta["namespace"] = namespace
         result[(kind, namespace, meta["name"])] = obj
     return result
+
+
+# Everything reading one file may raise: I/O, decoding, syntax, the shape checks, and
+# whatever a parser or constructor raises on input nobody foresaw (MemoryError
+# included). One file never stops the source.
+READ_ERRORS = (Exception,)
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())  # one line: parser messages span several
+    if len(text) > 500:
+        text = text[:500] + "..."
+    return f"{type(exc).__name__}: {text}"
 
 
 def load(paths: Iterable[Path]) -> tuple[dict[ObjectKey, dict[str, Any]], list[FileError]]:
@@ -93,8 +214,8 @@ def load(paths: Iterable[Path]) -> tuple[dict[ObjectKey, dict[str, Any]], list[F
     for f in files_in(paths):
         try:
             objects.update(read_file(f))
-        except (OSError, ValueError, yaml.YAMLError) as exc:
-            errors.append(FileError(str(f), f"{type(exc).__name__}: {exc}"))
+        except READ_ERRORS as exc:
+            errors.append(FileError(str(f), _reason(exc)))
     return objects, errors
 
 
@@ -123,15 +244,18 @@ class ManifestSource:
             stamp = (st.st_mtime, st.st_size)
             if self._stamps.get(f) == stamp:
                 continue
+            notes: list[str] = []
             try:
-                self._by_file[f] = read_file(f)
-            except (OSError, ValueError, yaml.YAMLError) as exc:
+                self._by_file[f] = read_file(f, notes)
+            except READ_ERRORS as exc:
                 log.warning(
                     "manifest_unreadable",
                     path=str(f),
-                    error=str(exc),
+                    error=_reason(exc),
                     note="keeping this file's previous objects",
                 )
+            for note in notes:
+                log.warning("manifest_document_skipped", path=str(f), reason=note)
             self._stamps[f] = stamp
         merged: dict[ObjectKey, dict[str, Any]] = {}
         for objs in self._by_file.values():
