@@ -6,6 +6,11 @@ apply makes the next sync a full one (the tracker is told), and nothing is recor
 programmed until the backend says it is. Nothing is programmed before the source has
 listed everything once, and nothing is removed because the source lost its upstream.
 
+A refused apply does not stop the node: with an ``isolate`` attempt function (see
+:mod:`kpy.quarantine`) the agent finds the service ports to blame, programs everything
+else with those held at their last programmed state, and reports them; only a failure
+no object explains goes to the runner's retry with backoff.
+
 Status for health checks and metrics is exposed through :class:`AgentStatus` and the
 optional :class:`SyncObserver` hooks, so the operational servers stay outside this file.
 """
@@ -13,6 +18,7 @@ optional :class:`SyncObserver` hooks, so the operational servers stay outside th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import time
 from collections.abc import Callable
@@ -22,9 +28,9 @@ from typing import Protocol
 
 import structlog
 
-from kpy import convert
+from kpy import convert, quarantine
 from kpy.backend import ApplyResult, Backend
-from kpy.model import NodeInfo, Plan, ServiceName
+from kpy.model import Conflict, NodeInfo, Plan, ServiceName, ServicePortName
 from kpy.runner import Runner, RunnerTimes
 from kpy.sources import Event, EventType, Kind, Source
 from kpy.tracker import Tracker
@@ -68,6 +74,9 @@ class AgentStatus:
     endpoints: int = 0
     last_result: ApplyResult | None = None
     skipped_objects: int = 0
+    conflicts: int = 0  # service ports programmed without a frontend another port holds
+    refused: int = 0  # service ports the backend refused, held at their last good state
+    refused_total: int = 0  # refusals found since start
 
 
 class Agent:
@@ -82,6 +91,7 @@ class Agent:
         times: RunnerTimes | None = None,
         observers: tuple[SyncObserver, ...] = (),
         node_override: Callable[[NodeInfo], NodeInfo] | None = None,
+        isolate: quarantine.Attempt | None = None,
     ) -> None:
         self.node_name = node_name
         self.tracker = Tracker(node_name)
@@ -93,6 +103,9 @@ class Agent:
         self._synced = asyncio.Event()
         self._node_override = node_override
         self._node_seen = False
+        self._isolate = isolate
+        self.quarantine = quarantine.Quarantine()
+        self._reported: dict[ServicePortName, tuple[Conflict, ...]] = {}
         if node_override is not None:
             self.tracker.set_node(node_override(NodeInfo(name=node_name)))
 
@@ -177,11 +190,17 @@ class Agent:
     async def _sync(self, full: bool) -> None:
         if full:
             self.tracker.request_full_sync()
-        plan = self.tracker.checkout()
+        plan = self.quarantine.effective(self.tracker.checkout())
         started = time.perf_counter()
         self.status.last_sync_attempt = time.time()
         try:
-            result = await self.backend.apply(plan)
+            try:
+                result = await self.backend.apply(plan)
+            except Exception as exc:
+                isolated = await self._isolated(plan, exc)
+                if isolated is None:
+                    raise
+                plan, result = isolated
         except Exception as exc:
             seconds = time.perf_counter() - started
             self.status.sync_failures += 1
@@ -191,12 +210,15 @@ class Agent:
                 o.sync_failed(plan, exc, seconds)
             raise
         seconds = time.perf_counter() - started
+        self.quarantine.applied(plan)
         self.status.last_sync_ok = time.time()
         self.status.last_result = result
         self.status.pending_since = None if not self.tracker.pending else self.status.pending_since
         if plan.full_sync:
             self.status.first_full_sync_done = True
         self.status.services = len(plan.services)
+        self.status.refused = len(self.quarantine.refused)
+        self._report_conflicts(plan)
         if plan.full_sync or plan.changed or plan.removed:
             self.status.endpoints = sum(len(s.endpoints) for s in plan.services.values())
             log.info(
@@ -212,6 +234,67 @@ class Agent:
             )
         for o in self.observers:
             o.plan_applied(plan, result, seconds)
+
+    async def _isolated(self, plan: Plan, error: Exception) -> tuple[Plan, ApplyResult] | None:
+        """After a refused apply: program everything but the ports to blame, if any are."""
+        if self._isolate is None:
+            return None
+        suspects = sorted(plan.services if plan.full_sync else plan.changed & plan.services.keys())
+        if not suspects:
+            return None
+        log.warning(
+            "sync_refused_isolating",
+            error=str(error),
+            error_type=type(error).__name__,
+            suspects=len(suspects),
+        )
+        started = time.perf_counter()
+        refused = await quarantine.find_refused(plan, suspects, self._isolate)
+        if not refused:
+            log.warning(
+                "sync_refused_not_by_an_object",
+                error=str(error),
+                ms=round((time.perf_counter() - started) * 1000, 1),
+            )
+            return None
+        for name, reason in sorted(refused.items()):
+            log.warning(
+                "service_port_refused",
+                service=str(name),
+                reason=reason,
+                kept="last programmed state" if name in self.quarantine.good else "nothing",
+            )
+        self.quarantine.hold(plan, refused)
+        self.status.refused_total += len(refused)
+        retry = dataclasses.replace(self.quarantine.effective(plan), full_sync=True)
+        result = await self.backend.apply(retry)
+        log.info(
+            "sync_applied_without_refused",
+            refused=len(refused),
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return retry, result
+
+    def _report_conflicts(self, plan: Plan) -> None:
+        """One warning per new or changed frontend conflict (observers see plan.conflicts)."""
+        current = plan.conflicts
+        self.status.conflicts = len(current)
+        if not current and not self._reported:
+            return
+        for name, conflicts in current.items():
+            if self._reported.get(name) == conflicts:
+                continue
+            for c in conflicts:
+                log.warning(
+                    "frontend_conflict",
+                    service=str(name),
+                    frontend=c.frontend,
+                    claimed_as=c.claimed_as,
+                    held_by=str(c.held_by),
+                    held_as=c.held_as,
+                    note="served without this frontend; the allocated address wins",
+                )
+        self._reported = dict(current)
 
     async def run(self) -> None:
         """Start the source, wait for its first complete list, then sync until cancelled."""

@@ -21,6 +21,7 @@ from kpy import config as cfg
 from kpy import log as logsetup
 from kpy.agent import Agent, tune_gc
 from kpy.model import NodeInfo, Plan
+from kpy.quarantine import ScratchNamespaces
 from kpy.sources import Source
 from kpy.sources.manifests import ManifestSource
 from kpy.testing import apiserver
@@ -53,6 +54,7 @@ def _node_override(name: str, node_ips: tuple[str, ...], pod_cidrs: tuple[str, .
 @click.version_option(__version__, prog_name="kpy")
 def main() -> None:
     """kpy: a kube-proxy replacement. Makes Service virtual IPs work on this node."""
+    logsetup.ensure_configured()  # logs on stderr before any command runs
 
 
 # --------------------------------------------------------------------------- run
@@ -187,6 +189,13 @@ def run(
         times=config.runner_times(),
         node_override=_node_override(config.node_name(), node_ips)
         if node_ips or config.source == "manifests"
+        else None,
+        # A refused transaction is narrowed down to the service ports to blame in
+        # throwaway network namespaces (creating one needs root, as programming does).
+        isolate=ScratchNamespaces(
+            lambda c: backends.create(config.mode, c), config.backend_config()
+        )
+        if os.geteuid() == 0
         else None,
     )
     with contextlib.suppress(KeyboardInterrupt):

@@ -213,6 +213,8 @@ class SyncEvents:
         self.recorder = recorder
         self.backend = backend
         self._failing = False
+        self._refused: frozenset[str] = frozenset()
+        self._conflicts: frozenset[str] = frozenset()
 
     def plan_applied(self, plan: Plan, result: ApplyResult, seconds: float) -> None:
         if self._failing:
@@ -222,6 +224,29 @@ class SyncEvents:
                 "SyncRecovered",
                 f"Backend {self.backend} programmed the rules again (full sync).",
             )
+        if plan.refused or self._refused:
+            refused = frozenset(str(n) for n in plan.refused)
+            for name in sorted(refused - self._refused):
+                self.recorder.record(
+                    EventType.WARNING,
+                    "ServicePortRefused",
+                    f"Backend {self.backend} refused the rules of {name}; "
+                    "its last programmed state is kept, every other Service is served.",
+                )
+            self._refused = refused
+        if plan.conflicts or self._conflicts:
+            conflicts = frozenset(
+                f"{name}: {c.frontend} held by {c.held_by}"
+                for name, cs in plan.conflicts.items()
+                for c in cs
+            )
+            for text in sorted(conflicts - self._conflicts):
+                self.recorder.record(
+                    EventType.WARNING,
+                    "FrontendConflict",
+                    f"Frontend not served for {text} (the allocated address wins).",
+                )
+            self._conflicts = conflicts
 
     def sync_failed(self, plan: Plan, error: Exception, seconds: float) -> None:
         self._failing = True

@@ -91,6 +91,24 @@ class _StatusCollector(Collector):
         )
         skipped.add_metric([], float(status.skipped_objects))
         yield skipped
+        refused = GaugeMetricFamily(
+            "kpy_service_ports_refused",
+            "Service ports the backend refused, held at their last programmed state.",
+        )
+        refused.add_metric([], float(status.refused))
+        yield refused
+        refused_total = GaugeMetricFamily(
+            "kpy_service_port_refusals",
+            "Service ports found refused by the backend since start.",
+        )
+        refused_total.add_metric([], float(status.refused_total))
+        yield refused_total
+        conflicts = GaugeMetricFamily(
+            "kpy_frontend_conflicts",
+            "Service ports programmed without a frontend that another port holds.",
+        )
+        conflicts.add_metric([], float(status.conflicts))
+        yield conflicts
         source = GaugeMetricFamily(
             "kpy_source_connected", "1 while the source reaches its upstream (API server)."
         )

@@ -6,6 +6,7 @@ For tests of the runner, the agent and the CLI, injected where a real backend wo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kpy import diff
@@ -17,7 +18,7 @@ from kpy.backend import (
     ServiceView,
     desired_view,
 )
-from kpy.model import Plan
+from kpy.model import Plan, ServicePortState
 
 
 @dataclass
@@ -28,6 +29,9 @@ class FakeBackend:
     plans: list[Plan] = field(default_factory=list)
     programmed: dict[str, ServiceView] = field(default_factory=dict)
     unavailable: str | None = None
+    # A poison pill: a port state this returns a reason for makes every transaction that
+    # would write it fail (a full sync writes every port; a partial one the changed ones).
+    refuse: Callable[[ServicePortState], str | None] | None = None
 
     def probe(self) -> str | None:
         return self.unavailable
@@ -36,6 +40,13 @@ class FakeBackend:
         if self.fail_next > 0:
             self.fail_next -= 1
             raise BackendError("injected failure")
+        if self.refuse is not None:
+            written = plan.services.keys() if plan.full_sync else plan.changed
+            for name in written:
+                state = plan.services.get(name)
+                reason = self.refuse(state) if state is not None else None
+                if reason is not None:
+                    raise BackendError(f"transaction refused: {reason}")
         self.plans.append(plan)
         if plan.full_sync:
             desired = {str(k): desired_view(s) for k, s in plan.services.items()}
