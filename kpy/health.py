@@ -19,6 +19,10 @@ A 503 there would pull every node out of every load balancer at once because the
 control plane is down — a cluster-wide outage made out of a control-plane one — and
 restarting the agent (what a failed liveness probe does) cannot bring the API back.
 
+The body says nothing an outsider could use: anyone who reaches the port (it must be
+reachable by load balancers' health checks) reads it, so the API server's address and
+error texts stay in the logs (``source_disconnected``) and metrics, not here.
+
 The HTTP layer (:func:`start_http`) is deliberately minimal: stdlib asyncio streams,
 GET/HEAD only, one request per connection, bounded header size and read time. The
 metrics and healthCheckNodePort servers use it too.
@@ -217,7 +221,6 @@ class HealthServer:
             "nodeEligible": self.node_eligible(),
             "pendingSince": _rfc3339(self.status.pending_since) or None,
             "sourceConnected": self.status.source_healthy,
-            "sourceReason": self.status.source_reason or None,
             "stale": since is not None and disconnected > self.stale_after,
             "disconnectedSeconds": round(disconnected, 3),
             "firstFullSyncDone": self.status.first_full_sync_done,
