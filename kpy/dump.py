@@ -4,6 +4,11 @@ Rows come from the desired state (a Plan); when a backend's ``observe()`` result
 given, each row also says what the kernel really holds and flags any difference —
 the operator sees drift without reading rule text. Headless Services are listed with
 their endpoints and ExternalName Services with their target; neither has a frontend.
+
+A backend that finds more than frontends and endpoints wrong (a rule missing from a
+Service's chain, a set element gone) says so in the view's ``extra["drift"]``; a view
+keyed ``(…)`` is about the backend's own objects rather than a Service (the nftables
+backend's dispatch chains, say). Both are drift.
 """
 
 from __future__ import annotations
@@ -100,16 +105,18 @@ def rows(plan: Plan, programmed: Programmed | None = None) -> list[dict[str, Any
                     "endpoints": sorted(seen.endpoints),
                     "extra": dict(seen.extra),
                 }
-                row["drift"] = sorted(seen.frontends) != list(view.frontends) or sorted(
-                    seen.endpoints
-                ) != list(view.endpoints)
+                row["drift"] = (
+                    sorted(seen.frontends) != list(view.frontends)
+                    or sorted(seen.endpoints) != list(view.endpoints)
+                    or "drift" in seen.extra
+                )
         result.append(row)
     for key in sorted(observed):  # programmed but not desired: strays
         seen = observed[key]
         result.append(
             {
                 "service": key,
-                "type": "(stray)",
+                "type": "(backend)" if key.startswith("(") else "(stray)",
                 "frontends": [],
                 "endpoints": [],
                 "programmed": {
@@ -151,6 +158,8 @@ def table(data: Iterable[dict[str, Any]]) -> str:
                 if prog is None
                 else f"{len(prog['frontends'])} frontends, {len(prog['endpoints'])} endpoints"
             )
+            if prog is not None and prog["extra"].get("drift"):
+                flag += f" ({prog['extra']['drift']})"
         for i in range(max(len(fronts), len(eps))):
             svc = row["service"] if i == 0 else ""
             kind = row["type"] if i == 0 else ""

@@ -17,6 +17,7 @@ See README.md beside this file for the table layout.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 import weakref
 from collections import Counter
@@ -60,11 +61,16 @@ class NftablesBackend:
         self._netlink: netlink.NetlinkWriter | None = None
         self._reader: netlink_read.NetlinkReader | None = None
         self._set_types = netlink.set_types(self._base.values())
+        # chain key → the digest of its rules as the kernel held them right after kpy
+        # last wrote (or first verified) it: a full sync compares the kernel's with it
+        self._digests: dict[str, bytes] = {}
 
     # --- the Backend protocol -----------------------------------------------------------
 
     def probe(self) -> str | None:
-        return self._nft.probe()
+        """Whether ``nft`` can be started and nf_tables answers in the namespace (one
+        netlink request; nothing is listed, however large the ruleset)."""
+        return self._nft.probe() or netlink_read.ping(self.config.netns)
 
     async def apply(self, plan: Plan) -> ApplyResult:
         full = plan.full_sync or self._needs_full
@@ -86,6 +92,11 @@ class NftablesBackend:
             log.warning("nftables_apply_failed", error=str(exc), full_sync=full)
             raise BackendError(f"nft transaction failed: {exc}") from exc
         self._commit(work, full)
+        try:
+            await self._learn(txn, work, full)
+        except (NftError, OSError) as exc:  # written; verified at the next full sync
+            log.warning("nftables_rules_unread", error=str(exc))
+            self._digests.clear()
         self._needs_full = False
         log.debug(
             "nftables_applied",
@@ -138,20 +149,72 @@ class NftablesBackend:
         work = await self._full(plan) if full else self._partial(plan)
         return self._transaction(work, full).script
 
-    async def _read(self) -> observe_.Observed:
-        """What kpy's tables hold: over netlink (no nft process, one set slice at a
-        time), or ``nft -j list`` with ``nftables_writer=nft``."""
-        if not self._use_netlink:
-            return observe_.parse(await self._nft.list_tables())
+    def _netlink_reader(self) -> netlink_read.NetlinkReader:
         if self._reader is None:
             self._reader = netlink_read.NetlinkReader(self.config.netns)
             weakref.finalize(self, self._reader.close)
-        reader = self._reader
-        return await asyncio.to_thread(lambda: observe_.parse(reader.documents()))
+        return self._reader
+
+    async def _read(self) -> observe_.Observed:
+        """What kpy's tables hold: over netlink (no nft process, one set slice at a
+        time), or ``nft -j list`` with ``nftables_writer=nft``; the rules of every chain
+        (their count and digest) over netlink either way."""
+        reader = self._netlink_reader()
+        if not self._use_netlink:
+            rules = await asyncio.to_thread(reader.rules)
+            return observe_.parse(await self._nft.list_tables(), rules.chains)
+
+        def read() -> observe_.Observed:
+            rules = reader.rules()
+            return observe_.parse(reader.documents(), rules.chains)
+
+        return await asyncio.to_thread(read)
+
+    async def _learn(self, txn: render.Transaction | render.Fresh, work: _Work, full: bool) -> None:
+        """Record the digest of every chain the transaction wrote, read back right
+        after the write (one filtered dump per chain; one dump of every rule after a
+        large full sync), and forget those of deleted chains."""
+        if isinstance(txn, render.Fresh) or (full and len(txn.rule_chains) > LEARN_ONE_BY_ONE):
+            reader = self._netlink_reader()
+            rules = (await asyncio.to_thread(reader.rules)).chains
+            self._digests = {
+                key: rules.get(_chain_id(key), observe_.NO_RULES)[1]
+                for key in self._have
+                if render.split_key(key)[2] == "chain"
+            }
+            return
+        for key in work.keys:
+            if render.split_key(key)[2] == "chain" and key not in self._have:
+                self._digests.pop(key, None)
+        if not txn.rule_chains:
+            return
+        ids = [(c.family, c.table, c.name) for c in txn.rule_chains]
+        reader = self._netlink_reader()
+        rules = (await asyncio.to_thread(reader.rules, ids)).chains
+        for chain, ident in zip(txn.rule_chains, ids, strict=True):
+            self._digests[chain.key] = rules.get(ident, observe_.NO_RULES)[1]
+
+    def _compare_rules(self, observed: observe_.Observed, *, learn: bool) -> observe_.Observed:
+        """Mark every chain whose rules differ from the digest recorded when kpy last
+        wrote it (a value no render produces, and a drift reason for the dump); with
+        ``learn``, record the digest of chains seen for the first time (their rule
+        count was checked against their fingerprint)."""
+        for key, (_count, digest) in observed.rules.items():
+            known = self._digests.get(key)
+            if known is None:
+                if learn:
+                    self._digests[key] = digest
+            elif known != digest and observed.values.get(key) != render.CHAIN_ONLY:
+                observed.values[key] = f"{observed.values[key]} but its rules changed"
+                name = render.split_key(key)[3]
+                owner = render.parse_chain_label(name) or observe_.NODE_VIEW
+                observed.drift[owner].append(f"{key}: rules changed since kpy wrote them")
+                log.info("nftables_rules_drift", chain=key)
+        return observed
 
     async def observe(self) -> Programmed:
         try:
-            observed = await self._read()
+            observed = self._compare_rules(await self._read(), learn=False)
         except NftError as exc:
             raise BackendError(f"cannot read the kpy tables: {exc}") from exc
         return Programmed(
@@ -173,24 +236,29 @@ class NftablesBackend:
             self._reader = None
 
     async def cleanup(self) -> None:
+        """Delete kpy's base and shard tables (of any shard count), nothing else, in
+        one netlink batch (no ``nft``). Nothing to do where nf_tables is not there at
+        all; raises BackendError when the tables could not be listed or deleted."""
         self.close()
         try:
-            await self._nft.delete_tables()
-        except NftError as exc:
+            await asyncio.to_thread(_delete_tables, self.config.netns)
+        except (NftError, OSError) as exc:
             raise BackendError(f"cannot delete the kpy tables: {exc}") from exc
         self._have.clear()
         self._port_keys.clear()
         self._owner.clear()
         self._shares.clear()
+        self._digests.clear()
         self._needs_full = True
 
     # --- syncs --------------------------------------------------------------------------
 
     async def _full(self, plan: Plan) -> _Work:
         try:
-            have = (await self._read()).values
+            observed = await self._read()
         except NftError as exc:
             raise NftError(f"reading the kpy tables back: {exc}") from exc
+        have = self._compare_rules(observed, learn=True).values
         # Every wanted object's value is kept (the record after this sync); the object
         # itself only where the kernel differs — at start-up against intact tables that
         # is nothing, and each port's rules are dropped as soon as they are compared.
@@ -317,6 +385,43 @@ class NftablesBackend:
             else:
                 self._port_keys.pop(name, None)
         work.owner.commit()
+
+
+LEARN_ONE_BY_ONE = 256  # chains written: read back one by one, else all rules at once
+
+
+def _chain_id(key: str) -> tuple[str, str, str]:
+    family, table, _kind, name = render.split_key(key)
+    return family, table, name
+
+
+def _delete_tables(netns: str | None) -> None:
+    """Delete every kpy table in ``netns`` over netlink (see ``cleanup``)."""
+    try:
+        reader = netlink_read.NetlinkReader(netns)
+    except OSError as exc:
+        raise NftError(f"cannot open an nfnetlink socket: {exc}") from exc
+    try:
+        try:
+            tables = reader.tables()
+        except netlink_read.DumpRefused as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EPROTONOSUPPORT):
+                return  # no nf_tables in this kernel: nothing of kpy's can be there
+            raise
+    except NftError as exc:
+        if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EPROTONOSUPPORT:
+            return  # no nfnetlink: nothing of kpy's can be there
+        raise
+    finally:
+        reader.close()
+    if not tables:
+        return
+    script = "".join(f"delete table {family} {name}\n" for family, name in tables)
+    writer = netlink.NetlinkWriter(netns)
+    try:
+        writer.send(netlink.encode(script, {}))
+    finally:
+        writer.close()
 
 
 class _Work:

@@ -1,4 +1,4 @@
-"""Running ``nft``: one ``nft -f -`` per transaction, ``nft -j list table`` to read back.
+"""Running ``nft``: one ``nft -f -`` per transaction, ``nft -j list`` to read back.
 
 Inside ``netns`` (a named network namespace) when one is configured — every test, lab
 and benchmark uses one; in a DaemonSet the agent runs in the node's own namespace.
@@ -7,15 +7,13 @@ and benchmark uses one; in a DaemonSet the agent runs in the node's own namespac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import shutil
-import subprocess
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from kpy_nftables import render
 
 
 class NftError(Exception):
@@ -43,7 +41,11 @@ class Nft:
             )
         except OSError as exc:
             raise NftError(f"cannot run nft: {exc}") from exc
-        out, err = await proc.communicate()
+        try:
+            out, err = await proc.communicate()
+        except BaseException:
+            await _kill([proc])
+            raise
         if proc.returncode != 0:
             raise NftError(err.decode(errors="replace").strip() or f"nft exited {proc.returncode}")
         return out.decode()
@@ -61,7 +63,11 @@ class Nft:
     async def run_parallel(self, streams: Sequence[Iterable[str]], chunk: int = 4096) -> int:
         """Apply each of ``streams`` as its own transaction, in as many ``nft`` processes
         at once (each atomic, together not: for parts that reference nothing in each
-        other). Returns the bytes written; raises NftError naming every refusal."""
+        other). Returns the bytes written; raises NftError naming every refusal.
+
+        Cancelled (or failing) while the processes run, it kills and reaps every one of
+        them before it returns: an ``nft`` still reading its input has sent nothing to
+        the kernel, and one that has sent its batch has committed all of it or none."""
         procs = []
         try:
             for _ in streams:
@@ -73,10 +79,11 @@ class Nft:
                         stderr=asyncio.subprocess.PIPE,
                     )
                 )
-        except OSError as exc:
-            for proc in procs:
-                proc.kill()
-            raise NftError(f"cannot run nft: {exc}") from exc
+        except BaseException as exc:
+            await _kill(procs)
+            if isinstance(exc, OSError):
+                raise NftError(f"cannot run nft: {exc}") from exc
+            raise
         written = 0
 
         async def feed(stdin: asyncio.StreamWriter, lines: Iterable[str]) -> None:
@@ -102,7 +109,15 @@ class Nft:
                 return err.decode(errors="replace").strip() or f"nft exited {proc.returncode}"
             return None
 
-        errors = await asyncio.gather(*(one(p, ls) for p, ls in zip(procs, streams, strict=True)))
+        try:
+            errors = await asyncio.gather(
+                *(one(p, ls) for p, ls in zip(procs, streams, strict=True))
+            )
+        except BaseException:
+            # cancelled (the agent stops) or failed while writing: no nft process is
+            # left behind still reading a half-written script
+            await _kill(procs)
+            raise
         refused = [e for e in errors if e is not None]
         if refused:
             raise NftError("; ".join(refused))
@@ -128,28 +143,24 @@ class Nft:
 
         return decoded()
 
-    async def delete_tables(self) -> None:
-        """Delete kpy's base and shard tables (of any shard count), nothing else."""
-        listed = json.loads(await self._run("-j", "list", "tables"))
-        doomed = sorted(
-            (t["family"], t["name"])
-            for item in listed.get("nftables", [])
-            if "table" in item and render.is_kpy_table((t := item["table"]).get("name", ""))
-        )
-        if doomed:
-            await self.run_script("".join(f"delete table {f} {n}\n" for f, n in doomed))
-
     def probe(self) -> str | None:
+        """Whether ``nft`` (and ``nsenter`` for a namespace) can be started: full syncs
+        are written by ``nft -f``. Nothing is listed (at 10,000 Services ``nft list
+        tables`` alone took seconds on a loaded node); the kernel side is probed over
+        netlink (:func:`kpy_nftables.netlink_read.ping`)."""
         if shutil.which(self.binary) is None:
             return f"{self.binary} not found on PATH (install the nftables package)"
         if self.netns is not None and shutil.which("nsenter") is None:
             return "nsenter not found on PATH (install util-linux)"
-        try:
-            done = subprocess.run(
-                self.command("list", "tables"), capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"nft cannot run here: {exc}"
-        if done.returncode != 0:
-            return f"nft cannot list tables here: {done.stderr.strip()}"
         return None
+
+
+async def _kill(procs: Iterable[asyncio.subprocess.Process]) -> None:
+    """SIGKILL every process still running and wait for each (no orphan, no zombie).
+    Shielded: a second cancellation while waiting still leaves them killed."""
+    running = [p for p in procs if p.returncode is None]
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    if running:
+        await asyncio.shield(asyncio.gather(*(p.wait() for p in running)))

@@ -53,6 +53,7 @@ NFNL_MSG_BATCH_BEGIN = 16
 NFNL_MSG_BATCH_END = 17
 
 NFT_MSG_NEWTABLE = 0
+NFT_MSG_DELTABLE = 2
 NFT_MSG_NEWCHAIN = 3
 NFT_MSG_DELCHAIN = 5
 NFT_MSG_NEWRULE = 6
@@ -349,6 +350,8 @@ class _Encoder:
             _check_name(rest)  # the chain or set a line names
         if (verb, obj) == ("add", "table") and not rest:
             msg = _message(NFT_MSG_NEWTABLE, NLM_F_CREATE, nf, _str(1, table), _u32(2, 0))
+        elif (verb, obj) == ("delete", "table") and not rest:
+            msg = _message(NFT_MSG_DELTABLE, 0, nf, _str(1, table))
         elif (verb, obj) == ("add", "chain") and len(words) == 5:
             msg = _message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, nf, _str(1, table), _str(3, rest))
         elif (verb, obj) == ("flush", "chain") and len(words) == 5:

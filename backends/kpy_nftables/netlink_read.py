@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import errno as errno_
 import functools
+import hashlib
 import os
+import re
 import socket
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +69,7 @@ NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETTABLE = 1
 NFT_MSG_GETCHAIN = 4
+NFT_MSG_GETRULE = 7
 NFT_MSG_GETSET = 10
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_GETGEN = 16
@@ -80,6 +83,11 @@ FAMILY_NUMBERS = {name: number for number, name in FAMILY_NAMES.items()}
 NFTA_TABLE_NAME = 1
 NFTA_CHAIN_TABLE = 1
 NFTA_CHAIN_NAME = 3
+# NFTA_RULE_*
+NFTA_RULE_TABLE = 1
+NFTA_RULE_CHAIN = 2
+NFTA_RULE_EXPRESSIONS = 4
+NFTA_RULE_USERDATA = 7
 # NFTA_SET_*
 NFTA_SET_TABLE = 1
 NFTA_SET_NAME = 2
@@ -371,6 +379,92 @@ def _elements(
         at += (length + 3) & ~3
 
 
+# --- rules ----------------------------------------------------------------------------------
+
+_ANONYMOUS_SET = re.compile(rb"(?s)..\x01\x00__set\d+\x00+")
+
+
+class RuleDigests:
+    """(rule count, digest) per chain, keyed ``(family, table, chain)``, for kpy's tables.
+
+    The digest is a hash of the chain's rules as the kernel holds them — each rule's
+    expressions and userdata in order, exactly as ``NFT_MSG_GETRULE`` returns them (the
+    kernel's own encoding of its state; handles and positions left out) — so any rule
+    added, deleted, replaced or reordered changes it. The name of an anonymous set
+    (``__set3``: the kernel numbers them, a rewrite renumbers) is left out of it, and
+    so are that set's elements (a rule's anonymous set cannot be edited, only the rule
+    replaced, which changes the rule's handle but not its expressions when the set is
+    the same)."""
+
+    __slots__ = ("chains",)
+
+    def __init__(self) -> None:
+        self.chains: dict[tuple[str, str, str], tuple[int, bytes]] = {}
+
+    def start(self) -> Callable[[bytes], None]:
+        """A consumer of one dump's parts (a restarted dump starts over)."""
+        self.chains.clear()
+        running: dict[tuple[str, str, str], tuple[int, Any]] = {}
+
+        def consume(data: bytes) -> None:
+            for part, family, start, end in _messages([data]):
+                nf = FAMILY_NAMES.get(family)
+                if nf is None:
+                    continue
+                table = chain = None
+                exprs = udata = b""
+                for kind, s, e in _attrs(part, start, end):
+                    if kind == NFTA_RULE_TABLE:
+                        table = _string(part, s, e)
+                    elif kind == NFTA_RULE_CHAIN:
+                        chain = _string(part, s, e)
+                    elif kind == NFTA_RULE_EXPRESSIONS:
+                        exprs = part[s:e]
+                    elif kind == NFTA_RULE_USERDATA:
+                        udata = part[s:e]
+                if table is None or chain is None or not render.is_kpy_table(table):
+                    continue
+                if b"__set" in exprs:
+                    exprs = _ANONYMOUS_SET.sub(b"__set", exprs)
+                key = (nf, table, chain)
+                count, digest = running.get(key) or (0, hashlib.blake2b(digest_size=16))
+                digest.update(struct.pack("=II", len(exprs), len(udata)))
+                digest.update(exprs)
+                digest.update(udata)
+                running[key] = (count + 1, digest)
+                self.chains[key] = (count + 1, digest.digest())
+
+        return consume
+
+    def get(self, family: str, table: str, chain: str) -> tuple[int, bytes]:
+        """A chain's (count, digest); (0, the empty chain's digest) when it holds none."""
+        return self.chains.get((family, table, chain), (0, EMPTY_DIGEST))
+
+
+EMPTY_DIGEST = hashlib.blake2b(digest_size=16).digest()
+
+
+def ping(netns: str | None, timeout: float = 5.0) -> str | None:
+    """None when nf_tables answers over netlink inside ``netns``, else why not: one
+    ``NFT_MSG_GETGEN`` request, nothing listed (the backend's probe)."""
+
+    def ask() -> None:
+        sock = NetlinkReader._open()
+        sock.settimeout(timeout)
+        reader = NetlinkReader(netns)
+        reader._sock = sock
+        try:
+            reader._generation()
+        finally:
+            reader.close()
+
+    try:
+        run_in_netns(netns, ask)
+    except (OSError, NftError) as exc:
+        return f"nf_tables does not answer over netlink: {exc}"
+    return None
+
+
 # --- the socket ---------------------------------------------------------------------------
 
 
@@ -438,14 +532,29 @@ class NetlinkReader:
         """Every part of one dump, raw; asked again while the ruleset changed during
         the dump: the kernel marks only some dumps (``NLM_F_DUMP_INTR``; not a set's
         elements), so the ruleset's generation is also compared before and after."""
+        parts: list[bytes] = []
+
+        def start() -> Callable[[bytes], None]:
+            parts.clear()
+            return parts.append
+
+        self.dump_into(start, kind, family, *attrs)
+        return parts
+
+    def dump_into(
+        self, start: Callable[[], Callable[[bytes], None]], kind: int, family: int, *attrs: bytes
+    ) -> None:
+        """One dump, each part handed to the consumer ``start()`` returns as it arrives
+        (nothing held whole); on an interrupted dump ``start()`` is called again and
+        the dump asked for afresh, as :meth:`dump` does."""
         with self._lock:
             for _attempt in range(RETRIES):
                 try:
                     before = self._generation()
-                    parts = self._exchange(kind, family, attrs, dump=True)
+                    self._exchange(kind, family, attrs, dump=True, consume=start())
                     if self._generation() != before:
                         raise _Interrupted
-                    return parts
+                    return
                 except _Interrupted:
                     self.restarts += 1
                     continue
@@ -462,9 +571,16 @@ class NetlinkReader:
         raise NftError("the kernel sent no nf_tables generation id")
 
     def _exchange(
-        self, kind: int, family: int, attrs: tuple[bytes, ...], *, dump: bool
+        self,
+        kind: int,
+        family: int,
+        attrs: tuple[bytes, ...],
+        *,
+        dump: bool,
+        consume: Callable[[bytes], None] | None = None,
     ) -> list[bytes]:
-        """Send one request; every part of its answer (a dump: up to NLMSG_DONE)."""
+        """Send one request; every part of its answer (a dump: up to NLMSG_DONE), or
+        each part handed to ``consume`` (then nothing is returned)."""
         sock = self._socket()
         self._seq += 1
         seq = self._seq
@@ -519,7 +635,10 @@ class NetlinkReader:
                         done = True
                 at += (length + 3) & ~3
             if ours:
-                parts.append(data)
+                if consume is None:
+                    parts.append(data)
+                else:
+                    consume(data)
             if done:
                 break
         if interrupted:
@@ -574,6 +693,43 @@ class NetlinkReader:
                 yield set_def.document(None)
                 continue
             yield from self._set_documents(set_def)
+
+    def tables(self) -> list[tuple[str, str]]:
+        """(family, name) of kpy's base and shard tables (of any shard count)."""
+        found = []
+        for data, family, start, end in _messages(self.dump(NFT_MSG_GETTABLE, NFPROTO_UNSPEC)):
+            name = _find_string(data, start, end, NFTA_TABLE_NAME)
+            nf = FAMILY_NAMES.get(family)
+            if nf is not None and name is not None and render.is_kpy_table(name):
+                found.append((nf, name))
+        return sorted(found)
+
+    def rules(self, chains: Iterable[tuple[str, str, str]] | None = None) -> RuleDigests:
+        """How many rules each chain of kpy's tables holds, and a digest of them (see
+        :class:`RuleDigests`): one ``NFT_MSG_GETRULE`` dump of every table, or with
+        ``chains`` ((family, table, chain) each) one dump filtered to each chain. Each
+        part of a dump is digested as it arrives: nothing of the rules is kept (at
+        10,000 Services they are 27 MB)."""
+        result = RuleDigests()
+        if chains is None:
+            self.dump_into(result.start, NFT_MSG_GETRULE, NFPROTO_UNSPEC)
+            return result
+        for family, table, chain in chains:
+            one = RuleDigests()
+            try:
+                self.dump_into(
+                    one.start,
+                    NFT_MSG_GETRULE,
+                    FAMILY_NUMBERS[family],
+                    _attr_str(NFTA_RULE_TABLE, table),
+                    _attr_str(NFTA_RULE_CHAIN, chain),
+                )
+            except DumpRefused as exc:
+                if exc.errno != errno_.ENOENT:
+                    raise
+                continue  # no such chain (or table): it holds nothing
+            result.chains.update(one.chains)
+        return result
 
     def sets(self) -> list[SetDef]:
         """The named sets and maps of kpy's tables."""
@@ -663,4 +819,4 @@ def _find_string(data: bytes, start: int, end: int, kind: int) -> str | None:
     return None
 
 
-__all__ = ["DumpRefused", "NetlinkReader", "SetDef", "type_names"]
+__all__ = ["DumpRefused", "NetlinkReader", "RuleDigests", "SetDef", "ping", "type_names"]

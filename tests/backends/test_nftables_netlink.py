@@ -423,7 +423,8 @@ SETS = {
         'add chain ip kpy "quoted name"',
         "add rule ip kpy x goto $chain",
         'add element ip kpy "service-ips" { 10.96.0.1 . tcp . 80 : drop }',
-        "delete table ip kpy",
+        "flush table ip kpy",
+        "delete table ip kpy extra",
     ],
 )
 def test_lines_outside_the_subset_are_unsupported(line: str) -> None:
