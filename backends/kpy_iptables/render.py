@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -106,7 +107,8 @@ def owned(chain: str) -> bool:
 
 def _hash(*parts: str) -> str:
     """16 base32 characters of the SHA-256 of the parts (10 bytes make 16 characters)."""
-    return base64.b32encode(hashlib.sha256("/".join(parts).encode()).digest()[:10]).decode()
+    data = "/".join(parts).encode("utf-8", "surrogatepass")
+    return base64.b32encode(hashlib.sha256(data).digest()[:10]).decode()
 
 
 def chain_name(kind: str, *parts: str) -> str:
@@ -174,8 +176,34 @@ def _reject(family: int) -> str:
     return f"REJECT --reject-with {kind}"
 
 
+COMMENT_MAX = 255  # XT_MAX_COMMENT_LEN, less its terminating NUL
+_UNQUOTABLE = re.compile(r"[^A-Za-z0-9 _.:/=+,-]")
+# What a part of a service port's name may hold: what Kubernetes allows in namespaces,
+# Service names and port names (kpy.convert refuses anything else).
+_NAME_PART = re.compile(r"(?:[a-z0-9](?:[-a-z0-9.]{0,61}[a-z0-9])?)?")
+
+
 def comment(text: str) -> str:
-    return f'-m comment --comment "{text}"'
+    """A comment match. Only characters iptables-restore takes inside double quotes as
+    they are (no quote, backslash, newline, ``#`` or non-ASCII: each becomes ``_``), at
+    most ``COMMENT_MAX`` long — a comment can never end early or start a new rule."""
+    return f'-m comment --comment "{_UNQUOTABLE.sub("_", text)[:COMMENT_MAX]}"'
+
+
+def _name_part(text: str) -> str:
+    if _NAME_PART.fullmatch(text):
+        return text
+    return "_" + _hash(text)
+
+
+def port_text(name: ServicePortName) -> str:
+    """``str(name)`` (``ns/name:port/TCP``) when its parts are Kubernetes names; a part
+    that is not becomes ``_`` and a hash (``_`` is in no Kubernetes name)."""
+    parts = (name.namespace, name.name, name.port)
+    if all(_NAME_PART.fullmatch(p) for p in parts):
+        return str(name)
+    ns, svc, port = (_name_part(p) for p in parts)
+    return f"{ns}/{svc}{f':{port}' if port else ''}/{name.protocol}"
 
 
 # --- the fixed part -----------------------------------------------------------------------
@@ -267,7 +295,7 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
     fam = IPFamily.IPV4 if family == 4 else IPFamily.IPV6
     name = str(svc.name)
     proto = svc.protocol.lower()
-    note = comment(name)
+    note = comment(port_text(svc.name))
     dport = f"-m {proto} --dport"
 
     internal = _sorted(state.internal_for(fam))

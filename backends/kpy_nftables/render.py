@@ -22,6 +22,7 @@ into one ``nft -f`` script whose size is proportional to what differs.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -256,9 +257,31 @@ def with_fingerprints(objs: Iterable[Obj]) -> dict[str, Obj]:
 # --- naming ------------------------------------------------------------------------------
 
 
+# What a part of a label may hold: what Kubernetes allows in namespaces, Service names
+# and port names (kpy.convert refuses anything else), all of it plain in an nft
+# identifier and in a quoted comment.
+_LABEL_PART = re.compile(r"(?:[a-z0-9](?:[-a-z0-9.]{0,61}[a-z0-9])?)?")
+
+
+def label_part(text: str) -> str:
+    """``text`` when it is a Kubernetes name; anything else becomes ``_`` and a hash.
+
+    Every name-derived piece of rule text (chain names, comments) goes through here, so
+    no quote, newline, ``;``, ``}``, ``#``, space or non-ASCII character from an object
+    can reach an nft script, whatever the render functions are given. ``_`` is in no
+    Kubernetes name, so a hashed part never looks like a real one.
+    """
+    if _LABEL_PART.fullmatch(text):
+        return text
+    return "_" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 def port_label(name: ServicePortName) -> str:
     """``ns/name/tcp/portname`` — readable, and parseable back (see :func:`parse_label`)."""
-    return f"{name.namespace}/{name.name}/{name.protocol.lower()}/{name.port}"
+    return (
+        f"{label_part(name.namespace)}/{label_part(name.name)}/"
+        f"{name.protocol.lower()}/{label_part(name.port)}"
+    )
 
 
 def parse_label(label: str) -> str | None:
@@ -275,7 +298,7 @@ def parse_label(label: str) -> str | None:
 
 
 def port_hash(name: ServicePortName) -> str:
-    return hashlib.sha256(str(name).encode()).hexdigest()[:8].upper()
+    return hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:8].upper()
 
 
 class PortNames:
@@ -652,8 +675,13 @@ def _family_objects(
 # --- the transaction ---------------------------------------------------------------------
 
 
+_UNQUOTABLE = re.compile(r"[^A-Za-z0-9 _.:/~=+,-]")
+
+
 def _quote(comment: str) -> str:
-    return '"' + comment.replace('"', "'") + '"'
+    """A comment as an nft string: only characters nft takes inside quotes as they are
+    (no quote, backslash, newline, ``;`` or non-ASCII), at most ``COMMENT_MAX`` long."""
+    return '"' + _UNQUOTABLE.sub("_", comment)[:COMMENT_MAX] + '"'
 
 
 def _chain_rules(chain: Chain) -> list[str]:
