@@ -294,7 +294,9 @@ def wants_mark(state: ServicePortState) -> bool:
 
 
 def _preferred_mark(name: ServicePortName, count: int) -> int:
-    digest = hashlib.sha256(str(name).encode()).digest()
+    # The only use of a service port's name here: hashed, never written into rule text
+    # (ipset elements, virtual services and companion rules hold addresses and numbers).
+    digest = hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:4], "big") % count + 1
 
 
