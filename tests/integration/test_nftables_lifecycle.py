@@ -1,0 +1,157 @@
+"""The nftables backend's start and stop, in fresh network namespaces: a first sync
+cut short (cancelled mid-write, or only half of it committed) is completed by the next
+full sync and leaves no ``nft`` process behind; the probe lists nothing; cleanup
+deletes kpy's tables over netlink and says when it could not."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kpy_nftables import NftablesBackend, render
+from kpy_nftables.netlink_read import NetlinkReader
+
+from kpy.backend import BackendConfig, BackendError, parse_networks
+from kpy.model import Plan
+from kpy.testing import builders as b
+from kpy.testing.conformance import conformance_states, run
+from kpy.testing.netns import nft, scratch
+
+
+def config(ns: str) -> BackendConfig:
+    return BackendConfig(
+        node_name="node-a",
+        netns=ns,
+        cluster_cidrs=parse_networks(["10.244.0.0/16", "fd00:244::/32"]),
+    )
+
+
+def snapshot(ns: str) -> tuple[dict[str, object], dict[tuple[str, str, str], tuple[int, bytes]]]:
+    objects = dict(run(NftablesBackend(config(ns)).observe()).objects)
+    with NetlinkReader(ns) as reader:
+        return objects, dict(reader.rules().chains)
+
+
+@pytest.fixture
+def reference() -> Iterator[Any]:
+    """The ruleset a clean first sync of a plan gives, in a namespace of its own."""
+    with scratch("kpy-ref") as ns:
+
+        def of(plan: Plan) -> Any:
+            nft(ns, "flush", "ruleset")
+            run(NftablesBackend(config(ns)).apply(plan))
+            return snapshot(ns)
+
+        yield of
+
+
+def processes_in(ns: str) -> list[int]:
+    """Every process whose network namespace is ``ns``."""
+    inode = os.stat(f"/run/netns/{ns}").st_ino
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(entry / "ns" / "net").st_ino == inode:
+                found.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def test_a_cancelled_first_sync_kills_its_nft_processes(
+    netns: str, monkeypatch: pytest.MonkeyPatch, reference: Any
+) -> None:
+    """The agent stopping (its task cancelled) while ``nft`` reads a first sync: every
+    ``nft`` child is killed and reaped before the cancellation completes, so nothing
+    goes on writing after the agent exited; a restarted agent's full sync completes
+    the ruleset."""
+    plan = b.plan(b.synthetic_states(3000))
+    started: list[asyncio.subprocess.Process] = []
+    both: list[asyncio.Event] = []
+    spawn = asyncio.create_subprocess_exec
+
+    async def recorded(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await spawn(*args, **kwargs)
+        started.append(proc)
+        if len(started) == 2:
+            both[0].set()
+        return proc
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", recorded)
+
+    async def cancel_mid_write() -> None:
+        both.append(asyncio.Event())
+        task = asyncio.create_task(NftablesBackend(config(netns)).apply(plan))
+        await both[0].wait()  # both halves' nft processes are reading the script
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(cancel_mid_write())
+    assert len(started) == 2
+    assert all(p.returncode is not None for p in started), "every nft child reaped"
+    assert processes_in(netns) == [], "no process left in the node's namespace"
+    monkeypatch.undo()
+    restarted = NftablesBackend(config(netns))
+    assert run(restarted.apply(plan)).full_sync
+    assert snapshot(netns) == reference(plan)
+
+
+@pytest.mark.parametrize("half", [0, 1])
+def test_a_half_committed_first_sync_is_completed_by_one_full_sync(
+    netns: str, half: int, reference: Any
+) -> None:
+    """The first sync's two ``nft`` processes commit separately (each atomic, together
+    not). Only one committed — ``half`` 0: the base table and shards 0-7; 1: shards
+    8-15 without any base table (a kill -9 between the two commits) — then a restarted
+    agent's first full sync completes it: the kernel then holds exactly what a clean
+    first sync writes."""
+    plan = b.plan(conformance_states() + b.synthetic_states(200))
+    backend = NftablesBackend(config(netns))
+
+    async def commit_one_half() -> None:
+        work = await backend._full(plan)
+        fresh = backend._transaction(work, True)
+        assert isinstance(fresh, render.Fresh)
+        await backend._nft.run_lines(fresh.halves()[half])
+
+    run(commit_one_half())
+    tables = nft(netns, "list", "tables")
+    assert ("table ip kpy\n" in tables) == (half == 0)
+    restarted = NftablesBackend(config(netns))
+    result = run(restarted.apply(plan))
+    assert result.full_sync and result.ops > 0
+    assert snapshot(netns) == reference(plan)
+    assert run(restarted.apply(plan)).ops == 0
+
+
+def test_the_probe_asks_the_kernel_and_lists_nothing(netns: str) -> None:
+    assert NftablesBackend(config(netns)).probe() is None
+    missing = NftablesBackend(config("kpy-no-such-namespace"))
+    reason = missing.probe()
+    assert reason is not None and "kpy-no-such-namespace" in reason
+
+
+def test_cleanup_deletes_every_kpy_table_and_nothing_else(netns: str) -> None:
+    backend = NftablesBackend(config(netns))
+    run(backend.apply(b.plan(conformance_states())))
+    nft(netns, "add", "table", "ip", "kpy-40")  # a shard of a larger count, left over
+    nft(netns, "add", "table", "inet", "kpy")  # someone else's
+    nft(netns, "add", "table", "ip", "filter")
+    run(backend.cleanup())
+    assert sorted(nft(netns, "list", "tables").split()) == sorted(
+        ["table", "ip", "filter", "table", "inet", "kpy"]
+    )
+    run(backend.cleanup())  # nothing of kpy's left: nothing to do, no error
+
+
+def test_cleanup_that_cannot_reach_the_kernel_raises() -> None:
+    with pytest.raises(BackendError, match="kpy-no-such-namespace"):
+        run(NftablesBackend(config("kpy-no-such-namespace")).cleanup())
