@@ -32,6 +32,7 @@ import importlib
 import json
 import os
 import random
+import re
 import socket
 import ssl
 import time
@@ -69,6 +70,11 @@ NODES_PATH = "/api/v1/nodes"
 USER_AGENT = f"kpy/{__version__}"
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 IN_CLUSTER_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+# Size guards. The API server stores objects up to ~1.5 MiB (etcd's request limit) and
+# lists in pages (``page_size`` objects): anything far beyond is not a Kubernetes answer.
+MAX_EVENT_BYTES = 16 << 20  # one watch event; a longer one is skipped with a warning
+MAX_LIST_BYTES = 1 << 30  # one list page
 
 
 class KubeConfigError(ConfigError):
@@ -275,20 +281,38 @@ class Response:
             while data := await reader.read(1 << 20):
                 yield data
 
-    async def body(self) -> bytes:
-        return b"".join([chunk async for chunk in self._chunks()])
-
-    async def lines(self) -> AsyncIterator[bytes]:
-        """Newline-delimited records; a partial last record (a cut stream) raises."""
-        pending = b""
+    async def body(self, limit: int = MAX_LIST_BYTES) -> bytes:
+        """The whole body; one longer than ``limit`` bytes raises ProtocolError."""
+        chunks, size = [], 0
         async for chunk in self._chunks():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(f"response larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def lines(self, limit: int = MAX_EVENT_BYTES) -> AsyncIterator[bytes]:
+        """Newline-delimited records; a partial last record (a cut stream) raises. A
+        record longer than ``limit`` bytes is skipped (with a warning), not buffered."""
+        pending = b""
+        dropping = False
+        async for chunk in self._chunks():
+            if dropping:
+                end = chunk.find(b"\n")
+                if end < 0:
+                    continue
+                chunk, dropping = chunk[end + 1 :], False
             pending += chunk
-            if b"\n" not in chunk:
-                continue
-            *complete, pending = pending.split(b"\n")
-            for line in complete:
-                if line.strip():
-                    yield line
+            if b"\n" in chunk:
+                *complete, pending = pending.split(b"\n")
+                for line in complete:
+                    if len(line) > limit:
+                        log.warning("kube_event_too_large", bytes=len(line), note="skipped")
+                    elif line.strip():
+                        yield line
+            if len(pending) > limit:
+                log.warning("kube_event_too_large", bytes=f">{limit}", note="skipped")
+                pending, dropping = b"", True
         if pending.strip():
             raise ProtocolError("stream ended in the middle of an event")
 
@@ -404,6 +428,51 @@ class Backoff:
             # agents throttled together does not come back together).
             delay = min(retry_after, p.max_retry_after) + self._rng.uniform(0, p.initial / 4)
         return delay
+
+
+# --------------------------------------------------------------------------- lists
+
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},]')
+
+
+def split_list(data: bytes) -> tuple[Any, list[bytes]]:
+    """A list response's ``metadata`` (decoded) and its ``items`` (each still raw JSON),
+    found without decoding the items: for a list whose items nest too deep to decode
+    at once. Iterative; raises ValueError when the text is not a list response."""
+    depth = 0
+    items: list[bytes] = []
+    metadata: Any = None
+    key = b""
+    start = -1  # where the current item (depth 2 inside "items") starts
+    in_items = False
+    for token in _TOKEN.finditer(data):
+        text = token.group()
+        if text[:1] == b'"':
+            if depth == 1:
+                key = text
+            continue
+        if text in (b"[", b"{"):
+            depth += 1
+            if depth == 2 and key == b'"items"' and text == b"[":
+                in_items, start = True, token.end()
+            elif depth == 2 and key == b'"metadata"' and text == b"{":
+                start = token.start()
+        elif text in (b"]", b"}"):
+            if depth == 2 and in_items and text == b"]":
+                if data[start : token.start()].strip():
+                    items.append(data[start : token.start()])
+                in_items = False
+            elif depth == 2 and key == b'"metadata"' and text == b"}":
+                metadata = json.loads(data[start : token.end()])
+            depth -= 1
+            if depth < 0:
+                raise ValueError("unbalanced brackets")
+        elif text == b"," and depth == 2 and in_items:
+            items.append(data[start : token.start()])
+            start = token.end()
+    if depth != 0 or not isinstance(metadata, dict):
+        raise ValueError("not a list response")
+    return metadata, items
 
 
 # --------------------------------------------------------------------------- reflector
@@ -589,6 +658,10 @@ class Reflector:
             listing = json.loads(data)
         except ValueError as exc:
             raise ProtocolError(f"list is not JSON: {exc}") from None
+        except RecursionError:
+            # Some item nests deeper than the decoder recurses: decode item by item
+            # and skip the ones that fail, so one such object does not hide the rest.
+            listing = self._decode_items_apart(data)
         del data
         items = listing.get("items") if isinstance(listing, dict) else None
         meta = listing.get("metadata") if isinstance(listing, dict) else None
@@ -597,6 +670,25 @@ class Reflector:
         if not isinstance(items, list) or not isinstance(meta, dict):
             raise ProtocolError("list without items or metadata")
         return items, meta
+
+    def _decode_items_apart(self, data: bytes) -> Any:
+        try:
+            metadata, raw_items = split_list(data)
+        except ValueError as exc:
+            raise ProtocolError(f"list is not JSON: {exc}") from None
+        items = []
+        for raw in raw_items:
+            try:
+                items.append(json.loads(raw))
+            except (ValueError, RecursionError) as exc:
+                log.warning(
+                    "kube_object_undecodable",
+                    kind=str(self.kind),
+                    error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                    bytes=len(raw),
+                    note="skipped",
+                )
+        return {"metadata": metadata, "items": items}
 
     # -- watch
 
@@ -656,7 +748,7 @@ class Reflector:
         try:
             event = json.loads(line)
             etype, obj = event["type"], event["object"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             log.warning(
                 "kube_watch_event_malformed",
                 kind=str(self.kind),
