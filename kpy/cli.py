@@ -401,31 +401,38 @@ def backends_cmd() -> None:
     "--backend",
     "names",
     multiple=True,
-    help="Backend to clean up (repeatable; default: every available backend).",
+    help="Backend to clean up (repeatable; default: every installed backend).",
 )
 @click.option("--netns", default=None, help="Clean up inside this named network namespace.")
 def cleanup_cmd(names: tuple[str, ...], netns: str | None) -> None:
-    """Remove everything kpy programmed (its own tables, chains, services), nothing else."""
+    """Remove everything kpy programmed (its own tables, chains, services), nothing else.
+
+    Exits 0 only when every backend cleaned up (or had nothing of kpy's: its kernel
+    facility or tools are not there at all); a backend that could not clean — the
+    kernel refused, did not answer, the namespace is missing — is named on stderr and
+    the exit status is 1. There is no probe first: a backend's cleanup decides itself
+    whether anything of kpy's can be there (a slow or failing probe never turns into
+    a silent skip)."""
     entries = backends.load_backends()
     selected = names or tuple(entries)
-    failed = False
+    failed = []
     for name in selected:
         try:
             b = backends.create(name, backends.BackendConfig(netns=netns))
         except (KeyError, backends.BackendError) as exc:
-            click.echo(f"{name}: {exc}", err=True)
-            failed = failed or bool(names)
-            continue
-        reason = b.probe()
-        if reason is not None:
-            click.echo(f"{name}: skipped ({reason})")
+            # not installed (unknown, or a plugin that does not load): nothing of it can
+            # have been programmed by this kpy — an error only when asked for by name
+            click.echo(f"{name}: not cleaned: {exc}", err=True)
+            if names:
+                failed.append(name)
             continue
         try:
             asyncio.run(b.cleanup())
-            click.echo(f"{name}: cleaned up")
-        except Exception as exc:
+        except Exception as exc:  # BackendError, or a backend's unexpected failure
             click.echo(f"{name}: cleanup failed: {exc}", err=True)
-            failed = True
+            failed.append(name)
+            continue
+        click.echo(f"{name}: cleaned up")
     if failed:
         sys.exit(1)
 
@@ -436,6 +443,9 @@ def version_cmd() -> None:
     click.echo(f"kpy {__version__}")
 
 
+        click.echo(
+            f"error: not cleaned up: {', '.join(failed)} (kpy's objects may remain)", err=True
+        )
 def _load_tracer(
     name: str, config: backends.BackendConfig
 ) -> Callable[[Plan, explain.Packet, explain.Origin], explain.Trace] | None:

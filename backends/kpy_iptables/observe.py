@@ -20,7 +20,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kpy.backend import Programmed, ServiceView
-from kpy_iptables.render import BUILTIN, DISPATCH, FILTER, NAT, Key, Objects, Rules, owned
+from kpy_iptables.netlink import NlRule
+from kpy_iptables.render import (
+    BUILTIN,
+    DISPATCH,
+    FILTER,
+    NAT,
+    NODEPORTS,
+    SERVICES,
+    Key,
+    Objects,
+    Rules,
+    owned,
+)
 
 _COUNTERS = re.compile(r"^\[(\d+):(\d+)\] ")
 _TARGET = re.compile(r"(?:^| )-j (\S+)")
@@ -35,12 +47,14 @@ _WALK = ("KPY-SVC-", "KPY-SVL-", "KPY-EXT-", "KPY-FW-", "KPY-SEP-")
 
 @dataclass(slots=True)
 class Saved:
-    """One family's ``iptables-save -c`` output, parsed."""
+    """One family's kpy objects as read back (``iptables-save -c`` or netlink), parsed."""
 
     family: int
     objects: Objects = field(default_factory=dict)
     # (table, chain) → [(rule, packets)], for every owned chain (dispatch ones included)
     rules: dict[tuple[str, str], list[tuple[str, int]]] = field(default_factory=dict)
+    # (table, built-in chain, owned chain it jumps to)
+    jumps: set[tuple[str, str, str]] = field(default_factory=set)
 
 
 def parse(text: str, family: int) -> Saved:
@@ -76,6 +90,7 @@ def parse(text: str, family: int) -> Saved:
             target = _TARGET.search(rule)
             if target is not None and owned(target.group(1)):
                 saved.objects[Key(family, table, chain, rule)] = ()
+                saved.jumps.add((table, chain, target.group(1)))
             continue
         if (table, chain) not in chains:
             continue
@@ -86,6 +101,72 @@ def parse(text: str, family: int) -> Saved:
     for (table, chain), rules in chains.items():
         saved.objects[Key(family, table, chain)] = () if chain in DISPATCH else tuple(rules)
     return saved
+
+
+def from_netlink(family: int, chains: dict[tuple[str, str], list[NlRule]]) -> Saved:
+    """The owned and built-in chains read over netlink (nft flavour) as a :class:`Saved`
+    whose rule texts are the rules' summaries (:meth:`NlRule.text`): enough for the
+    per-Service view, not the exact iptables text."""
+    saved = Saved(family)
+    for (table, chain), rules in chains.items():
+        if chain in BUILTIN:
+            for rule in rules:
+                if owned(rule.target):
+                    text = rule.text()
+                    saved.objects[Key(family, table, chain, text)] = ()
+                    saved.jumps.add((table, chain, rule.target))
+            continue
+        if not owned(chain):
+            continue
+        saved.rules[(table, chain)] = [(rule.text(), rule.packets) for rule in rules]
+        texts = tuple(text for text, _ in saved.rules[(table, chain)])
+        if chain in DISPATCH:
+            saved.objects[Key(family, table, chain)] = ()
+            for text in texts:
+                saved.objects[Key(family, table, chain, text)] = ()
+        else:
+            saved.objects[Key(family, table, chain)] = texts
+    return saved
+
+
+_DEST_EXACT = re.compile(r"(?:^|[^!] )-d (\S+)")
+_PROTO_ANY = re.compile(r"(?:^| )-p (\w+)")
+_COMMENT_ANY = re.compile(r'--comment (?:"((?:[^"\\]|\\.)*)"|(\S+))')
+_JUMP = re.compile(r"(?:^| )-([jg]) (\S+)")
+
+
+def summary(rule: str) -> str:
+    """What the netlink reader decodes of a rule (:meth:`NlRule.text`), from its
+    iptables text: the exact destination, protocol, comment, destination port, the
+    ``recent --rcheck`` and ``statistic`` matches, the jump or target and the DNAT
+    address. Dispatch rules, built-in jumps and (on a first start) whole chains are
+    compared by it (see docs/decisions/iptables.md)."""
+    dest = _DEST_EXACT.search(rule)
+    address = dest.group(1) if dest is not None else ""
+    if not address.endswith(("/32", "/128")) or (address.endswith("/32") and ":" in address):
+        address = ""
+    proto = _PROTO_ANY.search(rule)
+    note = _COMMENT_ANY.search(rule)
+    comment = None
+    if note is not None:
+        comment = note.group(2) if note.group(1) is None else re.sub(r"\\(.)", r"\1", note.group(1))
+    port = _DPORT.search(rule)
+    chance = _PROBABILITY.search(rule)
+    target = _JUMP.search(rule)
+    dnat = _DNAT.search(rule)
+    return NlRule(
+        0,
+        b"",
+        target=target.group(2) if target is not None else "",
+        goto=target is not None and target.group(1) == "g",
+        dest=address,
+        proto=proto.group(1) if proto is not None else "",
+        dport=int(port.group(1)) if port is not None else None,
+        comment=comment,
+        probability=float(chance.group(1)) if chance is not None else None,
+        rcheck="--rcheck" in rule,
+        to_destination=dnat.group(1) if dnat is not None else "",
+    ).text()
 
 
 def shares(rules: Iterable[tuple[str, int]]) -> list[tuple[str, float]]:
@@ -118,15 +199,40 @@ def _frontend(chain: str, rule: str) -> str | None:
     return f"{host}:{port.group(1)}/{proto.group(1).upper()}"
 
 
+# The built-in chains that must jump to a dispatch chain for it to see traffic.
+HOOKS = {
+    (NAT, SERVICES): ("PREROUTING", "OUTPUT"),
+    (FILTER, SERVICES): ("INPUT", "FORWARD", "OUTPUT"),
+}
+
+
+def reachable(saved: Saved) -> set[tuple[str, str]]:
+    """The dispatch chains traffic reaches: every built-in jump to them in place (and,
+    for ``KPY-NODEPORTS``, the jump from nat ``KPY-SERVICES``)."""
+    found = {
+        where
+        for where, hooks in HOOKS.items()
+        if all((where[0], hook, where[1]) in saved.jumps for hook in hooks)
+    }
+    if (NAT, SERVICES) in found and any(
+        rule.endswith(f"-j {NODEPORTS}") for rule, _ in saved.rules.get((NAT, SERVICES), [])
+    ):
+        found.add((NAT, NODEPORTS))
+    return found
+
+
 def services(saved: Iterable[Saved]) -> dict[str, ServiceView]:
-    """Per service port (by comment): frontends, endpoints and what each got."""
+    """Per service port (by comment): frontends, endpoints and what each got. A
+    frontend in a dispatch chain no built-in chain leads to is not counted (the
+    Service does not work), so a deleted built-in jump shows as drift."""
     fronts: dict[str, set[str]] = defaultdict(set)
     roots: dict[str, set[tuple[int, str]]] = defaultdict(set)
     packets: dict[str, int] = defaultdict(int)
     by_family = {s.family: s for s in saved}
     for s in by_family.values():
+        live = reachable(s)
         for (table, chain), rules in s.rules.items():
-            if chain not in DISPATCH:
+            if chain not in DISPATCH or (table, chain) not in live:
                 continue
             for rule, count in rules:
                 note = _COMMENT.search(rule)

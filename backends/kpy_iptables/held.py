@@ -1,0 +1,236 @@
+"""What the kernel holds of kpy's iptables-nft chains, and what a full sync must rewrite.
+
+The nft flavour is read over netlink (:mod:`kpy_iptables.netlink`) chain by chain, not
+with ``iptables-nft-save``. Rules are not turned back into their exact iptables text
+(the xtables matches are opaque structures); instead:
+
+* **whole chains** (``KPY-SVC-``, ``KPY-SEP-``, … and the helper chains) are compared by
+  fingerprint: after every restore the backend reads back the chains it wrote and
+  records the digest of their rules' fingerprints (:func:`chain_digest`); a full sync
+  rewrites every wanted chain whose kernel digest differs from the record (a rule
+  deleted, added or changed behind kpy's back, the chain flushed) or that is missing.
+  With no record (the agent's first full sync after a start) a chain is adopted when
+  its decoded summary (:meth:`NlRule.text`, :func:`kpy_iptables.observe.summary`)
+  matches the wanted rules one for one, and its digest is recorded from then on;
+* **dispatch chains** (``KPY-SERVICES``, ``KPY-NODEPORTS``) hold one rule per frontend,
+  added and deleted one by one; they are compared as multisets of summaries. Missing
+  rules are added; any rule kpy does not want makes the chain rewritten whole;
+* **built-in chains**: kpy's jumps (rules whose target is a chain kpy owns) are compared
+  as multisets of summaries; when they differ, every kpy jump is deleted by position
+  and the wanted ones inserted, in one transaction (:func:`builtin_repair`);
+* owned chains that are not wanted are deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from kpy import diff
+from kpy_iptables.netlink import ChainReader, NlRule
+from kpy_iptables.observe import summary
+from kpy_iptables.render import (
+    BUILTIN,
+    DISPATCH,
+    FILTER,
+    NAT,
+    NODEPORTS,
+    Key,
+    Objects,
+    Rules,
+    owned,
+)
+
+TABLES = (NAT, FILTER)
+ChainId = tuple[int, str, str]  # (family, table, chain)
+
+
+def chain_digest(prints: Iterable[bytes]) -> bytes:
+    """The digest of a chain's rules, in order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for p in prints:
+        digest.update(p)
+    return digest.digest()
+
+
+@dataclass(slots=True)
+class NftHeld:
+    """One family's kpy chains as the kernel holds them."""
+
+    family: int
+    chains: set[tuple[str, str]] = field(default_factory=set)  # owned chains present
+    prints: dict[tuple[str, str], list[bytes]] = field(default_factory=dict)  # whole chains
+    decoded: dict[tuple[str, str], list[NlRule]] = field(default_factory=dict)
+
+    def rule_count(self) -> int:
+        return sum(map(len, self.prints.values())) + sum(
+            len(v) for k, v in self.decoded.items() if k[1] in DISPATCH
+        )
+
+
+def read(reader: ChainReader, family: int, *, decode_all: bool = False) -> NftHeld:
+    """kpy's chains of one family (blocking). Whole chains are only fingerprinted,
+    unless ``decode_all`` (a first start, and ``kpy dump``); dispatch and built-in
+    chains are decoded."""
+    held = NftHeld(family)
+    present = reader.chains(family, TABLES)
+    held.chains = {(c.table, c.name) for c in present if owned(c.name)}
+    whole = sorted(c for c in held.chains if c[1] not in DISPATCH)
+    other = sorted(c for c in held.chains if c[1] in DISPATCH)
+    other += sorted((c.table, c.name) for c in present if c.base and c.name in BUILTIN)
+    if decode_all:
+        held.decoded = reader.rules(family, [*whole, *other])
+        held.prints = {c: [r.print for r in held.decoded[c]] for c in whole if c in held.decoded}
+    else:
+        held.prints = reader.prints(family, whole)
+        held.decoded = reader.rules(family, other)
+    held.chains &= {*held.prints, *held.decoded}  # deleted between the two reads
+    return held
+
+
+def ordered(rules: Iterable[Key]) -> Rules:
+    """A dispatch chain's rules in the order a rewrite writes them: the NodePort jump
+    last (render adds every other rule at the top, that one at the bottom)."""
+    texts = sorted(k.rule for k in rules)
+    last = [t for t in texts if t.endswith(f"-j {NODEPORTS}")]
+    return (*[t for t in texts if not t.endswith(f"-j {NODEPORTS}")], *last)
+
+
+@dataclass(slots=True)
+class Repair:
+    """What a full sync sends: the main change, then (built-ins aside) the strays."""
+
+    main: diff.Diff[Key, Rules]
+    strays: diff.Diff[Key, Rules]
+    adopted: dict[ChainId, bytes]  # chains found right without a record
+    rewritten: set[ChainId]  # whole chains the main change writes
+    drift: list[str]  # what differed, for the log
+
+
+def compare(
+    held: Mapping[int, NftHeld],
+    want: Objects,
+    have: Objects,
+    record: Mapping[ChainId, bytes],
+) -> Repair:
+    """The change that makes the kernel (``held``) hold ``want`` (see the module
+    docstring). ``have`` is what the backend believes it wrote, ``record`` the digests
+    of the chains it wrote."""
+    added: list[tuple[Key, Rules]] = []
+    rule_adds: list[tuple[Key, Rules]] = []
+    adopted: dict[ChainId, bytes] = {}
+    rewritten: set[ChainId] = set()
+    drift: list[str] = []
+    dispatch_rules: dict[ChainId, list[Key]] = {}
+    for key in want:
+        if key.rule and key.chain in DISPATCH:
+            dispatch_rules.setdefault((key.family, key.table, key.chain), []).append(key)
+    for key, rules in want.items():
+        if key.rule or key.family not in held:
+            continue
+        h = held[key.family]
+        where = (key.table, key.chain)
+        cid = (key.family, key.table, key.chain)
+        if key.chain in DISPATCH:
+            wanted = dispatch_rules.get(cid, [])
+            if where not in h.chains:
+                drift.append(f"missing {key}")
+                added.append((key, ordered(wanted)))
+                continue
+            kernel = Counter(r.text() for r in h.decoded.get(where, []))
+            mine = Counter(summary(k.rule) for k in wanted)
+            if kernel == mine:
+                continue
+            if kernel - mine:
+                drift.append(f"rules not kpy's in {key}")
+                added.append((key, ordered(wanted)))
+                continue
+            missing = mine - kernel
+            drift.append(f"{sum(missing.values())} rules missing in {key}")
+            for k in wanted:
+                s = summary(k.rule)
+                if missing[s] > 0:
+                    missing[s] -= 1
+                    rule_adds.append((k, ()))
+            continue
+        prints = h.prints.get(where)
+        if prints is None:
+            drift.append(f"missing {key}")
+        elif cid in record:
+            if record[cid] == chain_digest(prints) and have.get(key) == rules:
+                continue
+            drift.append(f"changed {key}")
+        else:
+            decoded = h.decoded.get(where)
+            if decoded is not None and [r.text() for r in decoded] == [summary(r) for r in rules]:
+                adopted[cid] = chain_digest(prints)
+                continue
+            drift.append(f"differs {key}")
+        added.append((key, rules))
+        rewritten.add(cid)
+    strays: list[tuple[Key, Rules]] = []
+    for family, h in held.items():
+        for table, chain in sorted(h.chains):
+            key = Key(family, table, chain)
+            if key not in want:
+                drift.append(f"not wanted {key}")
+                strays.append((key, ()))
+    return Repair(
+        main=diff.Diff(added=tuple(added) + tuple(rule_adds)),
+        strays=diff.Diff(removed=tuple(strays)),
+        adopted=adopted,
+        rewritten=rewritten,
+        drift=drift,
+    )
+
+
+def builtin_repair(reader: ChainReader, family: int, want: Objects) -> dict[str, list[str]]:
+    """Per table, the restore lines that make kpy's jumps in the built-in chains what
+    ``want`` says (nothing when they already are): every kpy jump deleted by its
+    position, read just now, then the wanted ones inserted at the top."""
+    present = reader.chains(family, TABLES)
+    names = [(c.table, c.name) for c in present if c.base and c.name in BUILTIN]
+    rules = reader.rules(family, names)
+    lines: dict[str, list[str]] = {}
+    for table in TABLES:
+        for chain in sorted(BUILTIN):
+            wanted = [
+                k
+                for k in want
+                if k.rule and k.family == family and k.table == table and k.chain == chain
+            ]
+            jumps = [
+                (pos, r)
+                for pos, r in enumerate(rules.get((table, chain), []), 1)
+                if owned(r.target)
+            ]
+            if Counter(r.text() for _, r in jumps) == Counter(summary(k.rule) for k in wanted):
+                continue
+            out = lines.setdefault(table, [])
+            out += [f"-D {chain} {pos}" for pos, _ in reversed(jumps)]
+            out += [f"-I {chain} 1 {k.rule}" for k in sorted(wanted, reverse=True)]
+    return lines
+
+
+def text(lines: Mapping[str, list[str]]) -> str:
+    """Restore input for :func:`builtin_repair`'s lines."""
+    out: list[str] = []
+    for table in (FILTER, NAT):
+        if lines.get(table):
+            out += [f"*{table}", *lines[table], "COMMIT"]
+    return "\n".join(out) + "\n" if out else ""
+
+
+__all__ = [
+    "ChainId",
+    "NftHeld",
+    "Repair",
+    "builtin_repair",
+    "chain_digest",
+    "compare",
+    "ordered",
+    "read",
+    "text",
+]
