@@ -434,6 +434,9 @@ def cleanup_cmd(names: tuple[str, ...], netns: str | None) -> None:
             continue
         click.echo(f"{name}: cleaned up")
     if failed:
+        click.echo(
+            f"error: not cleaned up: {', '.join(failed)} (kpy's objects may remain)", err=True
+        )
         sys.exit(1)
 
 

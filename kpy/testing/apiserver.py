@@ -39,6 +39,10 @@ strategic-merge patches are applied as JSON merge patches, namespaces need not e
 no admission, defaulting or IP allocation. HTTPS when given an ``ssl_context``
 (``url`` then says ``https``); plain HTTP otherwise.
 
+Objects a real API server would refuse are stored as given (no validation), and a
+value wrapped in :class:`RawJSON` is served as its text verbatim — JSON nested deeper
+than any decoder recurses, say — so the ``kube`` source's defences can be tested.
+
 Faults for tests: :meth:`FakeApiServer.cut_streams` (mid-event), :meth:`stall` /
 :meth:`resume`, :meth:`fail_next` (500/429 with ``Retry-After``), :meth:`expire`
 (compact history), :meth:`restart` (connections dropped, new history, new
@@ -77,6 +81,35 @@ log = structlog.get_logger("kpy.testing.apiserver")
 
 JSON = dict[str, Any]
 ObjectKey = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped objects
+
+
+class RawJSON:
+    """A value served as ``text``, verbatim, wherever it sits in an object (tests only:
+    ``text`` need not be JSON a client can decode)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RawJSON:
+        return self
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON, with every :class:`RawJSON` written as its text."""
+    raws: list[str] = []
+
+    def default(o: Any) -> str:
+        if isinstance(o, RawJSON):
+            raws.append(o.text)
+            return f"\0raw{len(raws) - 1}\0"
+        raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+    text = json.dumps(value, separators=(",", ":"), default=default)
+    for i, raw in enumerate(raws):
+        text = text.replace(json.dumps(f"\0raw{i}\0"), raw, 1)
+    return text.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -848,7 +881,7 @@ class FakeApiServer:
         if isinstance(body, str):
             data, ctype = body.encode(), "text/plain; charset=utf-8"
         else:
-            data, ctype = json.dumps(body, separators=(",", ":")).encode(), "application/json"
+            data, ctype = dumps(body), "application/json"
         head = [f"HTTP/1.1 {code} {_REASONS.get(code, 'Unknown')}", f"Content-Type: {ctype}"]
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
         head.append(f"Content-Length: {len(data)}")
@@ -1275,7 +1308,7 @@ class FakeApiServer:
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, event: JSON) -> None:
-        data = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        data = dumps(event) + b"\n"
         writer.write(b"%x\r\n%s\r\n" % (len(data), data))
         await writer.drain()
 
