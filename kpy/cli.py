@@ -446,9 +446,6 @@ def version_cmd() -> None:
     click.echo(f"kpy {__version__}")
 
 
-        click.echo(
-            f"error: not cleaned up: {', '.join(failed)} (kpy's objects may remain)", err=True
-        )
 def _load_tracer(
     name: str, config: backends.BackendConfig
 ) -> Callable[[Plan, explain.Packet, explain.Origin], explain.Trace] | None:
