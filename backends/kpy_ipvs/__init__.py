@@ -22,12 +22,14 @@ full one, which re-reads the kernel and retries whatever is still missing.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 
 import structlog
+from pyroute2.netlink.exceptions import NetlinkError
 
 from kpy import diff
 from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
@@ -116,10 +118,16 @@ class IpvsBackend:
         )
 
     async def cleanup(self) -> None:
+        """Delete kpy's virtual services, companion rules and sets and ``kpy-ipvs0``.
+        Where ip_vs is not loaded there is no virtual service to delete (the rest is
+        still removed); raises BackendError when anything could not be removed."""
+        netns = self.config.netns
+        if netns is not None and not _netns_exists(netns):
+            raise BackendError(f"network namespace {netns!r} not found")
         try:
             await self._kernel.call(self._cleanup)
-        except KernelError as exc:
-            raise BackendError(str(exc)) from exc
+        except (KernelError, NetlinkError, OSError) as exc:
+            raise BackendError(f"IPVS cleanup failed: {exc}") from exc
         self._ports.clear()
         self._marks.clear()
         self._want_services.clear()
@@ -381,10 +389,15 @@ class IpvsBackend:
 
     def _cleanup(self) -> None:
         kernel = self._kernel
-        services = kernel.dump_services()
-        bound = kernel.dump_addresses()
-        for key in sorted(self._owned(services, bound), key=str):
-            kernel.del_service(key)
-        kernel.flush()
+        if kernel.loaded():
+            services = kernel.dump_services()
+            bound = kernel.dump_addresses()
+            for key in sorted(self._owned(services, bound), key=str):
+                kernel.del_service(key)
+            kernel.flush()
         kernel.delete_companion()
         kernel.del_link()
+
+
+def _netns_exists(name: str) -> bool:
+    return os.path.exists(f"/run/netns/{name}")

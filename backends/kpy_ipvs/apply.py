@@ -26,6 +26,7 @@ import ctypes
 import functools
 import ipaddress
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -426,6 +427,11 @@ class Kernel:
             self._ipr = IPRoute()
         return self._ipr
 
+    def loaded(self) -> bool:
+        """Whether ip_vs is loaded (seen from this thread's namespace): without it there
+        is no virtual service of anyone's."""
+        return os.path.exists("/proc/thread-self/net/ip_vs")
+
     def probe(self) -> str | None:
         if not os.path.exists("/proc/net/ip_vs"):
             return "ip_vs is not loaded (no /proc/net/ip_vs; modprobe ip_vs)"
@@ -700,7 +706,11 @@ class Kernel:
                 self._nfnl().add(f"ipset {verb} {el}", cmd, 0, encode_element(el), ok)
 
     def delete_companion(self) -> None:
+        """Remove the companion rules and sets; a tool that is not installed cannot
+        have made any."""
         for tool in IPTABLES:
+            if shutil.which(tool) is None:
+                continue
             for table, chain, target in render.HOOKS:
                 while (
                     subprocess.run(
@@ -714,6 +724,8 @@ class Kernel:
             for table, chain in render.CHAINS:
                 for verb in ("-F", "-X"):
                     self.run([tool, "-w", "-t", table, verb, chain], check=False)
+        if shutil.which("ipset") is None:
+            return
         for name, _, _ in render.set_names():
             self.run(["ipset", "destroy", name], check=False)
 

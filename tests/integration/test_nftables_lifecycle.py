@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from kpy_nftables import NftablesBackend, render
 from kpy_nftables.netlink_read import NetlinkReader
 
 from kpy.backend import BackendConfig, BackendError, parse_networks
+from kpy.cli import main
 from kpy.model import Plan
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states, run
@@ -155,3 +157,24 @@ def test_cleanup_deletes_every_kpy_table_and_nothing_else(netns: str) -> None:
 def test_cleanup_that_cannot_reach_the_kernel_raises() -> None:
     with pytest.raises(BackendError, match="kpy-no-such-namespace"):
         run(NftablesBackend(config("kpy-no-such-namespace")).cleanup())
+
+
+def test_kpy_cleanup_exits_0_only_when_it_cleaned(netns: str) -> None:
+    run(NftablesBackend(config(netns)).apply(b.plan(conformance_states())))
+    done = CliRunner().invoke(main, ["cleanup", "--backend", "nftables", "--netns", netns])
+    assert done.exit_code == 0, done.output
+    assert "nftables: cleaned up" in done.stdout
+    assert nft(netns, "list", "tables") == ""
+    # every installed backend, in a namespace holding nothing of kpy's: nothing to do
+    done = CliRunner().invoke(main, ["cleanup", "--netns", netns])
+    assert done.exit_code == 0, done.output
+
+
+def test_kpy_cleanup_that_could_not_clean_exits_1_and_says_why() -> None:
+    done = CliRunner().invoke(
+        main, ["cleanup", "--backend", "nftables", "--netns", "kpy-no-such-namespace"]
+    )
+    assert done.exit_code == 1
+    assert "nftables: cleanup failed" in done.stderr
+    assert "not cleaned up: nftables" in done.stderr
+    assert "cleaned up" not in done.stdout
