@@ -1,0 +1,185 @@
+"""The iptables backend when its read-back or its tools fail, with fake tools on PATH
+(no kernel, no root): a crashing ``iptables-legacy-save`` never stops partial syncs,
+errors name the exit status or signal, and a cancelled sync leaves no child behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from kpy_iptables import IptablesBackend, render
+from structlog.testing import capture_logs
+
+from kpy.agent import Agent
+from kpy.backend import BackendConfig, BackendError
+from kpy.health import HealthServer
+from kpy.runner import RunnerTimes
+from kpy.sources.manifests import ManifestSource
+from kpy.testing import builders as b
+
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{eps}]
+"""
+
+
+def tool(directory: Path, name: str, script: str) -> None:
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.fixture
+def tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Fake legacy tools, alone on PATH: save dies of SIGSEGV, restore appends its input
+    to ``restored``, ``iptables-legacy -C`` finds nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for prefix in ("iptables", "ip6tables"):
+        tool(bin_dir, f"{prefix}-legacy-save", "kill -SEGV $$\n")
+        tool(bin_dir, f"{prefix}-legacy-restore", f'cat >> "{tmp_path}/restored"\n')
+        tool(bin_dir, f"{prefix}-legacy", "exit 1\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")  # no /usr/sbin: no real iptables
+    return tmp_path
+
+
+def legacy_backend(clock: Callable[[], float] | None = None) -> IptablesBackend:
+    config = BackendConfig(node_name="node-a", options=(("iptables_mode", "legacy"),))
+    backend = IptablesBackend(config, clock=clock) if clock else IptablesBackend(config)
+    # the fake host has legacy tables (the real one is not looked at)
+    backend._kernel.legacy_tables = lambda family: {"nat", "filter"}  # type: ignore[method-assign]
+    return backend
+
+
+def sep(endpoint: str) -> str:
+    return render.chain_name("SEP", "default/web:http/TCP", endpoint)
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+def test_crashing_save_never_stops_partial_syncs_and_health_stays_green(
+    tools: Path, tmp_path: Path
+) -> None:
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    web = manifests / "web.yaml"
+    web.write_text(SERVICE.format(eps="{addresses: [10.244.1.5], nodeName: node-a}"))
+    backend = legacy_backend()
+    restored = tools / "restored"
+
+    def written() -> str:
+        return restored.read_text() if restored.exists() else ""
+
+    async def main() -> None:
+        agent = Agent(
+            node_name="node-a",
+            source=ManifestSource([manifests], interval=0.02),
+            backend=backend,
+            # a periodic full sync every 50 ms: each one would read the kernel back
+            times=RunnerTimes(min_interval=0.01, full_interval=0.05, backoff_initial=0.01),
+        )
+        health = HealthServer(agent.status, timeout=5.0, stale_after=60.0)
+        task = asyncio.create_task(agent.run())
+        try:
+            await until(lambda: sep("10.244.1.5:8080") in written())
+            syncs = agent.runner.syncs
+            eps = "{addresses: [10.244.1.5], nodeName: node-a}, {addresses: [10.244.1.6]}"
+            web.write_text(SERVICE.format(eps=eps))
+            await until(lambda: sep("10.244.1.6:8080") in written())
+            await until(lambda: backend.readback_failures >= 1)
+            await until(lambda: agent.runner.syncs >= syncs + 5)  # full ones among them
+            assert agent.status.sync_failures == 0
+            assert health.answer("GET", "/livez").status == 200
+            assert health.answer("GET", "/readyz").status == 200
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    with capture_logs() as logs:
+        asyncio.run(main())
+    failed = [e for e in logs if e["event"] == "iptables_readback_failed"]
+    assert failed, logs
+    assert "killed by signal 11 (SIGSEGV)" in failed[0]["error"]
+    # backing off: the many full syncs since tried the read once
+    assert backend.readback_failures == 1
+    assert not [e for e in logs if e["event"] == "sync_failed"]
+
+
+def test_read_back_is_retried_after_the_backoff(tools: Path) -> None:
+    now = [1000.0]
+    backend = legacy_backend(clock=lambda: now[0])
+    states = [b.state(b.service("web"), [b.endpoint("10.244.1.5")])]
+    written: list[str] = []
+
+    async def main() -> None:
+        first = await backend.apply(b.plan(states))
+        assert first.full_sync and first.detail["readback_failures"] == 1
+        written.append((tools / "restored").read_text())
+        await backend.apply(b.plan(states))  # within the backoff: not read
+        assert backend.readback_failures == 1
+        now[0] += 3600
+        await backend.apply(b.plan(states))  # read again, fails again, still applied
+        assert backend.readback_failures == 2
+
+    asyncio.run(main())
+    # the first sync wrote every chain (the dispatch chains whole), in both families
+    assert written[0].count(":KPY-SERVICES - [0:0]") == 4
+    assert "-A KPY-SERVICES -d 10.96.0.10/32" in written[0]
+    # later full syncs work from the last written state: nothing left to change
+    assert (tools / "restored").read_text() == written[0]
+
+
+def test_restore_error_names_the_signal(tools: Path) -> None:
+    tool(tools / "bin", "iptables-legacy-restore", "echo boom >&2; kill -KILL $$\n")
+    backend = legacy_backend()
+    with pytest.raises(BackendError, match=r"killed by signal 9 \(SIGKILL\)"):
+        asyncio.run(backend.apply(b.plan([b.state(b.service("web"), [b.endpoint("10.0.0.1")])])))
+
+
+def test_restore_error_names_the_exit_status(tools: Path) -> None:
+    tool(tools / "bin", "iptables-legacy-restore", "echo 'line 3 failed' >&2; exit 2\n")
+    backend = legacy_backend()
+    with pytest.raises(BackendError, match=r"exit status 2\): line 3 failed"):
+        asyncio.run(backend.apply(b.plan([b.state(b.service("web"), [b.endpoint("10.0.0.1")])])))
+
+
+def test_a_cancelled_sync_kills_and_reaps_its_child(tools: Path) -> None:
+    pidfile = tools / "pid"
+    tool(tools / "bin", "iptables-legacy-restore", f'echo $$ > "{pidfile}"; exec sleep 60\n')
+    backend = legacy_backend()
+
+    async def main() -> int:
+        task = asyncio.create_task(
+            backend.apply(b.plan([b.state(b.service("web"), [b.endpoint("10.0.0.1")])]))
+        )
+        await until(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+        pid = int(pidfile.read_text())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return pid
+
+    pid = asyncio.run(main())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped: not even a zombie is left
