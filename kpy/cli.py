@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import structlog
@@ -21,7 +21,7 @@ from kpy import config as cfg
 from kpy import log as logsetup
 from kpy.agent import Agent, tune_gc
 from kpy.model import NodeInfo, Plan
-from kpy.quarantine import ScratchNamespaces
+from kpy.quarantine import Attempt, ScratchNamespaces
 from kpy.sources import Source
 from kpy.sources.manifests import ManifestSource
 from kpy.testing import apiserver
@@ -190,16 +190,25 @@ def run(
         node_override=_node_override(config.node_name(), node_ips)
         if node_ips or config.source == "manifests"
         else None,
-        # A refused transaction is narrowed down to the service ports to blame in
-        # throwaway network namespaces (creating one needs root, as programming does).
-        isolate=ScratchNamespaces(
-            lambda c: backends.create(config.mode, c), config.backend_config()
-        )
-        if os.geteuid() == 0
-        else None,
+        isolate=_isolation(backend, config),
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_run_agent(agent, config))
+
+
+def _isolation(backend: backends.Backend, config: cfg.AgentConfig) -> Attempt | None:
+    """How a refused transaction is narrowed down to the service ports to blame.
+
+    A backend's own dry run (``nft --check``, ``iptables-restore --test``) where it has
+    one; else real applies in throwaway network namespaces, which needs CAP_SYS_ADMIN
+    (root on a host; not the DaemonSet, whose container has NET_ADMIN and NET_RAW only).
+    """
+    check = getattr(backend, "check", None)
+    if check is not None:
+        return cast(Attempt, check)
+    if os.geteuid() == 0:
+        return ScratchNamespaces(lambda c: backends.create(config.mode, c), config.backend_config())
+    return None
 
 
 def _make_source(config: cfg.AgentConfig) -> Source:

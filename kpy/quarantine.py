@@ -148,7 +148,10 @@ class Quarantine:
             if plan.services.get(name) is not state and plan.services.get(name) != state:
                 del self.refused[name]
                 continue
-            over[name] = self.good.get(name)
+            good = self.good.get(name)
+            # A state one writer took and another refuses (a partial sync's netlink batch
+            # and a full sync's script) is no good state to fall back to.
+            over[name] = good if good != state else None
         if not over:
             return plan
         return dataclasses.replace(

@@ -41,6 +41,7 @@ from kpy import diff
 from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
 from kpy.explain import Origin, Packet, Trace
 from kpy.model import Plan, ServicePortName
+from kpy_iptables import check as check_
 from kpy_iptables import held as held_
 from kpy_iptables import observe as observe_
 from kpy_iptables import render
@@ -208,6 +209,10 @@ class IptablesBackend:
 
     def close(self) -> None:
         self._kernel.close()
+
+    async def check(self, plan: Plan) -> str | None:
+        """None when iptables would take ``plan``'s ports (``--test``, changes nothing)."""
+        return await check_.check(plan, self.config, self._ctx, await self._kernel.mode())
 
     def trace(self, plan: Plan, packet: Packet, origin: Origin) -> Trace:
         """``packet`` through the rules render makes of ``plan`` (touches no kernel)."""

@@ -28,6 +28,7 @@ import structlog
 from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
 from kpy.explain import Origin, Packet, Trace
 from kpy.model import Plan, ServicePortName, ServicePortState
+from kpy_nftables import check as check_
 from kpy_nftables import netlink, netlink_read, render
 from kpy_nftables import observe as observe_
 from kpy_nftables import trace as trace_
@@ -220,6 +221,10 @@ class NftablesBackend:
         return Programmed(
             backend=self.name, objects=observed.values, services=observe_.views(observed)
         )
+
+    async def check(self, plan: Plan) -> str | None:
+        """None when the kernel would take ``plan``'s ports (``nft --check``, changes nothing)."""
+        return await check_.check(plan, self.config)
 
     def trace(self, plan: Plan, packet: Packet, origin: Origin) -> Trace:
         """``packet`` through the objects this backend renders for ``plan``

@@ -1,0 +1,63 @@
+"""Would the kernel take these service ports? A dry run with ``nft --check``.
+
+The agent asks this when a transaction was refused, to find the service ports to blame
+(:mod:`kpy.quarantine`). A check renders the plan's ports as a node's first sync would —
+kpy's tables deleted and made anew, the fixed part, then every port's sets, chains,
+rules and elements — and hands the script to ``nft --check`` in the node's namespace:
+the kernel validates the whole batch against the live ruleset and then aborts it, so
+nothing is changed, and no scratch namespace (which would need CAP_SYS_ADMIN) is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from kpy.backend import BackendConfig
+from kpy.model import Plan
+from kpy_nftables import render
+
+NFT = "nft"
+
+
+def script(plan: Plan, config: BackendConfig) -> str:
+    """The first-sync script of ``plan``'s ports, preceded by the removal of kpy's tables."""
+    want: dict[str, render.Obj] = dict(render.base_objects(config))
+    for state in plan.services.values():
+        want.update(render.port_objects(state, config))
+    body = render.transaction(want, {}, want.keys(), group=True).script
+    reset = []
+    for nf in render.FAMILIES:
+        for table in (render.TABLE, *render.shard_tables()):
+            # "add" first makes the "delete" valid whether or not the table exists.
+            reset.append(f"add table {nf} {table}\ndelete table {nf} {table}\n")
+    return "".join(reset) + body
+
+
+def argv(config: BackendConfig) -> list[str]:
+    command = [NFT, "--check", "-f", "-"]
+    if config.netns:
+        return ["nsenter", f"--net=/run/netns/{config.netns}", "--", *command]
+    return command
+
+
+async def check(plan: Plan, config: BackendConfig) -> str | None:
+    """None when ``nft`` and the kernel would accept ``plan``'s ports, else why not."""
+    text = script(plan, config).encode()
+    proc = await asyncio.create_subprocess_exec(
+        *argv(config),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await proc.communicate(text)
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode == 0:
+        return None
+    detail = err.decode(errors="replace").strip().splitlines()
+    return f"nft --check exited {proc.returncode}: {' / '.join(detail[:3])[:500]}"
