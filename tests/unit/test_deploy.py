@@ -311,6 +311,27 @@ def test_container_gets_only_the_capabilities_it_needs(container: dict[str, Any]
         assert _mount(container, "/tmp")["name"]
 
 
+def test_pod_runs_under_the_runtimes_default_seccomp_profile(pod: dict[str, Any]) -> None:
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity[: -len(suffix)]) * factor
+    return int(quantity)
+
+
+def test_memory_request_covers_what_the_agent_was_measured_to_use(
+    container: dict[str, Any],
+) -> None:
+    # docs/benchmarks.md: about 142 MB resident at 1,000 Services, 316 MB peak at 10,000.
+    resources = container["resources"]
+    assert _bytes(resources["requests"]["memory"]) >= 142 * 10**6
+    assert _bytes(resources["limits"]["memory"]) >= 316 * 10**6 * 2  # headroom for a relist
+
+
 def test_api_server_override_is_optional_and_from_a_config_map(container: dict[str, Any]) -> None:
     env = {e["name"]: e for e in container["env"]}
     for name in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
