@@ -162,3 +162,35 @@ def test_failed_posts_are_logged_not_fatal() -> None:
 def test_no_poster_records_nothing() -> None:
     recorder = events.EventRecorder("node-a", None)
     assert recorder.starting("nftables") is False
+
+
+def test_refused_ports_and_frontend_conflicts_become_warnings_once() -> None:
+    import dataclasses
+
+    from kpy.model import Conflict
+
+    api = ApiStandIn()
+    clock = Clock()
+    recorder = events.EventRecorder("node-a", api.poster, clock=clock, burst=10)
+    observer = events.SyncEvents(recorder, "nftables")
+    web, evil = b.state(b.service("web"), ()), b.state(b.service("evil", cluster_ip="10.96.0.9"))
+    conflict = Conflict(
+        frontend="10.96.0.10:80/TCP", claimed_as="ExternalIP", held_by=web.name, held_as="ClusterIP"
+    )
+    plan = dataclasses.replace(
+        b.plan([web, evil]),
+        conflicts={evil.name: (conflict,)},
+        refused={web.name: "nft --check exited 1: value too large"},
+    )
+
+    def syncs() -> None:
+        for _ in range(3):  # the same state over three syncs: reported once
+            observer.plan_applied(plan, None, 0.01)  # type: ignore[arg-type]
+            clock.now += 1
+
+    with_api(api, recorder, syncs)
+    reasons = sorted(body["reason"] for _, body in api.received)
+    assert reasons == ["FrontendConflict", "ServicePortRefused"]
+    messages = " ".join(body["message"] for _, body in api.received)
+    assert "default/web:http/TCP" in messages and "10.96.0.10:80/TCP" in messages
+    assert all(body["type"] == "Warning" for _, body in api.received)

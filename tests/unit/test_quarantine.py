@@ -17,6 +17,7 @@ import pytest
 from kpy import quarantine
 from kpy.agent import Agent
 from kpy.backend import BackendConfig, BackendError
+from kpy.metrics import Metrics
 from kpy.model import Plan, ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.fake_backend import FakeBackend
@@ -106,6 +107,9 @@ def test_one_refused_port_on_the_first_sync_costs_only_that_port(tmp_path: Path)
         assert len(attempts.sizes) <= 2 + 2 * math.ceil(math.log2(n))
         assert sum(attempts.sizes) <= 3 * n
         assert attempts.sizes[0] == 0
+        exposition = Metrics(agent).exposition().decode()
+        assert "kpy_service_ports_refused 1.0" in exposition
+        assert "kpy_service_port_refusals 1.0" in exposition
         # Later changes to good Services keep flowing, as partial syncs.
         write(tmp_path / "s3.yaml", "s3", "10.96.0.13", ["10.244.1.4", "10.244.1.99"])
         await until(lambda: len(backend.programmed["default/s3:http/TCP"].endpoints) == 2)
