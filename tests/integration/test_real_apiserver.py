@@ -1,0 +1,501 @@
+"""The kube source against a real kube-apiserver, etcd and kube-controller-manager.
+
+The control plane (``kpy.testing.realcluster``) runs in its own network namespace; the
+source runs on a thread that entered it. EndpointSlices here come from the real
+EndpointSlice controller, from Pods the test creates and marks ready as kubelet would.
+The binaries come from ``scripts/build-upstream.sh``; without them the tests skip — a
+failure under CI, whose setup builds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from kpy.sources import Event, EventType, Kind
+from kpy.sources.kube import REQUIRED_PERMISSIONS, BackoffPolicy, KubeSource, Timeouts, load_target
+from kpy.testing import realcluster
+from kpy.testing.realcluster import (
+    ApiError,
+    ControlPlane,
+    Partition,
+    kubeconfig,
+    load_manifests,
+    pod,
+    running_status,
+)
+from tests.conftest import require_root
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+DAEMONSET = REPO / "deploy" / "daemonset.yaml"
+FAST = BackoffPolicy(initial=0.05, maximum=1.0)
+NODE = "node-a"
+NODE_IP = "192.168.0.2"
+_names = itertools.count(1)
+
+Key = tuple[Kind, str, str]
+
+
+class Sink:
+    """Keeps the state the source's events describe."""
+
+    def __init__(self) -> None:
+        self.state: dict[Key, dict[str, Any]] = {}
+        self.events: list[Event] = []
+        self.synced_count = 0
+        self.connections: list[tuple[bool, str]] = []
+
+    def event(self, event: Event) -> None:
+        self.events.append(event)
+        key = (event.kind, event.namespace, event.name)
+        if event.type is EventType.UPSERT:
+            self.state[key] = event.obj
+        else:
+            assert key in self.state, f"DELETE of an object never upserted: {key}"
+            del self.state[key]
+
+    def synced(self) -> None:
+        self.synced_count += 1
+
+    def connection(self, healthy: bool, reason: str = "") -> None:
+        self.connections.append((healthy, reason))
+
+    def names(self, kind: Kind, namespace: str) -> set[str]:
+        return {n for (k, ns, n) in self.state if k is kind and ns == namespace}
+
+    def slices(self, namespace: str, service: str) -> list[dict[str, Any]]:
+        return [
+            obj
+            for (k, ns, _), obj in self.state.items()
+            if k is Kind.ENDPOINT_SLICE
+            and ns == namespace
+            and obj["metadata"].get("labels", {}).get("kubernetes.io/service-name") == service
+        ]
+
+    def endpoints(self, namespace: str, service: str) -> dict[str, dict[str, Any]]:
+        """Pod name → the endpoint's conditions, over the Service's slices."""
+        return {
+            ep.get("targetRef", {}).get("name", ""): ep.get("conditions", {})
+            for s in self.slices(namespace, service)
+            for ep in s.get("endpoints") or []
+        }
+
+
+@pytest.fixture(scope="module")
+def plane() -> Iterator[ControlPlane]:
+    require_root()
+    missing = realcluster.missing_binaries()
+    if missing:
+        pytest.skip(
+            f"upstream binaries not built ({', '.join(missing)}): scripts/build-upstream.sh"
+        )
+    with realcluster.control_plane(f"kpy-cp{os.getpid()}") as cp:
+        cp.admin().create(node_object())
+        yield cp
+
+
+def node_object(name: str = NODE) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+    }
+
+
+def namespace(plane: ControlPlane) -> str:
+    name = f"t{os.getpid()}-{next(_names)}"
+    plane.admin().create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    # Pods need the namespace's default ServiceAccount, which the controller creates.
+    wait(lambda: _exists(plane, f"/api/v1/namespaces/{name}/serviceaccounts/default"))
+    return name
+
+
+def _exists(plane: ControlPlane, path: str) -> bool:
+    try:
+        plane.admin().get(path)
+    except ApiError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+def wait(check: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout * realcluster.load_factor()
+    delay = 0.02
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.3)
+
+
+async def until(check: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout * realcluster.load_factor()
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.02)
+
+
+def service(name: str, ns: str, selector: dict[str, str] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    if selector is not None:
+        spec["selector"] = selector
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec,
+    }
+
+
+def start_pod(plane: ControlPlane, name: str, ns: str, labels: dict[str, str], ip: str) -> None:
+    """Create a Pod bound to NODE and report it running and ready, as kubelet would."""
+    obj = pod(name, NODE, labels, [{"name": "http", "containerPort": 8080}], namespace=ns)
+    plane.admin().create(obj)
+    plane.admin().patch_status(obj, running_status([ip], NODE_IP))
+
+
+Scenario = Callable[[KubeSource, Sink], Awaitable[None]]
+
+
+def run(
+    plane: ControlPlane,
+    scenario: Scenario,
+    *,
+    config: Path | None = None,
+    **options: Any,
+) -> None:
+    """Run the kube source (admin credentials unless ``config``) beside ``scenario``."""
+
+    async def main() -> None:
+        target = load_target(kubeconfig=str(config or plane.admin_kubeconfig))
+        source = KubeSource(target, NODE, **{"backoff": FAST, "node_grace": 0.0, **options})
+        sink = Sink()
+        task = asyncio.create_task(source.run(sink))
+        try:
+            await scenario(source, sink)
+        finally:
+            task.cancel()
+            done = await asyncio.gather(task, return_exceptions=True)
+            assert isinstance(done[0], asyncio.CancelledError), done
+
+    plane.run_async(main)
+
+
+async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A blocking API call without stopping the source's event loop."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------- slices
+
+
+def test_slices_from_the_real_controller_follow_pods(plane: ControlPlane) -> None:
+    ns = namespace(plane)
+    api = plane.admin()
+    api.create(service("web", ns, {"app": "web"}))
+    start_pod(plane, "web-1", ns, {"app": "web"}, "10.244.0.11")
+    start_pod(plane, "web-2", ns, {"app": "web"}, "10.244.0.12")
+
+    async def scenario(source: KubeSource, sink: Sink) -> None:
+        await until(lambda: sink.synced_count == 1, what="synced")
+        assert (Kind.NODE, "", NODE) in sink.state
+        await until(
+            lambda: (
+                {n for n, c in sink.endpoints(ns, "web").items() if c.get("ready")}
+                == {"web-1", "web-2"}
+            ),
+            what="both pods ready in the controller's slice",
+        )
+        (slice_,) = sink.slices(ns, "web")
+        labels = slice_["metadata"]["labels"]
+        assert labels["endpointslice.kubernetes.io/managed-by"] == "endpointslice-controller.k8s.io"
+        assert slice_["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP"}]
+        assert {ep["nodeName"] for ep in slice_["endpoints"]} == {NODE}
+
+        # kubelet reports web-2 unready: not ready, not serving, not terminating
+        obj = pod("web-2", NODE, {"app": "web"}, namespace=ns)
+        await call(api.patch_status, obj, running_status(["10.244.0.12"], NODE_IP, ready=False))
+        await until(
+            lambda: (
+                sink.endpoints(ns, "web").get("web-2")
+                == {"ready": False, "serving": False, "terminating": False}
+            ),
+            what="web-2 unready",
+        )
+        # web-1 deleted with a grace period: terminating, still serving while it drains
+        await call(api.delete, pod("web-1", NODE, {}, namespace=ns), grace=30)
+        await until(
+            lambda: (
+                sink.endpoints(ns, "web").get("web-1")
+                == {"ready": False, "serving": True, "terminating": True}
+            ),
+            what="web-1 terminating and serving",
+        )
+        # ... and gone when kubelet confirms the containers stopped
+        await call(api.delete, pod("web-1", NODE, {}, namespace=ns), grace=0)
+        await until(lambda: "web-1" not in sink.endpoints(ns, "web"), what="web-1 removed")
+
+    run(plane, scenario)
+
+
+def test_more_than_100_endpoints_split_into_several_slices(plane: ControlPlane) -> None:
+    ns = namespace(plane)
+    plane.admin().create(service("big", ns, {"app": "big"}))
+    with ThreadPoolExecutor(4) as pool:
+        list(
+            pool.map(
+                lambda i: start_pod(plane, f"big-{i}", ns, {"app": "big"}, f"10.244.1.{i + 1}"),
+                range(130),
+            )
+        )
+
+    async def scenario(source: KubeSource, sink: Sink) -> None:
+        await until(lambda: len(sink.endpoints(ns, "big")) == 130, what="130 endpoints")
+        sizes = sorted(len(s["endpoints"]) for s in sink.slices(ns, "big"))
+        assert len(sizes) >= 2 and max(sizes) <= 100, sizes
+
+    run(plane, scenario)
+
+
+# --------------------------------------------------------------------------- RBAC
+
+
+def apply_rbac(plane: ControlPlane) -> None:
+    kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+    for obj in load_manifests(DAEMONSET):
+        if obj["kind"] in kinds:
+            plane.admin().apply(obj)
+
+
+def test_daemonset_manifest_passes_a_server_side_dry_run(plane: ControlPlane) -> None:
+    objects = load_manifests(DAEMONSET)
+    assert {o["kind"] for o in objects} >= {"ServiceAccount", "ClusterRole", "DaemonSet"}
+    for obj in objects:
+        answer = plane.admin().apply(obj, dry_run=True)
+        assert answer["kind"] == obj["kind"], answer
+
+
+def test_the_daemonsets_service_account_is_allowed_what_kpy_needs(
+    plane: ControlPlane, tmp_path: Path
+) -> None:
+    apply_rbac(plane)
+    token = plane.service_account_token("kube-system", "kpy")
+    agent = plane.token_client(token)
+    for group, resource, verbs in REQUIRED_PERMISSIONS:
+        for verb in verbs:
+            review = agent.request(
+                "POST",
+                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                {
+                    "apiVersion": "authorization.k8s.io/v1",
+                    "kind": "SelfSubjectAccessReview",
+                    "spec": {"resourceAttributes": {"group": group, "resource": resource,
+                                                    "verb": verb}},
+                },
+            )  # fmt: skip
+            assert review["status"]["allowed"], (group, resource, verb, review["status"])
+    agent.close()
+    config = kubeconfig(tmp_path / "kpy.kubeconfig", plane.url, plane.pki.ca, token=token)
+
+    async def scenario(source: KubeSource, sink: Sink) -> None:
+        await until(lambda: sink.synced_count == 1, what="synced with the agent's token")
+        assert (Kind.SERVICE, "default", "kubernetes") in sink.state
+        assert all(healthy for healthy, _ in sink.connections)
+        # the agent's Events about its Node (kpy.events): create, then patch
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{NODE}.kpy-test", "namespace": "default"},
+            "involvedObject": {"kind": "Node", "name": NODE},
+            "reason": "KpyTest",
+            "message": "from the agent's service account",
+            "type": "Normal",
+            "count": 1,
+        }
+        await source.post("/api/v1/namespaces/default/events", event)
+        await source.patch(f"/api/v1/namespaces/default/events/{NODE}.kpy-test", {"count": 2})
+
+    run(plane, scenario, config=config)
+
+
+def test_a_cluster_role_without_watch_is_refused_and_reported(
+    plane: ControlPlane, tmp_path: Path
+) -> None:
+    api = plane.admin()
+    api.apply({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": "kpy-nowatch", "namespace": "kube-system"}})  # fmt: skip
+    api.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "kpy-nowatch"},
+            "rules": [
+                {"apiGroups": [""], "resources": ["services", "nodes"], "verbs": ["list", "watch"]},
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["list"],
+                },
+            ],
+        }
+    )
+    api.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "kpy-nowatch"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "kpy-nowatch",
+            },
+            "subjects": [
+                {"kind": "ServiceAccount", "name": "kpy-nowatch", "namespace": "kube-system"}
+            ],
+        }
+    )
+    token = plane.service_account_token("kube-system", "kpy-nowatch")
+    config = kubeconfig(tmp_path / "nowatch.kubeconfig", plane.url, plane.pki.ca, token=token)
+
+    async def scenario(source: KubeSource, sink: Sink) -> None:
+        await until(
+            lambda: any(not ok and "403" in why for ok, why in sink.connections),
+            what="a 403 reported as a connection problem",
+        )
+
+    run(plane, scenario, config=config)
+
+
+# --------------------------------------------------------------------------- history
+
+
+def test_watch_resumes_across_an_apiserver_restart(plane: ControlPlane) -> None:
+    ns = namespace(plane)
+    api = plane.admin()
+    api.create(service("before", ns))
+
+    async def scenario(source: KubeSource, sink: Sink) -> None:
+        await until(lambda: sink.names(Kind.SERVICE, ns) == {"before"}, what="first list")
+        deleted = len([e for e in sink.events if e.type is EventType.DELETE])
+        await call(plane.restart_apiserver)
+        await call(api.create, service("after", ns))
+        await until(lambda: sink.names(Kind.SERVICE, ns) == {"before", "after"}, what="after")
+        await until(lambda: bool(sink.connections) and sink.connections[-1][0], what="up again")
+        assert any(not ok for ok, _ in sink.connections), "the restart was not noticed"
+        assert len([e for e in sink.events if e.type is EventType.DELETE]) == deleted
+        assert source.services.watches >= 2
+
+    run(plane, scenario)
+
+
+def test_410_after_compaction_relists_and_deletes_what_vanished(plane: ControlPlane) -> None:
+    """Cut off from its API server, the agent misses a deletion; etcd compacts that
+    history and the API server restarts (its watch cache now starts after the agent's
+    resourceVersion). Back online, the watch gets 410 Gone, the source relists, and
+    the Service deleted meanwhile disappears."""
+    ns = namespace(plane)
+    api = plane.admin()
+    api.create(service("kept", ns))
+    api.create(service("doomed", ns))
+    link = Partition(plane.netns, 6444, ("127.0.0.1", 6443))
+    config = plane.dir / "partition.kubeconfig"
+    pki = plane.pki
+    kubeconfig(
+        config, "https://127.0.0.1:6444", pki.ca, cert=pki.cert("admin"), key=pki.key("admin")
+    )
+
+    async def scenario(source: KubeSource, sink: Sink) -> None:
+        await until(lambda: sink.names(Kind.SERVICE, ns) == {"kept", "doomed"}, what="list")
+        seen_rv = int(source.services.resource_version)
+        link.cut()
+        await until(lambda: bool(sink.connections) and not sink.connections[-1][0], what="cut")
+        await call(api.delete, service("doomed", ns))
+        await call(api.create, service("born", ns))
+        revision = await call(plane.compact)
+        assert revision > seen_rv
+        await call(plane.restart_apiserver)
+        link.heal()
+        await until(lambda: sink.names(Kind.SERVICE, ns) == {"kept", "born"}, what="relist")
+        assert source.services.lists >= 2
+
+    try:
+        with capture_logs() as logs:
+            run(plane, scenario, config=config)
+    finally:
+        link.close()
+    expired = [e for e in logs if e["event"] == "kube_watch_expired" and e["kind"] == "Service"]
+    assert expired, "no 410 was seen"
+
+
+def test_bookmarks_advance_the_resource_version_without_changes(plane: ControlPlane) -> None:
+    """The Node watch selects one Node by name; another Node's change reaches it only as
+    a BOOKMARK, which the API server sends before the watch's timeout."""
+    other = f"other-{os.getpid()}-{next(_names)}"
+
+    async def scenario(source: KubeSource, sink: Sink) -> None:
+        await until(lambda: sink.synced_count == 1, what="synced")
+        node_events = [e for e in sink.events if e.kind is Kind.NODE]
+        created = await call(plane.admin().create, node_object(other))
+        rv = int(created["metadata"]["resourceVersion"])
+        await until(lambda: int(source.node.resource_version) >= rv, what="a bookmark")
+        assert [e for e in sink.events if e.kind is Kind.NODE] == node_events
+        assert (Kind.NODE, "", other) not in sink.state
+
+    try:
+        run(plane, scenario, timeouts=Timeouts(watch=5, watch_grace=10))
+    finally:
+        plane.admin().delete(node_object(other))
+
+
+def test_paged_list_of_10000_services(plane: ControlPlane) -> None:
+    ns = namespace(plane)
+    count = 10_000
+
+    def create(indexes: range) -> None:
+        client = realcluster.Client(plane.netns, "127.0.0.1", 6443, plane.context())
+        try:
+            for i in indexes:
+                obj = service(f"s{i}", ns)
+                obj["spec"]["clusterIP"] = "None"  # no address allocation: headless
+                client.create(obj)
+        finally:
+            client.close()
+
+    workers = 4
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(create, [range(w, count, workers) for w in range(workers)]))
+
+    async def scenario(source: KubeSource, sink: Sink) -> None:
+        await until(lambda: sink.synced_count == 1, timeout=120, what="synced")
+        assert len(sink.names(Kind.SERVICE, ns)) == count
+        assert source.services.lists == 1
+
+    try:
+        with capture_logs() as logs:
+            run(plane, scenario, page_size=500)
+        listed = [e for e in logs if e["event"] == "kube_listed" and e["kind"] == "Service"]
+        assert listed and listed[0]["objects"] >= count
+    finally:
+        plane.admin().request(
+            "DELETE", f"/api/v1/namespaces/{ns}", ok=(200, 202)
+        )  # the namespace controller removes the rest
+
+
+def test_build_script_pins_the_release_this_module_expects() -> None:
+    text = (REPO / "scripts" / "build-upstream.sh").read_text(encoding="utf-8")
+    assert f"KUBE_VERSION=${{KPY_KUBE_VERSION:-{realcluster.KUBE_VERSION}}}" in text
+    assert f"ETCD_VERSION=${{KPY_ETCD_VERSION:-{realcluster.ETCD_VERSION}}}" in text
