@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Protocol, runtime_checkable
 
-from kpy.model import IPAddress, IPNetwork, Plan, ServicePortState
+from kpy.model import IPAddress, IPNetwork, NodeInfo, Plan, ServicePortState
 
 ENTRY_POINT_GROUP = "kpy.backends"
 
@@ -29,12 +29,33 @@ class BackendConfig:
     masquerade_all: bool = False
     netns: str | None = None  # run every kernel command in this named network namespace
     options: tuple[tuple[str, str], ...] = ()  # backend-specific flags, e.g. ("scheduler", "rr")
+    # What the Node itself says (filled in by :meth:`for_node` from the Plan's node):
+    node_addresses: tuple[IPAddress, ...] = ()  # InternalIP then ExternalIP
 
     def option(self, key: str, default: str | None = None) -> str | None:
         for k, v in self.options:
             if k == key:
                 return v
         return default
+
+    def for_node(self, node: NodeInfo) -> BackendConfig:
+        """This configuration with what ``node`` says about itself filled in (a backend
+        renders with it; a change of the node's addresses means a full sync)."""
+        if node.addresses == self.node_addresses:
+            return self
+        return replace(self, node_addresses=node.addresses)
+
+    def all_node_ips(self) -> tuple[IPAddress, ...]:
+        """Every address of this node: the configured ones, then the Node's."""
+        return tuple(dict.fromkeys((*self.node_ips, *self.node_addresses)))
+
+    def primary_ip(self, version: int) -> IPAddress | None:
+        """The node's primary IP of one family (upstream's ``nodeIP``): the first
+        configured one of that family, else the Node's first."""
+        for ip in self.all_node_ips():
+            if ip.version == version:
+                return ip
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

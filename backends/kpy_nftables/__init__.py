@@ -74,6 +74,10 @@ class NftablesBackend:
         return self._nft.probe() or netlink_read.ping(self.config.netns)
 
     async def apply(self, plan: Plan) -> ApplyResult:
+        config = self.config.for_node(plan.node)
+        if config != self.config:  # the Node's addresses and pod CIDRs render into rules
+            self.config, self._base = config, render.base_objects(config)
+            self._needs_full = True
         full = plan.full_sync or self._needs_full
         started = time.monotonic()
         try:
