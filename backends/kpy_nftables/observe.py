@@ -53,6 +53,7 @@ class Observed:
     counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     endpoint_ips: list[tuple[str, str, str]] = field(default_factory=list)
     fw_targets: set[tuple[str, str]] = field(default_factory=set)  # (family, chain)
+    chain_ids: list[tuple[str, str, str, str]] = field(default_factory=list)  # + its key
 
 
 def _verdict(data: JSON) -> str:
@@ -127,13 +128,6 @@ def parse(documents: Iterable[JSON], rules: RuleCounts | None = None) -> Observe
         owner = render.parse_chain_label(name) or NODE_VIEW
         if fingerprint is None:
             result.drift[owner].append(f"{key}: no fingerprint")
-        if rules is not None:
-            count, digest = rules.get((family, table, name), NO_RULES)
-            result.rules[key] = (count, digest)
-            want = rule_count(fingerprint) if fingerprint else None
-            if want is not None and count != want:
-                value = f"{fingerprint} but {count} rules"
-                result.drift[owner].append(f"{key}: {count} of {want} rules")
         if (
             name.startswith("firewall-")
             and owner != NODE_VIEW
@@ -141,8 +135,26 @@ def parse(documents: Iterable[JSON], rules: RuleCounts | None = None) -> Observe
         ):
             result.drift[owner].append(f"{key}: no firewall-ips element uses it")
         result.values[key] = value
+        result.chain_ids.append((family, table, name, key))
     _check(result, unclaimed)
+    if rules is not None:
+        check_rules(result, rules)
     return result
+
+
+def check_rules(result: Observed, rules: RuleCounts) -> None:
+    """Record what every chain of ``result`` holds (``rules``: read after, or while,
+    the rest was), and give a chain holding another number of rules than its
+    fingerprint records a value no render produces (drift)."""
+    for family, table, name, key in result.chain_ids:
+        count, digest = rules.get((family, table, name), NO_RULES)
+        result.rules[key] = (count, digest)
+        value = result.values[key]
+        want = rule_count(value) if value != render.CHAIN_ONLY else None
+        if want is not None and count != want:
+            result.values[key] = f"{value} but {count} rules"
+            owner = render.parse_chain_label(name) or NODE_VIEW
+            result.drift[owner].append(f"{key}: {count} of {want} rules")
 
 
 def _check(result: Observed, unclaimed: set[tuple[str, str]]) -> None:
