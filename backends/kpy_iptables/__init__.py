@@ -105,7 +105,11 @@ class IptablesBackend:
 
     async def apply(self, plan: Plan) -> ApplyResult:
         # The Node's pod CIDRs tell pods apart in every externalTrafficPolicy Local chain.
-        full = plan.full_sync or self._needs_full or plan.node.pod_cidrs != self._ctx.pod_cidrs
+        full = (
+            plan.full_sync
+            or self._needs_full
+            or render.with_node(self._ctx, self.config, plan.node) != self._ctx
+        )
         started = time.monotonic()
         done: list[render.Restore] = []
         try:
@@ -228,8 +232,7 @@ class IptablesBackend:
         if families != self._ctx.families:
             log.warning("iptables_family_unavailable", families=families)
             self._ctx = dataclasses.replace(self._ctx, families=families)
-        if plan.node.pod_cidrs != self._ctx.pod_cidrs:
-            self._ctx = dataclasses.replace(self._ctx, pod_cidrs=plan.node.pod_cidrs)
+        self._ctx = render.with_node(self._ctx, self.config, plan.node)
         self._ports = render.render(plan, self._ctx)
         self._want = render.desired(self._ctx, self._ports)
         now = self._clock()
@@ -368,8 +371,10 @@ class IptablesBackend:
                     p for p, r in enumerate(rules.get((t, chain), []), 1) if owned(r.target)
                 ]
                 lines += [f"-D {chain} {p}" for p in reversed(positions)]
-            lines += [f":{name} - [0:0]" for name in mine]
-            first.append("\n".join([*lines, "COMMIT"]))
+            first.append("\n".join([*lines, "COMMIT"]))  # the jumps first: nothing reaches kpy's
+            for i in range(0, len(mine), render.CHUNK_LINES):  # one big flush is superlinear
+                chunk = mine[i : i + render.CHUNK_LINES]
+                first.append("\n".join([f"*{table}", *(f":{n} - [0:0]" for n in chunk), "COMMIT"]))
             for i in range(0, len(mine), DELETE_CHUNK):
                 chunk = mine[i : i + DELETE_CHUNK]
                 deletes.append("\n".join([f"*{table}", *(f"-X {n}" for n in chunk), "COMMIT"]))
