@@ -7,7 +7,9 @@ JSON through the tracker to the kernel:
 * one-endpoint change: an EndpointSlice event → tracker → plan → transaction applied
   (p50/p90 of 100 changes) and the bytes of that transaction;
 * restart adoption: a new backend's first full sync against the programmed tables
-  (reads chains, maps and fingerprints back; sends nothing);
+  (reads chains, maps, fingerprints and every chain's rules back; sends nothing);
+* periodic full sync: the running backend's full sync after the changes below (reads
+  everything back and compares every chain's rules with what it wrote; sends nothing);
 * first-connection latency to a ClusterIP: new TCP connections from the node namespace
   to Service 0, answered by a server in a pod namespace (median of 300), with all N
   Services programmed and with Service 0 alone — three turns each in the same process
@@ -152,6 +154,16 @@ def measure(n: int) -> dict[str, Any]:
             samples.append(time.perf_counter() - start)
             sizes.append(r.size)
 
+        # The periodic full sync of the running agent: everything read back and
+        # compared, every chain's rules with the digest recorded when it was written.
+        tracker.request_full_sync()
+        full_plan = tracker.checkout()
+        start = time.perf_counter()
+        resynced = asyncio.run(backend.apply(full_plan))
+        resync = time.perf_counter() - start
+        assert resynced.ops == 0, resynced
+        del full_plan
+
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         # First-connection latency with all N Services and with Service 0 alone, in
         # turns in this process and namespace (run-to-run noise between processes is
@@ -171,6 +183,7 @@ def measure(n: int) -> dict[str, Any]:
         "cold_sync_s": round(cold, 3),
         "cold_bytes": cold_bytes,
         "adopt_s": round(adopt, 3),
+        "resync_s": round(resync, 3),
         "change_p50_ms": round(statistics.median(samples) * 1000, 2),
         "change_p90_ms": round(statistics.quantiles(samples, n=10)[8] * 1000, 2),
         "change_bytes_p50": int(statistics.median(sizes)),
@@ -185,14 +198,16 @@ def main() -> None:
     if results is None:
         return
     print(
-        "| services | cold sync (s) | cold bytes | restart adoption (s) | one change p50 (ms) "
+        "| services | cold sync (s) | cold bytes | restart adoption (s) | periodic full sync (s) "
+        "| one change p50 (ms) "
         "| p90 (ms) | change bytes | first connection (ms) | same, Service 0 alone (ms) "
         "| peak RSS (MB) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
             f"| {r['services']} | {r['cold_sync_s']} | {r['cold_bytes']} | {r['adopt_s']} "
+            f"| {r['resync_s']} "
             f"| {r['change_p50_ms']} | {r['change_p90_ms']} | {r['change_bytes_p50']} "
             f"| {r['connect_ms']} | {r['connect_1_ms']} | {r['peak_rss_mb']} |"
         )
