@@ -145,20 +145,24 @@ class UserspaceBackend:
                 if key.startswith("listener/"):
                     continue
                 objects.setdefault(key, value)
+            closed = []
             for fe in table.listening():
                 if fe.key in snap.listeners:
                     objects[f"listener/{fe.key}"] = f"{name} {table.disposition(fe)}"
+                else:
+                    closed.append(str(fe.key))
+            extra = {
+                "listeners": str(stats.listeners),
+                "active": str(stats.active),
+                "connections": str(stats.connections),
+                "bytes_in": str(stats.bytes_in),
+                "bytes_out": str(stats.bytes_out),
+                "affinity": "ClientIP" if table.affinity_timeout is not None else "None",
+            }
+            if closed:  # reopened by the next full sync
+                extra["drift"] = f"not listening on {', '.join(sorted(closed))}"
             services[str(name)] = ServiceView(
-                frontends=table.view.frontends,
-                endpoints=table.view.endpoints,
-                extra={
-                    "listeners": str(stats.listeners),
-                    "active": str(stats.active),
-                    "connections": str(stats.connections),
-                    "bytes_in": str(stats.bytes_in),
-                    "bytes_out": str(stats.bytes_out),
-                    "affinity": "ClientIP" if table.affinity_timeout is not None else "None",
-                },
+                frontends=table.view.frontends, endpoints=table.view.endpoints, extra=extra
             )
         return Programmed(backend=self.name, objects=objects, services=services)
 

@@ -99,7 +99,7 @@ class PortStats:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Snapshot:
     addresses: frozenset[IPAddress]  # this backend's addresses on lo, read from the kernel
-    listeners: frozenset[ListenKey]
+    listeners: frozenset[ListenKey]  # the ones still listening
     ports: Mapping[ServicePortName, PortStats]
 
 
@@ -579,6 +579,15 @@ class _Listener:
             self.udp.close()
         self.sock.close()
 
+    @property
+    def alive(self) -> bool:
+        """Still listening: its socket open and (TCP) still accepting. A listener closed
+        behind the proxy's back (its socket closed, its server stopped) is drift: not
+        counted by a snapshot, reopened by the next full sync."""
+        if self.sock.fileno() == -1:
+            return False
+        return self.server is None or self.server.is_serving()
+
 
 def _set_filter(sock: socket.socket, key: ListenKey, spec: _FilterSpec) -> None:
     attach_filter(sock, None if spec is None else filter_program(key.family, spec[1] or None))
@@ -865,6 +874,13 @@ class Proxy:
             port.listening.discard(key)
         for key, frontend in sorted(wanted.items()):
             listener = self.listeners.get(key)
+            if listener is not None and not listener.alive and listener.owner == table.name:
+                log.warning(
+                    "userspace_listener_reopened", service=str(table.name), frontend=str(key)
+                )
+                self._close_listener(key, result)
+                port.listening.discard(key)
+                listener = None
             if listener is not None and listener.owner != table.name:
                 log.warning(
                     "userspace_frontend_conflict",
@@ -923,7 +939,8 @@ class Proxy:
             )
             for name, port in self.ports.items()
         }
-        return Snapshot(addresses=frozenset(ours), listeners=frozenset(self.listeners), ports=ports)
+        alive = frozenset(k for k, listener in self.listeners.items() if listener.alive)
+        return Snapshot(addresses=frozenset(ours), listeners=alive, ports=ports)
 
     async def remove_all(self) -> int:
         """Close everything and remove every address of ours on ``lo`` (cleanup)."""
