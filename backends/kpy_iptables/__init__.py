@@ -316,7 +316,6 @@ class IptablesBackend:
 
     async def _remember(self, steps: list[_Step], full: bool) -> None:
         """Read back the whole chains a sync wrote and record their digests (nft)."""
-        wanted = {(k.family, k.table, k.chain) for k in self._want if not k.rule}
         touched: set[held_.ChainId] = set()
         for step in steps:
             if step.change is None:
@@ -326,7 +325,8 @@ class IptablesBackend:
                     touched.add((key.family, key.table, key.chain))
             for key, _rules in step.change.removed:
                 self._record.pop((key.family, key.table, key.chain), None)
-        if full:
+        if full:  # (a walk over every wanted key: never on a partial sync)
+            wanted = {(k.family, k.table, k.chain) for k in self._want if not k.rule}
             for cid in list(self._record):
                 if cid not in wanted:
                     del self._record[cid]
