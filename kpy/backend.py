@@ -49,6 +49,10 @@ class BackendConfig:
         """Every address of this node: the configured ones, then the Node's."""
         return tuple(dict.fromkeys((*self.node_ips, *self.node_addresses)))
 
+    def primary_ips(self) -> tuple[IPAddress, ...]:
+        """The primary IP of each family the node has (IPv4 first)."""
+        return tuple(ip for v in (4, 6) if (ip := self.primary_ip(v)) is not None)
+
     def primary_ip(self, version: int) -> IPAddress | None:
         """The node's primary IP of one family (upstream's ``nodeIP``): the first
         configured one of that family, else the Node's first."""

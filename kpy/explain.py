@@ -292,10 +292,16 @@ def explain(plan: Plan, packet: Packet, options: Options | None = None) -> Expla
     }
 
     if frontend is Frontend.LOAD_BALANCER_IP and svc.load_balancer_source_ranges:
-        if not _in(packet.src, svc.load_balancer_source_ranges):
+        primary = options_config(node.name, options).for_node(node).primary_ips()
+        if _in(packet.src, svc.load_balancer_source_ranges):
+            reasons.append("source_range_allowed")
+        elif _in(packet.src, svc.firewall_sources(primary)):
+            # upstream: a range holds the node's primary IP, so the LB IP itself (the
+            # node reaching its own VIP, a load balancer's SNATed hairpin) is let in
+            reasons.append("source_is_load_balancer_ip")
+        else:
             reasons.append("source_range_denied")
             return Explanation(verdict=Verdict.DROP, reasons=tuple(reasons), **common)  # type: ignore[arg-type]
-        reasons.append("source_range_allowed")
 
     cluster = _cluster_set(state, node)
     masquerade_reasons: list[str] = []

@@ -131,6 +131,28 @@ class ServicePort:
     def ips(self, family: IPFamily) -> tuple[IPAddress, ...]:
         return tuple(ip for ip in self.cluster_ips if IPFamily.of(ip) is family)
 
+    def firewall_sources(self, primary_ips: tuple[IPAddress, ...]) -> tuple[IPNetwork, ...]:
+        """The sources this Service's load-balancer IPs accept when it has
+        ``loadBalancerSourceRanges``, as upstream kube-proxy's firewall rules: the
+        ranges, and — for a family where a range holds the node's primary IP
+        (``primary_ips``, one per family) — the Service's own load-balancer IPs. A
+        VIP-like load balancer's IP is often a local address of the node: the node
+        reaching it, or a load balancer that SNATs hairpin traffic to it, has the LB IP
+        as its source. An LB IP a range already holds is not repeated."""
+        ranges = self.load_balancer_source_ranges
+        allowed = list(ranges)
+        for ip in self.load_balancer_ips:
+            node_allowed = any(
+                node.version == ip.version and _within(node, ranges) for node in primary_ips
+            )
+            if node_allowed and not _within(ip, ranges):
+                allowed.append(ipaddress.ip_network(ip))
+        return tuple(allowed)
+
+
+def _within(ip: IPAddress, nets: tuple[IPNetwork, ...]) -> bool:
+    return any(ip.version == n.version and ip in n for n in nets)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Endpoint:

@@ -24,6 +24,7 @@ Nothing here does I/O: :func:`restore` turns a :class:`~kpy.diff.Diff` of object
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -125,6 +126,7 @@ class Context:
     nodeport_addresses: tuple[IPNetwork, ...] = ()
     masquerade_all: bool = False
     families: tuple[int, ...] = FAMILIES  # 6 left out where the host has no ip6tables
+    primary_ips: tuple[IPAddress, ...] = ()  # the node's primary IP per family
 
     def cidrs(self, family: int) -> tuple[IPNetwork, ...]:
         return tuple(c for c in self.cluster_cidrs if c.version == family)
@@ -143,13 +145,22 @@ class Context:
 
 
 def context(config: BackendConfig, node: NodeInfo | None = None) -> Context:
-    """The render context of ``config`` on ``node`` (whose pod CIDRs tell pods apart)."""
+    """The render context of ``config`` on ``node`` (whose pod CIDRs tell pods apart,
+    and whose addresses tell the node's primary IPs)."""
+    if node is not None:
+        config = config.for_node(node)
     return Context(
         cluster_cidrs=config.cluster_cidrs,
         pod_cidrs=node.pod_cidrs if node is not None else (),
         nodeport_addresses=config.nodeport_addresses,
         masquerade_all=config.masquerade_all,
+        primary_ips=config.primary_ips(),
     )
+
+
+def with_node(ctx: Context, config: BackendConfig, node: NodeInfo) -> Context:
+    """``ctx`` (its families kept) for ``node``: a change means a full sync."""
+    return dataclasses.replace(context(config, node), families=ctx.families)
 
 
 # --- rule text ----------------------------------------------------------------------------
@@ -304,7 +315,8 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
     vips = svc.ips(fam)
     externals = [ip for ip in svc.external_ips if ip.version == family]
     lbs = [ip for ip in svc.load_balancer_ips if ip.version == family]
-    ranges = [r for r in svc.load_balancer_source_ranges if r.version == family]
+    sources = svc.firewall_sources(ctx.primary_ips) if svc.load_balancer_source_ranges else ()
+    ranges = [str(r) for r in sources if r.version == family]
 
     port_hash = _hash(name)
     svc_chain = f"KPY-SVC-{port_hash}"

@@ -213,6 +213,7 @@ class Context:
     masquerade_all: bool = False
     node: NodeInfo | None = None  # the cluster-wide endpoint set follows its topology
     mark_mask: int = SHORT_MARK_MASK  # short-circuit marks (option ``ipvs_mark_mask``)
+    primary_ips: tuple[IPAddress, ...] = ()  # the node's primary IP per family
 
     @property
     def mark_shift(self) -> int:
@@ -260,6 +261,7 @@ def context(config: BackendConfig, node: NodeInfo) -> Context:
         masquerade_all=config.masquerade_all,
         node=node,
         mark_mask=mark_mask(config.option(MARK_MASK_OPTION)),
+        primary_ips=config.for_node(node).primary_ips(),
     )
 
 
@@ -410,8 +412,9 @@ def render_port(state: ServicePortState, ctx: Context, mark: int = 0) -> PortObj
         Element(set=set_name("LOOPBACK", ep.ip.version), value=f"{ep.ip},{proto}:{ep.port},{ep.ip}")
         for ep in served
     )
+    sources = svc.firewall_sources(ctx.primary_ips) if svc.load_balancer_source_ranges else ()
     for ip in svc.load_balancer_ips:
-        ranges = [r for r in svc.load_balancer_source_ranges if r.version == ip.version]
+        ranges = [r for r in sources if r.version == ip.version]
         if not ranges:
             continue
         value = _frontend_value(ip, svc.protocol, svc.port)

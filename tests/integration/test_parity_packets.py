@@ -1,0 +1,135 @@
+"""Real packets for kube-proxy parity items, through the nftables and iptables backends.
+
+Each class programs its own Services in a namespace topology of its own
+(:mod:`kpy.testing.netns`) and checks what real connections do, next to what the
+backend's packet trace says about the same packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+from collections.abc import Callable, Iterator
+
+import pytest
+from kpy_iptables import IptablesBackend
+from kpy_iptables import trace as ipt_trace
+from kpy_nftables import NftablesBackend
+from kpy_nftables import trace as nft_trace
+
+from kpy import explain as ex
+from kpy.backend import Backend, BackendConfig
+from kpy.model import Plan, ServicePortState
+from kpy.testing import builders as b
+from kpy.testing.netns import POD_A, Topology, ip, tcp, topology
+from kpy.testing.packets import NODE, config_for
+
+pytestmark = pytest.mark.root
+
+Factory = Callable[[BackendConfig], Backend]
+
+
+def _iptables(mode: str) -> Factory:
+    def make(config: BackendConfig) -> Backend:
+        options = (*config.options, ("iptables_mode", mode))
+        return IptablesBackend(dataclasses.replace(config, options=options))
+
+    return make
+
+
+BACKENDS: dict[str, tuple[Factory, ex.Tracer]] = {
+    "nftables": (NftablesBackend, nft_trace.trace),
+    "iptables-nft": (_iptables("nft"), ipt_trace.trace),
+    "iptables-legacy": (_iptables("legacy"), ipt_trace.trace),
+}
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[Topology]:
+    with topology("kpy-pp") as t:
+        yield t
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> tuple[Factory, ex.Tracer]:
+    return BACKENDS[request.param]
+
+
+def _program(
+    topo: Topology, factory: Factory, states: list[ServicePortState], **config: object
+) -> tuple[Backend, Plan, BackendConfig]:
+    cfg = dataclasses.replace(config_for(topo), **config)  # type: ignore[arg-type]
+    backend = factory(cfg)
+    plan = b.plan(states, node_info=NODE)
+    asyncio.run(backend.apply(plan))
+    return backend, plan, cfg
+
+
+def _traced(
+    tracer: ex.Tracer, plan: Plan, cfg: BackendConfig, src: str, dst: str, port: int, origin: str
+) -> ex.Verdict:
+    packet = ex.Packet(src=ipaddress.ip_address(src), dst=ipaddress.ip_address(dst), port=port)
+    return tracer(plan, packet, ex.Origin(origin), cfg).verdict
+
+
+# --- 1. LoadBalancer source ranges and the LB's own address ---------------------------------
+
+
+def _lb_states() -> list[ServicePortState]:
+    def lb(name: str, cluster_ip: str, lb_ip: str, ranges: str) -> ServicePortState:
+        svc = b.service(
+            name, cluster_ip=cluster_ip, type="LoadBalancer", lb_ips=[lb_ip], source_ranges=[ranges]
+        )
+        return b.state(svc, [b.endpoint(POD_A)], NODE)
+
+    return [
+        # a range holds the node's primary IP (192.168.50.2): the LB IP is a source too
+        lb("lb-open", "10.96.0.30", "172.18.0.50", "192.168.50.0/24"),
+        # no range holds it: the LB IP as a source is outside the ranges like any other
+        lb("lb-closed", "10.96.0.31", "172.18.0.51", "198.51.100.0/24"),
+    ]
+
+
+class TestLoadBalancerIPAsSource:
+    @pytest.fixture
+    def programmed(
+        self, topo: Topology, backend: tuple[Factory, ex.Tracer]
+    ) -> Iterator[tuple[Plan, BackendConfig]]:
+        factory, _ = backend
+        # the node holds both VIPs locally (a VIP-like load balancer's IP route)
+        ip("-n", topo.node, "addr", "replace", "172.18.0.51/32", "dev", "lo")
+        programmed, plan, cfg = _program(topo, factory, _lb_states())
+        try:
+            yield plan, cfg
+        finally:
+            asyncio.run(programmed.cleanup())
+
+    def test_the_node_reaches_its_local_lb_ip_when_a_range_holds_the_node(
+        self,
+        topo: Topology,
+        programmed: tuple[Plan, BackendConfig],
+        backend: tuple[Factory, ex.Tracer],
+    ) -> None:
+        plan, cfg = programmed
+        tracer = backend[1]
+        # the node's connection to its own VIP has the VIP as its source
+        assert _traced(tracer, plan, cfg, "172.18.0.50", "172.18.0.50", 80, "node") == (
+            ex.Verdict.FORWARD
+        )
+        # pod-a answers, not the node's own server on the VIP
+        assert tcp(topo.node, "172.18.0.50", 80).startswith("pod-a ")
+
+    def test_the_lb_ip_as_source_is_dropped_when_no_range_holds_the_node(
+        self,
+        topo: Topology,
+        programmed: tuple[Plan, BackendConfig],
+        backend: tuple[Factory, ex.Tracer],
+    ) -> None:
+        plan, cfg = programmed
+        tracer = backend[1]
+        assert _traced(tracer, plan, cfg, "172.18.0.51", "172.18.0.51", 80, "node") == (
+            ex.Verdict.DROP
+        )
+        with pytest.raises(TimeoutError):
+            tcp(topo.node, "172.18.0.51", 80, timeout=1.0)
