@@ -34,7 +34,9 @@ log = structlog.get_logger("kpy.sources.manifests")
 SUFFIXES = (".yaml", ".yml", ".json")
 KINDS = {k.value: k for k in Kind}
 
-MAX_FILE_BYTES = 4 << 20  # the API server takes objects up to ~1.5 MiB; a file may hold a few
+# Above the API server's ~1.5 MiB per object; a larger manifest is split into files.
+# What a file costs to parse is bounded by this: libyaml builds a 2 MiB file in ~1.5 s.
+MAX_FILE_BYTES = 2 << 20
 MAX_DEPTH = 64  # nesting; a Service, EndpointSlice or Node is about 8 deep
 MAX_NODES = 2_000_000  # values in one document, aliases expanded (a 4 MiB file has fewer)
 
@@ -133,20 +135,30 @@ def _documents(path: Path) -> list[Any]:
         loader.dispose()
 
 
-def _objects(docs: Iterable[Any]) -> Iterable[dict[str, Any]]:
+def _objects(docs: Iterable[Any], notes: list[str]) -> Iterable[dict[str, Any]]:
     for doc in docs:
         if not isinstance(doc, dict):
             continue
-        if (
-            isinstance(doc.get("kind"), str)
-            and doc["kind"].endswith("List")
-            and isinstance(doc.get("items"), list)
-        ):
-            list_kind = doc["kind"][: -len("List")]
-            for item in doc["items"]:
+        kind = doc.get("kind")
+        if not isinstance(kind, str):
+            notes.append(
+                "a document without kind"
+                if kind is None
+                else f"kind is {type(kind).__name__}, not a string"
+            )
+            continue
+        if kind.endswith("List") and "items" in doc:
+            items = doc["items"]
+            if not isinstance(items, list):
+                notes.append(f"a {kind} whose items are {type(items).__name__}, not a list")
+                continue
+            list_kind = kind[: -len("List")]
+            for index, item in enumerate(items):
                 if isinstance(item, dict):
                     item.setdefault("kind", list_kind)
                     yield item
+                else:
+                    notes.append(f"{kind} item {index} is {type(item).__name__}, not an object")
         else:
             yield doc
 
@@ -178,7 +190,7 @@ def read_file(path: Path, notes: list[str] | None = None) -> dict[ObjectKey, dic
     for index, doc in enumerate(docs):
         if not isinstance(doc, dict):
             skipped.append(f"document {index + 1} is {type(doc).__name__}, not an object")
-    for obj in _objects(docs):
+    for obj in _objects(docs, skipped):
         raw_kind = obj.get("kind", "")
         kind = KINDS.get(raw_kind) if isinstance(raw_kind, str) else None
         if kind is None:
@@ -231,6 +243,13 @@ class ManifestSource:
 
     def scan(self, sink: Sink) -> int:
         """Re-read changed files and emit the differences; returns the events emitted."""
+        self.refresh()
+        return self.emit(sink)
+
+    def refresh(self) -> None:
+        """Re-read the files that changed (no events: :meth:`emit` sends them). Touches
+        nothing but this source, so the agent runs it in a thread: parsing a large
+        file does not hold up the event loop."""
         files = files_in(self.paths)
         current = set(files)
         for gone in set(self._by_file) - current:
@@ -257,6 +276,9 @@ class ManifestSource:
             for note in notes:
                 log.warning("manifest_document_skipped", path=str(f), reason=note)
             self._stamps[f] = stamp
+
+    def emit(self, sink: Sink) -> int:
+        """Emit what differs from the objects last emitted; returns how many events."""
         merged: dict[ObjectKey, dict[str, Any]] = {}
         for objs in self._by_file.values():
             merged.update(objs)
@@ -284,10 +306,12 @@ class ManifestSource:
         return count
 
     async def run(self, sink: Sink) -> None:
-        self.scan(sink)
+        await asyncio.to_thread(self.refresh)
+        self.emit(sink)
         sink.synced()
         while True:
             await asyncio.sleep(self.interval)
-            count = self.scan(sink)
+            await asyncio.to_thread(self.refresh)
+            count = self.emit(sink)
             if count:
                 log.info("manifests_changed", events=count)

@@ -619,6 +619,11 @@ _ERROR_REASONS = {
 }
 
 
+def _namespace_of(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata")
+    return str(meta.get("namespace") or "") if isinstance(meta, dict) else ""
+
+
 def _kind_of(obj: Mapping[str, Any]) -> Resource:
     kind = obj.get("kind")
     if kind not in BY_KIND:
@@ -718,13 +723,13 @@ class FakeApiServer:
     def create(self, obj: Mapping[str, Any]) -> JSON:
         """Create ``obj`` (its ``kind`` picks the resource); returns the stored object."""
         resource = _kind_of(obj)
-        ns = str((obj.get("metadata") or {}).get("namespace") or "")
+        ns = _namespace_of(obj)
         return copy.deepcopy(self.store.create(resource, dict(obj), ns))
 
     def update(self, obj: Mapping[str, Any]) -> JSON:
         """Replace an object (as PUT). Without ``metadata.resourceVersion`` it always wins."""
         resource = _kind_of(obj)
-        ns = str((obj.get("metadata") or {}).get("namespace") or "")
+        ns = _namespace_of(obj)
         return copy.deepcopy(self.store.update(resource, dict(obj), ns))
 
     def apply(self, obj: Mapping[str, Any]) -> JSON:
