@@ -1,0 +1,123 @@
+"""The manifests source against files that cannot be read: each is one warning, the
+file is skipped, and the running agent keeps serving (it used to exit on a file nested
+100,000 deep)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+import structlog
+import yaml
+
+from kpy.agent import Agent
+from kpy.runner import RunnerTimes
+from kpy.sources import manifests
+from kpy.testing.fake_backend import FakeBackend
+from tests.unit.test_agent import until, write
+
+UNREADABLE = {
+    "deep.json": b"[" * 100_000 + b"]" * 100_000,
+    "deep.yaml": b"a: " + b"[" * 100_000 + b"]" * 100_000,
+    "deep-below-libyaml.yaml": b"a: " + b"[" * 900 + b"]" * 900,
+    "bomb.yaml": (
+        b"a: &a [x, x, x, x, x, x, x, x, x]\n"
+        + b"".join(
+            f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n".encode()
+            for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+        )
+    ),
+    "loop.yaml": b"a: &x [1, *x]\n",
+    "bad-utf8.yaml": b"kind: Service\nmetadata: {name: \xff}\n",
+    "tag.yaml": b"kind: !!python/object/apply:os.system [true]\n",
+    "syntax.json": b'{"kind": ',
+    "huge-int.json": b'{"port": ' + b"9" * 5000 + b"}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNREADABLE))
+def test_unreadable_files_are_one_error_each(name: str, tmp_path: Path) -> None:
+    (tmp_path / name).write_bytes(UNREADABLE[name])
+    objects, errors = manifests.load([tmp_path])
+    assert objects == {} and len(errors) == 1 and errors[0].path.endswith(name)
+    assert "\n" not in errors[0].reason and len(errors[0].reason) < 700
+
+
+def test_a_file_over_the_size_limit_is_not_read(tmp_path: Path) -> None:
+    (tmp_path / "big.yaml").write_bytes(b"#" * (manifests.MAX_FILE_BYTES + 1))
+    _, errors = manifests.load([tmp_path])
+    assert "larger than" in errors[0].reason
+
+
+def test_shape_limits() -> None:
+    manifests.check_shape([[[]]])
+    nested: list[object] = []
+    for _ in range(manifests.MAX_DEPTH + 1):
+        nested = [nested]
+    with pytest.raises(manifests.ManifestError, match="deeper"):
+        manifests.check_shape(nested)
+    shared = ["x"] * 100
+    with pytest.raises(manifests.ManifestError, match="aliases"):
+        manifests.check_shape([[shared] * 100] * 300)  # 3,000,000 values, 400 distinct
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(manifests.ManifestError, match="itself"):
+        manifests.check_shape(loop)
+
+
+def test_non_objects_and_nameless_objects_are_noted(tmp_path: Path) -> None:
+    (tmp_path / "odd.yaml").write_text(
+        "--- 42\n--- [a]\n--- {kind: Service, metadata: {namespace: x}}\n"
+        "--- {kind: ServiceList, items: [1]}\n--- {metadata: {name: x}}\n"
+    )
+    notes: list[str] = []
+    assert manifests.read_file(tmp_path / "odd.yaml", notes) == {}
+    assert len(notes) == 5, notes
+
+
+def test_the_running_agent_survives_unreadable_files(tmp_path: Path) -> None:
+    write(tmp_path / "web.yaml", "web", "10.96.0.10", ["10.244.1.5"])
+    backend = FakeBackend()
+
+    async def main() -> None:
+        agent = Agent(
+            node_name="node-a",
+            source=manifests.ManifestSource([tmp_path], interval=0.02),
+            backend=backend,
+            times=RunnerTimes(min_interval=0.01, full_interval=3600, backoff_initial=0.01),
+        )
+        task = asyncio.create_task(agent.run())
+        try:
+            await until(lambda: "default/web:http/TCP" in backend.programmed)
+            with structlog.testing.capture_logs() as logs:
+                for name, data in UNREADABLE.items():
+                    (tmp_path / name).write_bytes(data)
+                # An edit after the bad files still arrives: the source is alive.
+                write(tmp_path / "web.yaml", "web", "10.96.0.10", ["10.244.1.5", "10.244.1.6"])
+                await until(
+                    lambda: len(backend.programmed["default/web:http/TCP"].endpoints) == 2,
+                    timeout=30,
+                )
+                write(tmp_path / "api.yaml", "api", "10.96.0.11", ["10.244.1.7"])
+                await until(lambda: "default/api:http/TCP" in backend.programmed, timeout=30)
+            assert not task.done()
+            unreadable = [e for e in logs if e["event"] == "manifest_unreadable"]
+            assert sorted(Path(e["path"]).name for e in unreadable) == sorted(UNREADABLE)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+
+
+def test_yaml_documents_still_load(tmp_path: Path) -> None:
+    docs = [{"kind": "Service", "metadata": {"name": f"s{i}", "namespace": "a"}} for i in range(3)]
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump_all(docs))
+    (tmp_path / "list.json").write_text(
+        '{"kind": "ServiceList", "items": [{"metadata": {"name": "t"}}]}'
+    )
+    objects, errors = manifests.load([tmp_path])
+    assert errors == [] and len(objects) == 4
