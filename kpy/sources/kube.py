@@ -261,6 +261,12 @@ class Response:
                     size = int(line.split(b";", 1)[0], 16)
                 except ValueError:
                     raise ProtocolError(f"bad chunk size line {line[:40]!r}") from None
+                if size > MAX_EVENT_BYTES:  # read in pieces, never buffered whole
+                    async for piece in self._read(size):
+                        yield piece
+                    if await reader.readexactly(2) != b"\r\n":
+                        raise ProtocolError("chunk not terminated by CRLF")
+                    continue
                 if size == 0:
                     while await reader.readuntil(b"\r\n") != b"\r\n":
                         pass  # trailers
@@ -270,19 +276,25 @@ class Response:
                     raise ProtocolError("chunk not terminated by CRLF")
                 yield data[:-2]
         elif "content-length" in self.headers:
-            remaining = int(self.headers["content-length"])
-            while remaining > 0:
-                data = await reader.read(min(remaining, 1 << 20))
-                if not data:
-                    raise asyncio.IncompleteReadError(b"", remaining)
-                remaining -= len(data)
-                yield data
+            async for piece in self._read(int(self.headers["content-length"])):
+                yield piece
         else:
             while data := await reader.read(1 << 20):
                 yield data
 
-    async def body(self, limit: int = MAX_LIST_BYTES) -> bytes:
-        """The whole body; one longer than ``limit`` bytes raises ProtocolError."""
+    async def _read(self, remaining: int) -> AsyncIterator[bytes]:
+        """Exactly ``remaining`` bytes, in pieces of at most 1 MiB."""
+        while remaining > 0:
+            data = await self._reader.read(min(remaining, 1 << 20))
+            if not data:
+                raise asyncio.IncompleteReadError(b"", remaining)
+            remaining -= len(data)
+            yield data
+
+    async def body(self, limit: int | None = None) -> bytes:
+        """The whole body; one longer than ``limit`` bytes (default
+        :data:`MAX_LIST_BYTES`) raises ProtocolError."""
+        limit = MAX_LIST_BYTES if limit is None else limit
         chunks, size = [], 0
         async for chunk in self._chunks():
             size += len(chunk)
@@ -291,9 +303,11 @@ class Response:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def lines(self, limit: int = MAX_EVENT_BYTES) -> AsyncIterator[bytes]:
+    async def lines(self, limit: int | None = None) -> AsyncIterator[bytes]:
         """Newline-delimited records; a partial last record (a cut stream) raises. A
-        record longer than ``limit`` bytes is skipped (with a warning), not buffered."""
+        record longer than ``limit`` bytes (default :data:`MAX_EVENT_BYTES`) is skipped
+        with a warning, and not buffered."""
+        limit = MAX_EVENT_BYTES if limit is None else limit
         pending = b""
         dropping = False
         async for chunk in self._chunks():
@@ -752,7 +766,7 @@ class Reflector:
             log.warning(
                 "kube_watch_event_malformed",
                 kind=str(self.kind),
-                event=line[:200].decode("utf-8", "replace"),
+                line=line[:200].decode("utf-8", "replace"),
                 note="skipped",
             )
             return False
