@@ -432,12 +432,15 @@ class ChainReader:
         """The rules of each (table, chain), in order, decoded; a chain that does not
         exist is left out. All chains are read between two equal generation ids."""
         out: dict[tuple[str, str], list[NlRule]] = {}
-        for key, parts in self._dumps(family, chains).items():
-            got = out[key] = []
-            for data, _fam, start, end in _messages(parts):
-                decoded = decode_rule(data, start, end)
-                if decoded is not None and decoded[0] == key[1]:
-                    got.append(decoded[1])
+        try:
+            for key, parts in self._dumps(family, chains).items():
+                got = out[key] = []
+                for data, _fam, start, end in _messages(parts):
+                    decoded = decode_rule(data, start, end)
+                    if decoded is not None and decoded[0] == key[1]:
+                        got.append(decoded[1])
+        finally:
+            _EXPRESSIONS.clear()  # the cache lives for one read, not in the agent
         return out
 
     def prints(
