@@ -3,9 +3,9 @@
 The agent asks this when a transaction was refused, to find the service ports to blame
 (:mod:`kpy.quarantine`). A check renders the plan's ports as a node's first sync would —
 every chain and rule added — and hands each family's text to ``iptables-restore --test
---noflush`` in the node's namespace: the tool parses it and builds the transaction but
-commits nothing, so nothing is changed and no scratch namespace (which would need
-CAP_SYS_ADMIN) is needed.
+--noflush`` in the node's namespace (in batches of a few thousand lines, see
+:func:`texts`): the tool parses it and builds the transaction but commits nothing, so
+nothing is changed and no scratch namespace (which would need CAP_SYS_ADMIN) is needed.
 """
 
 from __future__ import annotations
@@ -20,12 +20,36 @@ from kpy.model import Plan
 from kpy_iptables import render
 from kpy_iptables.apply import tool
 
+BATCH_LINES = 2_500  # iptables-nft-restore slows down more than linearly past a few thousand
 
-def texts(plan: Plan, ctx: render.Context) -> dict[int, str]:
-    """Per family, the restore input that adds every object of ``plan``'s ports."""
-    want = render.desired(ctx, render.render(plan, ctx))
-    inputs = render.restores(diff.compute({}, want), None)
-    return {family: "".join(r.text for r in restores) for family, restores in inputs.items()}
+
+def texts(plan: Plan, ctx: render.Context) -> list[dict[int, str]]:
+    """Restore inputs that add every object of ``plan``'s ports: per batch, per family.
+
+    A port's chains reference only each other and the fixed chains, so the ports are
+    checked in batches of about :data:`BATCH_LINES` lines, each with the fixed part:
+    ``iptables-nft-restore`` takes many small inputs far faster than one large one
+    (10,000 Services in one input: ~20 s; in batches: linear).
+    """
+    fixed: render.Objects = {}
+    for family in ctx.families:
+        fixed.update(render.base(ctx, family))
+    batches: list[render.Objects] = []
+    batch: render.Objects = {}
+    lines = 0
+    for objs in render.render(plan, ctx).values():
+        if batch and lines >= BATCH_LINES:
+            batches.append(batch)
+            batch, lines = {}, 0
+        batch.update(objs)
+        lines += sum(1 + len(rules) for rules in objs.values())
+    if batch or not batches:
+        batches.append(batch)
+    result = []
+    for objs in batches:
+        inputs = render.restores(diff.compute({}, {**fixed, **objs}), None)
+        result.append({f: "".join(r.text for r in restores) for f, restores in inputs.items()})
+    return result
 
 
 def argv(config: BackendConfig, mode: str, family: int) -> list[str]:
@@ -38,22 +62,30 @@ def argv(config: BackendConfig, mode: str, family: int) -> list[str]:
 async def check(plan: Plan, config: BackendConfig, ctx: render.Context, mode: str) -> str | None:
     """None when ``iptables-restore`` would accept ``plan``'s ports, else why not."""
     ctx = dataclasses.replace(ctx, pod_cidrs=plan.node.pod_cidrs)
-    for family, text in sorted(texts(plan, ctx).items()):
-        proc = await asyncio.create_subprocess_exec(
-            *argv(config, mode, family),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            _, err = await proc.communicate(text.encode())
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise
-        if proc.returncode != 0:
-            detail = err.decode(errors="replace").strip().splitlines()
-            name = tool(mode, family, "restore")
-            return f"{name} --test exited {proc.returncode}: {' / '.join(detail[:3])[:500]}"
+    for batch in texts(plan, ctx):
+        for family, text in sorted(batch.items()):
+            reason = await _test(config, mode, family, text)
+            if reason is not None:
+                return reason
     return None
+
+
+async def _test(config: BackendConfig, mode: str, family: int, text: str) -> str | None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv(config, mode, family),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await proc.communicate(text.encode())
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode == 0:
+        return None
+    detail = err.decode(errors="replace").strip().splitlines()
+    name = tool(mode, family, "restore")
+    return f"{name} --test exited {proc.returncode}: {' / '.join(detail[:3])[:500]}"
