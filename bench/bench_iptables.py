@@ -13,7 +13,14 @@ change's ``iptables-restore`` input; *save lines* is the size of ``iptables-save
 the cold sync; *RSS* is the peak resident set of the process that ran the case (one
 process per case: the rendered and held objects, the Plan and the synthetic input).
 A third timing, *full resync*, is a second full apply with nothing to change: it reads
-both families back with ``iptables-save`` and diffs.
+both families back (nft: over netlink, only kpy's chains; legacy: ``iptables-save``)
+and diffs. *restart* is the first full sync of a new backend on the programmed
+namespace (what a restarted agent does: read everything back and adopt, writing
+nothing). *save* is the old way of reading back, ``iptables-<flavour>-save -c -t
+filter`` and ``-t nat``, timed once (``--save-timeout``, default 300 s; "crash" when it died);
+*netlink read* is the new one, all of kpy's chains of both families fingerprinted
+(*decoded*: also the summaries a restart and ``kpy dump`` use). *cleanup* removes
+everything at the end.
 
 *10 changes in one sync*: ten service ports changed together (as the runner
 batches events that arrive within its minimum sync period), 20 samples. Where a
@@ -42,13 +49,14 @@ import sys
 import time
 
 import structlog
-from kpy_iptables import IptablesBackend
+from kpy_iptables import IptablesBackend, held
 
 from kpy.backend import BackendConfig
 from kpy.model import Plan
 from kpy.testing import builders as b
 
 SIZES = (1000, 10000)
+SAVE_TIMEOUT = 300.0
 MODES = ("nft", "legacy")
 SAMPLES = 100
 BATCH = 10  # service ports changed together in one sync
@@ -61,7 +69,46 @@ def _netns() -> str:
     return name
 
 
-def run(mode: str, size: int) -> dict[str, object]:
+def _save(netns: str, mode: str, timeout: float) -> tuple[str, str]:
+    """(seconds or what went wrong, the text) of the old read-back: ``iptables-<mode>-save
+    -c -t filter`` and ``-t nat`` in ``netns``."""
+    started = time.perf_counter()
+    text = ""
+    for table in ("filter", "nat"):
+        left = timeout - (time.perf_counter() - started)
+        try:
+            done = subprocess.run(
+                [
+                    "nsenter",
+                    f"--net=/run/netns/{netns}",
+                    f"iptables-{mode}-save",
+                    "-c",
+                    "-t",
+                    table,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=max(left, 1.0),
+            )
+        except subprocess.TimeoutExpired:
+            return f">{timeout:.0f}", ""
+        if done.returncode != 0:
+            return f"failed ({done.returncode})", ""
+        text += done.stdout
+    return f"{time.perf_counter() - started:.1f}", text
+
+
+def _netlink_read(backend: IptablesBackend, *, decode_all: bool) -> float:
+    started = time.perf_counter()
+    for family in (4, 6):
+        held.read(backend._kernel.reader, family, decode_all=decode_all)
+    return time.perf_counter() - started
+
+
+def run(
+    mode: str, size: int, samples: int = SAMPLES, save_timeout: float = SAVE_TIMEOUT
+) -> dict[str, object]:
     netns = _netns()
     try:
         node = b.node()
@@ -76,16 +123,20 @@ def run(mode: str, size: int) -> dict[str, object]:
         started = time.perf_counter()
         cold = asyncio.run(backend.apply(b.plan(states, node_info=node)))
         cold_s = time.perf_counter() - started
-        save = subprocess.run(
-            ["nsenter", f"--net=/run/netns/{netns}", f"iptables-{mode}-save"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        save_s, save = _save(netns, mode, save_timeout) if save_timeout > 0 else ("-", "")
+        read_s = read_all_s = None
+        if mode == "nft":
+            read_s = round(_netlink_read(backend, decode_all=False), 2)
+            read_all_s = round(_netlink_read(backend, decode_all=True), 2)
         started = time.perf_counter()
         resync = asyncio.run(backend.apply(b.plan(states, node_info=node)))
         resync_s = time.perf_counter() - started
         assert resync.ops == 0
+        restarted = IptablesBackend(config)
+        started = time.perf_counter()
+        adopted = asyncio.run(restarted.apply(b.plan(states, node_info=node)))
+        restart_s = time.perf_counter() - started
+        assert adopted.ops == 0, restarted.last_drift[:5]
         times, tool, lines, sizes = [], [], [], []
         restore = backend._kernel.restore
         in_tool = [0.0]
@@ -98,7 +149,7 @@ def run(mode: str, size: int) -> dict[str, object]:
                 in_tool[0] += time.perf_counter() - started
 
         backend._kernel.restore = timed  # type: ignore[method-assign]
-        for i in range(SAMPLES):
+        for i in range(samples):
             index = (i * 7919) % len(states)
             old = states[index]
             if i % 2 == 0:
@@ -145,14 +196,21 @@ def run(mode: str, size: int) -> dict[str, object]:
             asyncio.run(backend.apply(plan))
             batched.append((time.perf_counter() - started) * 1000)
         empty_ms, rule_ms = _probe(netns, mode)
+        started = time.perf_counter()
         asyncio.run(backend.cleanup())
+        cleanup_s = time.perf_counter() - started
         return {
             "mode": mode,
             "services": size,
             "cold_s": round(cold_s, 2),
             "cold_lines": cold.size,
-            "save_lines": save.count("\n"),
+            "save_lines": save.count("\n") if save else "-",
+            "save_s": save_s,
+            "read_s": read_s if read_s is not None else "-",
+            "read_all_s": read_all_s if read_all_s is not None else "-",
             "resync_s": round(resync_s, 2),
+            "restart_s": round(restart_s, 2),
+            "cleanup_s": round(cleanup_s, 2),
             "p50_ms": round(statistics.median(times), 1),
             "p90_ms": round(q[8], 1),
             "batch_ms": round(statistics.median(batched), 1),
@@ -198,26 +256,42 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--samples", type=int, default=SAMPLES)
+    parser.add_argument(
+        "--save-timeout", type=float, default=SAVE_TIMEOUT, help="0: do not time iptables-save"
+    )
     parser.add_argument("--one", help="MODE:SIZE — run one case, print JSON (internal)")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     if args.one:
         mode, size = args.one.split(":")
-        print(json.dumps(run(mode, int(size))))
+        print(json.dumps(run(mode, int(size), args.samples, args.save_timeout)))
         return
     print(
         "| flavour | services | cold sync (s) | cold restore lines | iptables-save lines "
-        "| full resync, no change (s) "
+        "| iptables-save (s) | netlink read (s) | netlink read, decoded (s) "
+        "| full resync, no change (s) | restart, adopting (s) | cleanup (s) "
         "| one change p50 (ms) | p90 (ms) | of which restore p50 (ms) | agent p50 (ms) "
         f"| {BATCH} changes in one sync p50 (ms) | empty commit (ms) | one-rule commit (ms) "
         "| restore lines per change | bytes per change | peak RSS (MB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
+    print(
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"
+    )
     for mode in args.modes.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
             # each case in a process of its own, so peak RSS is that case's
             out = subprocess.run(
-                [sys.executable, __file__, "--one", f"{mode}:{size}"],
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    f"{mode}:{size}",
+                    "--samples",
+                    str(args.samples),
+                    "--save-timeout",
+                    str(args.save_timeout),
+                ],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -225,7 +299,9 @@ def main() -> None:
             r = json.loads(out.strip().splitlines()[-1])
             print(
                 f"| {r['mode']} | {r['services']} | {r['cold_s']} | {r['cold_lines']} "
-                f"| {r['save_lines']} | {r['resync_s']} | {r['p50_ms']} | {r['p90_ms']} "
+                f"| {r['save_lines']} | {r['save_s']} | {r['read_s']} | {r['read_all_s']} "
+                f"| {r['resync_s']} | {r['restart_s']} | {r['cleanup_s']} "
+                f"| {r['p50_ms']} | {r['p90_ms']} "
                 f"| {r['restore_ms']} | {r['agent_ms']} | {r['batch_ms']} "
                 f"| {r['empty_ms']} | {r['rule_ms']} "
                 f"| {r['lines']} "

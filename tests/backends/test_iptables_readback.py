@@ -53,7 +53,11 @@ def tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir.mkdir()
     for prefix in ("iptables", "ip6tables"):
         tool(bin_dir, f"{prefix}-legacy-save", "kill -SEGV $$\n")
-        tool(bin_dir, f"{prefix}-legacy-restore", f'cat >> "{tmp_path}/restored"\n')
+        tool(
+            bin_dir,
+            f"{prefix}-legacy-restore",
+            f'[ "$1" = --version ] && exit 0\ncat >> "{tmp_path}/restored"\n',
+        )
         tool(bin_dir, f"{prefix}-legacy", "exit 1\n")
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")  # no /usr/sbin: no real iptables
     return tmp_path
@@ -183,3 +187,14 @@ def test_a_cancelled_sync_kills_and_reaps_its_child(tools: Path) -> None:
     pid = asyncio.run(main())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # killed and reaped: not even a zombie is left
+
+
+def test_probe_reads_no_ruleset(tools: Path) -> None:
+    # save would crash: the probe does not run it, so the backend can run here
+    assert legacy_backend().probe() is None
+
+
+def test_probe_names_a_missing_tool(tools: Path) -> None:
+    (tools / "bin" / "ip6tables-legacy-save").unlink()
+    reason = legacy_backend().probe()
+    assert reason is not None and "missing ip6tables-legacy-save" in reason
