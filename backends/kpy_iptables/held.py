@@ -10,7 +10,7 @@ with ``iptables-nft-save``. Rules are not turned back into their exact iptables 
   rewrites every wanted chain whose kernel digest differs from the record (a rule
   deleted, added or changed behind kpy's back, the chain flushed) or that is missing.
   With no record (the agent's first full sync after a start) a chain is adopted when
-  its decoded summary (:meth:`NlRule.text`, :func:`kpy_iptables.observe.summary`)
+  its decoded summary (:meth:`NlRule.key`, :func:`kpy_iptables.observe.summary`)
   matches the wanted rules one for one, and its digest is recorded from then on;
 * **dispatch chains** (``KPY-SERVICES``, ``KPY-NODEPORTS``) hold one rule per frontend,
   added and deleted one by one; they are compared as multisets of summaries. Missing
@@ -139,7 +139,7 @@ def compare(
                 drift.append(f"missing {key}")
                 added.append((key, ordered(wanted)))
                 continue
-            kernel = Counter(r.text() for r in h.decoded.get(where, []))
+            kernel = Counter(r.key() for r in h.decoded.get(where, []))
             mine = Counter(summary(k.rule) for k in wanted)
             if kernel == mine:
                 continue
@@ -164,7 +164,7 @@ def compare(
             drift.append(f"changed {key}")
         else:
             decoded = h.decoded.get(where)
-            if decoded is not None and [r.text() for r in decoded] == [summary(r) for r in rules]:
+            if decoded is not None and [r.key() for r in decoded] == [summary(r) for r in rules]:
                 adopted[cid] = chain_digest(prints)
                 continue
             drift.append(f"differs {key}")
@@ -206,7 +206,7 @@ def builtin_repair(reader: ChainReader, family: int, want: Objects) -> dict[str,
                 for pos, r in enumerate(rules.get((table, chain), []), 1)
                 if owned(r.target)
             ]
-            if Counter(r.text() for _, r in jumps) == Counter(summary(k.rule) for k in wanted):
+            if Counter(r.key() for _, r in jumps) == Counter(summary(k.rule) for k in wanted):
                 continue
             out = lines.setdefault(table, [])
             out += [f"-D {chain} {pos}" for pos, _ in reversed(jumps)]

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kpy.backend import Programmed, ServiceView
-from kpy_iptables.netlink import NlRule
+from kpy_iptables.netlink import NlRule, Summary
 from kpy_iptables.render import (
     BUILTIN,
     DISPATCH,
@@ -135,38 +135,57 @@ _COMMENT_ANY = re.compile(r'--comment (?:"((?:[^"\\]|\\.)*)"|(\S+))')
 _JUMP = re.compile(r"(?:^| )-([jg]) (\S+)")
 
 
-def summary(rule: str) -> str:
-    """What the netlink reader decodes of a rule (:meth:`NlRule.text`), from its
+def summary(rule: str) -> Summary:
+    """What the netlink reader decodes of a rule (:meth:`NlRule.key`), from its
     iptables text: the exact destination, protocol, comment, destination port, the
     ``recent --rcheck`` and ``statistic`` matches, the jump or target and the DNAT
     address. Dispatch rules, built-in jumps and (on a first start) whole chains are
-    compared by it (see docs/decisions/iptables.md)."""
-    dest = _DEST_EXACT.search(rule)
-    address = dest.group(1) if dest is not None else ""
-    if not address.endswith(("/32", "/128")) or (address.endswith("/32") and ":" in address):
-        address = ""
-    proto = _PROTO_ANY.search(rule)
-    note = _COMMENT_ANY.search(rule)
+    compared by it (see docs/decisions/iptables.md). Each regex only runs when its
+    option is in the text: this runs once per wanted rule on a first start."""
+    address = ""
+    if "-d " in rule:
+        dest = _DEST_EXACT.search(rule)
+        if dest is not None:
+            address = dest.group(1)
+            if not address.endswith(("/32", "/128")) or (
+                address.endswith("/32") and ":" in address
+            ):
+                address = ""
+    proto = ""
+    if "-p " in rule:
+        found = _PROTO_ANY.search(rule)
+        proto = found.group(1) if found is not None else ""
     comment = None
-    if note is not None:
-        comment = note.group(2) if note.group(1) is None else re.sub(r"\\(.)", r"\1", note.group(1))
-    port = _DPORT.search(rule)
-    chance = _PROBABILITY.search(rule)
+    if "--comment" in rule:
+        note = _COMMENT_ANY.search(rule)
+        if note is not None:
+            comment = (
+                note.group(2) if note.group(1) is None else re.sub(r"\\(.)", r"\1", note.group(1))
+            )
+    dport = None
+    if "--dport" in rule:
+        port = _DPORT.search(rule)
+        dport = int(port.group(1)) if port is not None else None
+    chance = None
+    if "--probability" in rule:
+        m = _PROBABILITY.search(rule)
+        chance = f"{float(m.group(1)):.11f}" if m is not None else None
     target = _JUMP.search(rule)
-    dnat = _DNAT.search(rule)
-    return NlRule(
-        0,
-        b"",
-        target=target.group(2) if target is not None else "",
-        goto=target is not None and target.group(1) == "g",
-        dest=address,
-        proto=proto.group(1) if proto is not None else "",
-        dport=int(port.group(1)) if port is not None else None,
-        comment=comment,
-        probability=float(chance.group(1)) if chance is not None else None,
-        rcheck="--rcheck" in rule,
-        to_destination=dnat.group(1) if dnat is not None else "",
-    ).text()
+    to = ""
+    if "--to-destination" in rule:
+        dnat = _DNAT.search(rule)
+        to = dnat.group(1) if dnat is not None else ""
+    return (
+        address,
+        proto,
+        comment,
+        dport,
+        "--rcheck" in rule,
+        chance,
+        target.group(2) if target is not None else "",
+        target is not None and target.group(1) == "g",
+        to,
+    )
 
 
 def shares(rules: Iterable[tuple[str, int]]) -> list[tuple[str, float]]:
