@@ -184,7 +184,7 @@ def _list(value: Any, what: str, limit: int) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _Invalid(f"{what} is {type(value).__name__}, not a list")
+        raise _Invalid(f"{what} is {type(value).__name__}, not a list: {show(value)}")
     if len(value) > limit:
         raise _Invalid(f"{what} has {len(value)} entries, more than {limit}")
     return value

@@ -112,7 +112,95 @@ def _read_text(path: Path) -> str:
     return data.decode("utf-8")  # UnicodeDecodeError is a ValueError
 
 
-def _documents(path: Path) -> list[Any]:
+# Lists kpy.convert refuses above these lengths (the API's limits, or kpy's where it is
+# stricter). A YAML sequence under one of these keys that is longer is not built at all:
+# counting its items in libyaml's event stream is about ten times cheaper than building
+# it, and an object holding it is refused the same either way.
+SEQUENCE_LIMITS = {
+    "endpoints": 1000,
+    "ports": 256,
+    "addresses": 100,
+    "externalIPs": 256,
+    "ingress": 256,
+    "loadBalancerSourceRanges": 256,
+    "forZones": 8,
+    "forNodes": 8,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Cut:
+    key: str
+    count: int
+    start: int  # the end of the key: ``: [...]`` is replaced
+    end: int  # the end of the sequence
+    column: int  # where what follows the sequence starts
+
+
+def _oversized(text: str) -> list[_Cut]:
+    """The sequences under :data:`SEQUENCE_LIMITS` keys longer than their limit, found
+    in the event stream (nothing is built). Each frame: [is_mapping, expecting_key,
+    key, key_end, counted_items (None: not counted)]."""
+    cuts: list[_Cut] = []
+    loader = _Loader(text)
+    stack: list[list[Any]] = []
+    try:
+        while loader.check_event():
+            event: Any = loader.get_event()  # type: ignore[no-untyped-call]
+            parent = stack[-1] if stack else None
+            starts = isinstance(
+                event, (yaml.ScalarEvent, yaml.AliasEvent, yaml.CollectionStartEvent)
+            )
+            key: str | None = None
+            key_end = 0
+            if starts and parent is not None:
+                if parent[0]:  # a mapping: keys and values alternate
+                    if parent[1]:
+                        parent[1] = False
+                        parent[2] = event.value if isinstance(event, yaml.ScalarEvent) else None
+                        parent[3] = event.end_mark.index
+                        if isinstance(event, yaml.CollectionStartEvent):
+                            stack.append(
+                                [isinstance(event, yaml.MappingStartEvent), True, None, 0, None]
+                            )
+                        continue
+                    parent[1] = True
+                    key, key_end = parent[2], parent[3]
+                elif parent[4] is not None:
+                    parent[4] += 1
+            if isinstance(event, yaml.MappingStartEvent):
+                stack.append([True, True, None, key_end, None])
+            elif isinstance(event, yaml.SequenceStartEvent):
+                counted = 0 if key in SEQUENCE_LIMITS else None
+                stack.append([False, False, key, key_end, counted])
+            elif isinstance(event, yaml.CollectionEndEvent):
+                frame = stack.pop()
+                end = event.end_mark
+                if (
+                    end is not None
+                    and not frame[0]
+                    and frame[4] is not None
+                    and frame[4] > SEQUENCE_LIMITS[frame[2]]
+                ):
+                    cuts.append(_Cut(frame[2], frame[4], frame[3], end.index, end.column))
+    finally:
+        loader.dispose()
+    return cuts
+
+
+def _without(text: str, cuts: list[_Cut], notes: list[str]) -> str:
+    """``text`` with each cut sequence replaced by a string saying what it was."""
+    for cut in sorted(cuts, key=lambda c: c.start, reverse=True):
+        limit = SEQUENCE_LIMITS[cut.key]
+        what = f"{cut.count} entries, more than {limit}: not read"
+        notes.append(f"{cut.key} has {what}")
+        span = text[cut.start : cut.end]
+        tail = "\n" + " " * cut.column if "\n" in span else ""
+        text = f'{text[: cut.start]}: "{what}"{tail}{text[cut.end :]}'
+    return text
+
+
+def _documents(path: Path, notes: list[str] | None = None) -> list[Any]:
     text = _read_text(path)
     if path.suffix == ".json":
         try:
@@ -121,6 +209,9 @@ def _documents(path: Path) -> list[Any]:
             raise ManifestError(f"nested deeper than {MAX_DEPTH}") from None
         check_shape(doc)
         return [doc]
+    cuts = _oversized(text)
+    if cuts:
+        text = _without(text, cuts, notes if notes is not None else [])
     loader = _Loader(text)
     try:
         docs = []
@@ -186,7 +277,7 @@ def read_file(path: Path, notes: list[str] | None = None) -> dict[ObjectKey, dic
     ``notes``: documents that are not objects, objects of a served kind without a name."""
     result: dict[ObjectKey, dict[str, Any]] = {}
     skipped = notes if notes is not None else []
-    docs = _documents(path)
+    docs = _documents(path, skipped)
     for index, doc in enumerate(docs):
         if not isinstance(doc, dict):
             skipped.append(f"document {index + 1} is {type(doc).__name__}, not an object")

@@ -12,6 +12,7 @@ import pytest
 import structlog
 import yaml
 
+from kpy import convert
 from kpy.agent import Agent
 from kpy.runner import RunnerTimes
 from kpy.sources import manifests
@@ -121,3 +122,38 @@ def test_yaml_documents_still_load(tmp_path: Path) -> None:
     )
     objects, errors = manifests.load([tmp_path])
     assert errors == [] and len(objects) == 4
+
+
+def test_oversized_lists_are_counted_not_built(tmp_path: Path) -> None:
+    endpoints = "".join(f"- addresses: [10.0.{i // 250}.{i % 250}]\n" for i in range(1500))
+    (tmp_path / "big.yaml").write_text(
+        "kind: EndpointSlice\n"
+        "metadata: {name: big, namespace: default, labels: {kubernetes.io/service-name: web}}\n"
+        f"addressType: IPv4\nendpoints:\n{endpoints}ports:\n- {{name: http, port: 80}}\n"
+    )
+    notes: list[str] = []
+    objects = manifests.read_file(tmp_path / "big.yaml", notes)
+    (obj,) = objects.values()
+    assert notes == ["endpoints has 1500 entries, more than 1000: not read"]
+    assert obj["endpoints"] == "1500 entries, more than 1000: not read"
+    assert obj["ports"] == [{"name": "http", "port": 80}]  # the rest is read as it was
+    result, problems = convert.endpoint_slice(obj)
+    assert result is None and "more than 1000" in problems[0].reason
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "spec:\n  externalIPs:\n" + "  - 192.0.2.1\n" * 257 + "  clusterIP: 10.96.0.1\n",
+        "spec: {ports: [" + ", ".join(["{port: 1}"] * 257) + "], clusterIP: 10.96.0.1}\n",
+        "a:\n- b:\n    addresses:\n" + "    - 1.1.1.1\n" * 101 + "    next: 1\n- c: 2\n",
+    ],
+    ids=["block", "flow", "nested"],
+)
+def test_what_follows_a_cut_list_is_kept(text: str, tmp_path: Path) -> None:
+    (tmp_path / "x.yaml").write_text(text)
+    notes: list[str] = []
+    docs = manifests._documents(tmp_path / "x.yaml", notes)
+    assert len(notes) == 1
+    dumped = yaml.safe_dump(docs)
+    assert "not read" in dumped and ("10.96.0.1" in dumped or "next: 1" in dumped)
