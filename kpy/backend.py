@@ -8,6 +8,7 @@ built-in ones are added, and a broken plugin is reported and skipped, never fata
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import metadata
@@ -16,6 +17,46 @@ from typing import Protocol, runtime_checkable
 from kpy.model import IPAddress, IPNetwork, NodeInfo, Plan, ServicePortState
 
 ENTRY_POINT_GROUP = "kpy.backends"
+
+
+DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
+_INTERFACE = re.compile(r"[A-Za-z0-9_.@:-]{1,15}")
+
+
+def check_interface(name: str, what: str) -> None:
+    """An interface name (or prefix) as the kernel takes it: 1 to 15 characters, none of
+    them a quote, space, slash or wildcard (it reaches rule text)."""
+    if not _INTERFACE.fullmatch(name):
+        raise ValueError(
+            f"{what} must be an interface name (1-15 of A-Z a-z 0-9 _ . @ : -), got {name!r}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDetector:
+    """Upstream's LocalTrafficDetector for one IP family: traffic from this node's pods
+    is traffic from ``cidrs`` (ClusterCIDR, NodeCIDR modes), or arriving on the
+    interface ``interface`` (BridgeInterface) or on any interface whose name starts with
+    it (InterfaceNamePrefix, ``prefix``). Neither (no CIDR of the family): a no-op
+    detector — no rule tells pods apart, as upstream without a cluster CIDR."""
+
+    mode: str
+    cidrs: tuple[IPNetwork, ...] = ()
+    interface: str = ""
+    prefix: bool = False
+
+    @property
+    def implemented(self) -> bool:
+        return bool(self.cidrs or self.interface)
+
+    def is_local(self, src: IPAddress, iif: str) -> bool:
+        """Whether a packet from ``src`` arriving on ``iif`` ("" for the node's own
+        packets) is pod traffic (False for a no-op detector)."""
+        if self.interface:
+            if self.prefix:
+                return iif.startswith(self.interface)
+            return iif == self.interface
+        return any(src.version == c.version and src in c for c in self.cidrs)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,8 +70,24 @@ class BackendConfig:
     masquerade_all: bool = False
     netns: str | None = None  # run every kernel command in this named network namespace
     options: tuple[tuple[str, str], ...] = ()  # backend-specific flags, e.g. ("scheduler", "rr")
+    # How traffic from this node's pods is told (upstream's --detect-local-mode):
+    detect_local_mode: str = "ClusterCIDR"  # see DETECT_LOCAL_MODES
+    pod_bridge_interface: str = ""  # BridgeInterface: the pods' bridge
+    pod_interface_name_prefix: str = ""  # InterfaceNamePrefix: the pods' interfaces
     # What the Node itself says (filled in by :meth:`for_node` from the Plan's node):
     node_addresses: tuple[IPAddress, ...] = ()  # InternalIP then ExternalIP
+    node_pod_cidrs: tuple[IPNetwork, ...] = ()  # spec.podCIDRs
+
+    def __post_init__(self) -> None:
+        if self.detect_local_mode not in DETECT_LOCAL_MODES:
+            raise ValueError(
+                f"detect-local-mode must be one of {', '.join(DETECT_LOCAL_MODES)} "
+                f"(got {self.detect_local_mode!r})"
+            )
+        if self.detect_local_mode == "BridgeInterface":
+            check_interface(self.pod_bridge_interface, "pod-bridge-interface")
+        if self.detect_local_mode == "InterfaceNamePrefix":
+            check_interface(self.pod_interface_name_prefix, "pod-interface-name-prefix")
 
     def option(self, key: str, default: str | None = None) -> str | None:
         for k, v in self.options:
@@ -41,9 +98,19 @@ class BackendConfig:
     def for_node(self, node: NodeInfo) -> BackendConfig:
         """This configuration with what ``node`` says about itself filled in (a backend
         renders with it; a change of the node's addresses means a full sync)."""
-        if node.addresses == self.node_addresses:
+        if (node.addresses, node.pod_cidrs) == (self.node_addresses, self.node_pod_cidrs):
             return self
-        return replace(self, node_addresses=node.addresses)
+        return replace(self, node_addresses=node.addresses, node_pod_cidrs=node.pod_cidrs)
+
+    def local_detector(self, version: int) -> LocalDetector:
+        """How this node tells traffic from its pods, for one IP family."""
+        mode = self.detect_local_mode
+        if mode == "BridgeInterface":
+            return LocalDetector(mode, interface=self.pod_bridge_interface)
+        if mode == "InterfaceNamePrefix":
+            return LocalDetector(mode, interface=self.pod_interface_name_prefix, prefix=True)
+        cidrs = self.cluster_cidrs if mode == "ClusterCIDR" else self.node_pod_cidrs
+        return LocalDetector(mode, cidrs=tuple(c for c in cidrs if c.version == version))
 
     def all_node_ips(self) -> tuple[IPAddress, ...]:
         """Every address of this node: the configured ones, then the Node's."""

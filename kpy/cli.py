@@ -20,6 +20,7 @@ from kpy import backend as backends
 from kpy import config as cfg
 from kpy import log as logsetup
 from kpy.agent import Agent, tune_gc
+from kpy.backend import DETECT_LOCAL_MODES
 from kpy.model import NodeInfo, Plan
 from kpy.quarantine import Attempt, ScratchNamespaces
 from kpy.sources import Source
@@ -80,6 +81,9 @@ _RUN_FLAGS = {
     "metrics_bind_address": "metrics_bind_address",
     "healthz_stale_after": "healthz_stale_after",
     "conntrack_cleanup": "conntrack_cleanup",
+    "detect_local_mode": "detect_local_mode",
+    "pod_bridge_interface": "pod_bridge_interface",
+    "pod_interface_name_prefix": "pod_interface_name_prefix",
 }
 
 
@@ -140,6 +144,19 @@ def _given_flags(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any
     "--conntrack-cleanup/--no-conntrack-cleanup",
     default=None,
     help="Delete stale UDP conntrack entries after each sync (default on).",
+)
+@click.option(
+    "--detect-local-mode",
+    type=click.Choice(DETECT_LOCAL_MODES),
+    help="How traffic from this node's pods is told (default ClusterCIDR; as kube-proxy).",
+)
+@click.option(
+    "--pod-bridge-interface",
+    help="The pods' bridge (--detect-local-mode BridgeInterface).",
+)
+@click.option(
+    "--pod-interface-name-prefix",
+    help="The pods' interface name prefix (--detect-local-mode InterfaceNamePrefix).",
 )
 @click.option(
     "--write-config-to",

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from kpy.backend import BackendConfig
+from kpy.backend import DETECT_LOCAL_MODES, BackendConfig
 from kpy.model import IPAddress, IPNetwork
 from kpy.runner import RunnerTimes
 
@@ -55,11 +55,22 @@ class AgentConfig:
     backend_options: tuple[tuple[str, str], ...] = ()
     healthz_stale_after: float = 120.0  # API unreachable this long → health reports stale
     conntrack_cleanup: bool = True
+    detect_local_mode: str = "ClusterCIDR"  # how traffic from this node's pods is told
+    pod_bridge_interface: str = ""  # file: detectLocal.bridgeInterface
+    pod_interface_name_prefix: str = ""  # file: detectLocal.interfaceNamePrefix
 
     def node_name(self) -> str:
         return self.hostname_override or os.uname().nodename
 
     def backend_config(self) -> BackendConfig:
+        try:
+            return self._backend_config()
+        except ValueError as exc:  # detect-local mode and interfaces (BackendConfig checks)
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(str(exc)) from None
+
+    def _backend_config(self) -> BackendConfig:
         return BackendConfig(
             node_name=self.node_name(),
             node_ips=tuple(_ip(v, "nodeIPs") for v in self.node_ips),
@@ -70,6 +81,9 @@ class AgentConfig:
             masquerade_all=self.masquerade_all,
             netns=self.netns or None,
             options=self.backend_options,
+            detect_local_mode=self.detect_local_mode,
+            pod_bridge_interface=self.pod_bridge_interface,
+            pod_interface_name_prefix=self.pod_interface_name_prefix,
         )
 
     def runner_times(self) -> RunnerTimes:
@@ -83,6 +97,9 @@ class AgentConfig:
                 value = dict(value)
             elif isinstance(value, tuple):
                 value = list(value)
+            if f.name in DETECT_LOCAL:
+                out.setdefault("detectLocal", {})[DETECT_LOCAL[f.name]] = value
+                continue
             out[_camel(f.name)] = value
         return yaml.safe_dump(out, sort_keys=True)
 
@@ -95,7 +112,12 @@ def _camel(snake: str) -> str:
     return head + "".join(p.capitalize() for p in rest)
 
 
-FIELD_BY_KEY = {_camel(f.name): f for f in fields(AgentConfig)}
+# Fields the file holds under ``detectLocal`` (KubeProxyConfiguration's DetectLocal).
+DETECT_LOCAL = {
+    "pod_bridge_interface": "bridgeInterface",
+    "pod_interface_name_prefix": "interfaceNamePrefix",
+}
+FIELD_BY_KEY = {_camel(f.name): f for f in fields(AgentConfig) if f.name not in DETECT_LOCAL}
 ENV_BY_NAME = {"KPY_" + f.name.upper(): f for f in fields(AgentConfig)}
 
 
@@ -147,6 +169,10 @@ def _coerce(name: str, value: object, what: str) -> object:
         return tuple(sorted((str(k), str(v)) for k, v in value.items()))
     if name in ("sync_period", "min_sync_period", "healthz_stale_after"):
         return parse_duration(value, what)
+    if name == "detect_local_mode":
+        if value not in DETECT_LOCAL_MODES:
+            raise ConfigError(f"{what}: {value!r} is not one of {', '.join(DETECT_LOCAL_MODES)}")
+        return value
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -167,15 +193,28 @@ def _coerce(name: str, value: object, what: str) -> object:
 
 
 def from_mapping(data: Mapping[str, object], base: AgentConfig, where: str) -> AgentConfig:
-    unknown = sorted(set(data) - set(FIELD_BY_KEY) - {"apiVersion", "kind"})
+    unknown = sorted(set(data) - set(FIELD_BY_KEY) - {"apiVersion", "kind", "detectLocal"})
     if unknown:
-        known = ", ".join(sorted(FIELD_BY_KEY))
+        known = ", ".join(sorted([*FIELD_BY_KEY, "detectLocal"]))
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {known}")
     changes = {
         FIELD_BY_KEY[k].name: _coerce(FIELD_BY_KEY[k].name, v, f"{where}: {k}")
         for k, v in data.items()
         if k in FIELD_BY_KEY
     }
+    detect = data.get("detectLocal")
+    if detect is not None:
+        if not isinstance(detect, Mapping):
+            raise ConfigError(f"{where}: detectLocal: expected a mapping")
+        by_key = {key: name for name, key in DETECT_LOCAL.items()}
+        unknown = sorted(set(detect) - set(by_key))
+        if unknown:
+            names = ", ".join(f"detectLocal.{k}" for k in unknown)
+            known = ", ".join(sorted(by_key))
+            raise ConfigError(f"{where}: unknown field(s) {names}; known: {known}")
+        for key, value in detect.items():
+            name = by_key[key]
+            changes[name] = _coerce(name, value, f"{where}: detectLocal.{key}")
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 

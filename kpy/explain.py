@@ -36,7 +36,7 @@ from typing import Any
 import click
 
 from kpy import select
-from kpy.backend import BackendConfig
+from kpy.backend import DETECT_LOCAL_MODES, BackendConfig
 from kpy.model import (
     Endpoint,
     IPAddress,
@@ -92,6 +92,9 @@ class Options:
     nodeport_addresses: tuple[IPNetwork, ...] = ()  # () = every node address
     masquerade_all: bool = False
     node_ips: tuple[IPAddress, ...] = ()  # in addition to the Node's addresses
+    detect_local_mode: str = "ClusterCIDR"  # how pods' traffic is told (as BackendConfig)
+    pod_bridge_interface: str = ""
+    pod_interface_name_prefix: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,7 +186,39 @@ def options_config(node: str, options: Options) -> BackendConfig:
         cluster_cidrs=options.cluster_cidrs,
         nodeport_addresses=options.nodeport_addresses,
         masquerade_all=options.masquerade_all,
+        detect_local_mode=options.detect_local_mode,
+        pod_bridge_interface=options.pod_bridge_interface,
+        pod_interface_name_prefix=options.pod_interface_name_prefix,
     )
+
+
+def input_interface(origin: Origin, config: BackendConfig) -> str:
+    """The interface a packet of ``origin`` arrives on, as explain and the backends'
+    tracers model it: none ("") for the node's own packets; for a pod, the pod bridge
+    (BridgeInterface), a name with the pods' prefix (InterfaceNamePrefix) or ``cni0``;
+    from outside, an uplink (``eth0``, else ``uplink0``) that is not a pod's."""
+    if origin is Origin.NODE:
+        return ""
+    mode = config.detect_local_mode
+    if origin is Origin.POD:
+        if mode == "BridgeInterface":
+            return config.pod_bridge_interface
+        if mode == "InterfaceNamePrefix":
+            return config.pod_interface_name_prefix + "0"
+        return "cni0"
+    pod = config.local_detector(4)
+    return "eth0" if not pod.interface or not pod.is_local(_ANY, "eth0") else "uplink0"
+
+
+_ANY = ipaddress.IPv4Address(0)
+
+
+_LOCAL_REASON = {
+    "ClusterCIDR": "source_outside_cluster_cidr",
+    "NodeCIDR": "source_outside_node_pod_cidr",
+    "BridgeInterface": "not_from_pod_bridge",
+    "InterfaceNamePrefix": "not_from_pod_interface",
+}
 
 
 def _in(ip: IPAddress, nets: Iterable[IPNetwork]) -> bool:
@@ -304,15 +339,19 @@ def explain(plan: Plan, packet: Packet, options: Options | None = None) -> Expla
             return Explanation(verdict=Verdict.DROP, reasons=tuple(reasons), **common)  # type: ignore[arg-type]
 
     cluster = _cluster_set(state, node)
+    config = options_config(node.name, options).for_node(node)
+    detector = config.local_detector(packet.dst.version)
+    from_pod = detector.is_local(packet.src, input_interface(origin, config))
     masquerade_reasons: list[str] = []
     if options.masquerade_all and not external:
         # --masquerade-all marks traffic to the cluster IP; external traffic under
         # policy Local keeps its client address (as upstream's rules do).
         masquerade_reasons.append("masquerade_all")
     if external:
-        if policy is TrafficPolicy.LOCAL and origin is Origin.POD:
+        if policy is TrafficPolicy.LOCAL and from_pod:
             # kube-proxy short-circuits pods' traffic to external frontends to the
-            # cluster-wide endpoints: there is no client IP to preserve.
+            # cluster-wide endpoints: there is no client IP to preserve (pods as its
+            # local-traffic detector tells them: --detect-local-mode).
             reasons.append("pod_to_external_short_circuit")
             targets, local_only = cluster, False
         elif policy is TrafficPolicy.LOCAL and origin is Origin.NODE:
@@ -327,8 +366,8 @@ def explain(plan: Plan, packet: Packet, options: Options | None = None) -> Expla
                 reasons.append("client_ip_preserved")
     else:
         targets, local_only = state.internal, policy is TrafficPolicy.LOCAL
-        if options.cluster_cidrs and not _in(packet.src, options.cluster_cidrs):
-            masquerade_reasons.append("source_outside_cluster_cidr")
+        if detector.implemented and not from_pod:
+            masquerade_reasons.append(_LOCAL_REASON[detector.mode])
 
     same_family = tuple(ep for ep in targets if ep.family is family)
     pool = tuple(ep for ep in state.endpoints if not local_only or ep.node_name == node.name)
@@ -462,6 +501,15 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
     @click.option("--nodeport-addresses", default="", help="CIDRs NodePorts answer on.")
     @click.option("--masquerade-all", is_flag=True, default=False)
     @click.option(
+        "--detect-local-mode",
+        type=click.Choice(DETECT_LOCAL_MODES),
+        default="ClusterCIDR",
+        show_default=True,
+        help="How traffic from this node's pods is told.",
+    )
+    @click.option("--pod-bridge-interface", default="", help="For BridgeInterface.")
+    @click.option("--pod-interface-name-prefix", default="", help="For InterfaceNamePrefix.")
+    @click.option(
         "--backend",
         default=None,
         help="Trace the packet through this backend's rendered kernel objects.",
@@ -477,6 +525,9 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
         cluster_cidr: str,
         nodeport_addresses: str,
         masquerade_all: bool,
+        detect_local_mode: str,
+        pod_bridge_interface: str,
+        pod_interface_name_prefix: str,
         backend: str | None,
         output: str,
     ) -> None:
@@ -495,7 +546,11 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
                 nodeport_addresses=_networks(nodeport_addresses),
                 masquerade_all=masquerade_all,
                 node_ips=tuple(ipaddress.ip_address(i) for i in node_ip),
+                detect_local_mode=detect_local_mode,
+                pod_bridge_interface=pod_bridge_interface,
+                pod_interface_name_prefix=pod_interface_name_prefix,
             )
+            options_config(node, options)  # the detect-local settings are valid
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
         plan = offline_plan(manifests, node, node_ip)

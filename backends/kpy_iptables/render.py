@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from kpy import diff
-from kpy.backend import BackendConfig
+from kpy.backend import BackendConfig, LocalDetector
 from kpy.model import (
     Endpoint,
     IPAddress,
@@ -127,21 +127,22 @@ class Context:
     masquerade_all: bool = False
     families: tuple[int, ...] = FAMILIES  # 6 left out where the host has no ip6tables
     primary_ips: tuple[IPAddress, ...] = ()  # the node's primary IP per family
+    detect_local_mode: str = "ClusterCIDR"
+    pod_bridge_interface: str = ""
+    pod_interface_name_prefix: str = ""
 
     def cidrs(self, family: int) -> tuple[IPNetwork, ...]:
         return tuple(c for c in self.cluster_cidrs if c.version == family)
 
-    def pods(self, family: int) -> tuple[IPNetwork, ...]:
-        """The sources taken for pods: the cluster CIDRs, and the Node's pod CIDRs where
-        no cluster CIDR covers them (upstream's ClusterCIDR and NodeCIDR detect-local
-        modes together, which is how the model tells a pod: kpy.explain.infer_origin)."""
-        cluster = self.cidrs(family)
-        node = tuple(
-            c
-            for c in self.pod_cidrs
-            if c.version == family and not any(c.subnet_of(k) for k in cluster)  # type: ignore[arg-type]
-        )
-        return cluster + node
+    def detector(self, family: int) -> LocalDetector:
+        """How traffic from this node's pods is told (``--detect-local-mode``)."""
+        return BackendConfig(
+            cluster_cidrs=self.cluster_cidrs,
+            node_pod_cidrs=self.pod_cidrs,
+            detect_local_mode=self.detect_local_mode,
+            pod_bridge_interface=self.pod_bridge_interface,
+            pod_interface_name_prefix=self.pod_interface_name_prefix,
+        ).local_detector(family)
 
 
 def context(config: BackendConfig, node: NodeInfo | None = None) -> Context:
@@ -155,6 +156,9 @@ def context(config: BackendConfig, node: NodeInfo | None = None) -> Context:
         nodeport_addresses=config.nodeport_addresses,
         masquerade_all=config.masquerade_all,
         primary_ips=config.primary_ips(),
+        detect_local_mode=config.detect_local_mode,
+        pod_bridge_interface=config.pod_bridge_interface,
+        pod_interface_name_prefix=config.pod_interface_name_prefix,
     )
 
 
@@ -215,6 +219,11 @@ def port_text(name: ServicePortName) -> str:
         return str(name)
     ns, svc, port = (_name_part(p) for p in parts)
     return f"{ns}/{svc}{f':{port}' if port else ''}/{name.protocol}"
+
+
+def _interface(detector: LocalDetector) -> str:
+    """The pods' interface as ``-i`` takes it (``+`` ends a prefix)."""
+    return detector.interface + ("+" if detector.prefix else "")
 
 
 # --- the fixed part -----------------------------------------------------------------------
@@ -346,15 +355,21 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
         else:
             drop(match, reject=not usable)
 
+    detector = ctx.detector(family)
     if internal:
         rules: list[str] = []
-        cidrs = ctx.cidrs(family)
         for vip in vips:
             match = f"-d {_host(vip)} -p {proto} {note} {dport} {svc.port}"
             if ctx.masquerade_all:
                 rules.append(f"{match} -j {MARK_MASQ}")
-            elif cidrs:
-                rules.append(f"! -s {cidrs[0]} {match} -j {MARK_MASQ}")
+            elif detector.cidrs:  # traffic not from this node's pods: upstream's IfNotLocal
+                rules.append(f"! -s {detector.cidrs[0]} {match} -j {MARK_MASQ}")
+            elif detector.interface:
+                # iptables-save prints -i after -d
+                not_pod = f"! -i {_interface(detector)}"
+                rules.append(
+                    f"-d {_host(vip)} {not_pod} -p {proto} {note} {dport} {svc.port} -j {MARK_MASQ}"
+                )
         objs[Key(family, NAT, svc_chain)] = (*rules, *_spread(internal, seps, affinity, family))
 
     # External frontends: external IPs, LoadBalancer IPs, the NodePort.
@@ -368,7 +383,9 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
     if local:
         if internal:
             # Pods and the node itself reach the Service as if it were Cluster-wide.
-            ext_rules += [f"-s {cidr} -j {svc_chain}" for cidr in ctx.pods(family)]
+            if detector.interface:  # upstream's IfLocal
+                ext_rules.append(f"-i {_interface(detector)} -j {svc_chain}")
+            ext_rules += [f"-s {cidr} -j {svc_chain}" for cidr in detector.cidrs]
             ext_rules.append(f"-m addrtype --src-type LOCAL -j {MARK_MASQ}")
             ext_rules.append(f"-m addrtype --src-type LOCAL -j {svc_chain}")
     else:

@@ -16,8 +16,10 @@ The interpreter knows exactly the rule syntax render emits and raises
 Matches are evaluated as the kernel does for a first packet: ``-m statistic --mode
 random`` may go either way (every branch is followed, so every reachable DNAT target is
 collected), ``-m recent --rcheck`` does not match (the client is new), ``--set`` does,
-``--ctstate`` sees ``NEW``, ``--dst-type``/``--src-type LOCAL`` mean a node address
-(``config.node_ips`` and the Node's addresses). Built-in chains' policy is ACCEPT.
+``--ctstate`` sees ``NEW``, ``-i`` the interface :func:`kpy.explain.input_interface`
+gives the packet's origin (none for the node's own), ``--dst-type``/``--src-type
+LOCAL`` mean a node address (``config.node_ips`` and the Node's addresses). Built-in
+chains' policy is ACCEPT.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field, replace
 
 from kpy import diff
 from kpy.backend import BackendConfig
-from kpy.explain import Origin, Packet, Trace, Verdict
+from kpy.explain import Origin, Packet, Trace, Verdict, input_interface
 from kpy.model import IPAddress, Plan
 from kpy_iptables import render
 from kpy_iptables.render import FILTER, NAT
@@ -104,7 +106,7 @@ class Syntax:
 
     modules: Mapping[str, Mapping[str, int]]  # module → option → number of arguments
     targets: Mapping[str, Mapping[str, int]]  # target → option → number of arguments
-    addresses: tuple[str, ...] = ("-s", "-d", "-p")
+    addresses: tuple[str, ...] = ("-s", "-d", "-i", "-p")
     user_chains: str = ""  # the prefix a jump to a user chain must have ("": any)
     verbs: frozenset[str] = frozenset({"-A", "-I", "-D", "-X"})
     # option → why its arguments are not modelled (None: they are)
@@ -270,6 +272,7 @@ class Flow:
     dst: IPAddress
     port: int
     protocol: str  # lower case, as -p prints it
+    iif: str = ""  # the input interface ("" for the node's own packets)
     mark: int = 0
     dnat: str | None = None  # the --to-destination taken
     masquerade: bool = False
@@ -311,6 +314,8 @@ class _Walker:
                 net = ipaddress.ip_network(arg, strict=False)
                 ip = flow.src if option == "-s" else flow.dst
                 return ip.version == net.version and ip in net
+            if option == "-i":  # a trailing + matches every name with that prefix
+                return flow.iif.startswith(arg[:-1]) if arg.endswith("+") else flow.iif == arg
             return flow.protocol == arg  # -p
         if module == "comment":
             return True
@@ -442,7 +447,13 @@ def trace(plan: Plan, packet: Packet, origin: Origin, config: BackendConfig) -> 
     family = packet.dst.version
     local = frozenset(ip for ip in (*config.node_ips, *plan.node.addresses) if ip.version == family)
     walker = _Walker(tables(plan, config, family), family, local)
-    start = Flow(src=packet.src, dst=packet.dst, port=packet.port, protocol=packet.protocol.lower())
+    start = Flow(
+        src=packet.src,
+        dst=packet.dst,
+        port=packet.port,
+        protocol=packet.protocol.lower(),
+        iif=input_interface(origin, config),
+    )
     fates = _walk(walker, start, origin)
     verdicts: dict[Verdict, list[Flow]] = {}
     for f, verdict in fates:

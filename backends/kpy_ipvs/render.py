@@ -50,7 +50,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from kpy import select
-from kpy.backend import BackendConfig, frontend
+from kpy.backend import BackendConfig, LocalDetector, frontend
 from kpy.model import (
     Endpoint,
     IPAddress,
@@ -214,6 +214,9 @@ class Context:
     node: NodeInfo | None = None  # the cluster-wide endpoint set follows its topology
     mark_mask: int = SHORT_MARK_MASK  # short-circuit marks (option ``ipvs_mark_mask``)
     primary_ips: tuple[IPAddress, ...] = ()  # the node's primary IP per family
+    detect_local_mode: str = "ClusterCIDR"
+    pod_bridge_interface: str = ""
+    pod_interface_name_prefix: str = ""
 
     @property
     def mark_shift(self) -> int:
@@ -228,17 +231,24 @@ class Context:
     def cidrs(self, version: int) -> tuple[IPNetwork, ...]:
         return tuple(c for c in self.cluster_cidrs if c.version == version)
 
-    def pods(self, version: int) -> tuple[IPNetwork, ...]:
-        """The sources taken for pods: the cluster CIDRs, and the Node's pod CIDRs where
-        no cluster CIDR covers them (how :func:`kpy.explain.infer_origin` tells a pod)."""
-        cluster = self.cidrs(version)
-        pod_cidrs = () if self.node is None else self.node.pod_cidrs
-        node = tuple(
-            c
-            for c in pod_cidrs
-            if c.version == version and not any(c.subnet_of(k) for k in cluster)  # type: ignore[arg-type]
-        )
-        return cluster + node
+    def detector(self, version: int) -> LocalDetector:
+        """How traffic from this node's pods is told (``--detect-local-mode``)."""
+        return BackendConfig(
+            cluster_cidrs=self.cluster_cidrs,
+            node_pod_cidrs=() if self.node is None else self.node.pod_cidrs,
+            detect_local_mode=self.detect_local_mode,
+            pod_bridge_interface=self.pod_bridge_interface,
+            pod_interface_name_prefix=self.pod_interface_name_prefix,
+        ).local_detector(version)
+
+    def pods(self, version: int) -> tuple[str, ...]:
+        """The matches, one rule each, for traffic from this node's pods (upstream's
+        IfLocal): ``-s CIDR`` per CIDR, or ``-i`` the pods' interface; none for a
+        no-op detector."""
+        detector = self.detector(version)
+        if detector.interface:
+            return (f"-i {detector.interface}{'+' if detector.prefix else ''}",)
+        return tuple(f"-s {c}" for c in detector.cidrs)
 
 
 def context(config: BackendConfig, node: NodeInfo) -> Context:
@@ -262,6 +272,9 @@ def context(config: BackendConfig, node: NodeInfo) -> Context:
         node=node,
         mark_mask=mark_mask(config.option(MARK_MASK_OPTION)),
         primary_ips=config.for_node(node).primary_ips(),
+        detect_local_mode=config.detect_local_mode,
+        pod_bridge_interface=config.pod_bridge_interface,
+        pod_interface_name_prefix=config.pod_interface_name_prefix,
     )
 
 
@@ -371,7 +384,7 @@ def render_port(state: ServicePortState, ctx: Context, mark: int = 0) -> PortObj
             elements.add(Element(set=set_name("NOLOCAL", ip.version), value=value))
         if ctx.masquerade_all:
             elements.add(Element(set=set_name("MASQ", ip.version), value=value))
-        elif ctx.cluster_cidrs:
+        elif ctx.pods(ip.version):  # masqueraded unless from this node's pods
             elements.add(Element(set=set_name("CLUSTER", ip.version), value=value))
 
     external: list[tuple[IPAddress, int]] = [(ip, svc.port) for ip in svc.external_ips]
@@ -526,10 +539,8 @@ def rules(ctx: Context, version: int) -> str:
     ranged = f"{match('RANGED')} -m set ! --match-set {set_name('ALLOWED', version)} dst,dst,src"
     lines = ["*nat", f":{CHAIN_MARK} - [0:0]", f":{CHAIN_POST} - [0:0]"]
     lines.append(f"-A {CHAIN_MARK} -m comment --comment {skeleton_id(ctx)} {match('MASQ')} {mark}")
-    if not ctx.masquerade_all and ctx.cidrs(version):
-        lines += [
-            f"-A {CHAIN_MARK} -s {c} {match('CLUSTER')} -j RETURN" for c in ctx.cidrs(version)
-        ]
+    if not ctx.masquerade_all and ctx.pods(version):
+        lines += [f"-A {CHAIN_MARK} {p} {match('CLUSTER')} -j RETURN" for p in ctx.pods(version)]
         lines.append(f"-A {CHAIN_MARK} {match('CLUSTER')} {mark}")
     lines.append(
         f"-A {CHAIN_POST} -m mark --mark {MASQUERADE_MARK:#x}/{MASQUERADE_MARK:#x} -j MASQUERADE"
@@ -542,11 +553,11 @@ def rules(ctx: Context, version: int) -> str:
     lines += ["COMMIT", "*filter", f":{CHAIN_FILTER} - [0:0]"]
     lines.append(f"-A {CHAIN_FILTER} {match('NOLOCAL')} -j DROP")
     lines.append(f"-A {CHAIN_FILTER} {ranged} -j DROP")
-    lines += [f"-A {CHAIN_FILTER} -s {c} {match('DROP')} -j RETURN" for c in ctx.pods(version)]
+    lines += [f"-A {CHAIN_FILTER} {p} {match('DROP')} -j RETURN" for p in ctx.pods(version)]
     lines.append(f"-A {CHAIN_FILTER} {match('DROP')} -j DROP")
     short = f"{match('SHORT')} -j SET --map-set {set_name('SHORT', version)} dst,dst --map-mark"
     lines += ["COMMIT", f"*{MANGLE}", f":{CHAIN_PODS} - [0:0]", f":{CHAIN_OUTPUT} - [0:0]"]
-    lines += [f"-A {CHAIN_PODS} -s {c} {short}" for c in ctx.pods(version)]
+    lines += [f"-A {CHAIN_PODS} {p} {short}" for p in ctx.pods(version)]
     lines.append(f"-A {CHAIN_OUTPUT} {match('NOLOCAL')} -j DROP")
     lines.append(f"-A {CHAIN_OUTPUT} {ranged} -j DROP")
     lines.append(f"-A {CHAIN_OUTPUT} {short}")
@@ -557,7 +568,7 @@ def rules(ctx: Context, version: int) -> str:
 
 def skeleton_id(ctx: Context) -> str:
     """A short identity of the rules (a rule comment, read back on adoption)."""
-    pods = tuple(str(c) for version in (4, 6) for c in ctx.pods(version))
+    pods = tuple(p.removeprefix("-s ") for version in (4, 6) for p in ctx.pods(version))
     text = repr((ctx.masquerade_all, tuple(str(c) for c in ctx.cluster_cidrs), pods, SETS, 4))
     if ctx.mark_mask != SHORT_MARK_MASK:  # (the default keeps the identity it had)
         text += f" mark_mask={ctx.mark_mask:#x}"

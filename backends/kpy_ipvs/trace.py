@@ -42,7 +42,7 @@ from kpy_iptables.render import FILTER, NAT
 from kpy_iptables.trace import Rule, Syntax, Tables, TraceError
 
 from kpy.backend import BackendConfig
-from kpy.explain import Origin, Packet, Trace, Verdict
+from kpy.explain import Origin, Packet, Trace, Verdict, input_interface
 from kpy.model import IPAddress, Plan, Protocol
 from kpy_ipvs import render
 from kpy_ipvs.render import DestKey, PortObjects, VirtualKey, VirtualService
@@ -87,7 +87,7 @@ SYNTAX = Syntax(
     },
     targets={t: {} for t in (*TERMINAL, "MASQUERADE")}
     | {"MARK": {"--or-mark": 1}, "SET": {"--map-set": 2, "--map-mark": 0}},
-    addresses=("-s", "-d"),
+    addresses=("-s", "-d", "-i"),
     user_chains="KPY-",
     verbs=frozenset({"-A", "-I"}),
     checks={"--match-set": _set_flags, "--map-set": _map_flags, "--src-type": _local_type},
@@ -199,6 +199,7 @@ class Flow:
     dst: IPAddress
     port: int
     protocol: str  # lower case, as ipset writes it
+    iif: str = ""  # the input interface ("" for the node's own packets)
     mark: int = 0
     masquerade: bool = False
     seen: tuple[str, ...] = field(default=())
@@ -234,7 +235,10 @@ class _Walker:
             for option, negated, args in match.options:
                 if option == "--comment":
                     continue
-                if option in ("-s", "-d"):
+                if option == "-i":  # a trailing + matches every name with that prefix
+                    name = args[0]
+                    hit = flow.iif.startswith(name[:-1]) if name.endswith("+") else flow.iif == name
+                elif option in ("-s", "-d"):
                     ip = flow.src if option == "-s" else flow.dst
                     nets = (ipaddress.ip_network(t, strict=False) for t in args[0].split(","))
                     hit = any(ip.version == n.version and ip in n for n in nets)
@@ -338,7 +342,13 @@ def trace(plan: Plan, packet: Packet, origin: Origin, config: BackendConfig) -> 
     local = bound | set(config.node_ips) | set(plan.node.addresses) | set(ctx.nodeport_ips)
     tables = load(render.rules(ctx, family) + hooks())
     walker = _Walker(tables, sets(ports.values()), family, frozenset(local))
-    flow = Flow(src=packet.src, dst=packet.dst, port=packet.port, protocol=packet.protocol.lower())
+    flow = Flow(
+        src=packet.src,
+        dst=packet.dst,
+        port=packet.port,
+        protocol=packet.protocol.lower(),
+        iif=input_interface(origin, config),
+    )
 
     def done(verdict: Verdict, f: Flow, endpoints: tuple[str, ...] = ()) -> Trace:
         return Trace(verdict=verdict, endpoints=endpoints, masquerade=f.masquerade, kernel=f.seen)

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kpy.backend import BackendConfig
+from kpy.backend import BackendConfig, LocalDetector
 from kpy.model import (
     Endpoint,
     IPAddress,
@@ -490,6 +490,17 @@ def _shard_skeleton(nf: str, addr: str, dispatch: str, nodeport: str | None) -> 
     return objs
 
 
+def local_match(nf: str, detector: LocalDetector, *, negate: bool = False) -> str:
+    """The match for traffic from this node's pods (upstream's IfLocalNFT), or for
+    anything else with ``negate`` (IfNotLocalNFT). ``detector`` must be implemented."""
+    op = "!= " if negate else ""
+    if detector.interface:
+        wildcard = "*" if detector.prefix else ""
+        return f'iifname {op}"{detector.interface}{wildcard}"'
+    cidrs = _cidrs(detector.cidrs, 4 if nf == "ip" else 6)
+    return f"{nf} saddr {op}{_set_literal(cidrs)}"
+
+
 def _hook(kind: str, hook: str, priority: str) -> str:
     return f"type {kind} hook {hook} priority {priority}; policy accept;"
 
@@ -577,7 +588,7 @@ def _family_objects(
     internal = _unique(state.internal_for(family))
     external = _unique(state.external_for(family)) if svc.externally_accessible else []
     no_endpoints = f"goto {REJECT}" if not state.has_endpoints else "drop"
-    cluster_cidrs = _cidrs(config.cluster_cidrs, version)
+    detector = config.local_detector(version)
     objs: list[Obj] = []
 
     # Endpoints: affinity sets, and the dump's record of which endpoints are programmed.
@@ -605,8 +616,8 @@ def _family_objects(
         rules = []
         if config.masquerade_all:
             rules.append(f"{match} {SET_MASQ}")
-        elif cluster_cidrs:
-            rules.append(f"{match} {nf} saddr != {_set_literal(cluster_cidrs)} {SET_MASQ}")
+        elif detector.implemented:  # traffic not from this node's pods
+            rules.append(f"{match} {local_match(nf, detector, negate=True)} {SET_MASQ}")
         rules += _pick(nf, proto, internal_targets)
         objs.append(Chain(nf, names.service, tuple(rules), table=shard))
         objs.append(Element(nf, SERVICE_IPS, vip, f"goto {names.service}", label, shard))
@@ -640,8 +651,8 @@ def _family_objects(
         elif internal:
             # Pods and the node itself reaching an external address use the cluster-wide
             # path (no reason to drop them); node-originated traffic is masqueraded.
-            if cluster_cidrs:
-                rules.append(f"{nf} saddr {_set_literal(cluster_cidrs)} goto {names.service}")
+            if detector.implemented:
+                rules.append(f"{local_match(nf, detector)} goto {names.service}")
             rules.append(f"fib saddr type local {SET_MASQ}")
             rules.append(f"fib saddr type local goto {names.service}")
         rules += _pick(nf, proto, external_targets) if external_targets else ["drop"]

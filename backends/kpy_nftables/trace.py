@@ -24,7 +24,9 @@ the client is not yet in any affinity set (a fresh client: affinity sets have no
 elements); ``numgen random mod N == 0`` may be true or false, and the trace follows
 both, so ``endpoints`` is every DNAT target some draw reaches; ``fib … type local`` is
 true for the node's addresses (``config.node_ips`` and the Node's addresses) and
-loopback. ``masquerade`` is true when some path reaches the ``masquerade`` statement;
+loopback; ``iifname`` is the interface :func:`kpy.explain.input_interface` gives the
+packet's origin (a pod's on the pod bridge or prefixed interface, none for the node's
+own). ``masquerade`` is true when some path reaches the ``masquerade`` statement;
 ``kernel`` lists the objects traversed, by their render keys (``ip chain services``,
 ``ip element service-ips 10.96.0.10 . tcp . 80``), plus ``mark 0x00004000``,
 ``dnat <target>``, ``masquerade``, ``drop`` and ``reject`` where those happen.
@@ -37,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from kpy.backend import BackendConfig
-from kpy.explain import Origin, Packet, Trace, Verdict
+from kpy.explain import Origin, Packet, Trace, Verdict, input_interface
 from kpy.model import IPAddress, Plan
 from kpy_nftables import render
 
@@ -66,7 +68,8 @@ def objects(plan: Plan, config: BackendConfig) -> dict[str, render.Obj]:
 def trace(plan: Plan, packet: Packet, origin: Origin, config: BackendConfig) -> Trace:
     """What the nftables backend's rendered objects do with ``packet``'s first packet."""
     local = frozenset((*config.node_ips, *plan.node.addresses))
-    return trace_objects(objects(plan, config), packet, origin, local)
+    iif = input_interface(origin, config)
+    return trace_objects(objects(plan, config), packet, origin, local, iif=iif)
 
 
 def trace_objects(
@@ -74,10 +77,15 @@ def trace_objects(
     packet: Packet,
     origin: Origin,
     node_addresses: Iterable[IPAddress],
+    *,
+    iif: str | None = None,
 ) -> Trace:
     """``packet`` through ``objs`` (as :func:`objects` returns them) on a node with
-    ``node_addresses`` (loopback is always local)."""
-    return _Tracer(objs, frozenset(node_addresses)).run(packet, origin)
+    ``node_addresses`` (loopback is always local), arriving on the interface ``iif``
+    (default: as :func:`kpy.explain.input_interface` has it for ``origin``)."""
+    if iif is None:
+        iif = input_interface(origin, BackendConfig())
+    return _Tracer(objs, frozenset(node_addresses)).run(packet, origin, iif)
 
 
 # --- the interpreter ---------------------------------------------------------------------
@@ -97,6 +105,7 @@ class _Packet:
     daddr: IPAddress
     proto: str
     dport: int
+    iif: str = ""  # the input interface ("" for the node's own packets)
     mark: int = 0
     dnat: str | None = None
     masquerade: bool = False
@@ -149,7 +158,7 @@ class _Tracer:
 
     # --- hooks ---------------------------------------------------------------------------
 
-    def run(self, packet: Packet, origin: Origin) -> Trace:
+    def run(self, packet: Packet, origin: Origin, iif: str = "") -> Trace:
         if packet.src.version != packet.dst.version:
             raise TraceError(f"{packet.src} -> {packet.dst}: addresses of two IP families")
         self.nf = "ip" if packet.dst.version == 4 else "ip6"
@@ -158,6 +167,7 @@ class _Tracer:
             daddr=packet.dst,
             proto=str(packet.protocol).lower(),
             dport=packet.port,
+            iif="" if origin is Origin.NODE else iif,
         )
         kernel: list[str] = []
         done: list[Path] = []  # paths that ended in drop or reject
@@ -451,6 +461,8 @@ class _Rule:
         pair = tok[i : i + 2]
         if pair in ([self.nf, "daddr"], [self.nf, "saddr"]):
             return ("addr", str(pkt.daddr if pair[1] == "daddr" else pkt.saddr), i + 2)
+        if tok[i] == "iifname":
+            return ("ifname", pkt.iif, i + 1)
         if pair == ["meta", "l4proto"]:
             return ("proto", pkt.proto, i + 2)
         if pair == ["th", "dport"]:
@@ -562,6 +574,13 @@ class _Rule:
             if not literal.isdigit():
                 raise self.error(f"port {literal!r}")
             return value == literal
+        if kind == "ifname":
+            if len(literal) < 3 or literal[0] != '"' or literal[-1] != '"':
+                raise self.error(f"interface name {literal!r} (quoted)")
+            name = literal[1:-1]
+            if name.endswith("*"):  # a wildcard: every name with that prefix
+                return value.startswith(name[:-1])
+            return value == name
         if kind == "fib":
             if literal not in ("local", "unicast"):
                 raise self.error(f"address type {literal!r}")

@@ -398,26 +398,44 @@ def test_source_ranges_without_endpoints_drop_outside_then_reject() -> None:
     assert objs[Key(4, FILTER, fw)] == ("-s 203.0.113.0/24 -j DROP", "-j DROP")
 
 
-def test_pods_are_told_by_cluster_cidrs_and_the_nodes_pod_cidrs() -> None:
+def test_pods_are_told_by_the_detect_local_mode() -> None:
     svc = b.service(
         "local", cluster_ip="10.96.0.13", type="NodePort", node_port=30082, etp_local=True
     )
     state = b.state(svc, [b.endpoint("10.244.1.10")])
     svc_chain = render.chain_name("SVC", "default/local:http/TCP")
+    mark = render.MARK_MASQ
     node = b.node(pod_cidrs=("10.244.1.0/24", "fd00:244:1::/64"))
-    # no --cluster-cidr: the Node's pod CIDR (upstream's NodeCIDR detect-local mode)
-    ctx = render.context(BackendConfig(), node)
-    assert chain(render.render_port(state, ctx), "EXT")[0] == f"-s 10.244.1.0/24 -j {svc_chain}"
-    # a cluster CIDR covering it: the cluster CIDR alone
-    ctx = render.context(BackendConfig(cluster_cidrs=CTX.cluster_cidrs), node)
-    ext = chain(render.render_port(state, ctx), "EXT")
+    note = '-m comment --comment "default/local:http/TCP" -m tcp --dport 80'
+    match = f"-d 10.96.0.13/32 -p tcp {note}"
+
+    def rendered(**config: object) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        ctx = render.context(BackendConfig(**config), node)  # type: ignore[arg-type]
+        objs = render.render_port(state, ctx)
+        return chain(objs, "EXT"), chain(objs, "SVC")
+
+    # ClusterCIDR (the default): the cluster CIDR
+    ext, svc_rules = rendered(cluster_cidrs=CTX.cluster_cidrs)
     assert [r for r in ext if r.startswith("-s ")] == [f"-s 10.244.0.0/16 -j {svc_chain}"]
-    # neither: no pod is recognised, only the node itself
-    ext = chain(render.render_port(state, render.Context()), "EXT")
-    assert not [r for r in ext if r.startswith("-s ")]
-    # the masquerade of cluster-IP traffic still follows the cluster CIDRs only
-    ctx = render.context(BackendConfig(), node)
-    assert not [r for r in chain(render.render_port(state, ctx), "SVC") if "MARK-MASQ" in r]
+    assert svc_rules[0] == f"! -s 10.244.0.0/16 {match} -j {mark}"
+    # ClusterCIDR without a cluster CIDR: upstream's no-op detector — no pod is told
+    # apart (only the node itself), and cluster-IP traffic is not masqueraded
+    ext, svc_rules = rendered()
+    assert not [r for r in ext if r.startswith(("-s ", "-i "))]
+    assert not [r for r in svc_rules if mark in r]
+    # NodeCIDR: the Node's pod CIDR
+    ext, svc_rules = rendered(cluster_cidrs=CTX.cluster_cidrs, detect_local_mode="NodeCIDR")
+    assert ext[0] == f"-s 10.244.1.0/24 -j {svc_chain}"
+    assert svc_rules[0] == f"! -s 10.244.1.0/24 {match} -j {mark}"
+    # BridgeInterface, InterfaceNamePrefix: the input interface (iptables-save's order)
+    ext, svc_rules = rendered(detect_local_mode="BridgeInterface", pod_bridge_interface="cni0")
+    assert ext[0] == f"-i cni0 -j {svc_chain}"
+    assert svc_rules[0] == f"-d 10.96.0.13/32 ! -i cni0 -p tcp {note} -j {mark}"
+    ext, svc_rules = rendered(
+        detect_local_mode="InterfaceNamePrefix", pod_interface_name_prefix="cali"
+    )
+    assert ext[0] == f"-i cali+ -j {svc_chain}"
+    assert "! -i cali+ -p tcp" in svc_rules[0]
 
 
 def test_a_host_without_ip6tables_gets_ipv4_objects_only() -> None:

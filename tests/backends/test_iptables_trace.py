@@ -145,7 +145,7 @@ def test_a_render_bug_shows_up_in_the_trace(monkeypatch: pytest.MonkeyPatch) -> 
     [
         ("-m string --string x -j ACCEPT", "unknown match module 'string'"),
         ("-m tcp --sport 80 -j ACCEPT", "unknown option '--sport' of -m tcp"),
-        ("-i eth0 -j ACCEPT", "unknown rule option '-i'"),
+        ("-o eth0 -j ACCEPT", "unknown rule option '-o'"),
         ("-j DNAT --to-source 1.2.3.4", "unknown option '--to-source' of target DNAT"),
         ("-s 10.0.0.0/8", "rule without a target"),
     ],
@@ -301,15 +301,31 @@ def test_masquerade_all_with_local_policy() -> None:
     _agree(traced, model)
 
 
-def test_pod_short_circuit_without_cluster_cidr() -> None:
+def test_pod_short_circuit_by_the_nodes_pod_cidr_in_node_cidr_mode() -> None:
     np_local = dict(NODEPORT, etp_local=True)
     traced, model = _traced_and_model(
-        np_local, (LOCAL_A, REMOTE), POD, "192.168.50.2", 30080, ex.Options()
+        np_local,
+        (LOCAL_A, REMOTE),
+        POD,
+        "192.168.50.2",
+        30080,
+        ex.Options(detect_local_mode="NodeCIDR"),
     )
     assert model.origin is ex.Origin.POD
     _agree(traced, model)
     assert traced.endpoints == ("10.244.1.5:8080", "10.244.2.5:8080")  # cluster-wide
     assert any(f"-A {EXT} -s 10.244.1.0/24 -j {SVC}" in k for k in traced.kernel)
+
+
+def test_no_short_circuit_without_cluster_cidr_in_cluster_cidr_mode() -> None:
+    """Upstream's no-op detector: a pod is an outside client like any other."""
+    np_local = dict(NODEPORT, etp_local=True)
+    traced, model = _traced_and_model(
+        np_local, (LOCAL_A, REMOTE), POD, "192.168.50.2", 30080, ex.Options()
+    )
+    _agree(traced, model)
+    assert traced.endpoints == ("10.244.1.5:8080",)  # the local endpoint only
+    assert not traced.masquerade
 
 
 def test_tables_keep_the_kernel_order_of_the_first_sync() -> None:

@@ -321,12 +321,35 @@ def test_short_circuit_marks_are_stable_and_distinct() -> None:
     assert render.SHORT_MARK_MASK & render.MASQUERADE_MARK == 0
 
 
-def test_pods_are_told_by_the_node_pod_cidr_without_cluster_cidrs() -> None:
+def test_pods_are_told_by_the_node_pod_cidr_in_node_cidr_mode() -> None:
     node = b.node(addresses=("192.168.50.2",), pod_cidrs=("10.244.1.0/24",))
-    text = render.rules(render.context(BackendConfig(node_name=node.name), node), 4)
+    config = BackendConfig(node_name=node.name, detect_local_mode="NodeCIDR")
+    text = render.rules(render.context(config, node), 4)
     assert (
         "-A KPY-IPVS-FILTER -s 10.244.1.0/24 -m set --match-set KPY-IPVS-DROP dst,dst -j RETURN"
     ) in text.splitlines()
+    # ClusterCIDR mode without a cluster CIDR: no detector (upstream's no-op), no pod rule
+    text = render.rules(render.context(BackendConfig(node_name=node.name), node), 4)
+    assert not [line for line in text.splitlines() if " -s 10.244." in line]
+
+
+def test_pods_are_told_by_their_interface_in_interface_modes() -> None:
+    node = b.node(addresses=("192.168.50.2",))
+    for config, match in (
+        (BackendConfig(detect_local_mode="BridgeInterface", pod_bridge_interface="cni0"), "cni0"),
+        (
+            BackendConfig(
+                detect_local_mode="InterfaceNamePrefix", pod_interface_name_prefix="cali"
+            ),
+            "cali+",
+        ),
+    ):
+        lines = render.rules(render.context(config, node), 4).splitlines()
+        assert (
+            f"-A KPY-IPVS-FILTER -i {match} -m set --match-set KPY-IPVS-DROP dst,dst -j RETURN"
+            in lines
+        )
+        assert any(line.startswith(f"-A KPY-IPVS-MARK -i {match} ") for line in lines)
 
 
 def test_local_frontend_without_any_endpoint_rejects() -> None:
@@ -371,7 +394,7 @@ def test_several_cluster_cidrs_of_a_family_are_a_return_each() -> None:
         ("-m string --string x -j ACCEPT", "unknown match module 'string'"),
         ("-m set --match-set KPY-IPVS-MASQ src -j ACCEPT", "set flags 'src' are not modelled"),
         ("-m mark --mark 0x1 -j MARK --set-xmark 0x1", "--or-mark only"),
-        ("-i eth0 -j ACCEPT", "unknown rule option '-i'"),
+        ("-o eth0 -j ACCEPT", "unknown rule option '-o'"),
         ("-j REJECT", "unknown target 'REJECT'"),
         ("-j MASQUERADE --random-fully", "unknown option '--random-fully' of target"),
         ("-s 10.0.0.0/8", "rule without a target"),

@@ -2,7 +2,7 @@
 (:mod:`kpy.testing.packets` on the :mod:`kpy.testing.netns` topology) in both iptables
 flavours, plus what only this backend shows (per-endpoint packet counters in the dump)
 and two cases its rules once got wrong: a LoadBalancer IP with source ranges and no
-endpoints, and pods told by the Node's pod CIDR when no cluster CIDR is configured.
+endpoints, and pods told by the Node's pod CIDR (NodeCIDR detect-local mode).
 """
 
 from __future__ import annotations
@@ -84,9 +84,13 @@ def gap_topology() -> Iterator[Topology]:
 class TestRenderGaps:
     @pytest.fixture
     def programmed(self, gap_topology: Topology, mode: str) -> Iterator[Topology]:
-        # No --cluster-cidr: pods are told by the Node's pod CIDR (10.244.1.0/24).
+        # No --cluster-cidr, --detect-local-mode NodeCIDR: pods are told by the Node's
+        # pod CIDR (10.244.1.0/24).
         config = dataclasses.replace(
-            config_for(gap_topology), cluster_cidrs=(), options=(("iptables_mode", mode),)
+            config_for(gap_topology),
+            cluster_cidrs=(),
+            detect_local_mode="NodeCIDR",
+            options=(("iptables_mode", mode),),
         )
         backend = IptablesBackend(config)
         asyncio.run(backend.apply(b.plan(_gap_states(), node_info=NODE)))

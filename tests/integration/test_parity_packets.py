@@ -22,7 +22,7 @@ from kpy import explain as ex
 from kpy.backend import Backend, BackendConfig
 from kpy.model import Plan, ServicePortState
 from kpy.testing import builders as b
-from kpy.testing.netns import POD_A, Topology, ip, tcp, topology
+from kpy.testing.netns import CLIENT_IP, NODE_IP, POD_A, POD_B, Topology, ip, tcp, topology
 from kpy.testing.packets import NODE, config_for
 
 pytestmark = pytest.mark.root
@@ -133,3 +133,93 @@ class TestLoadBalancerIPAsSource:
         )
         with pytest.raises(TimeoutError):
             tcp(topo.node, "172.18.0.51", 80, timeout=1.0)
+
+
+# --- 4. detecting local (pod) traffic: --detect-local-mode ----------------------------------
+
+
+def _detect_states() -> list[ServicePortState]:
+    return [
+        b.state(
+            b.service("web", cluster_ip="10.96.0.40"), [b.endpoint(POD_B, node="node-b")], NODE
+        ),
+        b.state(
+            b.service(
+                "remote", cluster_ip="10.96.0.41", type="NodePort", node_port=30090, etp_local=True
+            ),
+            [b.endpoint(POD_B, node="node-b")],
+            NODE,
+        ),
+    ]
+
+
+NO_CIDR: tuple[ipaddress.IPv4Network, ...] = ()
+# mode → the BackendConfig fields; in every one but "no-detector", pod-a is told as a pod
+# of this node (the topology's pods sit on the bridge br0, in the Node's 10.244.1.0/24)
+DETECT: dict[str, dict[str, object]] = {
+    "cluster-cidr": {},
+    "node-cidr": {"cluster_cidrs": NO_CIDR, "detect_local_mode": "NodeCIDR"},
+    "bridge": {
+        "cluster_cidrs": NO_CIDR,
+        "detect_local_mode": "BridgeInterface",
+        "pod_bridge_interface": "br0",
+    },
+    "prefix": {
+        "cluster_cidrs": NO_CIDR,
+        "detect_local_mode": "InterfaceNamePrefix",
+        "pod_interface_name_prefix": "br",
+    },
+    "no-detector": {"cluster_cidrs": NO_CIDR},
+}
+
+
+class TestDetectLocal:
+    @pytest.fixture(params=sorted(DETECT))
+    def mode(self, request: pytest.FixtureRequest) -> str:
+        return str(request.param)
+
+    @pytest.fixture
+    def programmed(
+        self, topo: Topology, backend: tuple[Factory, ex.Tracer], mode: str
+    ) -> Iterator[tuple[Plan, BackendConfig]]:
+        programmed, plan, cfg = _program(topo, backend[0], _detect_states(), **DETECT[mode])
+        try:
+            yield plan, cfg
+        finally:
+            asyncio.run(programmed.cleanup())
+
+    def test_pods_and_others_as_the_detector_tells_them(
+        self,
+        topo: Topology,
+        programmed: tuple[Plan, BackendConfig],
+        backend: tuple[Factory, ex.Tracer],
+        mode: str,
+    ) -> None:
+        plan, cfg = programmed
+        tracer = backend[1]
+        detector = mode != "no-detector"
+        # a pod reaching a ClusterIP keeps its address (never masqueraded)
+        assert tcp(topo.pods["pod-a"], "10.96.0.40", 80) == f"pod-b {POD_A}"
+        # from outside: masqueraded (the node's bridge address) unless there is no detector
+        peer = tcp(topo.client, "10.96.0.40", 80).split()[1]
+        assert peer == ("10.244.1.1" if detector else CLIENT_IP)
+        traced = tracer(
+            plan,
+            ex.Packet(
+                src=ipaddress.ip_address(CLIENT_IP), dst=ipaddress.ip_address("10.96.0.40"), port=80
+            ),
+            ex.Origin.EXTERNAL,
+            cfg,
+        )
+        assert traced.masquerade is detector
+        # a pod reaching a NodePort under externalTrafficPolicy Local without a local
+        # endpoint: short-circuited to the cluster-wide endpoints when told as a pod,
+        # else dropped like any outside client
+        verdict = _traced(tracer, plan, cfg, POD_A, NODE_IP, 30090, "pod")
+        if detector:
+            assert verdict is ex.Verdict.FORWARD
+            assert tcp(topo.pods["pod-a"], NODE_IP, 30090).startswith("pod-b ")
+        else:
+            assert verdict is ex.Verdict.DROP
+            with pytest.raises(TimeoutError):
+                tcp(topo.pods["pod-a"], NODE_IP, 30090, timeout=1.0)
