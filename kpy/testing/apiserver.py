@@ -1409,9 +1409,13 @@ class _ServerSink:
             if event.type == "DELETE":
                 self.server.delete(str(event.kind), event.namespace, event.name)
             else:
-                self.server.apply(event.obj)
+                # Only what JSON can carry (a YAML timestamp or binary value cannot be
+                # served, and would break every list of its kind).
+                self.server.apply(json.loads(json.dumps(event.obj, allow_nan=False)))
         except ApiError as exc:
             log.warning("manifest_not_served", name=event.name, reason=exc.message)
+        except (TypeError, ValueError) as exc:
+            log.warning("manifest_not_served", name=event.name, reason=str(exc)[:200])
 
     def synced(self) -> None:
         log.info("manifests_served", url=self.server.url)

@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import pytest
 import structlog
 
 from kpy.agent import Agent
 from kpy.runner import RunnerTimes
-from kpy.sources import kube
+from kpy.sources import kube, manifests
 from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
+from kpy.testing import apiserver
 from kpy.testing.apiserver import FakeApiServer, RawJSON
 from kpy.testing.fake_backend import FakeBackend
 from tests.hostile import corpus
@@ -85,3 +87,15 @@ def test_deep_and_huge_objects_are_skipped_and_the_agent_keeps_serving(
     assert "kube_watch_event_malformed" in warnings  # the watched one
     assert "kube_event_too_large" in warnings
     assert json.dumps(warnings)
+
+
+def test_serving_manifests_skips_what_json_cannot_carry(tmp_path: Path) -> None:
+    (tmp_path / "odd.yaml").write_text(
+        "kind: Service\nmetadata: {name: when, namespace: default}\nspec: {at: 2024-01-01}\n"
+        "---\nkind: Service\nmetadata: {name: ok, namespace: default}\n"
+    )
+    server = FakeApiServer()
+    with structlog.testing.capture_logs() as logs:
+        manifests.ManifestSource([tmp_path]).scan(apiserver._ServerSink(server))
+    assert [o["metadata"]["name"] for o in server.objects("Service")] == ["ok"]
+    assert [e["name"] for e in logs if e["event"] == "manifest_not_served"] == ["when"]
