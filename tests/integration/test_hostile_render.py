@@ -43,6 +43,14 @@ INJECTIONS = [
     "\ud800",
     "x" * 300,
     "",
+    # Valid names that are nft or iptables words: rendered as they are.
+    "table",
+    "drop",
+    "accept",
+    "counter",
+    "ip",
+    "tcp",
+    "a" * 63,
 ]
 
 name_text = st.one_of(st.sampled_from(INJECTIONS), st.text(max_size=300))
