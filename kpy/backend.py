@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Protocol, runtime_checkable
@@ -237,6 +237,13 @@ def create(name: str, config: BackendConfig) -> Backend:
         return entry.factory(config)
     except ValueError as exc:  # a backend option it refuses, named in the message
         raise BackendError(f"backend {name!r}: {exc}") from exc
+
+
+def split_values(values: Iterable[str]) -> tuple[str, ...]:
+    """List values given repeatedly and/or comma separated (``--node-ip a --node-ip b,c``),
+    merged in order, each once; empty parts dropped (``--cluster-cidr ""`` is none)."""
+    parts = (part.strip() for value in values for part in value.split(","))
+    return tuple(dict.fromkeys(part for part in parts if part))
 
 
 def parse_networks(values: list[str] | tuple[str, ...]) -> tuple[IPNetwork, ...]:

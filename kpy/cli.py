@@ -58,6 +58,10 @@ def main() -> None:
     logsetup.ensure_configured()  # logs on stderr before any command runs
 
 
+# a single-valued option given twice is an error, never the last one silently
+main.command_class = explain.RefuseRepeats
+
+
 # --------------------------------------------------------------------------- run
 
 _RUN_FLAGS = {
@@ -113,13 +117,23 @@ def _given_flags(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any
 @click.option("--manifests", multiple=True, help="Manifest directory or file (repeatable).")
 @click.option("--node", help="This node's name (default: the host name).")
 @click.option(
-    "--node-ip", multiple=True, help="This node's IP (repeatable; default: from the Node)."
+    "--node-ip",
+    multiple=True,
+    callback=explain.merged,
+    help="This node's IPs (repeatable and/or comma separated; default: from the Node).",
 )
 @click.option(
-    "--cluster-cidr", help="Pod CIDRs, comma separated (masquerade traffic from outside)."
+    "--cluster-cidr",
+    multiple=True,
+    callback=explain.merged,
+    help="Pod CIDRs (repeatable and/or comma separated; masquerade traffic from outside).",
 )
 @click.option(
-    "--nodeport-addresses", help="CIDRs NodePorts answer on (default: all local addresses)."
+    "--nodeport-addresses",
+    multiple=True,
+    callback=explain.merged,
+    help="CIDRs NodePorts answer on (repeatable and/or comma separated; default: all local "
+    "addresses).",
 )
 @click.option(
     "--masquerade-all", is_flag=True, default=None, help="Masquerade all Service traffic."
@@ -307,25 +321,32 @@ def _offline_options(f: Any) -> Any:
         multiple=True,
         default=(DEMO_NODE_IP,),
         show_default=True,
-        help="This node's IP (repeatable).",
+        callback=explain.merged,
+        help="This node's IPs (repeatable and/or comma separated).",
     )(f)
     f = click.option(
         "--cluster-cidr",
-        default="10.244.0.0/16",
+        multiple=True,
+        default=("10.244.0.0/16",),
         show_default=True,
-        help="Pod CIDRs, comma separated.",
+        callback=explain.merged,
+        help="Pod CIDRs (repeatable and/or comma separated).",
     )(f)
     f = click.option("--netns", default=None, help="Observe the backend inside this namespace.")(f)
     return f
 
 
 def _backend_for(
-    name: str, node: str, node_ips: tuple[str, ...], cluster_cidr: str, netns: str | None
+    name: str,
+    node: str,
+    node_ips: tuple[str, ...],
+    cluster_cidr: tuple[str, ...],
+    netns: str | None,
 ) -> backends.Backend:
     config = backends.BackendConfig(
         node_name=node,
         node_ips=tuple(ipaddress.ip_address(i) for i in node_ips),
-        cluster_cidrs=backends.parse_networks(tuple(c for c in cluster_cidr.split(",") if c)),
+        cluster_cidrs=backends.parse_networks(cluster_cidr),
         netns=netns,
     )
     return backends.create(name, config)
@@ -339,7 +360,7 @@ def plan_cmd(
     manifests: tuple[str, ...],
     node: str,
     node_ip: tuple[str, ...],
-    cluster_cidr: str,
+    cluster_cidr: tuple[str, ...],
     netns: str | None,
     backend: str | None,
     output: str,
@@ -387,7 +408,7 @@ def dump_cmd(
     manifests: tuple[str, ...],
     node: str,
     node_ip: tuple[str, ...],
-    cluster_cidr: str,
+    cluster_cidr: tuple[str, ...],
     netns: str | None,
     backend: str | None,
     output: str,

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from kpy.backend import DETECT_LOCAL_MODES, BackendConfig
+from kpy.backend import DETECT_LOCAL_MODES, BackendConfig, split_values
 from kpy.model import IPAddress, IPNetwork
 from kpy.runner import RunnerTimes
 
@@ -112,6 +112,9 @@ def _camel(snake: str) -> str:
     return head + "".join(p.capitalize() for p in rest)
 
 
+# Address and CIDR lists: given as a list, a comma-separated string, repeated flags or
+# any mix, merged in order (each value once).
+LIST_FIELDS = frozenset({"node_ips", "cluster_cidr", "node_port_addresses"})
 # Fields the file holds under ``detectLocal`` (KubeProxyConfiguration's DetectLocal).
 DETECT_LOCAL = {
     "pod_bridge_interface": "bridgeInterface",
@@ -183,6 +186,8 @@ def _coerce(name: str, value: object, what: str) -> object:
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            if name in LIST_FIELDS:  # each item may itself be comma separated
+                return split_values(value)
             return tuple(value)
         raise ConfigError(f"{what}: expected a list of strings")
     if isinstance(default, str):

@@ -36,7 +36,7 @@ from typing import Any
 import click
 
 from kpy import select
-from kpy.backend import DETECT_LOCAL_MODES, BackendConfig
+from kpy.backend import DETECT_LOCAL_MODES, BackendConfig, split_values
 from kpy.model import (
     Endpoint,
     IPAddress,
@@ -462,8 +462,42 @@ def render_text(packet: Packet, e: Explanation) -> str:
 OfflinePlan = Callable[[tuple[str, ...], str, tuple[str, ...]], Plan]
 
 
-def _networks(text: str) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in text.split(",") if c)
+def _networks(values: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in values)
+
+
+def merged(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """A list option's values, given repeatedly and/or comma separated, merged."""
+    del ctx, param
+    return split_values(value)
+
+
+class RefuseRepeats(click.Command):
+    """A command whose single-valued options may be given once: a second value is an
+    error naming the option, never the last one silently (list options are
+    ``multiple`` and merge their values)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        single: dict[str, str] = {}
+        for param in self.params:
+            if isinstance(param, click.Option) and not (
+                param.multiple or param.is_flag or param.count
+            ):
+                for opt in param.opts:
+                    single[opt] = param.opts[0]
+        seen: dict[str, int] = {}
+        for arg in args:
+            if arg == "--":
+                break
+            name = single.get(arg.split("=", 1)[0] if arg.startswith("--") else arg)
+            if name is not None:
+                seen[name] = seen.get(name, 0) + 1
+        repeated = sorted(name for name, count in seen.items() if count > 1)
+        if repeated:
+            raise click.UsageError(
+                f"{', '.join(repeated)} given more than once; give it once", ctx=ctx
+            )
+        return super().parse_args(ctx, args)
 
 
 TracerLoader = Callable[[str, BackendConfig], Callable[[Plan, Packet, Origin], Trace] | None]
@@ -473,7 +507,7 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
     """The ``kpy explain`` command; ``offline_plan(manifests, node, node_ips)`` → Plan;
     ``load_tracer(backend, config)`` → that backend's bound ``trace`` (None: it has none)."""
 
-    @click.command("explain")
+    @click.command("explain", cls=RefuseRepeats)
     @click.option("--from", "src", required=True, help="Source IP of the packet.")
     @click.option("--to", "dst", required=True, help="Destination IP:PORT[/PROTO].")
     @click.option(
@@ -495,10 +529,23 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
         multiple=True,
         default=(DEMO_NODE_IP,),
         show_default=True,
-        help="This node's IP (repeatable).",
+        callback=merged,
+        help="This node's IPs (repeatable and/or comma separated).",
     )
-    @click.option("--cluster-cidr", default="10.244.0.0/16", show_default=True)
-    @click.option("--nodeport-addresses", default="", help="CIDRs NodePorts answer on.")
+    @click.option(
+        "--cluster-cidr",
+        multiple=True,
+        default=("10.244.0.0/16",),
+        show_default=True,
+        callback=merged,
+        help="Pod CIDRs (repeatable and/or comma separated).",
+    )
+    @click.option(
+        "--nodeport-addresses",
+        multiple=True,
+        callback=merged,
+        help="CIDRs NodePorts answer on (repeatable and/or comma separated).",
+    )
     @click.option("--masquerade-all", is_flag=True, default=False)
     @click.option(
         "--detect-local-mode",
@@ -522,8 +569,8 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
         manifests: tuple[str, ...],
         node: str,
         node_ip: tuple[str, ...],
-        cluster_cidr: str,
-        nodeport_addresses: str,
+        cluster_cidr: tuple[str, ...],
+        nodeport_addresses: tuple[str, ...],
         masquerade_all: bool,
         detect_local_mode: str,
         pod_bridge_interface: str,

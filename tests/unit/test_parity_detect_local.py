@@ -129,7 +129,10 @@ def test_detectors_per_family(config_: BackendConfig, v4: LocalDetector, v6: Loc
 
 
 def _explain(*args: str) -> dict[str, object]:
-    result = CliRunner().invoke(main, ["explain", *EXAMPLES_AS_NODE_1, "-o", "json", *args])
+    if "--cluster-cidr" not in args:
+        args = ("--cluster-cidr", "10.244.0.0/16", *args)
+    node_1 = EXAMPLES_AS_NODE_1[: EXAMPLES_AS_NODE_1.index("--cluster-cidr")]
+    result = CliRunner().invoke(main, ["explain", *node_1, "-o", "json", *args])
     assert result.exit_code == 0, result.output
     data: dict[str, object] = json.loads(result.output)
     return data
