@@ -1,20 +1,26 @@
 """Benchmark of the userspace proxy against socat, haproxy, kernel DNAT and no relay.
 
 In the namespaces of :mod:`kpy.testing.netns` (never the machine's own): a client
-namespace talks through the node namespace to servers in pod-a, one run, side by side:
+namespace talks through the node namespace to servers in pod-a. Each run measures every
+target, one after another:
 
 * ``direct``: to the pod's address (the node only routes) — the physical floor;
 * ``nftables``: a ClusterIP DNATed by kpy's nftables backend (kernel relay);
-* ``userspace``: a ClusterIP served by kpy's userspace proxy;
+* ``userspace``: a ClusterIP served by kpy's userspace proxy, in a process of its own
+  as in the agent (``--userspace-in-process`` runs it on a thread of this process
+  instead, sharing the interpreter lock with the clients and servers, as the first
+  versions of this script did);
 * ``socat``: ``socat TCP-LISTEN:…,fork`` on the node address (a process per connection);
 * ``haproxy``: ``haproxy`` in TCP mode on the node address.
 
 Measured per target: one-stream bulk throughput (MB/s, 256 MiB client → server),
 connection rate (connect, 64-byte request, 64-byte reply, close; 32 concurrent clients
 for 3 s), and p50 latency of one fresh connection's request/reply (500 in a row), with
-the added latency over ``direct``.
+the added latency over ``direct``. The 1-minute load average is recorded at the start
+of each run, and the ratios the userspace targets are judged by are computed within
+each run.
 
-Usage: ``sudo python bench/bench_userspace.py [--bulk-mib 256] [--seconds 3]``.
+Usage: ``sudo python bench/bench_userspace.py [--runs 3] [--bulk-mib 256] [--seconds 3]``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -29,20 +36,26 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from kpy_nftables import NftablesBackend
 from kpy_userspace import UserspaceBackend
 
+from kpy.backend import BackendConfig
+from kpy.model import ServicePortState
 from kpy.netns_socket import run_in_netns
 from kpy.testing import builders as b
 from kpy.testing.netns import NODE_IP, POD_A, Topology, topology
 from kpy.testing.packets import config_for
 
 SINK, RR = 9000, 9001
+Row = dict[str, float]
+USERSPACE_VIP, HAPROXY_IP = "10.96.0.10", "192.168.50.3"
 NODE = b.node("node-a", addresses=[NODE_IP])
 
 
@@ -127,7 +140,8 @@ def latency(host: str, port: int, count: int) -> list[float]:
     return samples
 
 
-def rate(host: str, port: int, seconds: float, concurrency: int = 32) -> float:
+def rate(host: str, port: int, seconds: float, concurrency: int = 32) -> tuple[int, float]:
+    """Connections completed by ``concurrency`` clients in ``seconds``, and the time taken."""
     done = 0
 
     async def worker(deadline: float) -> None:
@@ -146,25 +160,123 @@ def rate(host: str, port: int, seconds: float, concurrency: int = 32) -> float:
 
     started = time.perf_counter()
     asyncio.run(main())
-    return done / (time.perf_counter() - started)
+    return done, time.perf_counter() - started
+
+
+class Target(NamedTuple):
+    host: str
+    pids: tuple[int, ...]  # the relay's processes (CPU time is read from them), or none
+
+
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    """User + system time of ``pids`` and their reaped children (socat's forks)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure_run(targets: dict[str, Target], args: argparse.Namespace) -> dict[str, Row]:
+    """One run over every target, from the client namespace's thread. Bulk goes target
+    by target; the connection rate and the latency samples are taken in ``--slices``
+    slices, taking turns between the targets, so a change in the machine's load during
+    the run falls on every target alike."""
+    rows: dict[str, Row] = {name: {} for name in targets}
+    for name, (host, _) in targets.items():
+        rows[name]["mb_s"] = round(bulk(host, SINK, args.bulk_mib), 1)
+    done = dict.fromkeys(targets, 0)
+    took = dict.fromkeys(targets, 0.0)
+    cpu = dict.fromkeys(targets, 0.0)
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    for _ in range(args.slices):
+        for name, (host, pids) in targets.items():
+            before = cpu_seconds(pids)
+            n, elapsed = rate(host, RR, args.seconds / args.slices)
+            cpu[name] += cpu_seconds(pids) - before
+            done[name] += n
+            took[name] += elapsed
+            samples[name] += latency(host, RR, max(1, args.latency_count // args.slices))
+    for name, (_, pids) in targets.items():
+        rows[name]["conn_s"] = round(done[name] / took[name])
+        rows[name]["p50_us"] = round(statistics.median(samples[name]) * 1e6, 1)
+        if pids:  # the relay's CPU time per relayed connection, whatever the load
+            rows[name]["cpu_us_per_conn"] = round(cpu[name] / done[name] * 1e6, 1)
+    return rows
+
+
+def userspace_states() -> list[ServicePortState]:
+    return [
+        b.state(
+            b.service("bench", cluster_ip=USERSPACE_VIP, port=port, port_name_=name),
+            [b.endpoint(POD_A, port)],
+            NODE,
+        )
+        for name, port in (("sink", SINK), ("rr", RR))
+    ]
+
+
+def userspace_config(netns: str, options: tuple[tuple[str, str], ...] = ()) -> BackendConfig:
+    return BackendConfig(
+        node_name="node-a", node_ips=(ipaddress.ip_address(NODE_IP),), netns=netns, options=options
+    )
+
+
+def serve_userspace(netns: str, options: tuple[tuple[str, str], ...]) -> None:
+    """The child process of ``--userspace-process``: program the proxy, say so on stdout,
+    relay until stdin closes, clean up."""
+    backend = UserspaceBackend(userspace_config(netns, options))
+    try:
+        asyncio.run(backend.apply(b.plan(userspace_states(), node_info=NODE)))
+        print("ready", flush=True)
+        sys.stdin.read()
+    finally:
+        asyncio.run(backend.cleanup())
 
 
 @contextlib.contextmanager
-def relays(topo: Topology) -> Iterator[dict[str, tuple[str, int]]]:
-    """Start every relay; yield target name → (host, port offset base)."""
+def userspace_relay(
+    topo: Topology, *, in_process: bool, options: tuple[tuple[str, str], ...]
+) -> Iterator[tuple[int, ...]]:
+    """kpy's userspace proxy for the node namespace; yields the relay's process (none
+    when it runs in this one)."""
+    if in_process:
+        backend = UserspaceBackend(userspace_config(topo.node, options))
+        try:
+            asyncio.run(backend.apply(b.plan(userspace_states(), node_info=NODE)))
+            yield ()
+        finally:
+            asyncio.run(backend.cleanup())
+        return
+    argv = [sys.executable, __file__, "--serve-userspace", topo.node]
+    for key, value in options:
+        argv += ["--userspace-option", f"{key}={value}"]
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        for line in child.stdout:  # the backend's log lines, then "ready"
+            if line.strip() == b"ready":
+                break
+        else:
+            raise RuntimeError("the userspace relay process did not start")
+        yield (child.pid,)
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()  # the child cleans up and exits
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+@contextlib.contextmanager
+def relays(
+    topo: Topology, *, in_process: bool, options: tuple[tuple[str, str], ...]
+) -> Iterator[dict[str, Target]]:
+    """Start every relay; yield target name → where to connect and who relays."""
     procs: list[subprocess.Popen[bytes]] = []
-    states = [
-        b.state(
-            b.service("bench", cluster_ip="10.96.0.10", port=SINK, port_name_="sink"),
-            [b.endpoint(POD_A, SINK)],
-            NODE,
-        ),
-        b.state(
-            b.service("bench", cluster_ip="10.96.0.10", port=RR, port_name_="rr"),
-            [b.endpoint(POD_A, RR)],
-            NODE,
-        ),
-    ]
     kernel_states = [
         b.state(
             b.service("kernel", cluster_ip="10.96.0.30", port=port, port_name_=name),
@@ -173,22 +285,12 @@ def relays(topo: Topology) -> Iterator[dict[str, tuple[str, int]]]:
         )
         for name, port in (("sink", SINK), ("rr", RR))
     ]
-    config = config_for(topo)
-    userspace = UserspaceBackend(config)
-    nftables = NftablesBackend(config)
+    nftables = NftablesBackend(config_for(topo))
     tmp = tempfile.mkdtemp(prefix="kpy-bench-haproxy-")
     try:
-        asyncio.run(userspace.apply(b.plan(states, node_info=NODE)))
         asyncio.run(nftables.apply(b.plan(kernel_states, node_info=NODE)))
-        targets = {
-            "direct": POD_A,
-            "nftables": "10.96.0.30",
-            "userspace": "10.96.0.10",
-            "socat": NODE_IP,
-            "haproxy": "192.168.50.3",
-        }
         subprocess.run(
-            ["ip", "-n", topo.node, "addr", "add", "192.168.50.3/24", "dev", "vc"], check=True
+            ["ip", "-n", topo.node, "addr", "add", f"{HAPROXY_IP}/24", "dev", "vc"], check=True
         )
         for port in (SINK, RR):
             procs.append(
@@ -208,51 +310,115 @@ def relays(topo: Topology) -> Iterator[dict[str, tuple[str, int]]]:
                 "  timeout client 60s\n  timeout server 60s\n"
             )
             for port in (SINK, RR):
-                f.write(f"listen l{port}\n  bind 192.168.50.3:{port}\n  server s {POD_A}:{port}\n")
+                f.write(f"listen l{port}\n  bind {HAPROXY_IP}:{port}\n  server s {POD_A}:{port}\n")
         procs.append(
             subprocess.Popen(["ip", "netns", "exec", topo.node, "haproxy", "-f", cfg, "-db"])
         )
-        time.sleep(1.0)
-        yield {name: (host, 0) for name, host in targets.items()}
+        with userspace_relay(topo, in_process=in_process, options=options) as pids:
+            print(f"userspace relay: pid {pids}", flush=True)
+            targets = {
+                "direct": Target(POD_A, ()),
+                "nftables": Target("10.96.0.30", ()),
+                "userspace": Target(USERSPACE_VIP, pids),
+                "socat": Target(NODE_IP, (procs[1].pid,)),  # the RR port's
+                "haproxy": Target(HAPROXY_IP, (procs[2].pid,)),
+            }
+            for host, _ in targets.values():  # every relay answers before the first run
+                run_in_netns(topo.client, functools.partial(wait_answering, host, RR))
+            yield targets
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait()
-        asyncio.run(userspace.cleanup())
         asyncio.run(nftables.cleanup())
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def wait_answering(host: str, port: int, deadline: float = 10.0) -> None:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            latency(host, port, 1)
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+
+
+def load_average() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def judge(run: dict[str, Row]) -> dict[str, float]:
+    """The issue's ratios within one run."""
+    us, socat, haproxy = run["userspace"], run["socat"], run["haproxy"]
+    return {
+        "conn_vs_socat": round(us["conn_s"] / socat["conn_s"], 2),
+        "conn_vs_haproxy": round(us["conn_s"] / haproxy["conn_s"], 2),
+        "added_p50_minus_haproxy_us": round(us["added_p50_us"] - haproxy["added_p50_us"], 1),
+        "mb_s_vs_socat": round(us["mb_s"] / socat["mb_s"], 2),
+        "mb_s_vs_haproxy": round(us["mb_s"] / haproxy["mb_s"], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--bulk-mib", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--latency-count", type=int, default=500)
+    parser.add_argument("--slices", type=int, default=5, help="turns per target and run")
+    parser.add_argument("--only", action="append", help="measure only these targets")
+    parser.add_argument("--userspace-in-process", action="store_true")
+    parser.add_argument(
+        "--userspace-option", action="append", default=[], help="KEY=VALUE backend option"
+    )
+    parser.add_argument("--serve-userspace", metavar="NETNS", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write every run's results to this file")
     args = parser.parse_args()
-    ipaddress.ip_address(NODE_IP)
-    results: dict[str, dict[str, float]] = {}
+    options = tuple((k, v) for k, _, v in (o.partition("=") for o in args.userspace_option))
+    if args.serve_userspace:
+        serve_userspace(args.serve_userspace, options)
+        return
+    runs: list[dict[str, object]] = []
     with topology("kpy-bench-us") as topo:
         servers = Servers(topo.pods["pod-a"])
         try:
-            with relays(topo) as targets:
-                for name, (host, _) in targets.items():
-
-                    def measure(host: str = host) -> dict[str, float]:
-                        lat = latency(host, RR, args.latency_count)
-                        return {
-                            "mb_s": round(bulk(host, SINK, args.bulk_mib), 1),
-                            "conn_s": round(rate(host, RR, args.seconds)),
-                            "p50_us": round(statistics.median(lat) * 1e6, 1),
-                        }
-
-                    results[name] = run_in_netns(topo.client, measure)
-                    print(name, results[name], flush=True)
+            with relays(
+                topo,
+                in_process=args.userspace_in_process,
+                options=options,
+            ) as targets:
+                for number in range(1, args.runs + 1):
+                    load = load_average()
+                    print(f"run {number}: load average {load}", flush=True)
+                    chosen = {n: h for n, h in targets.items() if not args.only or n in args.only}
+                    results = run_in_netns(
+                        topo.client, functools.partial(measure_run, chosen, args)
+                    )
+                    for name, row in results.items():
+                        print(f"  {name} {row}", flush=True)
+                    if "direct" in results:
+                        for row in results.values():
+                            row["added_p50_us"] = round(
+                                row["p50_us"] - results["direct"]["p50_us"], 1
+                            )
+                    verdict = (
+                        judge(results)
+                        if {"direct", "userspace", "socat", "haproxy"} <= set(results)
+                        else {}
+                    )
+                    if verdict:
+                        print(f"  ratios {verdict}", flush=True)
+                    runs.append({"load_average": load, "results": results, "ratios": verdict})
         finally:
             servers.stop()
-    direct = results["direct"]["p50_us"]
-    for row in results.values():
-        row["added_p50_us"] = round(row["p50_us"] - direct, 1)
-    print(json.dumps(results, indent=2))
+    print(json.dumps(runs, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(runs, f, indent=2)
 
 
 if __name__ == "__main__":
