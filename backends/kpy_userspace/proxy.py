@@ -22,13 +22,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import ipaddress
+import os
 import socket
 import struct
 import threading
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 
@@ -153,10 +155,13 @@ _FilterSpec = tuple[str, tuple[IPNetwork, ...]] | None
 
 class PortRuntime:
     """One service port on the proxy loop: its table, round-robin cursors, ClientIP
-    affinity, open flows and byte counters."""
+    affinity, open flows and byte counters.
+
+    What a new connection needs from the table (the forwarding frontends by listening
+    key, the endpoints per role and family, every live endpoint, each endpoint's socket
+    address) is worked out once per table, not once per connection."""
 
     def __init__(self, table: PortTable) -> None:
-        self.table = table
         self.listening: set[ListenKey] = set()
         self.cursor: dict[tuple[Role, int], int] = {}
         self.affinity: dict[tuple[Role, str], tuple[Endpoint, float]] = {}
@@ -164,17 +169,46 @@ class PortRuntime:
         self.bytes_in = 0
         self.bytes_out = 0
         self.connections = 0
+        self.table = table
+
+    @property
+    def table(self) -> PortTable:
+        return self._table
+
+    @table.setter
+    def table(self, table: PortTable) -> None:
+        self._table = table
+        self._endpoints: dict[tuple[Role, int], tuple[Endpoint, ...]] = {}
+        self.forward: dict[ListenKey, Frontend] = {
+            fe.key: fe for fe in table.frontends if table.disposition(fe) is Disposition.FORWARD
+        }
+        self.live: frozenset[Endpoint] = table.endpoint_set()
+        self._sockaddrs: dict[Endpoint, tuple[int, tuple[str, int]]] = {}
+
+    def endpoints(self, role: Role, family: int) -> tuple[Endpoint, ...]:
+        eps = self._endpoints.get((role, family))
+        if eps is None:
+            eps = self._endpoints[(role, family)] = self._table.endpoints(role, family)
+        return eps
+
+    def sockaddr(self, endpoint: Endpoint) -> tuple[int, tuple[str, int]]:
+        """(address family, socket address) to connect to ``endpoint``."""
+        found = self._sockaddrs.get(endpoint)
+        if found is None:
+            family = socket.AF_INET if endpoint.ip.version == 4 else socket.AF_INET6
+            found = self._sockaddrs[endpoint] = (family, (str(endpoint.ip), endpoint.port))
+        return found
 
     def candidates(self, frontend: Frontend, client: str, now: float) -> list[Endpoint]:
         """Endpoints to try, in order: the sticky one first, then round robin."""
-        eps = self.table.endpoints(frontend.role, frontend.key.family)
+        eps = self.endpoints(frontend.role, frontend.key.family)
         if not eps:
             return []
         slot = (frontend.role, frontend.key.family)
         start = self.cursor.get(slot, 0) % len(eps)
         self.cursor[slot] = start + 1
         order = [*eps[start:], *eps[:start]]
-        if self.table.affinity_timeout is not None:
+        if self._table.affinity_timeout is not None:
             sticky = self.affinity.get((frontend.role, client))
             if sticky is not None and sticky[1] > now and sticky[0] in eps:
                 order.remove(sticky[0])
@@ -182,11 +216,11 @@ class PortRuntime:
         return order
 
     def chosen(self, frontend: Frontend, client: str, endpoint: Endpoint, now: float) -> None:
-        if self.table.affinity_timeout is None:
+        if self._table.affinity_timeout is None:
             return
         if len(self.affinity) > 4096:  # forget expired clients now and then
             self.affinity = {k: v for k, v in self.affinity.items() if v[1] > now}
-        self.affinity[(frontend.role, client)] = (endpoint, now + self.table.affinity_timeout)
+        self.affinity[(frontend.role, client)] = (endpoint, now + self._table.affinity_timeout)
 
 
 class _Flow:
@@ -218,81 +252,142 @@ def _allowed(frontend: Frontend, client: str) -> bool:
 
 
 class _Inbound(asyncio.Protocol, _Flow):
-    """The client's side of one relayed TCP connection."""
+    """The client's side of one relayed TCP connection.
 
-    def __init__(self, proxy: Proxy, key: ListenKey) -> None:
+    Made by :class:`_Server` right after ``accept()``, with the endpoints to try already
+    chosen. The connection to the first one starts at once, as a non-blocking
+    ``connect()`` watched with ``add_writer`` and a timer (no task, no future); the
+    client's reads stay paused until an endpoint has answered."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        port: PortRuntime,
+        frontend: Frontend,
+        client: str,
+        candidates: list[Endpoint],
+    ) -> None:
         self.proxy = proxy
-        self.key = key
+        self.port = port
+        self.frontend = frontend
+        self.client = client
+        self.candidates = candidates
+        self.tried = 0
         self.transport: asyncio.Transport | None = None
         self.upstream: _Outbound | None = None
-        self.port: PortRuntime | None = None
-        self.connecting: asyncio.Task[None] | None = None
+        # a connect under way: the socket, its endpoint and socket address
+        self.pending: tuple[socket.socket, Endpoint, tuple[str, int]] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.relaying = False  # the endpoint answered: the client's reads are on
         self.eof_in = False
         self.eof_out = False
         self.closed = False
+        port.flows.add(self)
+        port.connections += 1
 
     # client side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.pause_reading()
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        found = self.proxy.frontend_of(self.key)
-        client = _client_ip(transport.get_extra_info("peername"))
-        if found is None:
-            transport.abort()
+        self.transport = cast(asyncio.Transport, transport)
+        if self.closed:  # every endpoint failed before the transport came
+            self.transport.abort()
             return
-        port, frontend = found
-        if not _allowed(frontend, client):
-            transport.abort()  # a filter normally drops these before the handshake
-            return
-        now = self.proxy.loop.time()
-        candidates = port.candidates(frontend, client, now)
-        if not candidates:
-            transport.abort()
-            return
-        self.port = port
-        port.flows.add(self)
-        port.connections += 1
-        self.connecting = self.proxy.loop.create_task(
-            self._connect(port, frontend, client, candidates)
-        )
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if not self.relaying:
+            self.transport.pause_reading()
 
-    async def _connect(
-        self, port: PortRuntime, frontend: Frontend, client: str, candidates: list[Endpoint]
-    ) -> None:
-        loop = self.proxy.loop
-        for endpoint in candidates:
-            if self.closed:
-                return
+    # the connection to an endpoint
+    def connect_next(self) -> None:
+        """Start connecting to the next candidate; none left: reset the client."""
+        while not self.closed and self.tried < len(self.candidates):
+            endpoint = self.candidates[self.tried]
+            self.tried += 1
+            family, address = self.port.sockaddr(endpoint)
             try:
-                # asyncio.timeout, not wait_for: no extra task per connection attempt
-                async with asyncio.timeout(self.proxy.settings.connect_timeout):
-                    _, upstream = await loop.create_connection(
-                        lambda: _Outbound(self), str(endpoint.ip), endpoint.port
-                    )
-            except (OSError, TimeoutError) as exc:
-                log.debug("userspace_connect_failed", endpoint=str(endpoint), error=str(exc))
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:  # EMFILE and friends
+                _connect_failed(endpoint, exc.strerror)
                 continue
-            if self.closed:
-                upstream.close()
-                return
-            self.endpoint = endpoint
-            self.upstream = upstream
-            port.chosen(frontend, client, endpoint, loop.time())
-            if endpoint not in port.table.endpoint_set():  # removed while connecting
-                self.proxy.schedule_hard_stop(self)
-            if self.transport is not None:
-                self.transport.resume_reading()
+            try:
+                sock.setblocking(False)
+                err = sock.connect_ex(address)
+            except OSError as exc:
+                sock.close()
+                _connect_failed(endpoint, exc.strerror)
+                continue
+            if err == 0:
+                self._connected(sock, endpoint, address)
+            elif err == errno.EINPROGRESS:
+                loop = self.proxy.loop
+                self.pending = (sock, endpoint, address)
+                loop.add_writer(sock.fileno(), self._connect_done)
+                self.timer = loop.call_later(
+                    self.proxy.settings.connect_timeout, self._connect_timed_out
+                )
+            else:
+                sock.close()
+                _connect_failed(endpoint, os.strerror(err))
+                continue
             return
-        log.info("userspace_no_endpoint_answered", service=str(port.table.name), client=client)
-        self.abort()
+        if not self.closed:
+            log.info(
+                "userspace_no_endpoint_answered",
+                service=str(self.port.table.name),
+                client=self.client,
+            )
+            self.abort()
+
+    def _stop_connecting(self) -> tuple[socket.socket, Endpoint, tuple[str, int]] | None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self.proxy.loop.remove_writer(pending[0].fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        return pending
+
+    def _connect_done(self) -> None:
+        pending = self._stop_connecting()
+        if pending is None:
+            return
+        sock, endpoint, address = pending
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            sock.close()
+            _connect_failed(endpoint, os.strerror(err))
+            self.connect_next()
+            return
+        self._connected(sock, endpoint, address)
+
+    def _connect_timed_out(self) -> None:
+        self.timer = None
+        pending = self._stop_connecting()
+        if pending is not None:
+            pending[0].close()
+            _connect_failed(pending[1], "timed out")
+            self.connect_next()
+
+    def _connected(self, sock: socket.socket, endpoint: Endpoint, address: tuple[str, int]) -> None:
+        self.endpoint = endpoint
+        self.port.chosen(self.frontend, self.client, endpoint, self.proxy.loop.time())
+        self.upstream = _Outbound(self)
+        try:
+            self.upstream.transport = self.proxy.transport_for(sock, self.upstream, address)
+        except OSError:
+            sock.close()
+            self.abort()
+
+    def upstream_connected(self) -> None:
+        """The endpoint's transport is up: relay."""
+        if self.endpoint not in self.port.live:  # removed while connecting
+            self.proxy.schedule_hard_stop(self)
+        self.relaying = True
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.write(data)
-            if self.port is not None:
-                self.port.bytes_in += len(data)
+            self.port.bytes_in += len(data)
 
     def eof_received(self) -> bool:
         self.eof_in = True
@@ -317,8 +412,7 @@ class _Inbound(asyncio.Protocol, _Flow):
     def upstream_data(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
-            if self.port is not None:
-                self.port.bytes_out += len(data)
+            self.port.bytes_out += len(data)
 
     def upstream_eof(self) -> None:
         self.eof_out = True
@@ -340,8 +434,9 @@ class _Inbound(asyncio.Protocol, _Flow):
         if self.closed:
             return
         self.closed = True
-        if self.connecting is not None and not self.connecting.done():
-            self.connecting.cancel()
+        pending = self._stop_connecting()
+        if pending is not None:
+            pending[0].close()
         if self.hard_stop is not None:
             self.hard_stop.cancel()
         for transport in (
@@ -354,8 +449,11 @@ class _Inbound(asyncio.Protocol, _Flow):
                 transport.abort()
             else:
                 transport.close()  # flushes what is buffered first
-        if self.port is not None:
-            self.port.flows.discard(self)
+        self.port.flows.discard(self)
+
+
+def _connect_failed(endpoint: Endpoint, error: str | None) -> None:
+    log.debug("userspace_connect_failed", endpoint=str(endpoint), error=error)
 
 
 class _Outbound(asyncio.Protocol):
@@ -366,9 +464,12 @@ class _Outbound(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport = cast(asyncio.Transport, transport)
+        if self.inbound.closed:  # the client left while the transport was being made
+            self.transport.abort()
+            return
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.inbound.upstream_connected()
 
     def data_received(self, data: bytes) -> None:
         self.inbound.upstream_data(data)
@@ -508,7 +609,7 @@ class _UdpListener:
             sock = socket.socket(self.family, socket.SOCK_DGRAM)
             try:
                 sock.setblocking(False)
-                sock.connect((str(endpoint.ip), endpoint.port))
+                sock.connect(port.sockaddr(endpoint)[1])
             except OSError:
                 sock.close()
                 continue
@@ -660,6 +761,11 @@ class Proxy:
         self.netns = netns
         self.settings = settings
         self.loop = asyncio.new_event_loop()  # runs on the proxy thread once started
+        # the selector loop's transport factory, used directly (see transport_for)
+        self.make_transport: Callable[..., asyncio.Transport] | None = getattr(
+            self.loop, "_make_socket_transport", None
+        )
+        self._adopting: set[asyncio.Task[Any]] = set()
         self.ports: dict[ServicePortName, PortRuntime] = {}
         self.listeners: dict[ListenKey, _Listener] = {}
         self.owned: set[IPAddress] = set()  # addresses this backend put on lo
@@ -760,11 +866,31 @@ class Proxy:
         port = self.ports.get(listener.owner)
         if port is None:
             return None
-        for frontend in port.table.frontends:
-            if frontend.key == key:
-                if port.table.disposition(frontend) is Disposition.FORWARD:
-                    return port, frontend
-                return None
+        frontend = port.forward.get(key)
+        return None if frontend is None else (port, frontend)
+
+    def transport_for(
+        self, sock: socket.socket, protocol: asyncio.Protocol, peer: Any
+    ) -> asyncio.Transport | None:
+        """A transport of the proxy loop for a connected socket; ``protocol``'s
+        ``connection_made`` follows on the loop. With the selector loop's own transport
+        factory (what ``connect_accepted_socket`` calls, minus the task and the future
+        it wraps around it) the transport is returned at once; without it (another
+        loop implementation) ``connect_accepted_socket`` runs as a task and None is
+        returned: the transport arrives through ``connection_made``."""
+        if self.make_transport is not None:
+            return self.make_transport(sock, protocol, extra={"peername": peer})
+        task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: protocol, sock))
+        self._adopting.add(task)
+
+        def adopted(task: asyncio.Task[Any]) -> None:
+            self._adopting.discard(task)
+            error = None if task.cancelled() else task.exception()
+            if task.cancelled() or error is not None:
+                sock.close()
+                protocol.connection_lost(error if isinstance(error, Exception) else None)
+
+        task.add_done_callback(adopted)
         return None
 
     def schedule_hard_stop(self, flow: _Flow) -> None:
@@ -858,7 +984,7 @@ class Proxy:
         elif port.table != table:
             port.table = table
             result.tables_changed += 1
-            keep = table.endpoint_set()
+            keep = port.live
             for flow in list(port.flows):
                 if flow.endpoint is None or flow.endpoint in keep:
                     if flow.hard_stop is not None:  # the endpoint came back
@@ -963,8 +1089,9 @@ class Proxy:
 
 
 class _Server(asyncio.AbstractServer):
-    """Accepts on a listening socket with ``loop.add_reader``; each connection becomes an
-    :class:`_Inbound` protocol on a transport of the proxy loop."""
+    """Accepts on a listening socket with ``loop.add_reader``, up to 128 connections per
+    wake-up. Each one gets its endpoint candidates and starts connecting to the first in
+    the same callback; its transport comes from :meth:`Proxy.transport_for`."""
 
     def __init__(self, proxy: Proxy, key: ListenKey, sock: socket.socket) -> None:
         self.proxy = proxy
@@ -974,25 +1101,36 @@ class _Server(asyncio.AbstractServer):
         proxy.loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
+        proxy = self.proxy
         for _ in range(128):
             try:
-                conn, _peer = self.sock.accept()
+                conn, peer = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: try again on the next wake-up
                 log.warning("userspace_accept_failed", frontend=str(self.key), error=str(exc))
                 return
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.proxy.loop.create_task(self._wrap(conn))
-
-    async def _wrap(self, conn: socket.socket) -> None:
-        try:
-            await self.proxy.loop.connect_accepted_socket(
-                lambda: _Inbound(self.proxy, self.key), conn
-            )
-        except OSError:
-            conn.close()
+            found = proxy.frontend_of(self.key)
+            client = _client_ip(peer)
+            # a filter normally drops clients outside the source ranges before the
+            # handshake; closing an unread connection resets it
+            if found is None or not _allowed(found[1], client):
+                conn.close()
+                continue
+            port, frontend = found
+            candidates = port.candidates(frontend, client, proxy.loop.time())
+            if not candidates:
+                conn.close()
+                continue
+            inbound = _Inbound(proxy, port, frontend, client, candidates)
+            try:
+                conn.setblocking(False)
+                inbound.transport = proxy.transport_for(conn, inbound, peer)
+            except OSError:
+                conn.close()
+                inbound.abort()
+                continue
+            inbound.connect_next()
 
     def close(self) -> None:
         if self.open:
