@@ -67,6 +67,9 @@ class BackendConfig:
     node_ips: tuple[IPAddress, ...] = ()
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     nodeport_addresses: tuple[IPNetwork, ...] = ()  # () = every local address
+    # nodePortAddresses "primary": NodePorts on the node's primary IP of each family only
+    # (nodeport_addresses is then those IPs, filled in by for_node: none until known)
+    nodeport_primary: bool = False
     masquerade_all: bool = False
     netns: str | None = None  # run every kernel command in this named network namespace
     options: tuple[tuple[str, str], ...] = ()  # backend-specific flags, e.g. ("scheduler", "rr")
@@ -98,9 +101,19 @@ class BackendConfig:
     def for_node(self, node: NodeInfo) -> BackendConfig:
         """This configuration with what ``node`` says about itself filled in (a backend
         renders with it; a change of the node's addresses means a full sync)."""
-        if (node.addresses, node.pod_cidrs) == (self.node_addresses, self.node_pod_cidrs):
-            return self
-        return replace(self, node_addresses=node.addresses, node_pod_cidrs=node.pod_cidrs)
+        config = replace(self, node_addresses=node.addresses, node_pod_cidrs=node.pod_cidrs)
+        if config.nodeport_primary:
+            config = replace(config, nodeport_addresses=config.primary_networks())
+        return self if config == self else config
+
+    def primary_networks(self) -> tuple[IPNetwork, ...]:
+        """The primary IPs as /32 and /128 networks (nodePortAddresses "primary")."""
+        return tuple(ipaddress.ip_network(ip) for ip in self.primary_ips())
+
+    @property
+    def nodeport_restricted(self) -> bool:
+        """NodePorts answer only on ``nodeport_addresses`` (else on every local address)."""
+        return bool(self.nodeport_addresses) or self.nodeport_primary
 
     def local_detector(self, version: int) -> LocalDetector:
         """How this node tells traffic from its pods, for one IP family."""

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from kpy.backend import DETECT_LOCAL_MODES, BackendConfig, split_values
+from kpy.explain import PRIMARY, check_nodeport_addresses
 from kpy.model import IPAddress, IPNetwork
 from kpy.runner import RunnerTimes
 
@@ -75,9 +76,8 @@ class AgentConfig:
             node_name=self.node_name(),
             node_ips=tuple(_ip(v, "nodeIPs") for v in self.node_ips),
             cluster_cidrs=tuple(_net(v, "clusterCIDR") for v in self.cluster_cidr),
-            nodeport_addresses=tuple(
-                _net(v, "nodePortAddresses") for v in self.node_port_addresses
-            ),
+            nodeport_addresses=self._nodeport_addresses(),
+            nodeport_primary=self.node_port_addresses == (PRIMARY,),
             masquerade_all=self.masquerade_all,
             netns=self.netns or None,
             options=self.backend_options,
@@ -85,6 +85,17 @@ class AgentConfig:
             pod_bridge_interface=self.pod_bridge_interface,
             pod_interface_name_prefix=self.pod_interface_name_prefix,
         )
+
+    def _nodeport_addresses(self) -> tuple[IPNetwork, ...]:
+        try:
+            check_nodeport_addresses(self.node_port_addresses, "nodePortAddresses")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.node_port_addresses == (PRIMARY,):
+            # known now when the node IPs are configured; else from the Node, at sync
+            node_ips = tuple(_ip(v, "nodeIPs") for v in self.node_ips)
+            return BackendConfig(node_ips=node_ips).primary_networks()
+        return tuple(_net(v, "nodePortAddresses") for v in self.node_port_addresses)
 
     def runner_times(self) -> RunnerTimes:
         return RunnerTimes(min_interval=self.min_sync_period, full_interval=self.sync_period)

@@ -90,6 +90,7 @@ class Options:
 
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     nodeport_addresses: tuple[IPNetwork, ...] = ()  # () = every node address
+    nodeport_primary: bool = False  # nodePortAddresses "primary": the primary IPs only
     masquerade_all: bool = False
     node_ips: tuple[IPAddress, ...] = ()  # in addition to the Node's addresses
     detect_local_mode: str = "ClusterCIDR"  # how pods' traffic is told (as BackendConfig)
@@ -185,6 +186,7 @@ def options_config(node: str, options: Options) -> BackendConfig:
         node_ips=options.node_ips,
         cluster_cidrs=options.cluster_cidrs,
         nodeport_addresses=options.nodeport_addresses,
+        nodeport_primary=options.nodeport_primary,
         masquerade_all=options.masquerade_all,
         detect_local_mode=options.detect_local_mode,
         pod_bridge_interface=options.pod_bridge_interface,
@@ -254,10 +256,16 @@ def _match(
         svc.node_port is not None
         and packet.port == svc.node_port
         and packet.dst in _node_addresses(node, options)
-        and (not options.nodeport_addresses or _in(packet.dst, options.nodeport_addresses))
+        and _nodeport_address(packet.dst, node, options)
     ):
         return Frontend.NODE_PORT
     return None
+
+
+def _nodeport_address(ip: IPAddress, node: NodeInfo, options: Options) -> bool:
+    """Whether NodePorts answer on the node address ``ip`` (--nodeport-addresses)."""
+    config = options_config(node.name, options).for_node(node)
+    return not config.nodeport_restricted or _in(ip, config.nodeport_addresses)
 
 
 def _cluster_set(state: ServicePortState, node: NodeInfo) -> tuple[Endpoint, ...]:
@@ -466,6 +474,15 @@ def _networks(values: tuple[str, ...]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(c, strict=False) for c in values)
 
 
+PRIMARY = "primary"  # nodePortAddresses: the node's primary IP of each family
+
+
+def check_nodeport_addresses(values: tuple[str, ...], what: str) -> None:
+    """Upstream's rule: ``primary`` stands alone (no CIDRs beside it)."""
+    if PRIMARY in values and len(values) > 1:
+        raise ValueError(f"{what}: can't use both 'primary' and CIDRs")
+
+
 def merged(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     """A list option's values, given repeatedly and/or comma separated, merged."""
     del ctx, param
@@ -580,6 +597,7 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
     ) -> None:
         """Why does this packet go there? Service, endpoints, policy, masquerade."""
         try:
+            check_nodeport_addresses(nodeport_addresses, "--nodeport-addresses")
             address, port, protocol = parse_destination(dst)
             packet = Packet(
                 src=ipaddress.ip_address(src),
@@ -590,7 +608,8 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
             )
             options = Options(
                 cluster_cidrs=_networks(cluster_cidr),
-                nodeport_addresses=_networks(nodeport_addresses),
+                nodeport_addresses=_networks(tuple(a for a in nodeport_addresses if a != PRIMARY)),
+                nodeport_primary=PRIMARY in nodeport_addresses,
                 masquerade_all=masquerade_all,
                 node_ips=tuple(ipaddress.ip_address(i) for i in node_ip),
                 detect_local_mode=detect_local_mode,

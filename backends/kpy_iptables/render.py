@@ -124,6 +124,7 @@ class Context:
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     pod_cidrs: tuple[IPNetwork, ...] = ()  # the Node's spec.podCIDRs
     nodeport_addresses: tuple[IPNetwork, ...] = ()
+    nodeport_primary: bool = False  # nodeport_addresses are the primary IPs (or none)
     masquerade_all: bool = False
     families: tuple[int, ...] = FAMILIES  # 6 left out where the host has no ip6tables
     primary_ips: tuple[IPAddress, ...] = ()  # the node's primary IP per family
@@ -154,6 +155,7 @@ def context(config: BackendConfig, node: NodeInfo | None = None) -> Context:
         cluster_cidrs=config.cluster_cidrs,
         pod_cidrs=node.pod_cidrs if node is not None else (),
         nodeport_addresses=config.nodeport_addresses,
+        nodeport_primary=config.nodeport_primary,
         masquerade_all=config.masquerade_all,
         primary_ips=config.primary_ips(),
         detect_local_mode=config.detect_local_mode,
@@ -256,7 +258,7 @@ def base(ctx: Context, family: int) -> Objects:
             Key(family, FILTER, builtin, f"-m conntrack --ctstate NEW {portals} -j {SERVICES}")
         ] = ()
     nodeports = [c for c in ctx.nodeport_addresses if c.version == family]
-    if ctx.nodeport_addresses:
+    if ctx.nodeport_addresses or ctx.nodeport_primary:
         for cidr in nodeports:
             rule = f"-d {cidr} -m addrtype --dst-type LOCAL -j {NODEPORTS}"
             objs[Key(family, NAT, SERVICES, rule)] = ()

@@ -257,8 +257,9 @@ def context(config: BackendConfig, node: NodeInfo) -> Context:
     scheduler = config.option("scheduler", DEFAULT_SCHEDULER) or DEFAULT_SCHEDULER
     if scheduler not in SCHEDULERS:
         scheduler = DEFAULT_SCHEDULER
+    config = config.for_node(node)  # nodePortAddresses "primary": the node's primary IPs
     ips = config.node_ips or node.addresses
-    if config.nodeport_addresses:
+    if config.nodeport_restricted:
         ips = tuple(
             ip
             for ip in ips
@@ -271,7 +272,7 @@ def context(config: BackendConfig, node: NodeInfo) -> Context:
         masquerade_all=config.masquerade_all,
         node=node,
         mark_mask=mark_mask(config.option(MARK_MASK_OPTION)),
-        primary_ips=config.for_node(node).primary_ips(),
+        primary_ips=config.primary_ips(),
         detect_local_mode=config.detect_local_mode,
         pod_bridge_interface=config.pod_bridge_interface,
         pod_interface_name_prefix=config.pod_interface_name_prefix,

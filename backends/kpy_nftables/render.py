@@ -367,7 +367,7 @@ def _set_literal(items: list[str]) -> str:
 def _nodeport_match(nf: str, config: BackendConfig) -> str | None:
     """The match for traffic to this node's NodePort addresses, None for none."""
     version = 4 if nf == "ip" else 6
-    if config.nodeport_addresses:
+    if config.nodeport_restricted:
         cidrs = _cidrs(config.nodeport_addresses, version)
         if not cidrs:
             return None

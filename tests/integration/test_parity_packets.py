@@ -223,3 +223,38 @@ class TestDetectLocal:
             assert verdict is ex.Verdict.DROP
             with pytest.raises(TimeoutError):
                 tcp(topo.pods["pod-a"], NODE_IP, 30090, timeout=1.0)
+
+
+# --- 5. nodePortAddresses "primary" --------------------------------------------------------
+
+
+class TestNodePortPrimary:
+    @pytest.fixture
+    def programmed(
+        self, topo: Topology, backend: tuple[Factory, ex.Tracer]
+    ) -> Iterator[tuple[Plan, BackendConfig]]:
+        np = b.service("np", cluster_ip="10.96.0.50", type="NodePort", node_port=30091)
+        states = [b.state(np, [b.endpoint(POD_B, node="node-b")], NODE)]
+        # no configured node IP: the primary IP is the Node's first address (NODE_IP)
+        programmed, plan, cfg = _program(
+            topo, backend[0], states, node_ips=(), nodeport_primary=True
+        )
+        try:
+            yield plan, cfg
+        finally:
+            asyncio.run(programmed.cleanup())
+
+    def test_nodeports_answer_on_the_primary_ip_only(
+        self,
+        topo: Topology,
+        programmed: tuple[Plan, BackendConfig],
+        backend: tuple[Factory, ex.Tracer],
+    ) -> None:
+        plan, cfg = programmed
+        tracer = backend[1]
+        assert tcp(topo.client, NODE_IP, 30091).startswith("pod-b ")
+        assert tcp(topo.pods["pod-a"], NODE_IP, 30091).startswith("pod-b ")
+        # the node's bridge address is local too, but not the primary IP: nothing there
+        assert _traced(tracer, plan, cfg, POD_A, "10.244.1.1", 30091, "pod") is ex.Verdict.ACCEPT
+        with pytest.raises(ConnectionRefusedError):
+            tcp(topo.pods["pod-a"], "10.244.1.1", 30091)
