@@ -11,7 +11,8 @@ Nothing in a file can stop the source: a file larger than :data:`MAX_FILE_BYTES`
 read, invalid UTF-8, syntax errors, documents nested deeper than :data:`MAX_DEPTH`,
 recursive YAML aliases and alias "bombs" that would expand past :data:`MAX_NODES` are
 each one warning naming the file, and the file is skipped (YAML is checked as a node
-graph, before it is turned into objects). What is in the objects is
+graph, before it is turned into objects). A YAML list longer than :mod:`kpy.convert`
+accepts (:data:`SEQUENCE_LIMITS`) is counted, not built. What is in the objects is
 :mod:`kpy.convert`'s business.
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 import structlog
 import yaml
 
+from kpy import convert
 from kpy.sources import Event, EventType, Kind, Sink
 
 log = structlog.get_logger("kpy.sources.manifests")
@@ -35,10 +37,11 @@ SUFFIXES = (".yaml", ".yml", ".json")
 KINDS = {k.value: k for k in Kind}
 
 # Above the API server's ~1.5 MiB per object; a larger manifest is split into files.
-# What a file costs to parse is bounded by this: libyaml builds a 2 MiB file in ~1.5 s.
+# What a file costs to parse is bounded by this (docs/reliability.md: a few seconds for
+# 2 MiB of small objects on a busy 2-core machine).
 MAX_FILE_BYTES = 2 << 20
 MAX_DEPTH = 64  # nesting; a Service, EndpointSlice or Node is about 8 deep
-MAX_NODES = 2_000_000  # values in one document, aliases expanded (a 4 MiB file has fewer)
+MAX_NODES = 2_000_000  # values in one document, aliases expanded (a 2 MiB file has fewer)
 
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -117,14 +120,14 @@ def _read_text(path: Path) -> str:
 # counting its items in libyaml's event stream is about ten times cheaper than building
 # it, and an object holding it is refused the same either way.
 SEQUENCE_LIMITS = {
-    "endpoints": 1000,
-    "ports": 256,
-    "addresses": 100,
-    "externalIPs": 256,
-    "ingress": 256,
-    "loadBalancerSourceRanges": 256,
-    "forZones": 8,
-    "forNodes": 8,
+    "endpoints": convert.MAX_ENDPOINTS,
+    "ports": convert.MAX_PORTS,
+    "addresses": convert.MAX_ENDPOINT_ADDRESSES,  # a Node's: fewer still (convert checks)
+    "externalIPs": convert.MAX_ADDRESSES,
+    "ingress": convert.MAX_ADDRESSES,
+    "loadBalancerSourceRanges": convert.MAX_ADDRESSES,
+    "forZones": convert.MAX_HINTS,
+    "forNodes": convert.MAX_HINTS,
 }
 
 
