@@ -67,6 +67,25 @@ class _Step:
     texts: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
+def _route_localnet(netns: str | None) -> None:
+    """route_localnet=1 in the node's network namespace (a connection from 127.0.0.1 to
+    a localhost NodePort leaves the node DNATed and masqueraded); a failure is logged
+    and the sync goes on without localhost NodePorts."""
+    path = "/proc/sys/net/ipv4/conf/all/route_localnet"
+
+    def write() -> None:
+        with open(path) as f:
+            if f.read().strip() == "1":
+                return
+        with open(path, "w") as f:
+            f.write("1")
+
+    try:
+        run_in_netns(netns, write)
+    except OSError as exc:
+        log.warning("iptables_route_localnet_failed", error=str(exc))
+
+
 class IptablesBackend:
     """kpy's iptables backend (see the module docstring and README.md)."""
 
@@ -233,6 +252,8 @@ class IptablesBackend:
             log.warning("iptables_family_unavailable", families=families)
             self._ctx = dataclasses.replace(self._ctx, families=families)
         self._ctx = render.with_node(self._ctx, self.config, plan.node)
+        if self._ctx.localhost_nodeports:  # NodePorts on 127.0.0.1 need route_localnet
+            await asyncio.to_thread(_route_localnet, self.config.netns)
         self._ports = render.render(plan, self._ctx)
         self._want = render.desired(self._ctx, self._ports)
         now = self._clock()

@@ -367,3 +367,28 @@ def unreachable(netns: str, host: str, port: int) -> bool:
     except OSError:  # refused, unreachable or timed out: nothing answers
         return True
     return False
+
+
+def test_relaying_on_a_loop_without_the_selector_transport_factory(topo: Topology) -> None:
+    """Without asyncio's selector transport factory (another loop implementation) the
+    proxy makes its transports with connect_accepted_socket tasks: relaying, half-close,
+    failover and source ranges work the same."""
+    backend = make(topo)
+    backend._proxy.make_transport = None
+    asyncio.run(backend.apply(b.plan(states(), node_info=NODE)))
+    try:
+        assert who([tcp(topo.node, "10.96.0.10", 8000) for _ in range(10)]) == {"pod-a", "pod-b"}
+        replies = [tcp(topo.node, "10.96.0.21", 8000, timeout=3.0) for _ in range(3)]
+        assert who(replies) == {"pod-b"}
+        assert tcp(topo.client, "172.18.0.50", 8000).startswith("pod-a ")
+        sock, _ = _connect(topo.node, "10.96.0.10", 8000)
+        with sock:
+            sock.sendall(b"last words\n")
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+            assert data == b"last words\n"
+        assert int(extra(backend, "web")["connections"]) == 11
+    finally:
+        asyncio.run(backend.cleanup())
