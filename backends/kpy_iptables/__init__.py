@@ -41,6 +41,7 @@ from kpy import diff
 from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
 from kpy.explain import Origin, Packet, Trace
 from kpy.model import Plan, ServicePortName
+from kpy.netns_socket import run_in_netns
 from kpy_iptables import check as check_
 from kpy_iptables import held as held_
 from kpy_iptables import observe as observe_
@@ -358,13 +359,13 @@ class IptablesBackend:
             by_family.setdefault(family, []).append((table, chain))
         try:
             for family, chains in by_family.items():
-                prints = await asyncio.to_thread(self._kernel.reader.prints, family, chains)
+                digests = await asyncio.to_thread(self._kernel.reader.digests, family, chains)
                 for table, chain in chains:
-                    got = prints.get((table, chain))
+                    got = digests.get((table, chain))
                     if got is None:
                         self._record.pop((family, table, chain), None)
                     else:
-                        self._record[(family, table, chain)] = held_.chain_digest(got)
+                        self._record[(family, table, chain)] = got
         except NetlinkError as exc:
             for cid in touched:
                 self._record.pop(cid, None)

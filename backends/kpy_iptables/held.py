@@ -6,7 +6,7 @@ with ``iptables-nft-save``. Rules are not turned back into their exact iptables 
 
 * **whole chains** (``KPY-SVC-``, ``KPY-SEP-``, … and the helper chains) are compared by
   fingerprint: after every restore the backend reads back the chains it wrote and
-  records the digest of their rules' fingerprints (:func:`chain_digest`); a full sync
+  records each chain's digest (:func:`kpy_iptables.netlink.chain_digest`); a full sync
   rewrites every wanted chain whose kernel digest differs from the record (a rule
   deleted, added or changed behind kpy's back, the chain flushed) or that is missing.
   With no record (the agent's first full sync after a start) a chain is adopted when
@@ -23,7 +23,6 @@ with ``iptables-nft-save``. Rules are not turned back into their exact iptables 
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,27 +46,14 @@ TABLES = (NAT, FILTER)
 ChainId = tuple[int, str, str]  # (family, table, chain)
 
 
-def chain_digest(prints: Iterable[bytes]) -> bytes:
-    """The digest of a chain's rules, in order."""
-    digest = hashlib.blake2b(digest_size=16)
-    for p in prints:
-        digest.update(p)
-    return digest.digest()
-
-
 @dataclass(slots=True)
 class NftHeld:
     """One family's kpy chains as the kernel holds them."""
 
     family: int
     chains: set[tuple[str, str]] = field(default_factory=set)  # owned chains present
-    prints: dict[tuple[str, str], list[bytes]] = field(default_factory=dict)  # whole chains
+    digests: dict[tuple[str, str], bytes] = field(default_factory=dict)  # whole chains
     decoded: dict[tuple[str, str], list[NlRule]] = field(default_factory=dict)
-
-    def rule_count(self) -> int:
-        return sum(map(len, self.prints.values())) + sum(
-            len(v) for k, v in self.decoded.items() if k[1] in DISPATCH
-        )
 
 
 def read(reader: ChainReader, family: int, *, decode_all: bool = False) -> NftHeld:
@@ -81,12 +67,13 @@ def read(reader: ChainReader, family: int, *, decode_all: bool = False) -> NftHe
     other = sorted(c for c in held.chains if c[1] in DISPATCH)
     other += sorted((c.table, c.name) for c in present if c.base and c.name in BUILTIN)
     if decode_all:
-        held.decoded = reader.rules(family, [*whole, *other])
-        held.prints = {c: [r.print for r in held.decoded[c]] for c in whole if c in held.decoded}
+        both = reader.read(family, [*whole, *other])
+        held.decoded = {c: rules for c, (_d, rules) in both.items()}
+        held.digests = {c: both[c][0] for c in whole if c in both}
     else:
-        held.prints = reader.prints(family, whole)
+        held.digests = reader.digests(family, whole)
         held.decoded = reader.rules(family, other)
-    held.chains &= {*held.prints, *held.decoded}  # deleted between the two reads
+    held.chains &= {*held.digests, *held.decoded}  # deleted between the two reads
     return held
 
 
@@ -155,17 +142,17 @@ def compare(
                     missing[s] -= 1
                     rule_adds.append((k, ()))
             continue
-        prints = h.prints.get(where)
-        if prints is None:
+        digest = h.digests.get(where)
+        if digest is None:
             drift.append(f"missing {key}")
         elif cid in record:
-            if record[cid] == chain_digest(prints) and have.get(key) == rules:
+            if record[cid] == digest and have.get(key) == rules:
                 continue
             drift.append(f"changed {key}")
         else:
             decoded = h.decoded.get(where)
             if decoded is not None and [r.key() for r in decoded] == [summary(r) for r in rules]:
-                adopted[cid] = chain_digest(prints)
+                adopted[cid] = digest
                 continue
             drift.append(f"differs {key}")
         added.append((key, rules))
@@ -228,7 +215,6 @@ __all__ = [
     "NftHeld",
     "Repair",
     "builtin_repair",
-    "chain_digest",
     "compare",
     "ordered",
     "read",
