@@ -177,9 +177,8 @@ def builtin_repair(reader: ChainReader, family: int, want: Objects) -> dict[str,
     """Per table, the restore lines that make kpy's jumps in the built-in chains what
     ``want`` says (nothing when they already are): every kpy jump deleted by its
     position, read just now, then the wanted ones inserted at the top."""
-    present = reader.chains(family, TABLES)
-    names = [(c.table, c.name) for c in present if c.base and c.name in BUILTIN]
-    rules = reader.rules(family, names)
+    # the built-in chains by name (a missing one is left out): no listing of every chain
+    rules = reader.rules(family, [(t, c) for t in TABLES for c in sorted(BUILTIN)])
     lines: dict[str, list[str]] = {}
     for table in TABLES:
         for chain in sorted(BUILTIN):

@@ -467,16 +467,23 @@ class ChainReader:
         with self._lock, self._session():
             parts = self._consistent(lambda: self._exchange(NFT_MSG_GETCHAIN, family, ()))
         result = []
-        for data, _fam, start, end in _messages(parts):
+        unpack = _NLA.unpack_from
+        for data, _fam, start, end in _messages(parts):  # 63,000 at 10,000 Services
             table = name = None
             base = False
-            for kind, s, e in _attrs(data, start, end):
+            at = start
+            while at + 4 <= end:
+                length, kind = unpack(data, at)
+                if length < 4:
+                    break
+                kind &= NLA_TYPE_MASK
                 if kind == NFTA_CHAIN_TABLE:
-                    table = _string(data, s, e)
+                    table = data[at + 4 : at + length].split(b"\0", 1)[0].decode()
                 elif kind == NFTA_CHAIN_NAME:
-                    name = _string(data, s, e)
+                    name = data[at + 4 : at + length].split(b"\0", 1)[0].decode()
                 elif kind == NFTA_CHAIN_HOOK:
                     base = True
+                at += (length + 3) & ~3
             if table in wanted and name is not None:
                 result.append(Chain(family, table, name, base))
         return result
