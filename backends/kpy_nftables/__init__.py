@@ -187,11 +187,13 @@ class NftablesBackend:
         if isinstance(txn, render.Fresh) or (full and len(txn.rule_chains) > LEARN_ONE_BY_ONE):
             reader = self._netlink_reader()
             rules = (await asyncio.to_thread(reader.rules)).chains
-            self._digests = {
-                key: rules.get(_chain_id(key), observe_.NO_RULES)[1]
-                for key in self._have
-                if render.split_key(key)[2] == "chain"
-            }
+            digests = {}
+            for (family, table, name), (_count, digest) in rules.items():
+                key = render.Chain(family, name, (), table=table).key
+                if key in self._have:
+                    digests[key] = digest
+            # a chain without rules has no record: its first full sync verifies its count
+            self._digests = digests
             return
         for key in work.keys:
             if render.split_key(key)[2] == "chain" and key not in self._have:
@@ -402,11 +404,6 @@ class NftablesBackend:
 
 
 LEARN_ONE_BY_ONE = 256  # chains written: read back one by one, else all rules at once
-
-
-def _chain_id(key: str) -> tuple[str, str, str]:
-    family, table, _kind, name = render.split_key(key)
-    return family, table, name
 
 
 def _delete_tables(netns: str | None) -> None:

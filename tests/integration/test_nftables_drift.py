@@ -237,3 +237,19 @@ def test_a_deleted_element_is_flagged_and_restored(node: Node, name: str) -> Non
     nft(node.ns, "delete", "element", "ip", table, name, "{", element, "}")
     assert flagged_port in drifted(node.ns, node.plan)
     assert node.repaired_by_one_full_sync() == 1
+
+
+def test_a_rule_replaced_right_after_the_first_sync_is_found(netns: str) -> None:
+    """The first sync reads every rule back once it is written, so even an edit made
+    before any full sync has read the kernel is found by the next one."""
+    plan = b.plan(conformance_states())
+    backend = NftablesBackend(config(netns))
+    run(backend.apply(plan))
+    table, chain = chain_of("web")
+    text, handle = next((t, h) for t, h in handles(netns, table, chain) if "dnat" in t)
+    edited = text.replace("10.244.1.5", "10.244.1.99").replace("10.244.2.6", "10.244.2.99")
+    nft(netns, "replace", "rule", "ip", table, chain, "handle", handle, *edited.split())
+    repaired = run(backend.apply(b.plan(plan.services.values())))
+    assert repaired.ops == 1
+    assert "99" not in nft(netns, "list", "chain", "ip", table, chain)
+    backend.close()
