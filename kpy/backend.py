@@ -70,6 +70,9 @@ class BackendConfig:
     # nodePortAddresses "primary": NodePorts on the node's primary IP of each family only
     # (nodeport_addresses is then those IPs, filled in by for_node: none until known)
     nodeport_primary: bool = False
+    # iptables backend: NodePorts also on 127.0.0.1 (upstream's iptables.localhostNodePorts;
+    # IPv4, masqueraded, needs route_localnet=1 in the node's namespace)
+    localhost_nodeports: bool = True
     masquerade_all: bool = False
     netns: str | None = None  # run every kernel command in this named network namespace
     options: tuple[tuple[str, str], ...] = ()  # backend-specific flags, e.g. ("scheduler", "rr")

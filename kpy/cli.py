@@ -88,6 +88,7 @@ _RUN_FLAGS = {
     "detect_local_mode": "detect_local_mode",
     "pod_bridge_interface": "pod_bridge_interface",
     "pod_interface_name_prefix": "pod_interface_name_prefix",
+    "iptables_localhost_nodeports": "iptables_localhost_nodeports",
 }
 
 
@@ -171,6 +172,12 @@ def _given_flags(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any
 @click.option(
     "--pod-interface-name-prefix",
     help="The pods' interface name prefix (--detect-local-mode InterfaceNamePrefix).",
+)
+@click.option(
+    "--iptables-localhost-nodeports/--no-iptables-localhost-nodeports",
+    default=None,
+    help="iptables backend: NodePorts also on 127.0.0.1 (IPv4; sets route_localnet in the "
+    "node's network namespace; default on, as kube-proxy).",
 )
 @click.option(
     "--write-config-to",

@@ -59,6 +59,7 @@ class AgentConfig:
     detect_local_mode: str = "ClusterCIDR"  # how traffic from this node's pods is told
     pod_bridge_interface: str = ""  # file: detectLocal.bridgeInterface
     pod_interface_name_prefix: str = ""  # file: detectLocal.interfaceNamePrefix
+    iptables_localhost_nodeports: bool = True  # file: iptables.localhostNodePorts
 
     def node_name(self) -> str:
         return self.hostname_override or os.uname().nodename
@@ -84,6 +85,7 @@ class AgentConfig:
             detect_local_mode=self.detect_local_mode,
             pod_bridge_interface=self.pod_bridge_interface,
             pod_interface_name_prefix=self.pod_interface_name_prefix,
+            localhost_nodeports=self.iptables_localhost_nodeports,
         )
 
     def _nodeport_addresses(self) -> tuple[IPNetwork, ...]:
@@ -108,8 +110,9 @@ class AgentConfig:
                 value = dict(value)
             elif isinstance(value, tuple):
                 value = list(value)
-            if f.name in DETECT_LOCAL:
-                out.setdefault("detectLocal", {})[DETECT_LOCAL[f.name]] = value
+            if f.name in NESTED:
+                section, key = NESTED[f.name]
+                out.setdefault(section, {})[key] = value
                 continue
             out[_camel(f.name)] = value
         return yaml.safe_dump(out, sort_keys=True)
@@ -126,12 +129,15 @@ def _camel(snake: str) -> str:
 # Address and CIDR lists: given as a list, a comma-separated string, repeated flags or
 # any mix, merged in order (each value once).
 LIST_FIELDS = frozenset({"node_ips", "cluster_cidr", "node_port_addresses"})
-# Fields the file holds under ``detectLocal`` (KubeProxyConfiguration's DetectLocal).
-DETECT_LOCAL = {
-    "pod_bridge_interface": "bridgeInterface",
-    "pod_interface_name_prefix": "interfaceNamePrefix",
+# Fields the file holds in a section, as KubeProxyConfiguration does (``detectLocal:``
+# ``bridgeInterface``, ``iptables: localhostNodePorts``): field → (section, key).
+NESTED = {
+    "pod_bridge_interface": ("detectLocal", "bridgeInterface"),
+    "pod_interface_name_prefix": ("detectLocal", "interfaceNamePrefix"),
+    "iptables_localhost_nodeports": ("iptables", "localhostNodePorts"),
 }
-FIELD_BY_KEY = {_camel(f.name): f for f in fields(AgentConfig) if f.name not in DETECT_LOCAL}
+SECTIONS = frozenset(section for section, _ in NESTED.values())
+FIELD_BY_KEY = {_camel(f.name): f for f in fields(AgentConfig) if f.name not in NESTED}
 ENV_BY_NAME = {"KPY_" + f.name.upper(): f for f in fields(AgentConfig)}
 
 
@@ -209,28 +215,30 @@ def _coerce(name: str, value: object, what: str) -> object:
 
 
 def from_mapping(data: Mapping[str, object], base: AgentConfig, where: str) -> AgentConfig:
-    unknown = sorted(set(data) - set(FIELD_BY_KEY) - {"apiVersion", "kind", "detectLocal"})
+    unknown = sorted(set(data) - set(FIELD_BY_KEY) - {"apiVersion", "kind"} - SECTIONS)
     if unknown:
-        known = ", ".join(sorted([*FIELD_BY_KEY, "detectLocal"]))
+        known = ", ".join(sorted([*FIELD_BY_KEY, *SECTIONS]))
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {known}")
     changes = {
         FIELD_BY_KEY[k].name: _coerce(FIELD_BY_KEY[k].name, v, f"{where}: {k}")
         for k, v in data.items()
         if k in FIELD_BY_KEY
     }
-    detect = data.get("detectLocal")
-    if detect is not None:
-        if not isinstance(detect, Mapping):
-            raise ConfigError(f"{where}: detectLocal: expected a mapping")
-        by_key = {key: name for name, key in DETECT_LOCAL.items()}
-        unknown = sorted(set(detect) - set(by_key))
+    for section in sorted(SECTIONS):
+        body = data.get(section)
+        if body is None:
+            continue
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{where}: {section}: expected a mapping")
+        by_key = {key: name for name, (sec, key) in NESTED.items() if sec == section}
+        unknown = sorted(set(body) - set(by_key))
         if unknown:
-            names = ", ".join(f"detectLocal.{k}" for k in unknown)
+            names = ", ".join(f"{section}.{k}" for k in unknown)
             known = ", ".join(sorted(by_key))
             raise ConfigError(f"{where}: unknown field(s) {names}; known: {known}")
-        for key, value in detect.items():
+        for key, value in body.items():
             name = by_key[key]
-            changes[name] = _coerce(name, value, f"{where}: detectLocal.{key}")
+            changes[name] = _coerce(name, value, f"{where}: {section}.{key}")
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 

@@ -91,6 +91,7 @@ class Options:
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     nodeport_addresses: tuple[IPNetwork, ...] = ()  # () = every node address
     nodeport_primary: bool = False  # nodePortAddresses "primary": the primary IPs only
+    localhost_nodeports: bool = False  # the iptables backend's NodePorts on 127.0.0.1
     masquerade_all: bool = False
     node_ips: tuple[IPAddress, ...] = ()  # in addition to the Node's addresses
     detect_local_mode: str = "ClusterCIDR"  # how pods' traffic is told (as BackendConfig)
@@ -187,6 +188,7 @@ def options_config(node: str, options: Options) -> BackendConfig:
         cluster_cidrs=options.cluster_cidrs,
         nodeport_addresses=options.nodeport_addresses,
         nodeport_primary=options.nodeport_primary,
+        localhost_nodeports=options.localhost_nodeports,
         masquerade_all=options.masquerade_all,
         detect_local_mode=options.detect_local_mode,
         pod_bridge_interface=options.pod_bridge_interface,
@@ -232,7 +234,7 @@ def _node_addresses(node: NodeInfo, options: Options) -> tuple[IPAddress, ...]:
 
 
 def infer_origin(src: IPAddress, node: NodeInfo, options: Options) -> Origin:
-    if src in _node_addresses(node, options):
+    if src in _node_addresses(node, options) or src.is_loopback:
         return Origin.NODE
     if _in(src, options.cluster_cidrs) or _in(src, node.pod_cidrs):
         return Origin.POD
@@ -255,11 +257,22 @@ def _match(
     if (
         svc.node_port is not None
         and packet.port == svc.node_port
-        and packet.dst in _node_addresses(node, options)
+        and (packet.dst in _node_addresses(node, options) or _localhost(packet, options))
         and _nodeport_address(packet.dst, node, options)
     ):
         return Frontend.NODE_PORT
     return None
+
+
+def _localhost(packet: Packet, options: Options) -> bool:
+    """A localhost NodePort (the iptables backend's ``--iptables-localhost-nodeports``):
+    IPv4 loopback, reachable by the node itself only."""
+    return (
+        options.localhost_nodeports
+        and packet.dst.version == 4
+        and packet.dst.is_loopback
+        and packet.origin in (None, Origin.NODE)
+    )
 
 
 def _nodeport_address(ip: IPAddress, node: NodeInfo, options: Options) -> bool:
@@ -302,6 +315,7 @@ def explain(plan: Plan, packet: Packet, options: Options | None = None) -> Expla
     options = options or Options()
     node = plan.node
     origin = packet.origin or infer_origin(packet.src, node, options)
+    packet = replace(packet, origin=origin)
     matched: tuple[ServicePortState, Frontend] | None = None
     vip_other_port = False
     for state in sorted(plan.services.values(), key=lambda s: s.name):
@@ -574,6 +588,11 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
     @click.option("--pod-bridge-interface", default="", help="For BridgeInterface.")
     @click.option("--pod-interface-name-prefix", default="", help="For InterfaceNamePrefix.")
     @click.option(
+        "--iptables-localhost-nodeports/--no-iptables-localhost-nodeports",
+        default=None,
+        help="NodePorts on 127.0.0.1 (default: on with --backend iptables, as it programs).",
+    )
+    @click.option(
         "--backend",
         default=None,
         help="Trace the packet through this backend's rendered kernel objects.",
@@ -592,6 +611,7 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
         detect_local_mode: str,
         pod_bridge_interface: str,
         pod_interface_name_prefix: str,
+        iptables_localhost_nodeports: bool | None,
         backend: str | None,
         output: str,
     ) -> None:
@@ -615,6 +635,9 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
                 detect_local_mode=detect_local_mode,
                 pod_bridge_interface=pod_bridge_interface,
                 pod_interface_name_prefix=pod_interface_name_prefix,
+                localhost_nodeports=backend == "iptables"
+                if iptables_localhost_nodeports is None
+                else iptables_localhost_nodeports,
             )
             options_config(node, options)  # the detect-local settings are valid
         except ValueError as exc:

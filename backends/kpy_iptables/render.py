@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -54,6 +55,15 @@ NODEPORTS = "KPY-NODEPORTS"  # nat: NodePort dispatch
 MARK_MASQ = "KPY-MARK-MASQ"  # nat: mark a packet for masquerading
 POSTROUTING = "KPY-POSTROUTING"  # nat: masquerade marked packets
 FORWARD = "KPY-FORWARD"  # filter: accept forwarded Service traffic
+LOCALNET = "KPY-FIREWALL"  # filter: the martian guard of localhost NodePorts (IPv4)
+LOOPBACK4 = ipaddress.ip_network("127.0.0.0/8")
+# Upstream's KUBE-FIREWALL rule (kubelet writes the same): with route_localnet on, a
+# packet from elsewhere to 127.0.0.0/8 must not reach a local service; only connections
+# to it that were DNATed (a localhost NodePort) or answers pass.
+LOCALNET_GUARD = (
+    f'! -s {LOOPBACK4} -d {LOOPBACK4} -m comment --comment "block incoming localnet connections" '
+    "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+)
 
 PREFIX = "KPY-"
 BUILTIN = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
@@ -85,7 +95,7 @@ class Key:
 Objects = dict[Key, Rules]
 
 
-FIXED = frozenset({SERVICES, NODEPORTS, MARK_MASQ, POSTROUTING, FORWARD})
+FIXED = frozenset({SERVICES, NODEPORTS, MARK_MASQ, POSTROUTING, FORWARD, LOCALNET})
 KINDS = ("SVC", "SVL", "EXT", "FW", "SEP")  # the per-port and per-endpoint chains
 _HASH_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
 
@@ -128,6 +138,7 @@ class Context:
     masquerade_all: bool = False
     families: tuple[int, ...] = FAMILIES  # 6 left out where the host has no ip6tables
     primary_ips: tuple[IPAddress, ...] = ()  # the node's primary IP per family
+    localhost_nodeports: bool = False  # NodePorts on 127.0.0.1 (IPv4; route_localnet)
     detect_local_mode: str = "ClusterCIDR"
     pod_bridge_interface: str = ""
     pod_interface_name_prefix: str = ""
@@ -158,10 +169,21 @@ def context(config: BackendConfig, node: NodeInfo | None = None) -> Context:
         nodeport_primary=config.nodeport_primary,
         masquerade_all=config.masquerade_all,
         primary_ips=config.primary_ips(),
+        localhost_nodeports=localhost_nodeports(config),
         detect_local_mode=config.detect_local_mode,
         pod_bridge_interface=config.pod_bridge_interface,
         pod_interface_name_prefix=config.pod_interface_name_prefix,
     )
+
+
+def localhost_nodeports(config: BackendConfig) -> bool:
+    """Whether NodePorts answer on 127.0.0.1 (upstream's iptables.localhostNodePorts):
+    asked for, and the NodePort addresses hold IPv4 loopback (every address does)."""
+    if not config.localhost_nodeports:
+        return False
+    if not config.nodeport_restricted:
+        return True
+    return any(n.version == 4 and LOOPBACK4[0] in n for n in config.nodeport_addresses)
 
 
 def with_node(ctx: Context, config: BackendConfig, node: NodeInfo) -> Context:
@@ -257,14 +279,36 @@ def base(ctx: Context, family: int) -> Objects:
         objs[
             Key(family, FILTER, builtin, f"-m conntrack --ctstate NEW {portals} -j {SERVICES}")
         ] = ()
+    local = family == 4 and ctx.localhost_nodeports
     nodeports = [c for c in ctx.nodeport_addresses if c.version == family]
     if ctx.nodeport_addresses or ctx.nodeport_primary:
         for cidr in nodeports:
-            rule = f"-d {cidr} -m addrtype --dst-type LOCAL -j {NODEPORTS}"
-            objs[Key(family, NAT, SERVICES, rule)] = ()
-    else:
+            for net in _without_loopback(cidr) if not local else (cidr,):
+                rule = f"-d {net} -m addrtype --dst-type LOCAL -j {NODEPORTS}"
+                objs[Key(family, NAT, SERVICES, rule)] = ()
+    elif local:
         objs[Key(family, NAT, SERVICES, f"-m addrtype --dst-type LOCAL -j {NODEPORTS}")] = ()
+    else:  # never on loopback: IPv6 has no route_localnet; IPv4 when not asked for
+        loopback = LOOPBACK4 if family == 4 else ipaddress.ip_network("::1/128")
+        rule = f"! -d {loopback} -m addrtype --dst-type LOCAL -j {NODEPORTS}"
+        objs[Key(family, NAT, SERVICES, rule)] = ()
+    if local:
+        objs[Key(family, FILTER, LOCALNET)] = (LOCALNET_GUARD,)
+        for builtin in ("INPUT", "OUTPUT"):
+            guard = f"{comment('kpy localnet guard')} -j {LOCALNET}"
+            objs[Key(family, FILTER, builtin, guard)] = ()
     return objs
+
+
+def _without_loopback(cidr: IPNetwork) -> list[IPNetwork]:
+    """``cidr`` less 127.0.0.0/8 (IPv4) or ::1 (IPv6): the NodePort addresses when
+    NodePorts must not answer on loopback."""
+    loopback = LOOPBACK4 if cidr.version == 4 else ipaddress.ip_network("::1/128")
+    if not cidr.overlaps(loopback):
+        return [cidr]
+    if cidr.subnet_of(loopback):  # type: ignore[arg-type]
+        return []
+    return sorted(cidr.address_exclude(loopback))  # type: ignore[arg-type]
 
 
 # --- one service port ---------------------------------------------------------------------

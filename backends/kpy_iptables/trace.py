@@ -324,9 +324,11 @@ class _Walker:
         if module == "addrtype":
             if arg != "LOCAL":
                 raise self._fail(rule, f"address type {arg!r} is not modelled")
-            return (flow.dst if option == "--dst-type" else flow.src) in self.local
-        if module == "conntrack":
-            return "NEW" in arg.split(",")
+            ip = flow.dst if option == "--dst-type" else flow.src
+            return ip in self.local or ip.is_loopback
+        if module == "conntrack":  # a new connection; DNAT once a rule translated it
+            states = arg.split(",")
+            return "NEW" in states or (flow.dnat is not None and "DNAT" in states)
         if module == "mark":
             value, _, mask = arg.partition("/")
             return flow.mark & int(mask or "0xffffffff", 0) == int(value, 0)

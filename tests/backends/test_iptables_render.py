@@ -239,6 +239,10 @@ def test_nodeport_addresses_limit_the_nodeport_dispatch() -> None:
     ]
     assert rules(render.base(ctx, 6), NAT, "KPY-SERVICES", 6) == []
     assert rules(render.base(render.Context(), 4), NAT, "KPY-SERVICES") == [
+        "! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j KPY-NODEPORTS"
+    ]
+    localhost = render.Context(localhost_nodeports=True)
+    assert rules(render.base(localhost, 4), NAT, "KPY-SERVICES") == [
         "-m addrtype --dst-type LOCAL -j KPY-NODEPORTS"
     ]
     text = render.restore(diff.compute({}, ctx_base))[4].text

@@ -333,7 +333,7 @@ def test_tables_keep_the_kernel_order_of_the_first_sync() -> None:
     plan = b.plan([st(**LB, external_ips=("198.51.100.20",))], node_info=NODE)
     config = ex.options_config(NODE.name, DEFAULT_OPTIONS)
     services = [r.text for r in tr.tables(plan, config, 4)[("nat", "KPY-SERVICES")]]
-    assert services[-1] == "-m addrtype --dst-type LOCAL -j KPY-NODEPORTS"
+    assert services[-1] == "! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j KPY-NODEPORTS"
     assert len(services) == 4  # cluster IP, external IP, LoadBalancer IP, NodePorts
     assert tr.tables(plan, config, 6)[("nat", "KPY-SERVICES")][-1].target == "KPY-NODEPORTS"
 

@@ -8,9 +8,12 @@ backend's packet trace says about the same packet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from kpy_iptables import IptablesBackend
@@ -258,3 +261,131 @@ class TestNodePortPrimary:
         assert _traced(tracer, plan, cfg, POD_A, "10.244.1.1", 30091, "pod") is ex.Verdict.ACCEPT
         with pytest.raises(ConnectionRefusedError):
             tcp(topo.pods["pod-a"], "10.244.1.1", 30091)
+
+
+# --- 3. localhost NodePorts (iptables) -------------------------------------------------------
+
+
+def _route_localnet(netns: str) -> str:
+    if not netns:  # read only: the machine's own value, to see that it did not change
+        return Path("/proc/sys/net/ipv4/conf/all/route_localnet").read_text().strip()
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, "sysctl", "-n", "net.ipv4.conf.all.route_localnet"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+IPTABLES = {k: v for k, v in BACKENDS.items() if k.startswith("iptables")}
+
+
+@pytest.fixture(params=sorted(IPTABLES))
+def iptables_backend(request: pytest.FixtureRequest) -> tuple[Factory, ex.Tracer]:
+    return IPTABLES[request.param]
+
+
+def _localhost_states() -> list[ServicePortState]:
+    np = b.service("np-lo", cluster_ip="10.96.0.60", type="NodePort", node_port=30092)
+    local = b.service(
+        "np-lo-local", cluster_ip="10.96.0.61", type="NodePort", node_port=30093, etp_local=True
+    )
+    return [
+        b.state(np, [b.endpoint(POD_B, node="node-b")], NODE),
+        b.state(local, [b.endpoint(POD_B, node="node-b")], NODE),
+    ]
+
+
+@pytest.fixture(scope="module")
+def fresh() -> Iterator[Topology]:
+    with topology("kpy-lo") as t:  # route_localnet starts at 0 here
+        yield t
+
+
+@contextlib.contextmanager
+def _localhost_programmed(
+    fresh: Topology, factory: Factory, on: bool
+) -> Iterator[tuple[Plan, BackendConfig]]:
+    programmed, plan, cfg = _program(fresh, factory, _localhost_states(), localhost_nodeports=on)
+    try:
+        yield plan, cfg
+    finally:
+        asyncio.run(programmed.cleanup())
+        # the next test starts from route_localnet 0 again
+        subprocess.run(
+            ["ip", "netns", "exec", fresh.node, "sysctl", "-qw",
+             "net.ipv4.conf.all.route_localnet=0"],
+            check=True,
+        )  # fmt: skip
+
+
+class TestLocalhostNodePorts:
+    @pytest.fixture
+    def programmed(
+        self, fresh: Topology, iptables_backend: tuple[Factory, ex.Tracer]
+    ) -> Iterator[tuple[Plan, BackendConfig]]:
+        with _localhost_programmed(fresh, iptables_backend[0], True) as done:
+            yield done
+
+    @pytest.fixture
+    def programmed_off(
+        self, fresh: Topology, iptables_backend: tuple[Factory, ex.Tracer]
+    ) -> Iterator[tuple[Plan, BackendConfig]]:
+        with _localhost_programmed(fresh, iptables_backend[0], False) as done:
+            yield done
+
+    def test_nodeports_answer_on_localhost_masqueraded(
+        self,
+        fresh: Topology,
+        programmed: tuple[Plan, BackendConfig],
+        iptables_backend: tuple[Factory, ex.Tracer],
+    ) -> None:
+        plan, cfg = programmed
+        host = _route_localnet("")
+        assert _route_localnet(fresh.node) == "1"  # in the node's namespace only
+        assert _route_localnet("") == host
+        for port in (30092, 30093):  # policy Cluster, and Local (the node uses all)
+            traced = iptables_backend[1](
+                plan,
+                ex.Packet(
+                    src=ipaddress.ip_address("127.0.0.1"),
+                    dst=ipaddress.ip_address("127.0.0.1"),
+                    port=port,
+                ),
+                ex.Origin.NODE,
+                cfg,
+            )
+            assert (traced.verdict, traced.masquerade) == (ex.Verdict.FORWARD, True)
+            assert tcp(fresh.node, "127.0.0.1", port) == "pod-b 10.244.1.1"
+        # a restarted agent reads the guard chain and its jumps back as its own
+        restarted = iptables_backend[0](cfg)
+        assert asyncio.run(restarted.apply(plan)).ops == 0
+
+    def test_the_martian_guard_drops_loopback_from_elsewhere(
+        self, fresh: Topology, programmed: tuple[Plan, BackendConfig]
+    ) -> None:
+        # the client sends to 127.0.0.99 through the node (it may: route_localnet in its
+        # own namespace); with route_localnet on, the node would deliver it to its echo
+        # server on port 80 — the guard drops it
+        subprocess.run(
+            ["ip", "netns", "exec", fresh.client, "sysctl", "-qw",
+             "net.ipv4.conf.all.route_localnet=1"],
+            check=True,
+        )  # fmt: skip
+        ip("-n", fresh.client, "route", "replace", "127.0.0.99/32", "via", NODE_IP)
+        with pytest.raises(TimeoutError):
+            tcp(fresh.client, "127.0.0.99", 80, timeout=1.0)
+
+    def test_turned_off_nothing_answers_on_localhost_and_the_sysctl_is_untouched(
+        self,
+        fresh: Topology,
+        programmed_off: tuple[Plan, BackendConfig],
+        iptables_backend: tuple[Factory, ex.Tracer],
+    ) -> None:
+        plan, cfg = programmed_off
+        assert _route_localnet(fresh.node) == "0"
+        verdict = _traced(iptables_backend[1], plan, cfg, "127.0.0.1", "127.0.0.1", 30092, "node")
+        assert verdict is ex.Verdict.ACCEPT
+        with pytest.raises(ConnectionRefusedError):
+            tcp(fresh.node, "127.0.0.1", 30092)
+        assert tcp(fresh.node, NODE_IP, 30092).startswith("pod-b ")  # the NodePort itself
