@@ -279,6 +279,7 @@ class _Inbound(asyncio.Protocol, _Flow):
         self.pending: tuple[socket.socket, Endpoint, tuple[str, int]] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.relaying = False  # the endpoint answered: the client's reads are on
+        self.early: list[bytes] = []  # what the client sent before that
         self.eof_in = False
         self.eof_out = False
         self.closed = False
@@ -381,16 +382,30 @@ class _Inbound(asyncio.Protocol, _Flow):
         if self.endpoint not in self.port.live:  # removed while connecting
             self.proxy.schedule_hard_stop(self)
         self.relaying = True
-        if self.transport is not None:
+        for data in self.early:
+            self.data_received(data)
+        self.early.clear()
+        if self.eof_in:
+            self.eof_received()
+        elif self.transport is not None:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if not self.relaying:
+            # A loop may deliver data before a pause in connection_made takes effect:
+            # kept until the endpoint answers, reading paused again meanwhile.
+            self.early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.write(data)
             self.port.bytes_in += len(data)
 
     def eof_received(self) -> bool:
         self.eof_in = True
+        if not self.relaying:
+            return True  # passed on once the endpoint answers
         upstream = self.upstream.transport if self.upstream is not None else None
         if upstream is not None and upstream.can_write_eof():
             upstream.write_eof()
