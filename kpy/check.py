@@ -704,8 +704,11 @@ def check_lab(
         raise lab.LabError("no lab is up (kpy lab up)")
     cluster = state.cluster()
     view = ClusterView.of(cluster)
-    paths = list(manifests) if manifests else [Path(state.manifests)]
-    checks = catalog(plans(paths, view), view, observed=lab_observer(state))
+    if state.real and not manifests:  # the objects as the real API server has them now
+        node_plans = plans_from_objects(lab.api_objects(state), view.nodes)
+    else:
+        node_plans = plans(list(manifests) if manifests else [Path(state.manifests)], view)
+    checks = catalog(node_plans, view, observed=lab_observer(state))
     if only:
         checks = [c for c in checks if any(o in c.service for o in only)]
     executor: Executor = ShellExecutor(lab_shell(cluster)) if run_commands else LabExecutor(cluster)

@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from kpy import backend as backends
-from kpy.netns_socket import NETNS_DIR
+from kpy.netns_socket import NETNS_DIR, run_in_netns
 from kpy.testing import cluster as topo
 from kpy.testing.cluster import Cluster, EchoPorts
 
@@ -67,6 +69,9 @@ class LabState:
     health_base: int = HEALTH_PORT_BASE  # node i's health server: 127.0.0.1:<base + i>
     metrics_base: int = METRICS_PORT_BASE
     api_pid: int | None = None  # --source kube: the fake API server serving the manifests
+    control_plane: str = "none"  # "real": etcd + kube-apiserver + kube-controller-manager
+    control_plane_pids: dict[str, int] = field(default_factory=dict)
+    control_plane_dir: str = ""  # its PKI, kubeconfigs, data and logs
 
     @property
     def api_port(self) -> int:
@@ -75,6 +80,14 @@ class LabState:
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def real(self) -> bool:
+        return self.control_plane == "real"
+
+    @property
+    def control_plane_netns(self) -> str:
+        return f"{self.prefix}-cp"
 
     def cluster(self) -> Cluster:
         """The lab's cluster description (built already; nothing is created by this)."""
@@ -108,12 +121,22 @@ def _save(state: LabState, state_dir: Path) -> None:
 
 
 def agent_argv(state: LabState, node: topo.Node, *, log_level: str = "info") -> list[str]:
-    """The command line of one node's agent."""
+    """The command line of one node's agent.
+
+    With the real control plane the agent runs inside its node's namespace (as kube-proxy
+    runs in the node's host network) and reaches the API server over the underlay with
+    the ServiceAccount token of ``deploy/daemonset.yaml``'s RBAC.
+    """
+    if state.real:
+        where = ["ip", "netns", "exec", node.netns.name]
+        api = ["--kubeconfig", str(Path(state.control_plane_dir) / "agent.kubeconfig")]
+    else:
+        where = []
+        api = ["--master", state.api_url] if state.source == "kube" else []
     return [
-        sys.executable, "-m", "kpy", "run",
+        *where, sys.executable, "-m", "kpy", "run",
         "--source", state.source,
-        *(["--master", state.api_url] if state.source == "kube" else
-          ["--manifests", state.manifests]),
+        *(api or ["--manifests", state.manifests]),
         "--backend", state.backend,
         "--netns", node.netns.name,
         "--node", node.name,
@@ -159,15 +182,26 @@ def _wait_port(port: int, pid: int, timeout: float = 15.0) -> None:
 
 
 def ready(state: LabState) -> dict[str, bool]:
-    """Node name → whether its agent answers /readyz with 200 (first sync done)."""
+    """Node name → whether its agent answers /readyz with 200 (first sync done).
+
+    With the real control plane an agent's loopback is its node's: asked from there.
+    """
     result = {}
-    for i in range(1, state.nodes + 1):
-        url = f"http://127.0.0.1:{state.health_port(i)}/readyz"
+    for node in state.cluster().nodes:
+        url = f"http://127.0.0.1:{state.health_port(node.index)}/readyz"
+
+        def get(url: str = url) -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=1) as answer:
+                    return bool(answer.status == 200)
+            except urllib.error.HTTPError as exc:  # 503 until synced: an answer to close
+                exc.close()
+                return False
+
         try:
-            with urllib.request.urlopen(url, timeout=1) as answer:
-                result[f"node-{i}"] = answer.status == 200
+            result[node.name] = run_in_netns(node.netns.name, get) if state.real else get()
         except (OSError, urllib.error.URLError):
-            result[f"node-{i}"] = False
+            result[node.name] = False
     return result
 
 
@@ -215,14 +249,30 @@ def up(
     prefix: str = PREFIX,
     health_base: int = HEALTH_PORT_BASE,
     metrics_base: int = METRICS_PORT_BASE,
+    control_plane: str = "none",
 ) -> LabState:
     """Build the lab, start echo servers and agents, wait until every agent has synced.
 
     ``source`` "kube" puts the fake Kubernetes API server (kpy.testing.apiserver) in
     front of the manifests, so the agents run the real ``kube`` source (list + watch).
 
+    ``control_plane`` "real" starts etcd, kube-apiserver and kube-controller-manager in
+    ``<prefix>-cp`` on the underlay (192.168.100.2), applies the manifests as real
+    objects with the lab playing kubelet for its pods, and runs the agents with the
+    ServiceAccount token of ``deploy/daemonset.yaml``'s RBAC (implies ``source`` kube).
+
     ``prefix``, ``state_dir`` and the port bases let a second lab (a test) run beside one.
     """
+    if control_plane == "real":
+        source = "kube"
+        from kpy.testing import realcluster
+
+        missing = realcluster.missing_binaries()
+        if missing:
+            raise LabError(
+                f"not built: {', '.join(missing)} in {realcluster.bindir()} "
+                "(run scripts/build-upstream.sh)"
+            )
     if load(state_dir) is not None or any(p.name.startswith(prefix + "-") for p in _netns_dir()):
         raise LabError("a lab is already up (kpy lab status; kpy lab down)")
     if not manifests.exists():
@@ -240,13 +290,16 @@ def up(
         manifests=str(manifests.resolve()),
         source=source,
         started=time.time(),
+        control_plane=control_plane,
     )
     cluster = state.cluster()
     _save(state, state_dir)  # first: a crash from here on leaves something `down` finds
     try:
         cluster.build()
         cluster.start_echo(ECHO_PORTS, log_dir=state_dir)
-        if source == "kube":
+        if state.real:
+            _start_control_plane(state, cluster, state_dir)
+        elif source == "kube":
             argv = [sys.executable, "-m", "kpy", "testing", "apiserver", "--from", state.manifests,
                     "--host", "127.0.0.1", "--port", str(state.api_port)]  # fmt: skip
             state.api_pid = _start_detached(argv, state_dir / "apiserver.log")
@@ -261,6 +314,221 @@ def up(
         down(state_dir)
         raise
     return state
+
+
+# --------------------------------------------------------------------------- real control plane
+
+CONTROL_PLANE_IP = "192.168.100.2"  # on the underlay, beside the nodes
+CONTROL_PLANE_IP6 = "fd00:100::2"
+DAEMONSET = Path(__file__).resolve().parents[1] / "deploy" / "daemonset.yaml"
+RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+
+
+def _run_ip(*argv: str) -> None:
+    done = subprocess.run(["ip", *argv], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise LabError(f"ip {' '.join(argv)}: {done.stderr.strip()}")
+
+
+def _start_control_plane(state: LabState, cluster: Cluster, state_dir: Path) -> None:
+    """etcd, kube-apiserver and kube-controller-manager in ``<prefix>-cp``; then RBAC, the
+    agents' kubeconfig, and the manifests as real objects (the lab plays kubelet)."""
+    from kpy.testing import realcluster as rc
+
+    netns, net = state.control_plane_netns, cluster.underlay.name
+    _run_ip("netns", "add", netns)
+    _run_ip("-n", netns, "link", "set", "lo", "up")
+    _run_ip("-n", net, "link", "add", "cp", "type", "veth", "peer", "name", "eth0",
+            "netns", netns)  # fmt: skip
+    _run_ip("-n", net, "link", "set", "cp", "master", "br0", "up")
+    _run_ip("-n", netns, "addr", "add", f"{CONTROL_PLANE_IP}/24", "dev", "eth0")
+    _run_ip("-n", netns, "addr", "add", f"{CONTROL_PLANE_IP6}/64", "dev", "eth0", "nodad")
+    _run_ip("-n", netns, "link", "set", "eth0", "up")
+    workdir = state_dir / "control-plane"
+    shutil.rmtree(workdir, ignore_errors=True)
+    state.control_plane_dir = str(workdir)
+    _save(state, state_dir)
+    plane = rc.ControlPlane(
+        netns,
+        workdir=workdir,
+        create_netns=False,
+        detached=True,
+        advertise_address=CONTROL_PLANE_IP,
+        advertise_on_lo=False,
+    )
+    try:
+        plane.start()
+    except rc.ControlPlaneError as exc:
+        raise LabError(f"control plane: {exc}") from None
+    finally:
+        state.control_plane_pids = {n: p.pid for n, p in plane.processes.items() if p.pid}
+        _save(state, state_dir)
+    admin = plane.admin()
+    try:
+        for obj in rc.load_manifests(DAEMONSET):
+            if obj["kind"] in RBAC_KINDS:
+                admin.apply(obj)
+        token = plane.service_account_token("kube-system", "kpy", seconds=7 * 86400)
+        rc.kubeconfig(
+            workdir / "agent.kubeconfig",
+            f"https://{CONTROL_PLANE_IP}:6443",
+            plane.pki.ca,
+            token=token,
+            user="system:serviceaccount:kube-system:kpy",
+        )
+        _apply_lab_objects(state, cluster, admin, workdir)
+    except rc.ApiError as exc:
+        raise LabError(f"the API server refused the lab's objects: {exc}") from None
+    finally:
+        admin.close()
+
+
+def _apply_lab_objects(state: LabState, cluster: Cluster, admin: Any, workdir: Path) -> None:
+    from kpy.testing import realcluster as rc
+
+    pods = {pod.name: pod.node for pod in cluster.pods}
+    objects = rc.lab_objects(rc.load_manifests(Path(state.manifests)), pods)
+    for note in objects.notes:
+        print(f"note: {note}", file=sys.stderr)
+    nodes = {obj["metadata"]["name"]: obj for obj in objects.nodes}
+    for node in cluster.nodes:
+        nodes.setdefault(
+            node.name,
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name}, "status": {
+                "addresses": [{"type": "InternalIP", "address": str(node.ip)},
+                              {"type": "InternalIP", "address": str(node.ip6)},
+                              {"type": "Hostname", "address": node.name}]}},
+        )  # fmt: skip
+    for obj in nodes.values():  # kubelet registers its Node and reports it ready
+        status = dict(obj.get("status") or {})
+        admin.create({k: v for k, v in obj.items() if k != "status"})
+        status["conditions"] = [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]
+        admin.patch_status(obj, status)
+    namespaces = {o["metadata"].get("namespace", "default") for o in objects.services}
+    for ns in sorted(namespaces - {"default", "kube-system"}):
+        admin.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    for svc in objects.services:
+        status = svc.pop("status", None)
+        admin.create(svc)
+        if status and (status.get("loadBalancer") or {}).get("ingress"):
+            admin.patch_status(svc, status)  # what a cloud controller would write
+    for obj in objects.slices:
+        admin.create(obj)
+    (workdir / "pods.json").write_text(json.dumps(objects.pods, indent=1), encoding="utf-8")
+    for obj in objects.pods:
+        kubelet_start_pod(state, obj["metadata"]["name"], admin=admin)
+
+
+def _pod_objects(state: LabState) -> dict[str, dict[str, Any]]:
+    path = Path(state.control_plane_dir) / "pods.json"
+    return {o["metadata"]["name"]: o for o in json.loads(path.read_text(encoding="utf-8"))}
+
+
+def api_client(state: LabState) -> Any:
+    """An admin client of the lab's API server (its socket opened in ``<prefix>-cp``)."""
+    from kpy.testing import realcluster as rc
+
+    if not state.real:
+        raise LabError("the lab has no real control plane (kpy lab up --control-plane real)")
+    pki = rc.Pki(Path(state.control_plane_dir) / "pki")
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(pki.cert("admin"), pki.key("admin"))
+    return rc.Client(state.control_plane_netns, "127.0.0.1", 6443, context)
+
+
+def api_objects(state: LabState) -> list[dict[str, Any]]:
+    """The lab's Services, EndpointSlices and Nodes as the API server has them, without
+    ``default/kubernetes`` (its endpoint is the API server, not a lab pod)."""
+    from kpy.testing import realcluster as rc
+
+    client = api_client(state)
+    try:
+        objects = rc.list_objects(client)
+    finally:
+        client.close()
+
+    def lab_owned(obj: dict[str, Any]) -> bool:
+        meta = obj["metadata"]
+        if meta.get("namespace") != "default":
+            return True
+        if obj["kind"] == "Service":
+            return bool(meta["name"] != "kubernetes")
+        return (meta.get("labels") or {}).get("kubernetes.io/service-name") != "kubernetes"
+
+    return [o for o in objects if lab_owned(o)]
+
+
+def _lab_pod(state: LabState, name: str) -> topo.Pod:
+    for pod in state.cluster().pods:
+        if pod.name == name:
+            return pod
+    raise LabError(f"no lab pod {name}")
+
+
+def kubelet_start_pod(state: LabState, name: str, *, admin: Any = None) -> None:
+    """Create lab pod ``name``'s Pod (bound to its node) and report it running and ready."""
+    from kpy.testing import realcluster as rc
+
+    client = admin or api_client(state)
+    try:
+        obj = _pod_objects(state)[name]
+        pod = _lab_pod(state, name)
+        node_ip = str(next(n.ip for n in state.cluster().nodes if n.name == pod.node))
+        client.create(obj)
+        client.patch_status(obj, rc.running_status([str(pod.ip), str(pod.ip6)], node_ip))
+    finally:
+        if admin is None:
+            client.close()
+
+
+def kubelet_set_ready(state: LabState, name: str, ready: bool) -> None:
+    """Report lab pod ``name`` ready or not (its readiness probe passing or failing)."""
+    from kpy.testing import realcluster as rc
+
+    client = api_client(state)
+    try:
+        pod = _lab_pod(state, name)
+        node_ip = str(next(n.ip for n in state.cluster().nodes if n.name == pod.node))
+        status = rc.running_status([str(pod.ip), str(pod.ip6)], node_ip, ready=ready)
+        client.patch_status(_pod_objects(state)[name], status)
+    finally:
+        client.close()
+
+
+def kubelet_delete_pod(state: LabState, name: str, *, grace: int = 30) -> None:
+    """Delete lab pod ``name`` as a user would: with ``grace`` > 0 it is terminating
+    (its endpoint serving but not ready) until :func:`kubelet_finish_pod`."""
+    client = api_client(state)
+    try:
+        client.delete(_pod_objects(state)[name], grace=grace)
+    finally:
+        client.close()
+
+
+def kubelet_finish_pod(state: LabState, name: str) -> None:
+    """The pod's containers have stopped: kubelet removes the Pod object."""
+    kubelet_delete_pod(state, name, grace=0)
+
+
+def control_plane_status(state: LabState) -> dict[str, Any]:
+    components = {
+        name: {"pid": pid, "alive": _alive(pid) and name in " ".join(_cmdline(pid))}
+        for name, pid in state.control_plane_pids.items()
+    }
+    ready_ = False
+    with contextlib.suppress(Exception):
+        client = api_client(state)
+        try:
+            ready_ = client.get("/readyz") == "ok"
+        finally:
+            client.close()
+    return {
+        "netns": state.control_plane_netns,
+        "url": f"https://{CONTROL_PLANE_IP}:6443",
+        "components": components,
+        "ready": ready_,
+        "dir": state.control_plane_dir,
+    }
 
 
 def _netns_dir() -> list[Path]:
@@ -324,7 +592,16 @@ def down(state_dir: Path = STATE_DIR, prefix: str | None = None) -> list[str]:
     if state is not None and state.api_pid is not None and "apiserver" in _cmdline(state.api_pid):
         pids.append(state.api_pid)
     _stop(pids)
+    if state is not None and state.control_plane_pids:
+        # controllers first, etcd last; whatever is left dies with the namespace below
+        order = ("kube-controller-manager", "kube-apiserver", "etcd")
+        for name in order:
+            pid = state.control_plane_pids.get(name)
+            if pid is not None and any(name in a for a in _cmdline(pid)):
+                _stop([pid], grace=10.0)
     removed = topo.remove_stale(prefix)
+    if state is not None and state.control_plane_dir:
+        shutil.rmtree(state.control_plane_dir, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         state_file(state_dir).unlink()
     return removed
@@ -383,6 +660,7 @@ def status(state_dir: Path = STATE_DIR) -> dict[str, Any]:
         },
         "nodes": nodes,
         "missing_namespaces": [ns.name for ns in cluster.namespaces() if not ns.exists()],
+        "control_plane": control_plane_status(state) if state.real else None,
     }
 
 
@@ -405,6 +683,16 @@ def render_status(data: dict[str, Any]) -> str:
         for pod in node["pods"]:
             echo = "echo up" if pod["echo_running"] else "echo DOWN"
             lines.append(f"  {pod['name']:<6} {pod['netns']:<22} {pod['ip']}, {pod['ip6']}  {echo}")
+    cp = data.get("control_plane")
+    if cp:
+        parts = ", ".join(
+            f"{name} {c['pid']} {'up' if c['alive'] else 'DOWN'}"
+            for name, c in cp["components"].items()
+        )
+        lines.append(
+            f"control plane {cp['netns']} {cp['url']} {'ready' if cp['ready'] else 'NOT READY'}"
+            f": {parts}"
+        )
     if data["missing_namespaces"]:
         lines.append(f"missing namespaces: {', '.join(data['missing_namespaces'])}")
     return "\n".join(lines)
@@ -448,6 +736,14 @@ def command() -> Any:
         show_default=True,
         help="kube: the agents list+watch a fake API server that serves the manifests.",
     )
+    @click.option(
+        "--control-plane",
+        type=click.Choice(["none", "real"]),
+        default="none",
+        show_default=True,
+        help="real: etcd, kube-apiserver and kube-controller-manager in the lab "
+        "(scripts/build-upstream.sh builds them); implies --source kube.",
+    )
     @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for ready.")
     @click.pass_obj
     def up_cmd(
@@ -457,6 +753,7 @@ def command() -> Any:
         backend: str,
         manifests: Path,
         source: str,
+        control_plane: str,
         timeout: float,
     ) -> None:
         """Build the namespaces, start the pods' echo servers and one agent per node."""
@@ -471,6 +768,7 @@ def command() -> Any:
                 source=source,
                 timeout=timeout,
                 state_dir=state_dir,
+                control_plane=control_plane,
             )
         except LabError as exc:
             raise click.ClickException(str(exc)) from None

@@ -228,7 +228,11 @@ class Client:
 
     def _connect(self) -> http.client.HTTPSConnection:
         conn = http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=60)
-        run_in_netns(self.netns, conn.connect)
+        try:
+            run_in_netns(self.netns, conn.connect)
+        except BaseException:
+            conn.close()  # a failed TLS handshake leaves the plain socket open
+            raise
         return conn
 
     def close(self) -> None:
@@ -369,9 +373,12 @@ class Process:
     argv: list[str]
     log: Path
     popen: subprocess.Popen[bytes] | None = None
+    pid: int = 0  # a detached process (no Popen: it outlives this one)
 
     def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return self.pid > 0 and _pid_alive(self.pid)
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -381,18 +388,48 @@ class Process:
         return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
 def _stop_process(proc: Process, grace: float = 10.0) -> None:
-    popen = proc.popen
-    if popen is None or popen.poll() is not None:
+    pid = proc.popen.pid if proc.popen is not None else proc.pid
+    if not proc.alive():
         return
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(popen.pid, signal.SIGTERM)
-    try:
-        popen.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    delay = 0.02
+    while proc.alive() and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+    if proc.alive():
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait(timeout=grace)
+            os.killpg(pid, signal.SIGKILL)
+    if proc.popen is not None:
+        proc.popen.wait(timeout=grace)
+
+
+def _start_detached(argv: list[str], log: Path) -> int:
+    """Start a process in its own session that outlives this one; its pid."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            ["setsid", "-f", "sh", "-c", 'echo $$; exec "$@"', "kpy-cp", *argv],
+            stdout=subprocess.PIPE,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        with proc.stdout:
+            line = proc.stdout.readline().decode().strip()
+        proc.wait()
+    if not line.isdigit():
+        raise ControlPlaneError(f"could not start {argv[0]}")
+    return int(line)
 
 
 # --------------------------------------------------------------------------- the control plane
@@ -412,6 +449,7 @@ class ControlPlane:
     create_netns: bool = True
     detached: bool = False
     advertise_address: str = ADVERTISE_ADDRESS
+    advertise_on_lo: bool = True  # False: the address is on an interface already
     extra_apiserver_args: tuple[str, ...] = ()
     processes: dict[str, Process] = field(default_factory=dict)
     _own_workdir: bool = False
@@ -466,7 +504,9 @@ class ControlPlane:
                 _ip("netns", "add", self.netns)
                 self._netns_created = True
                 _ip("-n", self.netns, "link", "set", "lo", "up")
-            _ip("-n", self.netns, "addr", "replace", f"{self.advertise_address}/32", "dev", "lo")
+            if self.advertise_on_lo:
+                address = f"{self.advertise_address}/32"
+                _ip("-n", self.netns, "addr", "replace", address, "dev", "lo")
             Pki.create(self.dir / "pki", ("127.0.0.1", self.advertise_address, "10.96.0.1"))
             pki = self.pki
             kubeconfig(
@@ -488,6 +528,10 @@ class ControlPlane:
     def _spawn(self, name: str, argv: list[str]) -> Process:
         log = self.dir / f"{name}.log"
         proc = Process(name, argv, log)
+        self.processes[name] = proc
+        if self.detached:
+            proc.pid = _start_detached(["ip", "netns", "exec", self.netns, *argv], log)
+            return proc
         with log.open("ab") as out:
             proc.popen = on_spawner(
                 lambda: subprocess.Popen(
@@ -496,10 +540,9 @@ class ControlPlane:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
-                    preexec_fn=None if self.detached else _pdeathsig,
+                    preexec_fn=_pdeathsig,
                 )
             )
-        self.processes[name] = proc
         return proc
 
     def _wait(self, proc: Process, probe: Callable[[], bool], timeout: float) -> None:
@@ -864,17 +907,111 @@ def running_status(ips: list[str], host_ip: str, *, ready: bool = True) -> dict[
     }  # fmt: skip
 
 
+# --------------------------------------------------------------------------- the lab's objects
+
+LAB_LABEL = "kpy.lab/"  # pod label prefix: the Services a lab pod is an endpoint of
+
+
+@dataclass
+class LabObjects:
+    """Manifests (Services, EndpointSlices, Nodes) turned into what a real cluster has:
+    Services select the pods their example EndpointSlices name (one label per Service),
+    the slices themselves are left to the EndpointSlice controller, and each lab pod
+    becomes a Pod bound to its node."""
+
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    services: list[dict[str, Any]] = field(default_factory=list)
+    slices: list[dict[str, Any]] = field(default_factory=list)  # of Services without selector
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def lab_objects(objects: list[dict[str, Any]], pods: dict[str, str]) -> LabObjects:
+    """``pods``: lab pod name → its node. Pods named by no slice get no Service label."""
+    out = LabObjects()
+    members: dict[tuple[str, str], set[str]] = {}
+    ports: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in pods}
+    selected = {
+        (o["metadata"].get("namespace", "default"), o["metadata"]["name"])
+        for o in objects
+        if o.get("kind") == "Service" and (o.get("spec") or {}).get("selector")
+    }
+    for obj in objects:
+        if obj.get("kind") != "EndpointSlice":
+            continue
+        meta = obj["metadata"]
+        ns = meta.get("namespace", "default")
+        service = (meta.get("labels") or {}).get("kubernetes.io/service-name", "")
+        if (ns, service) not in selected:
+            out.slices.append(obj)
+            continue
+        for ep in obj.get("endpoints") or []:
+            name = (ep.get("targetRef") or {}).get("name", "")
+            if name in pods:
+                members.setdefault((ns, service), set()).add(name)
+                for port in obj.get("ports") or []:
+                    if port.get("name") and port.get("port"):
+                        ports[name].setdefault(
+                            port["name"],
+                            {"name": port["name"], "containerPort": port["port"],
+                             "protocol": port.get("protocol", "TCP")},
+                        )  # fmt: skip
+    labels: dict[str, dict[str, str]] = {name: {} for name in pods}
+    for obj in objects:
+        kind = obj.get("kind")
+        if kind == "Node":
+            out.nodes.append(obj)
+        elif kind == "Service":
+            svc = json.loads(json.dumps(obj))
+            meta, spec = svc["metadata"], svc.setdefault("spec", {})
+            ns = meta.setdefault("namespace", "default")
+            if spec.get("selector"):
+                label = f"{LAB_LABEL}{meta['name']}"
+                spec["selector"] = {label: "true"}
+                for name in members.get((ns, meta["name"]), ()):
+                    labels[name][label] = "true"
+            if "healthCheckNodePort" in spec and spec.get("type") != "LoadBalancer":
+                del spec["healthCheckNodePort"]
+                out.notes.append(
+                    f"{ns}/{meta['name']}: healthCheckNodePort dropped (the API server allows "
+                    "it only on LoadBalancer Services with externalTrafficPolicy Local)"
+                )
+            out.services.append(svc)
+    for name, node in pods.items():
+        # Kubernetes' name rules: a port name is at most 15 characters
+        container_ports = [p for p in ports[name].values() if len(p["name"]) <= 15]
+        out.pods.append(pod(name, node, labels[name], container_ports))
+    return out
+
+
+def list_objects(client: Client) -> list[dict[str, Any]]:
+    """Every Service, EndpointSlice and Node, each with its ``kind`` (a list's items lack it)."""
+    out: list[dict[str, Any]] = []
+    for path, kind, version in (
+        ("/api/v1/services", "Service", "v1"),
+        ("/apis/discovery.k8s.io/v1/endpointslices", "EndpointSlice", "discovery.k8s.io/v1"),
+        ("/api/v1/nodes", "Node", "v1"),
+    ):
+        for item in client.get(path).get("items") or []:
+            item["kind"], item["apiVersion"] = kind, version
+            out.append(item)
+    return out
+
+
 __all__ = [
     "KUBE_VERSION",
     "ApiError",
     "Client",
     "ControlPlane",
     "ControlPlaneError",
+    "LabObjects",
     "Partition",
     "Pki",
     "bindir",
     "control_plane",
     "kubeconfig",
+    "lab_objects",
+    "list_objects",
     "load_manifests",
     "missing_binaries",
     "pod",
