@@ -115,11 +115,12 @@ class Agent:
         try:
             self._handle(event)
         except Exception as exc:  # a handler never takes the agent down
+            namespace, name = convert.identify(event.obj)
             log.error(
                 "event_failed",
                 kind=str(event.kind),
-                namespace=event.namespace,
-                name=event.name,
+                namespace=namespace,
+                name=name,
                 error=str(exc),
                 error_type=type(exc).__name__,
             )
