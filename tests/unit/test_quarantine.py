@@ -96,7 +96,7 @@ def test_one_refused_port_on_the_first_sync_costs_only_that_port(tmp_path: Path)
     attempts = Attempts()
 
     async def scenario(agent: Agent) -> None:
-        await until(lambda: len(backend.programmed) == GOOD, timeout=30)
+        await until(lambda: len(backend.programmed) == GOOD, timeout=60)
         assert "default/poison:http/TCP" not in backend.programmed
         assert agent.status.first_full_sync_done and agent.status.refused == 1
         assert agent.runner.failures == 0 and agent.status.sync_failures == 0
@@ -112,7 +112,9 @@ def test_one_refused_port_on_the_first_sync_costs_only_that_port(tmp_path: Path)
         assert "kpy_service_port_refusals 1.0" in exposition
         # Later changes to good Services keep flowing, as partial syncs.
         write(tmp_path / "s3.yaml", "s3", "10.96.0.13", ["10.244.1.4", "10.244.1.99"])
-        await until(lambda: len(backend.programmed["default/s3:http/TCP"].endpoints) == 2)
+        await until(
+            lambda: len(backend.programmed["default/s3:http/TCP"].endpoints) == 2, timeout=60
+        )
         assert not backend.plans[-1].full_sync
 
     run(tmp_path, backend, attempts, scenario)
@@ -125,20 +127,20 @@ def test_a_refused_update_keeps_the_last_good_state_until_fixed(tmp_path: Path) 
     name = "default/poison:http/TCP"
 
     async def scenario(agent: Agent) -> None:
-        await until(lambda: len(backend.programmed) == GOOD + 1, timeout=30)
+        await until(lambda: len(backend.programmed) == GOOD + 1, timeout=60)
         assert not attempts.sizes  # nothing refused, nothing searched
         write(tmp_path / "poison.yaml", "poison", "10.96.1.1", ["10.244.7.7", "10.244.66.6"])
-        await until(lambda: agent.status.refused == 1, timeout=30)
+        await until(lambda: agent.status.refused == 1, timeout=60)
         assert backend.programmed[name].endpoints == ("10.244.7.7:8080",)  # last good kept
         # A later full sync keeps holding it (the tracker still has the refused state).
         agent.runner.request(full=True)
         fulls = sum(p.full_sync for p in backend.plans)
-        await until(lambda: sum(p.full_sync for p in backend.plans) > fulls)
+        await until(lambda: sum(p.full_sync for p in backend.plans) > fulls, timeout=60)
         assert backend.programmed[name].endpoints == ("10.244.7.7:8080",)
         # The object is fixed: its new state gets its chance and is programmed.
         write(tmp_path / "poison.yaml", "poison", "10.96.1.1", ["10.244.8.8"])
-        await until(lambda: backend.programmed[name].endpoints == ("10.244.8.8:8080",))
-        await until(lambda: agent.status.refused == 0)
+        await until(lambda: backend.programmed[name].endpoints == ("10.244.8.8:8080",), timeout=60)
+        await until(lambda: agent.status.refused == 0, timeout=60)
         assert not backend.plans[-1].refused
 
     run(tmp_path, backend, attempts, scenario)
@@ -150,7 +152,7 @@ def test_a_failure_no_object_explains_is_not_blamed_on_objects(tmp_path: Path) -
     attempts = Attempts(base_refused=True)
 
     async def scenario(agent: Agent) -> None:
-        await until(lambda: len(backend.programmed) == GOOD + 1, timeout=30)
+        await until(lambda: len(backend.programmed) == GOOD + 1, timeout=60)
         assert agent.status.sync_failures == 3 and agent.status.refused_total == 0
         assert attempts.sizes == [0, 0, 0]  # the bare plan, refused each time: the node's fault
 
@@ -163,7 +165,7 @@ def test_without_isolation_the_old_behaviour_stays(tmp_path: Path) -> None:
     backend = FakeBackend(refuse=poisoned)
 
     async def scenario(agent: Agent) -> None:
-        await until(lambda: agent.status.sync_failures >= 2)
+        await until(lambda: agent.status.sync_failures >= 2, timeout=60)
         assert not backend.programmed
 
     run_agent(tmp_path, backend, scenario)
