@@ -70,6 +70,9 @@ class BackendConfig:
     # nodePortAddresses "primary": NodePorts on the node's primary IP of each family only
     # (nodeport_addresses is then those IPs, filled in by for_node: none until known)
     nodeport_primary: bool = False
+    # the service CIDRs (nftables backend: an address in them that no Service has is
+    # dropped, as upstream's nftables mode)
+    service_cidrs: tuple[IPNetwork, ...] = ()
     # iptables backend: NodePorts also on 127.0.0.1 (upstream's iptables.localhostNodePorts;
     # IPv4, masqueraded, needs route_localnet=1 in the node's namespace)
     localhost_nodeports: bool = True

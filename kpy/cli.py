@@ -89,6 +89,7 @@ _RUN_FLAGS = {
     "pod_bridge_interface": "pod_bridge_interface",
     "pod_interface_name_prefix": "pod_interface_name_prefix",
     "iptables_localhost_nodeports": "iptables_localhost_nodeports",
+    "service_cidr": "service_cidrs",
 }
 
 
@@ -135,6 +136,13 @@ def _given_flags(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any
     callback=explain.merged,
     help="CIDRs NodePorts answer on (repeatable and/or comma separated; default: all local "
     "addresses).",
+)
+@click.option(
+    "--service-cidr",
+    multiple=True,
+    callback=explain.merged,
+    help="Service CIDRs (repeatable and/or comma separated; nftables: addresses in them that "
+    "no Service has are dropped).",
 )
 @click.option(
     "--masquerade-all", is_flag=True, default=None, help="Masquerade all Service traffic."

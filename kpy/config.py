@@ -43,6 +43,7 @@ class AgentConfig:
     node_ips: tuple[str, ...] = ()
     cluster_cidr: tuple[str, ...] = ("10.244.0.0/16",)
     node_port_addresses: tuple[str, ...] = ()
+    service_cidrs: tuple[str, ...] = ()  # nftables: unallocated addresses in them are dropped
     masquerade_all: bool = False
     sync_period: float = 300.0  # periodic full sync (drift repair)
     min_sync_period: float = 1.0
@@ -79,6 +80,7 @@ class AgentConfig:
             cluster_cidrs=tuple(_net(v, "clusterCIDR") for v in self.cluster_cidr),
             nodeport_addresses=self._nodeport_addresses(),
             nodeport_primary=self.node_port_addresses == (PRIMARY,),
+            service_cidrs=tuple(_net(v, "serviceCIDRs") for v in self.service_cidrs),
             masquerade_all=self.masquerade_all,
             netns=self.netns or None,
             options=self.backend_options,
@@ -119,7 +121,11 @@ class AgentConfig:
 
 
 def _camel(snake: str) -> str:
-    special = {"cluster_cidr": "clusterCIDR", "node_ips": "nodeIPs"}
+    special = {
+        "cluster_cidr": "clusterCIDR",
+        "node_ips": "nodeIPs",
+        "service_cidrs": "serviceCIDRs",
+    }
     if snake in special:
         return special[snake]
     head, *rest = snake.split("_")
@@ -128,7 +134,7 @@ def _camel(snake: str) -> str:
 
 # Address and CIDR lists: given as a list, a comma-separated string, repeated flags or
 # any mix, merged in order (each value once).
-LIST_FIELDS = frozenset({"node_ips", "cluster_cidr", "node_port_addresses"})
+LIST_FIELDS = frozenset({"node_ips", "cluster_cidr", "node_port_addresses", "service_cidrs"})
 # Fields the file holds in a section, as KubeProxyConfiguration does (``detectLocal:``
 # ``bridgeInterface``, ``iptables: localhostNodePorts``): field → (section, key).
 NESTED = {

@@ -92,6 +92,10 @@ class Options:
     nodeport_addresses: tuple[IPNetwork, ...] = ()  # () = every node address
     nodeport_primary: bool = False  # nodePortAddresses "primary": the primary IPs only
     localhost_nodeports: bool = False  # the iptables backend's NodePorts on 127.0.0.1
+    service_cidrs: tuple[IPNetwork, ...] = ()
+    # upstream nftables mode's checks (the nftables backend): a port no Service serves on a
+    # ClusterIP is rejected, an address of the service CIDRs no Service has is dropped
+    clusterip_checks: bool = False
     masquerade_all: bool = False
     node_ips: tuple[IPAddress, ...] = ()  # in addition to the Node's addresses
     detect_local_mode: str = "ClusterCIDR"  # how pods' traffic is told (as BackendConfig)
@@ -189,6 +193,7 @@ def options_config(node: str, options: Options) -> BackendConfig:
         nodeport_addresses=options.nodeport_addresses,
         nodeport_primary=options.nodeport_primary,
         localhost_nodeports=options.localhost_nodeports,
+        service_cidrs=options.service_cidrs,
         masquerade_all=options.masquerade_all,
         detect_local_mode=options.detect_local_mode,
         pod_bridge_interface=options.pod_bridge_interface,
@@ -332,6 +337,18 @@ def explain(plan: Plan, packet: Packet, options: Options | None = None) -> Expla
             vip_other_port = True
     if matched is None:
         reason = "service_port_not_matched" if vip_other_port else "no_service"
+        if options.clusterip_checks:
+            cluster_ip = any(
+                packet.dst in s.service.cluster_ips
+                for s in plan.services.values()
+                if s.service.has_vip
+            )
+            if cluster_ip:
+                why = (reason, "cluster_ip_port_not_served")
+                return Explanation(verdict=Verdict.REJECT, origin=origin, reasons=why)
+            if _in(packet.dst, options.service_cidrs):
+                why = (reason, "unallocated_service_ip")
+                return Explanation(verdict=Verdict.DROP, origin=origin, reasons=why)
         return Explanation(verdict=Verdict.ACCEPT, origin=origin, reasons=(reason,))
     state, frontend = matched
     svc = state.service
@@ -588,6 +605,12 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
     @click.option("--pod-bridge-interface", default="", help="For BridgeInterface.")
     @click.option("--pod-interface-name-prefix", default="", help="For InterfaceNamePrefix.")
     @click.option(
+        "--service-cidr",
+        multiple=True,
+        callback=merged,
+        help="Service CIDRs (repeatable and/or comma separated).",
+    )
+    @click.option(
         "--iptables-localhost-nodeports/--no-iptables-localhost-nodeports",
         default=None,
         help="NodePorts on 127.0.0.1 (default: on with --backend iptables, as it programs).",
@@ -611,6 +634,7 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
         detect_local_mode: str,
         pod_bridge_interface: str,
         pod_interface_name_prefix: str,
+        service_cidr: tuple[str, ...],
         iptables_localhost_nodeports: bool | None,
         backend: str | None,
         output: str,
@@ -638,6 +662,9 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
                 localhost_nodeports=backend == "iptables"
                 if iptables_localhost_nodeports is None
                 else iptables_localhost_nodeports,
+                service_cidrs=_networks(service_cidr),
+                # the nftables backend's (kpy's default) checks of ClusterIPs
+                clusterip_checks=backend in (None, "nftables"),
             )
             options_config(node, options)  # the detect-local settings are valid
         except ValueError as exc:

@@ -65,6 +65,10 @@ MASQUERADING = "masquerading"
 REJECT = "reject-chain"
 FIREWALL_CHECK = "firewall-check"
 SERVICE_EP_CHECK = "service-endpoints-check"
+CLUSTER_IPS_CHECK = "cluster-ips-check"  # unknown ports of ClusterIPs, unallocated addresses
+# The node's own packets after DNAT (nat output is -100, the shards -99): what is still
+# addressed to a ClusterIP was not DNATed.
+FILTER_OUTPUT_POST_DNAT = "filter-output-post-dnat"
 NODEPORT_EP_CHECK = "nodeport-endpoints-check"
 
 # Verdict maps.
@@ -84,8 +88,12 @@ SERVICE_ENDPOINTS = "service-endpoints"  # endpoint . port . service hash, for t
 # is its destination (a pod reaching itself through a Service) is masqueraded. Shared:
 # ports with an endpoint on the same address want the same element.
 HAIRPIN = "hairpin"
-SETS = (FINGERPRINTS, MASQ_IPS, MASQ_NODEPORTS, SERVICE_ENDPOINTS, HAIRPIN)
-SHARED_SETS = frozenset((HAIRPIN,))
+# Every ClusterIP of every Service (upstream's cluster-ips): a new connection still
+# addressed to one after DNAT is to a port no Service serves, and is rejected. Shared:
+# every port of a Service wants its ClusterIP's element.
+CLUSTER_IPS = "cluster-ips"
+SETS = (FINGERPRINTS, MASQ_IPS, MASQ_NODEPORTS, SERVICE_ENDPOINTS, HAIRPIN, CLUSTER_IPS)
+SHARED_SETS = frozenset((HAIRPIN, CLUSTER_IPS))
 # The sets and maps whose elements are frontends: two service ports may claim the same
 # one (invalid input), and the first in name order keeps it. Other elements are unique
 # to their port by construction (they hold its hash or its chain's).
@@ -386,6 +394,13 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
         objs.append(Set(nf, MASQ_NODEPORTS, "inet_proto . inet_service"))
         objs.append(Set(nf, SERVICE_ENDPOINTS, f"{addr} . inet_service . mark"))
         objs.append(Set(nf, HAIRPIN, f"{addr} . {addr}"))
+        objs.append(Set(nf, CLUSTER_IPS, addr))
+        # upstream nftables mode: a port no Service serves on a ClusterIP is rejected, an
+        # address of the service CIDRs that no Service has is dropped
+        cluster_check = [f"{nf} daddr @{CLUSTER_IPS} reject"]
+        service_cidrs = _cidrs(config.service_cidrs, 4 if nf == "ip" else 6)
+        if service_cidrs:
+            cluster_check.append(f"{nf} daddr {_set_literal(service_cidrs)} drop")
         for name in (NO_EP_SERVICES, FIREWALL_IPS):
             objs.append(Set(nf, name, f"{addr} . inet_proto . inet_service", kind="map"))
         objs.append(Set(nf, NO_EP_NODEPORTS, "inet_proto . inet_service", kind="map"))
@@ -430,9 +445,16 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
             Chain(
                 nf,
                 "filter-forward",
-                (f"{new} jump {SERVICE_EP_CHECK}",),
+                (f"{new} jump {SERVICE_EP_CHECK}", f"{new} jump {CLUSTER_IPS_CHECK}"),
                 _hook("filter", "forward", "-110"),
             ),
+            Chain(
+                nf,
+                FILTER_OUTPUT_POST_DNAT,
+                (f"{new} jump {CLUSTER_IPS_CHECK}",),
+                _hook("filter", "output", "0"),
+            ),
+            Chain(nf, CLUSTER_IPS_CHECK, tuple(cluster_check)),
             # The node's own traffic: source ranges and rejects before DNAT. No NodePort
             # check here: a packet to a local address meets filter-input too, after NAT.
             Chain(
@@ -555,11 +577,13 @@ def shared_object(key: str) -> Element:
     name, element = rest.split(" ", 1)
     if kind != "element" or name not in SHARED_SETS:
         raise ValueError(f"{key!r} is not a shared element")
+    if name == CLUSTER_IPS:
+        return Element(family, CLUSTER_IPS, element, "", "")
     return hairpin_element(family, element.split(" . ")[0])
 
 
 def is_shared(key: str) -> bool:
-    return f" element {HAIRPIN} " in key
+    return f" element {HAIRPIN} " in key or f" element {CLUSTER_IPS} " in key
 
 
 def port_objects(state: ServicePortState, config: BackendConfig) -> dict[str, Obj]:
@@ -606,6 +630,7 @@ def _family_objects(
         targets[(ep.ip, ep.port)] = _Target(ep_ip, dnat, aset)
         objs.append(Element(nf, SERVICE_ENDPOINTS, f"{ep_ip} . {ep.port} . {mark}", "", label))
         objs.append(hairpin_element(nf, ep_ip))
+    objs.append(Element(nf, CLUSTER_IPS, str(cluster_ip), "", ""))
     internal_targets = [targets[(ep.ip, ep.port)] for ep in internal]
     external_targets = [targets[(ep.ip, ep.port)] for ep in external]
 

@@ -10,7 +10,8 @@ hook, in the kernel's order:
   ``nat-prerouting`` (dstnat), then ``filter-input`` when the (possibly translated)
   destination is a node address, else ``filter-forward`` and ``nat-postrouting``;
 * from the node itself: ``filter-output`` (-110, before DNAT), ``nat-output`` (-100),
-  ``nat-postrouting``, then ``filter-input`` when the destination is a node address.
+  ``filter-output-post-dnat`` (0), ``nat-postrouting``, then ``filter-input`` when the
+  destination is a node address.
 
 The rules are interpreted from their text by a small interpreter for exactly the
 grammar render emits (selectors, concatenations, set and verdict-map lookups, ``jump``,
@@ -173,7 +174,13 @@ class _Tracer:
         done: list[Path] = []  # paths that ended in drop or reject
         alive = [start]
         if origin is Origin.NODE:
-            stages: tuple[str, ...] = ("filter-output", "nat-output", "nat-postrouting", "in")
+            stages: tuple[str, ...] = (
+                "filter-output",
+                "nat-output",
+                render.FILTER_OUTPUT_POST_DNAT,
+                "nat-postrouting",
+                "in",
+            )
         else:
             stages = ("filter-prerouting", "nat-prerouting", "route")
         for stage in stages:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +26,17 @@ from kpy import explain as ex
 from kpy.backend import Backend, BackendConfig
 from kpy.model import Plan, ServicePortState
 from kpy.testing import builders as b
-from kpy.testing.netns import CLIENT_IP, NODE_IP, POD_A, POD_B, Topology, ip, tcp, topology
+from kpy.testing.netns import (
+    CLIENT_IP,
+    NODE_IP,
+    POD_A,
+    POD_B,
+    Topology,
+    ip,
+    socket_in,
+    tcp,
+    topology,
+)
 from kpy.testing.packets import NODE, config_for
 
 pytestmark = pytest.mark.root
@@ -389,3 +400,108 @@ class TestLocalhostNodePorts:
         with pytest.raises(ConnectionRefusedError):
             tcp(fresh.node, "127.0.0.1", 30092)
         assert tcp(fresh.node, NODE_IP, 30092).startswith("pod-b ")  # the NodePort itself
+
+
+# --- 2. nftables: unknown ports of ClusterIPs rejected, unallocated Service IPs dropped -----
+
+SERVICE_CIDR = ipaddress.ip_network("10.96.0.0/16")
+
+
+def _cluster_ip_states() -> list[ServicePortState]:
+    web = b.service("web", cluster_ip="10.96.0.70")  # port 80 only
+    return [b.state(web, [b.endpoint(POD_B, node="node-b")], NODE)]
+
+
+@pytest.fixture(scope="module")
+def bystander(topo: Topology) -> Iterator[None]:
+    """Listeners beyond the node (in the client namespace) on a ClusterIP's unserved port
+    and on an unallocated Service IP: where packets the node lets through end up."""
+    ip("-n", topo.client, "addr", "replace", "10.96.0.70/32", "dev", "lo")
+    ip("-n", topo.client, "addr", "replace", "10.96.0.99/32", "dev", "lo")
+    listeners = []
+    for host, port in (("10.96.0.70", 81), ("10.96.0.99", 80)):
+        sock = socket_in(topo.client, socket.AF_INET, socket.SOCK_STREAM, None)
+        sock.bind((host, port))
+        sock.listen(64)
+        listeners.append(sock)
+    try:
+        yield None
+    finally:
+        for sock in listeners:
+            sock.close()
+        ip("-n", topo.client, "addr", "del", "10.96.0.70/32", "dev", "lo")
+        ip("-n", topo.client, "addr", "del", "10.96.0.99/32", "dev", "lo")
+
+
+def _connects(netns: str, host: str, port: int) -> str:
+    """'connected', 'refused' or 'dropped' (no answer within a second)."""
+    with socket_in(netns, socket.AF_INET, socket.SOCK_STREAM, None) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect((host, port))
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return "dropped"
+        return "connected"
+
+
+class TestClusterIPChecks:
+    @pytest.fixture
+    def programmed(
+        self, topo: Topology, backend: tuple[Factory, ex.Tracer], bystander: None
+    ) -> Iterator[tuple[Plan, BackendConfig]]:
+        programmed, plan, cfg = _program(
+            topo, backend[0], _cluster_ip_states(), service_cidrs=(SERVICE_CIDR,)
+        )
+        try:
+            yield plan, cfg
+        finally:
+            asyncio.run(programmed.cleanup())
+
+    def test_unserved_ports_and_unallocated_addresses(
+        self,
+        topo: Topology,
+        programmed: tuple[Plan, BackendConfig],
+        backend: tuple[Factory, ex.Tracer],
+    ) -> None:
+        plan, cfg = programmed
+        tracer = backend[1]
+        nftables = tracer is nft_trace.trace
+        assert tcp(topo.pods["pod-a"], "10.96.0.70", 80).startswith("pod-b ")  # served
+        # (from a pod and from the node; the client holds the addresses itself)
+        for role, where, src in (("pod", topo.pods["pod-a"], POD_A), ("node", topo.node, NODE_IP)):
+            # a port no Service serves on an allocated ClusterIP: rejected by nftables
+            # (upstream's nftables mode); iptables lets it through, as upstream's does
+            traced = _traced(tracer, plan, cfg, src, "10.96.0.70", 81, role)
+            assert traced is (ex.Verdict.REJECT if nftables else ex.Verdict.ACCEPT)
+            assert _connects(where, "10.96.0.70", 81) == ("refused" if nftables else "connected")
+            # an address of the service CIDR that no Service has: dropped by nftables
+            traced = _traced(tracer, plan, cfg, src, "10.96.0.99", 80, role)
+            assert traced is (ex.Verdict.DROP if nftables else ex.Verdict.ACCEPT)
+            assert _connects(where, "10.96.0.99", 80) == ("dropped" if nftables else "connected")
+
+    def test_the_cluster_ip_stays_while_any_port_of_it_does(
+        self, topo: Topology, bystander: None
+    ) -> None:
+        """Partial syncs: the cluster-ips element is shared by a Service's ports."""
+        web = b.service("web", cluster_ip="10.96.0.70")
+        web_alt = b.service("web", cluster_ip="10.96.0.70", port=8443, port_name_="alt")
+        states = [
+            b.state(web, [b.endpoint(POD_B, node="node-b")], NODE),
+            b.state(web_alt, [b.endpoint(POD_B, node="node-b")], NODE),
+        ]
+        backend, _, _ = _program(topo, NftablesBackend, states, service_cidrs=(SERVICE_CIDR,))
+        try:
+            pod = topo.pods["pod-a"]
+            assert _connects(pod, "10.96.0.70", 81) == "refused"
+            one = b.plan(states[:1], node_info=NODE, full_sync=False, changed=(),
+                         removed=(states[1].name,))  # fmt: skip
+            asyncio.run(backend.apply(one))
+            assert _connects(pod, "10.96.0.70", 81) == "refused"  # still allocated
+            none = b.plan([], node_info=NODE, full_sync=False, changed=(),
+                          removed=(states[0].name,))  # fmt: skip
+            asyncio.run(backend.apply(none))
+            assert _connects(pod, "10.96.0.70", 81) == "dropped"  # unallocated now
+        finally:
+            asyncio.run(backend.cleanup())
