@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 import time
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import structlog
 
@@ -65,6 +67,8 @@ class NftablesBackend:
         # chain key → the digest of its rules as the kernel held them right after kpy
         # last wrote (or first verified) it: a full sync compares the kernel's with it
         self._digests: dict[str, bytes] = {}
+        # after a large write: the thread reading every rule back, and what it read
+        self._learner: tuple[threading.Thread, dict[str, Any]] | None = None
 
     # --- the Backend protocol -----------------------------------------------------------
 
@@ -74,6 +78,7 @@ class NftablesBackend:
         return self._nft.probe() or netlink_read.ping(self.config.netns)
 
     async def apply(self, plan: Plan) -> ApplyResult:
+        await self._settle()
         config = self.config.for_node(plan.node)
         if config != self.config:  # the Node's addresses and pod CIDRs render into rules
             self.config, self._base = config, render.base_objects(config)
@@ -150,6 +155,7 @@ class NftablesBackend:
 
     async def dry_run(self, plan: Plan) -> str:
         """The transaction ``apply(plan)`` would send now, without sending it."""
+        await self._settle()
         full = plan.full_sync or self._needs_full
         work = await self._full(plan) if full else self._partial(plan)
         return self._transaction(work, full).script
@@ -182,18 +188,27 @@ class NftablesBackend:
 
     async def _learn(self, txn: render.Transaction | render.Fresh, work: _Work, full: bool) -> None:
         """Record the digest of every chain the transaction wrote, read back right
-        after the write (one filtered dump per chain; one dump of every rule after a
-        large full sync), and forget those of deleted chains."""
+        after the write (one filtered dump per chain), and forget those of deleted
+        chains. After a large full sync (the first start: 60,000 rules at 10,000
+        Services) every rule is read back by a thread while ``apply`` returns; the
+        next call of this backend waits for it (:meth:`_settle`)."""
         if isinstance(txn, render.Fresh) or (full and len(txn.rule_chains) > LEARN_ONE_BY_ONE):
-            reader = self._netlink_reader()
-            rules = (await asyncio.to_thread(reader.rules)).chains
-            digests = {}
-            for (family, table, name), (_count, digest) in rules.items():
-                key = render.Chain(family, name, (), table=table).key
-                if key in self._have:
-                    digests[key] = digest
-            # a chain without rules has no record: its first full sync verifies its count
-            self._digests = digests
+            self._digests = {}
+            box: dict[str, Any] = {}
+            reader = netlink_read.NetlinkReader(self.config.netns)
+
+            def read_back() -> None:
+                try:
+                    box["rules"] = reader.rules().chains
+                except Exception as exc:  # reported by _settle
+                    box["error"] = exc
+                finally:
+                    reader.close()
+
+            # a daemon: an agent exiting meanwhile does not wait for a read
+            thread = threading.Thread(target=read_back, name="kpy-nftables-read-back", daemon=True)
+            thread.start()
+            self._learner = (thread, box)
             return
         for key in work.keys:
             if render.split_key(key)[2] == "chain" and key not in self._have:
@@ -205,6 +220,26 @@ class NftablesBackend:
         rules = (await asyncio.to_thread(reader.rules, ids)).chains
         for chain, ident in zip(txn.rule_chains, ids, strict=True):
             self._digests[chain.key] = rules.get(ident, observe_.NO_RULES)[1]
+
+    async def _settle(self) -> None:
+        """Wait for the read-back of a large write (see :meth:`_learn`) and record the
+        digest of every chain it found."""
+        if self._learner is None:
+            return
+        thread, box = self._learner
+        self._learner = None
+        await asyncio.to_thread(thread.join)
+        rules = box.get("rules")
+        if rules is None:  # the next full sync verifies counts and records digests
+            log.warning("nftables_rules_unread", error=str(box.get("error")))
+            return
+        digests = {}
+        for (family, table, name), (_count, digest) in rules.items():
+            key = render.Chain(family, name, (), table=table).key
+            if key in self._have:
+                digests[key] = digest
+        # a chain without rules has no record: its first full sync verifies its count
+        self._digests = digests
 
     def _compare_rules(self, observed: observe_.Observed, *, learn: bool) -> observe_.Observed:
         """Mark every chain whose rules differ from the digest recorded when kpy last
@@ -225,6 +260,7 @@ class NftablesBackend:
         return observed
 
     async def observe(self) -> Programmed:
+        await self._settle()
         try:
             observed = self._compare_rules(await self._read(), learn=False)
         except NftError as exc:
@@ -244,6 +280,9 @@ class NftablesBackend:
 
     def close(self) -> None:
         """Close the netlink sockets (the rules stay; a later sync opens new ones)."""
+        if self._learner is not None:
+            self._learner[0].join()
+            self._learner = None
         if self._netlink is not None:
             self._netlink.close()
             self._netlink = None

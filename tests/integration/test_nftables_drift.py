@@ -240,11 +240,13 @@ def test_a_deleted_element_is_flagged_and_restored(node: Node, name: str) -> Non
 
 
 def test_a_rule_replaced_right_after_the_first_sync_is_found(netns: str) -> None:
-    """The first sync reads every rule back once it is written, so even an edit made
-    before any full sync has read the kernel is found by the next one."""
+    """The first sync reads every rule back once it is written (in a thread, while
+    ``apply`` returns), so an edit made before any full sync has read the kernel is
+    found by the next one."""
     plan = b.plan(conformance_states())
     backend = NftablesBackend(config(netns))
     run(backend.apply(plan))
+    run(backend._settle())  # the read-back of the first sync is done
     table, chain = chain_of("web")
     text, handle = next((t, h) for t, h in handles(netns, table, chain) if "dnat" in t)
     edited = text.replace("10.244.1.5", "10.244.1.99").replace("10.244.2.6", "10.244.2.99")
