@@ -10,7 +10,9 @@ failure under CI, whose setup builds them.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,6 +23,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from kpy import check
+from kpy.netns_socket import run_in_netns
 from kpy.sources import Event, EventType, Kind
 from kpy.sources.kube import REQUIRED_PERMISSIONS, BackoffPolicy, KubeSource, Timeouts, load_target
 from kpy.testing import realcluster
@@ -499,3 +503,72 @@ def test_build_script_pins_the_release_this_module_expects() -> None:
     text = (REPO / "scripts" / "build-upstream.sh").read_text(encoding="utf-8")
     assert f"KUBE_VERSION=${{KPY_KUBE_VERSION:-{realcluster.KUBE_VERSION}}}" in text
     assert f"ETCD_VERSION=${{KPY_ETCD_VERSION:-{realcluster.ETCD_VERSION}}}" in text
+
+
+# --------------------------------------------------------------------------- kpy check --kubeconfig
+
+
+def test_kpy_check_kubeconfig_lists_and_judges_from_the_real_api(plane: ControlPlane) -> None:
+    """`kpy check --kubeconfig` lists through the `kubernetes` client and builds the
+    cluster catalog from what the real API server has. Its netshoot pod cannot start
+    here — no kubelet runs it — so the commands are judged from a stand-in shell, and
+    the pod is shown to stay Pending and to be deleted again."""
+    ns = namespace(plane)
+    api = plane.admin()
+    api.create(service("web", ns, {"app": "web"}))
+    api.create(service("empty", ns, {"app": "nobody"}))
+    start_pod(plane, "web-1", ns, {"app": "web"}, "10.244.0.21")
+    wait(
+        lambda: any(
+            ep.get("conditions", {}).get("ready")
+            for s in api.get(f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices")["items"]
+            for ep in s.get("endpoints") or []
+        ),
+        what="the controller's slice",
+    )
+
+    def listing() -> list[dict[str, Any]]:
+        client = check.kube_client(str(plane.admin_kubeconfig))
+        try:
+            return check.list_objects(client)
+        finally:
+            client.close()
+
+    objects = run_in_netns(plane.netns, listing)
+    ips = {
+        o["metadata"]["name"]: o["spec"]["clusterIP"]
+        for o in objects
+        if o["kind"] == "Service" and o["metadata"].get("namespace") == ns
+    }
+    netshoot = check.PodInfo("kpy-netshoot", NODE, (ipaddress.ip_address("10.244.0.99"),))
+    commands: list[str] = []
+
+    def shell(source: str, command: str, timeout: float) -> tuple[int, str]:
+        commands.append(command)
+        if f"//{ips['web']}:" in command:
+            return 0, json.dumps({"pod": "web-1", "client": "10.244.0.99"})
+        return 7, ""  # curl: connection refused
+
+    checks = [c for c in check.cluster_catalog(objects, netshoot, shell) if f"{ns}/" in c.service]
+    results = check.run_checks(checks, check.ShellExecutor(shell))
+    assert {(r.service.split(":")[0], r.check, r.status) for r in results} == {
+        (f"{ns}/web", "cluster-ip", "pass"),
+        (f"{ns}/empty", "no-endpoints", "pass"),
+    }
+    assert any(ips["empty"] in c for c in commands)
+
+    def netshoot_pod() -> str:
+        client = check.kube_client(str(plane.admin_kubeconfig))
+        try:
+            with check.Netshoot(client, namespace=ns, timeout=2):
+                return "running"
+        except RuntimeError as exc:
+            return str(exc)
+        finally:
+            client.close()
+
+    assert run_in_netns(plane.netns, netshoot_pod) == "pod kpy-netshoot is Pending, not Running"
+    wait(
+        lambda: not _exists(plane, f"/api/v1/namespaces/{ns}/pods/kpy-netshoot"),
+        what="netshoot deleted",
+    )
