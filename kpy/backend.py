@@ -74,8 +74,10 @@ class BackendConfig:
     # dropped, as upstream's nftables mode)
     service_cidrs: tuple[IPNetwork, ...] = ()
     # iptables backend: NodePorts also on 127.0.0.1 (upstream's iptables.localhostNodePorts;
-    # IPv4, masqueraded, needs route_localnet=1 in the node's namespace)
-    localhost_nodeports: bool = True
+    # IPv4, masqueraded; sets route_localnet=1 in the node's namespace). Off unless asked
+    # for: `kpy run` asks by default (AgentConfig, as upstream), a BackendConfig built
+    # elsewhere (tests, tools) never writes that sysctl by accident.
+    localhost_nodeports: bool = False
     masquerade_all: bool = False
     netns: str | None = None  # run every kernel command in this named network namespace
     options: tuple[tuple[str, str], ...] = ()  # backend-specific flags, e.g. ("scheduler", "rr")

@@ -36,14 +36,16 @@ def _dispatch(objs: dict[render.Key, render.Rules]) -> list[str]:
     return [k.rule for k in objs if k.chain == render.SERVICES and k.rule]
 
 
-def test_on_by_default_with_the_guard() -> None:
-    v4 = _base(4)
+def test_on_with_the_guard() -> None:
+    """On by default in `kpy run` (AgentConfig); a bare BackendConfig has it off."""
+    assert BackendConfig().localhost_nodeports is False
+    v4 = _base(4, localhost_nodeports=True)
     assert _dispatch(v4) == ["-m addrtype --dst-type LOCAL -j KPY-NODEPORTS"]
     assert v4[render.Key(4, "filter", "KPY-FIREWALL")] == (GUARD,)
     jumps = sorted(k.chain for k in v4 if k.rule.endswith("-j KPY-FIREWALL"))
     assert jumps == ["INPUT", "OUTPUT"]
     assert render.owned("KPY-FIREWALL")  # kpy's: read back, cleaned up
-    v6 = _base(6)
+    v6 = _base(6, localhost_nodeports=True)
     assert _dispatch(v6) == ["! -d ::1/128 -m addrtype --dst-type LOCAL -j KPY-NODEPORTS"]
     assert not [k for k in v6 if "FIREWALL" in k.chain or "FIREWALL" in k.rule]
 
