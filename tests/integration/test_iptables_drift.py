@@ -120,12 +120,14 @@ def test_drift_is_shown_and_one_full_sync_repairs_it(netns: str, mode: str, dama
     assert again.ops == 0
 
 
-def test_a_rule_added_to_a_service_chain_is_removed(netns: str) -> None:
+@pytest.mark.parametrize("chain", [SVC, "KPY-SERVICES", "PREROUTING"])
+def test_a_rule_added_to_a_chain_of_kpys_is_removed(netns: str, chain: str) -> None:
     states = conformance_states()
     kpy = backend(netns, "nft")
     asyncio.run(kpy.apply(b.plan(states)))
     before = rules(netns, "nft")
-    sh(netns, "iptables-nft", "-t", "nat", "-I", SVC, "1", "-j", "RETURN")
+    target = "KPY-MARK-MASQ" if chain == "PREROUTING" else "RETURN"  # a jump kpy owns
+    sh(netns, "iptables-nft", "-t", "nat", "-I", chain, "1", "-j", target)
     result = asyncio.run(kpy.apply(b.plan(states)))
     assert result.ops > 0
     assert rules(netns, "nft") == before
