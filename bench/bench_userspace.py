@@ -22,7 +22,13 @@ is taken in five slices, taking turns between the targets. The 1-minute load ave
 is recorded at the start of each run, and the ratios the userspace targets are judged
 by are computed within each run.
 
-Usage: ``sudo python bench/bench_userspace.py [--runs 3] [--bulk-mib 256] [--seconds 3]``.
+``--baseline-backends DIR`` adds a target ``baseline``: the ``kpy_userspace`` in DIR
+(e.g. ``git archive <commit> backends/kpy_userspace | tar -x -C DIR``, then
+DIR/backends) on a second ClusterIP, so two versions of the proxy are compared within
+the same turns.
+
+Usage: ``sudo python bench/bench_userspace.py [--runs 3] [--bulk-mib 256] [--seconds 3]
+[--baseline-backends DIR]``.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from kpy.testing.packets import config_for
 
 SINK, RR = 9000, 9001
 Row = dict[str, float]
-USERSPACE_VIP, HAPROXY_IP = "10.96.0.10", "192.168.50.3"
+USERSPACE_VIP, BASELINE_VIP, HAPROXY_IP = "10.96.0.10", "10.96.0.11", "192.168.50.3"
 NODE = b.node("node-a", addresses=[NODE_IP])
 
 
@@ -213,10 +219,10 @@ def measure_run(targets: dict[str, Target], args: argparse.Namespace) -> dict[st
     return rows
 
 
-def userspace_states() -> list[ServicePortState]:
+def userspace_states(vip: str = USERSPACE_VIP) -> list[ServicePortState]:
     return [
         b.state(
-            b.service("bench", cluster_ip=USERSPACE_VIP, port=port, port_name_=name),
+            b.service("bench", cluster_ip=vip, port=port, port_name_=name),
             [b.endpoint(POD_A, port)],
             NODE,
         )
@@ -230,12 +236,12 @@ def userspace_config(netns: str, options: tuple[tuple[str, str], ...] = ()) -> B
     )
 
 
-def serve_userspace(netns: str, options: tuple[tuple[str, str], ...]) -> None:
-    """The child process of ``--userspace-process``: program the proxy, say so on stdout,
-    relay until stdin closes, clean up."""
+def serve_userspace(netns: str, options: tuple[tuple[str, str], ...], vip: str) -> None:
+    """The child process relaying: program the proxy, say so on stdout, relay until
+    stdin closes, clean up."""
     backend = UserspaceBackend(userspace_config(netns, options))
     try:
-        asyncio.run(backend.apply(b.plan(userspace_states(), node_info=NODE)))
+        asyncio.run(backend.apply(b.plan(userspace_states(vip), node_info=NODE)))
         print("ready", flush=True)
         sys.stdin.read()
     finally:
@@ -244,10 +250,16 @@ def serve_userspace(netns: str, options: tuple[tuple[str, str], ...]) -> None:
 
 @contextlib.contextmanager
 def userspace_relay(
-    topo: Topology, *, in_process: bool, options: tuple[tuple[str, str], ...]
+    topo: Topology,
+    *,
+    in_process: bool,
+    options: tuple[tuple[str, str], ...],
+    vip: str = USERSPACE_VIP,
+    backends: str | None = None,
 ) -> Iterator[tuple[int, ...]]:
     """kpy's userspace proxy for the node namespace; yields the relay's process (none
-    when it runs in this one)."""
+    when it runs in this one). ``backends``: import ``kpy_userspace`` from that
+    directory instead (another version of the proxy, for ``--baseline-backends``)."""
     if in_process:
         backend = UserspaceBackend(userspace_config(topo.node, options))
         try:
@@ -256,10 +268,13 @@ def userspace_relay(
         finally:
             asyncio.run(backend.cleanup())
         return
-    argv = [sys.executable, __file__, "--serve-userspace", topo.node]
+    argv = [sys.executable, __file__, "--serve-userspace", topo.node, "--serve-vip", vip]
     for key, value in options:
         argv += ["--userspace-option", f"{key}={value}"]
-    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    env = dict(os.environ)
+    if backends is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [backends, env.get("PYTHONPATH")]))
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     try:
         assert child.stdout is not None and child.stdin is not None
         for line in child.stdout:  # the backend's log lines, then "ready"
@@ -280,9 +295,19 @@ def userspace_relay(
 
 @contextlib.contextmanager
 def relays(
-    topo: Topology, *, in_process: bool, options: tuple[tuple[str, str], ...]
+    topo: Topology,
+    *,
+    in_process: bool,
+    options: tuple[tuple[str, str], ...],
+    baseline: str | None = None,
 ) -> Iterator[dict[str, Target]]:
-    """Start every relay; yield target name → where to connect and who relays."""
+    """Start every relay; yield target name → where to connect and who relays.
+
+    With ``baseline`` (a directory holding another ``kpy_userspace``), that version
+    serves a second ClusterIP in a process of its own as target ``baseline``, measured
+    in the same turns as the others. Two proxies in one namespace would each remove the
+    other's addresses as strays on their first full sync, so both VIPs are then put on
+    ``lo`` beforehand, unmarked: each proxy uses them and adds or removes none."""
     procs: list[subprocess.Popen[bytes]] = []
     kernel_states = [
         b.state(
@@ -321,15 +346,34 @@ def relays(
         procs.append(
             subprocess.Popen(["ip", "netns", "exec", topo.node, "haproxy", "-f", cfg, "-db"])
         )
-        with userspace_relay(topo, in_process=in_process, options=options) as pids:
+        stack = contextlib.ExitStack()
+        with stack:
+            targets = {"direct": Target(POD_A, ()), "nftables": Target("10.96.0.30", ())}
+            if baseline is not None:
+                for vip in (USERSPACE_VIP, BASELINE_VIP):
+                    subprocess.run(
+                        ["ip", "-n", topo.node, "addr", "add", f"{vip}/32", "dev", "lo"],
+                        check=True,
+                    )
+                targets["baseline"] = Target(
+                    BASELINE_VIP,
+                    stack.enter_context(
+                        userspace_relay(
+                            topo,
+                            in_process=False,
+                            options=options,
+                            vip=BASELINE_VIP,
+                            backends=baseline,
+                        )
+                    ),
+                )
+            pids = stack.enter_context(
+                userspace_relay(topo, in_process=in_process, options=options)
+            )
             print(f"userspace relay: pid {pids}", flush=True)
-            targets = {
-                "direct": Target(POD_A, ()),
-                "nftables": Target("10.96.0.30", ()),
-                "userspace": Target(USERSPACE_VIP, pids),
-                "socat": Target(NODE_IP, (procs[1].pid,)),  # the RR port's
-                "haproxy": Target(HAPROXY_IP, (procs[2].pid,)),
-            }
+            targets["userspace"] = Target(USERSPACE_VIP, pids)
+            targets["socat"] = Target(NODE_IP, (procs[1].pid,))  # the RR port's
+            targets["haproxy"] = Target(HAPROXY_IP, (procs[2].pid,))
             for host, _ in targets.values():  # every relay answers before the first run
                 run_in_netns(topo.client, functools.partial(wait_answering, host, RR))
             yield targets
@@ -367,7 +411,19 @@ def judge(run: dict[str, Row]) -> dict[str, float]:
         "added_p50_minus_haproxy_us": round(us["added_p50_us"] - haproxy["added_p50_us"], 1),
         "mb_s_vs_socat": round(us["mb_s"] / socat["mb_s"], 2),
         "mb_s_vs_haproxy": round(us["mb_s"] / haproxy["mb_s"], 2),
+    } | (compare(us, run["baseline"]) if "baseline" in run else {})
+
+
+def compare(us: Row, baseline: Row) -> dict[str, float]:
+    """This version of the proxy against the baseline version, in the same run."""
+    out = {
+        "conn_vs_baseline": round(us["conn_s"] / baseline["conn_s"], 2),
+        "added_p50_minus_baseline_us": round(us["added_p50_us"] - baseline["added_p50_us"], 1),
+        "mb_s_vs_baseline": round(us["mb_s"] / baseline["mb_s"], 2),
     }
+    if "cpu_us_per_conn" in us and "cpu_us_per_conn" in baseline:
+        out["cpu_vs_baseline"] = round(us["cpu_us_per_conn"] / baseline["cpu_us_per_conn"], 2)
+    return out
 
 
 def main() -> None:
@@ -382,12 +438,18 @@ def main() -> None:
     parser.add_argument(
         "--userspace-option", action="append", default=[], help="KEY=VALUE backend option"
     )
+    parser.add_argument(
+        "--baseline-backends",
+        metavar="DIR",
+        help="also measure the kpy_userspace found in DIR (e.g. an older commit's backends/)",
+    )
     parser.add_argument("--serve-userspace", metavar="NETNS", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-vip", default=USERSPACE_VIP, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write every run's results to this file")
     args = parser.parse_args()
     options = tuple((k, v) for k, _, v in (o.partition("=") for o in args.userspace_option))
     if args.serve_userspace:
-        serve_userspace(args.serve_userspace, options)
+        serve_userspace(args.serve_userspace, options, args.serve_vip)
         return
     runs: list[dict[str, object]] = []
     with topology("kpy-bench-us") as topo:
@@ -397,6 +459,7 @@ def main() -> None:
                 topo,
                 in_process=args.userspace_in_process,
                 options=options,
+                baseline=args.baseline_backends,
             ) as targets:
                 for number in range(1, args.runs + 1):
                     load = load_average()
