@@ -11,7 +11,11 @@ touched on the proxy thread only, so nothing here needs a lock.
 TCP: each accepted connection is a pair of :class:`asyncio.Protocol` objects (no thread
 and no task per byte): reads on one side pause while the other side's write buffer is
 above its high-water mark (backpressure), an EOF is passed on as a write shutdown
-(half-close), and the pair closes once both directions have ended. UDP: a session per
+(half-close), and the pair closes once both directions have ended. A new connection
+costs no task and no future either: the accept callback chooses the endpoints and
+starts a non-blocking connect to the first, watched with ``add_writer`` and a timer,
+and both transports come straight from the selector loop's transport factory
+(docs/decisions/userspace.md). UDP: a session per
 client address with its own connected socket to one endpoint; replies are sent back
 through the listener with ``IP_PKTINFO`` / ``IPV6_PKTINFO`` naming the address the
 client used, so a NodePort on a wildcard socket answers from the right address.
