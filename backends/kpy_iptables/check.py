@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 
 from kpy import diff
 from kpy.backend import BackendConfig
@@ -61,7 +60,7 @@ def argv(config: BackendConfig, mode: str, family: int) -> list[str]:
 
 async def check(plan: Plan, config: BackendConfig, ctx: render.Context, mode: str) -> str | None:
     """None when ``iptables-restore`` would accept ``plan``'s ports, else why not."""
-    ctx = dataclasses.replace(ctx, pod_cidrs=plan.node.pod_cidrs)
+    ctx = render.with_node(ctx, config, plan.node)  # as a full sync renders
     for batch in texts(plan, ctx):
         for family, text in sorted(batch.items()):
             reason = await _test(config, mode, family, text)
