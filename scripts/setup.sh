@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   nftables iptables conntrack ipset ipvsadm kmod iproute2 procps
-  user-mode-linux
+  user-mode-linux gcc libc6-dev
   curl netcat-openbsd dnsutils socat haproxy
   shellcheck ruby
   python3 python3-venv python3-pip

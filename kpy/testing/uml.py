@@ -8,6 +8,11 @@ the guest, and halts. The only host directory the guest can write is the run's o
 ``result`` directory (a second hostfs mount, read-write for that path only), where the
 command leaves its output (e.g. a JUnit XML) and the init script its exit status.
 
+On hosts whose XSAVE area outgrows the buffer of Debian's UML 6.1 (CPUs with AMX), the
+guest's init dies at once ("ptrace set fp regs failed, errno = 14"). The UML process is
+then run with a small ptrace shim preloaded (``uml_xstate.c`` beside this file, built
+once with the host's C compiler into ``~/.cache/kpy``); see that file for what it does.
+
 The guest is killed (its whole process group, which this module started) when it
 exceeds its time limit. Everything of the run lives under one temporary directory on
 the host (init script, UML's ``uml_dir``, console log, result directory).
@@ -15,6 +20,7 @@ the host (init script, UML's ``uml_dir``, console log, result directory).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -115,6 +121,31 @@ def unavailable() -> str | None:
     return None
 
 
+XSTATE_SHIM_SOURCE = Path(__file__).with_name("uml_xstate.c")
+
+
+def xstate_shim() -> Path | None:
+    """The ptrace shim for large XSAVE areas, built once per source; None without cc."""
+    source = XSTATE_SHIM_SOURCE.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kpy"
+    built = cache / f"uml-xstate-{digest}.so"
+    if built.exists():
+        return built
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = built.with_suffix(f".{os.getpid()}.tmp")
+    subprocess.run(
+        [compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(XSTATE_SHIM_SOURCE), "-ldl"],
+        check=True,
+        capture_output=True,
+    )
+    partial.replace(built)
+    return built
+
+
 def python() -> str:
     """The Python the guest runs: this venv's, visible in the guest through hostfs."""
     venv = REPO_ROOT / ".venv" / "bin" / "python"
@@ -188,6 +219,10 @@ def run(
         f"umid=kpy-{os.getpid()}-{time.monotonic_ns() % 1_000_000}",
     ]
     console_path = run_dir / "console.log"
+    host_env = dict(os.environ)
+    shim = xstate_shim()
+    if shim is not None:
+        host_env["LD_PRELOAD"] = str(shim)
     started = time.monotonic()
     timed_out = False
     with console_path.open("wb") as console:
@@ -196,6 +231,7 @@ def run(
             stdin=subprocess.DEVNULL,
             stdout=console,
             stderr=subprocess.STDOUT,
+            env=host_env,
             start_new_session=True,  # its own process group: killed as one on a hang
         )
         try:
