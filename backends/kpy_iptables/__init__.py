@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import shlex
 import time
 from collections.abc import Callable
@@ -290,7 +291,11 @@ class IptablesBackend:
         reader = self._kernel.reader
         first = not self._record
         held = {
-            family: await asyncio.to_thread(held_.read, reader, family, decode_all=first)
+            family: await asyncio.to_thread(
+                functools.partial(
+                    held_.read, reader, family, decode_all=first, record=dict(self._record)
+                )
+            )
             for family in families
         }
         repair = held_.compare(held, self._want, self._have, self._record)
@@ -343,10 +348,25 @@ class IptablesBackend:
             if step.change is None:
                 continue
             for key, _rules in (*step.change.added, *((k, n) for k, _o, n in step.change.changed)):
-                if not key.rule and key.chain not in DISPATCH:
-                    touched.add((key.family, key.table, key.chain))
+                cid = (key.family, key.table, key.chain)
+                if key.chain in DISPATCH and not full:
+                    self._record.pop(cid, None)  # decoded and checked at the next full sync
+                elif key.chain not in BUILTIN:
+                    touched.add(cid)
             for key, _rules in step.change.removed:
-                self._record.pop((key.family, key.table, key.chain), None)
+                cid = (key.family, key.table, key.chain)
+                if key.rule and key.chain in DISPATCH and full:
+                    touched.add(cid)
+                else:
+                    self._record.pop(cid, None)
+        if full:  # the dispatch chains as checked (or written, read back below)
+            for cid in {
+                (k.family, k.table, k.chain)
+                for k in self._want
+                if not k.rule and k.chain in DISPATCH
+            }:
+                if cid not in touched and cid not in self._record:
+                    touched.add(cid)
         if full:  # (a walk over every wanted key: never on a partial sync)
             wanted = {(k.family, k.table, k.chain) for k in self._want if not k.rule}
             for cid in list(self._record):

@@ -56,10 +56,17 @@ class NftHeld:
     decoded: dict[tuple[str, str], list[NlRule]] = field(default_factory=dict)
 
 
-def read(reader: ChainReader, family: int, *, decode_all: bool = False) -> NftHeld:
-    """kpy's chains of one family (blocking). Whole chains are only fingerprinted,
-    unless ``decode_all`` (a first start, and ``kpy dump``); dispatch and built-in
-    chains are decoded."""
+def read(
+    reader: ChainReader,
+    family: int,
+    *,
+    decode_all: bool = False,
+    record: Mapping[ChainId, bytes] | None = None,
+) -> NftHeld:
+    """kpy's chains of one family (blocking). Whole chains are only digested, unless
+    ``decode_all`` (a first start, and ``kpy dump``); built-in chains are decoded, and
+    dispatch chains too unless their digest is the one in ``record`` (unchanged since
+    kpy last checked or wrote them)."""
     held = NftHeld(family)
     present = reader.chains(family, TABLES)
     held.chains = {(c.table, c.name) for c in present if owned(c.name)}
@@ -71,8 +78,11 @@ def read(reader: ChainReader, family: int, *, decode_all: bool = False) -> NftHe
         held.decoded = {c: rules for c, (_d, rules) in both.items()}
         held.digests = {c: both[c][0] for c in whole if c in both}
     else:
-        held.digests = reader.digests(family, whole)
-        held.decoded = reader.rules(family, other)
+        dispatch = [c for c in other if c[1] in DISPATCH]
+        held.digests = reader.digests(family, [*whole, *dispatch])
+        known = record or {}
+        same = {c for c in dispatch if known.get((family, *c)) == held.digests.get(c)}
+        held.decoded = reader.rules(family, [c for c in other if c not in same])
     held.chains &= {*held.digests, *held.decoded}  # deleted between the two reads
     return held
 
@@ -107,6 +117,7 @@ def compare(
     of the chains it wrote."""
     added: list[tuple[Key, Rules]] = []
     rule_adds: list[tuple[Key, Rules]] = []
+    rule_dels: list[tuple[Key, Rules]] = []
     adopted: dict[ChainId, bytes] = {}
     rewritten: set[ChainId] = set()
     drift: list[str] = []
@@ -125,6 +136,13 @@ def compare(
             if where not in h.chains:
                 drift.append(f"missing {key}")
                 added.append((key, ordered(wanted)))
+                continue
+            if where not in h.decoded and record.get(cid) == h.digests.get(where):
+                # as kpy last checked or wrote it: what ``have`` says; add and delete
+                # rules by their exact text
+                old = {k for k in have if k.rule and (k.family, k.table, k.chain) == cid}
+                rule_adds += [(k, ()) for k in wanted if k not in old]
+                rule_dels += [(k, ()) for k in sorted(old - set(wanted))]
                 continue
             kernel = Counter(r.key() for r in h.decoded.get(where, []))
             mine = Counter(summary(k.rule) for k in wanted)
@@ -165,7 +183,7 @@ def compare(
                 drift.append(f"not wanted {key}")
                 strays.append((key, ()))
     return Repair(
-        main=diff.Diff(added=tuple(added) + tuple(rule_adds)),
+        main=diff.Diff(added=tuple(added) + tuple(rule_adds), removed=tuple(rule_dels)),
         strays=diff.Diff(removed=tuple(strays)),
         adopted=adopted,
         rewritten=rewritten,

@@ -181,3 +181,21 @@ def test_cleanup_that_cannot_clean_raises(netns: str) -> None:
     sh(netns, "iptables-nft", "-t", "nat", "-A", "USER-CHAIN", "-j", SVC)
     with pytest.raises(BackendError, match="cleanup incomplete"):
         asyncio.run(kpy.cleanup())
+
+
+def test_dispatch_rules_changed_by_partial_syncs_are_checked_at_the_next_full_sync(
+    netns: str,
+) -> None:
+    states = conformance_states()
+    kpy = backend(netns, "nft")
+    asyncio.run(kpy.apply(b.plan(states)))
+    new = b.state(b.service("late", cluster_ip="10.96.0.99"), [b.endpoint("10.244.1.99")])
+    states.append(new)
+    asyncio.run(kpy.apply(b.plan(states, full_sync=False, changed=[new.name])))
+    assert asyncio.run(kpy.apply(b.plan(states))).ops == 0  # the full sync: all as wanted
+    before = rules(netns, "nft")
+    late = render.chain_name("SVC", str(new.name))
+    line = first_rule(netns, "nft", "nat", lambda r: r.startswith("-A KPY-SERVICES ") and late in r)
+    delete(netns, "nft", "nat", line)
+    assert asyncio.run(kpy.apply(b.plan(states))).ops > 0
+    assert rules(netns, "nft") == before
