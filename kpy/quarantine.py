@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 
 import structlog
 
+from kpy import proc
 from kpy.backend import Backend, BackendConfig
 from kpy.model import Plan, ServicePortName, ServicePortState
 
@@ -221,13 +222,5 @@ class ScratchNamespaces:
 
 
 async def _run(argv: Sequence[str]) -> int:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-    )
-    try:
-        return await proc.wait()
-    except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
+    status, _, _ = await proc.communicate(argv)
+    return status

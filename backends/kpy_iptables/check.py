@@ -10,10 +10,7 @@ nothing is changed and no scratch namespace (which would need CAP_SYS_ADMIN) is 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
-from kpy import diff
+from kpy import diff, proc
 from kpy.backend import BackendConfig
 from kpy.model import Plan
 from kpy_iptables import render
@@ -70,21 +67,7 @@ async def check(plan: Plan, config: BackendConfig, ctx: render.Context, mode: st
 
 
 async def _test(config: BackendConfig, mode: str, family: int, text: str) -> str | None:
-    proc = await asyncio.create_subprocess_exec(
-        *argv(config, mode, family),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        _, err = await proc.communicate(text.encode())
-    except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    if proc.returncode == 0:
+    status, _, err = await proc.communicate(argv(config, mode, family), text.encode())
+    if status == 0:
         return None
-    detail = err.decode(errors="replace").strip().splitlines()
-    name = tool(mode, family, "restore")
-    return f"{name} --test exited {proc.returncode}: {' / '.join(detail[:3])[:500]}"
+    return proc.failure(f"{tool(mode, family, 'restore')} --test", status, err)

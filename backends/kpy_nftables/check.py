@@ -10,9 +10,7 @@ nothing is changed, and no scratch namespace (which would need CAP_SYS_ADMIN) is
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
+from kpy import proc
 from kpy.backend import BackendConfig
 from kpy.model import Plan
 from kpy_nftables import render
@@ -44,21 +42,5 @@ def argv(config: BackendConfig) -> list[str]:
 
 async def check(plan: Plan, config: BackendConfig) -> str | None:
     """None when ``nft`` and the kernel would accept ``plan``'s ports, else why not."""
-    text = script(plan, config).encode()
-    proc = await asyncio.create_subprocess_exec(
-        *argv(config),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        _, err = await proc.communicate(text)
-    except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    if proc.returncode == 0:
-        return None
-    detail = err.decode(errors="replace").strip().splitlines()
-    return f"nft --check exited {proc.returncode}: {' / '.join(detail[:3])[:500]}"
+    status, _, err = await proc.communicate(argv(config), script(plan, config).encode())
+    return None if status == 0 else proc.failure("nft --check", status, err)

@@ -1,0 +1,34 @@
+"""Run a child process for a coroutine: its output, and no orphan if the coroutine is
+cancelled (the child is killed and reaped before the cancellation goes on)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+
+async def communicate(argv: Sequence[str], stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
+    """(exit status, stdout, stderr) of ``argv`` fed ``stdin``; a negative status is a signal."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await proc.communicate(stdin)
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+def failure(tool: str, status: int, err: bytes, lines: int = 3) -> str:
+    """``tool`` exited or was killed: the status (or signal) and the first lines of stderr."""
+    how = f"killed by signal {-status}" if status < 0 else f"exited {status}"
+    detail = err.decode(errors="replace").strip().splitlines()
+    return f"{tool} {how}: {' / '.join(detail[:lines])[:500]}"
