@@ -69,6 +69,8 @@ class NftablesBackend:
         self._digests: dict[str, bytes] = {}
         # after a large write: the thread reading every rule back, and what it read
         self._learner: tuple[threading.Thread, dict[str, Any]] | None = None
+        # the chains a partial sync wrote, read back right after the batch was sent
+        self._read_back: dict[tuple[str, str, str], tuple[int, bytes]] | None = None
 
     # --- the Backend protocol -----------------------------------------------------------
 
@@ -99,6 +101,7 @@ class NftablesBackend:
                 size, writer = await self._send_small(txn)
         except (NftError, OSError) as exc:
             self._needs_full = True
+            self._read_back = None
             log.warning("nftables_apply_failed", error=str(exc), full_sync=full)
             raise BackendError(f"nft transaction failed: {exc}") from exc
         self._commit(work, full)
@@ -150,7 +153,19 @@ class NftablesBackend:
         if self._netlink is None:
             self._netlink = netlink.NetlinkWriter(self.config.netns)
             weakref.finalize(self, self._netlink.close)  # the socket goes with the backend
-        await asyncio.to_thread(self._netlink.send, batch)
+        writer, reader = self._netlink, self._netlink_reader()
+        ids = [(c.family, c.table, c.name) for c in txn.rule_chains]
+
+        def send_and_read_back() -> None:
+            # the chains just written, read back on the same thread (see _learn)
+            writer.send(batch)
+            if ids:
+                try:
+                    self._read_back = reader.rules(ids).chains
+                except NftError as exc:
+                    log.warning("nftables_rules_unread", error=str(exc))
+
+        await asyncio.to_thread(send_and_read_back)
         return len(script.encode()), "netlink"
 
     async def dry_run(self, plan: Plan) -> str:
@@ -216,8 +231,9 @@ class NftablesBackend:
         if not txn.rule_chains:
             return
         ids = [(c.family, c.table, c.name) for c in txn.rule_chains]
-        reader = self._netlink_reader()
-        rules = (await asyncio.to_thread(reader.rules, ids)).chains
+        rules, self._read_back = self._read_back, None
+        if rules is None:  # not read back by the netlink writer's thread
+            rules = (await asyncio.to_thread(self._netlink_reader().rules, ids)).chains
         for chain, ident in zip(txn.rule_chains, ids, strict=True):
             self._digests[chain.key] = rules.get(ident, observe_.NO_RULES)[1]
 

@@ -255,3 +255,20 @@ def test_a_rule_replaced_right_after_the_first_sync_is_found(netns: str) -> None
     assert repaired.ops == 1
     assert "99" not in nft(netns, "list", "chain", "ip", table, chain)
     backend.close()
+
+
+def test_chains_a_partial_sync_rewrote_are_compared_with_what_it_wrote(node: Node) -> None:
+    """A partial sync (over netlink) reads back the chains it wrote: the next full sync
+    finds nothing to repair, and a rule then replaced in place is found."""
+    states = list(node.plan.services.values())
+    web = next(i for i, s in enumerate(states) if s.name.name == "web")
+    states[web] = b.state(states[web].service, states[web].endpoints[:1])
+    partial = run(node.backend.apply(b.plan(states, full_sync=False, changed=[states[web].name])))
+    assert partial.ops > 0 and partial.detail["netlink"]
+    assert run(node.backend.apply(b.plan(states))).ops == 0, "no drift after its own write"
+    table, chain = chain_of("web")
+    text, handle = next((t, h) for t, h in handles(node.ns, table, chain) if "dnat" in t)
+    edited = text.replace("10.244.1.5", "10.244.1.99")
+    nft(node.ns, "replace", "rule", "ip", table, chain, "handle", handle, *edited.split())
+    assert run(node.backend.apply(b.plan(states))).ops == 1
+    assert "10.244.1.99" not in nft(node.ns, "list", "chain", "ip", table, chain)
