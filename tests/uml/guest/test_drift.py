@@ -37,7 +37,10 @@ def test_a_deleted_virtual_service_and_real_server_are_restored_by_one_full_sync
         ipvsadm("-d", "-u", "10.96.0.17:53", "-r", "10.244.1.14:5353")  # dns's one server
         flagged = drifted(backend, plan)
         assert flagged["default/web:http/TCP"]["programmed"] is None  # its only frontend
-        assert flagged["default/dns:dns/UDP"]["programmed"]["endpoints"] == []
+        # A virtual service left without real servers names no service port any more:
+        # dump shows dns as holding nothing, or holding no endpoint.
+        dns = flagged["default/dns:dns/UDP"]["programmed"]
+        assert dns is None or dns["endpoints"] == []
         partial = asyncio.run(backend.apply(b.plan(plan.services.values(), full_sync=False)))
         assert partial.ops == 0
         repaired = asyncio.run(backend.apply(b.plan(plan.services.values())))
