@@ -396,21 +396,29 @@ class RuleDigests:
     replaced, which changes the rule's handle but not its expressions when the set is
     the same)."""
 
-    __slots__ = ("_running", "chains")
+    __slots__ = ("_close", "chains")
 
     def __init__(self) -> None:
         self.chains: dict[tuple[str, str, str], tuple[int, bytes]] = {}
-        self._running: dict[tuple[int, bytes, bytes], tuple[int, Any]] = {}
+        self._close: Callable[[], None] = lambda: None
 
     def start(self) -> Callable[[bytes], None]:
-        """A consumer of one dump's parts (a restarted dump starts over). The walk is
+        """A consumer of one dump's parts (a restarted dump starts over). A chain's
+        rules come one after another, so one digest is open at a time. The walk is
         written out: it runs once per rule (60,000 at 10,000 Services)."""
-        self.chains.clear()
-        running: dict[tuple[int, bytes, bytes], tuple[int, Any]] = {}
-        ours: dict[bytes, bool] = {}  # raw table name → one of kpy's
+        done = self.chains
+        done.clear()
+        tables: dict[bytes, str] = {}  # raw table name → its name, "" when not kpy's
+        # the open chain: raw (family, table, chain), its key, rule count, digest
+        open_: list[Any] = [None, None, 0, None]
         unpack = _NLA.unpack_from
         header = struct.Struct("=IH").unpack_from
         lengths = struct.Struct("=II").pack
+
+        def close() -> None:
+            if open_[1] is not None:
+                done[open_[1]] = (open_[2], open_[3].digest())
+                open_[0] = open_[1] = None
 
         def consume(data: bytes) -> None:
             at = 0
@@ -444,37 +452,37 @@ class RuleDigests:
                     p += (alen + 3) & ~3
                 if table is None or chain is None:
                     continue
-                mine = ours.get(table)
-                if mine is None:
-                    mine = ours[table] = render.is_kpy_table(_string(table, 0, len(table)))
-                if not mine:
+                name = tables.get(table)
+                if name is None:
+                    name = _string(table, 0, len(table))
+                    name = tables[table] = name if render.is_kpy_table(name) else ""
+                if not name:
                     continue
                 if b"__set" in exprs:
                     exprs = _ANONYMOUS_SET.sub(b"__set", exprs)
-                key = (family, table, chain)
-                got = running.get(key)
-                if got is None:
-                    count, digest = 0, hashlib.blake2b(digest_size=16)
-                else:
-                    count, digest = got
+                raw = (family, table, chain)
+                if raw != open_[0]:
+                    close()
+                    key = (FAMILY_NAMES[family], name, _string(chain, 0, len(chain)))
+                    digest = hashlib.blake2b(digest_size=16)
+                    count = 0
+                    earlier = done.pop(key, None)  # not one after another after all
+                    if earlier is not None:
+                        count = earlier[0]
+                        digest.update(earlier[1])
+                    open_[:] = [raw, key, count, digest]
+                open_[2] += 1
+                digest = open_[3]
                 digest.update(lengths(len(exprs), len(udata)))
                 digest.update(exprs)
                 digest.update(udata)
-                running[key] = (count + 1, digest)
 
-        self._running = running
+        self._close = close
         return consume
 
     def finish(self) -> RuleDigests:
-        """Turn what the last dump's consumer saw into :attr:`chains`."""
-        for (family, table, chain), (count, digest) in self._running.items():
-            ident = (
-                FAMILY_NAMES[family],
-                _string(table, 0, len(table)),
-                _string(chain, 0, len(chain)),
-            )
-            self.chains[ident] = (count, digest.digest())
-        self._running = {}
+        """Close the last chain the dump's consumer saw: :attr:`chains` is complete."""
+        self._close()
         return self
 
 

@@ -493,3 +493,41 @@ def test_a_dump_of_a_missing_set_is_refused_with_its_errno(ns: str) -> None:
 )
 def test_type_names(type_id: int, names: list[str]) -> None:
     assert type_names(type_id) == names
+
+
+def test_rule_digests_follow_the_rules_and_ignore_handles_and_set_numbers(ns: str) -> None:
+    """A chain's (count, digest): equal for the same rules written again (new handles,
+    a renumbered anonymous set), different for another rule or order; only kpy's
+    tables; a chain without rules is not listed."""
+    nft(
+        ns,
+        "-f",
+        "-",
+        script="add table ip kpy-3\nadd chain ip kpy-3 c\nadd chain ip kpy-3 empty\n"
+        "add rule ip kpy-3 c ip saddr != { 10.0.0.0/8, 10.244.0.0/16 } drop\n"
+        "add rule ip kpy-3 c ip daddr 10.96.0.1 accept\n"
+        "add table ip other\nadd chain ip other c\nadd rule ip other c drop\n",
+    )
+
+    def digests() -> dict[tuple[str, str, str], tuple[int, bytes]]:
+        with NetlinkReader(ns) as reader:
+            return dict(reader.rules().chains)
+
+    first = digests()
+    assert list(first) == [("ip", "kpy-3", "c")]
+    assert first[("ip", "kpy-3", "c")][0] == 2
+    with NetlinkReader(ns) as reader:
+        assert reader.rules([("ip", "kpy-3", "c"), ("ip", "kpy-3", "gone")]).chains == first
+    nft(ns, "flush", "chain", "ip", "kpy-3", "c")
+    nft(ns, "add", "rule", "ip", "kpy-3", "c", "ip saddr != { 10.0.0.0/8, 10.244.0.0/16 } drop")
+    nft(ns, "add", "rule", "ip", "kpy-3", "c", "ip daddr 10.96.0.1 accept")
+    assert digests() == first, "rewritten alike: same digest (handles, __set number)"
+    nft(ns, "insert", "rule", "ip", "kpy-3", "c", "ip daddr 10.96.0.1 accept")
+    nft(ns, "delete", "rule", "ip", "kpy-3", "c", "handle", _last_handle(ns, "c"))
+    reordered = digests()[("ip", "kpy-3", "c")]
+    assert reordered[0] == 2 and reordered != first[("ip", "kpy-3", "c")]
+
+
+def _last_handle(ns: str, chain: str) -> str:
+    listed = nft(ns, "-a", "list", "chain", "ip", "kpy-3", chain)
+    return [line.rsplit(" ", 1)[1] for line in listed.splitlines() if "# handle" in line][-1]
