@@ -330,7 +330,7 @@ def object_path(obj: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- processes
 
 
-def _pdeathsig() -> None:
+def die_with_parent() -> None:
     """In the child: be killed when the thread that started us ends (no orphans)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -540,7 +540,7 @@ class ControlPlane:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
-                    preexec_fn=_pdeathsig,
+                    preexec_fn=die_with_parent,
                 )
             )
         return proc
