@@ -177,13 +177,18 @@ class Target(NamedTuple):
 
 
 def cpu_seconds(pids: tuple[int, ...]) -> float:
-    """User + system time of ``pids`` and their reaped children (socat's forks)."""
-    total = 0
+    """CPU time of ``pids``: every thread's run time from the scheduler (nanoseconds,
+    /proc/PID/task/TID/schedstat), plus the user + system time of reaped children
+    (socat's forks; clock ticks)."""
+    total = 0.0
     for pid in pids:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0]) / 1e9
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return total / os.sysconf("SC_CLK_TCK")
+        total += (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime cstime
+    return total
 
 
 def measure_run(targets: dict[str, Target], args: argparse.Namespace) -> dict[str, Row]:
