@@ -2,25 +2,26 @@
 
 With the nft flavour every iptables chain is an nf_tables chain of table ``ip nat``,
 ``ip filter`` (``ip6`` …) and every rule an nf_tables rule. ``iptables-nft-save`` reads
-the *whole* table in one rule dump, which the kernel resumes from the start of the
-table for every 32 KiB part (superlinear: over a minute at 10,000 Services) and which
-crashed ``xtables-nft-multi`` at 330,000 rules. :class:`ChainReader` instead asks for
-the chain list (``NFT_MSG_GETCHAIN``, cheap) and then dumps only the chains it is
-given, one small ``NFT_MSG_GETRULE`` dump each, on one nfnetlink socket opened inside
-the node's namespace. Nothing is written and no table is created.
+the *whole* ruleset and rebuilds iptables' view of it in user space (over a minute at
+10,000 Services once a chain's rules were inserted at its head one by one) and crashed
+``xtables-nft-multi`` at 330,000 rules. :class:`ChainReader` instead asks for the chain
+list (``NFT_MSG_GETCHAIN``, cheap) and then dumps only the chains it is given, one small
+``NFT_MSG_GETRULE`` dump each, on an nfnetlink socket opened inside the node's
+namespace for the read. Nothing is written and no table is created.
 
-Each rule comes back as a :class:`NlRule`:
+What comes back:
 
-* ``print`` — a fingerprint of the rule's raw netlink expressions (the ``counter``
-  expression's data left out, ``NFTA_RULE_USERDATA`` included). Two rules with the same
-  print were written from the same iptables text; the backend records the prints of
-  what it wrote and compares them at each full sync (drift detection without decoding
+* :func:`chain_digest` — a chain's rules' raw netlink expressions, in order, with the
+  ``counter`` expression's values zeroed, and their ``NFTA_RULE_USERDATA``, digested:
+  the same iptables text written gives the same digest. The backend records the digest
+  of what it wrote and compares at each full sync (drift detection without decoding
   xtables match payloads);
-* a *summary* decoded from the few expressions ``kpy dump`` needs: destination address,
-  protocol, destination port, the ``comment``, ``statistic`` and ``recent`` matches, the
-  jump or verdict, the ``DNAT`` target's address and the packet counter. :meth:`NlRule.text`
-  writes them in ``iptables-save`` words so :mod:`kpy_iptables.observe` reads them like
-  saved rules (it is a summary, not the exact rule).
+* per rule (:class:`NlRule`, when asked to decode) a *summary* of the few expressions
+  ``kpy dump`` and the comparisons need: destination address, protocol, destination
+  port, the ``comment``, ``statistic`` and ``recent`` matches, the jump or verdict, the
+  ``DNAT`` target's address and the packet counter. :meth:`NlRule.text` writes it in
+  ``iptables-save`` words so :mod:`kpy_iptables.observe` reads it like saved rules (a
+  summary, not the exact rule).
 
 A read runs between two reads of the ruleset's generation id; when a commit happened in
 between (another writer, or kpy itself from another task) the read is done again.
