@@ -305,6 +305,7 @@ def relays(
     in_process: bool,
     options: tuple[tuple[str, str], ...],
     baseline: str | None = None,
+    haproxy_threads: int | None = None,
 ) -> Iterator[dict[str, Target]]:
     """Start every relay; yield target name → where to connect and who relays.
 
@@ -340,9 +341,11 @@ def relays(
                 )
             )  # fmt: skip
         cfg = os.path.join(tmp, "haproxy.cfg")
+        # haproxy's default is a thread per CPU; the userspace proxy relays on one thread
+        nbthread = "" if haproxy_threads is None else f"  nbthread {haproxy_threads}\n"
         with open(cfg, "w") as f:
             f.write(
-                "global\n  maxconn 8000\n"
+                f"global\n  maxconn 8000\n{nbthread}"
                 "defaults\n  mode tcp\n  timeout connect 5s\n"
                 "  timeout client 60s\n  timeout server 60s\n"
             )
@@ -448,6 +451,9 @@ def main() -> None:
         metavar="DIR",
         help="also measure the kpy_userspace found in DIR (e.g. an older commit's backends/)",
     )
+    parser.add_argument(
+        "--haproxy-threads", type=int, help="haproxy's nbthread (default: one per CPU)"
+    )
     parser.add_argument("--serve-userspace", metavar="NETNS", help=argparse.SUPPRESS)
     parser.add_argument("--serve-vip", default=USERSPACE_VIP, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write every run's results to this file")
@@ -465,6 +471,7 @@ def main() -> None:
                 in_process=args.userspace_in_process,
                 options=options,
                 baseline=args.baseline_backends,
+                haproxy_threads=args.haproxy_threads,
             ) as targets:
                 for number in range(1, args.runs + 1):
                     load = load_average()
