@@ -123,6 +123,8 @@ class Explanation:
     affinity_timeout: int | None = None
     reasons: tuple[str, ...] = ()
     kernel: tuple[str, ...] = ()
+    # objects traversed that a live node's kernel holds otherwise (``--netns``)
+    differs: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,6 +134,7 @@ class Explanation:
             "masquerade": self.masquerade,
             "reasons": list(self.reasons),
             "kernel": list(self.kernel),
+            "kernelDiffers": list(self.differs),
             "origin": str(self.origin),
             "frontend": None if self.frontend is None else str(self.frontend),
             "traffic": self.traffic,
@@ -149,6 +152,8 @@ class Trace:
     endpoints: tuple[str, ...] = ()  # every ip:port the packet may be sent to, sorted
     masquerade: bool = False
     kernel: tuple[str, ...] = ()  # the objects traversed, in order ("ip chain services", …)
+    # traced on a live node: each object traversed that its kernel holds otherwise
+    differs: tuple[str, ...] = ()
 
 
 class Tracer(typing.Protocol):
@@ -168,6 +173,8 @@ def with_trace(model: Explanation, trace: Trace, backend: str) -> Explanation:
     """The explanation with the backend's traced verdict, endpoints, masquerade and
     kernel objects; a disagreement with the model is flagged in ``reasons``."""
     reasons = [*model.reasons, f"traced_by_{backend}"]
+    if trace.differs:
+        reasons.append("kernel_differs")
     if (trace.verdict, trace.endpoints, trace.masquerade) != (
         model.verdict,
         model.endpoints,
@@ -180,6 +187,7 @@ def with_trace(model: Explanation, trace: Trace, backend: str) -> Explanation:
         endpoints=trace.endpoints,
         masquerade=trace.masquerade,
         kernel=trace.kernel,
+        differs=trace.differs,
         reasons=tuple(reasons),
     )
 
@@ -495,6 +503,9 @@ def render_text(packet: Packet, e: Explanation) -> str:
     if e.kernel:
         lines.append("kernel objects traversed:")
         lines.extend(f"  {k}" for k in e.kernel)
+    if e.differs:
+        lines.append("the node's kernel differs from what kpy renders:")
+        lines.extend(f"  {d}" for d in e.differs)
     return "\n".join(lines)
 
 
@@ -620,6 +631,12 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
         default=None,
         help="Trace the packet through this backend's rendered kernel objects.",
     )
+    @click.option(
+        "--netns",
+        default=None,
+        help="A live node's namespace: compare the objects traced with what its kernel "
+        "holds (nftables; the node flags must be the agent's).",
+    )
     @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
     def explain_cmd(
         src: str,
@@ -637,6 +654,7 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
         service_cidr: tuple[str, ...],
         iptables_localhost_nodeports: bool | None,
         backend: str | None,
+        netns: str | None,
         output: str,
     ) -> None:
         """Why does this packet go there? Service, endpoints, policy, masquerade."""
@@ -672,10 +690,13 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
         plan = offline_plan(manifests, node, node_ip)
         result = explain(plan, packet, options)
         if backend is not None:
-            tracer = load_tracer(backend, options_config(node, options)) if load_tracer else None
+            config = replace(options_config(node, options), netns=netns)
+            tracer = load_tracer(backend, config) if load_tracer else None
             if tracer is None:
                 raise click.UsageError(f"backend {backend!r} cannot trace packets")
             result = with_trace(result, tracer(plan, packet, result.origin), backend)
+        elif netns is not None:
+            raise click.UsageError("--netns needs --backend")
         if output == "json":
             click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
         else:

@@ -17,6 +17,7 @@ See README.md beside this file for the table layout.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import threading
 import time
@@ -291,8 +292,44 @@ class NftablesBackend:
 
     def trace(self, plan: Plan, packet: Packet, origin: Origin) -> Trace:
         """``packet`` through the objects this backend renders for ``plan``
-        (:func:`kpy_nftables.trace.trace`; pure, touches no kernel state)."""
-        return trace_.trace(plan, packet, origin, self.config)
+        (:func:`kpy_nftables.trace.trace`; pure). With a namespace configured (``kpy
+        explain --netns``, a live node), each object traversed is also compared with
+        what that kernel holds — read, never changed — and every difference named in
+        ``differs`` (the rules themselves are compared by count and fingerprint, not
+        decoded: docs/decisions/nftables-drift.md)."""
+        traced = trace_.trace(plan, packet, origin, self.config)
+        if self.config.netns is None:
+            return traced
+        return dataclasses.replace(traced, differs=self._differences(plan, traced.kernel))
+
+    def _differences(self, plan: Plan, keys: Iterable[str]) -> tuple[str, ...]:
+        config = self.config.for_node(plan.node)
+        want: dict[str, render.Obj] = dict(render.base_objects(config))
+        for state in plan.services.values():
+            want.update(render.port_objects(state, config))
+        try:
+            observed = asyncio.run(self._read())
+        except NftError as exc:
+            return (f"the kernel could not be read: {exc}",)
+        found = []
+        for key in keys:
+            obj = want.get(key)
+            if obj is None:  # a statement (dnat, masquerade), not an object
+                continue
+            have = observed.values.get(key)
+            if have is None:
+                found.append(f"{key}: not in the kernel")
+            elif have == obj.value:
+                continue
+            elif isinstance(obj, render.Chain):
+                count = observed.rules.get(key, observe_.NO_RULES)[0]
+                if count != len(obj.rules):
+                    found.append(f"{key}: the kernel holds {count} of its {len(obj.rules)} rules")
+                else:
+                    found.append(f"{key}: the kernel's chain was written for other rules")
+            else:
+                found.append(f"{key}: the kernel holds {have!r}, kpy renders {obj.value!r}")
+        return tuple(found)
 
     def close(self) -> None:
         """Close the netlink sockets (the rules stay; a later sync opens new ones)."""

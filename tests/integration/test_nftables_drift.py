@@ -5,9 +5,10 @@ sync restores exactly what was there."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -16,7 +17,8 @@ from kpy_nftables.netlink_read import NetlinkReader
 
 from kpy import dump
 from kpy.backend import BackendConfig, parse_networks
-from kpy.model import Plan
+from kpy.explain import Origin, Packet
+from kpy.model import Plan, Protocol
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states, run
 from kpy.testing.netns import nft
@@ -272,3 +274,31 @@ def test_chains_a_partial_sync_rewrote_are_compared_with_what_it_wrote(node: Nod
     nft(node.ns, "replace", "rule", "ip", table, chain, "handle", handle, *edited.split())
     assert run(node.backend.apply(b.plan(states))).ops == 1
     assert "10.244.1.99" not in nft(node.ns, "list", "chain", "ip", table, chain)
+
+
+def test_explain_on_a_live_node_names_what_its_kernel_holds_otherwise(node: Node) -> None:
+    """``kpy explain --backend nftables --netns NS``: the objects a packet traverses are
+    compared with the namespace's kernel, and each difference is named."""
+    packet = Packet(
+        src=ipaddress.ip_address("10.244.1.2"),
+        dst=ipaddress.ip_address("10.96.0.10"),
+        port=80,
+        protocol=Protocol.TCP,
+    )
+    live = NftablesBackend(config(node.ns))
+    traced = live.trace(node.plan, packet, Origin.POD)
+    assert traced.differs == ()
+    assert (
+        not NftablesBackend(replace(config(node.ns), netns=None))
+        .trace(node.plan, packet, Origin.POD)
+        .differs
+    )
+    table, chain = chain_of("web")
+    rules = handles(node.ns, table, chain)
+    _, handle = next((t, h) for t, h in rules if "dnat to 10.244.2.6" in t)
+    nft(node.ns, "delete", "rule", "ip", table, chain, "handle", handle)
+    nft(node.ns, "delete", "element", "ip", table, "service-ips", "{ 10.96.0.10 . tcp . 80 }")
+    differs = live.trace(node.plan, packet, Origin.POD).differs
+    assert f"ip {table} chain {chain}: the kernel holds 2 of its 3 rules" in differs
+    assert f"ip {table} element service-ips 10.96.0.10 . tcp . 80: not in the kernel" in differs
+    assert len(differs) == 2
