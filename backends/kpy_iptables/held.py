@@ -102,7 +102,6 @@ class Repair:
     main: diff.Diff[Key, Rules]
     strays: diff.Diff[Key, Rules]
     adopted: dict[ChainId, bytes]  # chains found right without a record
-    rewritten: set[ChainId]  # whole chains the main change writes
     drift: list[str]  # what differed, for the log
 
 
@@ -119,7 +118,6 @@ def compare(
     rule_adds: list[tuple[Key, Rules]] = []
     rule_dels: list[tuple[Key, Rules]] = []
     adopted: dict[ChainId, bytes] = {}
-    rewritten: set[ChainId] = set()
     drift: list[str] = []
     dispatch_rules: dict[ChainId, list[Key]] = {}
     for key in want:
@@ -174,7 +172,6 @@ def compare(
                 continue
             drift.append(f"differs {key}")
         added.append((key, rules))
-        rewritten.add(cid)
     strays: list[tuple[Key, Rules]] = []
     for family, h in held.items():
         for table, chain in sorted(h.chains):
@@ -186,7 +183,6 @@ def compare(
         main=diff.Diff(added=tuple(added) + tuple(rule_adds), removed=tuple(rule_dels)),
         strays=diff.Diff(removed=tuple(strays)),
         adopted=adopted,
-        rewritten=rewritten,
         drift=drift,
     )
 

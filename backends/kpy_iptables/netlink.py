@@ -101,7 +101,7 @@ class NlRule:
     """One rule as the kernel holds it (see the module docstring)."""
 
     handle: int
-    print: bytes
+    print: bytes  # this rule's own digest: expressions (counters zeroed) and userdata
     target: str = ""  # a chain jumped to, or ACCEPT/DROP/RETURN, or an xtables target
     goto: bool = False
     dest: str = ""  # "10.96.0.10/32"
@@ -248,18 +248,6 @@ def chain_digest(parts: Iterable[bytes]) -> bytes:
     return digest.digest()
 
 
-def fingerprint(data: bytes, start: int, end: int) -> bytes:
-    """16 bytes that identify a rule's content: its expressions with the counter's
-    values zeroed, and its userdata (not its handle, position, table or chain)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for kind, s, e in _attrs(data, start, end):
-        if kind == NFTA_RULE_EXPRESSIONS:
-            digest.update(_COUNTER.sub(_NO_COUNTS, data[s:e]))
-        elif kind == NFTA_RULE_USERDATA:
-            digest.update(b"\0udata" + data[s:e])
-    return digest.digest()
-
-
 _COUNTER_HEAD = b"\x0c\x00\x01\x00counter\x00"
 _PACKETS_AT = 28  # in a counter expression: NFTA_COUNTER_PACKETS after the name, nest, bytes
 _EXPRESSIONS: dict[bytes, tuple[str, Any]] = {}  # raw expression → what it means
@@ -341,7 +329,7 @@ def decode_rule(data: bytes, start: int, end: int) -> tuple[str, NlRule] | None:
     handle = 0
     packets = 0
     exprs: list[tuple[str, Any]] = []
-    digest = hashlib.blake2b(digest_size=16)  # as fingerprint() computes it
+    digest = hashlib.blake2b(digest_size=16)  # this rule alone, as chain_digest takes it
     at = start
     while at + 4 <= end:
         length, kind = unpack(data, at)
