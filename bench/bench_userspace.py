@@ -41,6 +41,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -459,6 +460,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write every run's results to this file")
     args = parser.parse_args()
     options = tuple((k, v) for k, _, v in (o.partition("=") for o in args.userspace_option))
+    # SIGTERM (e.g. from `timeout`) unwinds like an error: relays stopped, namespaces removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.serve_userspace:
         serve_userspace(args.serve_userspace, options, args.serve_vip)
         return
