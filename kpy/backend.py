@@ -181,7 +181,10 @@ class Programmed:
 
     ``objects`` are the backend's keyed kernel objects (the same keys and values its
     render produces, so ``diff.compute`` between them shows drift); ``services`` maps
-    ``str(ServicePortName)`` to what is programmed for it.
+    ``str(ServicePortName)`` to what is programmed for it. A view whose ``extra`` has a
+    ``"drift"`` entry says why the kernel differs from what was written (``kpy dump``
+    flags it); a view keyed in parentheses, e.g. ``"(nftables tables)"``, is about the
+    backend's shared objects rather than one service port.
     """
 
     backend: str
@@ -191,7 +194,14 @@ class Programmed:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What every backend implements. See DESIGN.md, "The backend contract"."""
+    """What every backend implements. See docs/architecture.md, "The backend contract".
+
+    Optional: ``async def check(plan) -> str | None`` — a dry run that changes nothing
+    (None: the kernel would take ``plan``'s service ports; else why not). With it the
+    agent finds the ports to blame when a transaction is refused (kpy.quarantine).
+    ``async def dry_run(plan) -> str`` — the transaction ``apply(plan)`` would send,
+    for ``kpy plan --backend``.
+    """
 
     name: str
 
@@ -208,7 +218,12 @@ class Backend(Protocol):
         ...
 
     async def cleanup(self) -> None:
-        """Remove everything this backend owns, nothing else."""
+        """Remove everything this backend owns, nothing else, and create nothing.
+
+        Returns normally when it removed everything (or nothing of its kind can be
+        there, e.g. its tools are not installed); raises :class:`BackendError` when it
+        could not clean, so ``kpy cleanup`` exits non-zero.
+        """
         ...
 
 
