@@ -835,6 +835,11 @@ class FakeApiServer:
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        if self._server is None:
+            # Accepted just before stop() (its TLS handshake ended after it): a stopped
+            # server serves nothing, or a client would keep a watch on a dead server.
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)

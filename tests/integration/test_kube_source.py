@@ -112,7 +112,7 @@ def node(name: str = NODE) -> dict[str, Any]:
     }
 
 
-async def until(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+async def until(check: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
