@@ -18,10 +18,11 @@ async def communicate(argv: Sequence[str], stdin: bytes | None = None) -> tuple[
     )
     try:
         out, err = await proc.communicate(stdin)
-    except asyncio.CancelledError:
+    except BaseException:  # cancelled (SIGTERM, SIGINT), or anything else: no orphan
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-        await proc.wait()
+        # Reaped even if cancelled again meanwhile.
+        await asyncio.shield(proc.wait())
         raise
     assert proc.returncode is not None
     return proc.returncode, out, err
