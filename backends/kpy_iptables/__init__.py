@@ -235,6 +235,30 @@ class IptablesBackend:
     def close(self) -> None:
         self._kernel.close()
 
+    async def dry_run(self, plan: Plan) -> str:
+        """The ``iptables-restore --noflush`` inputs ``apply(plan)`` would send now, in
+        order (a full sync reads the kernel back first, as apply does), sending nothing."""
+        full = (
+            plan.full_sync
+            or self._needs_full
+            or render.with_node(self._ctx, self.config, plan.node) != self._ctx
+        )
+        mode = await self._kernel.mode()
+        if full:
+            steps, _ = await self._full(plan, mode)
+        else:
+            steps = [_Step(change=self._partial(plan))]
+        limit = render.CHUNK_LINES if mode == "nft" else None
+        parts: list[str] = []
+        for step in steps:
+            if step.change is not None:
+                for family, transactions in sorted(render.restores(step.change, limit).items()):
+                    for restore in transactions:
+                        parts.append(f"# {tool(mode, family, 'restore')} --noflush\n{restore.text}")
+            for family, text in sorted(step.texts.items()):
+                parts.append(f"# {tool(mode, family, 'restore')} --noflush\n{text}")
+        return "".join(parts)
+
     async def check(self, plan: Plan) -> str | None:
         """None when iptables would take ``plan``'s ports (``--test``, changes nothing)."""
         return await check_.check(plan, self.config, self._ctx, await self._kernel.mode())

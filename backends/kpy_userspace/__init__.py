@@ -84,6 +84,39 @@ class UserspaceBackend:
             return f"pyroute2 is missing: {exc}"
         return None
 
+    async def dry_run(self, plan: Plan) -> str:
+        """The listeners ``apply(plan)`` would hold for the plan's changed service ports
+        (every port on a full sync), one line each, touching nothing."""
+        full = plan.full_sync or self._needs_full
+        names = sorted(plan.services) if full else sorted(plan.changed | plan.removed)
+        lines = [f"# userspace proxy: {'full' if full else 'partial'} sync"]
+        for name in names:
+            state = plan.services.get(name)
+            table = (
+                None
+                if state is None
+                else render.port_table(state, nodeport_addresses=self._nodeports)
+            )
+            if table is None:
+                if state is None:
+                    lines.append(f"close {name}")
+                continue
+            for frontend in table.frontends:
+                eps = table.endpoints(frontend.role, frontend.key.family)
+                what = str(table.disposition(frontend))
+                targets = " ".join(f"{ep.ip}:{ep.port}" for ep in eps) or "-"
+                ranges = ",".join(str(r) for r in frontend.source_ranges)
+                lines.append(
+                    f"{what} {frontend.key} {name} -> {targets}"
+                    + (f" from {ranges}" if ranges else "")
+                    + (
+                        f" affinity {table.affinity_timeout}s"
+                        if table.affinity_timeout is not None
+                        else ""
+                    )
+                )
+        return "\n".join(lines) + "\n"
+
     async def apply(self, plan: Plan) -> ApplyResult:
         full = plan.full_sync or self._needs_full
         started = time.monotonic()
