@@ -1,0 +1,447 @@
+"""kpy side by side with upstream kube-proxy, on the same real API server.
+
+One control plane (etcd, kube-apiserver, kube-controller-manager: ``kpy.testing.realcluster``)
+in its namespace ``kpy-vs-cp``; for every run a fresh node namespace ``kpy-vs-node``
+(veth to the control plane, 192.168.200.2) and pod namespace ``kpy-vs-pod`` behind it.
+The workload: N Services (80% ClusterIP / 15% NodePort / 5% LoadBalancer, ingress IPs
+written to their status), one 5-endpoint EndpointSlice each (written by the benchmark as
+an EndpointSlice controller would; the addresses of all but the probe Service are never
+contacted), the Node. Each proxy runs alone in the node namespace, with the same admin
+kubeconfig and its own defaults (both have a 1 s minimum sync period), and is measured
+from outside identically:
+
+* *cold start*: process start → the probe Service (created last) answers from the node,
+  i.e. the first full sync is in the kernel;
+* *one change*: the probe Service's slice is rewritten to five new endpoints (clock
+  read just before the PATCH) → the first TCP connection from the node to its ClusterIP
+  answered by a new endpoint (the pod's echo server answers with the address it was
+  reached at). Trials are spaced 1.2 s apart so neither proxy's minimum sync period
+  delays a change: what is measured is watch → rules → first packet;
+* RSS after the trials and peak RSS (VmRSS, VmHWM), rule count (``nft list ruleset`` or
+  ``iptables-save`` + ``ip6tables-save`` lines);
+* the 1-minute load average at the start of each run.
+
+Runs are alternated (kube-proxy nftables, kpy nftables, kube-proxy iptables, kpy
+iptables) at each N. Usage (root; ``scripts/build-upstream.sh kube-proxy`` first)::
+
+    python bench/vs_kube_proxy.py [--n 1000,10000] [--trials 30] [--json out.json] \
+        [--png docs/vs-kube-proxy.png]
+
+The PNG needs matplotlib (``pip install matplotlib``), imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kpy.netns_socket import run_in_netns
+from kpy.testing import realcluster as rc
+
+CP_NS, NODE_NS, POD_NS = "kpy-vs-cp", "kpy-vs-node", "kpy-vs-pod"
+CP_IP, NODE_IP = "192.168.200.1", "192.168.200.2"
+NODE = "node-1"
+NS = "bench"
+PROBE = "probe"
+ENDPOINT_SETS = (
+    [f"10.244.0.{10 + i}" for i in range(5)],
+    [f"10.244.0.{20 + i}" for i in range(5)],
+)
+PROXIES = ("kube-proxy/nftables", "kpy/nftables", "kube-proxy/iptables", "kpy/iptables")
+
+
+def ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True)
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def service(i: int) -> dict[str, Any]:
+    kind = "ClusterIP" if i % 20 < 16 else ("NodePort" if i % 20 < 19 else "LoadBalancer")
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"s{i}", "namespace": NS},
+        "spec": {
+            "type": kind,
+            "ports": [{"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP"}],
+        },
+    }
+
+
+def endpoint_slice(name: str, addresses: list[str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{name}-x",
+            "namespace": NS,
+            "labels": {
+                "kubernetes.io/service-name": name,
+                "endpointslice.kubernetes.io/managed-by": "kpy-bench",
+            },
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": [a], "conditions": {"ready": True}, "nodeName": NODE} for a in addresses
+        ],
+    }
+
+
+def populate(plane: rc.ControlPlane, start: int, stop: int) -> None:
+    """Services start..stop-1 with their slices (and LoadBalancer status), 4 writers."""
+
+    def write(indexes: range) -> None:
+        client = rc.Client(plane.netns, "127.0.0.1", rc.API_PORT, plane.context())
+        try:
+            for i in indexes:
+                svc = service(i)
+                client.create(svc)
+                if svc["spec"]["type"] == "LoadBalancer":
+                    ingress = {"ip": f"172.18.{i // 250}.{i % 250 + 1}"}
+                    client.patch_status(svc, {"loadBalancer": {"ingress": [ingress]}})
+                n = i * 5
+                fake = [f"10.245.{(n + k) // 250 % 250}.{(n + k) % 250 + 1}" for k in range(5)]
+                client.create(endpoint_slice(f"s{i}", fake))
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, [range(start + w, stop, 4) for w in range(4)]))
+
+
+def probe_service(plane: rc.ControlPlane) -> str:
+    """Create (again) the probe Service with the first endpoint set; its ClusterIP."""
+    api = plane.admin()
+    with contextlib.suppress(rc.ApiError):
+        api.delete(endpoint_slice(PROBE, []))
+        api.delete(service(0) | {"metadata": {"name": PROBE, "namespace": NS}})
+    svc = service(0) | {"metadata": {"name": PROBE, "namespace": NS}}
+    for _ in range(100):  # a deleted object may linger for a moment
+        try:
+            created = api.create(svc)
+            break
+        except rc.ApiError as exc:
+            if exc.status != 409:
+                raise
+            time.sleep(0.05)
+    api.create(endpoint_slice(PROBE, ENDPOINT_SETS[0]))
+    return str(created["spec"]["clusterIP"])
+
+
+# --------------------------------------------------------------------------- the node
+
+
+class Echo:
+    """In the pod namespace: port 80 on every address answers with the address reached."""
+
+    def __init__(self) -> None:
+        self.sock = run_in_netns(POD_NS, lambda: socket.create_server(("0.0.0.0", 80), backlog=512))
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError), conn:
+                conn.sendall(conn.getsockname()[0].encode())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(timeout=2)
+
+
+@contextlib.contextmanager
+def node() -> Iterator[Echo]:
+    """Fresh node and pod namespaces (no rules from an earlier run), removed on exit."""
+    try:
+        for ns in (NODE_NS, POD_NS):
+            ip("netns", "add", ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", CP_NS, "link", "add", "vn", "type", "veth", "peer", "name", "eth0", "netns",
+           NODE_NS)  # fmt: skip
+        ip("-n", CP_NS, "addr", "add", f"{CP_IP}/24", "dev", "vn")
+        ip("-n", CP_NS, "link", "set", "vn", "up")
+        ip("-n", NODE_NS, "addr", "add", f"{NODE_IP}/24", "dev", "eth0")
+        ip("-n", NODE_NS, "link", "set", "eth0", "up")
+        # routed, so the node's own connections to Service IPs reach the output hook
+        ip("-n", NODE_NS, "route", "add", "default", "via", CP_IP)
+        ip("-n", NODE_NS, "link", "add", "vp", "type", "veth", "peer", "name", "eth0", "netns",
+           POD_NS)  # fmt: skip
+        ip("-n", NODE_NS, "addr", "add", "10.244.0.1/24", "dev", "vp")
+        ip("-n", NODE_NS, "link", "set", "vp", "up")
+        for address in [a for s in ENDPOINT_SETS for a in s]:
+            ip("-n", POD_NS, "addr", "add", f"{address}/24", "dev", "eth0")
+        ip("-n", POD_NS, "link", "set", "eth0", "up")
+        ip("-n", POD_NS, "route", "add", "default", "via", "10.244.0.1")
+        run_in_netns(NODE_NS, lambda: Path("/proc/sys/net/ipv4/ip_forward").write_text("1"))
+        echo = Echo()
+        try:
+            yield echo
+        finally:
+            echo.close()
+    finally:
+        for ns in (NODE_NS, POD_NS):
+            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                      text=True, check=False).stdout.split():  # fmt: skip
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), 9)
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+def reach(vip: str, want: set[str] | None, deadline: float) -> float:
+    """From the node: connect to vip:80 until answered (by an address in ``want``); when."""
+
+    def loop() -> float:
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((vip, 80), timeout=0.05) as s:
+                    s.settimeout(0.5)
+                    answer = s.recv(64).decode()
+                if want is None or answer in want:
+                    return time.monotonic()
+            except OSError:
+                pass
+            time.sleep(0.002)
+        raise TimeoutError(f"{vip}:80 not answered as wanted")
+
+    return run_in_netns(NODE_NS, loop)
+
+
+def argv(proxy: str, kubeconfig: Path) -> list[str]:
+    name, mode = proxy.split("/")
+    if name == "kube-proxy":
+        return [
+            str(rc.bindir() / "kube-proxy"),
+            "--kubeconfig", str(kubeconfig),
+            "--hostname-override", NODE,
+            "--proxy-mode", mode,
+            "--cluster-cidr", "10.244.0.0/16",
+            "--conntrack-max-per-core", "0",  # nf_conntrack_max is not per namespace
+            "--conntrack-tcp-timeout-established", "0",
+            "--conntrack-tcp-timeout-close-wait", "0",
+            "--metrics-bind-address", "127.0.0.1:10249",
+            "--healthz-bind-address", "127.0.0.1:10256",
+            "--v", "1",
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "kpy", "run", "--source", "kube",
+        "--kubeconfig", str(kubeconfig), "--backend", mode, "--node", NODE,
+        "--node-ip", NODE_IP, "--cluster-cidr", "10.244.0.0/16",
+        "--healthz-bind-address", "127.0.0.1:10256",
+        "--metrics-bind-address", "127.0.0.1:10249", "--log-format", "json",
+    ]  # fmt: skip
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """VmRSS and VmHWM of ``pid`` in KiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def rule_count(mode: str) -> int:
+    cmds = [["nft", "list", "ruleset"]] if mode == "nftables" else [
+        ["iptables-save"], ["ip6tables-save"]]  # fmt: skip
+    lines = 0
+    for cmd in cmds:
+        out = subprocess.run(["ip", "netns", "exec", NODE_NS, *cmd], capture_output=True,
+                             text=True, check=False).stdout  # fmt: skip
+        lines += len([line for line in out.splitlines() if line.strip()])
+    return lines
+
+
+def run_one(plane: rc.ControlPlane, proxy: str, n: int, trials: int, log: Path) -> dict[str, Any]:
+    api = plane.admin()
+    vip = probe_service(plane)
+    load = os.getloadavg()[0]
+    with node():
+        started = time.monotonic()
+        with log.open("wb") as out:
+            proc = rc.on_spawner(lambda: subprocess.Popen(
+                ["ip", "netns", "exec", NODE_NS, *argv(proxy, plane.dir / "bench.kubeconfig")],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=rc.die_with_parent,
+            ))  # fmt: skip
+        try:
+            try:
+                cold = reach(vip, None, started + 900) - started
+            except TimeoutError:
+                tail = log.read_text(errors="replace").splitlines()[-20:]
+                print("\n".join([f"{proxy} never answered; its log ends:", *tail]),
+                      file=sys.stderr)  # fmt: skip
+                raise
+            rules = rule_count(proxy.split("/")[1])
+            latencies = []
+            current = 0
+            last = time.monotonic()
+            for _ in range(trials):
+                time.sleep(max(0.0, last + 1.2 - time.monotonic()))  # past the min sync
+                current ^= 1
+                body = endpoint_slice(PROBE, ENDPOINT_SETS[current])
+                sent = time.monotonic()
+                api.request(
+                    "PATCH",
+                    rc.object_path(body),
+                    {"endpoints": body["endpoints"]},
+                    content_type="application/merge-patch+json",
+                )
+                last = reach(vip, set(ENDPOINT_SETS[current]), sent + 60)
+                latencies.append(last - sent)
+            rss, peak = memory(proc.pid)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    lat = sorted(latencies)
+    return {
+        "proxy": proxy,
+        "n": n,
+        "cold_start_s": round(cold, 3),
+        "change_p50_ms": round(statistics.median(lat) * 1000, 1),
+        "change_p90_ms": round(lat[int(0.9 * (len(lat) - 1))] * 1000, 1),
+        "trials": len(lat),
+        "rss_mib": round(rss / 1024, 1),
+        "peak_rss_mib": round(peak / 1024, 1),
+        "rules": rules,
+        "load1": round(load, 2),
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = ("| N | proxy | cold start | one change p50 / p90 | RSS / peak | rule lines | load |\n"
+            "|---|---|---|---|---|---|---|")  # fmt: skip
+    rows = [
+        f"| {r['n']:,} | {r['proxy']} | {r['cold_start_s']:.2f} s | "
+        f"{r['change_p50_ms']:.0f} / {r['change_p90_ms']:.0f} ms | "
+        f"{r['rss_mib']:.0f} / {r['peak_rss_mib']:.0f} MiB | {r['rules']:,} | {r['load1']:.1f} |"
+        for r in results
+    ]
+    return "\n".join([head, *rows])
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    matplotlib: Any = importlib.import_module("matplotlib")
+    matplotlib.use("Agg")
+    plt: Any = importlib.import_module("matplotlib.pyplot")
+    sizes = sorted({r["n"] for r in results})
+    metrics = (
+        ("cold_start_s", "cold start (s)"),
+        ("change_p50_ms", "one change, p50 (ms)"),
+        ("peak_rss_mib", "peak RSS (MiB)"),
+    )
+    fig, axes = plt.subplots(1, len(metrics), figsize=(15, 4.5))
+    width = 0.8 / len(PROXIES)
+    colors = ("#9ecae1", "#08519c", "#fdae6b", "#a63603")
+    for ax, (key, label) in zip(axes, metrics, strict=True):
+        for k, proxy in enumerate(PROXIES):
+            values = [
+                next((r[key] for r in results if r["proxy"] == proxy and r["n"] == n), 0)
+                for n in sizes
+            ]
+            xs = [i + (k - 1.5) * width for i in range(len(sizes))]
+            ax.bar(xs, values, width, label=proxy, color=colors[k])
+        ax.set_xticks(range(len(sizes)), [f"N = {n:,}" for n in sizes])
+        ax.set_title(label)
+        if key == "change_p50_ms":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("kpy vs kube-proxy v1.36.5, same kube-apiserver, one node namespace (2 cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", default="1000,10000")
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--png", type=Path)
+    parser.add_argument("--proxies", default=",".join(PROXIES))
+    parser.add_argument(
+        "--report", nargs="+", type=Path, help="only the table (and --png) from JSON results"
+    )
+    args = parser.parse_args()
+    if args.report:
+        merged = [r for path in args.report for r in json.loads(path.read_text())]
+        merged.sort(key=lambda r: (r["n"], PROXIES.index(r["proxy"])))
+        print(table(merged))
+        if args.png:
+            plot(merged, args.png)
+        return
+    missing = rc.missing_binaries(("etcd", "kube-apiserver", "kube-controller-manager",
+                                   "kube-proxy"))  # fmt: skip
+    if missing:
+        sys.exit(f"not built: {', '.join(missing)} (scripts/build-upstream.sh kube-proxy)")
+    proxies = args.proxies.split(",")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # clean up on the way out
+    results: list[dict[str, Any]] = []
+    # The advertise address (on the namespace's lo) is where the node reaches the API
+    # server over its veth.
+    plane = rc.ControlPlane(CP_NS, advertise_address=CP_IP)
+    try:
+        plane.start()
+        api = plane.admin()
+        api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+        api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})
+        api.patch_status(
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}},
+            {"addresses": [{"type": "InternalIP", "address": NODE_IP}]},
+        )
+        pki = plane.pki
+        rc.kubeconfig(plane.dir / "bench.kubeconfig", f"https://{CP_IP}:6443", pki.ca,
+                      cert=pki.cert("admin"), key=pki.key("admin"))  # fmt: skip
+        have = 1  # s0's name is taken by the probe's shape only; start at 1
+        for n in [int(x) for x in args.n.split(",")]:
+            t = time.monotonic()
+            populate(plane, have, n)
+            have = n
+            print(f"N={n}: objects written in {time.monotonic() - t:.0f} s", file=sys.stderr)
+            for proxy in proxies:
+                log = plane.dir / f"{proxy.replace('/', '-')}-{n}.log"
+                result = run_one(plane, proxy, n, args.trials, log)
+                print(json.dumps(result), file=sys.stderr)
+                results.append(result)
+                if args.json:  # after every run: a later failure keeps what was measured
+                    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    finally:
+        plane.stop()
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.png:
+        plot(results, args.png)
+
+
+if __name__ == "__main__":
+    main()
