@@ -52,6 +52,12 @@ class Attempts:
         return None
 
 
+def _endpoints(backend: FakeBackend, name: str) -> tuple[str, ...]:
+    """A port's programmed endpoints (() while a rewritten manifest is read half-written)."""
+    view = backend.programmed.get(name)
+    return view.endpoints if view is not None else ()
+
+
 def make_agent(tmp_path: Path, backend: FakeBackend, attempts: Attempts) -> Agent:
     from kpy.runner import RunnerTimes
     from kpy.sources.manifests import ManifestSource
@@ -112,9 +118,7 @@ def test_one_refused_port_on_the_first_sync_costs_only_that_port(tmp_path: Path)
         assert "kpy_service_port_refusals 1.0" in exposition
         # Later changes to good Services keep flowing, as partial syncs.
         write(tmp_path / "s3.yaml", "s3", "10.96.0.13", ["10.244.1.4", "10.244.1.99"])
-        await until(
-            lambda: len(backend.programmed["default/s3:http/TCP"].endpoints) == 2, timeout=60
-        )
+        await until(lambda: len(_endpoints(backend, "default/s3:http/TCP")) == 2, timeout=60)
         assert not backend.plans[-1].full_sync
 
     run(tmp_path, backend, attempts, scenario)
@@ -139,7 +143,7 @@ def test_a_refused_update_keeps_the_last_good_state_until_fixed(tmp_path: Path) 
         assert backend.programmed[name].endpoints == ("10.244.7.7:8080",)
         # The object is fixed: its new state gets its chance and is programmed.
         write(tmp_path / "poison.yaml", "poison", "10.96.1.1", ["10.244.8.8"])
-        await until(lambda: backend.programmed[name].endpoints == ("10.244.8.8:8080",), timeout=60)
+        await until(lambda: _endpoints(backend, name) == ("10.244.8.8:8080",), timeout=60)
         await until(lambda: agent.status.refused == 0, timeout=60)
         assert not backend.plans[-1].refused
 
