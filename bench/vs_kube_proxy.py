@@ -274,7 +274,9 @@ def rule_count(mode: str) -> int:
     return lines
 
 
-def run_one(plane: rc.ControlPlane, proxy: str, n: int, trials: int, log: Path) -> dict[str, Any]:
+def run_one(
+    plane: rc.ControlPlane, proxy: str, n: int, trials: int, log: Path, cold_limit: float
+) -> dict[str, Any]:
     api = plane.admin()
     vip = probe_service(plane)
     load = os.getloadavg()[0]
@@ -288,12 +290,15 @@ def run_one(plane: rc.ControlPlane, proxy: str, n: int, trials: int, log: Path) 
             ))  # fmt: skip
         try:
             try:
-                cold = reach(vip, None, started + 900) - started
+                cold = reach(vip, None, started + cold_limit) - started
             except TimeoutError:
-                tail = log.read_text(errors="replace").splitlines()[-20:]
-                print("\n".join([f"{proxy} never answered; its log ends:", *tail]),
+                tail = log.read_text(errors="replace").splitlines()[-5:]
+                print("\n".join([f"{proxy}: no first sync in {cold_limit:.0f} s; log:", *tail]),
                       file=sys.stderr)  # fmt: skip
-                raise
+                rss, peak = memory(proc.pid)
+                return {"proxy": proxy, "n": n, "cold_start_s": None,
+                        "cold_limit_s": cold_limit, "rss_mib": round(rss / 1024, 1),
+                        "peak_rss_mib": round(peak / 1024, 1), "load1": round(load, 2)}  # fmt: skip
             rules = rule_count(proxy.split("/")[1])
             latencies = []
             current = 0
@@ -341,12 +346,20 @@ def run_one(plane: rc.ControlPlane, proxy: str, n: int, trials: int, log: Path) 
 def table(results: list[dict[str, Any]]) -> str:
     head = ("| N | proxy | cold start | one change p50 / p90 | RSS / peak | rule lines | load |\n"
             "|---|---|---|---|---|---|---|")  # fmt: skip
-    rows = [
-        f"| {r['n']:,} | {r['proxy']} | {r['cold_start_s']:.2f} s | "
-        f"{r['change_p50_ms']:.0f} / {r['change_p90_ms']:.0f} ms | "
-        f"{r['rss_mib']:.0f} / {r['peak_rss_mib']:.0f} MiB | {r['rules']:,} | {r['load1']:.1f} |"
-        for r in results
-    ]
+    rows = []
+    for r in results:
+        if r["cold_start_s"] is None:
+            rows.append(
+                f"| {r['n']:,} | {r['proxy']} | no first sync in {r['cold_limit_s']:.0f} s | — | "
+                f"{r['rss_mib']:.0f} / {r['peak_rss_mib']:.0f} MiB | — | {r['load1']:.1f} |"
+            )
+            continue
+        rows.append(
+            f"| {r['n']:,} | {r['proxy']} | {r['cold_start_s']:.2f} s | "
+            f"{r['change_p50_ms']:.0f} / {r['change_p90_ms']:.0f} ms | "
+            f"{r['rss_mib']:.0f} / {r['peak_rss_mib']:.0f} MiB | {r['rules']:,} | "
+            f"{r['load1']:.1f} |"
+        )
     return "\n".join([head, *rows])
 
 
@@ -366,7 +379,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     for ax, (key, label) in zip(axes, metrics, strict=True):
         for k, proxy in enumerate(PROXIES):
             values = [
-                next((r[key] for r in results if r["proxy"] == proxy and r["n"] == n), 0)
+                next((r.get(key) or 0 for r in results if r["proxy"] == proxy and r["n"] == n), 0)
                 for n in sizes
             ]
             xs = [i + (k - 1.5) * width for i in range(len(sizes))]
@@ -385,6 +398,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", default="1000,10000")
     parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument(
+        "--cold-limit", type=float, default=900.0, help="seconds to wait for a first sync"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--proxies", default=",".join(PROXIES))
@@ -429,7 +445,7 @@ def main() -> None:
             print(f"N={n}: objects written in {time.monotonic() - t:.0f} s", file=sys.stderr)
             for proxy in proxies:
                 log = plane.dir / f"{proxy.replace('/', '-')}-{n}.log"
-                result = run_one(plane, proxy, n, args.trials, log)
+                result = run_one(plane, proxy, n, args.trials, log, args.cold_limit)
                 print(json.dumps(result), file=sys.stderr)
                 results.append(result)
                 if args.json:  # after every run: a later failure keeps what was measured
