@@ -384,6 +384,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ]
             xs = [i + (k - 1.5) * width for i in range(len(sizes))]
             ax.bar(xs, values, width, label=proxy, color=colors[k])
+            for x, n in zip(xs, sizes, strict=True):
+                run = next((r for r in results if r["proxy"] == proxy and r["n"] == n), None)
+                if run is not None and run["cold_start_s"] is None and key != "peak_rss_mib":
+                    label_ = f"no first sync\nin {run['cold_limit_s']:.0f} s"
+                    ax.annotate(label_, (x, 0), xytext=(0, 4), textcoords="offset points",
+                                ha="center", va="bottom", rotation=90, fontsize=7)  # fmt: skip
         ax.set_xticks(range(len(sizes)), [f"N = {n:,}" for n in sizes])
         ax.set_title(label)
         if key == "change_p50_ms":
