@@ -811,6 +811,10 @@ class Partition:
                 continue
             upstream.settimeout(None)
             with self._lock:
+                if not self.open:  # cut while this one was being connected: it is cut too
+                    client.close()
+                    upstream.close()
+                    continue
                 self._sockets |= {client, upstream}
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
@@ -825,8 +829,8 @@ class Partition:
 
     def cut(self) -> None:
         """Break every connection and refuse new ones (closed at once)."""
-        self.open = False
         with self._lock:
+            self.open = False
             sockets, self._sockets = self._sockets, set()
         for s in sockets:
             with contextlib.suppress(OSError):
