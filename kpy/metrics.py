@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -62,7 +62,7 @@ class _StatusCollector(Collector):
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         status = self._agent.status
         pending = GaugeMetricFamily(
             "kpy_sync_proxy_rules_pending_changes",
@@ -103,6 +103,14 @@ class _StatusCollector(Collector):
         )
         refused_total.add_metric([], float(status.refused_total))
         yield refused_total
+        readback = getattr(self._agent.backend, "readback_failures", None)
+        if isinstance(readback, int):
+            failures = CounterMetricFamily(
+                "kpy_backend_readback_failures",
+                "Full syncs whose read-back of the kernel failed (they wrote without the diff).",
+            )
+            failures.add_metric([], float(readback))
+            yield failures
         conflicts = GaugeMetricFamily(
             "kpy_frontend_conflicts",
             "Service ports programmed without a frontend that another port holds.",

@@ -156,3 +156,12 @@ def test_agent_with_operations_serves_metrics_and_health(tmp_path: Path) -> None
 
 def test_metrics_404() -> None:
     assert Metrics().answer("GET", "/other") == health.Response.text(404, "not found\n")
+
+
+def test_a_backend_counting_failed_read_backs_is_exported() -> None:
+    backend = FakeBackend()
+    agent = Agent(node_name="node-a", source=ManifestSource([]), backend=backend)
+    assert "kpy_backend_readback_failures" not in Metrics(agent).exposition().decode()
+    backend.readback_failures = 3  # type: ignore[attr-defined]  # as the iptables backend
+    text = Metrics(agent).exposition().decode()
+    assert "kpy_backend_readback_failures_total 3.0" in text
