@@ -34,11 +34,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 from kpy import diff
 from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
 from kpy.explain import Origin, Packet, Trace
-from kpy.model import IPAddress, Plan, ServicePortName
+from kpy.model import IPAddress, Plan, Protocol, ServicePortName
+from kpy_ipvs import apply as apply_
 from kpy_ipvs import observe as observe_
 from kpy_ipvs import render
 from kpy_ipvs import trace as trace_
-from kpy_ipvs.apply import DestStatus, Kernel, KernelError
+from kpy_ipvs.apply import IPTABLES, DestStatus, Kernel, KernelError, Snapshot
 from kpy_ipvs.render import DestKey, Element, PortObjects, VirtualKey, VirtualService
 
 __all__ = ["IpvsBackend"]
@@ -147,6 +148,137 @@ class IpvsBackend:
         """``packet`` through the virtual services, real servers and companion layer
         render makes of ``plan`` (:func:`kpy_ipvs.trace.trace`; touches no kernel)."""
         return trace_.trace(plan, packet, origin, self.config)
+
+    async def dry_run(self, plan: Plan) -> str:
+        """The operations a full sync of ``plan`` would perform now, as ``ipvsadm``-,
+        ``ipset``- and ``ip``-like lines in apply's order, diffed (as apply diffs them)
+        against what the kernel holds; sends nothing. Where ip_vs is not loaded the
+        kernel is taken to hold no virtual service (said in a first comment line)."""
+        ctx = render.context(self.config, plan.node)
+        marks = render.allocate_marks(
+            (name for name, state in plan.services.items() if render.wants_mark(state)),
+            count=ctx.mark_count,
+        )
+        services: dict[VirtualKey, VirtualService] = {}
+        dests: dict[DestKey, int] = {}
+        elements: set[Element] = set()
+        addresses: set[IPAddress] = set()
+        for name, state in plan.services.items():
+            objs = render.render_port(state, ctx, marks.get(name, 0))
+            services.update(objs.services)
+            dests.update(objs.destinations)
+            elements.update(objs.elements)
+            addresses.update(objs.addresses)
+        loaded, snap, link, missing, sysctls = await self._kernel.call(self._dry_read)
+        node_ips = set(ctx.nodeport_ips) | set(self.config.node_ips)
+        owned = {
+            k
+            for k in snap.services
+            if k in services
+            or render.is_short_circuit(k, ctx.mark_mask)
+            or (not k.fwmark and (k.address in snap.addresses or k.address in node_ips))
+        }
+        have_dests = {d: s for d, s in snap.destinations.items() if d.virtual in owned}
+        svc = diff.compute({k: snap.services[k] for k in owned}, services)
+        dst = diff.compute({d: s.weight for d, s in have_dests.items()}, dests)
+        addr = diff.compute(dict.fromkeys(snap.addresses, True), dict.fromkeys(addresses, True))
+        els = diff.compute(dict.fromkeys(snap.elements, True), dict.fromkeys(elements, True))
+
+        lines: list[str] = []
+        if not loaded:
+            lines.append("# ip_vs is not loaded: the kernel is taken to hold no virtual service")
+        lines += [f"sysctl -w {name}" for name in sysctls]
+        if not link:
+            lines.append(f"ip link add {render.INTERFACE} type dummy")
+        for a, _ in sorted(addr.added, key=lambda kv: str(kv[0])):
+            lines.append(f"ip addr add {_prefix(a)} dev {render.INTERFACE}")
+        skeleton = render.skeleton_id(ctx)
+        if snap.table_id != skeleton:
+            for set_name, typ, version in render.set_names():
+                family = "inet6" if version == 6 else "inet"
+                extra = render.create_options(set_name)
+                lines.append(
+                    f"ipset create {set_name} {typ} family {family} {extra} -exist".replace(
+                        "  ", " "
+                    )
+                )
+            lines += [f"ipset flush {set_name}" for set_name, _, _ in render.set_names()]
+            lines += [f"ipset add {el}" for el in sorted(elements)]
+            for version, tool in zip((4, 6), IPTABLES, strict=True):
+                script = render.rules(ctx, version)
+                for table, chain, target in missing[version]:
+                    script += f"*{table}\n-I {chain} 1 -j {target}\nCOMMIT\n"
+                lines.append(f"# {tool}-restore -w --noflush")
+                lines += script.rstrip("\n").splitlines()
+        else:
+            lines += [f"ipset add {el}" for el, _ in sorted(els.added)]
+        for key, settings in sorted(svc.added, key=lambda kv: str(kv[0])):
+            lines.append(f"-A {_service_spec(key)}{_settings(settings)}")
+        for key, _, settings in sorted(svc.changed, key=lambda kv: str(kv[0])):
+            lines.append(f"-E {_service_spec(key)}{_settings(settings)}")
+        for dest, weight in sorted(dst.added, key=lambda kv: str(kv[0])):
+            lines.append(f"-a {_dest_spec(dest)} -m -w {weight}")
+        for dest, _, weight in sorted(dst.changed, key=lambda kv: str(kv[0])):
+            lines.append(f"-e {_dest_spec(dest)} -m -w {weight}")
+        gone = {key for key, _ in svc.removed}
+        for dest, _ in sorted(dst.removed, key=lambda kv: str(kv[0])):
+            if dest.virtual in gone:
+                continue
+            status = have_dests[dest]
+            conns = status.active + status.inactive
+            if conns:  # apply drains it (weight 0) until its connections end
+                lines.append(f"-e {_dest_spec(dest)} -m -w 0  # draining: {conns} connections")
+            else:
+                lines.append(f"-d {_dest_spec(dest)}")
+        for key in sorted(gone, key=str):
+            lines.append(f"-D {_service_spec(key)}")
+        if snap.table_id == skeleton:
+            lines += [f"ipset del {el}" for el, _ in sorted(els.removed)]
+        for a, _ in sorted(addr.removed, key=lambda kv: str(kv[0])):
+            lines.append(f"ip addr del {_prefix(a)} dev {render.INTERFACE}")
+        return "".join(f"{line}\n" for line in lines)
+
+    def _dry_read(
+        self,
+    ) -> tuple[bool, Snapshot, bool, dict[int, list[tuple[str, str, str]]], list[str]]:
+        """What the kernel holds, read only: (ip_vs loaded, snapshot, kpy-ipvs0 exists,
+        the companion jumps missing per IP version, the sysctls apply would write). No
+        virtual service where ip_vs is not loaded; no companion where its tools are not
+        installed."""
+        kernel = self._kernel
+        sysctls: list[str] = []
+        for path, value in apply_.SYSCTLS:
+            try:
+                with open(f"/proc/sys/{path}") as f:
+                    current: str | None = f.read().strip()
+            except OSError:
+                current = None
+            if current != value:
+                sysctls.append(f"{path.replace('/', '.')}={value}")
+        loaded = kernel.loaded()
+        services = kernel.dump_services() if loaded else {}
+        dests: dict[DestKey, DestStatus] = {}
+        for key in services:
+            dests.update(kernel.dump_destinations(key))
+        try:
+            table_id, elements = kernel.dump_companion()
+        except OSError:
+            table_id, elements = None, frozenset()
+        missing: dict[int, list[tuple[str, str, str]]] = {}
+        for version, tool in zip((4, 6), IPTABLES, strict=True):
+            try:
+                saved = kernel.run([f"{tool}-save"], check=False)
+            except OSError:
+                saved = ""
+            missing[version] = apply_._missing_jumps(saved)
+        snap = Snapshot(
+            services=services,
+            destinations=dests,
+            addresses=kernel.dump_addresses(),
+            table_id=table_id,
+            elements=elements,
+        )
+        return loaded, snap, kernel.link_index() is not None, missing, sysctls
 
     # --- internals (run on the kernel thread) ------------------------------------------
 
@@ -397,6 +529,34 @@ class IpvsBackend:
             kernel.flush()
         kernel.delete_companion()
         kernel.del_link()
+
+
+_PROTO_FLAGS = {Protocol.TCP: "-t", Protocol.UDP: "-u", Protocol.SCTP: "--sctp-service"}
+
+
+def _endpoint(address: IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def _service_spec(key: VirtualKey) -> str:
+    """``ipvsadm``'s name of a virtual service: ``-t 10.96.0.10:80``, ``-f 65536``."""
+    if key.fwmark:
+        return f"-f {key.fwmark}" + (" -6" if key.address.version == 6 else "")
+    return f"{_PROTO_FLAGS[key.protocol]} {_endpoint(key.address, key.port)}"
+
+
+def _settings(settings: VirtualService) -> str:
+    return f" -s {settings.scheduler}" + (
+        f" -p {settings.persistence}" if settings.persistence else ""
+    )
+
+
+def _dest_spec(dest: DestKey) -> str:
+    return f"{_service_spec(dest.virtual)} -r {_endpoint(dest.address, dest.port)}"
+
+
+def _prefix(address: IPAddress) -> str:
+    return f"{address}/{128 if address.version == 6 else 32}"
 
 
 def _netns_exists(name: str) -> bool:
