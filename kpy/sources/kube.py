@@ -532,6 +532,9 @@ class Reflector:
         self.listed = asyncio.Event()
         self.healthy = True
         self.lists = 0
+        # After a 410 the next list is a consistent read (resourceVersion unset), as
+        # client-go's reflector does once its last resourceVersion is unavailable.
+        self.consistent_list = False
         self.watches = 0  # watches the server accepted
         self.watch_attempts = 0  # watch requests sent
         self._backoff = Backoff(source.backoff)
@@ -594,6 +597,13 @@ class Reflector:
         API server never builds, and kpy never decodes, one huge response; every page is
         from the first page's resourceVersion. A 410 on a later page (the snapshot left
         the server's history) raises :class:`ApiStatusError`; the caller lists again.
+
+        The first list asks with ``resourceVersion=0``: the API server answers from its
+        watch cache instead of a read from etcd (client-go's reflector does the same, so
+        a fleet of agents starting together does not load etcd). The cache may ignore
+        ``limit`` and answer everything at once; an answer without ``continue`` is the
+        last page either way. After a 410 the list is a consistent read
+        (``resourceVersion`` unset): the cache may be as far behind as what expired.
         """
         metrics = self.source.metrics
         if metrics is not None:
@@ -601,8 +611,11 @@ class Reflector:
         seen: set[ObjectKey] = set()
         rv = ""
         count = 0
+        first = self._page_params("")
+        if self.lists == 0 and not self.consistent_list:
+            first["resourceVersion"] = "0"  # only on the first page: never with continue
         fetch: asyncio.Task[tuple[Sequence[Any], dict[str, Any]]] | None = asyncio.create_task(
-            self._list_page(self._page_params(""))
+            self._list_page(first)
         )
         try:
             while fetch is not None:
@@ -831,9 +844,11 @@ class Reflector:
                     note="relisting",
                 )
                 need_list = True
+                self.consistent_list = True
             except ApiStatusError as exc:
                 if exc.status == 410:
                     need_list = True
+                    self.consistent_list = True
                     continue
                 # A throttled server is alive and says when to come back; anything else
                 # (5xx, or credentials/RBAC refused: 401/403) means no updates arrive.

@@ -650,8 +650,12 @@ class FakeApiServer:
         expired_watch_as_http_410: bool = False,
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        unpaged_cached_lists: bool = False,
     ) -> None:
         self.host = host
+        # A list with resourceVersion=0 is served from the watch cache, which (in older
+        # API servers) ignores ``limit``: with True, such a list is answered unpaged.
+        self.unpaged_cached_lists = unpaged_cached_lists
         self.ssl_context = ssl_context  # serve HTTPS with this (server-side) context
         self.port = port
         self.bookmark_interval = bookmark_interval
@@ -1118,6 +1122,8 @@ class FakeApiServer:
             raise ApiError(504, "Timeout", f"Too large resource version: {rv}, current: {store.rv}")
         limit = self._limit_param(req)
         token = req.query.get("continue", "")
+        if self.unpaged_cached_lists and req.query.get("resourceVersion") == "0" and not token:
+            limit = 0
         after: ObjectKey | None = None
         if token:
             if rv is not None:

@@ -763,6 +763,44 @@ def test_expired_continue_token_restarts_the_list_and_reconciles() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("unpaged", [False, True], ids=["cache-pages", "cache-ignores-limit"])
+def test_first_list_from_the_watch_cache_relist_after_410_consistent(unpaged: bool) -> None:
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        for i in range(25):
+            api.create(service(f"s{i:02}"))
+
+    def service_lists(api: FakeApiServer) -> list[dict[str, str]]:
+        return [q for m, p, q in api.stats.requests if p == "/api/v1/services" and "watch" not in q]
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1, what="synced")
+        assert sink.versions() == server_versions(api)
+        first = service_lists(api)
+        # resourceVersion=0 on the first page only (the API server refuses it with continue).
+        assert first[0].get("resourceVersion") == "0" and first[0]["limit"] == "10"
+        assert all("resourceVersion" not in q and q["continue"] for q in first[1:])
+        assert len(first) == (1 if unpaged else 3)
+        for r in kube.reflectors:
+            lists = [q for _, p, q in api.stats.requests if p == r.path and "watch" not in q]
+            assert lists[0].get("resourceVersion") == "0", r.path
+
+        api.delete("Service", "default", "s03")
+        api.expire()  # 410: relist, and this time a consistent read
+        await until(lambda: kube.services.lists == 2, what="relisted")
+        await until(lambda: sink.versions() == server_versions(api), what="converged")
+        relist = service_lists(api)[len(first) :]
+        assert relist and all(q.get("resourceVersion", "") == "" for q in relist)
+        assert len(relist) == 3  # a consistent read is paged: 25 Services in pages of 10
+
+    run(
+        test,
+        setup=setup,
+        server={"unpaged_cached_lists": unpaged},
+        source={"page_size": 10},
+    )
+
+
 # --------------------------------------------------------------------------- metrics
 
 
