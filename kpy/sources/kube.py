@@ -16,7 +16,10 @@ One reflector per resource, with the semantics a production node agent needs
   listed once (and the Node exists, or ``node_grace`` has passed), so a partial view is
   never programmed; losing the API server only reports ``sink.connection(False, ...)``
   — nothing is deleted because the API is gone;
-* an object without usable metadata is skipped with a structured warning naming it.
+* an object without usable metadata is skipped with a structured warning naming it;
+* Services and EndpointSlices are selected as kube-proxy selects them
+  (:data:`IGNORED_LABEL_SELECTOR`): another proxy's, and headless Services' slices, are
+  left out by the API server, and one that gains such a label is DELETED by the watch.
 
 Configuration comes from the official ``kubernetes`` client (in-cluster service
 account, a kubeconfig, or an explicit ``--master``); the HTTP is kpy's own, on asyncio
@@ -68,6 +71,12 @@ SERVICES_PATH = "/api/v1/services"
 ENDPOINT_SLICES_PATH = "/apis/discovery.k8s.io/v1/endpointslices"
 NODES_PATH = "/api/v1/nodes"
 USER_AGENT = f"kpy/{__version__}"
+# What kube-proxy asks the API server to leave out of its Services and EndpointSlices
+# (cmd/kube-proxy/app/server.go): another proxy's objects, and the EndpointSlices of
+# headless Services. The selector is evaluated server-side, on lists and watches alike; an
+# object that gains one of these labels arrives as DELETED. kpy.convert still checks the
+# proxy name itself.
+IGNORED_LABEL_SELECTOR = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 IN_CLUSTER_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 
@@ -522,11 +531,13 @@ class Reflector:
         path: str,
         *,
         field_selector: str = "",
+        label_selector: str = "",
     ) -> None:
         self.source = source
         self.kind = kind
         self.path = path
         self.field_selector = field_selector
+        self.label_selector = label_selector
         self.known: dict[ObjectKey, JSON] = {}
         self.resource_version = ""
         self.listed = asyncio.Event()
@@ -588,7 +599,10 @@ class Reflector:
     # -- list
 
     def _params(self) -> dict[str, str]:
-        return {"fieldSelector": self.field_selector} if self.field_selector else {}
+        params = {"fieldSelector": self.field_selector} if self.field_selector else {}
+        if self.label_selector:
+            params["labelSelector"] = self.label_selector
+        return params
 
     async def list(self) -> None:
         """List everything, emit the differences to what is known, remember the rv.
@@ -919,8 +933,12 @@ class KubeSource:
         self.timeouts = timeouts or Timeouts()
         self.node_grace = node_grace
         self.node_log_interval = node_log_interval
-        self.services = Reflector(self, Kind.SERVICE, SERVICES_PATH)
-        self.endpoint_slices = Reflector(self, Kind.ENDPOINT_SLICE, ENDPOINT_SLICES_PATH)
+        self.services = Reflector(
+            self, Kind.SERVICE, SERVICES_PATH, label_selector=IGNORED_LABEL_SELECTOR
+        )
+        self.endpoint_slices = Reflector(
+            self, Kind.ENDPOINT_SLICE, ENDPOINT_SLICES_PATH, label_selector=IGNORED_LABEL_SELECTOR
+        )
         self.node = Reflector(
             self, Kind.NODE, NODES_PATH, field_selector=f"metadata.name={node_name}"
         )

@@ -801,6 +801,49 @@ def test_first_list_from_the_watch_cache_relist_after_410_consistent(unpaged: bo
     )
 
 
+# --------------------------------------------------------------------------- selectors
+
+PROXY_NAME = "service.kubernetes.io/service-proxy-name"
+HEADLESS = "service.kubernetes.io/headless"
+
+
+def test_other_proxies_services_and_headless_slices_are_left_out_by_the_server() -> None:
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        other = service("other")
+        other["metadata"]["labels"] = {PROXY_NAME: "another-proxy"}
+        api.create(other)
+        api.create(service("db", ip="None"))
+        headless = endpoint_slice("db-xyz", "db")
+        headless["metadata"]["labels"][HEADLESS] = ""
+        api.create(headless)
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1, what="synced")
+        names = {(k, n) for k, _, n in sink.state}
+        assert (Kind.SERVICE, "other") not in names and (Kind.SERVICE, "db") in names
+        assert (Kind.ENDPOINT_SLICE, "db-xyz") not in names
+        assert (Kind.ENDPOINT_SLICE, "web-abc") in names
+        for path in ("/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices"):
+            asked = [q for _, p, q in api.stats.requests if p == path]
+            assert {"list", "watch"} <= {"watch" if "watch" in q else "list" for q in asked}
+            assert all(q["labelSelector"] == f"!{HEADLESS},!{PROXY_NAME}" for q in asked), asked
+        assert all("labelSelector" not in q for _, p, q in api.stats.requests if "nodes" in p)
+
+        # Labelled for another proxy while watched: the watch says DELETED, and back.
+        api.patch("Service", "default", "web", {"metadata": {"labels": {PROXY_NAME: "x"}}})
+        await until(lambda: (Kind.SERVICE, "default", "web") not in sink.state, what="gone")
+        assert sink.events[-1].type is EventType.DELETE and sink.events[-1].name == "web"
+        api.patch("Service", "default", "web", {"metadata": {"labels": {PROXY_NAME: None}}})
+        await until(lambda: (Kind.SERVICE, "default", "web") in sink.state, what="back")
+        expected = {
+            k: v for k, v in server_versions(api).items() if k[2] not in ("other", "db-xyz")
+        }
+        assert sink.versions() == expected
+
+    run(test, setup=setup)
+
+
 # --------------------------------------------------------------------------- metrics
 
 

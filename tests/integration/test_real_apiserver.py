@@ -572,3 +572,57 @@ def test_kpy_check_kubeconfig_lists_and_judges_from_the_real_api(plane: ControlP
         lambda: not _exists(plane, f"/api/v1/namespaces/{ns}/pods/kpy-netshoot"),
         what="netshoot deleted",
     )
+
+
+# --------------------------------------------------------------------------- selectors
+
+
+def test_server_side_selectors_leave_out_other_proxies_and_headless_slices(
+    plane: ControlPlane,
+) -> None:
+    """kube-proxy's label selector, evaluated by the real API server: another proxy's
+    Service and the slices the real controller labels headless never arrive; a Service
+    that gains the proxy-name label is DELETED by the watch, and comes back without it."""
+    ns = namespace(plane)
+    api = plane.admin()
+    proxy_name = "service.kubernetes.io/service-proxy-name"
+    api.create(service("web", ns, {"app": "web"}))
+    other = service("other", ns)
+    other["metadata"]["labels"] = {proxy_name: "another-proxy"}
+    api.create(other)
+    headless = service("db", ns, {"app": "db"})
+    headless["spec"]["clusterIP"] = "None"
+    api.create(headless)
+    start_pod(plane, "web-1", ns, {"app": "web"}, "10.244.0.31")
+    start_pod(plane, "db-1", ns, {"app": "db"}, "10.244.0.32")
+    slices = f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
+
+    def db_slices() -> list[Any]:
+        items: list[Any] = api.get(f"{slices}?labelSelector=kubernetes.io/service-name=db")["items"]
+        return items
+
+    wait(lambda: any(s.get("endpoints") for s in db_slices()), what="the db slice")
+    assert all("service.kubernetes.io/headless" in s["metadata"]["labels"] for s in db_slices())
+
+    async def scenario(source: KubeSource, sink: Sink) -> None:
+        await until(lambda: "web-1" in sink.endpoints(ns, "web"), what="web's endpoints")
+        assert sink.names(Kind.SERVICE, ns) == {"web", "db"}
+        assert sink.slices(ns, "db") == []
+        await call(
+            api.request,
+            "PATCH",
+            f"/api/v1/namespaces/{ns}/services/web",
+            {"metadata": {"labels": {proxy_name: "another-proxy"}}},
+            content_type="application/merge-patch+json",
+        )
+        await until(lambda: sink.names(Kind.SERVICE, ns) == {"db"}, what="web deleted")
+        await call(
+            api.request,
+            "PATCH",
+            f"/api/v1/namespaces/{ns}/services/web",
+            {"metadata": {"labels": {proxy_name: None}}},
+            content_type="application/merge-patch+json",
+        )
+        await until(lambda: sink.names(Kind.SERVICE, ns) == {"web", "db"}, what="web back")
+
+    run(plane, scenario)
