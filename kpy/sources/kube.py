@@ -23,7 +23,8 @@ One reflector per resource, with the semantics a production node agent needs
 
 Configuration comes from the official ``kubernetes`` client (in-cluster service
 account, a kubeconfig, or an explicit ``--master``); the HTTP is kpy's own, on asyncio
-streams, and objects are decoded as raw JSON — see docs/decisions/kube-transport.md.
+streams (lists on a kept-alive connection per reflector, each watch on its own), and
+objects are decoded as raw JSON — see docs/decisions/kube-transport.md.
 """
 
 from __future__ import annotations
@@ -244,11 +245,14 @@ class Response:
         headers: dict[str, str],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        pool: ConnectionPool | None = None,
     ) -> None:
         self.status = status
         self.headers = headers
         self._reader = reader
         self._writer = writer
+        self._pool = pool
+        self._complete = False  # the body was read to its end: the connection may be reused
 
     @property
     def retry_after(self) -> float | None:
@@ -279,6 +283,7 @@ class Response:
                 if size == 0:
                     while await reader.readuntil(b"\r\n") != b"\r\n":
                         pass  # trailers
+                    self._complete = True
                     return
                 data = await reader.readexactly(size + 2)
                 if data[-2:] != b"\r\n":
@@ -287,6 +292,7 @@ class Response:
         elif "content-length" in self.headers:
             async for piece in self._read(int(self.headers["content-length"])):
                 yield piece
+            self._complete = True
         else:
             while data := await reader.read(1 << 20):
                 yield data
@@ -340,7 +346,53 @@ class Response:
             raise ProtocolError("stream ended in the middle of an event")
 
     def close(self) -> None:
-        self._writer.transport.abort()
+        """Give the connection back to its pool if the body was read to its end and the
+        server keeps it open; otherwise close it."""
+        pool, self._pool = self._pool, None
+        reusable = (
+            pool is not None
+            and self._complete
+            and self.headers.get("connection", "").lower() != "close"
+            and not self._writer.is_closing()
+        )
+        if pool is not None and reusable:
+            pool.release(self._reader, self._writer)
+        else:
+            self._writer.transport.abort()
+
+
+class ConnectionPool:
+    """Kept-alive HTTP/1.1 connections to one API server, for requests other than watches.
+
+    A request takes an idle connection (one the server has closed meanwhile is
+    dropped) or opens one; a response read to its end gives it back. At most
+    ``max_idle`` are kept. A watch never uses the pool: it holds its own connection.
+    """
+
+    def __init__(self, max_idle: int = 2) -> None:
+        self.max_idle = max_idle
+        self.opened = 0  # connections opened for the pool's requests
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    def take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if reader.at_eof() or writer.is_closing():
+                writer.transport.abort()  # closed by the server meanwhile: drop it
+                continue
+            return reader, writer
+        return None
+
+    def release(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._idle) >= self.max_idle:
+            writer.transport.abort()
+        else:
+            self._idle.append((reader, writer))
+
+    def close(self) -> None:
+        for _, writer in self._idle:
+            writer.transport.abort()
+        self._idle.clear()
 
 
 def _keepalive(sock: socket.socket | None) -> None:
@@ -354,24 +406,9 @@ def _keepalive(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
-async def request(
-    target: ApiTarget,
-    method: str,
-    path: str,
-    params: Mapping[str, str] | None = None,
-    body: bytes | None = None,
-    content_type: str = "application/json",
-    *,
-    connect_timeout: float | None = None,
-) -> Response:
-    """Send one request on a new connection and read the status line and headers.
-
-    ``connect_timeout`` bounds the TCP connect and the TLS handshake (a black-holed
-    address or a peer that never answers the handshake); the caller reads the body,
-    closes the response and bounds the rest.
-    """
-    headers = await asyncio.to_thread(target.auth) if target.auth_may_block else target.auth()
-    query = f"?{urlencode(params)}" if params else ""
+async def _connect(
+    target: ApiTarget, connect_timeout: float | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     try:
         async with asyncio.timeout(connect_timeout):
             reader, writer = await asyncio.open_connection(
@@ -387,22 +424,87 @@ async def request(
         raise TimeoutError(
             f"no connection to {target.host}:{target.port} within {connect_timeout} s"
         ) from None
+    _keepalive(writer.get_extra_info("socket"))
+    return reader, writer
+
+
+class _ClosedBeforeAnswer(Exception):
+    """A kept-alive connection ended before any byte of the response."""
+
+
+async def request(
+    target: ApiTarget,
+    method: str,
+    path: str,
+    params: Mapping[str, str] | None = None,
+    body: bytes | None = None,
+    content_type: str = "application/json",
+    *,
+    connect_timeout: float | None = None,
+    pool: ConnectionPool | None = None,
+) -> Response:
+    """Send one request and read the status line and headers.
+
+    Without ``pool``, on a new connection that ends with the response (``Connection:
+    close``: watches). With one, on a kept-alive connection from it; if a reused
+    connection turns out closed by the server before any byte of the answer (its idle
+    timeout raced the request), a ``GET`` is sent once more on a new connection.
+
+    ``connect_timeout`` bounds the TCP connect and the TLS handshake (a black-holed
+    address or a peer that never answers the handshake); the caller reads the body,
+    closes the response (which gives a pooled connection back) and bounds the rest.
+    """
+    headers = await asyncio.to_thread(target.auth) if target.auth_may_block else target.auth()
+    query = f"?{urlencode(params)}" if params else ""
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    lines = [
+        f"{method} {target.base_path}{quote(path)}{query} HTTP/1.1",
+        f"Host: {host}:{target.port}",
+        f"User-Agent: {USER_AGENT}",
+        "Accept: application/json",
+        "Connection: keep-alive" if pool is not None else "Connection: close",
+    ]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    if body is not None:
+        lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+    kept = pool.take() if pool is not None else None
+    if kept is not None:
+        try:
+            return await _exchange(kept, data, pool, reused=True)
+        except _ClosedBeforeAnswer:
+            if method != "GET":
+                raise ConnectionResetError("the kept-alive connection was closed") from None
+    connection = await _connect(target, connect_timeout)
+    if pool is not None:
+        pool.opened += 1
     try:
-        _keepalive(writer.get_extra_info("socket"))
-        host = f"[{target.host}]" if ":" in target.host else target.host
-        lines = [
-            f"{method} {target.base_path}{quote(path)}{query} HTTP/1.1",
-            f"Host: {host}:{target.port}",
-            f"User-Agent: {USER_AGENT}",
-            "Accept: application/json",
-            "Connection: close",
-        ]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        if body is not None:
-            lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
-        await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
+        return await _exchange(connection, data, pool, reused=False)
+    except _ClosedBeforeAnswer:
+        raise ConnectionResetError("the server closed the connection without answering") from None
+
+
+async def _exchange(
+    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    data: bytes,
+    pool: ConnectionPool | None,
+    *,
+    reused: bool,
+) -> Response:
+    reader, writer = connection
+    try:
+        try:
+            writer.write(data)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                raise _ClosedBeforeAnswer from None
+            raise
+        except ConnectionError:
+            if reused:
+                raise _ClosedBeforeAnswer from None
+            raise
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         parts = status_line.split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
@@ -412,7 +514,9 @@ async def request(
             if ":" in line:
                 k, v = line.split(":", 1)
                 response_headers[k.strip().lower()] = v.strip()
-        return Response(int(parts[1]), response_headers, reader, writer)
+        if parts[0] == "HTTP/1.0":
+            response_headers.setdefault("connection", "close")
+        return Response(int(parts[1]), response_headers, reader, writer, pool)
     except BaseException:
         writer.transport.abort()
         raise
@@ -548,6 +652,7 @@ class Reflector:
         self.consistent_list = False
         self.watches = 0  # watches the server accepted
         self.watch_attempts = 0  # watch requests sent
+        self.pool = ConnectionPool()  # for lists; each watch has its own connection
         self._backoff = Backoff(source.backoff)
 
     # -- emitting
@@ -687,6 +792,7 @@ class Reflector:
                 self.path,
                 params,
                 connect_timeout=self.source.timeouts.connect,
+                pool=self.pool,
             )
             try:
                 data = await response.body()
@@ -943,6 +1049,7 @@ class KubeSource:
             self, Kind.NODE, NODES_PATH, field_selector=f"metadata.name={node_name}"
         )
         self.reflectors = (self.services, self.endpoint_slices, self.node)
+        self.pool = ConnectionPool(max_idle=1)  # for the Events the agent posts
         self.healthy = True
         self.is_synced = False
         self._sink: Sink | None = None
@@ -989,10 +1096,14 @@ class KubeSource:
     async def run(self, sink: Sink) -> None:
         self._sink = sink
         log.info("kube_source_starting", server=self.target.url, node=self.node_name)
-        async with asyncio.TaskGroup() as tasks:
-            for r in self.reflectors:
-                tasks.create_task(r.run(), name=f"reflector-{r.kind}")
-            tasks.create_task(self._gate(sink), name="kube-sync-gate")
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for r in self.reflectors:
+                    tasks.create_task(r.run(), name=f"reflector-{r.kind}")
+                tasks.create_task(self._gate(sink), name="kube-sync-gate")
+        finally:
+            for pool in (self.pool, *(r.pool for r in self.reflectors)):
+                pool.close()
 
     async def _gate(self, sink: Sink) -> None:
         """Call ``synced()`` once all three are listed and the Node exists (or grace ends)."""
@@ -1043,6 +1154,7 @@ class KubeSource:
                 body,
                 content_type,
                 connect_timeout=self.timeouts.connect,
+                pool=self.pool,
             )
             try:
                 data = await response.body()

@@ -581,6 +581,9 @@ class Faults:
     fail_status: int = 500
     fail_retry_after: float | None = None
     fail_paths: tuple[str, ...] = ()  # only requests whose path starts with one of these
+    # Close this many connections on a request that is not their first, without an
+    # answer (an idle timeout racing the client's next request on a kept-alive one).
+    drop_reused: int = 0
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -589,6 +592,9 @@ class Stats:
     """What clients did: for tests that assert on the client's behaviour."""
 
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    request_connections: list[int] = field(default_factory=list)  # per request: its connection
+    connections: int = 0  # connections accepted
+    dropped: int = 0  # requests dropped by Faults.drop_reused
     watches_started: int = 0
     lists: int = 0
     failed: int = 0
@@ -670,6 +676,8 @@ class FakeApiServer:
         self.stats = Stats()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._idle: set[asyncio.StreamWriter] = set()  # between requests
+        self._connection_ids: dict[asyncio.StreamWriter, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -716,6 +724,14 @@ class FakeApiServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    def close_idle(self) -> int:
+        """Close the kept-alive connections that wait for a request (as an API server's
+        idle timeout does); returns how many."""
+        idle = list(self._idle)
+        for w in idle:
+            w.close()
+        return len(idle)
 
     def _drop_connections(self) -> None:
         for w in list(self._writers):
@@ -848,11 +864,22 @@ class FakeApiServer:
         assert task is not None
         self._tasks.add(task)
         self._writers.add(writer)
+        self.stats.connections += 1
+        self._connection_ids[writer] = self.stats.connections
+        served = 0
         try:
             while True:
+                self._idle.add(writer)
                 request = await self._read_request(reader)
+                self._idle.discard(writer)
                 if request is None:
                     break
+                if served and self.faults.drop_reused > 0:
+                    self.faults.drop_reused -= 1
+                    self.stats.dropped += 1
+                    writer.transport.abort()
+                    break
+                served += 1
                 keep_alive = await self._dispatch(request, writer)
                 if not keep_alive:
                     break
@@ -864,6 +891,8 @@ class FakeApiServer:
             pass
         finally:
             self._writers.discard(writer)
+            self._idle.discard(writer)
+            self._connection_ids.pop(writer, None)
             self._tasks.discard(task)
             writer.close()
 
@@ -904,6 +933,7 @@ class FakeApiServer:
 
     async def _dispatch(self, req: _Request, writer: asyncio.StreamWriter) -> bool:
         self.stats.requests.append((req.method, req.path, dict(req.query)))
+        self.stats.request_connections.append(self._connection_ids.get(writer, 0))
         await self.faults.resumed.wait()
         keep_alive = req.headers.get("connection", "").lower() != "close"
         try:

@@ -801,6 +801,66 @@ def test_first_list_from_the_watch_cache_relist_after_410_consistent(unpaged: bo
     )
 
 
+# --------------------------------------------------------------------------- connections
+
+
+def _list_connections(api: FakeApiServer, path: str) -> list[int]:
+    """The connection each list (not watch) request of ``path`` came on."""
+    return [
+        conn
+        for (_, p, q), conn in zip(api.stats.requests, api.stats.request_connections, strict=True)
+        if p == path and "watch" not in q
+    ]
+
+
+def test_paged_lists_reuse_one_kept_alive_connection() -> None:
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        for i in range(25):
+            api.create(service(f"s{i:02}"))
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: all(r.watches >= 1 for r in kube.reflectors), what="watching")
+        first = _list_connections(api, "/api/v1/services")
+        assert len(first) == 3 and len(set(first)) == 1  # three pages, one connection
+        # One connection per reflector for its lists, one per watch.
+        assert api.stats.connections == 6
+        api.expire()  # every resource relists: on the connections kept since
+        await until(lambda: all(r.lists == 2 for r in kube.reflectors), what="relisted")
+        relist = _list_connections(api, "/api/v1/services")[3:]
+        assert len(relist) == 3 and set(relist) == set(first)
+        assert kube.services.pool.opened == 1
+        await until(lambda: sink.versions() == server_versions(api), what="converged")
+
+    run(test, setup=setup, source={"page_size": 10})
+
+
+def test_a_connection_the_server_closed_is_replaced() -> None:
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: all(r.watches >= 1 for r in kube.reflectors), what="watching")
+        before = _list_connections(api, "/api/v1/services")
+        assert api.close_idle() == 3  # the reflectors' kept list connections
+        api.create(service("new"))
+        api.expire()
+        await until(lambda: all(r.lists == 2 for r in kube.reflectors), what="relisted")
+        after = _list_connections(api, "/api/v1/services")[len(before) :]
+        assert after and not set(after) & set(before)  # a new connection
+        assert kube.services.pool.opened == 2
+
+        # Closed while the request was on its way (the server's idle timeout racing
+        # it): sent once more on a new connection, and nobody hears of it.
+        api.faults.drop_reused = 1
+        api.expire()
+        await until(lambda: all(r.lists == 3 for r in kube.reflectors), what="relisted again")
+        assert api.stats.dropped == 1
+        assert all(healthy for healthy, _ in sink.connections)
+        await until(lambda: sink.versions() == server_versions(api), what="converged")
+
+    with capture_logs() as logs:
+        run(test, setup=basic)
+    assert not [e for e in logs if e["event"] in ("kube_unreachable", "kube_request_failed")]
+
+
 # --------------------------------------------------------------------------- selectors
 
 PROXY_NAME = "service.kubernetes.io/service-proxy-name"
