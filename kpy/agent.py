@@ -211,7 +211,8 @@ class Agent:
                 o.sync_failed(plan, exc, seconds)
             raise
         seconds = time.perf_counter() - started
-        self.quarantine.applied(plan)
+        if self._isolate is not None:  # the last good states matter only to isolation
+            self.quarantine.applied(plan)
         self.status.last_sync_ok = time.time()
         self.status.last_result = result
         self.status.pending_since = None if not self.tracker.pending else self.status.pending_since

@@ -64,45 +64,62 @@ class _StatusCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         status = self._agent.status
-        pending = GaugeMetricFamily(
-            "kpy_sync_proxy_rules_pending_changes",
-            "Services with changes not yet programmed.",
+        gauges: tuple[tuple[str, str, float], ...] = (
+            (
+                "kpy_sync_proxy_rules_pending_changes",
+                "Services with changes not yet programmed.",
+                float(self._agent.tracker.pending_count),
+            ),
+            (
+                "kpy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "When the oldest unprogrammed change arrived (0: nothing pending).",
+                status.pending_since or 0.0,
+            ),
+            (
+                "kpy_services_programmed",
+                "Service ports in the last successful sync.",
+                float(status.services),
+            ),
+            (
+                "kpy_endpoints_programmed",
+                "Endpoints known for the programmed service ports.",
+                float(status.endpoints),
+            ),
+            (
+                "kpy_objects_skipped",
+                "Objects skipped as invalid since start (see warnings).",
+                float(status.skipped_objects),
+            ),
+            (
+                "kpy_service_ports_refused",
+                "Service ports the backend refused, held at their last programmed state.",
+                float(status.refused),
+            ),
+            (
+                "kpy_service_port_refusals",
+                "Service ports found refused by the backend since start.",
+                float(status.refused_total),
+            ),
+            (
+                "kpy_frontend_conflicts",
+                "Service ports programmed without a frontend that another port holds.",
+                float(status.conflicts),
+            ),
+            (
+                "kpy_source_connected",
+                "1 while the source reaches its upstream (API server).",
+                1.0 if status.source_healthy else 0.0,
+            ),
+            (
+                "kpy_ready",
+                "1 once the first full sync has succeeded.",
+                1.0 if status.first_full_sync_done else 0.0,
+            ),
         )
-        pending.add_metric([], float(self._agent.tracker.pending_count))
-        yield pending
-        queued = GaugeMetricFamily(
-            "kpy_sync_proxy_rules_last_queued_timestamp_seconds",
-            "When the oldest unprogrammed change arrived (0: nothing pending).",
-        )
-        queued.add_metric([], status.pending_since or 0.0)
-        yield queued
-        services = GaugeMetricFamily(
-            "kpy_services_programmed", "Service ports in the last successful sync."
-        )
-        services.add_metric([], float(status.services))
-        yield services
-        endpoints = GaugeMetricFamily(
-            "kpy_endpoints_programmed", "Endpoints known for the programmed service ports."
-        )
-        endpoints.add_metric([], float(status.endpoints))
-        yield endpoints
-        skipped = GaugeMetricFamily(
-            "kpy_objects_skipped", "Objects skipped as invalid since start (see warnings)."
-        )
-        skipped.add_metric([], float(status.skipped_objects))
-        yield skipped
-        refused = GaugeMetricFamily(
-            "kpy_service_ports_refused",
-            "Service ports the backend refused, held at their last programmed state.",
-        )
-        refused.add_metric([], float(status.refused))
-        yield refused
-        refused_total = GaugeMetricFamily(
-            "kpy_service_port_refusals",
-            "Service ports found refused by the backend since start.",
-        )
-        refused_total.add_metric([], float(status.refused_total))
-        yield refused_total
+        for name, help_text, value in gauges:
+            gauge = GaugeMetricFamily(name, help_text)
+            gauge.add_metric([], value)
+            yield gauge
         readback = getattr(self._agent.backend, "readback_failures", None)
         if isinstance(readback, int):
             failures = CounterMetricFamily(
@@ -111,20 +128,6 @@ class _StatusCollector(Collector):
             )
             failures.add_metric([], float(readback))
             yield failures
-        conflicts = GaugeMetricFamily(
-            "kpy_frontend_conflicts",
-            "Service ports programmed without a frontend that another port holds.",
-        )
-        conflicts.add_metric([], float(status.conflicts))
-        yield conflicts
-        source = GaugeMetricFamily(
-            "kpy_source_connected", "1 while the source reaches its upstream (API server)."
-        )
-        source.add_metric([], 1.0 if status.source_healthy else 0.0)
-        yield source
-        ready = GaugeMetricFamily("kpy_ready", "1 once the first full sync has succeeded.")
-        ready.add_metric([], 1.0 if status.first_full_sync_done else 0.0)
-        yield ready
 
 
 class Metrics:

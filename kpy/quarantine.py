@@ -7,10 +7,12 @@ turns red, the kubelet restarts the agent, which fails the same way. Every node 
 same object, so one object could take a whole fleet down.
 
 When an apply fails, the agent asks :func:`find_refused` which of the plan's service
-ports are to blame. It never experiments on the live node: each *attempt* applies a plan
-holding only some of the ports, as a cold start, to a fresh backend of the same kind in
-a throwaway network namespace (:class:`ScratchNamespaces`). First the bare plan (no
-port at all): if even that is refused the failure is not any object's (a missing tool, a
+ports are to blame. It never experiments on the live node: each *attempt* tries a plan
+holding only some of the ports, as a cold start, somewhere harmless — the backend's own
+dry run (``check``: ``nft --check``, ``iptables-restore --test``, which commit nothing)
+or, for a backend without one, a fresh backend of the same kind in a throwaway network
+namespace (:class:`ScratchNamespaces`, which needs CAP_SYS_ADMIN). First the bare plan
+(no port at all): if even that is refused the failure is not any object's (a missing tool, a
 kernel that lacks a feature) and nothing is blamed. Then the suspects are bisected: a
 group that is accepted is good; a refused group is split in two until single ports are
 left (a refused group whose first half is accepted has its second half split at once).
@@ -124,7 +126,9 @@ class Overlay(Mapping[ServicePortName, ServicePortState]):
                 yield key
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        hidden = sum(1 for k, v in self._over.items() if v is None and k in self._base)
+        added = sum(1 for k, v in self._over.items() if v is not None and k not in self._base)
+        return len(self._base) - hidden + added
 
 
 @dataclasses.dataclass(slots=True)
@@ -146,7 +150,7 @@ class Quarantine:
             return plan
         over: dict[ServicePortName, ServicePortState | None] = {}
         for name, (state, _) in list(self.refused.items()):
-            if plan.services.get(name) is not state and plan.services.get(name) != state:
+            if plan.services.get(name) != state:
                 del self.refused[name]
                 continue
             good = self.good.get(name)
