@@ -33,3 +33,10 @@ def failure(tool: str, status: int, err: bytes, lines: int = 3) -> str:
     how = f"killed by signal {-status}" if status < 0 else f"exited {status}"
     detail = err.decode(errors="replace").strip().splitlines()
     return f"{tool} {how}: {' / '.join(detail[:lines])[:500]}"
+
+
+def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
+    """``argv`` run in the named network namespace ``netns`` (with ``nsenter``), if one is set."""
+    if netns:
+        return ["nsenter", f"--net=/run/netns/{netns}", "--", *argv]
+    return list(argv)

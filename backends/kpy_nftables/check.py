@@ -34,10 +34,7 @@ def script(plan: Plan, config: BackendConfig) -> str:
 
 
 def argv(config: BackendConfig) -> list[str]:
-    command = [NFT, "--check", "-f", "-"]
-    if config.netns:
-        return ["nsenter", f"--net=/run/netns/{config.netns}", "--", *command]
-    return command
+    return proc.in_netns(config.netns, [NFT, "--check", "-f", "-"])
 
 
 async def check(plan: Plan, config: BackendConfig) -> str | None:

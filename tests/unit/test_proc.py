@@ -58,3 +58,8 @@ def _children() -> list[int]:
         if int(fields[1]) == me:
             found.append(int(entry))
     return found
+
+
+def test_in_netns_wraps_only_when_a_namespace_is_named() -> None:
+    assert proc.in_netns(None, ["nft", "-f", "-"]) == ["nft", "-f", "-"]
+    assert proc.in_netns("kpy-n1", ["nft"]) == ["nsenter", "--net=/run/netns/kpy-n1", "--", "nft"]
