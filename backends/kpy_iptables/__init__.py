@@ -69,6 +69,19 @@ class _Step:
     texts: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
+def _inputs(steps: list[_Step], mode: str) -> list[tuple[int, render.Restore]]:
+    """The restore inputs of ``steps``, in the order they are sent: (family, input)."""
+    limit = render.CHUNK_LINES if mode == "nft" else None
+    out: list[tuple[int, render.Restore]] = []
+    for step in steps:
+        if step.change is not None:
+            for family, transactions in sorted(render.restores(step.change, limit).items()):
+                out += [(family, restore) for restore in transactions]
+        for family, text in sorted(step.texts.items()):
+            out.append((family, render.Restore(text=text, ops=text.count("\n"))))
+    return out
+
+
 def _route_localnet(netns: str | None) -> None:
     """route_localnet=1 in the node's network namespace (a connection from 127.0.0.1 to
     a localhost NodePort leaves the node DNATed and masqueraded); a failure is logged
@@ -125,12 +138,7 @@ class IptablesBackend:
             return f"iptables unavailable: {type(exc).__name__}: {exc}"
 
     async def apply(self, plan: Plan) -> ApplyResult:
-        # The Node's pod CIDRs tell pods apart in every externalTrafficPolicy Local chain.
-        full = (
-            plan.full_sync
-            or self._needs_full
-            or render.with_node(self._ctx, self.config, plan.node) != self._ctx
-        )
+        full = self._is_full(plan)
         started = time.monotonic()
         done: list[render.Restore] = []
         try:
@@ -139,17 +147,9 @@ class IptablesBackend:
                 steps, how = await self._full(plan, mode)
             else:
                 steps, how = [_Step(change=self._partial(plan))], "partial"
-            limit = render.CHUNK_LINES if mode == "nft" else None
-            for step in steps:
-                if step.change is not None:
-                    inputs = render.restores(step.change, limit)
-                    for family, transactions in sorted(inputs.items()):
-                        for restore in transactions:
-                            await self._kernel.restore(family, restore.text)
-                            done.append(restore)
-                for family, text in sorted(step.texts.items()):
-                    await self._kernel.restore(family, text)
-                    done.append(render.Restore(text=text, ops=text.count("\n")))
+            for family, restore in _inputs(steps, mode):
+                await self._kernel.restore(family, restore.text)
+                done.append(restore)
         except IptablesError as exc:
             self._needs_full = True
             log.warning("iptables_apply_failed", error=str(exc), full_sync=full)
@@ -235,29 +235,27 @@ class IptablesBackend:
     def close(self) -> None:
         self._kernel.close()
 
-    async def dry_run(self, plan: Plan) -> str:
-        """The ``iptables-restore --noflush`` inputs ``apply(plan)`` would send now, in
-        order (a full sync reads the kernel back first, as apply does), sending nothing."""
-        full = (
+    def _is_full(self, plan: Plan) -> bool:
+        # The Node's pod CIDRs tell pods apart in every externalTrafficPolicy Local chain.
+        return (
             plan.full_sync
             or self._needs_full
             or render.with_node(self._ctx, self.config, plan.node) != self._ctx
         )
+
+    async def dry_run(self, plan: Plan) -> str:
+        """The ``iptables-restore --noflush`` inputs ``apply(plan)`` would send now, in
+        order (a full sync reads the kernel back first, as apply does), sending nothing."""
+        full = self._is_full(plan)
         mode = await self._kernel.mode()
         if full:
             steps, _ = await self._full(plan, mode)
         else:
             steps = [_Step(change=self._partial(plan))]
-        limit = render.CHUNK_LINES if mode == "nft" else None
-        parts: list[str] = []
-        for step in steps:
-            if step.change is not None:
-                for family, transactions in sorted(render.restores(step.change, limit).items()):
-                    for restore in transactions:
-                        parts.append(f"# {tool(mode, family, 'restore')} --noflush\n{restore.text}")
-            for family, text in sorted(step.texts.items()):
-                parts.append(f"# {tool(mode, family, 'restore')} --noflush\n{text}")
-        return "".join(parts)
+        return "".join(
+            f"# {tool(mode, family, 'restore')} --noflush\n{restore.text}"
+            for family, restore in _inputs(steps, mode)
+        )
 
     async def check(self, plan: Plan) -> str | None:
         """None when iptables would take ``plan``'s ports (``--test``, changes nothing)."""
@@ -383,16 +381,10 @@ class IptablesBackend:
                     touched.add(cid)
                 else:
                     self._record.pop(cid, None)
-        if full:  # the dispatch chains as checked (or written, read back below)
-            for cid in {
-                (k.family, k.table, k.chain)
-                for k in self._want
-                if not k.rule and k.chain in DISPATCH
-            }:
-                if cid not in touched and cid not in self._record:
-                    touched.add(cid)
         if full:  # (a walk over every wanted key: never on a partial sync)
             wanted = {(k.family, k.table, k.chain) for k in self._want if not k.rule}
+            # the dispatch chains as checked (or written, read back below)
+            touched |= {cid for cid in wanted if cid[2] in DISPATCH and cid not in self._record}
             for cid in list(self._record):
                 if cid not in wanted:
                     del self._record[cid]

@@ -24,13 +24,14 @@ for the xtables lock as the ``iptables`` command does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import signal
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from kpy.netns_socket import run_in_netns
+from kpy.proc import communicate
 from kpy_iptables.netlink import ChainReader, NetlinkError
 from kpy_iptables.render import FILTER, NAT, owned
 
@@ -48,10 +49,15 @@ def tool(mode: str, family: int, verb: str) -> str:
     return f"{'ip6tables' if family == 6 else 'iptables'}-{mode}-{verb}"
 
 
-def status(returncode: int | None) -> str:
+def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
+    """``argv`` run in the network namespace ``netns`` (with ``nsenter``), if one is set."""
+    if netns:
+        return ["nsenter", f"--net=/run/netns/{netns}", "--", *argv]
+    return list(argv)
+
+
+def status(returncode: int) -> str:
     """``exit status 2``, ``killed by signal 11 (SIGSEGV)``."""
-    if returncode is None:
-        return "did not finish"
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -61,7 +67,7 @@ def status(returncode: int | None) -> str:
     return f"exit status {returncode}"
 
 
-def failure(argv0: str, returncode: int | None, stderr: str) -> str:
+def failure(argv0: str, returncode: int, stderr: str) -> str:
     text = stderr.strip()
     return f"{argv0} failed ({status(returncode)})" + (f": {text}" if text else "")
 
@@ -87,9 +93,7 @@ class Kernel:
         self._reader: ChainReader | None = None
 
     def _argv(self, *argv: str) -> list[str]:
-        if self.netns:
-            return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
-        return list(argv)
+        return in_netns(self.netns, argv)
 
     @property
     def reader(self) -> ChainReader:
@@ -183,25 +187,12 @@ class Kernel:
     # --- commands ----------------------------------------------------------------------
 
     async def _run(self, argv: list[str], stdin: str | None = None) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            *self._argv(*argv),
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        # kpy.proc kills and reaps the child if we are cancelled (the agent stops).
+        code, out, err = await communicate(
+            self._argv(*argv), stdin.encode() if stdin is not None else None
         )
-        try:
-            out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-        except BaseException:
-            # Cancelled (the agent stops) or failed while waiting: the child must not
-            # outlive us.
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(proc.wait())
-            raise
-        if proc.returncode != 0:
-            raise IptablesError(failure(argv[0], proc.returncode, err.decode(errors="replace")))
+        if code != 0:
+            raise IptablesError(failure(argv[0], code, err.decode(errors="replace")))
         return out.decode()
 
     async def mode(self) -> str:

@@ -14,7 +14,7 @@ from kpy import diff, proc
 from kpy.backend import BackendConfig
 from kpy.model import Plan
 from kpy_iptables import render
-from kpy_iptables.apply import tool
+from kpy_iptables.apply import in_netns, tool
 
 BATCH_LINES = 2_500  # iptables-nft-restore slows down more than linearly past a few thousand
 
@@ -49,10 +49,7 @@ def texts(plan: Plan, ctx: render.Context) -> list[dict[int, str]]:
 
 
 def argv(config: BackendConfig, mode: str, family: int) -> list[str]:
-    command = [tool(mode, family, "restore"), "--test", "--noflush"]
-    if config.netns:
-        return ["nsenter", f"--net=/run/netns/{config.netns}", "--", *command]
-    return command
+    return in_netns(config.netns, [tool(mode, family, "restore"), "--test", "--noflush"])
 
 
 async def check(plan: Plan, config: BackendConfig, ctx: render.Context, mode: str) -> str | None:
