@@ -44,6 +44,7 @@ that changed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
@@ -244,11 +245,16 @@ class Context:
     def pods(self, version: int) -> tuple[str, ...]:
         """The matches, one rule each, for traffic from this node's pods (upstream's
         IfLocal): ``-s CIDR`` per CIDR, or ``-i`` the pods' interface; none for a
-        no-op detector."""
-        detector = self.detector(version)
-        if detector.interface:
-            return (f"-i {detector.interface}{'+' if detector.prefix else ''}",)
-        return tuple(f"-s {c}" for c in detector.cidrs)
+        no-op detector. Worked out once per context (render asks once per port)."""
+        return _pods(self, version)
+
+
+@functools.lru_cache(maxsize=16)
+def _pods(ctx: Context, version: int) -> tuple[str, ...]:
+    detector = ctx.detector(version)
+    if detector.interface:
+        return (f"-i {detector.interface}{'+' if detector.prefix else ''}",)
+    return tuple(f"-s {c}" for c in detector.cidrs)
 
 
 def context(config: BackendConfig, node: NodeInfo) -> Context:

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kpy.proc import communicate
+
 
 class NftError(Exception):
     """``nft`` failed; the message carries its stderr."""
@@ -33,21 +35,11 @@ class Nft:
 
     async def _run(self, *args: str) -> str:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.command(*args),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            status, out, err = await communicate(self.command(*args))
         except OSError as exc:
             raise NftError(f"cannot run nft: {exc}") from exc
-        try:
-            out, err = await proc.communicate()
-        except BaseException:
-            await _kill([proc])
-            raise
-        if proc.returncode != 0:
-            raise NftError(err.decode(errors="replace").strip() or f"nft exited {proc.returncode}")
+        if status != 0:
+            raise NftError(err.decode(errors="replace").strip() or f"nft exited {status}")
         return out.decode()
 
     async def run_script(self, script: str) -> None:

@@ -92,14 +92,11 @@ class UserspaceBackend:
         lines = [f"# userspace proxy: {'full' if full else 'partial'} sync"]
         for name in names:
             state = plan.services.get(name)
-            table = (
-                None
-                if state is None
-                else render.port_table(state, nodeport_addresses=self._nodeports)
-            )
+            if state is None:
+                lines.append(f"close {name}")
+                continue
+            table = render.port_table(state, nodeport_addresses=self._nodeports)
             if table is None:
-                if state is None:
-                    lines.append(f"close {name}")
                 continue
             for frontend in table.frontends:
                 eps = table.endpoints(frontend.role, frontend.key.family)
