@@ -51,6 +51,7 @@ from typing import Any
 
 from kpy.netns_socket import run_in_netns
 from kpy.testing import realcluster as rc
+from kpy.testing.netns import ip
 
 CP_NS, NODE_NS, POD_NS = "kpy-vs-cp", "kpy-vs-node", "kpy-vs-pod"
 CP_IP, NODE_IP = "192.168.200.1", "192.168.200.2"
@@ -62,10 +63,6 @@ ENDPOINT_SETS = (
     [f"10.244.0.{20 + i}" for i in range(5)],
 )
 PROXIES = ("kube-proxy/nftables", "kpy/nftables", "kube-proxy/iptables", "kpy/iptables")
-
-
-def ip(*argv: str) -> None:
-    subprocess.run(["ip", *argv], check=True, capture_output=True)
 
 
 # --------------------------------------------------------------------------- workload
@@ -203,10 +200,7 @@ def node() -> Iterator[Echo]:
             echo.close()
     finally:
         for ns in (NODE_NS, POD_NS):
-            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
-                                      text=True, check=False).stdout.split():  # fmt: skip
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), 9)
+            rc.kill_in_netns(ns)
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 

@@ -418,7 +418,7 @@ def _start_detached(argv: list[str], log: Path) -> int:
     """Start a process in its own session that outlives this one; its pid."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            ["setsid", "-f", "sh", "-c", 'echo $$; exec "$@"', "kpy-cp", *argv],
+            ["setsid", "-f", "sh", "-c", 'echo $$; exec "$@" >&2', "kpy-cp", *argv],
             stdout=subprocess.PIPE,
             stderr=out,
             stdin=subprocess.DEVNULL,
@@ -679,7 +679,7 @@ class ControlPlane:
             if proc is not None:
                 _stop_process(proc)
         if self._netns_created:
-            _kill_in_netns(self.netns)
+            kill_in_netns(self.netns)
             subprocess.run(["ip", "netns", "del", self.netns], check=False, capture_output=True)
             self._netns_created = False
         if self._own_workdir and self.workdir is not None:
@@ -759,7 +759,7 @@ def _ip(*argv: str) -> None:
         raise ControlPlaneError(f"ip {' '.join(argv)}: {done.stderr.strip()}")
 
 
-def _kill_in_netns(netns: str) -> None:
+def kill_in_netns(netns: str) -> None:
     """SIGKILL whatever still runs inside ``netns`` (``ip netns pids``)."""
     done = subprocess.run(
         ["ip", "netns", "pids", netns], capture_output=True, text=True, check=False
@@ -1013,6 +1013,7 @@ __all__ = [
     "Pki",
     "bindir",
     "control_plane",
+    "kill_in_netns",
     "kubeconfig",
     "lab_objects",
     "list_objects",

@@ -176,7 +176,7 @@ def _victims(netns: str) -> str:
     return run_nft(netns, "list", "table", "ip", "victim")
 
 
-def _in_netns(netns: str, *argv: str, text: str | None = None) -> str:
+def in_netns(netns: str, *argv: str, text: str | None = None) -> str:
     done = subprocess.run(
         ["ip", "netns", "exec", netns, *argv],
         input=text,
@@ -228,9 +228,9 @@ def test_iptables_render_of_the_corpus_stays_in_kpys_chains(corpus_plan: Plan) -
     foreign = "*nat\n-A PREROUTING -s 192.0.2.99/32 -j ACCEPT\nCOMMIT\n"
     jumps = {(k.table, k.chain, k.rule) for k in want if k.rule and k.chain in ipt.BUILTIN}
     with scratch("kpy-hci") as netns:
-        _in_netns(netns, "iptables-restore", "--noflush", text=foreign)
-        _in_netns(netns, "iptables-restore", "--noflush", text=text)
-        saved = _in_netns(netns, "iptables-save")
+        in_netns(netns, "iptables-restore", "--noflush", text=foreign)
+        in_netns(netns, "iptables-restore", "--noflush", text=text)
+        saved = in_netns(netns, "iptables-save")
     table = ""
     for line in saved.splitlines():
         if line.startswith("*"):

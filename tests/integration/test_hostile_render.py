@@ -12,7 +12,6 @@ the number of examples is kept small, so the test takes seconds.
 from __future__ import annotations
 
 import ipaddress
-import subprocess
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -27,6 +26,7 @@ from kpy.testing import builders as b
 from kpy.testing.netns import nft as run_nft
 from kpy.testing.netns import scratch
 from tests.conftest import require_root
+from tests.integration.test_hostile_corpus import in_netns
 
 pytestmark = pytest.mark.root
 
@@ -95,18 +95,6 @@ def _states(triples: list[tuple[str, str, str]]) -> list[ServicePortState]:
     return states
 
 
-def _run(netns: str, *argv: str, text: str | None = None) -> str:
-    done = subprocess.run(
-        ["ip", "netns", "exec", netns, *argv],
-        input=text,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr}"
-    return done.stdout
-
-
 SETTINGS = settings(
     max_examples=12,
     deadline=None,
@@ -159,11 +147,11 @@ def test_iptables_any_names_stay_inside_kpys_chains(triples: list[tuple[str, str
         (k.table, k.chain, k.rule) for k in ipt.base(ctx, 4) if k.rule and k.chain in ipt.BUILTIN
     }
     with scratch("kpy-hipt") as netns:
-        _run(netns, "iptables-restore", "--noflush", text=FOREIGN_IPT)
-        foreign = set(_rules(_run(netns, "iptables-save")))
-        _run(netns, "iptables-restore", "--test", "--noflush", text=text)  # parses
-        _run(netns, "iptables-restore", "--noflush", text=text)  # and applies
-        after = _rules(_run(netns, "iptables-save"))
+        in_netns(netns, "iptables-restore", "--noflush", text=FOREIGN_IPT)
+        foreign = set(_rules(in_netns(netns, "iptables-save")))
+        in_netns(netns, "iptables-restore", "--test", "--noflush", text=text)  # parses
+        in_netns(netns, "iptables-restore", "--noflush", text=text)  # and applies
+        after = _rules(in_netns(netns, "iptables-save"))
     assert foreign <= set(after), "someone else's rules were changed"
     for table, chain, rule in after:
         if (table, chain, rule) in foreign:

@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 
 from kpy import check
 from kpy.netns_socket import run_in_netns
-from kpy.sources import Event, EventType, Kind
+from kpy.sources import EventType, Kind
 from kpy.sources.kube import REQUIRED_PERMISSIONS, BackoffPolicy, KubeSource, Timeouts, load_target
 from kpy.testing import realcluster
 from kpy.testing.realcluster import (
@@ -38,6 +38,7 @@ from kpy.testing.realcluster import (
     running_status,
 )
 from tests.conftest import require_root
+from tests.integration.test_kube_source import RecordingSink
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -48,32 +49,9 @@ NODE = "node-a"
 NODE_IP = "192.168.0.2"
 _names = itertools.count(1)
 
-Key = tuple[Kind, str, str]
 
-
-class Sink:
+class Sink(RecordingSink):
     """Keeps the state the source's events describe."""
-
-    def __init__(self) -> None:
-        self.state: dict[Key, dict[str, Any]] = {}
-        self.events: list[Event] = []
-        self.synced_count = 0
-        self.connections: list[tuple[bool, str]] = []
-
-    def event(self, event: Event) -> None:
-        self.events.append(event)
-        key = (event.kind, event.namespace, event.name)
-        if event.type is EventType.UPSERT:
-            self.state[key] = event.obj
-        else:
-            assert key in self.state, f"DELETE of an object never upserted: {key}"
-            del self.state[key]
-
-    def synced(self) -> None:
-        self.synced_count += 1
-
-    def connection(self, healthy: bool, reason: str = "") -> None:
-        self.connections.append((healthy, reason))
 
     def names(self, kind: Kind, namespace: str) -> set[str]:
         return {n for (k, ns, n) in self.state if k is kind and ns == namespace}
@@ -605,6 +583,8 @@ def test_server_side_selectors_leave_out_other_proxies_and_headless_slices(
     assert all("service.kubernetes.io/headless" in s["metadata"]["labels"] for s in db_slices())
 
     async def scenario(source: KubeSource, sink: Sink) -> None:
+        # every reflector has listed (Services and slices arrive on separate watches)
+        await until(lambda: sink.synced_count == 1, what="synced")
         await until(lambda: "web-1" in sink.endpoints(ns, "web"), what="web's endpoints")
         assert sink.names(Kind.SERVICE, ns) == {"web", "db"}
         assert sink.slices(ns, "db") == []
