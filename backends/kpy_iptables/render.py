@@ -17,7 +17,7 @@ Every rule is written in the exact form ``iptables-save`` prints it back (match 
 objects read back from the kernel by :mod:`kpy_iptables.observe` compare equal to the
 rendered ones and a restarted agent finds nothing to change.
 
-Nothing here does I/O: :func:`restore` turns a :class:`~kpy.diff.Diff` of objects into
+Nothing here does I/O: :func:`restore` turns a :class:`~kpy.core.diff.Diff` of objects into
 ``iptables-restore --noflush`` input, one text per IP family.
 """
 
@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kpy import diff
-from kpy.backend import BackendConfig, LocalDetector
-from kpy.model import (
+from kpy.core import diff
+from kpy.core.backend import BackendConfig, LocalDetector
+from kpy.core.model import (
     Endpoint,
     IPAddress,
     IPFamily,
@@ -84,7 +84,7 @@ class Key:
     chain: str
     rule: str = ""
 
-    def __repr__(self) -> str:  # kpy.diff sorts keys by repr; the generated one is slow
+    def __repr__(self) -> str:  # kpy.core.diff sorts keys by repr; the generated one is slow
         return f"Key({self.family}, {self.table}, {self.chain}, {self.rule})"
 
     def __str__(self) -> str:
@@ -218,7 +218,7 @@ def _reject(family: int) -> str:
 COMMENT_MAX = 255  # XT_MAX_COMMENT_LEN, less its terminating NUL
 _UNQUOTABLE = re.compile(r"[^A-Za-z0-9 _.:/=+,-]")
 # What a part of a service port's name may hold: what Kubernetes allows in namespaces,
-# Service names and port names (kpy.convert refuses anything else).
+# Service names and port names (kpy.core.convert refuses anything else).
 _NAME_PART = re.compile(r"(?:[a-z0-9](?:[-a-z0-9.]{0,61}[a-z0-9])?)?")
 
 

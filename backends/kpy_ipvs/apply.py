@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPVS, IPRoute, IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kpy.model import IPAddress, Protocol
+from kpy.core.model import IPAddress, Protocol
 from kpy_ipvs import render
 from kpy_ipvs.render import DestKey, Element, VirtualKey, VirtualService
 

@@ -50,9 +50,9 @@ import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
-from kpy import select
-from kpy.backend import BackendConfig, LocalDetector, frontend
-from kpy.model import (
+from kpy.core import endpoints as select
+from kpy.core.backend import BackendConfig, LocalDetector, frontend
+from kpy.core.model import (
     Endpoint,
     IPAddress,
     IPNetwork,

@@ -41,9 +41,9 @@ from kpy_iptables import trace as iptables_trace
 from kpy_iptables.render import FILTER, NAT
 from kpy_iptables.trace import Rule, Syntax, Tables, TraceError
 
-from kpy.backend import BackendConfig
-from kpy.explain import Origin, Packet, Trace, Verdict, input_interface
-from kpy.model import IPAddress, Plan, Protocol
+from kpy.core.backend import BackendConfig
+from kpy.core.model import IPAddress, Plan, Protocol
+from kpy.core.trace import Origin, Packet, Trace, Verdict, input_interface
 from kpy_ipvs import render
 from kpy_ipvs.render import DestKey, PortObjects, VirtualKey, VirtualService
 

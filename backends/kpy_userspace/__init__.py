@@ -27,8 +27,8 @@ from pathlib import Path
 
 import structlog
 
-from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed, ServiceView
-from kpy.model import Plan, ServicePortName
+from kpy.core.backend import ApplyResult, BackendConfig, BackendError, Programmed, ServiceView
+from kpy.core.model import Plan, ServicePortName
 from kpy_userspace import render
 from kpy_userspace.proxy import Proxy, Settings
 

@@ -38,8 +38,8 @@ from typing import Any, TypeVar, cast
 
 import structlog
 
-from kpy.model import Endpoint, IPAddress, IPNetwork, Protocol, ServicePortName
-from kpy.netns_socket import run_in_netns
+from kpy.core.model import Endpoint, IPAddress, IPNetwork, Protocol, ServicePortName
+from kpy.kernel.netns import run_in_netns
 from kpy_userspace.render import (
     ADDRESS_PROTO,
     INTERFACE,

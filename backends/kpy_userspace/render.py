@@ -14,8 +14,8 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kpy.backend import BackendConfig, ServiceView, desired_view
-from kpy.model import (
+from kpy.core.backend import BackendConfig, ServiceView, desired_view
+from kpy.core.model import (
     Endpoint,
     IPAddress,
     IPNetwork,

@@ -21,10 +21,10 @@ from kpy_ipvs import trace as ipvs
 from kpy_nftables import render as nft_render
 from kpy_nftables import trace as nft
 
-from kpy import explain as ex
-from kpy.backend import BackendConfig
 from kpy.cli import main
-from kpy.model import Plan
+from kpy.core import trace as ex
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Plan
 from kpy.testing import builders as b
 from tests.unit.test_explain import EXAMPLES_AS_NODE_1
 

@@ -1015,7 +1015,7 @@ def test_dev_command_serves_a_manifests_directory(tmp_path: Path) -> None:
     ids=["not-yaml", "no-current-context", "missing-file"],
 )
 def test_unusable_kubeconfig_is_a_configuration_error(tmp_path: Path, text: str | None) -> None:
-    from kpy.config import ConfigError
+    from kpy.agent.config import ConfigError
     from kpy.sources.kube import KubeConfigError
 
     path = tmp_path / "kubeconfig"

@@ -22,9 +22,9 @@ from kpy_iptables import trace as ipt_trace
 from kpy_nftables import NftablesBackend
 from kpy_nftables import trace as nft_trace
 
-from kpy import explain as ex
-from kpy.backend import Backend, BackendConfig
-from kpy.model import Plan, ServicePortState
+from kpy.core import trace as ex
+from kpy.core.backend import Backend, BackendConfig
+from kpy.core.model import Plan, ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.netns import (
     CLIENT_IP,

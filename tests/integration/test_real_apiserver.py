@@ -1,6 +1,6 @@
 """The kube source against a real kube-apiserver, etcd and kube-controller-manager.
 
-The control plane (``kpy.testing.realcluster``) runs in its own network namespace; the
+The control plane (``kpy.tools.lab.control_plane``) runs in its own network namespace; the
 source runs on a thread that entered it. EndpointSlices here come from the real
 EndpointSlice controller, from Pods the test creates and marks ready as kubelet would.
 The binaries come from ``scripts/build-upstream.sh``; without them the tests skip — a
@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from kpy import check
-from kpy.netns_socket import run_in_netns
+from kpy.kernel.netns import run_in_netns
 from kpy.sources import EventType, Kind
 from kpy.sources.kube import REQUIRED_PERMISSIONS, BackoffPolicy, KubeSource, Timeouts, load_target
-from kpy.testing import realcluster
-from kpy.testing.realcluster import (
+from kpy.tools import check
+from kpy.tools.lab import control_plane as realcluster
+from kpy.tools.lab.control_plane import (
     ApiError,
     ControlPlane,
     Partition,
@@ -297,7 +297,7 @@ def test_the_daemonsets_service_account_is_allowed_what_kpy_needs(
         await until(lambda: sink.synced_count == 1, what="synced with the agent's token")
         assert (Kind.SERVICE, "default", "kubernetes") in sink.state
         assert all(healthy for healthy, _ in sink.connections)
-        # the agent's Events about its Node (kpy.events): create, then patch
+        # the agent's Events about its Node (kpy.agent.events): create, then patch
         event = {
             "apiVersion": "v1",
             "kind": "Event",

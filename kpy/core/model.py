@@ -1,6 +1,6 @@
 """Frozen values that describe what one node must do for every Service.
 
-Everything past :mod:`kpy.convert` speaks in these types: no Kubernetes dict travels
+Everything past :mod:`kpy.core.convert` speaks in these types: no Kubernetes dict travels
 further.  They are immutable and hashable, so the tracker and the backends can compare
 them with ``==`` and use them as dictionary keys.
 
@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field and the reason."""
 
 
 class Protocol(enum.StrEnum):
@@ -274,7 +278,7 @@ class Plan:
     ``services`` is a read-only view owned by the tracker; it stays valid until the
     tracker's next ``checkout()``. ``conflicts`` names every service port programmed
     without a frontend it claims (see :class:`Conflict`); ``refused`` every service port
-    the backend refused, kept at its last programmed state (see :mod:`kpy.quarantine`).
+    the backend refused, kept at its last programmed state (see :mod:`kpy.agent.quarantine`).
     """
 
     node: NodeInfo

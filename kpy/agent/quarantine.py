@@ -35,9 +35,9 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 
 import structlog
 
-from kpy import proc
-from kpy.backend import Backend, BackendConfig
-from kpy.model import Plan, ServicePortName, ServicePortState
+from kpy.core.backend import Backend, BackendConfig
+from kpy.core.model import Plan, ServicePortName, ServicePortState
+from kpy.kernel import proc
 
 log = structlog.get_logger("kpy.quarantine")
 

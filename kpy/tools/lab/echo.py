@@ -2,7 +2,7 @@
 
 Run inside a pod's network namespace::
 
-    ip netns exec POD python -m kpy.testing.echo --name POD --tcp 8080 --udp 5353 --http 80
+    ip netns exec POD python -m kpy.tools.lab.echo --name POD --tcp 8080 --udp 5353 --http 80
 
 * TCP: right after accept, one line ``"<name> <client-ip>\\n"``; then it echoes
   whatever it receives until the client half-closes (EOF), then closes — so large
@@ -141,7 +141,7 @@ async def serve(server: EchoServer) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kpy.testing.echo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m kpy.tools.lab.echo", description=__doc__)
     parser.add_argument("--name", required=True, help="the pod name to answer with")
     parser.add_argument("--tcp", type=int, action="append", default=[], help="TCP line port")
     parser.add_argument("--udp", type=int, action="append", default=[], help="UDP port")

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from kpy import netns_socket
-from kpy.backend import ApplyResult
-from kpy.health import Response, start_http
-from kpy.model import IPAddress, Plan, ServiceName, ServicePortName, ServicePortState
+from kpy.agent.http import Response, start_http
+from kpy.core.backend import ApplyResult
+from kpy.core.model import IPAddress, Plan, ServiceName, ServicePortName, ServicePortState
+from kpy.kernel import netns as netns_socket
 
 log = structlog.get_logger("kpy.healthcheck")
 

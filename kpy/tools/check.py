@@ -47,13 +47,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from kpy import backend as backends
-from kpy.agent import Agent
-from kpy.model import IPAddress, IPFamily, NodeInfo, Plan, ServicePortState
-from kpy.model import Protocol as L4
+from kpy.agent.agent import Agent
+from kpy.core import backend as backends
+from kpy.core.model import IPAddress, IPFamily, NodeInfo, Plan, ServicePortState
+from kpy.core.model import Protocol as L4
 from kpy.sources import Event, EventType, Kind
 from kpy.sources.manifests import ManifestSource
-from kpy.testing import cluster as topo
+from kpy.tools.lab import topology as topo
 
 DROP_TIMEOUT = 1.0  # seconds without an answer that count as "dropped"
 REFUSE_FAST = 1.0  # a reject must come back sooner than this
@@ -697,7 +697,7 @@ def check_lab(
     instead of opening the same connections from this process: slower, and proof that
     the commands a reader would copy do what the checks say.
     """
-    from kpy import lab  # the lab module pulls in process management only when used
+    from kpy.tools.lab import lab  # the lab module pulls in process management only when used
 
     state = lab.load(state_dir or lab.STATE_DIR)
     if state is None:
@@ -983,7 +983,7 @@ def command() -> Any:
 
         Exit status 1 when any check fails.
         """
-        from kpy import lab
+        from kpy.tools.lab import lab
 
         try:
             if kubeconfig is not None:

@@ -19,7 +19,7 @@ the processes, deletes the namespace and the working directory, also after a fai
 start.
 
 Clients reach the API server from inside the namespace: :class:`Client` opens its
-connection there (:func:`kpy.netns_socket.run_in_netns`) and then uses it from any
+connection there (:func:`kpy.kernel.netns.run_in_netns`) and then uses it from any
 thread; asyncio code (the ``kube`` source) runs on a thread that entered the namespace
 (:meth:`ControlPlane.run_async`).
 """
@@ -50,7 +50,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from kpy.netns_socket import NETNS_DIR, run_in_netns
+from kpy.kernel.netns import NETNS_DIR, run_in_netns
 
 T = TypeVar("T")
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import structlog
 
-from kpy.backend import ApplyResult
-from kpy.model import Plan
+from kpy.core.backend import ApplyResult
+from kpy.core.model import Plan
 
 log = structlog.get_logger("kpy.events")
 

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from kpy import health
-from kpy.agent import Agent, SyncObserver
-from kpy.config import AgentConfig
-from kpy.conntrack import ConntrackCleaner
-from kpy.events import EventPoster, EventRecorder, SyncEvents
-from kpy.healthcheck import HealthCheckServers
-from kpy.metrics import Metrics
+from kpy.agent import healthz as health
+from kpy.agent import http
+from kpy.agent.agent import Agent, SyncObserver
+from kpy.agent.config import AgentConfig
+from kpy.agent.conntrack import ConntrackCleaner
+from kpy.agent.events import EventPoster, EventRecorder, SyncEvents
+from kpy.agent.metrics import Metrics
+from kpy.agent.service_health import HealthCheckServers
 
 log = structlog.get_logger("kpy.operations")
 
@@ -68,7 +69,7 @@ class Operations:
                 name="healthz",
             )
             tasks.create_task(
-                health.serve_forever(
+                http.serve_forever(
                     "metrics",
                     self.metrics.answer,
                     self.config.metrics_bind_address,

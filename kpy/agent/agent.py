@@ -7,7 +7,7 @@ programmed until the backend says it is. Nothing is programmed before the source
 listed everything once, and nothing is removed because the source lost its upstream.
 
 A refused apply does not stop the node: with an ``isolate`` attempt function (see
-:mod:`kpy.quarantine`) the agent finds the service ports to blame, programs everything
+:mod:`kpy.agent.quarantine`) the agent finds the service ports to blame, programs everything
 else with those held at their last programmed state, and reports them; only a failure
 no object explains goes to the runner's retry with backoff.
 
@@ -28,12 +28,13 @@ from typing import Protocol
 
 import structlog
 
-from kpy import convert, quarantine
-from kpy.backend import ApplyResult, Backend
-from kpy.model import Conflict, NodeInfo, Plan, ServiceName, ServicePortName
-from kpy.runner import Runner, RunnerTimes
+from kpy.agent import quarantine
+from kpy.agent.runner import Runner, RunnerTimes
+from kpy.core import convert
+from kpy.core.backend import ApplyResult, Backend
+from kpy.core.model import Conflict, NodeInfo, Plan, ServiceName, ServicePortName
+from kpy.core.tracker import Tracker
 from kpy.sources import Event, EventType, Kind, Source
-from kpy.tracker import Tracker
 
 log = structlog.get_logger("kpy.agent")
 
@@ -159,7 +160,7 @@ class Agent:
     def _handle(self, event: Event) -> None:
         if event.kind is Kind.SERVICE:
             name = ServiceName(namespace=event.namespace, name=event.name)
-            if event.type is EventType.DELETE or convert.is_other_proxys(event.obj):
+            if event.type is EventType.DELETE or convert.is_managed_by_other_proxy(event.obj):
                 self.tracker.set_service(name, None)
                 return
             svc, problems = convert.service(event.obj)

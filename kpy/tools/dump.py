@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from kpy.backend import Programmed, desired_view
-from kpy.model import Endpoint, Plan, ServicePortState
+from kpy.core.backend import Programmed, desired_view
+from kpy.core.model import Endpoint, Plan, ServicePortState
 
 
 def _endpoint_row(ep: Endpoint, state: ServicePortState, node: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """``kpy lab``: a multi-node cluster in network namespaces on one machine, no Kubernetes.
 
-``up`` builds the :class:`~kpy.testing.cluster.Cluster` under the fixed prefix
+``up`` builds the :class:`~kpy.tools.lab.topology.Cluster` under the fixed prefix
 ``kpy-lab`` (node, pod, client and underlay namespaces), starts every pod's echo
 server, and starts one kpy agent per node::
 
@@ -38,10 +38,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kpy import backend as backends
-from kpy.netns_socket import NETNS_DIR, run_in_netns
-from kpy.testing import cluster as topo
-from kpy.testing.cluster import Cluster, EchoPorts
+from kpy.core import backend as backends
+from kpy.kernel.netns import NETNS_DIR, run_in_netns
+from kpy.tools.lab import topology as topo
+from kpy.tools.lab.topology import Cluster, EchoPorts
 
 PREFIX = "kpy-lab"
 STATE_DIR = Path("/run/kpy-lab")
@@ -265,7 +265,7 @@ def up(
     """
     if control_plane == "real":
         source = "kube"
-        from kpy.testing import realcluster
+        from kpy.tools.lab import control_plane as realcluster
 
         missing = realcluster.missing_binaries()
         if missing:
@@ -333,7 +333,7 @@ def _run_ip(*argv: str) -> None:
 def _start_control_plane(state: LabState, cluster: Cluster, state_dir: Path) -> None:
     """etcd, kube-apiserver and kube-controller-manager in ``<prefix>-cp``; then RBAC, the
     agents' kubeconfig, and the manifests as real objects (the lab plays kubelet)."""
-    from kpy.testing import realcluster as rc
+    from kpy.tools.lab import control_plane as rc
 
     netns, net = state.control_plane_netns, cluster.underlay.name
     _run_ip("netns", "add", netns)
@@ -384,7 +384,7 @@ def _start_control_plane(state: LabState, cluster: Cluster, state_dir: Path) -> 
 
 
 def _apply_lab_objects(state: LabState, cluster: Cluster, admin: Any, workdir: Path) -> None:
-    from kpy.testing import realcluster as rc
+    from kpy.tools.lab import control_plane as rc
 
     pods = {pod.name: pod.node for pod in cluster.pods}
     objects = rc.lab_objects(rc.load_manifests(Path(state.manifests)), pods)
@@ -426,7 +426,7 @@ def _pod_objects(state: LabState) -> dict[str, dict[str, Any]]:
 
 def api_client(state: LabState) -> Any:
     """An admin client of the lab's API server (its socket opened in ``<prefix>-cp``)."""
-    from kpy.testing import realcluster as rc
+    from kpy.tools.lab import control_plane as rc
 
     if not state.real:
         raise LabError("the lab has no real control plane (kpy lab up --control-plane real)")
@@ -439,7 +439,7 @@ def api_client(state: LabState) -> Any:
 def api_objects(state: LabState) -> list[dict[str, Any]]:
     """The lab's Services, EndpointSlices and Nodes as the API server has them, without
     ``default/kubernetes`` (its endpoint is the API server, not a lab pod)."""
-    from kpy.testing import realcluster as rc
+    from kpy.tools.lab import control_plane as rc
 
     client = api_client(state)
     try:
@@ -467,7 +467,7 @@ def _lab_pod(state: LabState, name: str) -> topo.Pod:
 
 def kubelet_start_pod(state: LabState, name: str, *, admin: Any = None) -> None:
     """Create lab pod ``name``'s Pod (bound to its node) and report it running and ready."""
-    from kpy.testing import realcluster as rc
+    from kpy.tools.lab import control_plane as rc
 
     client = admin or api_client(state)
     try:
@@ -483,7 +483,7 @@ def kubelet_start_pod(state: LabState, name: str, *, admin: Any = None) -> None:
 
 def kubelet_set_ready(state: LabState, name: str, ready: bool) -> None:
     """Report lab pod ``name`` ready or not (its readiness probe passing or failing)."""
-    from kpy.testing import realcluster as rc
+    from kpy.tools.lab import control_plane as rc
 
     client = api_client(state)
     try:

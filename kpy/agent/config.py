@@ -24,14 +24,10 @@ from typing import Any
 
 import yaml
 
-from kpy.backend import DETECT_LOCAL_MODES, BackendConfig, split_values
-from kpy.explain import PRIMARY, check_nodeport_addresses
-from kpy.model import IPAddress, IPNetwork
-from kpy.runner import RunnerTimes
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the field and the reason."""
+from kpy.agent.runner import RunnerTimes
+from kpy.core.backend import DETECT_LOCAL_MODES, BackendConfig, split_values
+from kpy.core.model import ConfigError, IPAddress, IPNetwork
+from kpy.core.trace import PRIMARY, check_nodeport_addresses
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

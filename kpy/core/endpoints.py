@@ -17,7 +17,7 @@ One pure function, :func:`categorize`, the counterpart of upstream kube-proxy's
 
 from __future__ import annotations
 
-from kpy.model import Endpoint, NodeInfo, ServicePort, ServicePortState
+from kpy.core.model import Endpoint, NodeInfo, ServicePort, ServicePortState
 
 TOPOLOGY_DISTRIBUTIONS = frozenset({"PreferClose", "PreferSameZone", "PreferSameNode"})
 TOPOLOGY_MODES = frozenset({"auto", "Auto"})

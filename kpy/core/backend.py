@@ -1,6 +1,6 @@
 """The backend contract, and how backends are found.
 
-A backend turns a :class:`~kpy.model.Plan` into kernel (or proxy) state. It is found
+A backend turns a :class:`~kpy.core.model.Plan` into kernel (or proxy) state. It is found
 through the entry-point group ``kpy.backends``: a third party adds one the same way the
 built-in ones are added, and a broken plugin is reported and skipped, never fatal.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Protocol, runtime_checkable
 
-from kpy.model import IPAddress, IPNetwork, NodeInfo, Plan, ServicePortState
+from kpy.core.model import IPAddress, IPNetwork, NodeInfo, Plan, ServicePortState
 
 ENTRY_POINT_GROUP = "kpy.backends"
 
@@ -198,7 +198,7 @@ class Backend(Protocol):
 
     Optional: ``async def check(plan) -> str | None`` — a dry run that changes nothing
     (None: the kernel would take ``plan``'s service ports; else why not). With it the
-    agent finds the ports to blame when a transaction is refused (kpy.quarantine).
+    agent finds the ports to blame when a transaction is refused (kpy.agent.quarantine).
     ``async def dry_run(plan) -> str`` — the transaction ``apply(plan)`` would send,
     for ``kpy plan --backend``.
     """

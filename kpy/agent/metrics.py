@@ -2,7 +2,7 @@
 
 Every agent gets a dedicated :class:`prometheus_client.CollectorRegistry` — no global
 state, so tests (and a process running several agents) can create as many as they
-like. :class:`Metrics` is a :class:`~kpy.agent.SyncObserver` (sync durations, network
+like. :class:`Metrics` is a :class:`~kpy.agent.agent.SyncObserver` (sync durations, network
 programming latency, failures, ops) and a :class:`SourceMetrics` (watch reconnects and
 relists, called by a source); gauges that mirror the agent's status (pending changes,
 services and endpoints programmed) are read at scrape time, so they cost nothing
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -23,10 +22,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from kpy import __version__
-from kpy.agent import Agent
-from kpy.backend import ApplyResult
-from kpy.health import Response
-from kpy.model import Plan
+from kpy.agent.agent import Agent
+from kpy.agent.http import Response
+from kpy.core.backend import ApplyResult
+from kpy.core.model import Plan
+from kpy.sources import SourceMetrics
 
 # kube-proxy's buckets, so dashboards' quantiles mean the same thing.
 SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))  # 1 ms … 16 s
@@ -38,22 +38,6 @@ NETWORK_PROGRAMMING_BUCKETS = (
     *range(120, 330, 30),
 )
 OPS_BUCKETS = (0, 1, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000, 100000)
-
-
-class SourceMetrics(Protocol):
-    """What a source reports about its connection to the API server.
-
-    ``resource`` is the plural resource name (``services``, ``endpointslices``,
-    ``nodes``).
-    """
-
-    def watch_reconnected(self, resource: str) -> None:
-        """A watch ended (timeout, error, closed) and was started again."""
-        ...
-
-    def relisted(self, resource: str) -> None:
-        """The resource was listed again from scratch (first list, 410 Gone, error)."""
-        ...
 
 
 class _StatusCollector(Collector):

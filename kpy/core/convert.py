@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kpy.model import (
+from kpy.core.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     Endpoint,
     IPAddress,
@@ -338,7 +338,7 @@ def service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
         return None, (Problem(kind="Service", namespace=namespace, name=name, reason=reason),)
 
 
-def is_other_proxys(obj: Any) -> bool:
+def is_managed_by_other_proxy(obj: Any) -> bool:
     """True when the Service is labelled for another proxy."""
     if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
         return False

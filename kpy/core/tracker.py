@@ -1,4 +1,4 @@
-"""The change tracker: converted objects in, one :class:`~kpy.model.Plan` per sync out.
+"""The change tracker: converted objects in, one :class:`~kpy.core.model.Plan` per sync out.
 
 Events only record what changed and mark the owning Service dirty; all work happens in
 :meth:`Tracker.checkout`, which recomputes the node-local state of the dirty Services
@@ -14,7 +14,7 @@ ports claim one frontend (address, port and protocol, or one NodePort), the addr
 cluster allocated wins — ClusterIP, then load-balancer ingress, then user-supplied
 external IPs (the CVE-2020-8554 class: an ``externalIPs`` entry naming someone else's
 ClusterIP must not take it over), then the older Service, then the name. The loser is
-programmed without that frontend, and :attr:`~kpy.model.Plan.conflicts` says so. An
+programmed without that frontend, and :attr:`~kpy.core.model.Plan.conflicts` says so. An
 index of claims keeps this O(what changed): only the holders of a frontend a dirty port
 claims (or claimed) are looked at again.
 """
@@ -25,8 +25,9 @@ import dataclasses
 from collections.abc import Iterable
 from types import MappingProxyType
 
-from kpy import convert, select
-from kpy.model import (
+from kpy.core import convert
+from kpy.core import endpoints as select
+from kpy.core.model import (
     Conflict,
     Endpoint,
     NodeInfo,

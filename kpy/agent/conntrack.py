@@ -8,9 +8,10 @@ rejected) the entry must be deleted or the client is stuck until it times out. A
 upstream kube-proxy does, kpy deletes them — only after the apply that changed the
 rules succeeded, or the next datagram would recreate the same stale entry.
 
-The Plan lists the flows (:class:`~kpy.model.StaleFlow`); this module runs the
+The Plan lists the flows (:class:`~kpy.core.model.StaleFlow`); this module runs the
 ``conntrack`` tool for each, inside the node's network namespace when one is set
-(``ip netns exec``). docs/decisions/conntrack.md says why the tool and not netlink.
+(``nsenter``, :func:`kpy.kernel.proc.in_netns`). docs/decisions/conntrack.md says why the
+tool and not netlink.
 The work is bounded (a capped queue that coarsens before it drops, a few deletions at
 a time, a timeout per deletion) and never blocks the event loop (asyncio subprocesses).
 """
@@ -18,15 +19,15 @@ a time, a timeout per deletion) and never blocks the event loop (asyncio subproc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import structlog
 
-from kpy.backend import ApplyResult
-from kpy.model import IPAddress, Plan, Protocol, StaleFlow
+from kpy.core.backend import ApplyResult
+from kpy.core.model import IPAddress, Plan, Protocol, StaleFlow
+from kpy.kernel import proc
 
 log = structlog.get_logger("kpy.conntrack")
 
@@ -144,40 +145,20 @@ class ConntrackCleaner:
 
     # ----------------------------------------------------------- work
 
-    def _argv(self, args: list[str]) -> list[str]:
-        if self.netns is None:
-            return args
-        return ["ip", "netns", "exec", self.netns, *args]
-
     async def _run(self, flow: StaleFlow, family: str, args: list[str]) -> Outcome:
-        argv = self._argv(args)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-        except OSError as exc:
-            return Outcome(flow=flow, family=family, deleted=0, error=str(exc))
         try:
             async with asyncio.timeout(self.timeout):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+                status, out, err = await proc.communicate(proc.in_netns(self.netns, args))
+        except OSError as exc:
+            return Outcome(flow=flow, family=family, deleted=0, error=str(exc))
+        except TimeoutError:  # the child was killed and reaped by communicate
             return Outcome(flow=flow, family=family, deleted=0, error="timed out")
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            raise
         match = _DELETED.search(err) or _DELETED.search(out)
         deleted = int(match.group(1)) if match else 0
         # Exit status 1 with "0 flow entries have been deleted" means nothing matched.
-        if proc.returncode == 0 or (proc.returncode == 1 and match is not None and deleted == 0):
+        if status == 0 or (status == 1 and match is not None and deleted == 0):
             return Outcome(flow=flow, family=family, deleted=deleted)
-        message = err.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+        message = err.decode(errors="replace").strip() or f"exit status {status}"
         return Outcome(flow=flow, family=family, deleted=deleted, error=message)
 
     async def clean(self, flows: Sequence[StaleFlow]) -> list[Outcome]:

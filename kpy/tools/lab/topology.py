@@ -24,11 +24,11 @@ Addressing (``i`` is the node number, 1-based; ``k`` the pod number on its node)
                        192.0.2.0/24, 172.18.0.0/16 and 2001:db8::/64 via node 1
                        (:meth:`Cluster.route_services_via` picks another node)
 
-With ``echo`` ports given, every pod runs :mod:`kpy.testing.echo` (answering with its
+With ``echo`` ports given, every pod runs :mod:`kpy.tools.lab.echo` (answering with its
 pod name and the client address it saw) in its namespace until the cluster is removed.
 
 Connections are made from sockets created inside a namespace by this process
-(:func:`kpy.netns_socket.run_in_netns`): no process per connection, so a test can make
+(:func:`kpy.kernel.netns.run_in_netns`): no process per connection, so a test can make
 hundreds of them quickly.
 """
 
@@ -48,7 +48,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kpy.netns_socket import NETNS_DIR, run_in_netns
+from kpy.kernel.netns import NETNS_DIR, run_in_netns
 
 UNDERLAY = IPv4Network("192.168.100.0/24")
 UNDERLAY6 = IPv6Network("fd00:100::/64")
@@ -442,7 +442,8 @@ class Cluster:
         """
         started: dict[str, subprocess.Popen[bytes]] = {}
         for pod in self.pods:
-            argv = ["ip", "netns", "exec", pod.netns.name, sys.executable, "-m", "kpy.testing.echo",
+            argv = ["ip", "netns", "exec", pod.netns.name, sys.executable, "-m",
+                    "kpy.tools.lab.echo",
                     "--name", pod.name, *ports.argv()]  # fmt: skip
             if log_dir is None:
                 proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
