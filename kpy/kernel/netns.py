@@ -44,6 +44,15 @@ def _setns(path: Path) -> None:
         os.close(fd)
 
 
+def enter(netns: str) -> None:
+    """Move the calling thread into the named namespace, for the rest of its life.
+
+    Only for a thread that does nothing else (as :func:`run_in_netns` makes): a pooled or
+    the event loop's thread would run unrelated work in the namespace afterwards.
+    """
+    _setns(NETNS_DIR / netns)
+
+
 def run_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
     """Run ``fn`` on a dedicated thread inside the named namespace; blocking.
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 
 async def communicate(argv: Sequence[str], stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
@@ -40,3 +42,21 @@ def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
     if netns:
         return ["nsenter", f"--net=/run/netns/{netns}", "--", *argv]
     return list(argv)
+
+
+def start_detached(argv: Sequence[str], log: Path, label: str = "kpy-detached") -> int | None:
+    """Start ``argv`` in its own session so that it outlives this process; its pid, or
+    None when it could not be started. Its stdout and stderr go to ``log`` (appended);
+    ``label`` names the short-lived shell that reports the pid (seen in ``ps``)."""
+    with log.open("ab") as out:
+        child = subprocess.Popen(
+            ["setsid", "-f", "sh", "-c", 'echo $$; exec "$@" >&2', label, *argv],
+            stdout=subprocess.PIPE,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+        )
+        assert child.stdout is not None
+        with child.stdout:
+            line = child.stdout.readline().decode().strip()
+        child.wait()
+    return int(line) if line.isdigit() else None

@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 import yaml
 
 from kpy.kernel.netns import NETNS_DIR, run_in_netns
+from kpy.kernel.proc import in_netns, start_detached
 
 T = TypeVar("T")
 
@@ -71,7 +72,7 @@ CONTROLLERS = (
     "namespace-controller",
     "garbage-collector-controller",
 )
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = REPO / "scripts" / "build-upstream.sh"
 
 
@@ -414,24 +415,6 @@ def _stop_process(proc: Process, grace: float = 10.0) -> None:
         proc.popen.wait(timeout=grace)
 
 
-def _start_detached(argv: list[str], log: Path) -> int:
-    """Start a process in its own session that outlives this one; its pid."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            ["setsid", "-f", "sh", "-c", 'echo $$; exec "$@" >&2', "kpy-cp", *argv],
-            stdout=subprocess.PIPE,
-            stderr=out,
-            stdin=subprocess.DEVNULL,
-        )
-        assert proc.stdout is not None
-        with proc.stdout:
-            line = proc.stdout.readline().decode().strip()
-        proc.wait()
-    if not line.isdigit():
-        raise ControlPlaneError(f"could not start {argv[0]}")
-    return int(line)
-
-
 # --------------------------------------------------------------------------- the control plane
 
 
@@ -530,12 +513,12 @@ class ControlPlane:
         proc = Process(name, argv, log)
         self.processes[name] = proc
         if self.detached:
-            proc.pid = _start_detached(["ip", "netns", "exec", self.netns, *argv], log)
+            proc.pid = _start_detached(in_netns(self.netns, argv), log)
             return proc
         with log.open("ab") as out:
             proc.popen = on_spawner(
                 lambda: subprocess.Popen(
-                    ["ip", "netns", "exec", self.netns, *argv],
+                    in_netns(self.netns, argv),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -1022,3 +1005,11 @@ __all__ = [
     "pod",
     "running_status",
 ]
+
+
+def _start_detached(argv: list[str], log: Path) -> int:
+    """Start a process in its own session that outlives this one; its pid."""
+    pid = start_detached(argv, log, "kpy-cp")
+    if pid is None:
+        raise ControlPlaneError(f"could not start: {' '.join(argv)}")
+    return pid

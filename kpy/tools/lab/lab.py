@@ -40,6 +40,7 @@ from typing import Any
 
 from kpy.core import backend as backends
 from kpy.kernel.netns import NETNS_DIR, run_in_netns
+from kpy.kernel.proc import in_netns, start_detached
 from kpy.tools.lab import topology as topo
 from kpy.tools.lab.topology import Cluster, EchoPorts
 
@@ -128,7 +129,7 @@ def agent_argv(state: LabState, node: topo.Node, *, log_level: str = "info") -> 
     the ServiceAccount token of ``deploy/daemonset.yaml``'s RBAC.
     """
     if state.real:
-        where = ["ip", "netns", "exec", node.netns.name]
+        where = in_netns(node.netns.name, [])
         api = ["--kubeconfig", str(Path(state.control_plane_dir) / "agent.kubeconfig")]
     else:
         where = []
@@ -149,24 +150,6 @@ def agent_argv(state: LabState, node: topo.Node, *, log_level: str = "info") -> 
         "--log-format", "json",
         "--log-level", log_level,
     ]  # fmt: skip
-
-
-def _start_detached(argv: list[str], log_path: Path) -> int:
-    """Start a detached process (own session, outlives this process); its pid."""
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            ["setsid", "-f", "sh", "-c", 'echo $$; exec "$@" >&2', "kpy-agent", *argv],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-        )
-        assert proc.stdout is not None
-        with proc.stdout:
-            pid_line = proc.stdout.readline().decode().strip()
-        proc.wait()
-    if not pid_line.isdigit():
-        raise LabError(f"could not start: {' '.join(argv)}")
-    return int(pid_line)
 
 
 def _wait_port(port: int, pid: int, timeout: float = 15.0) -> None:
@@ -320,7 +303,7 @@ def up(
 
 CONTROL_PLANE_IP = "192.168.100.2"  # on the underlay, beside the nodes
 CONTROL_PLANE_IP6 = "fd00:100::2"
-DAEMONSET = Path(__file__).resolve().parents[1] / "deploy" / "daemonset.yaml"
+DAEMONSET = Path(__file__).resolve().parents[3] / "deploy" / "daemonset.yaml"
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
 
 
@@ -809,3 +792,11 @@ __all__ = [
     "up",
     "wait_ready",
 ]
+
+
+def _start_detached(argv: list[str], log: Path) -> int:
+    """Start a process in its own session that outlives this one; its pid."""
+    pid = start_detached(argv, log, "kpy-agent")
+    if pid is None:
+        raise LabError(f"could not start: {' '.join(argv)}")
+    return pid

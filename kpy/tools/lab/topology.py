@@ -49,6 +49,7 @@ from types import TracebackType
 from typing import Any
 
 from kpy.kernel.netns import NETNS_DIR, run_in_netns
+from kpy.kernel.proc import in_netns
 
 UNDERLAY = IPv4Network("192.168.100.0/24")
 UNDERLAY6 = IPv6Network("fd00:100::/64")
@@ -104,9 +105,9 @@ class Netns:
     def run(
         self, *cmd: str, input: str | None = None, timeout: float = 10, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``cmd`` inside this namespace (``ip netns exec``) and capture its output."""
+        """Run ``cmd`` inside this namespace (``nsenter``) and capture its output."""
         return subprocess.run(
-            ["ip", "netns", "exec", self.name, *cmd],
+            in_netns(self.name, cmd),
             input=input,
             capture_output=True,
             text=True,
@@ -442,9 +443,8 @@ class Cluster:
         """
         started: dict[str, subprocess.Popen[bytes]] = {}
         for pod in self.pods:
-            argv = ["ip", "netns", "exec", pod.netns.name, sys.executable, "-m",
-                    "kpy.tools.lab.echo",
-                    "--name", pod.name, *ports.argv()]  # fmt: skip
+            echo = [sys.executable, "-m", "kpy.tools.lab.echo", "--name", pod.name]
+            argv = in_netns(pod.netns.name, [*echo, *ports.argv()])
             if log_dir is None:
                 proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
             else:
