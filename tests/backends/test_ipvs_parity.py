@@ -129,7 +129,7 @@ def test_contexts_with_different_rules_have_different_identities() -> None:
         ident = render.skeleton_id(ctx)
         text = "".join(render.rules(ctx, v) for v in (4, 6)).replace(ident, "ID")
         assert seen.setdefault(ident, text) == text, name
-    assert len(set(seen.values())) == len(seen)
+    assert len(seen) == len(CONTEXTS)  # (each of these renders rules of its own)
 
 
 def _lb(ranges: tuple[str, ...]) -> Plan:
