@@ -370,7 +370,8 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
     vips = svc.ips(fam)
     externals = [ip for ip in svc.external_ips if ip.version == family]
     lbs = [ip for ip in svc.load_balancer_ips if ip.version == family]
-    sources = svc.firewall_sources(ctx.primary_ips) if svc.load_balancer_source_ranges else ()
+    firewalled = svc.firewalled(family)
+    sources = svc.firewall_sources(ctx.primary_ips) if firewalled else ()
     ranges = [str(r) for r in sources if r.version == family]
 
     port_hash = _hash(name)
@@ -449,12 +450,10 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
         for match in external_matches:
             nat(SERVICES, f"{match} -j {ext_chain}")
         for match in lb_matches:
-            nat(
-                SERVICES, f"{match} -j {fw_chain if svc.load_balancer_source_ranges else ext_chain}"
-            )
+            nat(SERVICES, f"{match} -j {fw_chain if firewalled else ext_chain}")
         if nodeport_match is not None:
             nat(NODEPORTS, f"{nodeport_match} -j {ext_chain}")
-        if svc.load_balancer_source_ranges and lbs:
+        if firewalled and lbs:
             objs[Key(family, NAT, fw_chain)] = tuple(f"-s {r} -j {ext_chain}" for r in ranges)
     if not external:
         # Nothing to send it to: reject when the Service has no endpoint at all, drop when
@@ -463,7 +462,7 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
         # filter-table firewall chain (as upstream's nftables mode does).
         for match in external_matches:
             drop(match, reject=not usable)
-        if svc.load_balancer_source_ranges and lbs:
+        if firewalled and lbs:
             target = _reject(family) if not usable else "DROP"
             objs[Key(family, FILTER, fw_chain)] = (
                 *(f"-s {r} -j {target}" for r in ranges),
@@ -477,7 +476,7 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
         if nodeport_match is not None:
             np = f"-p {proto} {note} -m addrtype --dst-type LOCAL {dport} {svc.node_port}"
             drop(np, reject=not usable)
-    if svc.load_balancer_source_ranges and external:
+    if firewalled and external:
         for match in lb_matches:
             drop(match, reject=False)  # sources outside the ranges were not DNATed
 

@@ -698,7 +698,7 @@ def _family_objects(
         objs.append(Element(nf, port_map, element, to_external, label, port_table))
 
     lb_ips = sorted({ip for ip in svc.load_balancer_ips if ip.version == version}, key=int)
-    if svc.load_balancer_source_ranges and lb_ips:
+    if svc.firewalled(version) and lb_ips:
         ranges = _cidrs(svc.firewall_sources(config.primary_ips()), version)
         rule = f"{nf} saddr != {_set_literal(ranges)} drop" if ranges else "drop"
         objs.append(Chain(nf, names.firewall, (rule,)))

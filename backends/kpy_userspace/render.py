@@ -153,13 +153,14 @@ def port_table(
         add(_key(proto, ip, ip.version, svc.port), Role.INTERNAL)
     for ip in svc.external_ips:
         add(_key(proto, ip, ip.version, svc.port), Role.EXTERNAL)
-    ranges = svc.load_balancer_source_ranges
-    allowed = svc.firewall_sources(primary_ips) if ranges else ()
+    allowed = svc.firewall_sources(primary_ips) if svc.load_balancer_source_ranges else ()
     for ip in svc.load_balancer_ips:
-        fam_ranges = tuple(n for n in allowed if n.version == ip.version)
-        # Ranges of the other family only: nobody of this family may connect.
-        if ranges and not fam_ranges:
-            continue
+        # Per family, as upstream: ranges of the other family only mean no filter here.
+        fam_ranges = (
+            tuple(n for n in allowed if n.version == ip.version)
+            if svc.firewalled(ip.version)
+            else ()
+        )
         add(_key(proto, ip, ip.version, svc.port), Role.EXTERNAL, fam_ranges)
     if svc.node_port is not None:
         if nodeport_addresses is None:

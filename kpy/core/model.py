@@ -135,6 +135,13 @@ class ServicePort:
     def ips(self, family: IPFamily) -> tuple[IPAddress, ...]:
         return tuple(ip for ip in self.cluster_ips if IPFamily.of(ip) is family)
 
+    def firewalled(self, version: int) -> bool:
+        """Whether this IP family's load-balancer IPs filter sources. As upstream, the
+        ranges are taken per family: a family none of the ranges belongs to has no
+        firewall, nor has one with a zero-masked range ("allow any")."""
+        mine = [n for n in self.load_balancer_source_ranges if n.version == version]
+        return bool(mine) and not any(n.prefixlen == 0 for n in mine)
+
     def firewall_sources(self, primary_ips: tuple[IPAddress, ...]) -> tuple[IPNetwork, ...]:
         """The sources this Service's load-balancer IPs accept when it has
         ``loadBalancerSourceRanges``, as upstream kube-proxy's firewall rules: the

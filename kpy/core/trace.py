@@ -371,7 +371,7 @@ def explain(plan: Plan, packet: Packet, options: Options | None = None) -> Expla
         "policy": policy,
     }
 
-    if frontend is Frontend.LOAD_BALANCER_IP and svc.load_balancer_source_ranges:
+    if frontend is Frontend.LOAD_BALANCER_IP and svc.firewalled(packet.dst.version):
         primary = options_config(node.name, options).for_node(node).primary_ips()
         if _in(packet.src, svc.load_balancer_source_ranges):
             reasons.append("source_range_allowed")

@@ -171,3 +171,26 @@ def test_explain_cli_reports_the_lb_ip_source(backend: str) -> None:
         main, ["explain", *args, "--from", "203.0.113.100", "--to", "172.18.0.50:80"]
     )
     assert json.loads(denied.output)["verdict"] == "drop"
+
+
+@pytest.mark.parametrize("backend", sorted(TRACERS))
+@pytest.mark.parametrize(
+    "ranges", [("fd00:99::/64",), ("0.0.0.0/0",), ("0.0.0.0/0", "192.168.50.0/24")]
+)
+def test_no_firewall_for_a_family_without_ranges_or_with_a_zero_masked_one(
+    backend: str, ranges: tuple[str, ...]
+) -> None:
+    """Upstream takes loadBalancerSourceRanges per IP family: an IPv4 LB IP whose ranges
+    are all IPv6 has no firewall, and a zero-masked range means "allow any"."""
+    plan = _plan(ranges)
+    assert not next(iter(plan.services.values())).service.firewalled(4)
+    traced, model = _run(TRACERS[backend], plan, "203.0.113.7", ex.Origin.EXTERNAL)
+    assert model.verdict is ex.Verdict.FORWARD, model.reasons
+    assert "source_range_denied" not in model.reasons
+    assert traced.verdict is model.verdict, traced.kernel
+
+
+def test_firewalled_per_family() -> None:
+    svc = b.service("lb", type="LoadBalancer", lb_ips=(LB_IP,), source_ranges=("10.0.0.0/8",))
+    assert svc.firewalled(4) and not svc.firewalled(6)
+    assert not b.service("x", source_ranges=()).firewalled(4)

@@ -331,7 +331,7 @@ def _external_checks(
         for ip in addresses:
             expect, timeout = expectation(entry_state, IPFamily.of(ip))
             probe = Probe("client", proto, str(ip), svc.port, timeout=timeout)
-            if check == "load-balancer" and svc.load_balancer_source_ranges:
+            if check == "load-balancer" and svc.firewalled(ip.version):
                 allowed = _in_ranges(client_v4, svc.load_balancer_source_ranges)
                 if not allowed:
                     expect, probe = Expect("dropped"), replace(probe, timeout=DROP_TIMEOUT)
@@ -339,7 +339,7 @@ def _external_checks(
             outside = view.outside_ip
             if (
                 check == "load-balancer"
-                and svc.load_balancer_source_ranges
+                and svc.firewalled(ip.version)
                 and outside is not None
                 and outside.version == ip.version
                 and not _in_ranges(outside, svc.load_balancer_source_ranges)
