@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -44,10 +44,16 @@ def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
     return list(argv)
 
 
-def start_detached(argv: Sequence[str], log: Path, label: str = "kpy-detached") -> int | None:
-    """Start ``argv`` in its own session so that it outlives this process; its pid, or
-    None when it could not be started. Its stdout and stderr go to ``log`` (appended);
-    ``label`` names the short-lived shell that reports the pid (seen in ``ps``)."""
+def start_detached(
+    argv: Sequence[str],
+    log: Path,
+    label: str = "kpy-detached",
+    error: Callable[[str], Exception] = RuntimeError,
+) -> int:
+    """Start ``argv`` in its own session so that it outlives this process; its pid.
+    Its stdout and stderr go to ``log`` (appended); ``label`` names the short-lived shell
+    that reports the pid (seen in ``ps``); ``error(message)`` is raised when it could not
+    be started."""
     with log.open("ab") as out:
         child = subprocess.Popen(
             ["setsid", "-f", "sh", "-c", 'echo $$; exec "$@" >&2', label, *argv],
@@ -59,4 +65,6 @@ def start_detached(argv: Sequence[str], log: Path, label: str = "kpy-detached") 
         with child.stdout:
             line = child.stdout.readline().decode().strip()
         child.wait()
-    return int(line) if line.isdigit() else None
+    if not line.isdigit():
+        raise error(f"could not start: {' '.join(argv)}")
+    return int(line)

@@ -513,7 +513,7 @@ class ControlPlane:
         proc = Process(name, argv, log)
         self.processes[name] = proc
         if self.detached:
-            proc.pid = _start_detached(in_netns(self.netns, argv), log)
+            proc.pid = start_detached(in_netns(self.netns, argv), log, "kpy-cp", ControlPlaneError)
             return proc
         with log.open("ab") as out:
             proc.popen = on_spawner(
@@ -1005,11 +1005,3 @@ __all__ = [
     "pod",
     "running_status",
 ]
-
-
-def _start_detached(argv: list[str], log: Path) -> int:
-    """Start a process in its own session that outlives this one; its pid."""
-    pid = start_detached(argv, log, "kpy-cp")
-    if pid is None:
-        raise ControlPlaneError(f"could not start: {' '.join(argv)}")
-    return pid

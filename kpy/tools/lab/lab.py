@@ -285,12 +285,14 @@ def up(
         elif source == "kube":
             argv = [sys.executable, "-m", "kpy", "testing", "apiserver", "--from", state.manifests,
                     "--host", "127.0.0.1", "--port", str(state.api_port)]  # fmt: skip
-            state.api_pid = _start_detached(argv, state_dir / "apiserver.log")
+            state.api_pid = start_detached(argv, state_dir / "apiserver.log", "kpy-api", LabError)
             _save(state, state_dir)
             _wait_port(state.api_port, state.api_pid)
         for node in cluster.nodes:
             log_path = state_dir / f"{node.name}.log"
-            state.agents[node.name] = _start_detached(agent_argv(state, node), log_path)
+            state.agents[node.name] = start_detached(
+                agent_argv(state, node), log_path, "kpy-agent", LabError
+            )
             _save(state, state_dir)
         wait_ready(state, timeout, state_dir)
     except BaseException:
@@ -792,11 +794,3 @@ __all__ = [
     "up",
     "wait_ready",
 ]
-
-
-def _start_detached(argv: list[str], log: Path) -> int:
-    """Start a process in its own session that outlives this one; its pid."""
-    pid = start_detached(argv, log, "kpy-agent")
-    if pid is None:
-        raise LabError(f"could not start: {' '.join(argv)}")
-    return pid
