@@ -210,7 +210,14 @@ def _mask(family: int) -> str:
     return "255.255.255.255" if family == 4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
 
 
-def _reject(family: int) -> str:
+def _reject(family: int, proto: str) -> str:
+    """The reject of a packet no endpoint can take. IPv4: ICMP port unreachable, as
+    upstream. IPv6 TCP: a TCP reset — the kernel delivers an ICMPv6 port unreachable for a
+    SYN only after the client's first retransmission (about 1 s later, measured), so a
+    refused connection would look like a slow one; a reset is immediate (kpy's nftables
+    backend rejects TCP the same way)."""
+    if family == 6 and proto == "tcp":
+        return "REJECT --reject-with tcp-reset"
     kind = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
     return f"REJECT --reject-with {kind}"
 
@@ -391,7 +398,7 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
         objs[Key(family, NAT, chain, rule)] = ()
 
     def drop(rule: str, reject: bool) -> None:
-        target = _reject(family) if reject else "DROP"
+        target = _reject(family, proto) if reject else "DROP"
         objs[Key(family, FILTER, SERVICES, f"{rule} -j {target}")] = ()
 
     # Cluster IPs: to the internal endpoints, or rejected/dropped in the filter table.
@@ -463,9 +470,10 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
         for match in external_matches:
             drop(match, reject=not usable)
         if firewalled and lbs:
-            target = _reject(family) if not usable else "DROP"
+            target = _reject(family, proto) if not usable else "DROP"
+            only_tcp = "-p tcp " if target.endswith("tcp-reset") else ""  # the reset needs it
             objs[Key(family, FILTER, fw_chain)] = (
-                *(f"-s {r} -j {target}" for r in ranges),
+                *(f"-s {r} {only_tcp}-j {target}" for r in ranges),
                 "-j DROP",
             )
             for match in lb_matches:

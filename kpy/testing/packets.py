@@ -114,6 +114,7 @@ def states() -> list[ServicePortState]:
             NODE,
         ),
         b.state(b.service("v6", cluster_ip="fd00:96::18"), local_and_remote(ipv6=True), NODE),
+        b.state(b.service("empty6", cluster_ip="fd00:96::19"), [], NODE),
     ]
 
 
@@ -177,6 +178,8 @@ class PacketConformance:
             (topology.pods["pod-a"], "10.96.0.16", 80),
             (topology.node, "10.96.0.16", 80),
             (topology.client, NODE_IP, 30084),
+            (topology.pods["pod-a"], "fd00:96::19", 80),  # IPv6 too: not after a retransmit
+            (topology.node, "fd00:96::19", 80),
         ):
             started = time.monotonic()
             with pytest.raises(ConnectionRefusedError):

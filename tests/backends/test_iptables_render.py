@@ -219,7 +219,13 @@ def test_ipv6_service_uses_ip6tables_forms() -> None:
         "-p tcp -j DNAT --to-destination [fd00:244:1::5]:8080",
     )
     empty = render.render_port(b.state(b.service("e6", cluster_ip="fd00:96::19"), []), CTX)
-    assert rules(empty, FILTER, "KPY-SERVICES", 6)[0].endswith("icmp6-port-unreachable")
+    # IPv6 TCP is reset: the kernel answers a SYN with ICMPv6 only after a retransmission
+    assert rules(empty, FILTER, "KPY-SERVICES", 6)[0].endswith("-j REJECT --reject-with tcp-reset")
+    udp = b.service("u6", cluster_ip="fd00:96::1a", protocol="UDP")
+    empty_udp = render.render_port(b.state(udp, []), CTX)
+    assert rules(empty_udp, FILTER, "KPY-SERVICES", 6)[0].endswith("icmp6-port-unreachable")
+    empty4 = render.render_port(b.state(b.service("e4", cluster_ip="10.96.0.19"), []), CTX)
+    assert rules(empty4, FILTER, "KPY-SERVICES", 4)[0].endswith("icmp-port-unreachable")
 
 
 def test_masquerade_all_marks_every_cluster_ip_packet() -> None:
