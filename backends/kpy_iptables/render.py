@@ -181,9 +181,8 @@ def localhost_nodeports(config: BackendConfig) -> bool:
     asked for, and the NodePort addresses hold IPv4 loopback (every address does)."""
     if not config.localhost_nodeports:
         return False
-    if not config.nodeport_restricted:
-        return True
-    return any(n.version == 4 and LOOPBACK4[0] in n for n in config.nodeport_addresses)
+    nets = config.nodeport_networks(4)
+    return nets is None or any(LOOPBACK4[0] in n for n in nets)
 
 
 def with_node(ctx: Context, config: BackendConfig, node: NodeInfo) -> Context:
@@ -288,7 +287,8 @@ def base(ctx: Context, family: int) -> Objects:
         ] = ()
     local = family == 4 and ctx.localhost_nodeports
     nodeports = [c for c in ctx.nodeport_addresses if c.version == family]
-    if ctx.nodeport_addresses or ctx.nodeport_primary:
+    # restricted: primary, or CIDRs of the family but none zero-masked; else every address
+    if ctx.nodeport_primary or (nodeports and not any(c.prefixlen == 0 for c in nodeports)):
         for cidr in nodeports:
             for net in _without_loopback(cidr) if not local else (cidr,):
                 rule = f"-d {net} -m addrtype --dst-type LOCAL -j {NODEPORTS}"

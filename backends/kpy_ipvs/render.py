@@ -257,6 +257,10 @@ def _pods(ctx: Context, version: int) -> tuple[str, ...]:
     return tuple(f"-s {c}" for c in detector.cidrs)
 
 
+def _nodeport_ip(ip: IPAddress, nets: tuple[IPNetwork, ...] | None) -> bool:
+    return nets is None or any(ip in net for net in nets)
+
+
 def context(config: BackendConfig, node: NodeInfo) -> Context:
     """The render context for this node: scheduler flag, NodePort addresses and the
     short-circuit mark mask (ValueError when the ``ipvs_mark_mask`` option is invalid)."""
@@ -265,12 +269,7 @@ def context(config: BackendConfig, node: NodeInfo) -> Context:
         scheduler = DEFAULT_SCHEDULER
     config = config.for_node(node)  # nodePortAddresses "primary": the node's primary IPs
     ips = config.node_ips or node.addresses
-    if config.nodeport_restricted:
-        ips = tuple(
-            ip
-            for ip in ips
-            if any(ip.version == net.version and ip in net for net in config.nodeport_addresses)
-        )
+    ips = tuple(ip for ip in ips if _nodeport_ip(ip, config.nodeport_networks(ip.version)))
     return Context(
         scheduler=scheduler,
         nodeport_ips=tuple(dict.fromkeys(ips)),

@@ -375,11 +375,11 @@ def _set_literal(items: list[str]) -> str:
 def _nodeport_match(nf: str, config: BackendConfig) -> str | None:
     """The match for traffic to this node's NodePort addresses, None for none."""
     version = 4 if nf == "ip" else 6
-    if config.nodeport_restricted:
-        cidrs = _cidrs(config.nodeport_addresses, version)
-        if not cidrs:
-            return None
-        return f"fib daddr type local {nf} daddr {_set_literal(cidrs)}"
+    nets = config.nodeport_networks(version)
+    if nets is not None:
+        if not nets:
+            return None  # nowhere
+        return f"fib daddr type local {nf} daddr {_set_literal(_cidrs(nets, version))}"
     loopback = "127.0.0.0/8" if nf == "ip" else "::1"
     return f"fib daddr type local {nf} daddr != {loopback}"
 

@@ -11,8 +11,9 @@ reports, so ``diff.compute`` shows drift.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from kpy.core.backend import BackendConfig, ServiceView, desired_view
 from kpy.core.model import (
@@ -111,29 +112,36 @@ def _key(protocol: Protocol, address: IPAddress | None, family: int, port: int) 
     )
 
 
-def nodeport_addresses(config: BackendConfig) -> tuple[IPAddress, ...] | None:
-    """Where NodePorts listen: None (every local address, one wildcard socket per family)
-    without ``nodeport_addresses``; otherwise the node addresses inside those ranges."""
-    if not config.nodeport_addresses:
-        return None
-    return tuple(
-        ip
-        for ip in config.node_ips
-        if any(ip.version == net.version and ip in net for net in config.nodeport_addresses)
-    )
+NodePortAddresses: TypeAlias = Mapping[int, tuple[IPAddress, ...] | None]
+
+
+def nodeport_addresses(config: BackendConfig) -> NodePortAddresses:
+    """Where NodePorts listen, per IP family: None (every local address, one wildcard
+    socket) for a family without ``nodeport_addresses``; otherwise the node addresses
+    inside that family's ranges."""
+    out: dict[int, tuple[IPAddress, ...] | None] = {}
+    for version in (4, 6):
+        nets = config.nodeport_networks(version)
+        out[version] = (
+            None
+            if nets is None
+            else tuple(ip for ip in config.node_ips if any(ip in net for net in nets))
+        )
+    return out
 
 
 def port_table(
     state: ServicePortState,
     *,
-    nodeport_addresses: Iterable[IPAddress] | None = None,
+    nodeport_addresses: NodePortAddresses | None = None,
     primary_ips: tuple[IPAddress, ...] = (),
 ) -> PortTable | None:
     """The table for one service port; None when it has no VIP (headless, ExternalName)
     or a protocol the proxy does not relay (SCTP).
 
-    ``nodeport_addresses`` None: NodePorts listen on every address of the family;
-    otherwise on exactly those addresses (those of the Service's families).
+    ``nodeport_addresses``: per family, None for every address of the family (one
+    wildcard socket), else exactly those addresses; None altogether: every family on
+    every address.
     ``primary_ips``: the node's primary IP per family; where a loadBalancerSourceRange
     holds it, the Service's own LB IPs are allowed sources too, as upstream's firewall
     (:meth:`kpy.core.model.ServicePort.firewall_sources`): the node reaching an LB IP on ``lo``
@@ -163,12 +171,12 @@ def port_table(
         )
         add(_key(proto, ip, ip.version, svc.port), Role.EXTERNAL, fam_ranges)
     if svc.node_port is not None:
-        if nodeport_addresses is None:
-            for fam in families:
+        for fam in families:
+            addresses = None if nodeport_addresses is None else nodeport_addresses.get(fam)
+            if addresses is None:
                 add(_key(proto, None, fam, svc.node_port), Role.EXTERNAL)
-        else:
-            for ip in nodeport_addresses:
-                if ip.version in families:
+            else:
+                for ip in addresses:
                     add(_key(proto, ip, ip.version, svc.node_port), Role.EXTERNAL)
     vips = {*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips}
     return PortTable(

@@ -118,10 +118,18 @@ class BackendConfig:
         """The primary IPs as /32 and /128 networks (nodePortAddresses "primary")."""
         return tuple(ipaddress.ip_network(ip) for ip in self.primary_ips())
 
-    @property
-    def nodeport_restricted(self) -> bool:
-        """NodePorts answer only on ``nodeport_addresses`` (else on every local address)."""
-        return bool(self.nodeport_addresses) or self.nodeport_primary
+    def nodeport_networks(self, version: int) -> tuple[IPNetwork, ...] | None:
+        """Where NodePorts of one IP family answer: the ``nodeport_addresses`` of that
+        family, or None for every local address of it. As upstream, a family none of the
+        CIDRs belongs to answers everywhere, and so does one with a zero-masked CIDR.
+        With ``primary``, a family without a primary IP (yet) answers nowhere: ``()``
+        (upstream then falls back to the loopback address)."""
+        nets = tuple(n for n in self.nodeport_addresses if n.version == version)
+        if self.nodeport_primary:
+            return nets
+        if not nets or any(n.prefixlen == 0 for n in nets):
+            return None
+        return nets
 
     def local_detector(self, version: int) -> LocalDetector:
         """How this node tells traffic from its pods, for one IP family."""

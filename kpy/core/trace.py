@@ -289,7 +289,8 @@ def _localhost(packet: Packet, options: Options) -> bool:
 def _nodeport_address(ip: IPAddress, node: NodeInfo, options: Options) -> bool:
     """Whether NodePorts answer on the node address ``ip`` (--nodeport-addresses)."""
     config = options_config(node.name, options).for_node(node)
-    return not config.nodeport_restricted or _in(ip, config.nodeport_addresses)
+    nets = config.nodeport_networks(ip.version)
+    return nets is None or _in(ip, nets)
 
 
 def _cluster_set(state: ServicePortState, node: NodeInfo) -> tuple[Endpoint, ...]:

@@ -243,7 +243,10 @@ def test_nodeport_addresses_limit_the_nodeport_dispatch() -> None:
     assert rules(ctx_base, NAT, "KPY-SERVICES") == [
         "-d 192.168.50.0/24 -m addrtype --dst-type LOCAL -j KPY-NODEPORTS"
     ]
-    assert rules(render.base(ctx, 6), NAT, "KPY-SERVICES", 6) == []
+    # no IPv6 CIDR: IPv6 NodePorts answer on every address, as upstream
+    assert rules(render.base(ctx, 6), NAT, "KPY-SERVICES", 6) == [
+        "! -d ::1/128 -m addrtype --dst-type LOCAL -j KPY-NODEPORTS"
+    ]
     assert rules(render.base(render.Context(), 4), NAT, "KPY-SERVICES") == [
         "! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j KPY-NODEPORTS"
     ]

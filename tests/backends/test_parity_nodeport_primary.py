@@ -122,3 +122,31 @@ def test_explain_takes_primary(backend: str | None) -> None:
         data = json.loads(result.output)
         assert data["verdict"] == verdict
         assert "trace_disagrees_with_model" not in data["reasons"]
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "primary", "v4", "v6"),
+    [
+        ((), False, None, None),  # every address of both families
+        (("192.168.50.0/24",), False, ("192.168.50.0/24",), None),  # IPv6 everywhere
+        (("fd00:50::/64",), False, None, ("fd00:50::/64",)),
+        (("0.0.0.0/0", "192.168.50.0/24"), False, None, None),  # zero-masked: everywhere
+        (("192.168.50.2/32",), True, ("192.168.50.2/32",), ()),  # primary: v6 has none yet
+    ],
+)
+def test_nodeport_networks_per_family(
+    cidrs: tuple[str, ...],
+    primary: bool,
+    v4: tuple[str, ...] | None,
+    v6: tuple[str, ...] | None,
+) -> None:
+    """Upstream's NewNodePortAddresses: the CIDRs are taken per family, and a family
+    without any (or with a zero-masked one) answers on every address."""
+    config = BackendConfig(
+        nodeport_addresses=tuple(ipaddress.ip_network(c) for c in cidrs), nodeport_primary=primary
+    )
+
+    def text(nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None) -> object:
+        return None if nets is None else tuple(str(n) for n in nets)
+
+    assert (text(config.nodeport_networks(4)), text(config.nodeport_networks(6))) == (v4, v6)

@@ -95,7 +95,22 @@ def test_nodeport_addresses_narrow_the_listeners() -> None:
     assert table is not None
     assert "192.168.50.2:30080/TCP/v4" in keys(table)
     assert "10.0.0.2:30080/TCP/v4" not in keys(table)
-    assert render.nodeport_addresses(BackendConfig()) is None
+    assert render.nodeport_addresses(BackendConfig()) == {4: None, 6: None}
+    # IPv4 CIDRs only: IPv6 NodePorts stay on every address (one wildcard socket), as upstream
+    assert render.nodeport_addresses(config) == {
+        4: (ipaddress.ip_address("192.168.50.2"),),
+        6: None,
+    }
+    dual = b.state(
+        b.service("np6", cluster_ip=["10.96.0.11", "fd00:96::11"], type="NodePort",
+                  node_port=30080),
+        [b.endpoint("10.244.1.7")],
+        NODE,
+    )  # fmt: skip
+    table6 = render.port_table(dual, nodeport_addresses=render.nodeport_addresses(config))
+    assert table6 is not None
+    nodeports = sorted(k for k in keys(table6) if ":30080/" in k)
+    assert nodeports == ["*:30080/TCP/v6", "192.168.50.2:30080/TCP/v4"], nodeports
 
 
 def test_no_table_without_a_vip() -> None:

@@ -32,6 +32,7 @@ from kpy.testing.netns import (
     OUTSIDE_IP,
     POD_A,
     POD_B,
+    POD_B6,
     Topology,
     ip,
     socket_in,
@@ -290,6 +291,44 @@ class TestNodePortPrimary:
         assert _traced(tracer, plan, cfg, POD_A, "10.244.1.1", 30091, "pod") is ex.Verdict.ACCEPT
         with pytest.raises(ConnectionRefusedError):
             tcp(topo.pods["pod-a"], "10.244.1.1", 30091)
+
+
+class TestNodePortAddressesPerFamily:
+    """Upstream takes --nodeport-addresses per IP family: IPv4 CIDRs only leave IPv6
+    NodePorts on every address of the node."""
+
+    @pytest.fixture
+    def programmed(
+        self, topo: Topology, backend: tuple[Factory, ex.Tracer]
+    ) -> Iterator[tuple[Plan, BackendConfig]]:
+        np = b.service(
+            "np-dual", cluster_ip=["10.96.0.51", "fd00:96::51"], type="NodePort", node_port=30092
+        )
+        endpoints = [b.endpoint(POD_B, node="node-b"), b.endpoint(POD_B6, node="node-b")]
+        states = [b.state(np, endpoints, NODE)]
+        only_v4 = (ipaddress.ip_network("192.168.50.0/24"),)
+        programmed, plan, cfg = _program(topo, backend[0], states, nodeport_addresses=only_v4)
+        try:
+            yield plan, cfg
+        finally:
+            asyncio.run(programmed.cleanup())
+
+    def test_ipv4_cidrs_only_leave_ipv6_nodeports_everywhere(
+        self,
+        topo: Topology,
+        programmed: tuple[Plan, BackendConfig],
+        backend: tuple[Factory, ex.Tracer],
+    ) -> None:
+        plan, cfg = programmed
+        tracer = backend[1]
+        assert tcp(topo.client, NODE_IP, 30092).startswith("pod-b ")
+        # the bridge's IPv4 address is outside the CIDRs: no NodePort there
+        assert _traced(tracer, plan, cfg, POD_A, "10.244.1.1", 30092, "pod") is ex.Verdict.ACCEPT
+        with pytest.raises(ConnectionRefusedError):
+            tcp(topo.pods["pod-a"], "10.244.1.1", 30092)
+        # no IPv6 CIDR: the bridge's IPv6 address is a NodePort address (the tracers know
+        # only the Node's reported addresses as local, so this is checked by packets)
+        assert tcp(topo.pods["pod-a"], "fd00:244:1::1", 30092).startswith("pod-b ")
 
 
 # --- 3. localhost NodePorts (iptables) -------------------------------------------------------
