@@ -22,10 +22,13 @@ from outside identically:
 * the 1-minute load average at the start of each run.
 
 Runs are alternated (kube-proxy nftables, kpy nftables, kube-proxy iptables, kpy
-iptables) at each N. Usage (root; ``scripts/build-upstream.sh kube-proxy`` first)::
+iptables) at each N, ``--rounds`` times. ``--baseline TREE`` adds ``kpy-baseline/<mode>``
+runs: kpy from another source tree (e.g. ``git archive`` of an earlier commit), alternated
+with the others on the same API server, for before/after comparisons. Usage (root;
+``scripts/build-upstream.sh kube-proxy`` first)::
 
-    python bench/vs_kube_proxy.py [--n 1000,10000] [--trials 30] [--json out.json] \
-        [--png docs/vs-kube-proxy.png]
+    python bench/vs_kube_proxy.py [--n 1000,10000] [--trials 30] [--rounds 1] \
+        [--baseline TREE] [--json out.json] [--png docs/vs-kube-proxy.png]
 
 The PNG needs matplotlib (``pip install matplotlib``), imported only when asked for.
 """
@@ -225,7 +228,7 @@ def reach(vip: str, want: set[str] | None, deadline: float) -> float:
 
 def argv(proxy: str, kubeconfig: Path) -> list[str]:
     name, mode = proxy.split("/")
-    if name == "kube-proxy":
+    if name == "kube-proxy":  # else kpy or kpy-baseline (the same command)
         return [
             str(rc.bindir() / "kube-proxy"),
             "--kubeconfig", str(kubeconfig),
@@ -268,8 +271,30 @@ def rule_count(mode: str) -> int:
     return lines
 
 
+def compile_tree(root: Path) -> None:
+    """Bytecode for a kpy source tree, as ``pip install`` leaves it: a cold start measures
+    kpy, not the compiler (``PYTHONDONTWRITEBYTECODE`` would compile every module anew)."""
+    for part in ("kpy", "backends"):
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / part)], check=True)
+
+
+def environment(proxy: str, baseline: Path | None) -> dict[str, str] | None:
+    """kpy-baseline runs import kpy from the baseline tree; the others inherit ours."""
+    if not proxy.startswith("kpy-baseline/"):
+        return None
+    if baseline is None:
+        raise SystemExit(f"{proxy} needs --baseline")
+    return os.environ | {"PYTHONPATH": f"{baseline}{os.pathsep}{baseline / 'backends'}"}
+
+
 def run_one(
-    plane: rc.ControlPlane, proxy: str, n: int, trials: int, log: Path, cold_limit: float
+    plane: rc.ControlPlane,
+    proxy: str,
+    n: int,
+    trials: int,
+    log: Path,
+    cold_limit: float,
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
     api = plane.admin()
     vip = probe_service(plane)
@@ -280,6 +305,7 @@ def run_one(
             proc = rc.on_spawner(lambda: subprocess.Popen(
                 ["ip", "netns", "exec", NODE_NS, *argv(proxy, plane.dir / "bench.kubeconfig")],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=environment(proxy, baseline),
                 start_new_session=True, preexec_fn=rc.die_with_parent,
             ))  # fmt: skip
         try:
@@ -335,6 +361,13 @@ def run_one(
 
 
 # --------------------------------------------------------------------------- report
+
+
+def order(proxy: str) -> int:
+    name, mode = proxy.split("/")
+    return PROXIES.index(f"{name.removesuffix('-baseline')}/{mode}") * 2 + name.endswith(
+        "-baseline"
+    )
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -404,13 +437,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--proxies", default=",".join(PROXIES))
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the alternation")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a kpy source tree; adds kpy-baseline/<mode> runs after each kpy/<mode>",
+    )
     parser.add_argument(
         "--report", nargs="+", type=Path, help="only the table (and --png) from JSON results"
     )
     args = parser.parse_args()
     if args.report:
         merged = [r for path in args.report for r in json.loads(path.read_text())]
-        merged.sort(key=lambda r: (r["n"], PROXIES.index(r["proxy"])))
+        merged.sort(key=lambda r: (r["n"], order(r["proxy"])))
         print(table(merged))
         if args.png:
             plot(merged, args.png)
@@ -420,7 +459,14 @@ def main() -> None:
     if missing:
         sys.exit(f"not built: {', '.join(missing)} (scripts/build-upstream.sh kube-proxy)")
     proxies = args.proxies.split(",")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        proxies = [q for p in proxies for q in (
+            [p, f"kpy-baseline/{p.split('/')[1]}"] if p.startswith("kpy/") else [p])]  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # clean up on the way out
+    compile_tree(Path(importlib.import_module("kpy").__file__ or "").parent.parent)
+    if args.baseline is not None:
+        compile_tree(args.baseline)
     results: list[dict[str, Any]] = []
     # The advertise address (on the namespace's lo) is where the node reaches the API
     # server over its veth.
@@ -443,9 +489,9 @@ def main() -> None:
             populate(plane, have, n)
             have = n
             print(f"N={n}: objects written in {time.monotonic() - t:.0f} s", file=sys.stderr)
-            for proxy in proxies:
+            for proxy in [p for _ in range(args.rounds) for p in proxies]:
                 log = plane.dir / f"{proxy.replace('/', '-')}-{n}.log"
-                result = run_one(plane, proxy, n, args.trials, log, args.cold_limit)
+                result = run_one(plane, proxy, n, args.trials, log, args.cold_limit, args.baseline)
                 print(json.dumps(result), file=sys.stderr)
                 results.append(result)
                 if args.json:  # after every run: a later failure keeps what was measured
