@@ -202,6 +202,9 @@ def node() -> Iterator[Echo]:
         finally:
             echo.close()
     finally:
+        # the control plane's end first: a veth left to the namespace's asynchronous
+        # teardown may still hold the name ``vn`` when the next run adds it
+        subprocess.run(["ip", "-n", CP_NS, "link", "del", "vn"], check=False, capture_output=True)
         for ns in (NODE_NS, POD_NS):
             rc.kill_in_netns(ns)
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
@@ -251,6 +254,13 @@ def argv(proxy: str, kubeconfig: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and of its children it has reaped (``nft``,
+    ``iptables-restore``): a cold start's work, less sensitive to the load than its time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def memory(pid: int) -> tuple[int, int]:
     """VmRSS and VmHWM of ``pid`` in KiB."""
     fields = {}
@@ -278,13 +288,22 @@ def compile_tree(root: Path) -> None:
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / part)], check=True)
 
 
+def kpy_tree() -> Path:
+    """The source tree of the kpy this script imports: what ``kpy/<mode>`` runs."""
+    return Path(importlib.import_module("kpy").__file__ or "").parent.parent
+
+
 def environment(proxy: str, baseline: Path | None) -> dict[str, str] | None:
-    """kpy-baseline runs import kpy from the baseline tree; the others inherit ours."""
-    if not proxy.startswith("kpy-baseline/"):
+    """kpy runs import kpy from our tree, kpy-baseline runs from the baseline tree (the
+    runs start in ``/``: ``python -m`` puts the working directory first on the path)."""
+    if proxy.startswith("kube-proxy/"):
         return None
-    if baseline is None:
-        raise SystemExit(f"{proxy} needs --baseline")
-    return os.environ | {"PYTHONPATH": f"{baseline}{os.pathsep}{baseline / 'backends'}"}
+    tree = kpy_tree()
+    if proxy.startswith("kpy-baseline/"):
+        if baseline is None:
+            raise SystemExit(f"{proxy} needs --baseline")
+        tree = baseline
+    return os.environ | {"PYTHONPATH": f"{tree}{os.pathsep}{tree / 'backends'}"}
 
 
 def run_one(
@@ -305,12 +324,13 @@ def run_one(
             proc = rc.on_spawner(lambda: subprocess.Popen(
                 ["ip", "netns", "exec", NODE_NS, *argv(proxy, plane.dir / "bench.kubeconfig")],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=environment(proxy, baseline),
+                env=environment(proxy, baseline), cwd="/",
                 start_new_session=True, preexec_fn=rc.die_with_parent,
             ))  # fmt: skip
         try:
             try:
                 cold = reach(vip, None, started + cold_limit) - started
+                cold_cpu = cpu_seconds(proc.pid)
             except TimeoutError:
                 tail = log.read_text(errors="replace").splitlines()[-5:]
                 print("\n".join([f"{proxy}: no first sync in {cold_limit:.0f} s; log:", *tail]),
@@ -350,6 +370,7 @@ def run_one(
         "proxy": proxy,
         "n": n,
         "cold_start_s": round(cold, 3),
+        "cold_cpu_s": round(cold_cpu, 2),
         "change_p50_ms": round(statistics.median(lat) * 1000, 1),
         "change_p90_ms": round(lat[int(0.9 * (len(lat) - 1))] * 1000, 1),
         "trials": len(lat),
@@ -387,6 +408,30 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['rss_mib']:.0f} / {r['peak_rss_mib']:.0f} MiB | {r['rules']:,} | "
             f"{r['load1']:.1f} |"
         )
+    return "\n".join([head, *rows])
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    """Medians per size and proxy over the rounds (cold start, its CPU, one change)."""
+    head = ("| N | proxy | runs | cold start, median (range) | CPU to first sync, median | "
+            "one change p50, median | load |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    rows = []
+    for n in sorted({r["n"] for r in results}):
+        for proxy in sorted({r["proxy"] for r in results if r["n"] == n}, key=order):
+            runs = [r for r in results if r["n"] == n and r["proxy"] == proxy]
+            cold = [r["cold_start_s"] for r in runs if r["cold_start_s"] is not None]
+            cpu = [r["cold_cpu_s"] for r in runs if r.get("cold_cpu_s") is not None]
+            change = [r["change_p50_ms"] for r in runs if r.get("change_p50_ms") is not None]
+            loads = [r["load1"] for r in runs]
+            if not cold:
+                continue
+            rows.append(
+                f"| {n:,} | {proxy} | {len(runs)} | {statistics.median(cold):.2f} s "
+                f"({min(cold):.2f} to {max(cold):.2f}) | "
+                + (f"{statistics.median(cpu):.2f} s" if cpu else "—")
+                + f" | {statistics.median(change):.0f} ms | "
+                f"{min(loads):.1f} to {max(loads):.1f} |"
+            )
     return "\n".join([head, *rows])
 
 
@@ -451,6 +496,8 @@ def main() -> None:
         merged = [r for path in args.report for r in json.loads(path.read_text())]
         merged.sort(key=lambda r: (r["n"], order(r["proxy"])))
         print(table(merged))
+        print()
+        print(summary(merged))
         if args.png:
             plot(merged, args.png)
         return
@@ -464,7 +511,7 @@ def main() -> None:
         proxies = [q for p in proxies for q in (
             [p, f"kpy-baseline/{p.split('/')[1]}"] if p.startswith("kpy/") else [p])]  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # clean up on the way out
-    compile_tree(Path(importlib.import_module("kpy").__file__ or "").parent.parent)
+    compile_tree(kpy_tree())
     if args.baseline is not None:
         compile_tree(args.baseline)
     results: list[dict[str, Any]] = []
@@ -499,6 +546,8 @@ def main() -> None:
     finally:
         plane.stop()
     print(table(results))
+    print()
+    print(summary(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.png:
