@@ -22,10 +22,13 @@ from outside identically:
 * the 1-minute load average at the start of each run.
 
 Runs are alternated (kube-proxy nftables, kpy nftables, kube-proxy iptables, kpy
-iptables) at each N. Usage (root; ``scripts/build-upstream.sh kube-proxy`` first)::
+iptables) at each N, ``--rounds`` times. ``--baseline TREE`` adds ``kpy-baseline/<mode>``
+runs: kpy from another source tree (e.g. ``git archive`` of an earlier commit), alternated
+with the others on the same API server, for before/after comparisons. Usage (root;
+``scripts/build-upstream.sh kube-proxy`` first)::
 
-    python bench/vs_kube_proxy.py [--n 1000,10000] [--trials 30] [--json out.json] \
-        [--png docs/vs-kube-proxy.png]
+    python bench/vs_kube_proxy.py [--n 1000,10000] [--trials 30] [--rounds 1] \
+        [--baseline TREE] [--json out.json] [--png docs/vs-kube-proxy.png]
 
 The PNG needs matplotlib (``pip install matplotlib``), imported only when asked for.
 """
@@ -199,6 +202,9 @@ def node() -> Iterator[Echo]:
         finally:
             echo.close()
     finally:
+        # the control plane's end first: a veth left to the namespace's asynchronous
+        # teardown may still hold the name ``vn`` when the next run adds it
+        subprocess.run(["ip", "-n", CP_NS, "link", "del", "vn"], check=False, capture_output=True)
         for ns in (NODE_NS, POD_NS):
             rc.kill_in_netns(ns)
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
@@ -225,7 +231,7 @@ def reach(vip: str, want: set[str] | None, deadline: float) -> float:
 
 def argv(proxy: str, kubeconfig: Path) -> list[str]:
     name, mode = proxy.split("/")
-    if name == "kube-proxy":
+    if name == "kube-proxy":  # else kpy or kpy-baseline (the same command)
         return [
             str(rc.bindir() / "kube-proxy"),
             "--kubeconfig", str(kubeconfig),
@@ -248,6 +254,13 @@ def argv(proxy: str, kubeconfig: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and of its children it has reaped (``nft``,
+    ``iptables-restore``): a cold start's work, less sensitive to the load than its time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def memory(pid: int) -> tuple[int, int]:
     """VmRSS and VmHWM of ``pid`` in KiB."""
     fields = {}
@@ -268,8 +281,39 @@ def rule_count(mode: str) -> int:
     return lines
 
 
+def compile_tree(root: Path) -> None:
+    """Bytecode for a kpy source tree, as ``pip install`` leaves it: a cold start measures
+    kpy, not the compiler (``PYTHONDONTWRITEBYTECODE`` would compile every module anew)."""
+    for part in ("kpy", "backends"):
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / part)], check=True)
+
+
+def kpy_tree() -> Path:
+    """The source tree of the kpy this script imports: what ``kpy/<mode>`` runs."""
+    return Path(importlib.import_module("kpy").__file__ or "").parent.parent
+
+
+def environment(proxy: str, baseline: Path | None) -> dict[str, str] | None:
+    """kpy runs import kpy from our tree, kpy-baseline runs from the baseline tree (the
+    runs start in ``/``: ``python -m`` puts the working directory first on the path)."""
+    if proxy.startswith("kube-proxy/"):
+        return None
+    tree = kpy_tree()
+    if proxy.startswith("kpy-baseline/"):
+        if baseline is None:
+            raise SystemExit(f"{proxy} needs --baseline")
+        tree = baseline
+    return os.environ | {"PYTHONPATH": f"{tree}{os.pathsep}{tree / 'backends'}"}
+
+
 def run_one(
-    plane: rc.ControlPlane, proxy: str, n: int, trials: int, log: Path, cold_limit: float
+    plane: rc.ControlPlane,
+    proxy: str,
+    n: int,
+    trials: int,
+    log: Path,
+    cold_limit: float,
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
     api = plane.admin()
     vip = probe_service(plane)
@@ -280,11 +324,13 @@ def run_one(
             proc = rc.on_spawner(lambda: subprocess.Popen(
                 ["ip", "netns", "exec", NODE_NS, *argv(proxy, plane.dir / "bench.kubeconfig")],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=environment(proxy, baseline), cwd="/",
                 start_new_session=True, preexec_fn=rc.die_with_parent,
             ))  # fmt: skip
         try:
             try:
                 cold = reach(vip, None, started + cold_limit) - started
+                cold_cpu = cpu_seconds(proc.pid)
             except TimeoutError:
                 tail = log.read_text(errors="replace").splitlines()[-5:]
                 print("\n".join([f"{proxy}: no first sync in {cold_limit:.0f} s; log:", *tail]),
@@ -324,6 +370,7 @@ def run_one(
         "proxy": proxy,
         "n": n,
         "cold_start_s": round(cold, 3),
+        "cold_cpu_s": round(cold_cpu, 2),
         "change_p50_ms": round(statistics.median(lat) * 1000, 1),
         "change_p90_ms": round(lat[int(0.9 * (len(lat) - 1))] * 1000, 1),
         "trials": len(lat),
@@ -335,6 +382,13 @@ def run_one(
 
 
 # --------------------------------------------------------------------------- report
+
+
+def order(proxy: str) -> int:
+    name, mode = proxy.split("/")
+    return PROXIES.index(f"{name.removesuffix('-baseline')}/{mode}") * 2 + name.endswith(
+        "-baseline"
+    )
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -354,6 +408,30 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['rss_mib']:.0f} / {r['peak_rss_mib']:.0f} MiB | {r['rules']:,} | "
             f"{r['load1']:.1f} |"
         )
+    return "\n".join([head, *rows])
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    """Medians per size and proxy over the rounds (cold start, its CPU, one change)."""
+    head = ("| N | proxy | runs | cold start, median (range) | CPU to first sync, median | "
+            "one change p50, median | load |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    rows = []
+    for n in sorted({r["n"] for r in results}):
+        for proxy in sorted({r["proxy"] for r in results if r["n"] == n}, key=order):
+            runs = [r for r in results if r["n"] == n and r["proxy"] == proxy]
+            cold = [r["cold_start_s"] for r in runs if r["cold_start_s"] is not None]
+            cpu = [r["cold_cpu_s"] for r in runs if r.get("cold_cpu_s") is not None]
+            change = [r["change_p50_ms"] for r in runs if r.get("change_p50_ms") is not None]
+            loads = [r["load1"] for r in runs]
+            if not cold:
+                continue
+            rows.append(
+                f"| {n:,} | {proxy} | {len(runs)} | {statistics.median(cold):.2f} s "
+                f"({min(cold):.2f} to {max(cold):.2f}) | "
+                + (f"{statistics.median(cpu):.2f} s" if cpu else "—")
+                + f" | {statistics.median(change):.0f} ms | "
+                f"{min(loads):.1f} to {max(loads):.1f} |"
+            )
     return "\n".join([head, *rows])
 
 
@@ -404,14 +482,22 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--proxies", default=",".join(PROXIES))
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the alternation")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a kpy source tree; adds kpy-baseline/<mode> runs after each kpy/<mode>",
+    )
     parser.add_argument(
         "--report", nargs="+", type=Path, help="only the table (and --png) from JSON results"
     )
     args = parser.parse_args()
     if args.report:
         merged = [r for path in args.report for r in json.loads(path.read_text())]
-        merged.sort(key=lambda r: (r["n"], PROXIES.index(r["proxy"])))
+        merged.sort(key=lambda r: (r["n"], order(r["proxy"])))
         print(table(merged))
+        print()
+        print(summary(merged))
         if args.png:
             plot(merged, args.png)
         return
@@ -420,7 +506,14 @@ def main() -> None:
     if missing:
         sys.exit(f"not built: {', '.join(missing)} (scripts/build-upstream.sh kube-proxy)")
     proxies = args.proxies.split(",")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        proxies = [q for p in proxies for q in (
+            [p, f"kpy-baseline/{p.split('/')[1]}"] if p.startswith("kpy/") else [p])]  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # clean up on the way out
+    compile_tree(kpy_tree())
+    if args.baseline is not None:
+        compile_tree(args.baseline)
     results: list[dict[str, Any]] = []
     # The advertise address (on the namespace's lo) is where the node reaches the API
     # server over its veth.
@@ -443,9 +536,9 @@ def main() -> None:
             populate(plane, have, n)
             have = n
             print(f"N={n}: objects written in {time.monotonic() - t:.0f} s", file=sys.stderr)
-            for proxy in proxies:
+            for proxy in [p for _ in range(args.rounds) for p in proxies]:
                 log = plane.dir / f"{proxy.replace('/', '-')}-{n}.log"
-                result = run_one(plane, proxy, n, args.trials, log, args.cold_limit)
+                result = run_one(plane, proxy, n, args.trials, log, args.cold_limit, args.baseline)
                 print(json.dumps(result), file=sys.stderr)
                 results.append(result)
                 if args.json:  # after every run: a later failure keeps what was measured
@@ -453,6 +546,8 @@ def main() -> None:
     finally:
         plane.stop()
     print(table(results))
+    print()
+    print(summary(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.png:

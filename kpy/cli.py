@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import ipaddress
 import os
 import sys
@@ -27,8 +28,7 @@ from kpy.core.backend import DETECT_LOCAL_MODES
 from kpy.core.model import NodeInfo, Plan
 from kpy.sources import Source
 from kpy.sources.manifests import ManifestSource
-from kpy.tools import check, dump, explain
-from kpy.tools.lab import lab
+from kpy.tools import dump, explain
 
 DEMO_NODE, DEMO_NODE_IP = trace.DEMO_NODE, trace.DEMO_NODE_IP
 
@@ -54,7 +54,39 @@ def _node_override(name: str, node_ips: tuple[str, ...], pod_cidrs: tuple[str, .
     return override
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _LazyGroup(click.Group):
+    """A group whose ``lazy`` subcommands are made (their modules imported) only when run or
+    listed in help: ``kpy run`` does not import the lab, ``check`` (the kubernetes client,
+    jsonschema) or the fake API server."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy: dict[str, Callable[[], click.Command]] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        make = self.lazy.pop(cmd_name, None)
+        if make is not None:
+            self.add_command(make(), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+def _command_of(module: str, attribute: str = "command") -> Callable[[], click.Command]:
+    """``module.command()`` (or the command ``module.attribute``), imported when called."""
+
+    def make() -> click.Command:
+        found = getattr(importlib.import_module(module), attribute)
+        return cast(click.Command, found() if attribute == "command" else found)
+
+    return make
+
+
+@click.group(
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="kpy")
 def main() -> None:
     """kpy: a kube-proxy replacement. Makes Service virtual IPs work on this node."""
@@ -262,8 +294,6 @@ def _isolation(backend: backends.Backend, config: cfg.AgentConfig) -> Attempt | 
 
 def _make_source(config: cfg.AgentConfig) -> Source:
     if config.source == "kube":
-        import importlib  # the kube source pulls in the client: imported only when used
-
         kube: Any = importlib.import_module("kpy.sources.kube")
         source: Source = kube.KubeSource.from_config(config)
         return source
@@ -525,30 +555,16 @@ def _load_tracer(
 
 
 main.add_command(explain.command(_offline_plan, _load_tracer))
-main.add_command(lab.command())
-main.add_command(check.command())
+main.lazy.update(lab=_command_of("kpy.tools.lab.lab"), check=_command_of("kpy.tools.check"))
 
 
-class _TestingTools(click.Group):
-    """``kpy testing``: development tools. The fake API server lives with the test
-    helpers (kpy.testing) and is imported only when this command is run."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return ["apiserver"]
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name != "apiserver":
-            return None
-        from kpy.testing import apiserver
-
-        return apiserver.apiserver
+@main.group("testing", cls=_LazyGroup)
+def testing_cmd() -> None:
+    """Development tools (a fake Kubernetes API server serving manifests)."""
 
 
-main.add_command(
-    _TestingTools(
-        "testing", help="Development tools (a fake Kubernetes API server serving manifests)."
-    )
-)
+# the fake API server lives with the test helpers (kpy.testing): imported only when run
+cast(_LazyGroup, testing_cmd).lazy["apiserver"] = _command_of("kpy.testing.apiserver", "apiserver")
 
 
 if __name__ == "__main__":  # pragma: no cover

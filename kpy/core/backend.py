@@ -249,32 +249,39 @@ class BackendEntry:
     error: str | None = None  # why the plugin could not be loaded
 
 
+def _entry_points() -> metadata.EntryPoints:
+    return metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+def _load_entry(ep: metadata.EntryPoint) -> BackendEntry:
+    try:
+        factory = ep.load()
+    except Exception as exc:  # a broken plugin is reported, not fatal
+        return BackendEntry(ep.name, None, f"{type(exc).__name__}: {exc}")
+    if not callable(factory):
+        return BackendEntry(ep.name, None, "entry point is not callable")
+    return BackendEntry(ep.name, factory)
+
+
 def load_backends(
     entry_points: Callable[[], metadata.EntryPoints] | None = None,
 ) -> dict[str, BackendEntry]:
     """Every backend registered under ``kpy.backends``; broken ones carry their error."""
-    found = (entry_points or (lambda: metadata.entry_points(group=ENTRY_POINT_GROUP)))()
-    result: dict[str, BackendEntry] = {}
-    for ep in sorted(found, key=lambda e: e.name):
-        try:
-            factory = ep.load()
-        except Exception as exc:  # a broken plugin is reported, not fatal
-            result[ep.name] = BackendEntry(ep.name, None, f"{type(exc).__name__}: {exc}")
-            continue
-        if not callable(factory):
-            result[ep.name] = BackendEntry(ep.name, None, "entry point is not callable")
-            continue
-        result[ep.name] = BackendEntry(ep.name, factory)
-    return result
+    found = (entry_points or _entry_points)()
+    return {ep.name: _load_entry(ep) for ep in sorted(found, key=lambda e: e.name)}
 
 
 def create(name: str, config: BackendConfig) -> Backend:
-    """Instantiate the named backend, or raise ``KeyError``/``BackendError`` with the reason."""
-    entries = load_backends()
-    if name not in entries:
-        known = ", ".join(sorted(entries)) or "none"
+    """Instantiate the named backend, or raise ``KeyError``/``BackendError`` with the reason.
+
+    Only that backend's module is imported (the others' imports, e.g. pyroute2 for
+    ipvs, would cost a cold start for nothing)."""
+    found = _entry_points()
+    chosen = [ep for ep in found if ep.name == name]
+    if not chosen:
+        known = ", ".join(sorted({ep.name for ep in found})) or "none"
         raise KeyError(f"unknown backend {name!r} (installed: {known})")
-    entry = entries[name]
+    entry = _load_entry(chosen[-1])  # the last one found, as in load_backends
     if entry.factory is None:
         raise BackendError(f"backend {name!r} failed to load: {entry.error}")
     try:

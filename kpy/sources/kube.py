@@ -21,8 +21,9 @@ One reflector per resource, with the semantics a production node agent needs
   (:data:`IGNORED_LABEL_SELECTOR`): another proxy's, and headless Services' slices, are
   left out by the API server, and one that gains such a label is DELETED by the watch.
 
-Configuration comes from the official ``kubernetes`` client (in-cluster service
-account, a kubeconfig, or an explicit ``--master``); the HTTP is kpy's own, on asyncio
+Configuration is read as the official ``kubernetes`` client reads it (in-cluster service
+account, a kubeconfig, or an explicit ``--master``: :mod:`kpy.sources.kubeconfig`, the
+client itself only for exec plugins and auth providers); the HTTP is kpy's own, on asyncio
 streams (lists on a kept-alive connection per reflector, each watch on its own), and
 objects are decoded as raw JSON — see docs/decisions/kube-transport.md.
 """
@@ -41,7 +42,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -51,6 +52,7 @@ import yaml
 from kpy import __version__
 from kpy.core.model import ConfigError
 from kpy.sources import Event, EventType, Kind, Sink, SourceMetrics
+from kpy.sources import kubeconfig as kubeconfig_files
 
 log = structlog.get_logger("kpy.sources.kube")
 
@@ -192,26 +194,21 @@ def load_target(
     (credentials are kept): without kube-proxy the ``kubernetes`` Service VIP is not
     programmed yet, so the agent must reach the API server directly. So does setting
     ``KUBERNETES_SERVICE_HOST``/``PORT`` in the DaemonSet, which in-cluster reads.
+
+    Read by :mod:`kpy.sources.kubeconfig`; the official client (slow to import) only
+    for what that leaves to it (exec plugins, auth providers, merged kubeconfigs).
     """
     env = os.environ if environ is None else environ
-    # The client is needed for configuration only (and its functions are untyped: the
-    # modules are held as Any, so nothing untyped leaks past this function).
-    client: Any = importlib.import_module("kubernetes.client")
-    config: Any = importlib.import_module("kubernetes.config")
-
-    configuration = client.Configuration()
     where = "in-cluster configuration"
     try:
+        settings: kubeconfig_files.Settings | None
         if kubeconfig:
             where = kubeconfig
-            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+            settings = kubeconfig_files.from_file(kubeconfig)
         elif env.get("KUBERNETES_SERVICE_HOST") and os.path.exists(token_file):
-            loader = config.incluster_config.InClusterConfigLoader(
-                token_filename=token_file, cert_filename=ca_file, environ=env
-            )
-            loader.load_and_set(configuration)
+            settings = kubeconfig_files.in_cluster(env, token_file, ca_file)
         elif master:
-            configuration.host = master if "://" in master else f"https://{master}"
+            settings = kubeconfig_files.Settings(host="")
         else:
             where = env.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
             if not os.path.exists(where.split(os.pathsep)[0]):
@@ -219,14 +216,39 @@ def load_target(
                     "no API server: not in a cluster (no KUBERNETES_SERVICE_HOST and service "
                     "account token), no --kubeconfig, no --master, and no default kubeconfig"
                 )
-            config.load_kube_config(config_file=where, client_configuration=configuration)
+            settings = kubeconfig_files.from_file(where)
+        if settings is None:
+            return _load_with_client(where, master)
+        if master:
+            where = f"--master {master}"
+            settings = replace(settings, host=master if "://" in master else f"https://{master}")
+        return ApiTarget.from_url(
+            settings.host,
+            ssl_context=settings.ssl_context(),
+            server_hostname=settings.tls_server_name,
+            auth=settings.auth,
+            auth_may_block=settings.auth_may_block,
+        )
+    except (yaml.YAMLError, OSError, ValueError, TypeError) as exc:
+        if isinstance(exc, KubeConfigError):
+            raise
+        raise KubeConfigError(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+
+def _load_with_client(where: str, master: str) -> ApiTarget:
+    """A kubeconfig through the official client's loader (exec, auth-provider, merges)."""
+    # The client is needed for configuration only (and its functions are untyped: the
+    # modules are held as Any, so nothing untyped leaks past this function).
+    client: Any = importlib.import_module("kubernetes.client")
+    config: Any = importlib.import_module("kubernetes.config")
+    configuration = client.Configuration()
+    try:
+        config.load_kube_config(config_file=where, client_configuration=configuration)
         if master:
             where = f"--master {master}"
             configuration.host = master if "://" in master else f"https://{master}"
         return ApiTarget.from_configuration(configuration)
-    except (config.ConfigException, yaml.YAMLError, OSError, ValueError, TypeError) as exc:
-        if isinstance(exc, KubeConfigError):
-            raise
+    except config.ConfigException as exc:
         raise KubeConfigError(f"{where}: {type(exc).__name__}: {exc}") from exc
 
 

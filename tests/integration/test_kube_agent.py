@@ -535,3 +535,94 @@ def test_unusable_kubeconfig_fails_with_a_message(tmp_path: Path, plugin: Path) 
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"error: {kubeconfig}: ") and "current-context" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# Modules `kpy run --source kube` must not import on its way to the first sync: each
+# costs a cold start tenths of a second (the official client: ~0.2 s) and none is used
+# there. The kubernetes client stays the fallback for exec plugins and auth providers.
+NOT_ON_THE_START_PATH = (
+    "kubernetes",
+    "pyroute2",
+    "jsonschema",
+    "kpy.tools.check",
+    "kpy.tools.lab.lab",
+    "kpy.testing.apiserver",
+)
+
+
+def test_kpy_run_source_kube_starts_without_the_kubernetes_client(
+    tmp_path: Path, plugin: Path
+) -> None:
+    """The real command with a kubeconfig (a token; an http server), to its first sync;
+    at exit the process writes down every module it holds (``importlib.import_module``
+    included, which ``-X importtime`` does not show)."""
+    import kpy
+
+    state, modules = tmp_path / "state.json", tmp_path / "modules.json"
+    tree = Path(kpy.__file__).parent.parent  # this kpy, not whichever is installed
+    kubeconfig = tmp_path / "kubeconfig"
+    wrapper = (
+        "import atexit, json, runpy, sys\n"
+        "out = sys.argv.pop(1)\n"
+        "def dump():\n"
+        "    held = {'modules': sorted(sys.modules), 'kpy': sys.modules['kpy'].__file__}\n"
+        "    open(out, 'w').write(json.dumps(held))\n"
+        "atexit.register(dump)\n"
+        "sys.argv[0] = 'kpy'\n"
+        "runpy.run_module('kpy', run_name='__main__', alter_sys=True)\n"
+    )
+
+    async def main() -> None:
+        async with FakeApiServer(token="s3cret") as api:
+            api.create(node())
+            api.create(service("web", "10.96.0.10"))
+            api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
+            kubeconfig.write_text(
+                json.dumps(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Config",
+                        "clusters": [{"name": "c", "cluster": {"server": api.url}}],
+                        "users": [{"name": "u", "user": {"token": "s3cret"}}],
+                        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                        "current-context": "x",
+                    }
+                )
+            )
+            argv = kpy_run(api.url, "filestate")
+            master = argv.index("--master")
+            argv[master : master + 2] = ["--kubeconfig", str(kubeconfig)]
+            assert argv[1:3] == ["-m", "kpy"]
+            path = os.pathsep.join([str(plugin), str(tree), str(tree / "backends")])
+            env = agent_env(tmp_path, PYTHONPATH=path, KPY_TEST_STATE=str(state))
+            proc = await asyncio.create_subprocess_exec(
+                argv[0],
+                "-c",
+                wrapper,
+                str(modules),
+                *argv[3:],
+                env=env,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            agent = Agent(proc)
+            try:
+                await until(lambda: programmed(state) is not None, agent, "first sync", 30)
+                assert programmed(state) == {WEB: ["10.244.0.5:8080"]}  # through the token
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(proc.wait(), 10) == 0
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+                await agent.reader
+
+    asyncio.run(main())
+    held = json.loads(modules.read_text())
+    imported = set(held["modules"])
+    assert {"kpy.sources.kube", "kpy_kube_agent_probe"} <= imported
+    assert Path(held["kpy"]).is_relative_to(tree)
+    found = sorted(
+        m for m in imported for n in NOT_ON_THE_START_PATH if m == n or m.startswith(n + ".")
+    )
+    assert not found, f"imported on kpy run's start path: {found}"
