@@ -354,7 +354,7 @@ def explain(plan: Plan, packet: Packet, options: Options | None = None) -> Expla
             if cluster_ip:
                 why = (reason, "cluster_ip_port_not_served")
                 return Explanation(verdict=Verdict.REJECT, origin=origin, reasons=why)
-            if _in(packet.dst, options.service_cidrs):
+            if _in(packet.dst, (*options.service_cidrs, *plan.service_cidrs)):
                 why = (reason, "unallocated_service_ip")
                 return Explanation(verdict=Verdict.DROP, origin=origin, reasons=why)
         return Explanation(verdict=Verdict.ACCEPT, origin=origin, reasons=(reason,))

@@ -82,14 +82,11 @@ class NftablesBackend:
 
     async def apply(self, plan: Plan) -> ApplyResult:
         await self._settle()
-        config = self.config.for_node(plan.node)
-        if config != self.config:  # the Node's addresses and pod CIDRs render into rules
-            self.config, self._base = config, render.base_objects(config)
-            self._needs_full = True
+        base_changes = self._reconfigure(plan)
         full = plan.full_sync or self._needs_full
         started = time.monotonic()
         try:
-            work = await self._full(plan) if full else self._partial(plan)
+            work = await self._full(plan) if full else self._partial(plan, base_changes)
             txn = self._transaction(work, full)
             if isinstance(txn, render.Fresh):
                 # nothing of ours to disturb yet: two nft processes, half the tables each
@@ -132,6 +129,27 @@ class NftablesBackend:
             },
         )
 
+    def _reconfigure(self, plan: Plan) -> frozenset[str]:
+        """Take the configuration ``plan`` implies: the Node's addresses and pod CIDRs
+        render into many rules (a full sync follows); the cluster's ServiceCIDRs only
+        into the base tables' ``cluster-ips-check`` chains — the keys of the base
+        objects that changed are returned, for a partial sync to send."""
+        config = self.config.for_plan(plan)
+        if config == self.config:
+            return frozenset()
+        base = render.base_objects(config)
+        cidrs_only = (
+            dataclasses.replace(config, cluster_service_cidrs=self.config.cluster_service_cidrs)
+            == self.config
+        )
+        changed = frozenset(
+            key for key in base.keys() | self._base.keys() if base.get(key) != self._base.get(key)
+        )
+        self.config, self._base = config, base
+        if not cidrs_only:
+            self._needs_full = True
+        return changed
+
     def _transaction(self, work: _Work, full: bool) -> render.Transaction | render.Fresh:
         if work.fresh is not None:
             return work.fresh
@@ -172,8 +190,9 @@ class NftablesBackend:
     async def dry_run(self, plan: Plan) -> str:
         """The transaction ``apply(plan)`` would send now, without sending it."""
         await self._settle()
+        base_changes = self._reconfigure(plan)
         full = plan.full_sync or self._needs_full
-        work = await self._full(plan) if full else self._partial(plan)
+        work = await self._full(plan) if full else self._partial(plan, base_changes)
         return self._transaction(work, full).script
 
     def _netlink_reader(self) -> netlink_read.NetlinkReader:
@@ -303,7 +322,7 @@ class NftablesBackend:
         return dataclasses.replace(traced, differs=self._differences(plan, traced.kernel))
 
     def _differences(self, plan: Plan, keys: Iterable[str]) -> tuple[str, ...]:
-        config = self.config.for_node(plan.node)
+        config = self.config.for_plan(plan)
         want: dict[str, render.Obj] = dict(render.base_objects(config))
         for state in plan.services.values():
             want.update(render.port_objects(state, config))
@@ -415,9 +434,12 @@ class NftablesBackend:
         )
         return work
 
-    def _partial(self, plan: Plan) -> _Work:
+    def _partial(self, plan: Plan, base_changes: Iterable[str] = ()) -> _Work:
         want: dict[str, render.Obj] = {}
-        keys: set[str] = set()
+        keys: set[str] = set(base_changes)  # base objects whose rendering changed
+        for key in keys:
+            if key in self._base:
+                want[key] = self._base[key]
         ports: dict[ServicePortName, frozenset[str]] = {}
         owner = _Owners(self._owner)
         names = sorted(plan.changed | plan.removed)

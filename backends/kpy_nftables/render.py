@@ -398,7 +398,7 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
         # upstream nftables mode: a port no Service serves on a ClusterIP is rejected, an
         # address of the service CIDRs that no Service has is dropped
         cluster_check = [f"{nf} daddr @{CLUSTER_IPS} reject"]
-        service_cidrs = _cidrs(config.service_cidrs, 4 if nf == "ip" else 6)
+        service_cidrs = _cidrs(config.all_service_cidrs(), 4 if nf == "ip" else 6)
         if service_cidrs:
             cluster_check.append(f"{nf} daddr {_set_literal(service_cidrs)} drop")
         for name in (NO_EP_SERVICES, FIREWALL_IPS):

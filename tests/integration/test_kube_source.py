@@ -839,7 +839,7 @@ def test_a_connection_the_server_closed_is_replaced() -> None:
     async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
         await until(lambda: all(r.watches >= 1 for r in kube.reflectors), what="watching")
         before = _list_connections(api, "/api/v1/services")
-        assert api.close_idle() == 3  # the reflectors' kept list connections
+        assert api.close_idle() == 4  # the reflectors' kept list connections
         api.create(service("new"))
         api.expire()
         await until(lambda: all(r.lists == 2 for r in kube.reflectors), what="relisted")
@@ -1031,4 +1031,5 @@ def test_required_permissions_cover_what_the_source_uses() -> None:
     assert {"list", "watch"} <= perms[("", "services")]
     assert {"list", "watch"} <= perms[("discovery.k8s.io", "endpointslices")]
     assert {"list", "watch"} <= perms[("", "nodes")]
+    assert {"list", "watch"} <= perms[("networking.k8s.io", "servicecidrs")]
     assert {"create", "patch"} <= perms[("", "events")]
