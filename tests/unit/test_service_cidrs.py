@@ -89,6 +89,7 @@ def test_invalid_service_cidrs_are_refused_with_a_reason(
 
 
 def test_not_an_object() -> None:
+    obj: Any
     for obj in (None, [], "ServiceCIDR", 7):
         cidrs, problems = convert.service_cidr(obj)
         assert cidrs is None and problems[0].name == "<unnamed>"
@@ -155,13 +156,13 @@ def test_agent_events_a_bad_object_costs_only_itself() -> None:
     assert warned[0]["kind"] == "ServiceCIDR" and warned[0]["name"] == "bad"
     assert "spec.cidrs[0] '10.96.0.1/16'" in warned[0]["reason"]
     assert agent.status.skipped_objects == 1
-    assert agent.tracker.service_cidrs == (V4, V6)
+    assert list(agent.tracker.service_cidrs) == [V4, V6]
     # an invalid update keeps the last good version (as a Service's)
     agent.event(_event(cidr_obj("extra", "10.100.0.0/24")))
     agent.event(_event(cidr_obj("extra", "10.100.0.0/24", "10.101.0.0/24")))
-    assert agent.tracker.service_cidrs == (V4, EXTRA, V6)
+    assert list(agent.tracker.service_cidrs) == [V4, EXTRA, V6]
     agent.event(_event(cidr_obj("extra", "10.100.0.0/24"), EventType.DELETE))
-    assert agent.tracker.service_cidrs == (V4, V6)
+    assert list(agent.tracker.service_cidrs) == [V4, V6]
 
 
 # --------------------------------------------------------------------------- manifests
