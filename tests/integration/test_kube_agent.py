@@ -254,6 +254,75 @@ def test_api_changes_become_the_right_plans() -> None:
     asyncio.run(main())
 
 
+def service_cidr(name: str, *cidrs: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": list(cidrs)},
+    }
+
+
+def test_service_cidr_changes_reach_the_next_plan() -> None:
+    """ServiceCIDRs added, extended, invalid and deleted on the API server: each change
+    makes a sync whose Plan carries the new union, and changes no service port."""
+
+    async def main() -> None:
+        async with FakeApiServer() as api:
+            api.create(node())
+            api.create(service("web", "10.96.0.10"))
+            api.create(service_cidr("kubernetes", "10.96.0.0/16", "fd00:96::/108"))
+            source = KubeSource(
+                ApiTarget.from_url(api.url), NODE, backoff=BackoffPolicy(initial=0.02, maximum=0.2)
+            )
+            backend = FakeBackend()
+            agent = KpyAgent(
+                node_name=NODE,
+                source=source,
+                backend=backend,
+                times=RunnerTimes(min_interval=0.01, full_interval=3600),
+            )
+            task = asyncio.create_task(agent.run())
+
+            async def cidrs(*want: str) -> Any:
+                deadline = time.monotonic() + 10
+                while not backend.plans or [str(c) for c in backend.plans[-1].service_cidrs] != [
+                    *want
+                ]:
+                    assert not task.done(), task
+                    assert time.monotonic() < deadline, backend.plans[-1:]
+                    await asyncio.sleep(0.01)
+                return backend.plans[-1]
+
+            try:
+                first = await cidrs("10.96.0.0/16", "fd00:96::/108")
+                assert first.full_sync and len(backend.plans) == 1
+                api.create(service_cidr("extra", "10.100.0.0/24"))
+                plan = await cidrs("10.96.0.0/16", "10.100.0.0/24", "fd00:96::/108")
+                assert not plan.full_sync and not plan.changed and not plan.removed
+                both = {"spec": {"cidrs": ["10.100.0.0/24", "fd00:100::/64"]}}
+                api.patch("ServiceCIDR", "", "extra", both)
+                await cidrs("10.96.0.0/16", "10.100.0.0/24", "fd00:96::/108", "fd00:100::/64")
+                # an invalid one counts for nothing, and is named in a warning
+                api.create(service_cidr("bad", "10.200.0.1/24"))
+                deadline = time.monotonic() + 10
+                while agent.status.skipped_objects == 0:
+                    assert time.monotonic() < deadline, "the invalid ServiceCIDR was not seen"
+                    await asyncio.sleep(0.01)
+                assert agent.status.skipped_objects == 1 and not agent.tracker.pending
+                assert [str(c) for c in agent.tracker.service_cidrs] == [
+                    "10.96.0.0/16", "10.100.0.0/24", "fd00:96::/108", "fd00:100::/64"
+                ]  # fmt: skip
+                api.delete("ServiceCIDR", "", "extra")
+                api.delete("ServiceCIDR", "", "kubernetes")
+                await cidrs()
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
 def kpy_run(api_url: str, backend: str, *extra: str) -> list[str]:
     return [
         sys.executable,
