@@ -253,6 +253,67 @@ def test_more_than_100_endpoints_split_into_several_slices(plane: ControlPlane) 
     run(plane, scenario)
 
 
+# --------------------------------------------------------------------------- ServiceCIDRs
+
+
+def test_service_cidrs_default_and_created_reach_the_plan(plane: ControlPlane) -> None:
+    """The API server's default ServiceCIDR ``kubernetes`` (from
+    --service-cluster-ip-range) and one created while kpy runs: seen by the source,
+    valid as converted, carried in the agent's Plans; deleted, gone from them."""
+    from kpy import convert
+    from kpy.agent import Agent
+    from kpy.runner import RunnerTimes
+    from kpy.testing.fake_backend import FakeBackend
+
+    name = f"extra-{os.getpid()}-{next(_names)}"
+    extra = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": ["10.200.0.0/24"]},
+    }
+    api = plane.admin()
+    default = list(realcluster.SERVICE_CIDRS)
+    with_extra = ["10.96.0.0/12", "10.200.0.0/24", "fd00:96::/108"]
+
+    async def main() -> None:
+        target = load_target(kubeconfig=str(plane.admin_kubeconfig))
+        source = KubeSource(target, NODE, backoff=FAST, node_grace=0.0)
+        backend = FakeBackend()
+        agent = Agent(
+            node_name=NODE,
+            source=source,
+            backend=backend,
+            times=RunnerTimes(min_interval=0.01, full_interval=3600),
+        )
+        task = asyncio.create_task(agent.run())
+
+        def planned() -> list[str]:
+            assert not task.done(), task
+            return [str(c) for c in backend.plans[-1].service_cidrs] if backend.plans else []
+
+        try:
+            await until(lambda: planned() == default, what="the default ServiceCIDR planned")
+            (known,) = source.service_cidrs.known.values()
+            assert known["metadata"]["name"] == "kubernetes"
+            assert convert.service_cidr(known)[1] == ()
+            await call(api.create, extra)
+            await until(lambda: planned() == with_extra, what="the new ServiceCIDR planned")
+            assert not backend.plans[-1].full_sync
+            assert agent.status.skipped_objects == 0
+            # deleted: the controller lifts its finalizer (no Service holds an address in it)
+            await call(api.delete, extra)
+            await until(lambda: planned() == default, what="the deleted ServiceCIDR gone")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        plane.run_async(main)
+    finally:
+        api.delete(extra)
+
+
 # --------------------------------------------------------------------------- RBAC
 
 
