@@ -215,7 +215,10 @@ class Backend(Protocol):
     (None: the kernel would take ``plan``'s service ports; else why not). With it the
     agent finds the ports to blame when a transaction is refused (kpy.quarantine).
     ``async def dry_run(plan) -> str`` — the transaction ``apply(plan)`` would send,
-    for ``kpy plan --backend``.
+    for ``kpy plan --backend``. ``async def differences(plan) -> tuple[str, ...]``
+    — each object the kernel holds otherwise than this configuration renders for
+    ``plan``, and why (read, never changed): ``kpy dump --backend`` shows them (the
+    agent's node flags differ from the dump's, or the kernel drifted).
     """
 
     name: str

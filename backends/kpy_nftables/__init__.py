@@ -295,6 +295,25 @@ class NftablesBackend:
                 log.info("nftables_rules_drift", chain=key)
         return observed
 
+    async def differences(self, plan: Plan) -> tuple[str, ...]:
+        """Every object the kernel holds otherwise than this configuration renders for
+        ``plan`` (read, never changed): for ``kpy dump --backend``, whose node flags
+        may not be the agent's."""
+        want = self._wanted(plan)
+        try:
+            observed = await self._read()
+        except NftError as exc:
+            raise BackendError(f"cannot read the kpy tables: {exc}") from exc
+        keys = sorted(want.keys() | observed.values.keys())
+        return self._compare(want, observed, keys, strays=True)
+
+    def _wanted(self, plan: Plan) -> dict[str, render.Obj]:
+        config = self.config.for_plan(plan)
+        want: dict[str, render.Obj] = dict(render.base_objects(config))
+        for state in plan.services.values():
+            want.update(render.port_objects(state, config))
+        return want
+
     async def observe(self) -> Programmed:
         await self._settle()
         try:
@@ -322,18 +341,29 @@ class NftablesBackend:
         return dataclasses.replace(traced, differs=self._differences(plan, traced.kernel))
 
     def _differences(self, plan: Plan, keys: Iterable[str]) -> tuple[str, ...]:
-        config = self.config.for_plan(plan)
-        want: dict[str, render.Obj] = dict(render.base_objects(config))
-        for state in plan.services.values():
-            want.update(render.port_objects(state, config))
+        want = self._wanted(plan)
         try:
             observed = asyncio.run(self._read())
         except NftError as exc:
             return (f"the kernel could not be read: {exc}",)
+        return self._compare(want, observed, keys, strays=False)
+
+    @staticmethod
+    def _compare(
+        want: Mapping[str, render.Obj],
+        observed: observe_.Observed,
+        keys: Iterable[str],
+        *,
+        strays: bool,
+    ) -> tuple[str, ...]:
+        """Why each of ``keys`` differs in ``observed`` from ``want``; with ``strays``,
+        a key only the kernel holds is one too (else a statement, not an object)."""
         found = []
         for key in keys:
             obj = want.get(key)
-            if obj is None:  # a statement (dnat, masquerade), not an object
+            if obj is None:
+                if strays and key in observed.values:
+                    found.append(f"{key}: in the kernel, not rendered")
                 continue
             have = observed.values.get(key)
             if have is None:
