@@ -5,6 +5,10 @@ given, each row also says what the kernel really holds and flags any difference 
 the operator sees drift without reading rule text. Headless Services are listed with
 their endpoints and ExternalName Services with their target; neither has a frontend.
 
+With the backend's optional ``differences(plan)``, a last row names every kernel
+object that is not as the backend renders it with the dump's node flags (``kpy dump
+--service-cidr …``): flags other than the agent's, or drift in shared objects.
+
 A backend that finds more than frontends and endpoints wrong (a rule missing from a
 Service's chain, a set element gone) says so in the view's ``extra["drift"]``; a view
 keyed ``(…)`` is about the backend's own objects rather than a Service (the nftables

@@ -92,7 +92,7 @@ class Options:
     nodeport_addresses: tuple[IPNetwork, ...] = ()  # () = every node address
     nodeport_primary: bool = False  # nodePortAddresses "primary": the primary IPs only
     localhost_nodeports: bool = False  # the iptables backend's NodePorts on 127.0.0.1
-    service_cidrs: tuple[IPNetwork, ...] = ()
+    service_cidrs: tuple[IPNetwork, ...] = ()  # --service-cidr; the Plan's ServiceCIDRs count too
     # upstream nftables mode's checks (the nftables backend): a port no Service serves on a
     # ClusterIP is rejected, an address of the service CIDRs no Service has is dropped
     clusterip_checks: bool = False
