@@ -483,10 +483,11 @@ def in_ns(ns: str, *command: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *command]
 
 
-def ask(ns: str) -> str:
-    """Connect to the ClusterIP from inside the node's namespace; the endpoint's name."""
+def ask(ns: str, address: str = "10.96.0.10") -> str:
+    """Connect to the ClusterIP (or ``address``) from inside the node's namespace; the
+    endpoint's (or listener's) name."""
     result = subprocess.run(
-        in_ns(ns, "socat", "-T", "2", "-", "TCP:10.96.0.10:80,connect-timeout=2"),
+        in_ns(ns, "socat", "-T", "2", "-", f"TCP:{address}:80,connect-timeout=2"),
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -513,10 +514,19 @@ def test_kpy_run_source_kube_programs_nftables_in_a_namespace(tmp_path: Path) ->
             # The node's own traffic to a ClusterIP needs a route before DNAT (as a
             # real node's default route provides).
             ["ip", "route", "add", "10.96.0.0/12", "dev", "lo"],
+            # Listeners on addresses no Service has: one in a ServiceCIDR created
+            # later, one outside it.
+            ["ip", "addr", "add", "10.200.0.7/32", "dev", "lo"],
+            ["ip", "addr", "add", "10.201.0.7/32", "dev", "lo"],
         ):
             subprocess.run(in_ns(ns, *command), check=True)
-        for address, name in (("10.244.0.5", "pod-a"), ("10.244.0.6", "pod-b")):
-            listen = f"TCP-LISTEN:8080,bind={address},reuseaddr,fork"
+        for address, name, port in (
+            ("10.244.0.5", "pod-a", 8080),
+            ("10.244.0.6", "pod-b", 8080),
+            ("10.200.0.7", "inside", 80),
+            ("10.201.0.7", "outside", 80),
+        ):
+            listen = f"TCP-LISTEN:{port},bind={address},reuseaddr,fork"
             servers.append(
                 subprocess.Popen(
                     in_ns(ns, "socat", listen, f"SYSTEM:echo {name}"),
@@ -546,10 +556,10 @@ async def _nftables_scenario(tmp_path: Path, ns: str) -> None:
         agent = Agent(proc)
         answers: list[str] = []
 
-        async def answered(expected: str) -> None:
+        async def answered(expected: str, address: str = "10.96.0.10") -> None:
             async def check() -> bool:
-                answers.append(await asyncio.to_thread(ask, ns))
-                return answers[-1] == expected
+                answers.append(await asyncio.to_thread(ask, ns, address))
+                return answers[-1].startswith(expected)
 
             deadline = time.monotonic() + 30
             while not await check():
@@ -561,6 +571,17 @@ async def _nftables_scenario(tmp_path: Path, ns: str) -> None:
             await answered("pod-a")
             api.update(endpoint_slice("web-1", "web", "10.244.0.6"))
             await answered("pod-b")
+            # A ServiceCIDR created at runtime: its address no Service has is dropped
+            # from the next sync on (the node's own connection times out), an address
+            # outside it still answers; deleted, the address answers again.
+            assert await asyncio.to_thread(ask, ns, "10.200.0.7") == "inside"
+            cidr = service_cidr("extra", "10.200.0.0/24")
+            api.create(cidr)
+            await answered("failed", "10.200.0.7")
+            assert await asyncio.to_thread(ask, ns, "10.201.0.7") == "outside"
+            assert await asyncio.to_thread(ask, ns) == "pod-b"
+            api.delete("ServiceCIDR", "", "extra")
+            await answered("inside", "10.200.0.7")
             # The API server goes away and the Service is deleted meanwhile: the rules
             # stay exactly as they were.
             await api.stop()
