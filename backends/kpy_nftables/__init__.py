@@ -190,10 +190,14 @@ class NftablesBackend:
     async def dry_run(self, plan: Plan) -> str:
         """The transaction ``apply(plan)`` would send now, without sending it."""
         await self._settle()
-        base_changes = self._reconfigure(plan)
-        full = plan.full_sync or self._needs_full
-        work = await self._full(plan) if full else self._partial(plan, base_changes)
-        return self._transaction(work, full).script
+        kept = (self.config, self._base, self._needs_full)  # nothing is sent: nothing kept
+        try:
+            base_changes = self._reconfigure(plan)
+            full = plan.full_sync or self._needs_full
+            work = await self._full(plan) if full else self._partial(plan, base_changes)
+            return self._transaction(work, full).script
+        finally:
+            self.config, self._base, self._needs_full = kept
 
     def _netlink_reader(self) -> netlink_read.NetlinkReader:
         if self._reader is None:

@@ -502,6 +502,11 @@ class TestClusterIPChecks:
             assert _connects(pod, "10.96.0.99", 80) == "connected"  # no service CIDR yet
             added = b.plan(states, node_info=NODE, full_sync=False, changed=(),
                            service_cidrs=["10.96.0.0/16"])  # fmt: skip
+            if nftables:  # the dry run shows the same transaction, and keeps nothing
+                script = asyncio.run(programmed.dry_run(added))  # type: ignore[attr-defined]
+                assert "flush chain ip kpy cluster-ips-check\n" in script
+                assert "add rule ip kpy cluster-ips-check ip daddr 10.96.0.0/16 drop" in script
+                assert "ip6" not in script.replace("add table ip6 kpy", ""), script
             result = asyncio.run(programmed.apply(added))
             assert not result.full_sync
             if nftables:
