@@ -1006,8 +1006,9 @@ class Reflector:
                     need_list = True
                     self.consistent_list = True
                     continue
-                if self.optional and need_list and exc.status in (403, 404):
-                    self._unavailable(exc)
+                if self.optional and exc.status in (403, 404):
+                    self._unavailable(exc)  # on a list, or a watch (access revoked)
+                    need_list = True
                     await asyncio.sleep(self._backoff.next(exc.retry_after))
                     continue
                 # A throttled server is alive and says when to come back; anything else

@@ -513,6 +513,7 @@ def test_service_cidrs_are_listed_and_watched_cluster_wide() -> None:
         key = (Kind.SERVICE_CIDR, "", "kubernetes")
         assert sink.state[key]["spec"]["cidrs"] == ["10.96.0.0/16", "fd00:96::/108"]
         assert sink.state[key]["kind"] == "ServiceCIDR"
+        await until(lambda: kube.service_cidrs.watches >= 1, what="watching")
         asked = [q for _, p, q in api.stats.requests if p == kube.service_cidrs.path]
         assert {"watch" if "watch" in q else "list" for q in asked} == {"list", "watch"}
         assert all("labelSelector" not in q and "fieldSelector" not in q for q in asked)
@@ -580,6 +581,30 @@ def test_service_cidrs_not_served_or_not_allowed_count_as_none(status: int) -> N
         assert kube.service_cidrs.unavailable == ""
         assert sink.connections == []  # never reported unhealthy
         assert sink.synced_count == 1
+
+    run(test, setup=setup)
+
+
+def test_service_cidrs_no_longer_allowed_count_as_none_until_allowed_again() -> None:
+    """Access revoked while watching (the next watch is refused with 403): the
+    ServiceCIDRs known are deleted — none count — without the source turning unhealthy;
+    granted again, they are listed back."""
+
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        api.create(service_cidr("kubernetes", "10.96.0.0/16"))
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        key = (Kind.SERVICE_CIDR, "", "kubernetes")
+        await until(lambda: kube.service_cidrs.watches >= 1 and key in sink.state)
+        api.faults.forbidden.add("servicecidrs")
+        api.cut_streams()
+        await until(lambda: key not in sink.state, what="counted as none")
+        assert kube.service_cidrs.unavailable.startswith("HTTP 403")
+        assert (Kind.SERVICE, "default", "web") in sink.state
+        api.faults.forbidden.clear()
+        await until(lambda: key in sink.state, what="listed back")
+        assert sink.connections == []
 
     run(test, setup=setup)
 
