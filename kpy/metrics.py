@@ -44,7 +44,7 @@ class SourceMetrics(Protocol):
     """What a source reports about its connection to the API server.
 
     ``resource`` is the plural resource name (``services``, ``endpointslices``,
-    ``nodes``).
+    ``nodes``, ``servicecidrs``).
     """
 
     def watch_reconnected(self, resource: str) -> None:
