@@ -522,7 +522,7 @@ class TestClusterIPChecks:
             if nftables:  # the next full sync finds the kernel as the partial one left it
                 again = b.plan(states, node_info=NODE, service_cidrs=["10.96.0.0/16"])
                 assert asyncio.run(programmed.apply(again)).ops == 0
-            # a second ServiceCIDR of the family (an anonymous interval set in the rule)
+            # a second ServiceCIDR of the family (a second drop rule)
             both = b.plan(states, node_info=NODE, full_sync=False, changed=(),
                           service_cidrs=["10.96.0.0/16", "10.97.0.0/16"])  # fmt: skip
             assert not asyncio.run(programmed.apply(both)).full_sync
