@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kpy import convert
-from kpy.agent import tune_gc
-from kpy.model import ServiceName
-from kpy.tracker import Tracker
+from kpy.agent.agent import tune_gc
+from kpy.core import convert
+from kpy.core.model import ServiceName
+from kpy.core.tracker import Tracker
 
 
 def cluster(n: int, endpoints: int = 5) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

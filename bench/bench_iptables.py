@@ -51,8 +51,8 @@ import time
 import structlog
 from kpy_iptables import IptablesBackend, held
 
-from kpy.backend import BackendConfig
-from kpy.model import Plan
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Plan
 from kpy.testing import builders as b
 
 SIZES = (1000, 10000)

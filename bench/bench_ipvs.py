@@ -38,7 +38,7 @@ def guest(sizes: tuple[int, ...]) -> dict[str, object]:
     import structlog
     from kpy_ipvs import IpvsBackend
 
-    from kpy.backend import BackendConfig
+    from kpy.core.backend import BackendConfig
     from kpy.testing import builders as b
 
     # as kpy runs (info): the per-apply debug line would be console output in the timing

@@ -3,7 +3,7 @@
 The fake API server runs in its own process holding N Services (a mix of ClusterIP,
 NodePort and LoadBalancer) and N EndpointSlices of 5 endpoints each, plus the Node; the
 measuring process is the agent side: :class:`kpy.sources.kube.KubeSource` feeding the
-real :class:`kpy.agent.Agent` handlers (convert, tracker). Measured:
+real :class:`kpy.agent.agent.Agent` handlers (convert, tracker). Measured:
 
 * *first plan*: from starting the source to the first complete Plan (every list
   read, decoded, converted and tracked; ``tracker.checkout()`` done);
@@ -35,9 +35,9 @@ from typing import Any
 
 from bench_core import slice_of
 
-from kpy import log as logsetup
-from kpy.agent import Agent, tune_gc
-from kpy.model import Plan
+from kpy.agent import log as logsetup
+from kpy.agent.agent import Agent, tune_gc
+from kpy.core.model import Plan
 from kpy.sources import Event, Kind
 from kpy.sources.kube import ApiTarget, KubeSource
 from kpy.testing.apiserver import FakeApiServer

@@ -39,10 +39,10 @@ from typing import Any
 from bench_core import cluster, feed_service, feed_slice, per_size, pod_ip, slice_of
 from kpy_nftables import NftablesBackend
 
-from kpy import netns_socket
-from kpy.agent import tune_gc
-from kpy.backend import BackendConfig, parse_networks
-from kpy.tracker import Tracker
+from kpy.agent.agent import tune_gc
+from kpy.core.backend import BackendConfig, parse_networks
+from kpy.core.tracker import Tracker
+from kpy.kernel import netns as netns_socket
 
 
 def sh(*args: str) -> None:

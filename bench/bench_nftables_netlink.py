@@ -21,8 +21,8 @@ import time
 
 from kpy_nftables import netlink, render
 
-from kpy.backend import BackendConfig
-from kpy.model import ServicePortState
+from kpy.core.backend import BackendConfig
+from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 
 

@@ -84,7 +84,7 @@ def run_child(netns: str, how: str, traced: bool) -> dict[str, float]:
 def program(netns: str, services: int) -> float:
     from kpy_nftables import NftablesBackend
 
-    from kpy.backend import BackendConfig
+    from kpy.core.backend import BackendConfig
     from kpy.testing import builders as b
 
     backend = NftablesBackend(BackendConfig(netns=netns))

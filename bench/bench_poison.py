@@ -8,7 +8,7 @@ LoadBalancer), in a network namespace of its own (never the host's): the N ports
 programmed, then one of them is replaced by a state the kernel tools refuse (a
 session-affinity timeout of 2^62 s) and a full sync is attempted, as the periodic
 resync would. Measured: the refused apply; the search for the port to blame
-(:func:`kpy.quarantine.find_refused` over the backend's dry run — ``nft --check`` or
+(:func:`kpy.agent.quarantine.find_refused` over the backend's dry run — ``nft --check`` or
 ``iptables-restore --test``, which change nothing) with the number of dry runs and the
 service ports they held in all; and the apply of the plan with the refused port held at
 its last programmed state. One process per case.
@@ -29,9 +29,9 @@ from typing import Any
 from kpy_iptables import IptablesBackend
 from kpy_nftables import NftablesBackend
 
-from kpy import quarantine
-from kpy.backend import Backend, BackendConfig, BackendError
-from kpy.model import Plan, SessionAffinity
+from kpy.agent import quarantine
+from kpy.core.backend import Backend, BackendConfig, BackendError
+from kpy.core.model import Plan, SessionAffinity
 from kpy.testing import builders as b
 
 SIZES = (1000, 10000)

@@ -25,9 +25,9 @@ from typing import Any
 from bench_core import cluster, feed_service, feed_slice, per_size
 from kpy_nftables import NftablesBackend
 
-from kpy.agent import tune_gc
-from kpy.backend import BackendConfig, parse_networks
-from kpy.tracker import Tracker
+from kpy.agent.agent import tune_gc
+from kpy.core.backend import BackendConfig, parse_networks
+from kpy.core.tracker import Tracker
 
 EXTRA = (ipaddress.ip_network("10.200.0.0/24"),)
 DEFAULT = (ipaddress.ip_network("10.96.0.0/12"), ipaddress.ip_network("fd00:96::/108"))

@@ -55,9 +55,9 @@ from typing import NamedTuple
 from kpy_nftables import NftablesBackend
 from kpy_userspace import UserspaceBackend
 
-from kpy.backend import BackendConfig
-from kpy.model import ServicePortState
-from kpy.netns_socket import run_in_netns
+from kpy.core.backend import BackendConfig
+from kpy.core.model import ServicePortState
+from kpy.kernel.netns import run_in_netns
 from kpy.testing import builders as b
 from kpy.testing.netns import NODE_IP, POD_A, Topology, topology
 from kpy.testing.packets import config_for

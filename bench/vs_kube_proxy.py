@@ -1,6 +1,6 @@
 """kpy side by side with upstream kube-proxy, on the same real API server.
 
-One control plane (etcd, kube-apiserver, kube-controller-manager: ``kpy.testing.realcluster``)
+One control plane (etcd, kube-apiserver, kube-controller-manager: ``kpy.tools.lab.control_plane``)
 in its namespace ``kpy-vs-cp``; for every run a fresh node namespace ``kpy-vs-node``
 (veth to the control plane, 192.168.200.2) and pod namespace ``kpy-vs-pod`` behind it.
 The workload: N Services (80% ClusterIP / 15% NodePort / 5% LoadBalancer, ingress IPs
@@ -49,9 +49,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kpy.netns_socket import run_in_netns
-from kpy.testing import realcluster as rc
+from kpy.kernel.netns import run_in_netns
 from kpy.testing.netns import ip
+from kpy.tools.lab import control_plane as rc
 
 CP_NS, NODE_NS, POD_NS = "kpy-vs-cp", "kpy-vs-node", "kpy-vs-pod"
 CP_IP, NODE_IP = "192.168.200.1", "192.168.200.2"

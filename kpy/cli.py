@@ -15,19 +15,22 @@ from typing import Any, cast
 import click
 import structlog
 
-from kpy import __version__, check, dump, explain, lab, operations
-from kpy import backend as backends
-from kpy import config as cfg
-from kpy import log as logsetup
-from kpy.agent import Agent, tune_gc
-from kpy.backend import DETECT_LOCAL_MODES
-from kpy.model import NodeInfo, Plan
-from kpy.quarantine import Attempt, ScratchNamespaces
+from kpy import __version__
+from kpy.agent import config as cfg
+from kpy.agent import log as logsetup
+from kpy.agent import observers as operations
+from kpy.agent.agent import Agent, tune_gc
+from kpy.agent.quarantine import Attempt, ScratchNamespaces
+from kpy.core import backend as backends
+from kpy.core import trace
+from kpy.core.backend import DETECT_LOCAL_MODES
+from kpy.core.model import NodeInfo, Plan
 from kpy.sources import Source
 from kpy.sources.manifests import ManifestSource
-from kpy.testing import apiserver
+from kpy.tools import check, dump, explain
+from kpy.tools.lab import lab
 
-DEMO_NODE, DEMO_NODE_IP = explain.DEMO_NODE, explain.DEMO_NODE_IP
+DEMO_NODE, DEMO_NODE_IP = trace.DEMO_NODE, trace.DEMO_NODE_IP
 
 
 def _fail(message: str) -> None:
@@ -409,13 +412,13 @@ def _backend_for(
     nodeport = tuple(flags["nodeport_addresses"])
     localhost = flags["iptables_localhost_nodeports"]
     try:
-        explain.check_nodeport_addresses(nodeport, "--nodeport-addresses")
-        options = explain.Options(
+        trace.check_nodeport_addresses(nodeport, "--nodeport-addresses")
+        options = trace.Options(
             cluster_cidrs=backends.parse_networks(cluster_cidr),
             nodeport_addresses=backends.parse_networks(
-                tuple(a for a in nodeport if a != explain.PRIMARY)
+                tuple(a for a in nodeport if a != trace.PRIMARY)
             ),
-            nodeport_primary=explain.PRIMARY in nodeport,
+            nodeport_primary=trace.PRIMARY in nodeport,
             masquerade_all=flags["masquerade_all"],
             node_ips=tuple(ipaddress.ip_address(i) for i in node_ips),
             detect_local_mode=flags["detect_local_mode"],
@@ -424,7 +427,7 @@ def _backend_for(
             localhost_nodeports=name == "iptables" if localhost is None else localhost,
             service_cidrs=backends.parse_networks(tuple(flags["service_cidr"])),
         )
-        config = replace(explain.options_config(node, options), netns=netns)
+        config = replace(trace.options_config(node, options), netns=netns)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     try:
@@ -585,15 +588,15 @@ def version_cmd() -> None:
 
 def _load_tracer(
     name: str, config: backends.BackendConfig
-) -> Callable[[Plan, explain.Packet, explain.Origin], explain.Trace] | None:
+) -> Callable[[Plan, trace.Packet, trace.Origin], trace.Trace] | None:
     """The named backend's ``trace`` method, if it has one (creating a backend object
     touches no kernel state)."""
     try:
         instance = backends.create(name, config)
     except (KeyError, backends.BackendError) as exc:
         raise click.UsageError(str(exc)) from None
-    trace = getattr(instance, "trace", None)
-    return trace if callable(trace) else None
+    tracer = getattr(instance, "trace", None)
+    return tracer if callable(tracer) else None
 
 
 main.add_command(explain.command(_offline_plan, _load_tracer))
@@ -601,12 +604,26 @@ main.add_command(lab.command())
 main.add_command(check.command())
 
 
-@main.group("testing")
-def testing_cmd() -> None:
-    """Development tools (a fake Kubernetes API server serving manifests)."""
+class _TestingTools(click.Group):
+    """``kpy testing``: development tools. The fake API server lives with the test
+    helpers (kpy.testing) and is imported only when this command is run."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return ["apiserver"]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name != "apiserver":
+            return None
+        from kpy.testing import apiserver
+
+        return apiserver.apiserver
 
 
-testing_cmd.add_command(apiserver.apiserver)
+main.add_command(
+    _TestingTools(
+        "testing", help="Development tools (a fake Kubernetes API server serving manifests)."
+    )
+)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,7 @@
 what it *wants* (every service port's chains and dispatch rules plus the fixed part)
 and what the kernel *has* (what it wrote, kept up to date with each restore that
 succeeded, and checked against the kernel on every full sync). A sync diffs the two
-with :mod:`kpy.diff` — over every key on a full sync, over the changed and removed
+with :mod:`kpy.core.diff` — over every key on a full sync, over the changed and removed
 ports' keys on a partial one — and sends the difference as one
 ``iptables-restore --noflush`` transaction per IP family. A one-endpoint change
 rewrites one ``KPY-SVC-`` chain and creates or deletes one ``KPY-SEP-`` chain, whatever
@@ -16,7 +16,7 @@ after each restore); with ``iptables-legacy`` with ``iptables-legacy-save``. A c
 rule changed behind kpy's back is rewritten; a restarted agent adopts what already
 matches. When the read-back fails, the sync goes on without it — against the last
 state kpy wrote, or, with none, by writing every wanted chain — the failure is logged
-and counted (``readback_failures`` in each :class:`~kpy.backend.ApplyResult`'s detail)
+and counted (``readback_failures`` in each :class:`~kpy.core.backend.ApplyResult`'s detail)
 and the read is tried again at a later full sync, backing off. Partial syncs never
 read anything.
 
@@ -38,11 +38,11 @@ from collections.abc import Callable
 
 import structlog
 
-from kpy import diff
-from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
-from kpy.explain import Origin, Packet, Trace
-from kpy.model import Plan, ServicePortName
-from kpy.netns_socket import run_in_netns
+from kpy.core import diff
+from kpy.core.backend import ApplyResult, BackendConfig, BackendError, Programmed
+from kpy.core.model import Plan, ServicePortName
+from kpy.core.trace import Origin, Packet, Trace
+from kpy.kernel.netns import run_in_netns
 from kpy_iptables import check as check_
 from kpy_iptables import held as held_
 from kpy_iptables import observe as observe_

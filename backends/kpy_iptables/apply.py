@@ -30,8 +30,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from kpy.netns_socket import run_in_netns
-from kpy.proc import communicate
+from kpy.kernel.netns import run_in_netns
+from kpy.kernel.proc import communicate
 from kpy_iptables.netlink import ChainReader, NetlinkError
 from kpy_iptables.render import FILTER, NAT, owned
 
@@ -187,7 +187,7 @@ class Kernel:
     # --- commands ----------------------------------------------------------------------
 
     async def _run(self, argv: list[str], stdin: str | None = None) -> str:
-        # kpy.proc kills and reaps the child if we are cancelled (the agent stops).
+        # kpy.kernel.proc kills and reaps the child if we are cancelled (the agent stops).
         code, out, err = await communicate(
             self._argv(*argv), stdin.encode() if stdin is not None else None
         )

@@ -1,7 +1,7 @@
 """Would the kernel take these service ports? A dry run with ``iptables-restore --test``.
 
 The agent asks this when a transaction was refused, to find the service ports to blame
-(:mod:`kpy.quarantine`). A check renders the plan's ports as a node's first sync would —
+(:mod:`kpy.agent.quarantine`). A check renders the plan's ports as a node's first sync would —
 every chain and rule added — and hands each family's text to ``iptables-restore --test
 --noflush`` in the node's namespace (in batches of a few thousand lines, see
 :func:`texts`): the tool parses it and builds the transaction but commits nothing, so
@@ -10,9 +10,10 @@ nothing is changed and no scratch namespace (which would need CAP_SYS_ADMIN) is 
 
 from __future__ import annotations
 
-from kpy import diff, proc
-from kpy.backend import BackendConfig
-from kpy.model import Plan
+from kpy.core import diff
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Plan
+from kpy.kernel import proc
 from kpy_iptables import render
 from kpy_iptables.apply import in_netns, tool
 

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from kpy import diff
+from kpy.core import diff
 from kpy_iptables.netlink import ChainReader, NlRule
 from kpy_iptables.observe import summary
 from kpy_iptables.render import (

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kpy.netns_socket import run_in_netns
+from kpy.kernel.netns import run_in_netns
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST = 0x1

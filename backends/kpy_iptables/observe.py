@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from kpy.backend import Programmed, ServiceView
+from kpy.core.backend import Programmed, ServiceView
 from kpy_iptables.netlink import NlRule, Summary
 from kpy_iptables.render import (
     BUILTIN,

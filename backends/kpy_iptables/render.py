@@ -17,7 +17,7 @@ Every rule is written in the exact form ``iptables-save`` prints it back (match 
 objects read back from the kernel by :mod:`kpy_iptables.observe` compare equal to the
 rendered ones and a restarted agent finds nothing to change.
 
-Nothing here does I/O: :func:`restore` turns a :class:`~kpy.diff.Diff` of objects into
+Nothing here does I/O: :func:`restore` turns a :class:`~kpy.core.diff.Diff` of objects into
 ``iptables-restore --noflush`` input, one text per IP family.
 """
 
@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kpy import diff
-from kpy.backend import BackendConfig, LocalDetector
-from kpy.model import (
+from kpy.core import diff
+from kpy.core.backend import BackendConfig, LocalDetector
+from kpy.core.model import (
     Endpoint,
     IPAddress,
     IPFamily,
@@ -84,7 +84,7 @@ class Key:
     chain: str
     rule: str = ""
 
-    def __repr__(self) -> str:  # kpy.diff sorts keys by repr; the generated one is slow
+    def __repr__(self) -> str:  # kpy.core.diff sorts keys by repr; the generated one is slow
         return f"Key({self.family}, {self.table}, {self.chain}, {self.rule})"
 
     def __str__(self) -> str:
@@ -218,7 +218,7 @@ def _reject(family: int) -> str:
 COMMENT_MAX = 255  # XT_MAX_COMMENT_LEN, less its terminating NUL
 _UNQUOTABLE = re.compile(r"[^A-Za-z0-9 _.:/=+,-]")
 # What a part of a service port's name may hold: what Kubernetes allows in namespaces,
-# Service names and port names (kpy.convert refuses anything else).
+# Service names and port names (kpy.core.convert refuses anything else).
 _NAME_PART = re.compile(r"(?:[a-z0-9](?:[-a-z0-9.]{0,61}[a-z0-9])?)?")
 
 
@@ -370,7 +370,8 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
     vips = svc.ips(fam)
     externals = [ip for ip in svc.external_ips if ip.version == family]
     lbs = [ip for ip in svc.load_balancer_ips if ip.version == family]
-    sources = svc.firewall_sources(ctx.primary_ips) if svc.load_balancer_source_ranges else ()
+    firewalled = svc.firewalled(family)
+    sources = svc.firewall_sources(ctx.primary_ips) if firewalled else ()
     ranges = [str(r) for r in sources if r.version == family]
 
     port_hash = _hash(name)
@@ -449,12 +450,10 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
         for match in external_matches:
             nat(SERVICES, f"{match} -j {ext_chain}")
         for match in lb_matches:
-            nat(
-                SERVICES, f"{match} -j {fw_chain if svc.load_balancer_source_ranges else ext_chain}"
-            )
+            nat(SERVICES, f"{match} -j {fw_chain if firewalled else ext_chain}")
         if nodeport_match is not None:
             nat(NODEPORTS, f"{nodeport_match} -j {ext_chain}")
-        if svc.load_balancer_source_ranges and lbs:
+        if firewalled and lbs:
             objs[Key(family, NAT, fw_chain)] = tuple(f"-s {r} -j {ext_chain}" for r in ranges)
     if not external:
         # Nothing to send it to: reject when the Service has no endpoint at all, drop when
@@ -463,7 +462,7 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
         # filter-table firewall chain (as upstream's nftables mode does).
         for match in external_matches:
             drop(match, reject=not usable)
-        if svc.load_balancer_source_ranges and lbs:
+        if firewalled and lbs:
             target = _reject(family) if not usable else "DROP"
             objs[Key(family, FILTER, fw_chain)] = (
                 *(f"-s {r} -j {target}" for r in ranges),
@@ -477,7 +476,7 @@ def _render_family(state: ServicePortState, ctx: Context, family: int, objs: Obj
         if nodeport_match is not None:
             np = f"-p {proto} {note} -m addrtype --dst-type LOCAL {dport} {svc.node_port}"
             drop(np, reject=not usable)
-    if svc.load_balancer_source_ranges and external:
+    if firewalled and external:
         for match in lb_matches:
             drop(match, reject=False)  # sources outside the ranges were not DNATed
 

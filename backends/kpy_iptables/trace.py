@@ -16,7 +16,7 @@ The interpreter knows exactly the rule syntax render emits and raises
 Matches are evaluated as the kernel does for a first packet: ``-m statistic --mode
 random`` may go either way (every branch is followed, so every reachable DNAT target is
 collected), ``-m recent --rcheck`` does not match (the client is new), ``--set`` does,
-``--ctstate`` sees ``NEW``, ``-i`` the interface :func:`kpy.explain.input_interface`
+``--ctstate`` sees ``NEW``, ``-i`` the interface :func:`kpy.core.trace.input_interface`
 gives the packet's origin (none for the node's own), ``--dst-type``/``--src-type
 LOCAL`` mean a node address (``config.node_ips`` and the Node's addresses). Built-in
 chains' policy is ACCEPT.
@@ -29,10 +29,10 @@ import shlex
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
-from kpy import diff
-from kpy.backend import BackendConfig
-from kpy.explain import Origin, Packet, Trace, Verdict, input_interface
-from kpy.model import IPAddress, Plan
+from kpy.core import diff
+from kpy.core.backend import BackendConfig
+from kpy.core.model import IPAddress, Plan
+from kpy.core.trace import Origin, Packet, Trace, Verdict, input_interface
 from kpy_iptables import render
 from kpy_iptables.render import FILTER, NAT
 

@@ -3,7 +3,7 @@
 :class:`IpvsBackend` keeps two views of the kernel objects it owns: what it *wants*
 (rendered per service port by :mod:`kpy_ipvs.render`) and what the kernel *has*
 (adopted from a dump on every full sync, then kept up to date by each message it
-sends). A sync diffs the two with :mod:`kpy.diff` — over every key on a full sync, over
+sends). A sync diffs the two with :mod:`kpy.core.diff` — over every key on a full sync, over
 the changed ports' keys on a partial one — and sends only the messages the difference
 needs, in an order that never leaves a VIP unbound while it could serve:
 addresses, companion elements, services, real servers first; removals last.
@@ -16,7 +16,7 @@ on a pending list until its connections reach 0 or the grace period
 The short-circuit mark mask (``ipvs_mark_mask`` option, default ``0xffff0000``; see
 :func:`kpy_ipvs.render.mark_mask`) is checked when the backend is constructed.
 
-A failed message raises :class:`~kpy.backend.BackendError` and makes the next sync a
+A failed message raises :class:`~kpy.core.backend.BackendError` and makes the next sync a
 full one, which re-reads the kernel and retries whatever is still missing.
 """
 
@@ -31,10 +31,10 @@ from functools import partial
 import structlog
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kpy import diff
-from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
-from kpy.explain import Origin, Packet, Trace
-from kpy.model import IPAddress, Plan, Protocol, ServicePortName
+from kpy.core import diff
+from kpy.core.backend import ApplyResult, BackendConfig, BackendError, Programmed
+from kpy.core.model import IPAddress, Plan, Protocol, ServicePortName
+from kpy.core.trace import Origin, Packet, Trace
 from kpy_ipvs import apply as apply_
 from kpy_ipvs import observe as observe_
 from kpy_ipvs import render

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import ipaddress
 import os
@@ -38,14 +37,14 @@ from typing import Any, TypeVar
 from pyroute2 import IPVS, IPRoute, IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kpy.model import IPAddress, Protocol
+from kpy.core.model import IPAddress, Protocol
+from kpy.kernel.netns import enter as enter_netns
 from kpy_ipvs import render
 from kpy_ipvs.render import DestKey, Element, VirtualKey, VirtualService
 
 T = TypeVar("T")
 Done = Callable[[], None] | None  # run once a queued write succeeded
 
-CLONE_NEWNET = 0x40000000
 PROTO_NUMBERS = {
     Protocol.TCP: socket.IPPROTO_TCP,
     Protocol.UDP: socket.IPPROTO_UDP,
@@ -343,17 +342,6 @@ class Snapshot:
     elements: frozenset[Element]
 
 
-def _enter_netns(name: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
 def _service(key: VirtualKey, settings: VirtualService | None = None) -> IPVSService:
     fields: dict[str, Any] = {
         "addr": str(key.address),
@@ -397,7 +385,7 @@ class Kernel:
 
     def _enter(self) -> None:
         if self.netns is not None:
-            _enter_netns(self.netns)
+            enter_netns(self.netns)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -1,4 +1,4 @@
-"""Kernel snapshot → :class:`~kpy.backend.Programmed`, for ``kpy dump`` and drift checks.
+"""Kernel snapshot → :class:`~kpy.core.backend.Programmed`, for ``kpy dump`` and drift checks.
 
 IPVS does not record which Service a virtual service belongs to, so the per-service
 views are attributed through what this backend rendered (the service ports it was last
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Set
 
-from kpy.backend import Programmed, ServiceView, frontend
-from kpy.model import ServicePortName
+from kpy.core.backend import Programmed, ServiceView, frontend
+from kpy.core.model import ServicePortName
 from kpy_ipvs.apply import DestStatus, Snapshot
 from kpy_ipvs.render import DestKey, PortObjects, VirtualKey
 

@@ -50,9 +50,9 @@ import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
-from kpy import select
-from kpy.backend import BackendConfig, LocalDetector, frontend
-from kpy.model import (
+from kpy.core import endpoints as select
+from kpy.core.backend import BackendConfig, LocalDetector, frontend
+from kpy.core.model import (
     Endpoint,
     IPAddress,
     IPNetwork,
@@ -391,7 +391,7 @@ def render_port(state: ServicePortState, ctx: Context, mark: int = 0) -> PortObj
             elements.add(Element(set=set_name("NOLOCAL", ip.version), value=value))
         if ctx.masquerade_all:
             elements.add(Element(set=set_name("MASQ", ip.version), value=value))
-        elif ctx.pods(ip.version):  # masqueraded unless from this node's pods
+        else:  # masqueraded unless from this node's pods (no detector: see rules())
             elements.add(Element(set=set_name("CLUSTER", ip.version), value=value))
 
     external: list[tuple[IPAddress, int]] = [(ip, svc.port) for ip in svc.external_ips]
@@ -435,12 +435,15 @@ def render_port(state: ServicePortState, ctx: Context, mark: int = 0) -> PortObj
     sources = svc.firewall_sources(ctx.primary_ips) if svc.load_balancer_source_ranges else ()
     for ip in svc.load_balancer_ips:
         ranges = [r for r in sources if r.version == ip.version]
-        if not ranges:
+        if not ranges or any(r.prefixlen == 0 for r in ranges):
+            # none of this family, or a zero-masked range: any source (as upstream,
+            # which also cannot put a /0 into a hash:ip,port,net set)
             continue
         value = _frontend_value(ip, svc.protocol, svc.port)
         elements.add(Element(set=set_name("RANGED", ip.version), value=value))
         elements.update(
-            Element(set=set_name("ALLOWED", ip.version), value=f"{value},{r}") for r in ranges
+            Element(set=set_name("ALLOWED", ip.version), value=f"{value},{net_text(r)}")
+            for r in ranges
         )
     return PortObjects(
         services=services,
@@ -449,6 +452,13 @@ def render_port(state: ServicePortState, ctx: Context, mark: int = 0) -> PortObj
         elements=frozenset(elements),
         node_ports=frozenset(node_ports),
     )
+
+
+def net_text(net: IPNetwork) -> str:
+    """A network as ``ipset save`` writes it back: a host network (/32, /128) as the bare
+    address, so what adoption reads compares equal to what render wants (a ``/32`` one
+    would look like a different element: deleting the read-back one deletes it)."""
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
 
 def render(plan: Plan, ctx: Context) -> dict[ServicePortName, PortObjects]:
@@ -522,14 +532,21 @@ def rules(ctx: Context, version: int) -> str:
       endpoint are dropped in filter INPUT, except for pods (``RETURN`` per pod CIDR),
       whose connections the virtual service sends to the cluster-wide endpoints;
     * ``RANGED``/``ALLOWED``: a LoadBalancer frontend with source ranges accepts only
-      sources inside them (filter INPUT, and mangle OUTPUT for the node);
+      sources inside them (filter INPUT, and mangle OUTPUT for the node); when a range
+      holds the node's primary IP, the Service's own LB IPs are allowed sources too
+      (upstream's ``KUBE-LOAD-BALANCER-SOURCE-IP``: the node reaching a VIP it holds has
+      that VIP as its source). A zero-masked range allows any source (no ``RANGED``);
     * ``LOCAL``: the node's own connections to an external frontend under policy Local
       are marked for masquerade in mangle OUTPUT;
     * ``LOOPBACK``: an endpoint whose connection IPVS sent back to itself (hairpin) is
       masqueraded in POSTROUTING (destination = source = the endpoint);
     * ``MASQ``: always masqueraded (external traffic under policy Cluster, or every
-      frontend with masquerade-all); ``CLUSTER``: masqueraded when the source is outside
-      the cluster CIDRs. The packet is marked in nat PREROUTING/OUTPUT (before IPVS sees
+      frontend with masquerade-all); ``CLUSTER``: masqueraded when the source is not
+      this node's pods (``--detect-local-mode``: ``-s`` per CIDR or ``-i`` the pods'
+      interface); with no detector for the family (ClusterCIDR mode without a cluster
+      CIDR), only when the source is the cluster IP itself (``src,dst``, upstream's
+      rule: the node's own connections, whose source the kernel picks as the local
+      VIP). The packet is marked in nat PREROUTING/OUTPUT (before IPVS sees
       it) and masqueraded in POSTROUTING after IPVS rewrote its destination; the NAT
       binding lives on its conntrack entry (``net.ipv4.vs.conntrack=1``).
 
@@ -549,6 +566,11 @@ def rules(ctx: Context, version: int) -> str:
     if not ctx.masquerade_all and ctx.pods(version):
         lines += [f"-A {CHAIN_MARK} {p} {match('CLUSTER')} -j RETURN" for p in ctx.pods(version)]
         lines.append(f"-A {CHAIN_MARK} {match('CLUSTER')} {mark}")
+    elif not ctx.masquerade_all:
+        # no local-traffic detector: only the node's own connections whose source is
+        # the cluster IP itself (the VIP is a local address, so the kernel picks it as
+        # the source) are masqueraded, or an endpoint on another node would answer a VIP
+        lines.append(f"-A {CHAIN_MARK} {match('CLUSTER', 'src,dst')} {mark}")
     lines.append(
         f"-A {CHAIN_POST} -m mark --mark {MASQUERADE_MARK:#x}/{MASQUERADE_MARK:#x} -j MASQUERADE"
     )
@@ -579,6 +601,8 @@ def skeleton_id(ctx: Context) -> str:
     text = repr((ctx.masquerade_all, tuple(str(c) for c in ctx.cluster_cidrs), pods, SETS, 4))
     if ctx.mark_mask != SHORT_MARK_MASK:  # (the default keeps the identity it had)
         text += f" mark_mask={ctx.mark_mask:#x}"
+    if not ctx.masquerade_all and not all(ctx.pods(version) for version in (4, 6)):
+        text += " cluster-src-dst"  # a family without a detector: the src,dst rule
     return "kpy-ipvs-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -41,9 +41,9 @@ from kpy_iptables import trace as iptables_trace
 from kpy_iptables.render import FILTER, NAT
 from kpy_iptables.trace import Rule, Syntax, Tables, TraceError
 
-from kpy.backend import BackendConfig
-from kpy.explain import Origin, Packet, Trace, Verdict, input_interface
-from kpy.model import IPAddress, Plan, Protocol
+from kpy.core.backend import BackendConfig
+from kpy.core.model import IPAddress, Plan, Protocol
+from kpy.core.trace import Origin, Packet, Trace, Verdict, input_interface
 from kpy_ipvs import render
 from kpy_ipvs.render import DestKey, PortObjects, VirtualKey, VirtualService
 
@@ -66,7 +66,11 @@ TERMINAL = frozenset({"ACCEPT", "DROP", "RETURN"})
 
 def _set_flags(args: tuple[str, ...]) -> str | None:
     flags = args[1]
-    return None if flags in ("dst,dst", "dst,dst,src") else f"set flags {flags!r} are not modelled"
+    return (
+        None
+        if flags in ("dst,dst", "dst,dst,src", "src,dst")
+        else f"set flags {flags!r} are not modelled"
+    )
 
 
 def _map_flags(args: tuple[str, ...]) -> str | None:
@@ -215,8 +219,10 @@ class _Walker:
     def _in_set(self, rule: Rule, name: str, flags: str, flow: Flow) -> Member | None:
         if name not in self.sets:
             raise TraceError(f"set {name} does not exist in rule {rule.text!r}")
+        # src,dst: the element's address is the packet's source, its port the destination's
+        address = flow.src if flags == "src,dst" else flow.dst
         for m in self.sets[name]:
-            if (m.address, m.port, m.protocol) != (flow.dst, flow.port, flow.protocol):
+            if (m.address, m.port, m.protocol) != (address, flow.port, flow.protocol):
                 continue
             if flags == "dst,dst,src":
                 if m.net is None:

@@ -28,9 +28,9 @@ from typing import Any
 
 import structlog
 
-from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed
-from kpy.explain import Origin, Packet, Trace
-from kpy.model import Plan, ServicePortName, ServicePortState
+from kpy.core.backend import ApplyResult, BackendConfig, BackendError, Programmed
+from kpy.core.model import Plan, ServicePortName, ServicePortState
+from kpy.core.trace import Origin, Packet, Trace
 from kpy_nftables import check as check_
 from kpy_nftables import netlink, netlink_read, render
 from kpy_nftables import observe as observe_

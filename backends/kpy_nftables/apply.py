@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kpy.proc import communicate
+from kpy.kernel.proc import communicate
 
 
 class NftError(Exception):

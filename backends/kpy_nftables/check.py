@@ -1,7 +1,7 @@
 """Would the kernel take these service ports? A dry run with ``nft --check``.
 
 The agent asks this when a transaction was refused, to find the service ports to blame
-(:mod:`kpy.quarantine`). A check renders the plan's ports as a node's first sync would —
+(:mod:`kpy.agent.quarantine`). A check renders the plan's ports as a node's first sync would —
 kpy's tables deleted and made anew, the fixed part, then every port's sets, chains,
 rules and elements — and hands the script to ``nft --check`` in the node's namespace:
 the kernel validates the whole batch against the live ruleset and then aborts it, so
@@ -10,9 +10,9 @@ nothing is changed, and no scratch namespace (which would need CAP_SYS_ADMIN) is
 
 from __future__ import annotations
 
-from kpy import proc
-from kpy.backend import BackendConfig
-from kpy.model import Plan
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Plan
+from kpy.kernel import proc
 from kpy_nftables import render
 
 NFT = "nft"

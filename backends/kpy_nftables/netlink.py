@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from kpy.netns_socket import run_in_netns
+from kpy.kernel.netns import run_in_netns
 from kpy_nftables import render
 from kpy_nftables.apply import NftError
 

@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kpy.netns_socket import run_in_netns
+from kpy.kernel.netns import run_in_netns
 from kpy_nftables import render
 from kpy_nftables.apply import NftError
 

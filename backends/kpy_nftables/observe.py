@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kpy.backend import ServiceView, frontend
+from kpy.core.backend import ServiceView, frontend
 from kpy_nftables import render
 
 JSON = dict[str, Any]

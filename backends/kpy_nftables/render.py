@@ -6,7 +6,7 @@ configuration; :func:`port_objects` renders what one service port needs (its ser
 external, firewall and endpoint chains, affinity sets and map elements). Every object
 has a key (``"ip chain service-…"``) and a *value* — a short text that is equal for
 equal objects — which is also what :mod:`kpy_nftables.observe` reads back from the
-kernel, so ``kpy.diff`` between the wanted and the programmed values is the work to do.
+kernel, so ``kpy.core.diff`` between the wanted and the programmed values is the work to do.
 
 A chain's value is its fingerprint: a hash of its hook and rules. Reading rules back
 from the kernel is slow (listing a table of 10,000 Services takes the kernel ~10 s),
@@ -28,8 +28,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kpy.backend import BackendConfig, LocalDetector
-from kpy.model import (
+from kpy.core.backend import BackendConfig, LocalDetector
+from kpy.core.model import (
     Endpoint,
     IPAddress,
     IPFamily,
@@ -266,7 +266,7 @@ def with_fingerprints(objs: Iterable[Obj]) -> dict[str, Obj]:
 
 
 # What a part of a label may hold: what Kubernetes allows in namespaces, Service names
-# and port names (kpy.convert refuses anything else), all of it plain in an nft
+# and port names (kpy.core.convert refuses anything else), all of it plain in an nft
 # identifier and in a quoted comment.
 _LABEL_PART = re.compile(r"(?:[a-z0-9](?:[-a-z0-9.]{0,61}[a-z0-9])?)?")
 
@@ -699,7 +699,7 @@ def _family_objects(
         objs.append(Element(nf, port_map, element, to_external, label, port_table))
 
     lb_ips = sorted({ip for ip in svc.load_balancer_ips if ip.version == version}, key=int)
-    if svc.load_balancer_source_ranges and lb_ips:
+    if svc.firewalled(version) and lb_ips:
         ranges = _cidrs(svc.firewall_sources(config.primary_ips()), version)
         rule = f"{nf} saddr != {_set_literal(ranges)} drop" if ranges else "drop"
         objs.append(Chain(nf, names.firewall, (rule,)))

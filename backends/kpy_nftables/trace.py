@@ -1,6 +1,6 @@
 """Trace a packet through the nftables objects :mod:`kpy_nftables.render` produces.
 
-Pure: Plan in, :class:`kpy.explain.Trace` out. :func:`trace` renders every service
+Pure: Plan in, :class:`kpy.core.trace.Trace` out. :func:`trace` renders every service
 port exactly as the backend does (the skeleton from :func:`render.base_objects`, then
 :func:`render.port_objects` per port in name order, the first port keeping a contested
 map element) and runs a NEW connection's first packet through those objects hook by
@@ -25,7 +25,7 @@ the client is not yet in any affinity set (a fresh client: affinity sets have no
 elements); ``numgen random mod N == 0`` may be true or false, and the trace follows
 both, so ``endpoints`` is every DNAT target some draw reaches; ``fib … type local`` is
 true for the node's addresses (``config.node_ips`` and the Node's addresses) and
-loopback; ``iifname`` is the interface :func:`kpy.explain.input_interface` gives the
+loopback; ``iifname`` is the interface :func:`kpy.core.trace.input_interface` gives the
 packet's origin (a pod's on the pod bridge or prefixed interface, none for the node's
 own). ``masquerade`` is true when some path reaches the ``masquerade`` statement;
 ``kernel`` lists the objects traversed, by their render keys (``ip chain services``,
@@ -39,9 +39,9 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from kpy.backend import BackendConfig
-from kpy.explain import Origin, Packet, Trace, Verdict, input_interface
-from kpy.model import IPAddress, Plan
+from kpy.core.backend import BackendConfig
+from kpy.core.model import IPAddress, Plan
+from kpy.core.trace import Origin, Packet, Trace, Verdict, input_interface
 from kpy_nftables import render
 
 __all__ = ["TraceError", "objects", "trace", "trace_objects"]
@@ -83,7 +83,7 @@ def trace_objects(
 ) -> Trace:
     """``packet`` through ``objs`` (as :func:`objects` returns them) on a node with
     ``node_addresses`` (loopback is always local), arriving on the interface ``iif``
-    (default: as :func:`kpy.explain.input_interface` has it for ``origin``)."""
+    (default: as :func:`kpy.core.trace.input_interface` has it for ``origin``)."""
     if iif is None:
         iif = input_interface(origin, BackendConfig())
     return _Tracer(objs, frozenset(node_addresses)).run(packet, origin, iif)

@@ -21,14 +21,16 @@ next endpoint is tried, default 2), ``udp_idle_timeout`` (default 30).
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
-from kpy.backend import ApplyResult, BackendConfig, BackendError, Programmed, ServiceView
-from kpy.model import Plan, ServicePortName
+from kpy.core.backend import ApplyResult, BackendConfig, BackendError, Programmed, ServiceView
+from kpy.core.model import IPAddress, Plan, ServicePortName, ServicePortState
 from kpy_userspace import render
 from kpy_userspace.proxy import Proxy, Settings
 
@@ -72,6 +74,7 @@ class UserspaceBackend:
         # addresses on lo stay for the next one to adopt.
         self._finalizer = weakref.finalize(self, self._proxy.stop)
         self._needs_full = True
+        self._primary: tuple[IPAddress, ...] = ()  # the node's, as of the last sync
 
     # --- the Backend protocol -----------------------------------------------------------
 
@@ -87,15 +90,16 @@ class UserspaceBackend:
     async def dry_run(self, plan: Plan) -> str:
         """The listeners ``apply(plan)`` would hold for the plan's changed service ports
         (every port on a full sync), one line each, touching nothing."""
-        full = plan.full_sync or self._needs_full
+        full = plan.full_sync or self._needs_full or self._primary_ips(plan) != self._primary
         names = sorted(plan.services) if full else sorted(plan.changed | plan.removed)
         lines = [f"# userspace proxy: {'full' if full else 'partial'} sync"]
+        table_of = self._tables(plan)
         for name in names:
             state = plan.services.get(name)
             if state is None:
                 lines.append(f"close {name}")
                 continue
-            table = render.port_table(state, nodeport_addresses=self._nodeports)
+            table = table_of(state)
             if table is None:
                 continue
             for frontend in table.frontends:
@@ -115,17 +119,16 @@ class UserspaceBackend:
         return "\n".join(lines) + "\n"
 
     async def apply(self, plan: Plan) -> ApplyResult:
-        full = plan.full_sync or self._needs_full
+        # a new primary IP changes every ranged LB frontend: re-render them all
+        primary = self._primary_ips(plan)
+        full = plan.full_sync or self._needs_full or primary != self._primary
         started = time.monotonic()
         names = sorted(plan.services) if full else sorted(plan.changed | plan.removed)
         updates: dict[ServicePortName, render.PortTable | None] = {}
+        table_of = self._tables(plan)
         for name in names:
             state = plan.services.get(name)
-            updates[name] = (
-                None
-                if state is None
-                else render.port_table(state, nodeport_addresses=self._nodeports)
-            )
+            updates[name] = None if state is None else table_of(state)
         if full:  # ports without a VIP have no table; leave them out of the whole state
             updates = {n: t for n, t in updates.items() if t is not None}
         try:
@@ -140,6 +143,7 @@ class UserspaceBackend:
             log.warning("userspace_apply_incomplete", errors=result.errors, full_sync=full)
             raise BackendError("; ".join(result.errors[:5]))
         self._needs_full = False
+        self._primary = primary
         log.debug(
             "userspace_applied",
             full_sync=full,
@@ -158,6 +162,17 @@ class UserspaceBackend:
                 "listeners_closed": result.listeners_closed,
                 "tables_changed": result.tables_changed,
             },
+        )
+
+    def _primary_ips(self, plan: Plan) -> tuple[IPAddress, ...]:
+        return self.config.for_node(plan.node).primary_ips()
+
+    def _tables(self, plan: Plan) -> Callable[[ServicePortState], render.PortTable | None]:
+        """Render for this plan's node (its primary IPs: the source ranges' LB IP rule)."""
+        return functools.partial(
+            render.port_table,
+            nodeport_addresses=self._nodeports,
+            primary_ips=self._primary_ips(plan),
         )
 
     async def observe(self) -> Programmed:

@@ -19,50 +19,43 @@ and both transports come straight from the selector loop's transport factory
 client address with its own connected socket to one endpoint; replies are sent back
 through the listener with ``IP_PKTINFO`` / ``IPV6_PKTINFO`` naming the address the
 client used, so a NodePort on a wildcard socket answers from the right address.
+
+The pieces: :mod:`~kpy_userspace.tcp` and :mod:`~kpy_userspace.udp` (the relays),
+:mod:`~kpy_userspace.flows` (endpoint choice, affinity, counters per port),
+:mod:`~kpy_userspace.listeners` and :mod:`~kpy_userspace.filters` (sockets and their
+source-range filters), :mod:`~kpy_userspace.addresses` (the addresses on ``lo``); this
+module is the proxy thread that owns them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno
-import ipaddress
-import os
 import socket
-import struct
 import threading
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import structlog
 
-from kpy.model import Endpoint, IPAddress, IPNetwork, Protocol, ServicePortName
-from kpy.netns_socket import run_in_netns
+from kpy.core.model import IPAddress, Protocol, ServicePortName
+from kpy.kernel.netns import run_in_netns
+from kpy_userspace.addresses import Addresses
+from kpy_userspace.filters import FilterSpec
+from kpy_userspace.flows import Flow, PortRuntime, client_ip, source_allowed
+from kpy_userspace.listeners import Listener, filter_spec, open_socket, set_filter
 from kpy_userspace.render import (
-    ADDRESS_PROTO,
     INTERFACE,
-    Disposition,
     Frontend,
     ListenKey,
     PortTable,
-    Role,
 )
+from kpy_userspace.tcp import Inbound
+from kpy_userspace.udp import UdpListener, UdpSession
 
 T = TypeVar("T")
 log = structlog.get_logger("kpy.userspace")
-
-# Linux constants the socket module does not export.
-IP_PKTINFO = 8
-IP_FREEBIND = 15
-SO_ATTACH_FILTER = 26
-SO_DETACH_FILTER = 27
-SKF_NET_OFF = -0x100000
-BPF_LD_W_ABS, BPF_ALU_AND_K, BPF_JMP_JEQ_K, BPF_RET_K = 0x20, 0x54, 0x15, 0x06
-
-WRITE_HIGH_WATER = 256 * 1024
-UDP_MAX = 65535
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,670 +102,6 @@ class Snapshot:
     ports: Mapping[ServicePortName, PortStats]
 
 
-# --- socket filters: drop, or admit only some source ranges, in the kernel ------------------
-
-
-def filter_program(family: int, ranges: tuple[IPNetwork, ...] | None) -> list[bytes]:
-    """A classic BPF program for a listening socket: None drops every packet (a Local
-    policy with no local endpoint); otherwise it admits packets whose source address is
-    in one of ``ranges`` and drops the rest. Dropped SYNs never open a connection."""
-    insns: list[bytes] = []
-
-    def insn(code: int, jt: int, jf: int, k: int) -> bytes:
-        return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
-
-    source_offset = 12 if family == 4 else 8  # IPv4 / IPv6 header
-    for net in ranges or ():
-        block: list[tuple[int, int, int, int]] = []
-        packed, mask = net.network_address.packed, net.netmask.packed
-        for i in range(len(packed) // 4):
-            m = int.from_bytes(mask[4 * i : 4 * i + 4], "big")
-            if m == 0:
-                continue
-            n = int.from_bytes(packed[4 * i : 4 * i + 4], "big")
-            block.append((BPF_LD_W_ABS, 0, 0, SKF_NET_OFF + source_offset + 4 * i))
-            block.append((BPF_ALU_AND_K, 0, 0, m))
-            block.append((BPF_JMP_JEQ_K, 0, -1, n))  # jf patched below: the next range
-        block.append((BPF_RET_K, 0, 0, 0xFFFFFFFF))
-        for j, (code, jt, jf, k) in enumerate(block):
-            insns.append(insn(code, jt, len(block) - j - 1 if jf == -1 else jf, k))
-    insns.append(insn(BPF_RET_K, 0, 0, 0))
-    return insns
-
-
-def attach_filter(sock: socket.socket, insns: list[bytes] | None) -> None:
-    if insns is None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
-        return
-    code = ctypes.create_string_buffer(b"".join(insns))
-    fprog = struct.pack("@HL", len(insns), ctypes.addressof(code))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-
-
-# ("drop", ()) or ("ranges", source ranges) or None (no filter)
-_FilterSpec = tuple[str, tuple[IPNetwork, ...]] | None
-
-
-# --- the port runtime: endpoint choice, affinity, counters -------------------------------------
-
-
-class PortRuntime:
-    """One service port on the proxy loop: its table, round-robin cursors, ClientIP
-    affinity, open flows and byte counters.
-
-    What a new connection needs from the table (the forwarding frontends by listening
-    key, the endpoints per role and family, every live endpoint, each endpoint's socket
-    address) is worked out once per table, not once per connection."""
-
-    def __init__(self, table: PortTable) -> None:
-        self.listening: set[ListenKey] = set()
-        self.cursor: dict[tuple[Role, int], int] = {}
-        self.affinity: dict[tuple[Role, str], tuple[Endpoint, float]] = {}
-        self.flows: set[_Flow] = set()
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.connections = 0
-        self.table = table
-
-    @property
-    def table(self) -> PortTable:
-        return self._table
-
-    @table.setter
-    def table(self, table: PortTable) -> None:
-        self._table = table
-        self._endpoints: dict[tuple[Role, int], tuple[Endpoint, ...]] = {}
-        self.forward: dict[ListenKey, Frontend] = {
-            fe.key: fe for fe in table.frontends if table.disposition(fe) is Disposition.FORWARD
-        }
-        self.live: frozenset[Endpoint] = table.endpoint_set()
-        self._sockaddrs: dict[Endpoint, tuple[int, tuple[str, int]]] = {}
-
-    def endpoints(self, role: Role, family: int) -> tuple[Endpoint, ...]:
-        eps = self._endpoints.get((role, family))
-        if eps is None:
-            eps = self._endpoints[(role, family)] = self._table.endpoints(role, family)
-        return eps
-
-    def sockaddr(self, endpoint: Endpoint) -> tuple[int, tuple[str, int]]:
-        """(address family, socket address) to connect to ``endpoint``."""
-        found = self._sockaddrs.get(endpoint)
-        if found is None:
-            family = socket.AF_INET if endpoint.ip.version == 4 else socket.AF_INET6
-            found = self._sockaddrs[endpoint] = (family, (str(endpoint.ip), endpoint.port))
-        return found
-
-    def candidates(self, frontend: Frontend, client: str, now: float) -> list[Endpoint]:
-        """Endpoints to try, in order: the sticky one first, then round robin."""
-        eps = self.endpoints(frontend.role, frontend.key.family)
-        if not eps:
-            return []
-        slot = (frontend.role, frontend.key.family)
-        start = self.cursor.get(slot, 0) % len(eps)
-        self.cursor[slot] = start + 1
-        order = [*eps[start:], *eps[:start]]
-        if self._table.affinity_timeout is not None:
-            sticky = self.affinity.get((frontend.role, client))
-            if sticky is not None and sticky[1] > now and sticky[0] in eps:
-                order.remove(sticky[0])
-                order.insert(0, sticky[0])
-        return order
-
-    def chosen(self, frontend: Frontend, client: str, endpoint: Endpoint, now: float) -> None:
-        if self._table.affinity_timeout is None:
-            return
-        if len(self.affinity) > 4096:  # forget expired clients now and then
-            self.affinity = {k: v for k, v in self.affinity.items() if v[1] > now}
-        self.affinity[(frontend.role, client)] = (endpoint, now + self._table.affinity_timeout)
-
-
-class _Flow:
-    """A TCP connection pair or a UDP session, as the port sees it."""
-
-    endpoint: Endpoint | None = None
-    hard_stop: asyncio.TimerHandle | None = None
-
-    def abort(self) -> None:
-        raise NotImplementedError
-
-
-def _client_ip(peer: Any) -> str:
-    host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-    return host.removeprefix("::ffff:")
-
-
-def _allowed(frontend: Frontend, client: str) -> bool:
-    if not frontend.source_ranges:
-        return True
-    try:
-        addr = ipaddress.ip_address(client)
-    except ValueError:
-        return False
-    return any(addr.version == n.version and addr in n for n in frontend.source_ranges)
-
-
-# --- TCP ------------------------------------------------------------------------------------
-
-
-class _Inbound(asyncio.Protocol, _Flow):
-    """The client's side of one relayed TCP connection.
-
-    Made by :class:`_Server` right after ``accept()``, with the endpoints to try already
-    chosen. The connection to the first one starts at once, as a non-blocking
-    ``connect()`` watched with ``add_writer`` and a timer (no task, no future); the
-    client's reads stay paused until an endpoint has answered."""
-
-    def __init__(
-        self,
-        proxy: Proxy,
-        port: PortRuntime,
-        frontend: Frontend,
-        client: str,
-        candidates: list[Endpoint],
-    ) -> None:
-        self.proxy = proxy
-        self.port = port
-        self.frontend = frontend
-        self.client = client
-        self.candidates = candidates
-        self.tried = 0
-        self.transport: asyncio.Transport | None = None
-        self.upstream: _Outbound | None = None
-        # a connect under way: the socket, its endpoint and socket address
-        self.pending: tuple[socket.socket, Endpoint, tuple[str, int]] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.relaying = False  # the endpoint answered: the client's reads are on
-        self.early: list[bytes] = []  # what the client sent before that
-        self.eof_in = False
-        self.eof_out = False
-        self.closed = False
-        port.flows.add(self)
-        port.connections += 1
-
-    # client side
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        if self.closed:  # every endpoint failed before the transport came
-            self.transport.abort()
-            return
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        if not self.relaying:
-            self.transport.pause_reading()
-
-    # the connection to an endpoint
-    def connect_next(self) -> None:
-        """Start connecting to the next candidate; none left: reset the client."""
-        while not self.closed and self.tried < len(self.candidates):
-            endpoint = self.candidates[self.tried]
-            self.tried += 1
-            family, address = self.port.sockaddr(endpoint)
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-            except OSError as exc:  # EMFILE and friends
-                _connect_failed(endpoint, exc.strerror)
-                continue
-            try:
-                sock.setblocking(False)
-                err = sock.connect_ex(address)
-            except OSError as exc:
-                sock.close()
-                _connect_failed(endpoint, exc.strerror)
-                continue
-            if err == 0:
-                self._connected(sock, endpoint, address)
-            elif err == errno.EINPROGRESS:
-                loop = self.proxy.loop
-                self.pending = (sock, endpoint, address)
-                loop.add_writer(sock.fileno(), self._connect_done)
-                self.timer = loop.call_later(
-                    self.proxy.settings.connect_timeout, self._connect_timed_out
-                )
-            else:
-                sock.close()
-                _connect_failed(endpoint, os.strerror(err))
-                continue
-            return
-        if not self.closed:
-            log.info(
-                "userspace_no_endpoint_answered",
-                service=str(self.port.table.name),
-                client=self.client,
-            )
-            self.abort()
-
-    def _stop_connecting(self) -> tuple[socket.socket, Endpoint, tuple[str, int]] | None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            self.proxy.loop.remove_writer(pending[0].fileno())
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        return pending
-
-    def _connect_done(self) -> None:
-        pending = self._stop_connecting()
-        if pending is None:
-            return
-        sock, endpoint, address = pending
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            sock.close()
-            _connect_failed(endpoint, os.strerror(err))
-            self.connect_next()
-            return
-        self._connected(sock, endpoint, address)
-
-    def _connect_timed_out(self) -> None:
-        self.timer = None
-        pending = self._stop_connecting()
-        if pending is not None:
-            pending[0].close()
-            _connect_failed(pending[1], "timed out")
-            self.connect_next()
-
-    def _connected(self, sock: socket.socket, endpoint: Endpoint, address: tuple[str, int]) -> None:
-        self.endpoint = endpoint
-        self.port.chosen(self.frontend, self.client, endpoint, self.proxy.loop.time())
-        self.upstream = _Outbound(self)
-        try:
-            self.upstream.transport = self.proxy.transport_for(sock, self.upstream, address)
-        except OSError:
-            sock.close()
-            self.abort()
-
-    def upstream_connected(self) -> None:
-        """The endpoint's transport is up: relay."""
-        if self.endpoint not in self.port.live:  # removed while connecting
-            self.proxy.schedule_hard_stop(self)
-        self.relaying = True
-        for data in self.early:
-            self.data_received(data)
-        self.early.clear()
-        if self.eof_in:
-            self.eof_received()
-        elif self.transport is not None:
-            self.transport.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        if not self.relaying:
-            # A loop may deliver data before a pause in connection_made takes effect:
-            # kept until the endpoint answers, reading paused again meanwhile.
-            self.early.append(data)
-            if self.transport is not None:
-                self.transport.pause_reading()
-            return
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.write(data)
-            self.port.bytes_in += len(data)
-
-    def eof_received(self) -> bool:
-        self.eof_in = True
-        if not self.relaying:
-            return True  # passed on once the endpoint answers
-        upstream = self.upstream.transport if self.upstream is not None else None
-        if upstream is not None and upstream.can_write_eof():
-            upstream.write_eof()
-        self._maybe_close()
-        return True
-
-    def pause_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._finish(exc is not None)
-
-    # the endpoint's side reports here
-    def upstream_data(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-            self.port.bytes_out += len(data)
-
-    def upstream_eof(self) -> None:
-        self.eof_out = True
-        if self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()
-        self._maybe_close()
-
-    def upstream_lost(self, exc: Exception | None) -> None:
-        self._finish(exc is not None)
-
-    def _maybe_close(self) -> None:
-        if self.eof_in and self.eof_out:
-            self._finish(False)
-
-    def abort(self) -> None:
-        self._finish(True)
-
-    def _finish(self, error: bool) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        pending = self._stop_connecting()
-        if pending is not None:
-            pending[0].close()
-        if self.hard_stop is not None:
-            self.hard_stop.cancel()
-        for transport in (
-            self.transport,
-            self.upstream.transport if self.upstream is not None else None,
-        ):
-            if transport is None:
-                continue
-            if error:
-                transport.abort()
-            else:
-                transport.close()  # flushes what is buffered first
-        self.port.flows.discard(self)
-
-
-def _connect_failed(endpoint: Endpoint, error: str | None) -> None:
-    log.debug("userspace_connect_failed", endpoint=str(endpoint), error=error)
-
-
-class _Outbound(asyncio.Protocol):
-    """The endpoint's side of one relayed TCP connection."""
-
-    def __init__(self, inbound: _Inbound) -> None:
-        self.inbound = inbound
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        if self.inbound.closed:  # the client left while the transport was being made
-            self.transport.abort()
-            return
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.inbound.upstream_connected()
-
-    def data_received(self, data: bytes) -> None:
-        self.inbound.upstream_data(data)
-
-    def eof_received(self) -> bool:
-        self.inbound.upstream_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        if self.inbound.transport is not None:
-            self.inbound.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.inbound.transport is not None and not self.inbound.closed:
-            self.inbound.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.inbound.upstream_lost(exc)
-
-
-# --- UDP ------------------------------------------------------------------------------------
-
-
-class _UdpSession(_Flow):
-    """One client of one UDP frontend, talking to one endpoint over a connected socket."""
-
-    def __init__(
-        self,
-        listener: _UdpListener,
-        port: PortRuntime,
-        client: tuple[Any, ...],
-        local: bytes,
-        endpoint: Endpoint,
-        sock: socket.socket,
-    ) -> None:
-        self.listener = listener
-        self.port = port
-        self.client = client
-        self.local = local  # the packed address the client sent to (reply source)
-        self.endpoint = endpoint
-        self.sock = sock
-        self.last = listener.proxy.loop.time()
-        self.closed = False
-        self.idle = listener.proxy.loop.call_later(
-            listener.proxy.settings.udp_idle_timeout, self._check_idle
-        )
-        listener.proxy.loop.add_reader(sock.fileno(), self._readable)
-
-    def send(self, data: bytes) -> None:
-        self.last = self.listener.proxy.loop.time()
-        try:
-            self.sock.send(data)
-            self.port.bytes_in += len(data)
-        except BlockingIOError:
-            pass  # a full buffer drops the datagram, as a kernel queue would
-        except OSError:
-            self.abort()  # e.g. the endpoint answered ICMP unreachable: pick anew next time
-
-    def _readable(self) -> None:
-        for _ in range(64):
-            try:
-                data = self.sock.recv(UDP_MAX)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.abort()
-                return
-            self.last = self.listener.proxy.loop.time()
-            self.port.bytes_out += len(data)
-            self.listener.reply(data, self.local, self.client)
-
-    def _check_idle(self) -> None:
-        loop = self.listener.proxy.loop
-        left = self.last + self.listener.proxy.settings.udp_idle_timeout - loop.time()
-        if left > 0:
-            self.idle = loop.call_later(left, self._check_idle)
-        else:
-            self.abort()
-
-    def abort(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.idle.cancel()
-        if self.hard_stop is not None:
-            self.hard_stop.cancel()
-        self.listener.proxy.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-        self.listener.sessions.pop(self.client, None)
-        self.port.flows.discard(self)
-
-
-class _UdpListener:
-    """A UDP frontend socket: datagrams in, sessions out, replies from the right address."""
-
-    def __init__(self, proxy: Proxy, key: ListenKey, sock: socket.socket) -> None:
-        self.proxy = proxy
-        self.key = key
-        self.sock = sock
-        self.family = sock.family
-        self.sessions: dict[tuple[Any, ...], _UdpSession] = {}
-        proxy.loop.add_reader(sock.fileno(), self._readable)
-
-    def _readable(self) -> None:
-        for _ in range(64):
-            try:
-                data, ancillary, _flags, client = self.sock.recvmsg(UDP_MAX, socket.CMSG_SPACE(64))
-            except BlockingIOError:
-                return
-            except OSError:
-                continue  # an ICMP error queued on the socket; the next read goes on
-            session = self.sessions.get(client)
-            if session is None:
-                session = self._open(client, self._destination(ancillary))
-                if session is None:
-                    continue
-            session.send(data)
-
-    def _destination(self, ancillary: list[tuple[int, int, bytes]]) -> bytes:
-        for level, kind, data in ancillary:
-            if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
-                return data[8:12]  # struct in_pktinfo: ifindex, spec_dst, addr
-            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
-                return data[:16]  # struct in6_pktinfo: addr, ifindex
-        return b""
-
-    def _open(self, client: tuple[Any, ...], local: bytes) -> _UdpSession | None:
-        found = self.proxy.frontend_of(self.key)
-        if found is None:
-            return None
-        port, frontend = found
-        who = _client_ip(client)
-        if not _allowed(frontend, who):
-            return None
-        now = self.proxy.loop.time()
-        for endpoint in port.candidates(frontend, who, now):
-            sock = socket.socket(self.family, socket.SOCK_DGRAM)
-            try:
-                sock.setblocking(False)
-                sock.connect(port.sockaddr(endpoint)[1])
-            except OSError:
-                sock.close()
-                continue
-            port.chosen(frontend, who, endpoint, now)
-            port.connections += 1
-            session = _UdpSession(self, port, client, local, endpoint, sock)
-            self.sessions[client] = session
-            port.flows.add(session)
-            return session
-        return None
-
-    def reply(self, data: bytes, local: bytes, client: tuple[Any, ...]) -> None:
-        ancillary: list[tuple[int, int, bytes]] = []
-        if len(local) == 4:
-            ancillary = [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, local, b""))]
-        elif len(local) == 16:
-            ancillary = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, struct.pack("=16sI", local, 0))]
-        with contextlib.suppress(OSError):  # full buffer or vanished client: dropped
-            self.sock.sendmsg([data], ancillary, 0, client)
-
-    def close(self) -> None:
-        self.proxy.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-        # sessions keep their own sockets; they end by idle timeout or endpoint removal
-
-
-# --- listeners --------------------------------------------------------------------------------
-
-
-def _open_socket(key: ListenKey) -> socket.socket:
-    family = socket.AF_INET if key.family == 4 else socket.AF_INET6
-    kind = socket.SOCK_STREAM if key.protocol is Protocol.TCP else socket.SOCK_DGRAM
-    sock = socket.socket(family, kind)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # a VIP socket and another Service's wildcard NodePort socket may share a port
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if kind == socket.SOCK_DGRAM:
-            if family == socket.AF_INET:
-                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-        host = key.address or ("0.0.0.0" if key.family == 4 else "::")
-        sock.bind((host, key.port))
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-@dataclass(slots=True)
-class _Listener:
-    key: ListenKey
-    owner: ServicePortName
-    sock: socket.socket
-    server: asyncio.AbstractServer | None = None  # TCP
-    udp: _UdpListener | None = None
-    filter: _FilterSpec = None
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()  # accepted connections stay open (graceful)
-        if self.udp is not None:
-            self.udp.close()
-        self.sock.close()
-
-    @property
-    def alive(self) -> bool:
-        """Still listening: its socket open and (TCP) still accepting. A listener closed
-        behind the proxy's back (its socket closed, its server stopped) is drift: not
-        counted by a snapshot, reopened by the next full sync."""
-        if self.sock.fileno() == -1:
-            return False
-        return self.server is None or self.server.is_serving()
-
-
-def _set_filter(sock: socket.socket, key: ListenKey, spec: _FilterSpec) -> None:
-    attach_filter(sock, None if spec is None else filter_program(key.family, spec[1] or None))
-
-
-def _filter_spec(table: PortTable, frontend: Frontend) -> _FilterSpec:
-    if table.disposition(frontend) is Disposition.DROP:
-        return ("drop", ())
-    if frontend.source_ranges:
-        return ("ranges", frontend.source_ranges)
-    return None
-
-
-# --- addresses on lo ------------------------------------------------------------------------
-
-
-class _Addresses:
-    """This backend's VIP addresses on the namespace's ``lo`` (IFA_PROTO marks them).
-
-    pyroute2's asynchronous API on the proxy loop: its netlink socket is made on the
-    proxy thread, inside the namespace (the synchronous API runs a loop of its own,
-    which cannot run on a thread whose loop is already running)."""
-
-    def __init__(self) -> None:
-        from pyroute2 import AsyncIPRoute  # on the proxy thread, inside the namespace
-
-        self.ipr = AsyncIPRoute()
-        self.index = 0
-
-    async def setup(self) -> None:
-        await self.ipr.setup_endpoint()
-        self.index = (await self.ipr.link_lookup(ifname=INTERFACE))[0]
-
-    async def list(self) -> tuple[set[IPAddress], set[IPAddress]]:
-        """(ours, everyone's) addresses on lo."""
-        ours: set[IPAddress] = set()
-        every: set[IPAddress] = set()
-        async for msg in await self.ipr.get_addr(index=self.index):
-            addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
-            every.add(addr)
-            if msg.get_attr("IFA_PROTO") == ADDRESS_PROTO:
-                ours.add(addr)
-        return ours, every
-
-    async def add(self, address: IPAddress) -> None:
-        await self.ipr.addr(
-            "add",
-            index=self.index,
-            address=str(address),
-            prefixlen=address.max_prefixlen,
-            proto=ADDRESS_PROTO,
-        )
-
-    async def remove(self, address: IPAddress) -> None:
-        await self.ipr.addr(
-            "del", index=self.index, address=str(address), prefixlen=address.max_prefixlen
-        )
-
-    def close(self) -> None:
-        self.ipr.close()
-
-
-# --- the proxy --------------------------------------------------------------------------------
-
-
 class Proxy:
     """The data plane: a thread in the node namespace running one event loop."""
 
@@ -786,10 +115,10 @@ class Proxy:
         )
         self._adopting: set[asyncio.Task[Any]] = set()
         self.ports: dict[ServicePortName, PortRuntime] = {}
-        self.listeners: dict[ListenKey, _Listener] = {}
+        self.listeners: dict[ListenKey, Listener] = {}
         self.owned: set[IPAddress] = set()  # addresses this backend put on lo
         self.users: dict[IPAddress, int] = {}  # how many installed tables need each address
-        self._addresses: _Addresses | None = None
+        self._addresses: Addresses | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -814,7 +143,7 @@ class Proxy:
         def body() -> None:
             asyncio.set_event_loop(self.loop)
             try:
-                self._addresses = _Addresses()
+                self._addresses = Addresses()
                 self.loop.run_until_complete(self._addresses.setup())
             except BaseException as exc:  # handed to start()'s caller
                 self._start_error = exc
@@ -912,7 +241,7 @@ class Proxy:
         task.add_done_callback(adopted)
         return None
 
-    def schedule_hard_stop(self, flow: _Flow) -> None:
+    def schedule_hard_stop(self, flow: Flow) -> None:
         if flow.hard_stop is None:
             flow.hard_stop = self.loop.call_later(self.settings.grace_period, flow.abort)
 
@@ -990,7 +319,7 @@ class Proxy:
         for key in port.listening:
             self._close_listener(key, result)
         for flow in list(port.flows):  # existing flows finish, up to the grace period
-            if isinstance(flow, _UdpSession):
+            if isinstance(flow, UdpSession):
                 flow.abort()
             else:
                 self.schedule_hard_stop(flow)
@@ -1009,7 +338,7 @@ class Proxy:
                     if flow.hard_stop is not None:  # the endpoint came back
                         flow.hard_stop.cancel()
                         flow.hard_stop = None
-                elif isinstance(flow, _UdpSession):
+                elif isinstance(flow, UdpSession):
                     flow.abort()  # as conntrack cleanup does: the next datagram picks anew
                 else:
                     self.schedule_hard_stop(flow)
@@ -1034,33 +363,31 @@ class Proxy:
                     frontend=str(key),
                 )
                 continue
-            spec = _filter_spec(table, frontend)
+            spec = filter_spec(table, frontend)
             try:
                 if listener is None:
                     listener = self._open_listener(key, table.name, spec)
                     result.listeners_opened += 1
                     port.listening.add(key)
                 elif listener.filter != spec:
-                    _set_filter(listener.sock, key, spec)
+                    set_filter(listener.sock, key, spec)
                     listener.filter = spec
             except OSError as exc:
                 result.errors.append(f"listening on {key} for {table.name}: {exc}")
 
-    def _open_listener(
-        self, key: ListenKey, owner: ServicePortName, spec: _FilterSpec
-    ) -> _Listener:
-        sock = _open_socket(key)
+    def _open_listener(self, key: ListenKey, owner: ServicePortName, spec: FilterSpec) -> Listener:
+        sock = open_socket(key)
         try:
-            _set_filter(sock, key, spec)  # before listen(): no SYN slips past it
+            set_filter(sock, key, spec)  # before listen(): no SYN slips past it
         except OSError:
             sock.close()
             raise
-        listener = _Listener(key=key, owner=owner, sock=sock, filter=spec)
+        listener = Listener(key=key, owner=owner, sock=sock, filter=spec)
         if key.protocol is Protocol.TCP:
             sock.listen(4096)
             listener.server = _Server(self, key, sock)
         else:
-            listener.udp = _UdpListener(self, key, sock)
+            listener.udp = UdpListener(self, key, sock)
         self.listeners[key] = listener
         return listener
 
@@ -1130,10 +457,10 @@ class _Server(asyncio.AbstractServer):
                 log.warning("userspace_accept_failed", frontend=str(self.key), error=str(exc))
                 return
             found = proxy.frontend_of(self.key)
-            client = _client_ip(peer)
+            client = client_ip(peer)
             # a filter normally drops clients outside the source ranges before the
             # handshake; closing an unread connection resets it
-            if found is None or not _allowed(found[1], client):
+            if found is None or not source_allowed(found[1], client):
                 conn.close()
                 continue
             port, frontend = found
@@ -1141,7 +468,7 @@ class _Server(asyncio.AbstractServer):
             if not candidates:
                 conn.close()
                 continue
-            inbound = _Inbound(proxy, port, frontend, client, candidates)
+            inbound = Inbound(proxy, port, frontend, client, candidates)
             try:
                 conn.setblocking(False)
                 inbound.transport = proxy.transport_for(conn, inbound, peer)
@@ -1173,4 +500,4 @@ class _Server(asyncio.AbstractServer):
         return None
 
 
-__all__ = ["PortStats", "Proxy", "Settings", "Snapshot", "SyncResult", "filter_program"]
+__all__ = ["PortStats", "Proxy", "Settings", "Snapshot", "SyncResult"]

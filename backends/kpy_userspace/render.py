@@ -14,8 +14,8 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kpy.backend import BackendConfig, ServiceView, desired_view
-from kpy.model import (
+from kpy.core.backend import BackendConfig, ServiceView, desired_view
+from kpy.core.model import (
     Endpoint,
     IPAddress,
     IPNetwork,
@@ -127,12 +127,17 @@ def port_table(
     state: ServicePortState,
     *,
     nodeport_addresses: Iterable[IPAddress] | None = None,
+    primary_ips: tuple[IPAddress, ...] = (),
 ) -> PortTable | None:
     """The table for one service port; None when it has no VIP (headless, ExternalName)
     or a protocol the proxy does not relay (SCTP).
 
     ``nodeport_addresses`` None: NodePorts listen on every address of the family;
     otherwise on exactly those addresses (those of the Service's families).
+    ``primary_ips``: the node's primary IP per family; where a loadBalancerSourceRange
+    holds it, the Service's own LB IPs are allowed sources too, as upstream's firewall
+    (:meth:`kpy.core.model.ServicePort.firewall_sources`): the node reaching an LB IP on ``lo``
+    has that IP as its source.
     """
     svc = state.service
     if not svc.has_vip or svc.protocol is Protocol.SCTP:
@@ -148,12 +153,14 @@ def port_table(
         add(_key(proto, ip, ip.version, svc.port), Role.INTERNAL)
     for ip in svc.external_ips:
         add(_key(proto, ip, ip.version, svc.port), Role.EXTERNAL)
-    ranges = svc.load_balancer_source_ranges
+    allowed = svc.firewall_sources(primary_ips) if svc.load_balancer_source_ranges else ()
     for ip in svc.load_balancer_ips:
-        fam_ranges = tuple(n for n in ranges if n.version == ip.version)
-        # Ranges of the other family only: nobody of this family may connect.
-        if ranges and not fam_ranges:
-            continue
+        # Per family, as upstream: ranges of the other family only mean no filter here.
+        fam_ranges = (
+            tuple(n for n in allowed if n.version == ip.version)
+            if svc.firewalled(ip.version)
+            else ()
+        )
         add(_key(proto, ip, ip.version, svc.port), Role.EXTERNAL, fam_ranges)
     if svc.node_port is not None:
         if nodeport_addresses is None:

@@ -2,7 +2,7 @@
 
 Every source emits the same :class:`Event` values into a :class:`Sink`; the agent turns
 them into tracker updates. Objects are raw Kubernetes JSON (dicts as the API returns
-them) — conversion to kpy's model happens in :mod:`kpy.convert`, never here.
+them) — conversion to kpy's model happens in :mod:`kpy.core.convert`, never here.
 
 A source calls ``sink.synced()`` once every resource kind has been listed completely;
 until then nothing is programmed, so a partial view never removes a working Service.
@@ -58,4 +58,20 @@ class Sink(Protocol):
 class Source(Protocol):
     async def run(self, sink: Sink) -> None:
         """Feed the sink until cancelled. Never returns on its own in normal operation."""
+        ...
+
+
+class SourceMetrics(Protocol):
+    """What a source reports about its connection to the API server.
+
+    ``resource`` is the plural resource name (``services``, ``endpointslices``,
+    ``nodes``, ``servicecidrs``).
+    """
+
+    def watch_reconnected(self, resource: str) -> None:
+        """A watch ended (timeout, error, closed) and was started again."""
+        ...
+
+    def relisted(self, resource: str) -> None:
+        """The resource was listed again from scratch (first list, 410 Gone, error)."""
         ...

@@ -45,18 +45,15 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import structlog
 import yaml
 
 from kpy import __version__
-from kpy.config import ConfigError
-from kpy.sources import CLUSTER_SCOPED, Event, EventType, Kind, Sink
-
-if TYPE_CHECKING:
-    from kpy.metrics import SourceMetrics
+from kpy.core.model import ConfigError
+from kpy.sources import CLUSTER_SCOPED, Event, EventType, Kind, Sink, SourceMetrics
 
 log = structlog.get_logger("kpy.sources.kube")
 
@@ -80,7 +77,7 @@ USER_AGENT = f"kpy/{__version__}"
 # What kube-proxy asks the API server to leave out of its Services and EndpointSlices
 # (cmd/kube-proxy/app/server.go): another proxy's objects, and the EndpointSlices of
 # headless Services. The selector is evaluated server-side, on lists and watches alike; an
-# object that gains one of these labels arrives as DELETED. kpy.convert still checks the
+# object that gains one of these labels arrives as DELETED. kpy.core.convert still checks the
 # proxy name itself.
 IGNORED_LABEL_SELECTOR = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -1099,14 +1096,14 @@ class KubeSource:
 
     @classmethod
     def from_config(cls, config: Any) -> KubeSource:
-        """From the agent's configuration (``kpy.config.AgentConfig``)."""
+        """From the agent's configuration (``kpy.agent.config.AgentConfig``)."""
         target = load_target(kubeconfig=config.kubeconfig, master=config.master)
         # With node IPs given by flags the Node is not needed to program anything.
         grace = 0.0 if config.node_ips else 30.0
         return cls(target, config.node_name(), node_grace=grace)
 
     def set_metrics(self, metrics: SourceMetrics | None) -> None:
-        """Report watch reconnects and relists here (``kpy.operations.attach`` calls it)."""
+        """Report watch reconnects and relists here (``kpy.agent.observers.attach`` calls it)."""
         self.metrics = metrics
 
     # -- called by reflectors

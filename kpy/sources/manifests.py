@@ -11,9 +11,9 @@ Nothing in a file can stop the source: a file larger than :data:`MAX_FILE_BYTES`
 read, invalid UTF-8, syntax errors, documents nested deeper than :data:`MAX_DEPTH`,
 recursive YAML aliases and alias "bombs" that would expand past :data:`MAX_NODES` are
 each one warning naming the file, and the file is skipped (YAML is checked as a node
-graph, before it is turned into objects). A YAML list longer than :mod:`kpy.convert`
+graph, before it is turned into objects). A YAML list longer than :mod:`kpy.core.convert`
 accepts (:data:`SEQUENCE_LIMITS`) is counted, not built. What is in the objects is
-:mod:`kpy.convert`'s business.
+:mod:`kpy.core.convert`'s business.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 import yaml
 
-from kpy import convert
+from kpy.core import convert
 from kpy.sources import CLUSTER_SCOPED, Event, EventType, Kind, Sink
 
 log = structlog.get_logger("kpy.sources.manifests")
@@ -115,7 +115,7 @@ def _read_text(path: Path) -> str:
     return data.decode("utf-8")  # UnicodeDecodeError is a ValueError
 
 
-# Lists kpy.convert refuses above these lengths (the API's limits, or kpy's where it is
+# Lists kpy.core.convert refuses above these lengths (the API's limits, or kpy's where it is
 # stricter). A YAML sequence under one of these keys that is longer is not built at all:
 # counting its items in libyaml's event stream is about ten times cheaper than building
 # it, and an object holding it is refused the same either way.

@@ -6,8 +6,8 @@ import ipaddress
 from collections.abc import Iterable
 from types import MappingProxyType
 
-from kpy import select
-from kpy.model import (
+from kpy.core import endpoints as select
+from kpy.core.model import (
     Endpoint,
     NodeInfo,
     Plan,

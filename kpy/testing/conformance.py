@@ -2,7 +2,7 @@
 
 Same Plans in, same observable state out: after an apply, ``observe()`` must report
 for every service port exactly the frontends and endpoints of
-:func:`kpy.backend.desired_view`; partial syncs touch only what changed; a restarted
+:func:`kpy.core.backend.desired_view`; partial syncs touch only what changed; a restarted
 backend adopts what is programmed (its first full sync sends nothing when the kernel
 already matches); ``cleanup()`` leaves nothing behind.
 
@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from kpy.backend import Backend, Programmed, ServiceView, desired_view
-from kpy.model import ServicePortState
+from kpy.core.backend import Backend, Programmed, ServiceView, desired_view
+from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 
 T = TypeVar("T")

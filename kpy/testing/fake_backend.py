@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kpy import diff
-from kpy.backend import (
+from kpy.core import diff
+from kpy.core.backend import (
     ApplyResult,
     BackendConfig,
     BackendError,
@@ -18,7 +18,7 @@ from kpy.backend import (
     ServiceView,
     desired_view,
 )
-from kpy.model import Plan, ServicePortState
+from kpy.core.model import Plan, ServicePortState
 
 
 @dataclass

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kpy.netns_socket import run_in_netns
+from kpy.kernel.netns import run_in_netns
 
 NODE_IP = "192.168.50.2"
 CLIENT_IP = "192.168.50.10"

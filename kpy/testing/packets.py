@@ -1,7 +1,7 @@
 """Real-packet conformance: the same Services, the same connections, every kernel backend.
 
 Subclass :class:`PacketConformance` and provide a ``make_backend`` fixture returning a
-function from :class:`~kpy.backend.BackendConfig` to a backend; every test below then
+function from :class:`~kpy.core.backend.BackendConfig` to a backend; every test below then
 sends real TCP and UDP traffic through the rules that backend programs in the
 :mod:`kpy.testing.netns` topology (pod-a is this node's endpoint, pod-b is labelled as
 another node's: the kernel does not care where a pod is, the model does).
@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from kpy.backend import Backend, BackendConfig
-from kpy.explain import Origin, Packet, Tracer, Verdict
-from kpy.model import Endpoint, Protocol, ServicePortState
+from kpy.core.backend import Backend, BackendConfig
+from kpy.core.model import Endpoint, Protocol, ServicePortState
+from kpy.core.trace import Origin, Packet, Tracer, Verdict
 from kpy.testing import builders as b
 from kpy.testing.netns import (
     CLIENT_IP,

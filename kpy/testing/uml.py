@@ -169,10 +169,34 @@ def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _wait_guest(
+    proc: subprocess.Popen[bytes], outputs: Sequence[Path], timeout: float, idle: float | None
+) -> None:
+    """Wait for the guest to end; TimeoutExpired after ``timeout``, or after ``idle``
+    seconds in which none of ``outputs`` (console, the command's output) grew."""
+    if idle is None:
+        proc.wait(timeout=timeout)
+        return
+    deadline = time.monotonic() + timeout
+    last_size, last_change = -1, time.monotonic()
+    while True:
+        try:
+            proc.wait(timeout=min(5.0, idle))
+            return
+        except subprocess.TimeoutExpired:
+            now = time.monotonic()
+            size = sum(f.stat().st_size for f in outputs if f.exists())
+            if size != last_size:
+                last_size, last_change = size, now
+            if now >= deadline or now - last_change >= idle:
+                raise
+
+
 def run(
     command: Sequence[str],
     *,
     timeout: float = 170.0,
+    idle: float | None = None,
     mem: str = "1024M",
     modules: Sequence[str] = DEFAULT_MODULES,
     env: Mapping[str, str] | None = None,
@@ -180,6 +204,10 @@ def run(
     keep: Path | None = None,
 ) -> GuestRun:
     """Boot a guest, run ``command`` in it as root, halt; never raises on guest failure.
+
+    The guest is killed after ``timeout`` seconds, or — with ``idle`` — once neither its
+    console nor the command's output has grown for ``idle`` seconds (a busy machine makes
+    a guest slow, not silent: a limit on silence does not depend on the machine's load).
 
     ``keep``: the run directory to use (kept afterwards); by default a temporary one
     that the caller owns through ``GuestRun.result_dir`` (its parent is the run dir).
@@ -235,7 +263,7 @@ def run(
             start_new_session=True,  # its own process group: killed as one on a hang
         )
         try:
-            proc.wait(timeout=timeout)
+            _wait_guest(proc, (console_path, result_dir / "output.txt"), timeout, idle)
         except subprocess.TimeoutExpired:
             timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)

@@ -15,10 +15,10 @@ import pytest
 from kpy_iptables import IptablesBackend, render
 from structlog.testing import capture_logs
 
-from kpy.agent import Agent
-from kpy.backend import BackendConfig, BackendError
-from kpy.health import HealthServer
-from kpy.runner import RunnerTimes
+from kpy.agent.agent import Agent
+from kpy.agent.healthz import HealthServer
+from kpy.agent.runner import RunnerTimes
+from kpy.core.backend import BackendConfig, BackendError
 from kpy.sources.manifests import ManifestSource
 from kpy.testing import builders as b
 

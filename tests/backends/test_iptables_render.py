@@ -13,9 +13,9 @@ import pytest
 from kpy_iptables import observe, render
 from kpy_iptables.render import FILTER, NAT, Key, Objects
 
-from kpy import diff
-from kpy.backend import BackendConfig
-from kpy.model import ServicePortState
+from kpy.core import diff
+from kpy.core.backend import BackendConfig
+from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 
 CTX = render.Context(cluster_cidrs=(ipaddress.ip_network("10.244.0.0/16"),))

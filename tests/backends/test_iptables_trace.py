@@ -2,7 +2,7 @@
 
 The cross-check: for every case of the ``kpy explain`` table, the verdict, endpoints and
 masquerade the rules produce (:mod:`kpy_iptables.trace`) agree with the model's
-:func:`kpy.explain.explain`. Then the kernel objects a trace reports, the interpreter's
+:func:`kpy.core.trace.explain`. Then the kernel objects a trace reports, the interpreter's
 refusal of syntax it does not know, and ``kpy explain --backend iptables``.
 """
 
@@ -18,10 +18,10 @@ from click.testing import CliRunner
 from kpy_iptables import IptablesBackend, render
 from kpy_iptables import trace as tr
 
-from kpy import explain as ex
-from kpy.backend import BackendConfig
 from kpy.cli import main
-from kpy.model import Endpoint, Plan
+from kpy.core import trace as ex
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Endpoint, Plan
 from kpy.testing import builders as b
 from kpy.testing import packets
 from tests.unit.test_explain import (

@@ -2,7 +2,7 @@
 
 Every case of the explain table is traced through the virtual services, real servers
 and companion ipset/iptables layer that :mod:`kpy_ipvs.render` produces, and the traced
-verdict, endpoints and masquerade must equal the model's (:func:`kpy.explain.explain`).
+verdict, endpoints and masquerade must equal the model's (:func:`kpy.core.trace.explain`).
 Where they part ways the rendered objects are wrong (the model is upstream's semantics,
 which the other backends' traces agree with); those cases are strict xfails with the
 reason, so fixing render makes them fail until the mark goes. Then the kernel objects
@@ -22,10 +22,10 @@ from click.testing import CliRunner
 from kpy_ipvs import render
 from kpy_ipvs import trace as tr
 
-from kpy import explain as ex
-from kpy.backend import BackendConfig
 from kpy.cli import main
-from kpy.model import Plan, ServicePortState
+from kpy.core import trace as ex
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Plan, ServicePortState
 from kpy.testing import builders as b
 from tests.unit.test_explain import (
     CASES,

@@ -13,8 +13,8 @@ import pytest
 from kpy_nftables import netlink, render
 from kpy_nftables.apply import NftError
 
-from kpy.backend import BackendConfig
-from kpy.model import Endpoint, ServicePort, ServicePortState
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Endpoint, ServicePort, ServicePortState
 from kpy.testing import builders as b
 from kpy.testing import netns as lab
 from kpy.testing.netns import nft, scratch

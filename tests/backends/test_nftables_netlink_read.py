@@ -20,8 +20,8 @@ from kpy_nftables import NftablesBackend, netlink_read, observe, render
 from kpy_nftables.apply import Nft
 from kpy_nftables.netlink_read import NetlinkReader, type_names
 
-from kpy.backend import BackendConfig
-from kpy.model import Endpoint, ServicePortState
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Endpoint, ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.netns import nft, scratch
 from tests.conftest import require_root

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kpy_nftables import render
 
-from kpy.backend import BackendConfig
+from kpy.core.backend import BackendConfig
 from kpy.testing import builders as b
 
 

@@ -2,7 +2,7 @@
 
 The cross-check: for every case of the ``kpy explain`` table, the verdict, endpoints and
 masquerade that :mod:`kpy_nftables.trace` finds by interpreting the rendered chains, maps
-and sets agree with the model's :func:`kpy.explain.explain`. Cases where they do not are
+and sets agree with the model's :func:`kpy.core.trace.explain`. Cases where they do not are
 render bugs (the trace reads what the kernel would be given) and are marked xfail with
 the reason, strictly, so fixing render makes them fail until the mark goes. Then the
 kernel objects a trace reports, the interpreter's refusal of syntax it does not know,
@@ -20,9 +20,9 @@ from click.testing import CliRunner
 from kpy_nftables import NftablesBackend, render
 from kpy_nftables import trace as tr
 
-from kpy import explain as ex
 from kpy.cli import _offline_plan, main
-from kpy.model import Plan
+from kpy.core import trace as ex
+from kpy.core.model import Plan
 from kpy.testing import builders as b
 from kpy.testing import packets
 from tests.unit.test_explain import (

@@ -16,11 +16,11 @@ from kpy_iptables import trace as ipt
 from kpy_nftables import render
 from kpy_nftables import trace as nft
 
-from kpy import config
-from kpy import explain as ex
-from kpy.backend import BackendConfig
+from kpy.agent import config
 from kpy.cli import main
-from kpy.model import Plan, Protocol
+from kpy.core import trace as ex
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Plan, Protocol
 from kpy.testing import builders as b
 
 NODE = b.node(addresses=("192.168.50.2",))

@@ -14,9 +14,9 @@ from kpy_ipvs import trace as ipvs
 from kpy_nftables import render as nft_render
 from kpy_nftables import trace as nft
 
-from kpy import explain as ex
-from kpy.backend import BackendConfig
-from kpy.model import Endpoint
+from kpy.core import trace as ex
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Endpoint
 from kpy.testing import builders as b
 
 NODE = b.node(addresses=("192.168.50.2", "fd00:50::2"), pod_cidrs=("10.244.1.0/24",))

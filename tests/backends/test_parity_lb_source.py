@@ -21,10 +21,10 @@ from kpy_ipvs import trace as ipvs
 from kpy_nftables import render as nft_render
 from kpy_nftables import trace as nft
 
-from kpy import explain as ex
-from kpy.backend import BackendConfig
 from kpy.cli import main
-from kpy.model import Plan
+from kpy.core import trace as ex
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Plan
 from kpy.testing import builders as b
 from tests.unit.test_explain import EXAMPLES_AS_NODE_1
 
@@ -137,7 +137,7 @@ def test_ipvs_allowed_set_holds_the_lb_ip_only_when_the_node_is_allowed() -> Non
 
     assert allowed(("192.168.50.0/24",)) == {
         "172.18.0.10,tcp:80,192.168.50.0/24",
-        "172.18.0.10,tcp:80,172.18.0.10/32",
+        "172.18.0.10,tcp:80,172.18.0.10",  # a host network as ipset writes it back
     }
     assert allowed(("198.51.100.0/24",)) == {"172.18.0.10,tcp:80,198.51.100.0/24"}
 
@@ -171,3 +171,26 @@ def test_explain_cli_reports_the_lb_ip_source(backend: str) -> None:
         main, ["explain", *args, "--from", "203.0.113.100", "--to", "172.18.0.50:80"]
     )
     assert json.loads(denied.output)["verdict"] == "drop"
+
+
+@pytest.mark.parametrize("backend", sorted(TRACERS))
+@pytest.mark.parametrize(
+    "ranges", [("fd00:99::/64",), ("0.0.0.0/0",), ("0.0.0.0/0", "192.168.50.0/24")]
+)
+def test_no_firewall_for_a_family_without_ranges_or_with_a_zero_masked_one(
+    backend: str, ranges: tuple[str, ...]
+) -> None:
+    """Upstream takes loadBalancerSourceRanges per IP family: an IPv4 LB IP whose ranges
+    are all IPv6 has no firewall, and a zero-masked range means "allow any"."""
+    plan = _plan(ranges)
+    assert not next(iter(plan.services.values())).service.firewalled(4)
+    traced, model = _run(TRACERS[backend], plan, "203.0.113.7", ex.Origin.EXTERNAL)
+    assert model.verdict is ex.Verdict.FORWARD, model.reasons
+    assert "source_range_denied" not in model.reasons
+    assert traced.verdict is model.verdict, traced.kernel
+
+
+def test_firewalled_per_family() -> None:
+    svc = b.service("lb", type="LoadBalancer", lb_ips=(LB_IP,), source_ranges=("10.0.0.0/8",))
+    assert svc.firewalled(4) and not svc.firewalled(6)
+    assert not b.service("x", source_ranges=()).firewalled(4)

@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from kpy_iptables import render
 from kpy_iptables import trace as ipt
 
-from kpy import config
-from kpy import explain as ex
-from kpy.backend import BackendConfig
+from kpy.agent import config
 from kpy.cli import main
+from kpy.core import trace as ex
+from kpy.core.backend import BackendConfig
 from kpy.testing import builders as b
 
 NODE = b.node(addresses=("192.168.50.2", "fd00:50::2"))

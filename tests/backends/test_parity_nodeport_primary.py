@@ -17,11 +17,11 @@ from kpy_ipvs import trace as ipvs
 from kpy_nftables import render as nft_render
 from kpy_nftables import trace as nft
 
-from kpy import config
-from kpy import explain as ex
-from kpy.backend import BackendConfig
+from kpy.agent import config
 from kpy.cli import main
-from kpy.model import Plan
+from kpy.core import trace as ex
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Plan
 from kpy.testing import builders as b
 
 NODE = b.node(addresses=("192.168.50.2", "10.0.0.2", "fd00:50::2", "fd00:60::2"))

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 from kpy_userspace import render
-from kpy_userspace.proxy import PortRuntime, Proxy, Settings, _Inbound, _Outbound
+from kpy_userspace.flows import PortRuntime
+from kpy_userspace.proxy import Proxy, Settings
+from kpy_userspace.tcp import Inbound, Outbound
 
 from kpy.testing import builders as b
 
@@ -57,20 +59,20 @@ def proxy() -> Iterator[Proxy]:
     proxy.stop()
 
 
-def inbound(proxy: Proxy) -> tuple[_Inbound, PortRuntime]:
+def inbound(proxy: Proxy) -> tuple[Inbound, PortRuntime]:
     state = b.state(b.service("web", cluster_ip="10.96.0.10"), [b.endpoint("10.244.1.2")], b.node())
     table = render.port_table(state)
     assert table is not None
     port = PortRuntime(table)
     frontend = next(iter(port.forward.values()))
-    flow = _Inbound(proxy, port, frontend, "10.244.1.9", list(table.internal))
+    flow = Inbound(proxy, port, frontend, "10.244.1.9", list(table.internal))
     return flow, port
 
 
-def connect(flow: _Inbound) -> FakeTransport:
+def connect(flow: Inbound) -> FakeTransport:
     """What the proxy does once the endpoint's connect completed."""
     flow.endpoint = flow.candidates[0]
-    flow.upstream = _Outbound(flow)
+    flow.upstream = Outbound(flow)
     upstream = FakeTransport()
     flow.upstream.connection_made(upstream)
     return upstream
@@ -110,7 +112,7 @@ def test_client_gone_before_the_endpoint_answers_closes_the_endpoint_side(proxy:
     flow.connection_made(FakeTransport())
     flow.connection_lost(ConnectionResetError())
     assert flow.closed and flow not in port.flows
-    flow.upstream = _Outbound(flow)
+    flow.upstream = Outbound(flow)
     upstream = FakeTransport()
     flow.upstream.connection_made(upstream)
     assert upstream.closed and upstream.written == []

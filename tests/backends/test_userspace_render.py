@@ -6,9 +6,9 @@ import ipaddress
 
 import pytest
 from kpy_userspace import render
-from kpy_userspace.proxy import filter_program
+from kpy_userspace.filters import filter_program
 
-from kpy.backend import BackendConfig, desired_view
+from kpy.core.backend import BackendConfig, desired_view
 from kpy.testing import builders as b
 
 NODE = b.node()

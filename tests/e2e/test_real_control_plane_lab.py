@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from kpy import backend as backends
-from kpy import check, lab
-from kpy.testing import realcluster
+from kpy.core import backend as backends
+from kpy.tools import check
+from kpy.tools.lab import control_plane as realcluster
+from kpy.tools.lab import lab
 from tests.conftest import require_root
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from kpy import netns_socket
-from kpy.backend import ApplyResult
-from kpy.conntrack import ConntrackCleaner
-from kpy.model import Protocol, StaleFlow
+from kpy.agent.conntrack import ConntrackCleaner
+from kpy.core.backend import ApplyResult
+from kpy.core.model import Protocol, StaleFlow
+from kpy.kernel import netns as netns_socket
 from kpy.testing import builders as b
 from tests.conftest import require_root
 

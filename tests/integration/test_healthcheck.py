@@ -7,9 +7,9 @@ import json
 import os
 from types import MappingProxyType
 
-from kpy.backend import ApplyResult
-from kpy.healthcheck import HealthCheckServers
-from kpy.model import Plan, ServicePortState
+from kpy.agent.service_health import HealthCheckServers
+from kpy.core.backend import ApplyResult
+from kpy.core.model import Plan, ServicePortState
 from kpy.testing import builders as b
 
 PORT = 31000 + os.getpid() % 1000

@@ -24,11 +24,12 @@ from kpy_ipvs import render as ipvs
 from kpy_nftables import render as nft
 from kpy_userspace import render as userspace
 
-from kpy import cli, convert, diff
-from kpy.agent import Agent
-from kpy.backend import BackendConfig, parse_networks
-from kpy.model import Plan
-from kpy.runner import RunnerTimes
+from kpy import cli
+from kpy.agent.agent import Agent
+from kpy.agent.runner import RunnerTimes
+from kpy.core import convert, diff
+from kpy.core.backend import BackendConfig, parse_networks
+from kpy.core.model import Plan
 from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
 from kpy.testing.apiserver import ApiError, FakeApiServer
 from kpy.testing.fake_backend import FakeBackend

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from kpy.agent import Agent
-from kpy.runner import RunnerTimes
+from kpy.agent.agent import Agent
+from kpy.agent.runner import RunnerTimes
 from kpy.sources import kube, manifests
 from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
 from kpy.testing import apiserver

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from kpy_iptables import render as ipt
 from kpy_nftables import render as nft
 
-from kpy import diff
-from kpy.backend import BackendConfig, parse_networks
-from kpy.model import ServicePortState
+from kpy.core import diff
+from kpy.core.backend import BackendConfig, parse_networks
+from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.netns import nft as run_nft
 from kpy.testing.netns import scratch

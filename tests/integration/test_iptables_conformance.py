@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 from kpy_iptables import IptablesBackend
 
-from kpy.backend import Backend, BackendConfig
+from kpy.core.backend import Backend, BackendConfig
 from kpy.testing.conformance import BackendConformance
 
 pytestmark = pytest.mark.root

@@ -19,11 +19,11 @@ from kpy_iptables import IptablesBackend, held, render
 from kpy_iptables.apply import IptablesError
 from kpy_iptables.netlink import NetlinkError
 
-from kpy import dump
-from kpy.backend import BackendConfig, BackendError
+from kpy.core.backend import BackendConfig, BackendError
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states
 from kpy.testing.netns import nft
+from kpy.tools import dump
 
 pytestmark = pytest.mark.root
 

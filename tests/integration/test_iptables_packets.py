@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 from kpy_iptables import IptablesBackend
 
-from kpy.backend import Backend, BackendConfig
-from kpy.model import ServicePortState
+from kpy.core.backend import Backend, BackendConfig
+from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.netns import CLIENT_IP, NODE_IP, OUTSIDE_IP, POD_B, Topology, tcp, topology
 from kpy.testing.packets import NODE, MakeBackend, PacketConformance, config_for

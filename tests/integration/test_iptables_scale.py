@@ -13,8 +13,8 @@ import subprocess
 import pytest
 from kpy_iptables import IptablesBackend, render
 
-from kpy.backend import BackendConfig
-from kpy.model import ServicePortState
+from kpy.core.backend import BackendConfig
+from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

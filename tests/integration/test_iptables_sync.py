@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from kpy_iptables import IptablesBackend, render
 
-from kpy.backend import BackendConfig, BackendError
+from kpy.core.backend import BackendConfig, BackendError
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states
 

@@ -22,7 +22,7 @@ from kpy_ipvs.apply import DestStatus, Snapshot
 from kpy_ipvs.render import DestKey, Element, VirtualKey, VirtualService
 
 from kpy.cli import _backend_for, _offline_plan, main
-from kpy.model import IPAddress, Plan
+from kpy.core.model import IPAddress, Plan
 
 pytestmark = pytest.mark.root
 

@@ -33,8 +33,8 @@ from typing import Any
 
 import pytest
 
-from kpy.agent import Agent as KpyAgent
-from kpy.runner import RunnerTimes
+from kpy.agent.agent import Agent as KpyAgent
+from kpy.agent.runner import RunnerTimes
 from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
 from kpy.testing.apiserver import FakeApiServer
 from kpy.testing.fake_backend import FakeBackend
@@ -43,7 +43,7 @@ from tests.conftest import require_root
 PLUGIN = '''
 """A backend whose "kernel" is a JSON file, rewritten atomically on every apply."""
 import json, os
-from kpy.backend import ApplyResult, Programmed, desired_view
+from kpy.core.backend import ApplyResult, Programmed, desired_view
 
 class FileBackend:
     name = "filestate"
@@ -429,7 +429,7 @@ async def run_scenario(api: FakeApiServer, agent: Agent, state: Path) -> None:
         deadline = time.monotonic() + 20
         while True:
             code, body = await asyncio.to_thread(http_get, health, "/healthz")
-            # Stale or not, the answer stays 200: the rules keep serving (kpy/health.py).
+            # Stale or not, the answer stays 200: the rules keep serving (kpy/agent/healthz.py).
             assert code == 200, body
             if json.loads(body)["stale"] is stale:
                 return
@@ -471,7 +471,7 @@ async def run_scenario(api: FakeApiServer, agent: Agent, state: Path) -> None:
 
 
 def nftables_unavailable() -> str | None:
-    from kpy import backend
+    from kpy.core import backend
 
     entry = backend.load_backends().get("nftables")
     if entry is None or entry.factory is None:

@@ -1014,6 +1014,10 @@ def test_other_proxies_services_and_headless_slices_are_left_out_by_the_server()
 
     async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
         await until(lambda: sink.synced_count == 1, what="synced")
+        await until(
+            lambda: kube.services.watches >= 1 and kube.endpoint_slices.watches >= 1,
+            what="watching",
+        )
         names = {(k, n) for k, _, n in sink.state}
         assert (Kind.SERVICE, "other") not in names and (Kind.SERVICE, "db") in names
         assert (Kind.ENDPOINT_SLICE, "db-xyz") not in names
@@ -1150,7 +1154,7 @@ def test_dev_command_serves_a_manifests_directory(tmp_path: Path) -> None:
     ids=["not-yaml", "no-current-context", "missing-file"],
 )
 def test_unusable_kubeconfig_is_a_configuration_error(tmp_path: Path, text: str | None) -> None:
-    from kpy.config import ConfigError
+    from kpy.agent.config import ConfigError
     from kpy.sources.kube import KubeConfigError
 
     path = tmp_path / "kubeconfig"

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kpy import backend as backends
-from kpy import check, lab
+from kpy.core import backend as backends
+from kpy.tools import check
+from kpy.tools.lab import lab
 from tests.conftest import require_root
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

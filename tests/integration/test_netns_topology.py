@@ -1,4 +1,4 @@
-"""The multi-node namespace cluster (kpy.testing.cluster) carries real traffic, and goes away.
+"""The multi-node namespace cluster (kpy.tools.lab.topology) carries real traffic, and goes away.
 
 No kpy rules are programmed here: this is the plain network every lab and backend
 test stands on — pods on a node's bridge, nodes on an underlay routing each other's
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kpy.testing import cluster as c
-from kpy.testing.cluster import Cluster
+from kpy.tools.lab import topology as c
+from kpy.tools.lab.topology import Cluster
 from tests.conftest import require_root
 
 pytestmark = pytest.mark.root

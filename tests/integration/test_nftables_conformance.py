@@ -8,8 +8,8 @@ from collections.abc import Callable
 import pytest
 from kpy_nftables import NftablesBackend, netlink, render
 
-from kpy.backend import Backend, BackendConfig, BackendError, parse_networks
-from kpy.model import ServicePortState
+from kpy.core.backend import Backend, BackendConfig, BackendError, parse_networks
+from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.conformance import BackendConformance, run
 from kpy.testing.netns import nft

@@ -15,13 +15,13 @@ import pytest
 from kpy_nftables import NftablesBackend, render
 from kpy_nftables.netlink_read import NetlinkReader
 
-from kpy import dump
-from kpy.backend import BackendConfig, parse_networks
-from kpy.explain import Origin, Packet
-from kpy.model import Plan, Protocol
+from kpy.core.backend import BackendConfig, parse_networks
+from kpy.core.model import Plan, Protocol
+from kpy.core.trace import Origin, Packet
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states, run
 from kpy.testing.netns import nft
+from kpy.tools import dump
 
 
 def config(ns: str) -> BackendConfig:

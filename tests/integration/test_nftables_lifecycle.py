@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from kpy_nftables import NftablesBackend, render
 from kpy_nftables.netlink_read import NetlinkReader
 
-from kpy.backend import BackendConfig, BackendError, parse_networks
 from kpy.cli import main
-from kpy.model import Plan
+from kpy.core.backend import BackendConfig, BackendError, parse_networks
+from kpy.core.model import Plan
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states, run
 from kpy.testing.netns import nft, scratch

@@ -22,13 +22,14 @@ from kpy_iptables import trace as ipt_trace
 from kpy_nftables import NftablesBackend
 from kpy_nftables import trace as nft_trace
 
-from kpy import explain as ex
-from kpy.backend import Backend, BackendConfig
-from kpy.model import Plan, ServicePortState
+from kpy.core import trace as ex
+from kpy.core.backend import Backend, BackendConfig
+from kpy.core.model import Plan, ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.netns import (
     CLIENT_IP,
     NODE_IP,
+    OUTSIDE_IP,
     POD_A,
     POD_B,
     Topology,
@@ -102,6 +103,9 @@ def _lb_states() -> list[ServicePortState]:
         lb("lb-open", "10.96.0.30", "172.18.0.50", "192.168.50.0/24"),
         # no range holds it: the LB IP as a source is outside the ranges like any other
         lb("lb-closed", "10.96.0.31", "172.18.0.51", "198.51.100.0/24"),
+        # ranges of the other family only: upstream takes ranges per family, so this
+        # family has no firewall and every source is let in
+        lb("lb-v6-ranges", "10.96.0.32", "172.18.0.52", "fd00:99::/64"),
     ]
 
 
@@ -147,6 +151,20 @@ class TestLoadBalancerIPAsSource:
         )
         with pytest.raises(TimeoutError):
             tcp(topo.node, "172.18.0.51", 80, timeout=1.0)
+
+    def test_ranges_of_the_other_family_only_filter_nothing(
+        self,
+        topo: Topology,
+        programmed: tuple[Plan, BackendConfig],
+        backend: tuple[Factory, ex.Tracer],
+    ) -> None:
+        plan, cfg = programmed
+        tracer = backend[1]
+        assert _traced(tracer, plan, cfg, CLIENT_IP, "172.18.0.52", 80, "external") == (
+            ex.Verdict.FORWARD
+        )
+        assert tcp(topo.client, "172.18.0.52", 80).startswith("pod-a ")
+        assert tcp(topo.client, "172.18.0.52", 80, source=OUTSIDE_IP).startswith("pod-a ")
 
 
 # --- 4. detecting local (pod) traffic: --detect-local-mode ----------------------------------

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kpy import explain
 from kpy.cli import _FLAG_DEFAULTS, _backend_for, _offline_plan, main
+from kpy.core import trace
 
 pytestmark = pytest.mark.root
 
@@ -144,7 +144,7 @@ def test_dump_compares_the_node_wide_objects_with_its_flags(
             flags[name] = (next(argv),)
         else:
             flags[name] = next(argv)
-    node, node_ip = explain.DEMO_NODE, explain.DEMO_NODE_IP
+    node, node_ip = trace.DEMO_NODE, trace.DEMO_NODE_IP
     programmed = _backend_for(backend, node, (node_ip,), ("10.244.0.0/16",), netns, flags)
     plan = _offline_plan(("examples/",), node, (node_ip,))
     try:

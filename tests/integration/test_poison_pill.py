@@ -21,11 +21,11 @@ import pytest
 from kpy_iptables import IptablesBackend
 from kpy_nftables import NftablesBackend
 
-from kpy import convert
-from kpy.agent import Agent
-from kpy.backend import Backend, BackendConfig
-from kpy.model import ServiceName, SessionAffinity
-from kpy.runner import RunnerTimes
+from kpy.agent.agent import Agent
+from kpy.agent.runner import RunnerTimes
+from kpy.core import convert
+from kpy.core.backend import Backend, BackendConfig
+from kpy.core.model import ServiceName, SessionAffinity
 from kpy.sources.manifests import ManifestSource
 from tests.unit.test_agent import write
 

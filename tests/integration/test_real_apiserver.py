@@ -1,6 +1,6 @@
 """The kube source against a real kube-apiserver, etcd and kube-controller-manager.
 
-The control plane (``kpy.testing.realcluster``) runs in its own network namespace; the
+The control plane (``kpy.tools.lab.control_plane``) runs in its own network namespace; the
 source runs on a thread that entered it. EndpointSlices here come from the real
 EndpointSlice controller, from Pods the test creates and marks ready as kubelet would.
 The binaries come from ``scripts/build-upstream.sh``; without them the tests skip — a
@@ -14,21 +14,31 @@ import ipaddress
 import itertools
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from structlog.testing import capture_logs
 
-from kpy import check
-from kpy.netns_socket import run_in_netns
+from kpy.kernel.netns import run_in_netns
 from kpy.sources import EventType, Kind
-from kpy.sources.kube import REQUIRED_PERMISSIONS, BackoffPolicy, KubeSource, Timeouts, load_target
-from kpy.testing import realcluster
-from kpy.testing.realcluster import (
+from kpy.sources.kube import (
+    IGNORED_LABEL_SELECTOR,
+    REQUIRED_PERMISSIONS,
+    BackoffPolicy,
+    KubeSource,
+    Timeouts,
+    load_target,
+)
+from kpy.tools import check
+from kpy.tools.lab import control_plane as realcluster
+from kpy.tools.lab.control_plane import (
     ApiError,
     ControlPlane,
     Partition,
@@ -82,9 +92,50 @@ def plane() -> Iterator[ControlPlane]:
         pytest.skip(
             f"upstream binaries not built ({', '.join(missing)}): scripts/build-upstream.sh"
         )
-    with realcluster.control_plane(f"kpy-cp{os.getpid()}") as cp:
-        cp.admin().create(node_object())
-        yield cp
+    audit = Path(tempfile.mkdtemp(prefix="kpy-audit-"))
+    (audit / "policy.yaml").write_text(AUDIT_POLICY)
+    args = (
+        f"--audit-policy-file={audit / 'policy.yaml'}",
+        f"--audit-log-path={audit / 'audit.log'}",
+        "--audit-log-mode=blocking",
+    )
+    try:
+        with realcluster.control_plane(f"kpy-cp{os.getpid()}", extra_apiserver_args=args) as cp:
+            cp.admin().create(node_object())
+            yield cp
+    finally:
+        shutil.rmtree(audit, ignore_errors=True)
+
+
+# The API server's own record of the lists and watches of the kinds kpy reads.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+  verbs: ["list", "watch"]
+  resources:
+  - group: ""
+    resources: ["services", "nodes"]
+  - group: "discovery.k8s.io"
+    resources: ["endpointslices"]
+- level: None
+"""
+
+
+def audit_events(plane: ControlPlane) -> list[dict[str, Any]]:
+    """The audit log's ResponseComplete events of kpy's requests (by its User-Agent)."""
+    flag = next(a for a in plane.extra_apiserver_args if a.startswith("--audit-log-path="))
+    log = Path(flag.split("=", 1)[1])
+    if not log.exists():
+        return []
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [
+        e
+        for e in events
+        if e.get("stage") == "ResponseComplete" and e.get("userAgent", "").startswith("kpy/")
+    ]
 
 
 def node_object(name: str = NODE) -> dict[str, Any]:
@@ -260,9 +311,9 @@ def test_service_cidrs_default_and_created_reach_the_plan(plane: ControlPlane) -
     """The API server's default ServiceCIDR ``kubernetes`` (from
     --service-cluster-ip-range) and one created while kpy runs: seen by the source,
     valid as converted, carried in the agent's Plans; deleted, gone from them."""
-    from kpy import convert
-    from kpy.agent import Agent
-    from kpy.runner import RunnerTimes
+    from kpy.agent.agent import Agent
+    from kpy.agent.runner import RunnerTimes
+    from kpy.core import convert
     from kpy.testing.fake_backend import FakeBackend
 
     name = f"extra-{os.getpid()}-{next(_names)}"
@@ -358,7 +409,7 @@ def test_the_daemonsets_service_account_is_allowed_what_kpy_needs(
         await until(lambda: sink.synced_count == 1, what="synced with the agent's token")
         assert (Kind.SERVICE, "default", "kubernetes") in sink.state
         assert all(healthy for healthy, _ in sink.connections)
-        # the agent's Events about its Node (kpy.events): create, then patch
+        # the agent's Events about its Node (kpy.agent.events): create, then patch
         event = {
             "apiVersion": "v1",
             "kind": "Event",
@@ -667,3 +718,46 @@ def test_server_side_selectors_leave_out_other_proxies_and_headless_slices(
         await until(lambda: sink.names(Kind.SERVICE, ns) == {"web", "db"}, what="web back")
 
     run(plane, scenario)
+
+
+# --------------------------------------------------------------------------- as the server saw it
+
+
+def test_the_api_server_sees_cached_first_lists_and_kube_proxys_selectors(
+    plane: ControlPlane,
+) -> None:
+    """From the real API server's audit log: each kind's first list asks for
+    resourceVersion=0 (served from the watch cache, as client-go's reflector does), the
+    Services and EndpointSlices lists and watches carry kube-proxy's label selector, and
+    the Node is asked for by name."""
+    before = len(audit_events(plane))
+
+    async def scenario(source: KubeSource, sink: Sink) -> None:
+        await until(lambda: sink.synced_count == 1, what="synced")
+        # a watch is audited when it ends; the lists are there as soon as they answered
+        await until(
+            lambda: (
+                {e["objectRef"]["resource"] for e in audit_events(plane)[before:]}
+                >= {"services", "endpointslices", "nodes"}
+            ),
+            what="the three lists in the audit log",
+        )
+
+    run(plane, scenario)
+    events = audit_events(plane)[before:]
+    lists = [e for e in events if e["verb"] == "list"]
+    first: dict[str, str] = {}
+    for e in lists:
+        first.setdefault(e["objectRef"]["resource"], e["requestURI"])
+    assert set(first) == {"services", "endpointslices", "nodes"}, events
+    for resource, uri in first.items():
+        query = parse_qs(urlsplit(uri).query)
+        assert query.get("resourceVersion") == ["0"], uri
+        if resource == "nodes":
+            assert query.get("fieldSelector") == [f"metadata.name={NODE}"], uri
+        else:
+            assert query.get("labelSelector") == [IGNORED_LABEL_SELECTOR], uri
+    for e in events:  # every request kpy made for these kinds, lists and ended watches
+        if e["objectRef"]["resource"] != "nodes":
+            query = parse_qs(urlsplit(e["requestURI"]).query)
+            assert query.get("labelSelector") == [IGNORED_LABEL_SELECTOR], e["requestURI"]

@@ -26,7 +26,7 @@ KPY = Path(sys.executable).with_name("kpy")
 PLUGIN = '''
 """A backend whose "kernel" is a JSON file: survives the agent process."""
 import asyncio, json, os
-from kpy.backend import ApplyResult, Programmed, desired_view
+from kpy.core.backend import ApplyResult, Programmed, desired_view
 
 class FileBackend:
     name = "fileprobe"
@@ -203,7 +203,7 @@ def test_sigterm_abandons_a_slow_sync_in_flight(tmp_path: Path, plugin: Path) ->
 
 def nftables_available() -> str | None:
     try:
-        from kpy import backend
+        from kpy.core import backend
 
         entry = backend.load_backends().get("nftables")
         if entry is None or entry.factory is None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from kpy_userspace import UserspaceBackend
 
-from kpy.backend import Backend, BackendConfig, desired_view
+from kpy.core.backend import Backend, BackendConfig, desired_view
 from kpy.testing import builders as b
 from kpy.testing.conformance import BackendConformance, MakeBackend, conformance_states, run
 

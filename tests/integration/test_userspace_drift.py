@@ -12,11 +12,11 @@ import pytest
 from kpy_userspace import UserspaceBackend
 from kpy_userspace.render import ListenKey
 
-from kpy import dump
-from kpy.backend import BackendConfig
-from kpy.model import Protocol
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Protocol
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states, run
+from kpy.tools import dump
 
 pytestmark = pytest.mark.root
 

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import pytest
 from kpy_userspace import UserspaceBackend
 
-from kpy.model import ServicePortState
-from kpy.netns_socket import run_in_netns
+from kpy.core.model import ServicePortState
+from kpy.kernel.netns import run_in_netns
 from kpy.testing import builders as b
 from kpy.testing.netns import (
     NODE_IP,

@@ -14,7 +14,7 @@ from pyroute2 import IPVSDest, IPVSService
 from pyroute2.netlink.generic import ipvs
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 
-from kpy.model import Protocol
+from kpy.core.model import Protocol
 
 
 def _decode(attrs: bytes) -> dict[str, Any]:

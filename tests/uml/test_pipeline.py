@@ -15,7 +15,7 @@ from kpy_ipvs import render
 from kpy_ipvs.apply import SET_TYPES, WINDOW_MESSAGES, Kernel, KernelError
 from kpy_ipvs.render import Element
 
-from kpy.model import IPAddress
+from kpy.core.model import IPAddress
 from tests.conftest import require_root
 
 

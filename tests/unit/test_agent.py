@@ -9,8 +9,8 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from kpy.agent import Agent
-from kpy.runner import RunnerTimes
+from kpy.agent.agent import Agent
+from kpy.agent.runner import RunnerTimes
 from kpy.sources.manifests import ManifestSource
 from kpy.testing.fake_backend import FakeBackend
 

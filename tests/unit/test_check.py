@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kpy import check
-from kpy.check import Expect, Probe, Reply
-from kpy.model import IPAddress
+from kpy.core.model import IPAddress
+from kpy.tools import check
+from kpy.tools.check import Expect, Probe, Reply
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kpy import config
+from kpy.agent import config
 
 
 def test_precedence(tmp_path: Path) -> None:

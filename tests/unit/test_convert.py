@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kpy import convert
-from kpy.model import Protocol, ServiceType, SessionAffinity, TrafficPolicy
+from kpy.core import convert
+from kpy.core.model import Protocol, ServiceType, SessionAffinity, TrafficPolicy
 
 
 def svc(**spec: Any) -> dict[str, Any]:

@@ -25,8 +25,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kpy import config as cfg
-from kpy import events
+from kpy.agent import config as cfg
+from kpy.agent import events
 from kpy.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,7 +177,7 @@ def _permissions_used_by_the_agent() -> set[Permission]:
     for group, resource, verbs in kube.REQUIRED_PERMISSIONS:
         for verb in (verbs,) if isinstance(verbs, str) else verbs:
             used.add((group, resource, verb))
-    # Node events (kpy.events) go through the same client: created, and patched when
+    # Node events (kpy.agent.events) go through the same client: created, and patched when
     # a repeated event is aggregated, in the API group of the path they are posted to.
     events_group = _group_of(events.EVENTS_PATH)
     used |= {(events_group, "events", "create"), (events_group, "events", "patch")}

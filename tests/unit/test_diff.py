@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kpy import diff
+from kpy.core import diff
 
 maps = st.dictionaries(st.text(max_size=4), st.integers(0, 5), max_size=30)
 

@@ -12,8 +12,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from kpy import events
-from kpy.backend import BackendError
+from kpy.agent import events
+from kpy.core.backend import BackendError
 from kpy.testing import builders as b
 
 
@@ -167,7 +167,7 @@ def test_no_poster_records_nothing() -> None:
 def test_refused_ports_and_frontend_conflicts_become_warnings_once() -> None:
     import dataclasses
 
-    from kpy.model import Conflict
+    from kpy.core.model import Conflict
 
     api = ApiStandIn()
     clock = Clock()

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from kpy import explain as ex
 from kpy.cli import _offline_plan
-from kpy.model import Endpoint, Plan, Protocol, ServicePortState
+from kpy.core import trace as ex
+from kpy.core.model import Endpoint, Plan, Protocol, ServicePortState
 from kpy.testing import builders as b
+from kpy.tools import explain as explain_cmd
 
 NODE = b.node(addresses=("192.168.50.2", "fd00:50::2"))
 CIDRS = (ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("fd00:244::/32"))
@@ -543,7 +544,7 @@ items:
 
 def test_command_offline_from_manifests(tmp_path: Path) -> None:
     (tmp_path / "web.yaml").write_text(MANIFESTS)
-    cmd = ex.command(_offline_plan)
+    cmd = explain_cmd.command(_offline_plan)
     base = ["--manifests", str(tmp_path), "--node", "node-b", "--node-ip", "192.168.50.3"]
     result = CliRunner().invoke(
         cmd, [*base, "--from", CLIENT, "--to", "192.168.50.3:30080/TCP", "-o", "json"]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from kpy.backend import Backend
+from kpy.core.backend import Backend
 from kpy.testing.conformance import BackendConformance
 from kpy.testing.fake_backend import FakeBackend
 

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from kpy import health
-from kpy.agent import AgentStatus
+from kpy.agent import healthz as health
+from kpy.agent import http
+from kpy.agent.agent import AgentStatus
 
 
 async def get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -148,7 +149,7 @@ def test_stale_source_is_reported_but_keeps_serving() -> None:
 def test_garbage_and_slow_requests_do_not_break_the_server(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(health, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(http, "READ_TIMEOUT", 0.2)
     server = make(AgentStatus(), Clock())
 
     async def scenario(port: int) -> None:
@@ -171,14 +172,14 @@ def test_garbage_and_slow_requests_do_not_break_the_server(
 
 
 def test_handler_exception_answers_500() -> None:
-    def broken(method: str, path: str) -> health.Response:
+    def broken(method: str, path: str) -> http.Response:
         raise RuntimeError("boom")
 
     async def main() -> None:
-        from kpy import netns_socket
+        from kpy.kernel import netns as netns_socket
 
         sock = netns_socket.listening_socket("127.0.0.1", 0)
-        server = await health.start_http(broken, sock)
+        server = await http.start_http(broken, sock)
         port = sock.getsockname()[1]
         async with server:
             assert (await get(port, "/x"))[0] == 500
@@ -196,26 +197,26 @@ def test_handler_exception_answers_500() -> None:
     ],
 )
 def test_parse_bind_address(text: str, expected: tuple[str, int]) -> None:
-    assert health.parse_bind_address(text) == expected
+    assert http.parse_bind_address(text) == expected
 
 
 @pytest.mark.parametrize("text", ["10256", "host:", "1.2.3.4:99999", "a:b"])
 def test_parse_bind_address_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="address:port"):
-        health.parse_bind_address(text)
+        http.parse_bind_address(text)
 
 
 def test_bind_conflict_retries_until_free() -> None:
     async def main() -> None:
-        from kpy import netns_socket
+        from kpy.kernel import netns as netns_socket
 
         blocker = netns_socket.listening_socket("127.0.0.1", 0)
         port = blocker.getsockname()[1]
         bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
-            health.serve_forever(
+            http.serve_forever(
                 "t",
-                lambda m, p: health.Response.text(200, "ok"),
+                lambda m, p: http.Response.text(200, "ok"),
                 f"127.0.0.1:{port}",
                 bound=bound.set_result,
                 retry_after=0.05,

@@ -12,9 +12,9 @@ import pytest
 import structlog
 import yaml
 
-from kpy import convert
-from kpy.agent import Agent
-from kpy.runner import RunnerTimes
+from kpy.agent.agent import Agent
+from kpy.agent.runner import RunnerTimes
+from kpy.core import convert
 from kpy.sources import manifests
 from kpy.testing.fake_backend import FakeBackend
 from tests.unit.test_agent import until, write

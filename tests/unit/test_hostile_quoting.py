@@ -1,6 +1,6 @@
 """Object names reach rule text only through functions that are safe on any string.
 
-kpy.convert refuses names Kubernetes would refuse, but the render functions must not
+kpy.core.convert refuses names Kubernetes would refuse, but the render functions must not
 depend on it: these are the functions every name-derived piece of nft script and
 iptables-restore input goes through, fed the strings an attacker would write.
 """
@@ -16,9 +16,9 @@ from kpy_iptables import render as ipt
 from kpy_ipvs import render as ipvs
 from kpy_nftables import render as nft
 
-from kpy import diff
-from kpy.backend import BackendConfig
-from kpy.model import Protocol, ServicePortName, ServicePortState
+from kpy.core import diff
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Protocol, ServicePortName, ServicePortState
 from kpy.testing import builders as b
 
 NASTY = [

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 from kpy_iptables import IptablesBackend
 
-from kpy import config as cfg
+from kpy.agent import config as cfg
 from kpy.cli import main
 
 

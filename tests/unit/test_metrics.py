@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kpy import health, operations
-from kpy.agent import Agent
-from kpy.backend import ApplyResult, BackendError
-from kpy.config import AgentConfig
-from kpy.metrics import Metrics
-from kpy.runner import RunnerTimes
+from kpy.agent import http
+from kpy.agent import observers as operations
+from kpy.agent.agent import Agent
+from kpy.agent.config import AgentConfig
+from kpy.agent.metrics import Metrics
+from kpy.agent.runner import RunnerTimes
+from kpy.core.backend import ApplyResult, BackendError
 from kpy.sources.manifests import ManifestSource
 from kpy.testing import builders as b
 from kpy.testing.fake_backend import FakeBackend
@@ -155,7 +156,7 @@ def test_agent_with_operations_serves_metrics_and_health(tmp_path: Path) -> None
 
 
 def test_metrics_404() -> None:
-    assert Metrics().answer("GET", "/other") == health.Response.text(404, "not found\n")
+    assert Metrics().answer("GET", "/other") == http.Response.text(404, "not found\n")
 
 
 def test_a_backend_counting_failed_read_backs_is_exported() -> None:

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kpy import config
-from kpy import explain as ex
-from kpy.backend import BackendConfig, LocalDetector
+from kpy.agent import config
 from kpy.cli import main
+from kpy.core import trace as ex
+from kpy.core.backend import BackendConfig, LocalDetector
 from kpy.testing import builders as b
 from tests.unit.test_explain import EXAMPLES_AS_NODE_1
 

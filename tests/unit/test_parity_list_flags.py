@@ -10,9 +10,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kpy import config
-from kpy.backend import split_values
+from kpy.agent import config
 from kpy.cli import main
+from kpy.core.backend import split_values
 
 
 def _written(*flags: str) -> dict[str, object]:

@@ -1,4 +1,4 @@
-"""kpy.proc: a child's status and output, a signal named, and no orphan on cancellation."""
+"""kpy.kernel.proc: a child's status and output, a signal named, and no orphan on cancellation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 
-from kpy import proc
+from kpy.kernel import proc
 
 
 def test_status_output_and_stdin() -> None:

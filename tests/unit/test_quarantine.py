@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from kpy import quarantine
-from kpy.agent import Agent
-from kpy.backend import BackendConfig, BackendError
-from kpy.metrics import Metrics
-from kpy.model import Plan, ServicePortState
+from kpy.agent import quarantine
+from kpy.agent.agent import Agent
+from kpy.agent.metrics import Metrics
+from kpy.core.backend import BackendConfig, BackendError
+from kpy.core.model import Plan, ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.fake_backend import FakeBackend
 from tests.unit.test_agent import run_agent, until, write
@@ -59,7 +59,7 @@ def _endpoints(backend: FakeBackend, name: str) -> tuple[str, ...]:
 
 
 def make_agent(tmp_path: Path, backend: FakeBackend, attempts: Attempts) -> Agent:
-    from kpy.runner import RunnerTimes
+    from kpy.agent.runner import RunnerTimes
     from kpy.sources.manifests import ManifestSource
 
     return Agent(

@@ -7,58 +7,7 @@ import asyncio
 import contextlib
 import itertools
 
-from kpy.runner import Runner, RunnerTimes
-
-
-def test_requests_coalesce_and_failures_retry_full() -> None:
-    calls: list[bool] = []
-    fail = {"left": 2}
-
-    async def sync(full: bool) -> None:
-        calls.append(full)
-        if fail["left"]:
-            fail["left"] -= 1
-            raise RuntimeError("apply failed")
-
-    async def main() -> Runner:
-        runner = Runner(
-            sync,
-            RunnerTimes(
-                min_interval=0.05, full_interval=3600, backoff_initial=0.01, backoff_max=0.02
-            ),
-        )
-        task = asyncio.create_task(runner.run())
-        await asyncio.sleep(0.2)  # first sync (full) fails twice, then succeeds
-        for _ in range(100):
-            runner.request()  # a storm of requests...
-        await asyncio.sleep(0.2)  # ...is one partial sync
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return runner
-
-    runner = asyncio.run(main())
-    assert calls[:3] == [True, True, True]
-    assert calls[3:] == [False]
-    assert runner.failures == 0 and runner.syncs == 2
-
-
-def test_periodic_full_sync() -> None:
-    calls: list[bool] = []
-
-    async def sync(full: bool) -> None:
-        calls.append(full)
-
-    async def main() -> None:
-        runner = Runner(sync, RunnerTimes(min_interval=0.0, full_interval=0.05))
-        task = asyncio.create_task(runner.run())
-        await asyncio.sleep(0.28)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    asyncio.run(main())
-    assert len(calls) >= 2 and all(calls)
+from kpy.agent.runner import Runner, RunnerTimes
 
 
 class FakeTime:
@@ -89,6 +38,53 @@ def _run_until(runner: Runner, done: asyncio.Event) -> None:
             await task
 
     asyncio.run(main())
+
+
+def test_requests_coalesce_and_failures_retry_full() -> None:
+    fake = FakeTime()
+    calls: list[tuple[float, bool]] = []
+    done = asyncio.Event()
+    runner: Runner
+
+    async def sync(full: bool) -> None:
+        calls.append((fake.now, full))
+        if len(calls) <= 2:
+            raise RuntimeError("apply failed")  # the first sync (full) fails twice
+        if len(calls) == 3:
+            for _ in range(100):
+                runner.request()  # a storm of requests while a sync runs...
+            return
+        done.set()
+
+    times = RunnerTimes(
+        min_interval=0.05, full_interval=3600, backoff_initial=0.01, backoff_max=0.02
+    )
+    runner = Runner(sync, times, clock=fake.clock, wait=fake.wait)
+    _run_until(runner, done)
+    assert [full for _, full in calls] == [True, True, True, False]  # ...is one partial sync
+    starts = [t for t, _ in calls]
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(starts)]
+    assert gaps == [0.01, 0.02, 0.05]  # backoff 0.01, doubled, then min_interval
+    assert runner.failures == 0 and runner.syncs == 2
+
+
+def test_periodic_full_sync() -> None:
+    fake = FakeTime()
+    calls: list[tuple[float, bool]] = []
+    done = asyncio.Event()
+
+    async def sync(full: bool) -> None:
+        calls.append((fake.now, full))
+        if len(calls) == 3:
+            done.set()
+
+    runner = Runner(
+        sync, RunnerTimes(min_interval=0.0, full_interval=0.05), clock=fake.clock, wait=fake.wait
+    )
+    _run_until(runner, done)
+    assert all(full for _, full in calls)
+    starts = [t for t, _ in calls]
+    assert [round(b - a, 6) for a, b in itertools.pairwise(starts)] == [0.05, 0.05]
 
 
 def _failing_runner(

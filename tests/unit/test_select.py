@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from kpy import select
-from kpy.model import Endpoint, ServicePort
+from kpy.core import endpoints as select
+from kpy.core.model import Endpoint, ServicePort
 from kpy.testing import builders as b
 
 LOCAL = "node-a"

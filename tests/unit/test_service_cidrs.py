@@ -11,15 +11,15 @@ import pytest
 from kpy_nftables import render
 from structlog.testing import capture_logs
 
-from kpy import convert
-from kpy.agent import Agent
-from kpy.backend import BackendConfig
-from kpy.quarantine import subset
+from kpy.agent.agent import Agent
+from kpy.agent.quarantine import subset
+from kpy.core import convert
+from kpy.core.backend import BackendConfig
+from kpy.core.tracker import Tracker
 from kpy.sources import Event, EventType, Kind
 from kpy.sources.manifests import ManifestSource, read_file
 from kpy.testing import builders as b
 from kpy.testing.fake_backend import FakeBackend
-from kpy.tracker import Tracker
 
 V4 = ipaddress.ip_network("10.96.0.0/16")
 V6 = ipaddress.ip_network("fd00:96::/108")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from kpy import convert
-from kpy.model import NodeInfo, ServiceName
-from kpy.tracker import Tracker
+from kpy.core import convert
+from kpy.core.model import NodeInfo, ServiceName
+from kpy.core.tracker import Tracker
 
 WEB = ServiceName(namespace="default", name="web")
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kpy import convert
-from kpy.model import Plan, ServiceName, ServicePortName
-from kpy.tracker import Tracker
+from kpy.core import convert
+from kpy.core.model import Plan, ServiceName, ServicePortName
+from kpy.core.tracker import Tracker
 
 
 def _svc(

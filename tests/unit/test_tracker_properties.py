@@ -13,9 +13,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kpy import convert
-from kpy.model import ServiceName, ServicePortName, ServicePortState
-from kpy.tracker import Tracker
+from kpy.core import convert
+from kpy.core.model import ServiceName, ServicePortName, ServicePortState
+from kpy.core.tracker import Tracker
 
 NAMES = ["a", "b", "c"]
 

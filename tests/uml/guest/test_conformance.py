@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from kpy_ipvs import IpvsBackend
 
-from kpy.backend import Backend, BackendConfig
+from kpy.core.backend import Backend, BackendConfig
 from kpy.testing.conformance import BackendConformance
 
 

@@ -10,11 +10,11 @@ from typing import Any
 
 from kpy_ipvs import IpvsBackend
 
-from kpy import dump
-from kpy.backend import BackendConfig
-from kpy.model import Plan
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Plan
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states
+from kpy.tools import dump
 
 
 def drifted(backend: IpvsBackend, plan: Plan) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import asyncio
 
 from kpy_ipvs import IpvsBackend
 
-from kpy.backend import BackendConfig
+from kpy.core.backend import BackendConfig
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states
 

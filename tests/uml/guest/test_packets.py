@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 from kpy_ipvs import IpvsBackend
 
-from kpy.backend import BackendConfig
-from kpy.model import ServicePortState
+from kpy.core.backend import BackendConfig
+from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 
 from .netlab import CLIENT_IP, NODE_IP, Lab, ask, connect, talk

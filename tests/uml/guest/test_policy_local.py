@@ -19,8 +19,8 @@ from dataclasses import replace
 import pytest
 from kpy_ipvs import IpvsBackend
 
-from kpy.backend import BackendConfig
-from kpy.model import Endpoint, ServicePortState
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Endpoint, ServicePortState
 from kpy.testing import builders as b
 
 from .netlab import CLIENT_IP, NODE_IP, Lab, ask
