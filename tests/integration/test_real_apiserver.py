@@ -120,6 +120,8 @@ rules:
     resources: ["services", "nodes"]
   - group: "discovery.k8s.io"
     resources: ["endpointslices"]
+  - group: "networking.k8s.io"
+    resources: ["servicecidrs"]
 - level: None
 """
 
@@ -728,8 +730,9 @@ def test_the_api_server_sees_cached_first_lists_and_kube_proxys_selectors(
 ) -> None:
     """From the real API server's audit log: each kind's first list asks for
     resourceVersion=0 (served from the watch cache, as client-go's reflector does), the
-    Services and EndpointSlices lists and watches carry kube-proxy's label selector, and
-    the Node is asked for by name."""
+    Services and EndpointSlices lists and watches carry kube-proxy's label selector, the
+    Node is asked for by name, and the ServiceCIDRs with no selector (as upstream's
+    informer asks for them)."""
     before = len(audit_events(plane))
 
     async def scenario(source: KubeSource, sink: Sink) -> None:
@@ -738,9 +741,9 @@ def test_the_api_server_sees_cached_first_lists_and_kube_proxys_selectors(
         await until(
             lambda: (
                 {e["objectRef"]["resource"] for e in audit_events(plane)[before:]}
-                >= {"services", "endpointslices", "nodes"}
+                >= {"services", "endpointslices", "nodes", "servicecidrs"}
             ),
-            what="the three lists in the audit log",
+            what="the four lists in the audit log",
         )
 
     run(plane, scenario)
@@ -749,15 +752,17 @@ def test_the_api_server_sees_cached_first_lists_and_kube_proxys_selectors(
     first: dict[str, str] = {}
     for e in lists:
         first.setdefault(e["objectRef"]["resource"], e["requestURI"])
-    assert set(first) == {"services", "endpointslices", "nodes"}, events
+    assert set(first) == {"services", "endpointslices", "nodes", "servicecidrs"}, events
     for resource, uri in first.items():
         query = parse_qs(urlsplit(uri).query)
         assert query.get("resourceVersion") == ["0"], uri
         if resource == "nodes":
             assert query.get("fieldSelector") == [f"metadata.name={NODE}"], uri
+        elif resource == "servicecidrs":
+            assert "labelSelector" not in query and "fieldSelector" not in query, uri
         else:
             assert query.get("labelSelector") == [IGNORED_LABEL_SELECTOR], uri
     for e in events:  # every request kpy made for these kinds, lists and ended watches
-        if e["objectRef"]["resource"] != "nodes":
+        if e["objectRef"]["resource"] not in ("nodes", "servicecidrs"):
             query = parse_qs(urlsplit(e["requestURI"]).query)
             assert query.get("labelSelector") == [IGNORED_LABEL_SELECTOR], e["requestURI"]
