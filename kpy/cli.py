@@ -384,24 +384,91 @@ def _offline_options(f: Any) -> Any:
     return f
 
 
+def _backend_flags(f: Any) -> Any:
+    """The node flags that change what a backend renders, as ``kpy explain`` and ``kpy
+    run`` take them (``plan`` renders with them, ``dump`` compares the kernel with them)."""
+    f = click.option(
+        "--iptables-localhost-nodeports/--no-iptables-localhost-nodeports",
+        default=None,
+        help="NodePorts on 127.0.0.1 (default: on with --backend iptables, as kpy run).",
+    )(f)
+    f = click.option(
+        "--service-cidr",
+        multiple=True,
+        callback=explain.merged,
+        help="Service CIDRs (repeatable and/or comma separated; beside the manifests' "
+        "ServiceCIDR objects).",
+    )(f)
+    f = click.option("--pod-interface-name-prefix", default="", help="For InterfaceNamePrefix.")(f)
+    f = click.option("--pod-bridge-interface", default="", help="For BridgeInterface.")(f)
+    f = click.option(
+        "--detect-local-mode",
+        type=click.Choice(DETECT_LOCAL_MODES),
+        default="ClusterCIDR",
+        show_default=True,
+        help="How traffic from this node's pods is told.",
+    )(f)
+    f = click.option("--masquerade-all", is_flag=True, default=False)(f)
+    f = click.option(
+        "--nodeport-addresses",
+        multiple=True,
+        callback=explain.merged,
+        help="CIDRs NodePorts answer on, or 'primary' (repeatable and/or comma separated).",
+    )(f)
+    return f
+
+
+_FLAG_DEFAULTS: dict[str, Any] = {
+    "nodeport_addresses": (),
+    "masquerade_all": False,
+    "detect_local_mode": "ClusterCIDR",
+    "pod_bridge_interface": "",
+    "pod_interface_name_prefix": "",
+    "service_cidr": (),
+    "iptables_localhost_nodeports": None,
+}
+
+
 def _backend_for(
     name: str,
     node: str,
     node_ips: tuple[str, ...],
     cluster_cidr: tuple[str, ...],
     netns: str | None,
+    given: Mapping[str, Any] | None = None,
 ) -> backends.Backend:
-    config = backends.BackendConfig(
-        node_name=node,
-        node_ips=tuple(ipaddress.ip_address(i) for i in node_ips),
-        cluster_cidrs=backends.parse_networks(cluster_cidr),
-        netns=netns,
-    )
-    return backends.create(name, config)
+    """The named backend with the node flags (a usage error names a bad one)."""
+    flags = {**_FLAG_DEFAULTS, **(given or {})}
+    nodeport = tuple(flags["nodeport_addresses"])
+    localhost = flags["iptables_localhost_nodeports"]
+    try:
+        trace.check_nodeport_addresses(nodeport, "--nodeport-addresses")
+        options = trace.Options(
+            cluster_cidrs=backends.parse_networks(cluster_cidr),
+            nodeport_addresses=backends.parse_networks(
+                tuple(a for a in nodeport if a != trace.PRIMARY)
+            ),
+            nodeport_primary=trace.PRIMARY in nodeport,
+            masquerade_all=flags["masquerade_all"],
+            node_ips=tuple(ipaddress.ip_address(i) for i in node_ips),
+            detect_local_mode=flags["detect_local_mode"],
+            pod_bridge_interface=flags["pod_bridge_interface"],
+            pod_interface_name_prefix=flags["pod_interface_name_prefix"],
+            localhost_nodeports=name == "iptables" if localhost is None else localhost,
+            service_cidrs=backends.parse_networks(tuple(flags["service_cidr"])),
+        )
+        config = replace(trace.options_config(node, options), netns=netns)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        return backends.create(name, config)
+    except (KeyError, backends.BackendError) as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command("plan")
 @_offline_options
+@_backend_flags
 @click.option("--backend", default=None, help="Render this backend's transaction (dry run).")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 def plan_cmd(
@@ -412,6 +479,7 @@ def plan_cmd(
     netns: str | None,
     backend: str | None,
     output: str,
+    **flags: Any,
 ) -> None:
     """Dry run: the next sync's Plan (and a backend's transaction) without applying it."""
     node_ips = node_ip
@@ -425,7 +493,7 @@ def plan_cmd(
     }
     transaction = None
     if backend is not None:
-        b = _backend_for(backend, node, node_ips, cluster_cidr, netns)
+        b = _backend_for(backend, node, node_ips, cluster_cidr, netns, flags)
         dry = getattr(b, "dry_run", None)
         if dry is None:
             _fail(f"backend {backend} cannot render a dry run")
@@ -446,10 +514,12 @@ def plan_cmd(
 
 @main.command("dump")
 @_offline_options
+@_backend_flags
 @click.option(
     "--backend",
     default=None,
-    help="Also read back what this backend programmed (observe) and flag differences.",
+    help="Also read back what this backend programmed (observe) and flag differences "
+    "(its kernel objects: from what it renders with the node flags).",
 )
 @click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table")
 def dump_cmd(
@@ -460,15 +530,20 @@ def dump_cmd(
     netns: str | None,
     backend: str | None,
     output: str,
+    **flags: Any,
 ) -> None:
     """Every Service: type, frontends → endpoints with their state."""
     node_ips = node_ip
     plan = _offline_plan(manifests, node, node_ips)
     programmed = None
+    differences: tuple[str, ...] = ()
     if backend is not None:
-        b = _backend_for(backend, node, node_ips, cluster_cidr, netns)
+        b = _backend_for(backend, node, node_ips, cluster_cidr, netns, flags)
         programmed = asyncio.run(b.observe())
-    data = dump.rows(plan, programmed)
+        compare = getattr(b, "differences", None)
+        if compare is not None:
+            differences = asyncio.run(compare(plan))
+    data = dump.rows(plan, programmed, differences)
     click.echo(dump.render(data, output))
     if programmed is not None and any(r.get("drift") for r in data):
         sys.exit(1)

@@ -188,6 +188,31 @@ class IptablesBackend:
             },
         )
 
+    async def differences(self, plan: Plan) -> tuple[str, ...]:
+        """kpy's chains the kernel holds otherwise than this configuration renders for
+        ``plan`` (read, never changed): one missing, one not rendered, or one with
+        another number of rules. For ``kpy dump --backend``, whose node flags may not be
+        the agent's. (Rules are compared by count: read back from the kernel they are
+        not spelled as rendered.)"""
+        families = await self._kernel.families()
+        ctx = dataclasses.replace(render.context(self.config, plan.node), families=families)
+        want = {str(k): len(v) for k, v in render.desired(ctx, render.render(plan, ctx)).items()
+                if not k.rule}  # fmt: skip
+        held = {
+            k: len(v) if isinstance(v, tuple) else -1
+            for k, v in (await self.observe()).objects.items()
+            if " " not in k
+        }
+        found = []
+        for key in sorted(want.keys() | held.keys()):
+            if key not in held:
+                found.append(f"{key}: not in the kernel")
+            elif key not in want:
+                found.append(f"{key}: in the kernel, not rendered")
+            elif held[key] != want[key]:
+                found.append(f"{key}: the kernel holds {held[key]} rules, kpy renders {want[key]}")
+        return tuple(found)
+
     async def observe(self) -> Programmed:
         mode = await self._kernel.mode()
         families = await self._kernel.families()

@@ -82,14 +82,11 @@ class NftablesBackend:
 
     async def apply(self, plan: Plan) -> ApplyResult:
         await self._settle()
-        config = self.config.for_node(plan.node)
-        if config != self.config:  # the Node's addresses and pod CIDRs render into rules
-            self.config, self._base = config, render.base_objects(config)
-            self._needs_full = True
+        base_changes = self._reconfigure(plan)
         full = plan.full_sync or self._needs_full
         started = time.monotonic()
         try:
-            work = await self._full(plan) if full else self._partial(plan)
+            work = await self._full(plan) if full else self._partial(plan, base_changes)
             txn = self._transaction(work, full)
             if isinstance(txn, render.Fresh):
                 # nothing of ours to disturb yet: two nft processes, half the tables each
@@ -132,6 +129,27 @@ class NftablesBackend:
             },
         )
 
+    def _reconfigure(self, plan: Plan) -> frozenset[str]:
+        """Take the configuration ``plan`` implies: the Node's addresses and pod CIDRs
+        render into many rules (a full sync follows); the cluster's ServiceCIDRs only
+        into the base tables' ``cluster-ips-check`` chains — the keys of the base
+        objects that changed are returned, for a partial sync to send."""
+        config = self.config.for_plan(plan)
+        if config == self.config:
+            return frozenset()
+        base = render.base_objects(config)
+        cidrs_only = (
+            dataclasses.replace(config, cluster_service_cidrs=self.config.cluster_service_cidrs)
+            == self.config
+        )
+        changed = frozenset(
+            key for key in base.keys() | self._base.keys() if base.get(key) != self._base.get(key)
+        )
+        self.config, self._base = config, base
+        if not cidrs_only:
+            self._needs_full = True
+        return changed
+
     def _transaction(self, work: _Work, full: bool) -> render.Transaction | render.Fresh:
         if work.fresh is not None:
             return work.fresh
@@ -172,9 +190,14 @@ class NftablesBackend:
     async def dry_run(self, plan: Plan) -> str:
         """The transaction ``apply(plan)`` would send now, without sending it."""
         await self._settle()
-        full = plan.full_sync or self._needs_full
-        work = await self._full(plan) if full else self._partial(plan)
-        return self._transaction(work, full).script
+        kept = (self.config, self._base, self._needs_full)  # nothing is sent: nothing kept
+        try:
+            base_changes = self._reconfigure(plan)
+            full = plan.full_sync or self._needs_full
+            work = await self._full(plan) if full else self._partial(plan, base_changes)
+            return self._transaction(work, full).script
+        finally:
+            self.config, self._base, self._needs_full = kept
 
     def _netlink_reader(self) -> netlink_read.NetlinkReader:
         if self._reader is None:
@@ -276,6 +299,25 @@ class NftablesBackend:
                 log.info("nftables_rules_drift", chain=key)
         return observed
 
+    async def differences(self, plan: Plan) -> tuple[str, ...]:
+        """Every object the kernel holds otherwise than this configuration renders for
+        ``plan`` (read, never changed): for ``kpy dump --backend``, whose node flags
+        may not be the agent's."""
+        want = self._wanted(plan)
+        try:
+            observed = await self._read()
+        except NftError as exc:
+            raise BackendError(f"cannot read the kpy tables: {exc}") from exc
+        keys = sorted(want.keys() | observed.values.keys())
+        return self._compare(want, observed, keys, strays=True)
+
+    def _wanted(self, plan: Plan) -> dict[str, render.Obj]:
+        config = self.config.for_plan(plan)
+        want: dict[str, render.Obj] = dict(render.base_objects(config))
+        for state in plan.services.values():
+            want.update(render.port_objects(state, config))
+        return want
+
     async def observe(self) -> Programmed:
         await self._settle()
         try:
@@ -303,18 +345,29 @@ class NftablesBackend:
         return dataclasses.replace(traced, differs=self._differences(plan, traced.kernel))
 
     def _differences(self, plan: Plan, keys: Iterable[str]) -> tuple[str, ...]:
-        config = self.config.for_node(plan.node)
-        want: dict[str, render.Obj] = dict(render.base_objects(config))
-        for state in plan.services.values():
-            want.update(render.port_objects(state, config))
+        want = self._wanted(plan)
         try:
             observed = asyncio.run(self._read())
         except NftError as exc:
             return (f"the kernel could not be read: {exc}",)
+        return self._compare(want, observed, keys, strays=False)
+
+    @staticmethod
+    def _compare(
+        want: Mapping[str, render.Obj],
+        observed: observe_.Observed,
+        keys: Iterable[str],
+        *,
+        strays: bool,
+    ) -> tuple[str, ...]:
+        """Why each of ``keys`` differs in ``observed`` from ``want``; with ``strays``,
+        a key only the kernel holds is one too (else a statement, not an object)."""
         found = []
         for key in keys:
             obj = want.get(key)
-            if obj is None:  # a statement (dnat, masquerade), not an object
+            if obj is None:
+                if strays and key in observed.values:
+                    found.append(f"{key}: in the kernel, not rendered")
                 continue
             have = observed.values.get(key)
             if have is None:
@@ -415,9 +468,12 @@ class NftablesBackend:
         )
         return work
 
-    def _partial(self, plan: Plan) -> _Work:
+    def _partial(self, plan: Plan, base_changes: Iterable[str] = ()) -> _Work:
         want: dict[str, render.Obj] = {}
-        keys: set[str] = set()
+        keys: set[str] = set(base_changes)  # base objects whose rendering changed
+        for key in keys:
+            if key in self._base:
+                want[key] = self._base[key]
         ports: dict[ServicePortName, frozenset[str]] = {}
         owner = _Owners(self._owner)
         names = sorted(plan.changed | plan.removed)

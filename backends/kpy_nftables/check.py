@@ -20,7 +20,7 @@ NFT = "nft"
 
 def script(plan: Plan, config: BackendConfig) -> str:
     """The first-sync script of ``plan``'s ports, preceded by the removal of kpy's tables."""
-    config = config.for_node(plan.node)  # as apply renders: with the Node's addresses
+    config = config.for_plan(plan)  # as apply renders: with the Node's addresses
     want: dict[str, render.Obj] = dict(render.base_objects(config))
     for state in plan.services.values():
         want.update(render.port_objects(state, config))

@@ -9,8 +9,9 @@ one atomic batch (``NFNL_MSG_BATCH_BEGIN`` … ``NFNL_MSG_BATCH_END``) on a sock
 keeps open inside the node's network namespace.
 
 Only the subset of the nft language that render writes is understood: tables, regular
-chains, named sets and maps, their elements, and the rules of the per-service chains
-(with anonymous sets of source ranges). Anything else — base chains, verdict-map
+chains, named sets and maps, their elements, the rules of the per-service chains
+(with anonymous sets of source ranges) and of the ``cluster-ips-check`` chain
+(``reject``, service CIDR drops). Anything else — base chains, verdict-map
 lookups, statements render never writes — raises :class:`Unsupported`, and the caller
 sends that transaction with ``nft -f`` instead. Nothing is guessed: every encoding here
 is the one ``nft --debug=mnl`` shows nft 1.0 sending, and the tests compare
@@ -96,6 +97,9 @@ UDATA_SADDR_SET = {
 UDATA_CONCAT_MAP = bytes.fromhex("000400000000010400000000030800040d0000000100060400000000")
 
 VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
+NFT_REJECT_ICMP_UNREACH = 0  # NFTA_REJECT_TYPE; NFTA_REJECT_ICMP_CODE is one byte:
+ICMP_PORT_UNREACH = 3
+ICMPV6_PORT_UNREACH = 4
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 # (family, selector) → payload offset in the network header, length.
 ADDRESSES = {
@@ -529,7 +533,14 @@ class _Rule:
 
         while i < n:
             word = words[i]
-            if word in ("drop", "accept", "return") and i == n - 1:
+            if word == "reject" and i == n - 1:
+                # nft 1.0 in an ip/ip6 table: ICMP(v6) port unreachable
+                take(1)
+                code = ICMP_PORT_UNREACH if self.family == "ip" else ICMPV6_PORT_UNREACH
+                exprs.append(
+                    _expr("reject", _u32(1, NFT_REJECT_ICMP_UNREACH), _attr(2, bytes([code])))
+                )
+            elif word in ("drop", "accept", "return") and i == n - 1:
                 take(1)
                 exprs.append(_expr("immediate", _u32(1, REG_VERDICT), _verdict_data(2, word, None)))
             elif word in ("goto", "jump") and i == n - 2:

@@ -396,11 +396,12 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
         objs.append(Set(nf, HAIRPIN, f"{addr} . {addr}"))
         objs.append(Set(nf, CLUSTER_IPS, addr))
         # upstream nftables mode: a port no Service serves on a ClusterIP is rejected, an
-        # address of the service CIDRs that no Service has is dropped
+        # address of the service CIDRs that no Service has is dropped (one rule per CIDR,
+        # where upstream writes one with an anonymous set: the same packets, and rules a
+        # partial sync sends over netlink when a ServiceCIDR comes or goes)
         cluster_check = [f"{nf} daddr @{CLUSTER_IPS} reject"]
-        service_cidrs = _cidrs(config.service_cidrs, 4 if nf == "ip" else 6)
-        if service_cidrs:
-            cluster_check.append(f"{nf} daddr {_set_literal(service_cidrs)} drop")
+        for cidr in _cidrs(config.all_service_cidrs(), 4 if nf == "ip" else 6):
+            cluster_check.append(f"{nf} daddr {cidr} drop")
         for name in (NO_EP_SERVICES, FIREWALL_IPS):
             objs.append(Set(nf, name, f"{addr} . inet_proto . inet_service", kind="map"))
         objs.append(Set(nf, NO_EP_NODEPORTS, "inet_proto . inet_service", kind="map"))

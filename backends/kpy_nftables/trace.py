@@ -53,7 +53,7 @@ class TraceError(ValueError):
 
 def objects(plan: Plan, config: BackendConfig) -> dict[str, render.Obj]:
     """Every object the backend renders for ``plan``, keyed as the backend keys them."""
-    config = config.for_node(plan.node)
+    config = config.for_plan(plan)
     objs: dict[str, render.Obj] = dict(render.base_objects(config))
     claimed: set[str] = set()
     for name in sorted(plan.services):

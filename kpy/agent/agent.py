@@ -176,6 +176,16 @@ class Agent:
             self._warn(problems)
             if eps is not None or not problems:
                 self.tracker.set_slice(event.namespace, event.name, eps, _trigger_time(event.obj))
+        elif event.kind is Kind.SERVICE_CIDR:
+            if event.type is EventType.DELETE:
+                self.tracker.set_service_cidr(event.name, None)
+                return
+            cidrs, problems = convert.service_cidr(event.obj)
+            self._warn(problems)
+            if cidrs is not None:
+                self.tracker.set_service_cidr(event.name, cidrs)
+            # An invalid ServiceCIDR counts for nothing; an invalid update keeps the last
+            # good version (as a Service's).
         elif event.kind is Kind.NODE:
             if event.name != self.node_name or event.type is EventType.DELETE:
                 return

@@ -57,6 +57,7 @@ def subset(plan: Plan, names: Iterable[ServicePortName]) -> Plan:
         services=services,
         changed=frozenset(services),
         full_sync=True,
+        service_cidrs=plan.service_cidrs,
     )
 
 

@@ -70,8 +70,9 @@ class BackendConfig:
     # nodePortAddresses "primary": NodePorts on the node's primary IP of each family only
     # (nodeport_addresses is then those IPs, filled in by for_node: none until known)
     nodeport_primary: bool = False
-    # the service CIDRs (nftables backend: an address in them that no Service has is
-    # dropped, as upstream's nftables mode)
+    # the service CIDRs given by flag or configuration (nftables backend: an address in
+    # them, or in the cluster's ServiceCIDR objects, that no Service has is dropped, as
+    # upstream's nftables mode)
     service_cidrs: tuple[IPNetwork, ...] = ()
     # iptables backend: NodePorts also on 127.0.0.1 (upstream's iptables.localhostNodePorts;
     # IPv4, masqueraded; sets route_localnet=1 in the node's namespace). Off unless asked
@@ -88,6 +89,8 @@ class BackendConfig:
     # What the Node itself says (filled in by :meth:`for_node` from the Plan's node):
     node_addresses: tuple[IPAddress, ...] = ()  # InternalIP then ExternalIP
     node_pod_cidrs: tuple[IPNetwork, ...] = ()  # spec.podCIDRs
+    # What the cluster's ServiceCIDR objects say (filled in by :meth:`for_plan`):
+    cluster_service_cidrs: tuple[IPNetwork, ...] = ()
 
     def __post_init__(self) -> None:
         if self.detect_local_mode not in DETECT_LOCAL_MODES:
@@ -113,6 +116,18 @@ class BackendConfig:
         if config.nodeport_primary:
             config = replace(config, nodeport_addresses=config.primary_networks())
         return self if config == self else config
+
+    def for_plan(self, plan: Plan) -> BackendConfig:
+        """:meth:`for_node` of the Plan's node, with the cluster's ServiceCIDRs (the
+        nftables backend's; the others render without them, as upstream's modes)."""
+        config = self.for_node(plan.node)
+        if config.cluster_service_cidrs == plan.service_cidrs:
+            return config
+        return replace(config, cluster_service_cidrs=plan.service_cidrs)
+
+    def all_service_cidrs(self) -> tuple[IPNetwork, ...]:
+        """The configured service CIDRs and the ServiceCIDR objects', each once."""
+        return tuple(dict.fromkeys((*self.service_cidrs, *self.cluster_service_cidrs)))
 
     def primary_networks(self) -> tuple[IPNetwork, ...]:
         """The primary IPs as /32 and /128 networks (nodePortAddresses "primary")."""
@@ -208,7 +223,10 @@ class Backend(Protocol):
     (None: the kernel would take ``plan``'s service ports; else why not). With it the
     agent finds the ports to blame when a transaction is refused (kpy.agent.quarantine).
     ``async def dry_run(plan) -> str`` — the transaction ``apply(plan)`` would send,
-    for ``kpy plan --backend``.
+    for ``kpy plan --backend``. ``async def differences(plan) -> tuple[str, ...]``
+    — each object the kernel holds otherwise than this configuration renders for
+    ``plan``, and why (read, never changed): ``kpy dump --backend`` shows them (the
+    agent's node flags differ from the dump's, or the kernel drifted).
     """
 
     name: str

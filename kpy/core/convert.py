@@ -272,7 +272,10 @@ _NAME_RULES = {
     "Service": "dns-1035-label",
     "EndpointSlice": "dns-1123-subdomain",
     "Node": "dns-1123-subdomain",
+    "ServiceCIDR": "dns-1123-subdomain",
 }
+
+_CLUSTER_SCOPED = frozenset({"Node", "ServiceCIDR"})
 
 
 def _meta(obj: Any, kind: str) -> tuple[str, str, dict[str, Any]]:
@@ -286,7 +289,7 @@ def _meta(obj: Any, kind: str) -> tuple[str, str, dict[str, Any]]:
     meta = _dict(obj.get("metadata"), "metadata")
     name = _name(meta.get("name"), "metadata.name", _NAME_RULES[kind])
     namespace = ""
-    if kind != "Node":
+    if kind not in _CLUSTER_SCOPED:
         namespace = _name(meta.get("namespace"), "metadata.namespace", "dns-1123-label")
     return namespace, name, meta
 
@@ -754,6 +757,53 @@ def node(obj: Any) -> tuple[NodeInfo | None, tuple[Problem, ...]]:
     except Exception as exc:
         reason = f"unexpected {type(exc).__name__}: {exc}"
         return None, (Problem(kind="Node", namespace=namespace, name=name, reason=reason),)
+
+
+# --------------------------------------------------------------------------- ServiceCIDR
+
+MAX_SERVICE_CIDRS = 2  # spec.cidrs: one per family, as the API validates it
+
+
+def service_cidr(obj: Any) -> tuple[tuple[IPNetwork, ...] | None, tuple[Problem, ...]]:
+    """Convert a ServiceCIDR (networking.k8s.io/v1): its ``spec.cidrs``, validated as
+    the API server validates them — one or two CIDRs, each a network address (no host
+    bits), two of different families. None (and a Problem) when any of that fails: a
+    bad ServiceCIDR costs only itself.
+
+    One being deleted (``metadata.deletionTimestamp`` set) still counts, as upstream
+    kube-proxy counts it: the API server keeps it while Services hold addresses in it,
+    and addresses in it that no Service has are still no one's."""
+    name = identify(obj)[1]
+    try:
+        _, name, _ = _meta(obj, "ServiceCIDR")
+        spec = _dict(obj.get("spec"), "spec")
+        raw = _list(spec.get("cidrs"), "spec.cidrs", MAX_SERVICE_CIDRS)
+        if not raw:
+            raise _Invalid("spec.cidrs is empty: at least one CIDR is required")
+        cidrs: list[IPNetwork] = []
+        for index, value in enumerate(raw):
+            what = f"spec.cidrs[{index}]"
+            if not isinstance(value, str):
+                raise _Invalid(f"{what} {show(value)} is not a string")
+            try:
+                net = ipaddress.ip_network(value, strict=True)
+            except ValueError:
+                raise _Invalid(
+                    f"{what} {show(value)} is not a CIDR with its network address "
+                    "(e.g. 10.96.0.0/16 or fd00:96::/108)"
+                ) from None
+            cidrs.append(net)
+        if len(cidrs) == 2 and cidrs[0].version == cidrs[1].version:
+            raise _Invalid(
+                f"spec.cidrs {show(raw[0])} and {show(raw[1])} are of one family: "
+                "at most one CIDR per IP family"
+            )
+        return tuple(cidrs), ()
+    except _Invalid as exc:
+        return None, (Problem(kind="ServiceCIDR", namespace="", name=name, reason=str(exc)),)
+    except Exception as exc:
+        reason = f"unexpected {type(exc).__name__}: {exc}"
+        return None, (Problem(kind="ServiceCIDR", namespace="", name=name, reason=reason),)
 
 
 def services_by_name(services: Iterable[Service]) -> Mapping[ServiceName, Service]:

@@ -299,6 +299,11 @@ class Plan:
         default_factory=dict, compare=False
     )
     refused: Mapping[ServicePortName, str] = field(default_factory=dict, compare=False)
+    # The CIDRs of the cluster's ServiceCIDR objects (networking.k8s.io/v1), each once,
+    # IPv4 first, sorted: where the cluster allocates ClusterIPs. The nftables backend
+    # drops traffic to an address in them that no Service has (with the configured
+    # ``service_cidrs``); other backends ignore them, as upstream's iptables and ipvs modes.
+    service_cidrs: tuple[IPNetwork, ...] = ()
 
     @property
     def needs_conntrack_cleanup(self) -> bool:

@@ -90,7 +90,7 @@ class Options:
     nodeport_addresses: tuple[IPNetwork, ...] = ()  # () = every node address
     nodeport_primary: bool = False  # nodePortAddresses "primary": the primary IPs only
     localhost_nodeports: bool = False  # the iptables backend's NodePorts on 127.0.0.1
-    service_cidrs: tuple[IPNetwork, ...] = ()
+    service_cidrs: tuple[IPNetwork, ...] = ()  # --service-cidr; the Plan's ServiceCIDRs count too
     # upstream nftables mode's checks (the nftables backend): a port no Service serves on a
     # ClusterIP is rejected, an address of the service CIDRs no Service has is dropped
     clusterip_checks: bool = False
@@ -353,7 +353,7 @@ def explain(plan: Plan, packet: Packet, options: Options | None = None) -> Expla
             if cluster_ip:
                 why = (reason, "cluster_ip_port_not_served")
                 return Explanation(verdict=Verdict.REJECT, origin=origin, reasons=why)
-            if _in(packet.dst, options.service_cidrs):
+            if _in(packet.dst, (*options.service_cidrs, *plan.service_cidrs)):
                 why = (reason, "unallocated_service_ip")
                 return Explanation(verdict=Verdict.DROP, origin=origin, reasons=why)
         return Explanation(verdict=Verdict.ACCEPT, origin=origin, reasons=(reason,))

@@ -7,7 +7,9 @@ between two syncs costs one recomputation, and one whose final state equals the
 previous one vanishes from the Plan — upstream kube-proxy's {previous, current} pairs.
 
 A change of this node (name, addresses, zone) changes what every Service selects, so it
-recomputes everything and makes the Plan a full sync.
+recomputes everything and makes the Plan a full sync. A change of the cluster's
+ServiceCIDR objects changes no Service: the next Plan carries the new
+:attr:`~kpy.core.model.Plan.service_cidrs` and nothing else.
 
 Frontend conflicts are settled here, before any backend sees them: when two service
 ports claim one frontend (address, port and protocol, or one NodePort), the address the
@@ -30,6 +32,7 @@ from kpy.core import endpoints as select
 from kpy.core.model import (
     Conflict,
     Endpoint,
+    IPNetwork,
     NodeInfo,
     Plan,
     Protocol,
@@ -60,6 +63,10 @@ class Tracker:
         self._claims_of: dict[ServicePortName, tuple[tuple[_Claim, str], ...]] = {}
         self._holders: dict[_Claim, dict[ServicePortName, str]] = {}
         self._conflicts: dict[ServicePortName, tuple[Conflict, ...]] = {}
+        # ServiceCIDR objects by name → their CIDRs; the union, as the last Plan had it
+        self._service_cidrs: dict[str, tuple[IPNetwork, ...]] = {}
+        self._cidrs: tuple[IPNetwork, ...] = ()
+        self._cidrs_changed = False
 
     # ----------------------------------------------------------------- events
 
@@ -69,7 +76,12 @@ class Tracker:
 
     @property
     def pending(self) -> bool:
-        return self._full or bool(self._dirty)
+        return self._full or bool(self._dirty) or self._cidrs_changed
+
+    @property
+    def service_cidrs(self) -> tuple[IPNetwork, ...]:
+        """The union of every ServiceCIDR's CIDRs (IPv4 first, sorted, each once)."""
+        return _union(self._service_cidrs.values())
 
     @property
     def pending_count(self) -> int:
@@ -123,6 +135,18 @@ class Tracker:
             self._dirty.update(self._services)
             self._dirty.update(self._ports_of)
             self._full = True
+
+    def set_service_cidr(self, name: str, cidrs: tuple[IPNetwork, ...] | None) -> None:
+        """Record a ServiceCIDR object's CIDRs (None: deleted). Two objects may hold the
+        same CIDR: it counts until neither does."""
+        if cidrs is None:
+            if self._service_cidrs.pop(name, None) is None:
+                return
+        else:
+            if self._service_cidrs.get(name) == cidrs:
+                return
+            self._service_cidrs[name] = cidrs
+        self._cidrs_changed = self.service_cidrs != self._cidrs
 
     def request_full_sync(self) -> None:
         self._full = True
@@ -178,6 +202,7 @@ class Tracker:
                 changed.add(key)
                 stale.extend(_stale_flows(previous, state))
         self._dirty.clear()
+        self._cidrs, self._cidrs_changed = self.service_cidrs, False
         full, self._full = self._full, False
         triggers, self._trigger_times = tuple(self._trigger_times), []
         stale.sort(key=lambda f: (str(f.protocol), str(f.destination), f.port, str(f.endpoint)))
@@ -190,6 +215,7 @@ class Tracker:
             full_sync=full,
             trigger_times=triggers,
             conflicts=MappingProxyType(self._conflicts),
+            service_cidrs=self._cidrs,
         )
 
     # ----------------------------------------------------------------- conflicts
@@ -245,6 +271,11 @@ class Tracker:
             return raw
         self._conflicts[key] = tuple(lost)
         return dataclasses.replace(raw, service=_without(raw.service, lost))
+
+
+def _union(groups: Iterable[tuple[IPNetwork, ...]]) -> tuple[IPNetwork, ...]:
+    nets = {net for group in groups for net in group}
+    return tuple(sorted(nets, key=lambda n: (n.version, int(n.network_address), n.prefixlen)))
 
 
 _Claim = tuple[str, int, str]  # (address or "*" for a NodePort, port, protocol)

@@ -20,6 +20,11 @@ class Kind(enum.StrEnum):
     SERVICE = "Service"
     ENDPOINT_SLICE = "EndpointSlice"
     NODE = "Node"
+    SERVICE_CIDR = "ServiceCIDR"
+
+
+# Kinds without a namespace: their events carry namespace "".
+CLUSTER_SCOPED = frozenset({Kind.NODE, Kind.SERVICE_CIDR})
 
 
 class EventType(enum.StrEnum):
@@ -31,7 +36,7 @@ class EventType(enum.StrEnum):
 class Event:
     kind: Kind
     type: EventType
-    namespace: str  # "" for cluster-scoped objects (Node)
+    namespace: str  # "" for cluster-scoped objects (Node, ServiceCIDR)
     name: str
     obj: dict[str, Any]  # the object as the API returns it (for DELETE: its last state)
 
@@ -60,7 +65,7 @@ class SourceMetrics(Protocol):
     """What a source reports about its connection to the API server.
 
     ``resource`` is the plural resource name (``services``, ``endpointslices``,
-    ``nodes``).
+    ``nodes``, ``servicecidrs``).
     """
 
     def watch_reconnected(self, resource: str) -> None:

@@ -1,4 +1,5 @@
-"""The Kubernetes API as a source: list + watch Services, EndpointSlices and this node's Node.
+"""The Kubernetes API as a source: list + watch Services, EndpointSlices, this node's Node
+and the cluster's ServiceCIDRs.
 
 One reflector per resource, with the semantics a production node agent needs
 (Kubernetes API concepts, "Efficient detection of changes"):
@@ -12,9 +13,11 @@ One reflector per resource, with the semantics a production node agent needs
   (``Retry-After`` respected); a watch is renewed before the server closes it
   (``timeoutSeconds`` below the server's limit) and abandoned if it goes silent past
   its deadline;
-* ``sink.synced()`` only after Services, EndpointSlices and the Node have each been
-  listed once (and the Node exists, or ``node_grace`` has passed), so a partial view is
-  never programmed; losing the API server only reports ``sink.connection(False, ...)``
+* ``sink.synced()`` only after Services, EndpointSlices, ServiceCIDRs and the Node have
+  each been listed once (and the Node exists, or ``node_grace`` has passed), so a
+  partial view is never programmed (an API server without the ServiceCIDR kind, or a
+  ClusterRole without it, counts as none: see :attr:`Reflector.optional`); losing the
+  API server only reports ``sink.connection(False, ...)``
   — nothing is deleted because the API is gone;
 * an object without usable metadata is skipped with a structured warning naming it;
 * Services and EndpointSlices are selected as kube-proxy selects them
@@ -51,7 +54,7 @@ import yaml
 
 from kpy import __version__
 from kpy.core.model import ConfigError
-from kpy.sources import Event, EventType, Kind, Sink, SourceMetrics
+from kpy.sources import CLUSTER_SCOPED, Event, EventType, Kind, Sink, SourceMetrics
 from kpy.sources import kubeconfig as kubeconfig_files
 
 log = structlog.get_logger("kpy.sources.kube")
@@ -64,12 +67,14 @@ REQUIRED_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("", "services", ("list", "watch")),
     ("discovery.k8s.io", "endpointslices", ("list", "watch")),
     ("", "nodes", ("list", "watch")),
+    ("networking.k8s.io", "servicecidrs", ("list", "watch")),
     ("", "events", ("create", "patch")),
 )
 
 SERVICES_PATH = "/api/v1/services"
 ENDPOINT_SLICES_PATH = "/apis/discovery.k8s.io/v1/endpointslices"
 NODES_PATH = "/api/v1/nodes"
+SERVICE_CIDRS_PATH = "/apis/networking.k8s.io/v1/servicecidrs"
 USER_AGENT = f"kpy/{__version__}"
 # What kube-proxy asks the API server to leave out of its Services and EndpointSlices
 # (cmd/kube-proxy/app/server.go): another proxy's objects, and the EndpointSlices of
@@ -655,8 +660,16 @@ class Reflector:
         *,
         field_selector: str = "",
         label_selector: str = "",
+        optional: bool = False,
     ) -> None:
         self.source = source
+        # An optional kind the API server does not serve (404: no ServiceCIDR API) or
+        # that the ClusterRole does not grant (403: an older DaemonSet) counts as none:
+        # listed empty, the source stays healthy, a warning says so, and the list is
+        # retried with backoff. Upstream kube-proxy's ServiceCIDR informer likewise
+        # never holds up its Services.
+        self.optional = optional
+        self.unavailable = ""  # why an optional kind is not served, "" when it is
         self.kind = kind
         self.path = path
         self.field_selector = field_selector
@@ -687,7 +700,7 @@ class Reflector:
             problem = "no metadata"
         elif not isinstance(name, str) or not name:
             problem = "metadata.name missing"
-        elif self.kind is not Kind.NODE and (not isinstance(namespace, str) or not namespace):
+        elif self.kind not in CLUSTER_SCOPED and (not isinstance(namespace, str) or not namespace):
             problem = "metadata.namespace missing"
         elif not isinstance(rv, str):
             problem = "metadata.resourceVersion is not a string"
@@ -701,7 +714,8 @@ class Reflector:
                 note="skipped",
             )
             return None
-        return ((namespace if self.kind is not Kind.NODE else ""), name), rv  # type: ignore[return-value]
+        scoped = self.kind not in CLUSTER_SCOPED
+        return ((namespace if scoped else ""), name), rv  # type: ignore[return-value]
 
     def _upsert(self, obj: JSON, key: ObjectKey, rv: str) -> None:
         previous = self.known.get(key)
@@ -719,6 +733,25 @@ class Reflector:
         self.source.emit(
             Event(kind=self.kind, type=EventType.DELETE, namespace=key[0], name=key[1], obj=obj)
         )
+
+    def _unavailable(self, exc: ApiStatusError) -> None:
+        """An optional kind cannot be listed: none of it counts (see ``optional``)."""
+        reason = f"HTTP {exc.status} {exc.reason}".strip()
+        if reason != self.unavailable:
+            log.warning(
+                "kube_kind_unavailable",
+                kind=str(self.kind),
+                path=self.path,
+                status=exc.status,
+                reason=exc.reason,
+                message=exc.message,
+                note="not served (404) or not allowed (403: check the ClusterRole); "
+                "counted as none, retried with backoff",
+            )
+        self.unavailable = reason
+        for key in list(self.known):  # what was listed before is no longer known
+            self._delete(key, self.known[key])
+        self.listed.set()
 
     # -- list
 
@@ -785,6 +818,9 @@ class Reflector:
             self._delete(key, self.known[key])
         self.resource_version = rv
         self.lists += 1
+        if self.unavailable:
+            log.info("kube_kind_available", kind=str(self.kind), was=self.unavailable)
+            self.unavailable = ""
         log.info(
             "kube_listed",
             kind=str(self.kind),
@@ -989,6 +1025,11 @@ class Reflector:
                     need_list = True
                     self.consistent_list = True
                     continue
+                if self.optional and exc.status in (403, 404):
+                    self._unavailable(exc)  # on a list, or a watch (access revoked)
+                    need_list = True
+                    await asyncio.sleep(self._backoff.next(exc.retry_after))
+                    continue
                 # A throttled server is alive and says when to come back; anything else
                 # (5xx, or credentials/RBAC refused: 401/403) means no updates arrive.
                 if exc.status >= 500:
@@ -1036,7 +1077,7 @@ class Reflector:
 
 
 class KubeSource:
-    """The ``kube`` source: three reflectors, one sync gate, one connection state."""
+    """The ``kube`` source: four reflectors, one sync gate, one connection state."""
 
     def __init__(
         self,
@@ -1067,7 +1108,8 @@ class KubeSource:
         self.node = Reflector(
             self, Kind.NODE, NODES_PATH, field_selector=f"metadata.name={node_name}"
         )
-        self.reflectors = (self.services, self.endpoint_slices, self.node)
+        self.service_cidrs = Reflector(self, Kind.SERVICE_CIDR, SERVICE_CIDRS_PATH, optional=True)
+        self.reflectors = (self.services, self.endpoint_slices, self.node, self.service_cidrs)
         self.pool = ConnectionPool(max_idle=1)  # for the Events the agent posts
         self.healthy = True
         self.is_synced = False
@@ -1125,7 +1167,7 @@ class KubeSource:
                 pool.close()
 
     async def _gate(self, sink: Sink) -> None:
-        """Call ``synced()`` once all three are listed and the Node exists (or grace ends)."""
+        """Call ``synced()`` once all are listed and the Node exists (or grace ends)."""
         for r in self.reflectors:
             await r.listed.wait()
         loop = asyncio.get_running_loop()

@@ -1,7 +1,7 @@
 """A directory (or files) of YAML/JSON manifests as a source: labs, demos, tests, offline use.
 
-Service, EndpointSlice and Node objects, alone, as multi-document YAML, or inside a
-``List``; other kinds are ignored. The files are re-read when their modification time
+Service, EndpointSlice, Node and ServiceCIDR objects, alone, as multi-document YAML, or
+inside a ``List``; other kinds are ignored. The files are re-read when their modification time
 or size changes (polling: no inotify dependency, works on every filesystem), and the
 difference to the previous read is emitted as events — the same events the ``kube``
 source emits. A file that fails to parse keeps its previous objects (a half-saved edit
@@ -29,7 +29,7 @@ import structlog
 import yaml
 
 from kpy.core import convert
-from kpy.sources import Event, EventType, Kind, Sink
+from kpy.sources import CLUSTER_SCOPED, Event, EventType, Kind, Sink
 
 log = structlog.get_logger("kpy.sources.manifests")
 
@@ -275,9 +275,9 @@ def files_in(paths: Iterable[Path]) -> list[Path]:
 
 
 def read_file(path: Path, notes: list[str] | None = None) -> dict[ObjectKey, dict[str, Any]]:
-    """The Services, EndpointSlices and Nodes in one file (raises on a file it cannot
-    read: see :data:`READ_ERRORS`). What is skipped inside a readable file is added to
-    ``notes``: documents that are not objects, objects of a served kind without a name."""
+    """The Services, EndpointSlices, Nodes and ServiceCIDRs in one file (raises on a file
+    it cannot read: see :data:`READ_ERRORS`). What is skipped inside a readable file is
+    added to ``notes``: documents that are not objects, objects of a served kind without a name."""
     result: dict[ObjectKey, dict[str, Any]] = {}
     skipped = notes if notes is not None else []
     docs = _documents(path, skipped)
@@ -293,8 +293,9 @@ def read_file(path: Path, notes: list[str] | None = None) -> dict[ObjectKey, dic
         if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
             skipped.append(f"a {kind} without metadata.name")
             continue
-        namespace = "" if kind is Kind.NODE else str(meta.get("namespace") or "default")
-        if kind is not Kind.NODE:
+        cluster_scoped = kind in CLUSTER_SCOPED
+        namespace = "" if cluster_scoped else str(meta.get("namespace") or "default")
+        if not cluster_scoped:
             meta["namespace"] = namespace
         result[(kind, namespace, meta["name"])] = obj
     return result

@@ -46,7 +46,8 @@ than any decoder recurses, say — so the ``kube`` source's defences can be test
 Faults for tests: :meth:`FakeApiServer.cut_streams` (mid-event), :meth:`stall` /
 :meth:`resume`, :meth:`fail_next` (500/429 with ``Retry-After``), :meth:`expire`
 (compact history), :meth:`restart` (connections dropped, new history, new
-resourceVersion base), :meth:`stop` / :meth:`start` (connection refused meanwhile).
+resourceVersion base), :meth:`stop` / :meth:`start` (connection refused meanwhile),
+``faults.unserved`` / ``faults.forbidden`` (a resource answered 404 or 403).
 
 It doubles as a development tool: ``kpy testing apiserver --from DIR`` serves a
 manifests directory (and follows its edits), so ``kpy run --source kube --master
@@ -135,7 +136,8 @@ SERVICES = Resource("", "v1", "services", "Service", True)
 ENDPOINT_SLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True)
 NODES = Resource("", "v1", "nodes", "Node", False)
 EVENTS = Resource("", "v1", "events", "Event", True)
-RESOURCES = (SERVICES, ENDPOINT_SLICES, NODES, EVENTS)
+SERVICE_CIDRS = Resource("networking.k8s.io", "v1", "servicecidrs", "ServiceCIDR", False)
+RESOURCES = (SERVICES, ENDPOINT_SLICES, NODES, EVENTS, SERVICE_CIDRS)
 BY_KIND = {r.kind: r for r in RESOURCES}
 
 VERSION_INFO = {
@@ -585,6 +587,10 @@ class Faults:
     # answer (an idle timeout racing the client's next request on a kept-alive one).
     drop_reused: int = 0
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Resources (plurals) answered 404 as if the server had no such API (an older
+    # cluster), or 403 as if the client's ClusterRole did not grant them.
+    unserved: set[str] = field(default_factory=set)
+    forbidden: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -605,6 +611,7 @@ _REASONS = {
     201: "Created",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
@@ -949,6 +956,17 @@ class FakeApiServer:
                 await self._respond(writer, 200, discovery)
                 return keep_alive
             route = self._route(req.path)
+            if route[0].plural in self.faults.unserved:
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            if route[0].plural in self.faults.forbidden:
+                resource = route[0]
+                raise ApiError(
+                    403,
+                    "Forbidden",
+                    f'{resource.plural}.{resource.group} is forbidden: User "kpy" cannot list '
+                    f'resource "{resource.plural}" in API group "{resource.group}" at the '
+                    "cluster scope",
+                )
             self._maybe_fail(req)
             return await self._resource(req, writer, *route) and keep_alive
         except ApiError as exc:

@@ -129,6 +129,7 @@ def plan(
     full_sync: bool = True,
     changed: Iterable[ServicePortName] | None = None,
     removed: Iterable[ServicePortName] = (),
+    service_cidrs: Iterable[str] = (),
 ) -> Plan:
     services = {s.name: s for s in states}
     return Plan(
@@ -137,6 +138,7 @@ def plan(
         changed=frozenset(services if changed is None else changed),
         removed=frozenset(removed),
         full_sync=full_sync,
+        service_cidrs=tuple(ipaddress.ip_network(c) for c in service_cidrs),
     )
 
 

@@ -5,6 +5,10 @@ given, each row also says what the kernel really holds and flags any difference 
 the operator sees drift without reading rule text. Headless Services are listed with
 their endpoints and ExternalName Services with their target; neither has a frontend.
 
+With the backend's optional ``differences(plan)``, a last row names every kernel
+object that is not as the backend renders it with the dump's node flags (``kpy dump
+--service-cidr …``): flags other than the agent's, or drift in shared objects.
+
 A backend that finds more than frontends and endpoints wrong (a rule missing from a
 Service's chain, a set element gone) says so in the view's ``extra["drift"]``; a view
 keyed ``(…)`` is about the backend's own objects rather than a Service (the nftables
@@ -53,8 +57,18 @@ def _kind(state: ServicePortState) -> str:
     return str(svc.type)
 
 
-def rows(plan: Plan, programmed: Programmed | None = None) -> list[dict[str, Any]]:
-    """One dict per service port, sorted by name; JSON-ready."""
+OBJECTS_ROW = "(kernel objects)"
+MAX_LISTED = 8  # objects named in the drift note; the rest are counted
+
+
+def rows(
+    plan: Plan,
+    programmed: Programmed | None = None,
+    differences: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    """One dict per service port, sorted by name; JSON-ready. ``differences`` (the
+    backend's objects the kernel holds otherwise than it renders them for ``plan`` with
+    the dump's node flags) make a last row."""
     result = []
     node = plan.node.name
     observed = dict(programmed.services) if programmed is not None else {}
@@ -127,7 +141,26 @@ def rows(plan: Plan, programmed: Programmed | None = None) -> list[dict[str, Any
                 "drift": True,
             }
         )
+    differs = list(differences)
+    if differs:
+        result.append(_objects_row(differs))
     return result
+
+
+def _objects_row(differs: list[str]) -> dict[str, Any]:
+    note = "; ".join(differs[:MAX_LISTED])
+    if len(differs) > MAX_LISTED:
+        note += f"; and {len(differs) - MAX_LISTED} more"
+    return {
+        "service": OBJECTS_ROW,
+        "type": "(backend)",
+        "frontends": [],
+        "endpoints": [],
+        "note": "not as kpy renders them with these node flags: are they the agent's?",
+        "programmed": {"frontends": [], "endpoints": [], "extra": {"drift": note}},
+        "differs": differs,
+        "drift": True,
+    }
 
 
 def render(data: list[dict[str, Any]], fmt: str) -> str:

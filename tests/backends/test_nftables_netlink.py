@@ -282,6 +282,43 @@ def test_writer_leaves_the_ruleset_nft_leaves(pair: tuple[str, str], case: Case)
 
 
 @pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ((), ("10.96.0.0/12",)),
+        (("10.96.0.0/12",), ("10.96.0.0/12", "10.200.0.0/24", "fd00:96::/108")),
+        (("10.96.0.0/12", "10.200.0.0/24", "fd00:96::/108"), ("fd00:96::/108",)),
+    ],
+    ids=["first", "added-both-families", "removed"],
+)
+def test_service_cidr_changes_over_netlink_leave_the_ruleset_nft_leaves(
+    pair: tuple[str, str], before: tuple[str, ...], after: tuple[str, ...]
+) -> None:
+    """A ServiceCIDR change rewrites the cluster-ips-check chains (a reject and a drop
+    per CIDR): encoded for netlink — no nft process — and the same as nft's."""
+    old = BackendConfig(service_cidrs=tuple(ipaddress.ip_network(c) for c in before))
+    new = BackendConfig(service_cidrs=tuple(ipaddress.ip_network(c) for c in after))
+    for ns in pair:
+        Node(ns, old).start([CLUSTER_IP])
+    was, will = render.base_objects(old), render.base_objects(new)
+    keys = {k for k in was.keys() | will.keys() if was[k].value != will[k].value}
+    script = render.transaction(will, {k: o.value for k, o in was.items()}, keys).script
+    assert "cluster-ips-check" in script
+    batch = netlink.encode(script, netlink.set_types(will.values()))  # no Unsupported
+    a, b_ = pair
+    _apply(a, script)
+    writer = netlink.NetlinkWriter(b_)
+    try:
+        writer.send(batch)
+    finally:
+        writer.close()
+    ruleset = _ruleset(a)
+    assert _ruleset(b_) == ruleset
+    for cidr in after:
+        assert f"daddr {cidr} drop" in ruleset
+    assert "reject" in ruleset
+
+
+@pytest.mark.parametrize(
     "ranges",
     [
         "10.0.0.0/9, 10.128.0.0/9",  # adjacent: nft merges them
@@ -407,7 +444,7 @@ SETS = {
         "add rule ip kpy x ip saddr != { 10.0.0.0/8, 10.244.0.0/16 } drop",
         "add rule ip kpy masquerading masquerade fully-random",
         "add rule ip kpy filter-input ct state new jump nodeport-endpoints-check",
-        "add rule ip kpy reject-chain reject",
+        "add rule ip kpy reject-chain reject with tcp reset",
         "add rule ip kpy x dnat to 10.244.1.5",
         "add rule ip kpy x meta l4proto tcp tcp dport 80 drop",
         "add rule ip kpy x ip6 saddr fd00::1 drop",

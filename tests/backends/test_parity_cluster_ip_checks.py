@@ -164,3 +164,23 @@ def test_explain() -> None:
                    "10.96.0.0/12"]  # fmt: skip
     assert _explain(*unallocated, "--backend", "nftables")["verdict"] == "drop"
     assert _explain(*unallocated, "--backend", "iptables")["verdict"] == "accept"
+
+
+def test_explain_with_a_service_cidr_object_in_the_manifests(tmp_path: Path) -> None:
+    """A ServiceCIDR object in the manifests counts as --service-cidr does: the model and
+    the nftables trace agree on the drop; iptables leaves the address alone."""
+    import shutil
+
+    shutil.copytree("examples", tmp_path / "m")
+    (tmp_path / "m" / "servicecidr.yaml").write_text(
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\n"
+        "metadata: {name: extra}\nspec: {cidrs: [10.200.0.0/24]}\n"
+    )
+    unallocated = ["--manifests", str(tmp_path / "m"), "--from", "10.244.1.7",
+                   "--to", "10.200.0.9:80"]  # fmt: skip
+    assert _explain(*unallocated)["verdict"] == "drop"
+    assert _explain(*unallocated, "--backend", "nftables")["verdict"] == "drop"
+    assert _explain(*unallocated, "--backend", "iptables")["verdict"] == "accept"
+    outside = ["--manifests", str(tmp_path / "m"), "--from", "10.244.1.7",
+               "--to", "10.201.0.9:80"]  # fmt: skip
+    assert _explain(*outside, "--backend", "nftables")["verdict"] == "accept"

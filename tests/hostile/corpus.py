@@ -414,6 +414,28 @@ def _values() -> list[Case]:
         ),
     ]
     cases += [_obj(n, cls, o, fmt=_format(n)) for n, cls, o in s]
+
+    def cidr(name: Any, cidrs: Any) -> dict[str, Any]:
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "ServiceCIDR",
+            "metadata": {"name": name},
+            "spec": {"cidrs": cidrs},
+        }
+
+    cidrs = [
+        ("servicecidr-rule-injection", "ip", cidr("bad-cidr-1", ["10.96.0.0/12 } accept"])),
+        ("servicecidr-nft-injection", "ip", cidr("bad-cidr-2", ["0.0.0.0/0; flush ruleset"])),
+        ("servicecidr-host-bits", "ip", cidr("bad-cidr-3", ["10.96.0.1/12"])),
+        ("servicecidr-same-family", "ip", cidr("bad-cidr-4", ["10.96.0.0/12", "10.200.0.0/24"])),
+        ("servicecidr-too-many", "type",
+         cidr("bad-cidr-5", ["10.1.0.0/16", "fd00::/64", "10.2.0.0/16"])),
+        ("servicecidr-not-a-list", "type", cidr("bad-cidr-6", {"cidr": "10.96.0.0/12"})),
+        ("servicecidr-int", "type", cidr("bad-cidr-7", [167772160])),
+        ("servicecidr-empty", "type", cidr("bad-cidr-8", [])),
+        ("servicecidr-name-injection", "name", cidr(INJECT_NFT, ["10.96.0.0/12"])),
+    ]  # fmt: skip
+    cases += [_obj(n, cls, o) for n, cls, o in cidrs]
     return cases
 
 

@@ -254,6 +254,75 @@ def test_api_changes_become_the_right_plans() -> None:
     asyncio.run(main())
 
 
+def service_cidr(name: str, *cidrs: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": list(cidrs)},
+    }
+
+
+def test_service_cidr_changes_reach_the_next_plan() -> None:
+    """ServiceCIDRs added, extended, invalid and deleted on the API server: each change
+    makes a sync whose Plan carries the new union, and changes no service port."""
+
+    async def main() -> None:
+        async with FakeApiServer() as api:
+            api.create(node())
+            api.create(service("web", "10.96.0.10"))
+            api.create(service_cidr("kubernetes", "10.96.0.0/16", "fd00:96::/108"))
+            source = KubeSource(
+                ApiTarget.from_url(api.url), NODE, backoff=BackoffPolicy(initial=0.02, maximum=0.2)
+            )
+            backend = FakeBackend()
+            agent = KpyAgent(
+                node_name=NODE,
+                source=source,
+                backend=backend,
+                times=RunnerTimes(min_interval=0.01, full_interval=3600),
+            )
+            task = asyncio.create_task(agent.run())
+
+            async def cidrs(*want: str) -> Any:
+                deadline = time.monotonic() + 10
+                while not backend.plans or [str(c) for c in backend.plans[-1].service_cidrs] != [
+                    *want
+                ]:
+                    assert not task.done(), task
+                    assert time.monotonic() < deadline, backend.plans[-1:]
+                    await asyncio.sleep(0.01)
+                return backend.plans[-1]
+
+            try:
+                first = await cidrs("10.96.0.0/16", "fd00:96::/108")
+                assert first.full_sync and len(backend.plans) == 1
+                api.create(service_cidr("extra", "10.100.0.0/24"))
+                plan = await cidrs("10.96.0.0/16", "10.100.0.0/24", "fd00:96::/108")
+                assert not plan.full_sync and not plan.changed and not plan.removed
+                both = {"spec": {"cidrs": ["10.100.0.0/24", "fd00:100::/64"]}}
+                api.patch("ServiceCIDR", "", "extra", both)
+                await cidrs("10.96.0.0/16", "10.100.0.0/24", "fd00:96::/108", "fd00:100::/64")
+                # an invalid one counts for nothing, and is named in a warning
+                api.create(service_cidr("bad", "10.200.0.1/24"))
+                deadline = time.monotonic() + 10
+                while agent.status.skipped_objects == 0:
+                    assert time.monotonic() < deadline, "the invalid ServiceCIDR was not seen"
+                    await asyncio.sleep(0.01)
+                assert agent.status.skipped_objects == 1 and not agent.tracker.pending
+                assert [str(c) for c in agent.tracker.service_cidrs] == [
+                    "10.96.0.0/16", "10.100.0.0/24", "fd00:96::/108", "fd00:100::/64"
+                ]  # fmt: skip
+                api.delete("ServiceCIDR", "", "extra")
+                api.delete("ServiceCIDR", "", "kubernetes")
+                await cidrs()
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
 def kpy_run(api_url: str, backend: str, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -414,10 +483,11 @@ def in_ns(ns: str, *command: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *command]
 
 
-def ask(ns: str) -> str:
-    """Connect to the ClusterIP from inside the node's namespace; the endpoint's name."""
+def ask(ns: str, address: str = "10.96.0.10") -> str:
+    """Connect to the ClusterIP (or ``address``) from inside the node's namespace; the
+    endpoint's (or listener's) name."""
     result = subprocess.run(
-        in_ns(ns, "socat", "-T", "2", "-", "TCP:10.96.0.10:80,connect-timeout=2"),
+        in_ns(ns, "socat", "-T", "2", "-", f"TCP:{address}:80,connect-timeout=2"),
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -444,10 +514,19 @@ def test_kpy_run_source_kube_programs_nftables_in_a_namespace(tmp_path: Path) ->
             # The node's own traffic to a ClusterIP needs a route before DNAT (as a
             # real node's default route provides).
             ["ip", "route", "add", "10.96.0.0/12", "dev", "lo"],
+            # Listeners on addresses no Service has: one in a ServiceCIDR created
+            # later, one outside it.
+            ["ip", "addr", "add", "10.200.0.7/32", "dev", "lo"],
+            ["ip", "addr", "add", "10.201.0.7/32", "dev", "lo"],
         ):
             subprocess.run(in_ns(ns, *command), check=True)
-        for address, name in (("10.244.0.5", "pod-a"), ("10.244.0.6", "pod-b")):
-            listen = f"TCP-LISTEN:8080,bind={address},reuseaddr,fork"
+        for address, name, port in (
+            ("10.244.0.5", "pod-a", 8080),
+            ("10.244.0.6", "pod-b", 8080),
+            ("10.200.0.7", "inside", 80),
+            ("10.201.0.7", "outside", 80),
+        ):
+            listen = f"TCP-LISTEN:{port},bind={address},reuseaddr,fork"
             servers.append(
                 subprocess.Popen(
                     in_ns(ns, "socat", listen, f"SYSTEM:echo {name}"),
@@ -477,10 +556,10 @@ async def _nftables_scenario(tmp_path: Path, ns: str) -> None:
         agent = Agent(proc)
         answers: list[str] = []
 
-        async def answered(expected: str) -> None:
+        async def answered(expected: str, address: str = "10.96.0.10") -> None:
             async def check() -> bool:
-                answers.append(await asyncio.to_thread(ask, ns))
-                return answers[-1] == expected
+                answers.append(await asyncio.to_thread(ask, ns, address))
+                return answers[-1].startswith(expected)
 
             deadline = time.monotonic() + 30
             while not await check():
@@ -492,6 +571,17 @@ async def _nftables_scenario(tmp_path: Path, ns: str) -> None:
             await answered("pod-a")
             api.update(endpoint_slice("web-1", "web", "10.244.0.6"))
             await answered("pod-b")
+            # A ServiceCIDR created at runtime: its address no Service has is dropped
+            # from the next sync on (the node's own connection times out), an address
+            # outside it still answers; deleted, the address answers again.
+            assert await asyncio.to_thread(ask, ns, "10.200.0.7") == "inside"
+            cidr = service_cidr("extra", "10.200.0.0/24")
+            api.create(cidr)
+            await answered("failed", "10.200.0.7")
+            assert await asyncio.to_thread(ask, ns, "10.201.0.7") == "outside"
+            assert await asyncio.to_thread(ask, ns) == "pod-b"
+            api.delete("ServiceCIDR", "", "extra")
+            await answered("inside", "10.200.0.7")
             # The API server goes away and the Service is deleted meanwhile: the rules
             # stay exactly as they were.
             await api.stop()

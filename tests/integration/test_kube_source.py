@@ -68,7 +68,7 @@ class RecordingSink:
 
 def server_versions(api: FakeApiServer) -> dict[Key, str]:
     out: dict[Key, str] = {}
-    for kind in (Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.NODE):
+    for kind in (Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.NODE, Kind.SERVICE_CIDR):
         for obj in api.objects(str(kind)):
             meta = obj["metadata"]
             if kind is Kind.NODE and meta["name"] != NODE:
@@ -491,6 +491,140 @@ def test_malformed_objects_are_skipped_with_a_warning() -> None:
     run(test, setup=basic)
 
 
+# --------------------------------------------------------------------------- ServiceCIDRs
+
+
+def service_cidr(name: str, *cidrs: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": list(cidrs)},
+    }
+
+
+def test_service_cidrs_are_listed_and_watched_cluster_wide() -> None:
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        api.create(service_cidr("kubernetes", "10.96.0.0/16", "fd00:96::/108"))
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        await until(lambda: sink.synced_count == 1, what="synced")
+        key = (Kind.SERVICE_CIDR, "", "kubernetes")
+        assert sink.state[key]["spec"]["cidrs"] == ["10.96.0.0/16", "fd00:96::/108"]
+        assert sink.state[key]["kind"] == "ServiceCIDR"
+        await until(lambda: kube.service_cidrs.watches >= 1, what="watching")
+        asked = [q for _, p, q in api.stats.requests if p == kube.service_cidrs.path]
+        assert {"watch" if "watch" in q else "list" for q in asked} == {"list", "watch"}
+        assert all("labelSelector" not in q and "fieldSelector" not in q for q in asked)
+
+        api.create(service_cidr("extra", "10.100.0.0/24"))
+        await until(lambda: (Kind.SERVICE_CIDR, "", "extra") in sink.state, what="added")
+        api.patch("ServiceCIDR", "", "extra", {"spec": {"cidrs": ["10.100.0.0/24", "fd00::/64"]}})
+        await until(
+            lambda: len(sink.state[(Kind.SERVICE_CIDR, "", "extra")]["spec"]["cidrs"]) == 2,
+            what="changed",
+        )
+        api.delete("ServiceCIDR", "", "extra")
+        await until(lambda: (Kind.SERVICE_CIDR, "", "extra") not in sink.state, what="deleted")
+        assert sink.events[-1].type is EventType.DELETE and sink.events[-1].namespace == ""
+        # deleted while the watch could not see it: the relist after a 410 says so
+        api.create(service_cidr("gone", "10.101.0.0/24"))
+        await until(lambda: (Kind.SERVICE_CIDR, "", "gone") in sink.state, what="added")
+        api.stall()
+        api.delete("ServiceCIDR", "", "gone")
+        api.expire()
+        api.resume()
+        await until(lambda: (Kind.SERVICE_CIDR, "", "gone") not in sink.state, what="relisted")
+        assert sink.versions() == server_versions(api)
+
+    run(test, setup=setup)
+
+
+@pytest.mark.parametrize("status", [404, 403])
+def test_service_cidrs_not_served_or_not_allowed_count_as_none(status: int) -> None:
+    """An API server without the kind (404) or a ClusterRole without it (403): the
+    source syncs without ServiceCIDRs, stays healthy, says why once, and picks them up
+    when they can be listed."""
+
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        api.create(service_cidr("kubernetes", "10.96.0.0/16"))
+        faults = api.faults.unserved if status == 404 else api.faults.forbidden
+        faults.add("servicecidrs")
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        with capture_logs() as logs:
+            await until(lambda: sink.synced_count == 1, what="synced without ServiceCIDRs")
+            assert (Kind.SERVICE, "default", "web") in sink.state
+            assert not any(k is Kind.SERVICE_CIDR for k, _, _ in sink.state)
+            lists = kube.service_cidrs.lists
+            failed = sum(1 for _, p, _ in api.stats.requests if p == kube.service_cidrs.path)
+            await until(
+                lambda: (
+                    sum(1 for _, p, _ in api.stats.requests if p == kube.service_cidrs.path)
+                    > failed + 1
+                ),
+                what="retried",
+            )
+            assert kube.service_cidrs.lists == lists == 0
+            assert kube.service_cidrs.unavailable.startswith(f"HTTP {status}")
+            api.faults.unserved.clear()
+            api.faults.forbidden.clear()
+            await until(
+                lambda: (Kind.SERVICE_CIDR, "", "kubernetes") in sink.state, what="served now"
+            )
+        warned = [e for e in logs if e["event"] == "kube_kind_unavailable"]
+        assert len(warned) == 1 and warned[0]["status"] == status  # once, not per retry
+        assert warned[0]["kind"] == "ServiceCIDR"
+        assert [e for e in logs if e["event"] == "kube_kind_available"]
+        assert kube.service_cidrs.unavailable == ""
+        assert sink.connections == []  # never reported unhealthy
+        assert sink.synced_count == 1
+
+    run(test, setup=setup)
+
+
+def test_service_cidrs_no_longer_allowed_count_as_none_until_allowed_again() -> None:
+    """Access revoked while watching (the next watch is refused with 403): the
+    ServiceCIDRs known are deleted — none count — without the source turning unhealthy;
+    granted again, they are listed back."""
+
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        api.create(service_cidr("kubernetes", "10.96.0.0/16"))
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        key = (Kind.SERVICE_CIDR, "", "kubernetes")
+        await until(lambda: kube.service_cidrs.watches >= 1 and key in sink.state)
+        api.faults.forbidden.add("servicecidrs")
+        api.cut_streams()
+        await until(lambda: key not in sink.state, what="counted as none")
+        assert kube.service_cidrs.unavailable.startswith("HTTP 403")
+        assert (Kind.SERVICE, "default", "web") in sink.state
+        api.faults.forbidden.clear()
+        await until(lambda: key in sink.state, what="listed back")
+        assert sink.connections == []
+
+    run(test, setup=setup)
+
+
+def test_a_malformed_service_cidr_is_skipped_and_the_others_kept() -> None:
+    from kpy.testing.apiserver import SERVICE_CIDRS
+
+    async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
+        with capture_logs() as logs:
+            await until(lambda: kube.service_cidrs.watches == 1)
+            api.store._commit(SERVICE_CIDRS, "ADDED", {"metadata": {"name": 7}}, None)
+            api.create(service_cidr("fine", "10.96.0.0/16"))
+            await until(lambda: (Kind.SERVICE_CIDR, "", "fine") in sink.state)
+        warned = [e for e in logs if e["event"] == "kube_object_malformed"]
+        assert warned and warned[0]["kind"] == "ServiceCIDR"
+        assert "metadata.name" in warned[0]["reason"]
+
+    run(test, setup=basic)
+
+
 # --------------------------------------------------------------------------- configuration
 
 
@@ -824,7 +958,7 @@ def test_paged_lists_reuse_one_kept_alive_connection() -> None:
         first = _list_connections(api, "/api/v1/services")
         assert len(first) == 3 and len(set(first)) == 1  # three pages, one connection
         # One connection per reflector for its lists, one per watch.
-        assert api.stats.connections == 6
+        assert api.stats.connections == 8
         api.expire()  # every resource relists: on the connections kept since
         await until(lambda: all(r.lists == 2 for r in kube.reflectors), what="relisted")
         relist = _list_connections(api, "/api/v1/services")[3:]
@@ -839,7 +973,7 @@ def test_a_connection_the_server_closed_is_replaced() -> None:
     async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
         await until(lambda: all(r.watches >= 1 for r in kube.reflectors), what="watching")
         before = _list_connections(api, "/api/v1/services")
-        assert api.close_idle() == 3  # the reflectors' kept list connections
+        assert api.close_idle() == 4  # the reflectors' kept list connections
         api.create(service("new"))
         api.expire()
         await until(lambda: all(r.lists == 2 for r in kube.reflectors), what="relisted")
@@ -849,6 +983,9 @@ def test_a_connection_the_server_closed_is_replaced() -> None:
 
         # Closed while the request was on its way (the server's idle timeout racing
         # it): sent once more on a new connection, and nobody hears of it.
+        # (every reflector watching again first: one still listing would watch from
+        # the newest resourceVersion, which the compaction keeps, and not relist)
+        await until(lambda: all(r.watches >= 2 for r in kube.reflectors), what="watching")
         api.faults.drop_reused = 1
         api.expire()
         await until(lambda: all(r.lists == 3 for r in kube.reflectors), what="relisted again")
@@ -880,6 +1017,10 @@ def test_other_proxies_services_and_headless_slices_are_left_out_by_the_server()
 
     async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
         await until(lambda: sink.synced_count == 1, what="synced")
+        await until(
+            lambda: kube.services.watches >= 1 and kube.endpoint_slices.watches >= 1,
+            what="watching",
+        )
         names = {(k, n) for k, _, n in sink.state}
         assert (Kind.SERVICE, "other") not in names and (Kind.SERVICE, "db") in names
         assert (Kind.ENDPOINT_SLICE, "db-xyz") not in names
@@ -927,11 +1068,12 @@ def test_reconnects_and_relists_are_reported_to_metrics() -> None:
     async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
         kube.set_metrics(metrics)
         await until(lambda: all(r.watches >= 1 for r in kube.reflectors), what="watching")
-        assert metrics.relists == {"services": 1, "endpointslices": 1, "nodes": 1}
+        once = {"services": 1, "endpointslices": 1, "nodes": 1, "servicecidrs": 1}
+        assert metrics.relists == once
         assert metrics.reconnects == {}
         api.cut_streams()
-        await until(lambda: len(metrics.reconnects) == 3, what="re-watched")
-        assert metrics.relists == {"services": 1, "endpointslices": 1, "nodes": 1}
+        await until(lambda: len(metrics.reconnects) == 4, what="re-watched")
+        assert metrics.relists == once
         api.create(service("more"))
         api.expire()  # ERROR 410 on every open watch: relist each
         await until(lambda: metrics.relists.get("services") == 2, what="relisted")
@@ -1031,4 +1173,5 @@ def test_required_permissions_cover_what_the_source_uses() -> None:
     assert {"list", "watch"} <= perms[("", "services")]
     assert {"list", "watch"} <= perms[("discovery.k8s.io", "endpointslices")]
     assert {"list", "watch"} <= perms[("", "nodes")]
+    assert {"list", "watch"} <= perms[("networking.k8s.io", "servicecidrs")]
     assert {"create", "patch"} <= perms[("", "events")]

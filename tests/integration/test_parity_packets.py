@@ -538,6 +538,62 @@ class TestClusterIPChecks:
             assert traced is (ex.Verdict.DROP if nftables else ex.Verdict.ACCEPT)
             assert _connects(where, "10.96.0.99", 80) == ("dropped" if nftables else "connected")
 
+    def test_a_service_cidr_added_at_runtime(
+        self, topo: Topology, backend: tuple[Factory, ex.Tracer], bystander: None
+    ) -> None:
+        """The cluster's ServiceCIDR objects (``Plan.service_cidrs``, no --service-cidr):
+        nftables drops an unallocated address of one added at runtime from the next
+        sync on — a partial sync that rewrites the IPv4 check chain alone — and leaves
+        an address outside it alone; the iptables backend ignores them (upstream's
+        iptables mode), without a full sync."""
+        factory, tracer = backend
+        nftables = tracer is nft_trace.trace
+        states = _cluster_ip_states()
+        programmed, _, cfg = _program(topo, factory, states)
+        ip("-n", topo.client, "addr", "replace", "10.97.0.99/32", "dev", "lo")
+        outside = socket_in(topo.client, socket.AF_INET, socket.SOCK_STREAM, None)
+        outside.bind(("10.97.0.99", 80))
+        outside.listen(64)
+        pod = topo.pods["pod-a"]
+        try:
+            assert _connects(pod, "10.96.0.99", 80) == "connected"  # no service CIDR yet
+            added = b.plan(states, node_info=NODE, full_sync=False, changed=(),
+                           service_cidrs=["10.96.0.0/16"])  # fmt: skip
+            if nftables:  # the dry run shows the same transaction, and keeps nothing
+                script = asyncio.run(programmed.dry_run(added))  # type: ignore[attr-defined]
+                assert "flush chain ip kpy cluster-ips-check\n" in script
+                assert "add rule ip kpy cluster-ips-check ip daddr 10.96.0.0/16 drop" in script
+                assert "ip6" not in script.replace("add table ip6 kpy", ""), script
+            result = asyncio.run(programmed.apply(added))
+            assert not result.full_sync
+            if nftables:
+                assert result.ops == 2, result  # the ip check chain and its fingerprint
+            else:
+                assert result.ops == 0, result
+            traced = _traced(tracer, added, cfg, POD_A, "10.96.0.99", 80, "pod")
+            assert traced is (ex.Verdict.DROP if nftables else ex.Verdict.ACCEPT)
+            assert _connects(pod, "10.96.0.99", 80) == ("dropped" if nftables else "connected")
+            assert _traced(tracer, added, cfg, POD_A, "10.97.0.99", 80, "pod") is ex.Verdict.ACCEPT
+            assert _connects(pod, "10.97.0.99", 80) == "connected"  # outside: untouched
+            assert tcp(pod, "10.96.0.70", 80).startswith("pod-b ")  # the Service: served
+            if nftables:  # the next full sync finds the kernel as the partial one left it
+                again = b.plan(states, node_info=NODE, service_cidrs=["10.96.0.0/16"])
+                assert asyncio.run(programmed.apply(again)).ops == 0
+            # a second ServiceCIDR of the family (a second drop rule)
+            both = b.plan(states, node_info=NODE, full_sync=False, changed=(),
+                          service_cidrs=["10.96.0.0/16", "10.97.0.0/16"])  # fmt: skip
+            assert not asyncio.run(programmed.apply(both)).full_sync
+            for address in ("10.96.0.99", "10.97.0.99"):
+                assert _connects(pod, address, 80) == ("dropped" if nftables else "connected")
+            # the ServiceCIDRs deleted: the address is no one's concern again
+            gone = b.plan(states, node_info=NODE, full_sync=False, changed=())
+            assert not asyncio.run(programmed.apply(gone)).full_sync
+            assert _connects(pod, "10.96.0.99", 80) == "connected"
+        finally:
+            outside.close()
+            ip("-n", topo.client, "addr", "del", "10.97.0.99/32", "dev", "lo")
+            asyncio.run(programmed.cleanup())
+
     def test_the_cluster_ip_stays_while_any_port_of_it_does(
         self, topo: Topology, bystander: None
     ) -> None:

@@ -7,13 +7,17 @@ the kernel back, as apply does) and the namespace holds nothing of kpy's afterwa
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from kpy.cli import main
+from kpy.cli import _FLAG_DEFAULTS, _backend_for, _offline_plan, main
+from kpy.core import trace
 
 pytestmark = pytest.mark.root
 
@@ -53,3 +57,107 @@ def test_userspace_dry_run_lists_the_listeners_and_binds_nothing(netns: str) -> 
     assert any(line.startswith("forward [fd00:96::20]:80/TCP/v6 ") for line in lines)
     assert "10.96.0.10" not in _kernel(netns, "ip", "-o", "addr")  # no VIP bound
     assert ":80 " not in _kernel(netns, "ss", "-ltnH")
+
+
+# --- the node flags: plan renders with them, dump compares the kernel with them ----------
+
+CIDR_OBJECT = """apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: extra}
+spec: {cidrs: [10.200.0.0/24]}
+"""
+
+
+def _transaction(netns: str, backend: str, *flags: str, manifests: str = "examples/") -> str:
+    where = ["--manifests", manifests, "--node", "node-1", "--netns", netns]
+    argv = ["plan", *where, "--backend", backend, *flags, "-o", "json"]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    return str(json.loads(result.stdout)["transaction"])
+
+
+def test_plan_renders_with_the_node_flags_and_the_manifests_service_cidrs(
+    netns: str, tmp_path: Path
+) -> None:
+    drop = "ip daddr 10.96.0.0/12 drop"
+    assert drop not in _transaction(netns, "nftables")
+    assert drop in _transaction(netns, "nftables", "--service-cidr", "10.96.0.0/12")
+    shutil.copytree("examples", tmp_path / "m")
+    (tmp_path / "m" / "servicecidr.yaml").write_text(CIDR_OBJECT)
+    both = _transaction(netns, "nftables", "--service-cidr", "10.96.0.0/12",
+                        manifests=str(tmp_path / "m"))  # fmt: skip
+    assert "ip daddr 10.200.0.0/24 drop" in both and "ip daddr 10.96.0.0/12 drop" in both
+    # how pods are told apart changes the rules too
+    bridge = _transaction(netns, "nftables", "--detect-local-mode", "BridgeInterface",
+                          "--pod-bridge-interface", "cbr0")  # fmt: skip
+    assert 'iifname "cbr0"' in bridge and 'iifname "cbr0"' not in _transaction(netns, "nftables")
+    # iptables: NodePorts on 127.0.0.1 by default (as kpy run), not when told
+    assert "KPY-FIREWALL" in _transaction(netns, "iptables")
+    assert "KPY-FIREWALL" not in _transaction(
+        netns, "iptables", "--no-iptables-localhost-nodeports"
+    )
+    assert "10.0.0.0/8" in _transaction(netns, "iptables", "--nodeport-addresses", "10.0.0.0/8")
+    refused = CliRunner().invoke(
+        main, ["plan", "--backend", "nftables", "--nodeport-addresses", "primary,10.0.0.0/8"]
+    )
+    assert refused.exit_code == 2 and "can't use both 'primary' and CIDRs" in refused.output
+
+
+def _dump(netns: str, backend: str, *flags: str) -> tuple[int, list[dict[str, object]]]:
+    where = ["--manifests", "examples/", "--netns", netns, "--backend", backend]
+    result = CliRunner().invoke(main, ["dump", *where, *flags, "-o", "json"])
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code, json.loads(result.stdout)["services"]
+
+
+def _node_row(rows: list[dict[str, object]]) -> dict[str, object] | None:
+    found = [r for r in rows if r["service"] == "(kernel objects)"]
+    return found[0] if found else None
+
+
+@pytest.mark.parametrize(
+    ("backend", "agent", "other"),
+    [
+        ("nftables", ("--service-cidr", "10.96.0.0/12"), ()),
+        ("nftables", ("--detect-local-mode", "NodeCIDR"), ()),
+        ("nftables", ("--nodeport-addresses", "192.168.0.0/16"), ("--nodeport-addresses",
+                                                                  "primary")),
+        ("iptables", (), ("--no-iptables-localhost-nodeports",)),
+        ("iptables", ("--no-iptables-localhost-nodeports",), ()),
+    ],
+)  # fmt: skip
+def test_dump_compares_the_node_wide_objects_with_its_flags(
+    netns: str, backend: str, agent: tuple[str, ...], other: tuple[str, ...]
+) -> None:
+    """Programmed with some node flags (as an agent runs): ``kpy dump`` with the same
+    flags finds nothing amiss; with others it names the node-wide objects that differ
+    and exits 1."""
+    flags = dict(_FLAG_DEFAULTS)
+    run = CliRunner().invoke(main, ["run", *agent, "--write-config-to", "-"], env={})
+    assert run.exit_code == 0, run.output  # the flags are kpy run's too
+    argv = iter(agent)
+    for flag in argv:  # as kpy run takes them, for the backend the agent would run
+        name = flag.removeprefix("--").replace("-", "_")
+        if name == "no_iptables_localhost_nodeports":
+            flags["iptables_localhost_nodeports"] = False
+        elif name in ("service_cidr", "nodeport_addresses"):
+            flags[name] = (next(argv),)
+        else:
+            flags[name] = next(argv)
+    node, node_ip = trace.DEMO_NODE, trace.DEMO_NODE_IP
+    programmed = _backend_for(backend, node, (node_ip,), ("10.244.0.0/16",), netns, flags)
+    plan = _offline_plan(("examples/",), node, (node_ip,))
+    try:
+        asyncio.run(programmed.apply(plan))
+        code, rows = _dump(netns, backend, *agent)
+        assert code == 0 and _node_row(rows) is None, _node_row(rows)
+        code, rows = _dump(netns, backend, *other)
+        row = _node_row(rows)
+        assert code == 1 and row is not None
+        assert row["drift"] is True and row["differs"], row
+        table = CliRunner().invoke(main, ["dump", "--manifests", "examples/", "--netns", netns,
+                                          "--backend", backend, *other])  # fmt: skip
+        assert table.exit_code == 1 and "(kernel objects)" in table.output
+        assert "DRIFT" in table.output
+    finally:
+        asyncio.run(programmed.cleanup())

@@ -120,6 +120,8 @@ rules:
     resources: ["services", "nodes"]
   - group: "discovery.k8s.io"
     resources: ["endpointslices"]
+  - group: "networking.k8s.io"
+    resources: ["servicecidrs"]
 - level: None
 """
 
@@ -302,6 +304,67 @@ def test_more_than_100_endpoints_split_into_several_slices(plane: ControlPlane) 
         assert len(sizes) >= 2 and max(sizes) <= 100, sizes
 
     run(plane, scenario)
+
+
+# --------------------------------------------------------------------------- ServiceCIDRs
+
+
+def test_service_cidrs_default_and_created_reach_the_plan(plane: ControlPlane) -> None:
+    """The API server's default ServiceCIDR ``kubernetes`` (from
+    --service-cluster-ip-range) and one created while kpy runs: seen by the source,
+    valid as converted, carried in the agent's Plans; deleted, gone from them."""
+    from kpy.agent.agent import Agent
+    from kpy.agent.runner import RunnerTimes
+    from kpy.core import convert
+    from kpy.testing.fake_backend import FakeBackend
+
+    name = f"extra-{os.getpid()}-{next(_names)}"
+    extra = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": ["10.200.0.0/24"]},
+    }
+    api = plane.admin()
+    default = list(realcluster.SERVICE_CIDRS)
+    with_extra = ["10.96.0.0/12", "10.200.0.0/24", "fd00:96::/108"]
+
+    async def main() -> None:
+        target = load_target(kubeconfig=str(plane.admin_kubeconfig))
+        source = KubeSource(target, NODE, backoff=FAST, node_grace=0.0)
+        backend = FakeBackend()
+        agent = Agent(
+            node_name=NODE,
+            source=source,
+            backend=backend,
+            times=RunnerTimes(min_interval=0.01, full_interval=3600),
+        )
+        task = asyncio.create_task(agent.run())
+
+        def planned() -> list[str]:
+            assert not task.done(), task
+            return [str(c) for c in backend.plans[-1].service_cidrs] if backend.plans else []
+
+        try:
+            await until(lambda: planned() == default, what="the default ServiceCIDR planned")
+            (known,) = source.service_cidrs.known.values()
+            assert known["metadata"]["name"] == "kubernetes"
+            assert convert.service_cidr(known)[1] == ()
+            await call(api.create, extra)
+            await until(lambda: planned() == with_extra, what="the new ServiceCIDR planned")
+            assert not backend.plans[-1].full_sync
+            assert agent.status.skipped_objects == 0
+            # deleted: the controller lifts its finalizer (no Service holds an address in it)
+            await call(api.delete, extra)
+            await until(lambda: planned() == default, what="the deleted ServiceCIDR gone")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        plane.run_async(main)
+    finally:
+        api.delete(extra)
 
 
 # --------------------------------------------------------------------------- RBAC
@@ -667,8 +730,9 @@ def test_the_api_server_sees_cached_first_lists_and_kube_proxys_selectors(
 ) -> None:
     """From the real API server's audit log: each kind's first list asks for
     resourceVersion=0 (served from the watch cache, as client-go's reflector does), the
-    Services and EndpointSlices lists and watches carry kube-proxy's label selector, and
-    the Node is asked for by name."""
+    Services and EndpointSlices lists and watches carry kube-proxy's label selector, the
+    Node is asked for by name, and the ServiceCIDRs with no selector (as upstream's
+    informer asks for them)."""
     before = len(audit_events(plane))
 
     async def scenario(source: KubeSource, sink: Sink) -> None:
@@ -677,9 +741,9 @@ def test_the_api_server_sees_cached_first_lists_and_kube_proxys_selectors(
         await until(
             lambda: (
                 {e["objectRef"]["resource"] for e in audit_events(plane)[before:]}
-                >= {"services", "endpointslices", "nodes"}
+                >= {"services", "endpointslices", "nodes", "servicecidrs"}
             ),
-            what="the three lists in the audit log",
+            what="the four lists in the audit log",
         )
 
     run(plane, scenario)
@@ -688,15 +752,17 @@ def test_the_api_server_sees_cached_first_lists_and_kube_proxys_selectors(
     first: dict[str, str] = {}
     for e in lists:
         first.setdefault(e["objectRef"]["resource"], e["requestURI"])
-    assert set(first) == {"services", "endpointslices", "nodes"}, events
+    assert set(first) == {"services", "endpointslices", "nodes", "servicecidrs"}, events
     for resource, uri in first.items():
         query = parse_qs(urlsplit(uri).query)
         assert query.get("resourceVersion") == ["0"], uri
         if resource == "nodes":
             assert query.get("fieldSelector") == [f"metadata.name={NODE}"], uri
+        elif resource == "servicecidrs":
+            assert "labelSelector" not in query and "fieldSelector" not in query, uri
         else:
             assert query.get("labelSelector") == [IGNORED_LABEL_SELECTOR], uri
     for e in events:  # every request kpy made for these kinds, lists and ended watches
-        if e["objectRef"]["resource"] != "nodes":
+        if e["objectRef"]["resource"] not in ("nodes", "servicecidrs"):
             query = parse_qs(urlsplit(e["requestURI"]).query)
             assert query.get("labelSelector") == [IGNORED_LABEL_SELECTOR], e["requestURI"]

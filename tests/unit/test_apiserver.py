@@ -454,6 +454,57 @@ def test_selectors_on_list_and_watch() -> None:
     run(test)
 
 
+def test_service_cidrs_are_served_cluster_scoped_with_selectors() -> None:
+    path = "/apis/networking.k8s.io/v1/servicecidrs"
+
+    def cidr(name: str, cidrs: list[str], labels: dict[str, str]) -> dict[str, Any]:
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "ServiceCIDR",
+            "metadata": {"name": name, "namespace": "ignored", "labels": labels},
+            "spec": {"cidrs": cidrs},
+        }
+
+    async def test(api: FakeApiServer) -> None:
+        groups = (await call(api, "GET", "/apis")).json()
+        assert "networking.k8s.io" in [g["name"] for g in groups["groups"]]
+        resources = (await call(api, "GET", "/apis/networking.k8s.io/v1")).json()
+        assert resources["resources"][0]["name"] == "servicecidrs"
+        assert resources["resources"][0]["namespaced"] is False
+        created = (await call(api, "POST", path, cidr("kubernetes", ["10.96.0.0/16"], {}))).json()
+        assert created["kind"] == "ServiceCIDR" and "namespace" not in created["metadata"]
+        api.create(cidr("extra", ["10.100.0.0/24"], {"team": "a"}))
+        listed = (await call(api, "GET", path)).json()
+        assert listed["kind"] == "ServiceCIDRList"
+        assert listed["apiVersion"] == "networking.k8s.io/v1"
+        assert [i["metadata"]["name"] for i in listed["items"]] == ["extra", "kubernetes"]
+        one = (await call(api, "GET", f"{path}?labelSelector=team%3Da")).json()
+        assert [i["metadata"]["name"] for i in one["items"]] == ["extra"]
+        named = (await call(api, "GET", f"{path}?fieldSelector=metadata.name%3Dkubernetes")).json()
+        assert [i["metadata"]["name"] for i in named["items"]] == ["kubernetes"]
+        rv = api.resource_version
+        api.patch("ServiceCIDR", "", "kubernetes", {"metadata": {"labels": {"team": "a"}}})
+        api.delete("ServiceCIDR", "", "extra")
+        reply = await call(
+            api,
+            "GET",
+            f"{path}?watch=1&resourceVersion={rv}&labelSelector=team%3Da&timeoutSeconds=1",
+        )
+        assert [(e["type"], e["object"]["metadata"]["name"]) for e in reply.events()] == [
+            ("ADDED", "kubernetes"),
+            ("DELETED", "extra"),
+        ]
+        api.faults.unserved.add("servicecidrs")
+        assert (await call(api, "GET", path)).status == 404
+        api.faults.unserved.clear()
+        api.faults.forbidden.add("servicecidrs")
+        forbidden = await call(api, "GET", path)
+        assert forbidden.status == 403 and forbidden.json()["reason"] == "Forbidden"
+        assert (await call(api, "GET", "/api/v1/services")).status == 200
+
+    run(test)
+
+
 # --------------------------------------------------------------------------- faults
 
 

@@ -211,6 +211,7 @@ def test_agent_reads_only_and_writes_only_events() -> None:
         ("", "services"),
         ("discovery.k8s.io", "endpointslices"),
         ("", "nodes"),
+        ("networking.k8s.io", "servicecidrs"),
     }
 
 
