@@ -17,6 +17,7 @@ from kpy.agent.agent import Agent
 from kpy.agent.runner import RunnerTimes
 from kpy.sources import kube, manifests
 from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
+from kpy.sources.kube import http as kube_http
 from kpy.testing import apiserver
 from kpy.testing.apiserver import FakeApiServer, RawJSON
 from kpy.testing.fake_backend import FakeBackend
@@ -40,7 +41,7 @@ def test_split_list_finds_items_without_decoding_them() -> None:
 def test_deep_and_huge_objects_are_skipped_and_the_agent_keeps_serving(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(kube, "MAX_EVENT_BYTES", 1 << 20)  # the guard, at a test's scale
+    monkeypatch.setattr(kube_http, "MAX_EVENT_BYTES", 1 << 20)  # the guard, at a test's scale
 
     async def main() -> list[str]:
         async with FakeApiServer() as api:

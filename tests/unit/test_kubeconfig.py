@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from kpy.sources import kube
 from kpy.sources import kubeconfig as kc
 from kpy.sources.kube import ApiTarget, KubeConfigError, load_target
+from kpy.sources.kube import config as kube_config
 from kpy.testing.apiserver import TlsFiles, make_tls
 
 
@@ -131,7 +131,7 @@ def test_same_target_as_the_official_client(
     cluster, user = CASES[case](tls, cert, key, directory)
     path = write(directory / "config", cluster, user)
     ours = load_target(kubeconfig=str(path), environ={})
-    theirs = kube._load_with_client(str(path), "")
+    theirs = kube_config._load_with_client(str(path), "")
     assert ours.url == theirs.url
     assert ours.server_hostname == theirs.server_hostname
     assert ours.auth() == theirs.auth()
