@@ -18,8 +18,8 @@ from kpy.agent.runner import RunnerTimes
 from kpy.sources import kube, manifests
 from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
 from kpy.sources.kube import http as kube_http
-from kpy.testing import apiserver
 from kpy.testing.apiserver import FakeApiServer, RawJSON
+from kpy.testing.apiserver import command as apiserver_command
 from kpy.testing.fake_backend import FakeBackend
 from tests.hostile import corpus
 
@@ -97,6 +97,6 @@ def test_serving_manifests_skips_what_json_cannot_carry(tmp_path: Path) -> None:
     )
     server = FakeApiServer()
     with structlog.testing.capture_logs() as logs:
-        manifests.ManifestSource([tmp_path]).scan(apiserver._ServerSink(server))
+        manifests.ManifestSource([tmp_path]).scan(apiserver_command.ServerSink(server))
     assert [o["metadata"]["name"] for o in server.objects("Service")] == ["ok"]
     assert [e["name"] for e in logs if e["event"] == "manifest_not_served"] == ["when"]
