@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import io
 import ipaddress
 import json
 import logging
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -34,7 +37,7 @@ SIZES = (1000, 10000)
 SAMPLES = 100
 
 
-def guest(sizes: tuple[int, ...]) -> dict[str, object]:
+def guest(sizes: tuple[int, ...], profile: bool = False) -> dict[str, object]:
     import structlog
     from kpy_ipvs import IpvsBackend
 
@@ -57,9 +60,19 @@ def guest(sizes: tuple[int, ...]) -> dict[str, object]:
         backend = IpvsBackend(
             BackendConfig(node_name=node.name, node_ips=(ipaddress.ip_address("192.168.50.1"),))
         )
+        # the sync runs on the backend's kernel thread: that is the thread profiled
+        profiler = cProfile.Profile() if profile else None
+        if profiler is not None:
+            backend._kernel._executor.submit(profiler.enable).result()
         started = time.perf_counter()
         adopted = asyncio.run(backend.apply(b.plan(states, node_info=node)))
         adopt_s = time.perf_counter() - started
+        if profiler is not None:
+            backend._kernel._executor.submit(profiler.disable).result()
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(40)
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+            Path(os.environ["KPY_RESULT_DIR"], f"adopt-{size}.prof.txt").write_text(out.getvalue())
         q = statistics.quantiles(times, n=10)
         results.append(
             {
@@ -117,18 +130,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--in-guest", action="store_true")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the restart adoption (cProfile of the backend's kernel thread); "
+        "the top functions are printed after the table",
+    )
     args = parser.parse_args()
     sizes = tuple(int(s) for s in args.sizes.split(","))
     if args.in_guest:
-        out = guest(sizes)
+        out = guest(sizes, args.profile)
         Path(os.environ["KPY_RESULT_DIR"], "bench.json").write_text(json.dumps(out))
         return
     from kpy.testing import uml
 
+    command = [uml.python(), "bench/bench_ipvs.py", "--in-guest", "--sizes", args.sizes]
+    # the guest imports the code this host process runs (a checkout's own PYTHONPATH)
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
     run = uml.run(
-        [uml.python(), "bench/bench_ipvs.py", "--in-guest", "--sizes", args.sizes],
+        [*command, *(["--profile"] if args.profile else [])],
         timeout=1800,
         mem="2048M",
+        env=env,
     )
     try:
         report = run.result_dir / "bench.json"
@@ -150,6 +173,8 @@ def main() -> None:
                 f"| {r['p90_ms']} | {msgs} | {r['add_p50_ms']} / {r['remove_p50_ms']} "
                 f"| {r['floor_p50_ms']} |"
             )
+        for profile in sorted(run.result_dir.glob("adopt-*.prof.txt")):
+            print(f"\n--- {profile.name}\n{profile.read_text()}")
     finally:
         uml.remove(run)
 

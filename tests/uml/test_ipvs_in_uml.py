@@ -8,6 +8,7 @@ failure text; a guest that hangs is killed after its time limit.
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,8 @@ def guest_run() -> Iterator[uml.GuestRun]:
             f"--junitxml={uml.GUEST_RESULT_DIR}/junit.xml",
         ],
         timeout=TIME_LIMIT,
+        # the guest imports the code this host process runs (a checkout's own PYTHONPATH)
+        env={"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {},
     )
     try:
         yield run
