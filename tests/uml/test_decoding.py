@@ -85,3 +85,24 @@ def test_the_attribute_walk_stops_at_a_truncated_attribute() -> None:
     counters = _nla(4, b"abcd") + _nla(7, b"efgh")  # WEIGHT, ACTIVE_CONNS only
     with pytest.raises(apply.KernelError, match="without address or port"):
         apply._decode_dest(render.fwmark_key(1, 4), counters, 0, len(counters))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MASQ", "10.96.0.10,tcp:80"),
+        ("MASQ", "fd00::10,udp:53"),
+        ("LOOPBACK", "10.244.1.2,sctp:8080,10.244.1.2"),
+        ("ALLOWED", "172.18.0.10,tcp:80,192.168.0.0/16"),
+        ("ALLOWED", "172.18.0.10,tcp:80,192.168.1.7/32"),
+        ("SHORT", "172.18.0.10,tcp:80 skbmark 0x30000/0xffff0000"),
+    ],
+)
+def test_set_element_round_trip(name: str, value: str) -> None:
+    """An element read back from a set listing is the text render wrote for it."""
+    version = 6 if ":" in value.split(",")[0] else 4
+    el = render.Element(set=render.set_name(name, version), value=value)
+    message = apply.encode_element(el)
+    data = {k: (s, e) for k, s, e in apply._spans(message, 4, len(message))}[7]  # DATA
+    kinds = apply.SET_TYPES[el.set].split(",")
+    assert apply._decode_element(kinds, message, *data) == value
