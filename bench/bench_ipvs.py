@@ -12,7 +12,8 @@ the call to its return (the netlink acks are in); *messages* are the write messa
 that change sent (ApplyResult.ops); *restart adoption* is a new backend's first full
 sync against what the kernel holds after the changes (time, and messages it sent);
 *floor* is one empty call on the backend's kernel
-thread (what every apply costs before any kernel work). All samples run in one event
+thread (what every apply costs before any kernel work). After the table, the parts of
+an adoption timed one by one (render, each kind of kernel read). All samples run in one event
 loop, as in the kpy daemon.
 """
 
@@ -41,11 +42,13 @@ def guest(sizes: tuple[int, ...], profile: bool = False) -> dict[str, object]:
     import structlog
     from kpy_ipvs import IpvsBackend
 
+    from kpy.agent import tune_gc
     from kpy.backend import BackendConfig
     from kpy.testing import builders as b
 
     # as kpy runs (info): the per-apply debug line would be console output in the timing
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    tune_gc()  # as kpy runs: the agent's garbage collection thresholds
     results = []
     node = b.node(addresses=["192.168.50.1"])
     for size in sizes:
@@ -73,6 +76,7 @@ def guest(sizes: tuple[int, ...], profile: bool = False) -> dict[str, object]:
             pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(40)
             pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
             Path(os.environ["KPY_RESULT_DIR"], f"adopt-{size}.prof.txt").write_text(out.getvalue())
+        reads = _reads(backend, b.plan(states, node_info=node))
         q = statistics.quantiles(times, n=10)
         results.append(
             {
@@ -88,11 +92,35 @@ def guest(sizes: tuple[int, ...], profile: bool = False) -> dict[str, object]:
                 "add_p50_ms": round(statistics.median(times[1::2]), 2),
                 "floor_p50_ms": round(statistics.median(floor), 2),
                 "messages": sorted(set(messages)),
+                "reads": reads,
             }
         )
         asyncio.run(backend.cleanup())
         backend.close()
     return {"results": results}
+
+
+def _reads(backend: Any, plan: Any) -> dict[str, float]:
+    """Each part of what a restart adoption reads and renders, timed on its own on the
+    backend's kernel thread (seconds)."""
+    from kpy_ipvs import render
+
+    kernel = backend._kernel
+    parts: dict[str, float] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        started = time.perf_counter()
+        value = kernel._executor.submit(fn).result()
+        parts[name] = round(time.perf_counter() - started, 2)
+        return value
+
+    ctx = render.context(backend.config, plan.node)
+    timed("render", lambda: [render.render_port(s, ctx, 0) for s in plan.services.values()])
+    services = timed("virtual services", kernel.dump_services)
+    timed("real servers", lambda: [kernel.dump_destinations(k) for k in services])
+    timed("companion sets and rules", kernel.dump_companion)
+    timed("addresses", kernel.dump_addresses)
+    return parts
 
 
 async def _samples(
@@ -173,6 +201,9 @@ def main() -> None:
                 f"| {r['p90_ms']} | {msgs} | {r['add_p50_ms']} / {r['remove_p50_ms']} "
                 f"| {r['floor_p50_ms']} |"
             )
+        for r in json.loads(report.read_text())["results"]:
+            parts = ", ".join(f"{name} {sec} s" for name, sec in r["reads"].items())
+            print(f"{r['services']} Services, adoption's parts: {parts}")
         for profile in sorted(run.result_dir.glob("adopt-*.prof.txt")):
             print(f"\n--- {profile.name}\n{profile.read_text()}")
     finally:
