@@ -12,7 +12,8 @@ the call to its return (the netlink acks are in); *messages* are the write messa
 that change sent (ApplyResult.ops); *restart adoption* is a new backend's first full
 sync against what the kernel holds after the changes (time, and messages it sent);
 *floor* is one empty call on the backend's kernel
-thread (what every apply costs before any kernel work). All samples run in one event
+thread (what every apply costs before any kernel work). After the table, the parts of
+an adoption timed one by one (render, each kind of kernel read). All samples run in one event
 loop, as in the kpy daemon.
 """
 
@@ -20,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import io
 import ipaddress
 import json
 import logging
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -34,15 +38,17 @@ SIZES = (1000, 10000)
 SAMPLES = 100
 
 
-def guest(sizes: tuple[int, ...]) -> dict[str, object]:
+def guest(sizes: tuple[int, ...], profile: bool = False) -> dict[str, object]:
     import structlog
     from kpy_ipvs import IpvsBackend
 
+    from kpy.agent.agent import tune_gc
     from kpy.core.backend import BackendConfig
     from kpy.testing import builders as b
 
     # as kpy runs (info): the per-apply debug line would be console output in the timing
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    tune_gc()  # as kpy runs: the agent's garbage collection thresholds
     results = []
     node = b.node(addresses=["192.168.50.1"])
     for size in sizes:
@@ -57,9 +63,20 @@ def guest(sizes: tuple[int, ...]) -> dict[str, object]:
         backend = IpvsBackend(
             BackendConfig(node_name=node.name, node_ips=(ipaddress.ip_address("192.168.50.1"),))
         )
+        # the sync runs on the backend's kernel thread: that is the thread profiled
+        profiler = cProfile.Profile() if profile else None
+        if profiler is not None:
+            backend._kernel._executor.submit(profiler.enable).result()
         started = time.perf_counter()
         adopted = asyncio.run(backend.apply(b.plan(states, node_info=node)))
         adopt_s = time.perf_counter() - started
+        if profiler is not None:
+            backend._kernel._executor.submit(profiler.disable).result()
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(40)
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+            Path(os.environ["KPY_RESULT_DIR"], f"adopt-{size}.prof.txt").write_text(out.getvalue())
+        reads = _reads(backend, b.plan(states, node_info=node))
         q = statistics.quantiles(times, n=10)
         results.append(
             {
@@ -75,11 +92,35 @@ def guest(sizes: tuple[int, ...]) -> dict[str, object]:
                 "add_p50_ms": round(statistics.median(times[1::2]), 2),
                 "floor_p50_ms": round(statistics.median(floor), 2),
                 "messages": sorted(set(messages)),
+                "reads": reads,
             }
         )
         asyncio.run(backend.cleanup())
         backend.close()
     return {"results": results}
+
+
+def _reads(backend: Any, plan: Any) -> dict[str, float]:
+    """Each part of what a restart adoption reads and renders, timed on its own on the
+    backend's kernel thread (seconds)."""
+    from kpy_ipvs import render
+
+    kernel = backend._kernel
+    parts: dict[str, float] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        started = time.perf_counter()
+        value = kernel._executor.submit(fn).result()
+        parts[name] = round(time.perf_counter() - started, 2)
+        return value
+
+    ctx = render.context(backend.config, plan.node)
+    timed("render", lambda: [render.render_port(s, ctx, 0) for s in plan.services.values()])
+    services = timed("virtual services", kernel.dump_services)
+    timed("real servers", lambda: [kernel.dump_destinations(k) for k in services])
+    timed("companion sets and rules", kernel.dump_companion)
+    timed("addresses", kernel.dump_addresses)
+    return parts
 
 
 async def _samples(
@@ -117,18 +158,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--in-guest", action="store_true")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the restart adoption (cProfile of the backend's kernel thread); "
+        "the top functions are printed after the table",
+    )
     args = parser.parse_args()
     sizes = tuple(int(s) for s in args.sizes.split(","))
     if args.in_guest:
-        out = guest(sizes)
+        out = guest(sizes, args.profile)
         Path(os.environ["KPY_RESULT_DIR"], "bench.json").write_text(json.dumps(out))
         return
     from kpy.testing import uml
 
+    command = [uml.python(), "bench/bench_ipvs.py", "--in-guest", "--sizes", args.sizes]
+    # the guest imports the code this host process runs (a checkout's own PYTHONPATH)
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
     run = uml.run(
-        [uml.python(), "bench/bench_ipvs.py", "--in-guest", "--sizes", args.sizes],
+        [*command, *(["--profile"] if args.profile else [])],
         timeout=1800,
         mem="2048M",
+        env=env,
     )
     try:
         report = run.result_dir / "bench.json"
@@ -150,6 +201,11 @@ def main() -> None:
                 f"| {r['p90_ms']} | {msgs} | {r['add_p50_ms']} / {r['remove_p50_ms']} "
                 f"| {r['floor_p50_ms']} |"
             )
+        for r in json.loads(report.read_text())["results"]:
+            parts = ", ".join(f"{name} {sec} s" for name, sec in r["reads"].items())
+            print(f"{r['services']} Services, adoption's parts: {parts}")
+        for profile in sorted(run.result_dir.glob("adopt-*.prof.txt")):
+            print(f"\n--- {profile.name}\n{profile.read_text()}")
     finally:
         uml.remove(run)
 

@@ -25,8 +25,10 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 
 import structlog
 from pyroute2.netlink.exceptions import NetlinkError
@@ -45,6 +47,8 @@ from kpy_ipvs.render import DestKey, Element, PortObjects, VirtualKey, VirtualSe
 __all__ = ["IpvsBackend"]
 
 log = structlog.get_logger("kpy.ipvs")
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
 @dataclass
@@ -380,12 +384,12 @@ class IpvsBackend:
     def _write(self, touched: list[PortObjects] | None) -> None:
         kernel, have = self._kernel, self._have
         if touched is None:
-            services = diff.compute(have.services, self._want_services)
-            dests = diff.compute(have.destinations, self._want_dests)
-            addresses = diff.compute(
+            services = _full_diff(have.services, self._want_services)
+            dests = _full_diff(have.destinations, self._want_dests)
+            addresses = _full_diff(
                 dict.fromkeys(have.addresses, True), dict.fromkeys(self._address_refs, True)
             )
-            elements = diff.compute(dict.fromkeys(have.elements, True), self._want_elements)
+            elements = _full_diff(dict.fromkeys(have.elements, True), self._want_elements)
         else:
             # only the touched keys: nothing here grows with the number of Services
             services = diff.compute_keys(
@@ -529,6 +533,15 @@ class IpvsBackend:
             kernel.flush()
         kernel.delete_companion()
         kernel.del_link()
+
+
+def _full_diff(old: Mapping[K, V], new: Mapping[K, V]) -> diff.Diff[K, V]:
+    """``diff.compute(old, new)``, with only the differing keys sorted: a restarted
+    agent's full sync compares every object, and nearly all of them are equal."""
+    missing = object()
+    keys = {k for k, v in new.items() if old.get(k, missing) != v}
+    keys.update(k for k in old if k not in new)
+    return diff.compute_keys(old, new, keys)
 
 
 _PROTO_FLAGS = {Protocol.TCP: "-t", Protocol.UDP: "-u", Protocol.SCTP: "--sctp-service"}

@@ -95,6 +95,11 @@ class VirtualKey:
     protocol: Protocol
     fwmark: int = 0
 
+    def __hash__(self) -> int:
+        # as the generated hash, but over the address's integer: ipaddress hashes its
+        # hex text, the larger part of a full sync's dict work over every object
+        return hash((int(self.address), self.port, self.protocol, self.fwmark))
+
     def __str__(self) -> str:
         if self.fwmark:
             return f"fwmark {self.fwmark:#x} IPv{self.address.version}"
@@ -169,6 +174,9 @@ class DestKey:
     virtual: VirtualKey
     address: IPAddress
     port: int
+
+    def __hash__(self) -> int:  # see VirtualKey.__hash__
+        return hash((self.virtual, int(self.address), self.port))
 
     def __str__(self) -> str:
         ep = (

@@ -112,6 +112,10 @@ def test_set_elements_over_netlink(kernel: Kernel) -> None:
     kernel._executor.submit(add).result()
     assert sorted(done) == sorted([*elements, elements[0]])
     assert _saved(kernel) == {f"add {e.set} {e.value}" for e in elements}, "as ipset prints it"
+    # read back over nfnetlink (adoption's read): the same elements, every set present
+    present, read = kernel._executor.submit(kernel.dump_sets).result()
+    assert present == {name for name, _, _ in render.set_names()}
+    assert read == set(elements)
 
     missing = Element(set="KPY-IPVS-NOSUCH", value="10.96.0.10,tcp:80")
     SET_TYPES[missing.set] = "ip,port"
@@ -126,3 +130,4 @@ def test_set_elements_over_netlink(kernel: Kernel) -> None:
     finally:
         del SET_TYPES[missing.set]
     assert _saved(kernel) == {f"add {e.set} {e.value}" for e in elements[3:]}
+    assert kernel._executor.submit(kernel.dump_sets).result()[1] == set(elements[3:])
