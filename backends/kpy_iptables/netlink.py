@@ -41,15 +41,19 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from kpy.kernel.netlink import (
+    NETLINK_NETFILTER,
+    NLA_TYPE_MASK,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+)
+from kpy.kernel.netlink import attr_str as _attr_str
+from kpy.kernel.netlink import attrs as _attrs
+from kpy.kernel.netlink import string as _string
 from kpy.kernel.netns import run_in_netns
-
-NETLINK_NETFILTER = 12
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP_INTR = 0x10
-NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLA_TYPE_MASK = 0x3FFF
 
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETCHAIN = 4
@@ -158,20 +162,6 @@ class Chain:
     base: bool  # a built-in (hooked) chain
 
 
-def _attrs(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    at = start
-    while at + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, at)
-        if length < 4 or at + length > end:
-            return
-        yield kind & NLA_TYPE_MASK, at + 4, at + length
-        at += (length + 3) & ~3
-
-
-def _string(data: bytes, start: int, end: int) -> str:
-    return data[start:end].split(b"\0", 1)[0].decode(errors="replace")
-
-
 def _messages(buffers: Iterable[bytes]) -> Iterator[tuple[bytes, int, int, int]]:
     for data in buffers:
         at = 0
@@ -182,12 +172,6 @@ def _messages(buffers: Iterable[bytes]) -> Iterator[tuple[bytes, int, int, int]]
             if kind >> 8 == NFNL_SUBSYS_NFTABLES and length >= 20:
                 yield data, data[at + 16], at + 20, at + length
             at += (length + 3) & ~3
-
-
-def _attr_str(kind: int, value: str) -> bytes:
-    payload = value.encode() + b"\0"
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
 
 
 def _address(raw: bytes) -> str:

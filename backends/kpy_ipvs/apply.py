@@ -39,6 +39,19 @@ from pyroute2 import IPVS, IPRoute, IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kpy.core.model import IPAddress, Protocol
+from kpy.kernel.netlink import (
+    HEADER,
+    NETLINK_GENERIC,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    attrs,
+)
+from kpy.kernel.netlink import attr as _nla
 from kpy.kernel.netns import enter as enter_netns
 from kpy_ipvs import render
 from kpy_ipvs.render import DestKey, Element, VirtualKey, VirtualService
@@ -65,12 +78,7 @@ SYSCTLS = (
 
 
 # netlink framing (linux/netlink.h, linux/genetlink.h, linux/ip_vs.h, linux/rtnetlink.h)
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_DUMP = 0x300
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 SOL_NETLINK, NETLINK_CAP_ACK, SO_RCVBUFFORCE = 270, 10, 33
-NETLINK_GENERIC = 16
-HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 IPVS_CMD_NEW_SERVICE, IPVS_CMD_SET_SERVICE, IPVS_CMD_DEL_SERVICE = 1, 2, 3
 IPVS_CMD_NEW_DEST, IPVS_CMD_SET_DEST, IPVS_CMD_DEL_DEST, IPVS_CMD_GET_DEST = 5, 6, 7, 8
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
@@ -79,7 +87,6 @@ GENL_HEADER = 4  # genlmsghdr: command, version, reserved
 GENL_GET_SERVICE = struct.pack("=BBH", IPVS_CMD_GET_SERVICE, 1, 0)
 GENL_GET_DEST = struct.pack("=BBH", IPVS_CMD_GET_DEST, 1, 0)
 IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
-NLA = struct.Struct("=HH")
 U16, U32, BE16 = struct.Struct("=H"), struct.Struct("=I"), struct.Struct("!H")
 FLAGS = struct.Struct("=II")  # ip_vs_flags: flags, mask
 WINDOW_MESSAGES = 512  # in flight per send; failures each queue one small ack
@@ -94,11 +101,6 @@ SET_TYPES = {name: typ.split(":", 1)[1] for name, typ, _ in render.set_names()}
 
 class KernelError(Exception):
     """A kernel operation failed; the message names the object."""
-
-
-def _nla(kind: int, payload: bytes) -> bytes:
-    size = 4 + len(payload)
-    return struct.pack("=HH", size, kind) + payload + bytes(-size % 4)
 
 
 def _u16(v: int) -> bytes:
@@ -492,7 +494,7 @@ class Kernel:
         for data, start, end in self._reader().dump(
             "dump virtual services", self._ipvs_family, request
         ):
-            for kind, s, e in _spans(data, start + GENL_HEADER, end):
+            for kind, s, e in _attr_list(data, start + GENL_HEADER, end):
                 if kind == 1:  # IPVS_CMD_ATTR_SERVICE
                     found = _decode_service(data, s, e)
                     if found is not None:
@@ -509,7 +511,7 @@ class Kernel:
         for data, start, end in self._reader().dump(
             f"dump real servers of {key}", self._ipvs_family, request
         ):
-            for kind, s, e in _spans(data, start + GENL_HEADER, end):
+            for kind, s, e in _attr_list(data, start + GENL_HEADER, end):
                 if kind == 2:  # IPVS_CMD_ATTR_DEST
                     dkey, status = _decode_dest(key, data, s, e)
                     result[dkey] = status
@@ -537,7 +539,7 @@ class Kernel:
             family, _, _, _, at = IFADDRMSG.unpack_from(data, start)
             if at != index or family not in (socket.AF_INET, socket.AF_INET6):
                 continue
-            for kind, s, e in _spans(data, start + IFADDRMSG.size, end):
+            for kind, s, e in _attr_list(data, start + IFADDRMSG.size, end):
                 if kind == 1:  # IFA_ADDRESS
                     found.add(ipaddress.ip_address(bytes(data[s:e])))
         return frozenset(found)
@@ -589,12 +591,12 @@ class Kernel:
             except KernelError:
                 continue
             for data, start, end in replies:
-                for kind, s, e in _spans(data, start + 4, end):  # after the nfgenmsg
+                for kind, s, e in _attr_list(data, start + 4, end):  # after the nfgenmsg
                     if kind == 2:  # SETNAME
                         if bytes(data[s:e]).split(b"\0", 1)[0].decode() == name:
                             present.add(name)
                     elif kind == 8:  # ADT: the elements
-                        for inner, es, ee in _spans(data, s, e):
+                        for inner, es, ee in _attr_list(data, s, e):
                             if inner != 7:  # DATA
                                 continue
                             value = _decode_element(kinds, data, es, ee)
@@ -773,22 +775,12 @@ class Kernel:
             self.run(["ipset", "destroy", name], check=False)
 
 
-def _spans(data: bytes, offset: int, end: int) -> list[tuple[int, int, int]]:
-    """(type without flags, start, end) of each netlink attribute in
-    ``data[offset:end]``; an attribute running past ``end`` ends the list."""
-    found = []
-    unpack = NLA.unpack_from
-    while offset + 4 <= end:
-        size, kind = unpack(data, offset)
-        if size < 4 or offset + size > end:
-            break
-        found.append((kind & 0x3FFF, offset + 4, offset + size))
-        offset += (size + 3) & ~3
-    return found
+def _attr_list(data: bytes, offset: int, end: int) -> list[tuple[int, int, int]]:
+    return list(attrs(data, offset, end))
 
 
 def _fields(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
-    return {kind: (s, e) for kind, s, e in _spans(data, start, end)}
+    return {kind: (s, e) for kind, s, e in _attr_list(data, start, end)}
 
 
 def _u32_at(data: bytes, fields: dict[int, tuple[int, int]], kind: int) -> int:
@@ -832,7 +824,7 @@ def _decode_service(data: bytes, start: int, end: int) -> tuple[VirtualKey, Virt
 
 def _set_address(data: bytes, span: tuple[int, int]) -> IPAddress | None:
     """The address inside an ipset ``IP``/``IP2`` attribute (nested IPv4 or IPv6)."""
-    for kind, s, e in _spans(data, span[0], span[1]):
+    for kind, s, e in _attr_list(data, span[0], span[1]):
         if (kind, e - s) in ((1, 4), (2, 16)):
             return ipaddress.ip_address(bytes(data[s:e]))
     return None

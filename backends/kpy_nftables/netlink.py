@@ -30,20 +30,22 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from kpy.kernel.netlink import (
+    NETLINK_NETFILTER,
+    NLA_F_NESTED,
+    NLM_F_ACK,
+    NLM_F_APPEND,
+    NLM_F_CREATE,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+)
+from kpy.kernel.netlink import attr as _attr
 from kpy.kernel.netns import run_in_netns
 from kpy_nftables import render
 from kpy_nftables.apply import NftError
 
 # --- netlink and nf_tables constants (linux/netlink.h, linux/netfilter/nf_tables.h) --------
 
-NETLINK_NETFILTER = 12
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_CREATE = 0x400
-NLM_F_APPEND = 0x800
-NLA_F_NESTED = 0x8000
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 NETLINK_CAP_ACK = 10
 SOL_NETLINK = 270
 SO_SNDBUFFORCE = 32
@@ -155,11 +157,6 @@ class Batch:
 
 
 # --- attributes and messages ------------------------------------------------------------
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
 
 
 def _nest(kind: int, *attrs: bytes) -> bytes:

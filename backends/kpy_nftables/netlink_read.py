@@ -50,6 +50,18 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from kpy.kernel.netlink import (
+    NETLINK_NETFILTER,
+    NLA_TYPE_MASK,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+)
+from kpy.kernel.netlink import attr_str as _attr_str
+from kpy.kernel.netlink import attrs as _attrs
+from kpy.kernel.netlink import string as _string
 from kpy.kernel.netns import run_in_netns
 from kpy_nftables import render
 from kpy_nftables.apply import NftError
@@ -58,13 +70,6 @@ JSON = dict[str, Any]
 
 # --- netlink and nf_tables constants (linux/netlink.h, linux/netfilter/nf_tables.h) --------
 
-NETLINK_NETFILTER = 12
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP_INTR = 0x10
-NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETTABLE = 1
@@ -268,21 +273,6 @@ class _KeyDecoder:
         if self.name is not None:
             return _component(self.name, data[start:end])
         return "0x" + data[start:end].hex()
-
-
-def _attrs(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, payload start, payload end) of each attribute in ``data[start:end]``."""
-    at = start
-    while at + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, at)
-        if length < 4 or at + length > end:
-            return
-        yield kind & NLA_TYPE_MASK, at + 4, at + length
-        at += (length + 3) & ~3
-
-
-def _string(data: bytes, start: int, end: int) -> str:
-    return data[start:end].split(b"\0", 1)[0].decode(errors="replace")
 
 
 def _u32(data: bytes, start: int) -> int:
@@ -854,12 +844,6 @@ class NetlinkReader:
                     del elements[: self.elements_per_document]
         if elements or not sent:
             yield set_def.document(elements)
-
-
-def _attr_str(kind: int, value: str) -> bytes:
-    payload = value.encode() + b"\0"
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
 
 
 def _find_string(data: bytes, start: int, end: int, kind: int) -> str | None:

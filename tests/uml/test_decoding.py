@@ -14,8 +14,9 @@ from kpy_ipvs import apply, render
 from kpy_ipvs.render import DestKey, VirtualKey, VirtualService
 
 from kpy.core.model import Protocol
+from kpy.kernel import netlink
 
-_nla = apply._nla
+_nla = netlink.attr
 
 
 def _inner(attr: bytes) -> bytes:
@@ -80,8 +81,8 @@ def test_real_server_as_the_kernel_reports_it(addr: str) -> None:
 
 def test_the_attribute_walk_stops_at_a_truncated_attribute() -> None:
     whole = _nla(1, b"abcd") + _nla(2, b"efgh")
-    assert [k for k, _, _ in apply._spans(whole, 0, len(whole))] == [1, 2]
-    assert [k for k, _, _ in apply._spans(whole, 0, len(whole) - 1)] == [1]
+    assert [k for k, _, _ in list(netlink.attrs(whole, 0, len(whole)))] == [1, 2]
+    assert [k for k, _, _ in netlink.attrs(whole, 0, len(whole) - 1)] == [1]
     counters = _nla(4, b"abcd") + _nla(7, b"efgh")  # WEIGHT, ACTIVE_CONNS only
     with pytest.raises(apply.KernelError, match="without address or port"):
         apply._decode_dest(render.fwmark_key(1, 4), counters, 0, len(counters))
@@ -103,6 +104,6 @@ def test_set_element_round_trip(name: str, value: str) -> None:
     version = 6 if ":" in value.split(",")[0] else 4
     el = render.Element(set=render.set_name(name, version), value=value)
     message = apply.encode_element(el)
-    data = {k: (s, e) for k, s, e in apply._spans(message, 4, len(message))}[7]  # DATA
+    data = {k: (s, e) for k, s, e in list(netlink.attrs(message, 4, len(message)))}[7]  # DATA
     kinds = apply.SET_TYPES[el.set].split(",")
     assert apply._decode_element(kinds, message, *data) == value

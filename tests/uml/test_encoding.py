@@ -15,10 +15,11 @@ from pyroute2.netlink.generic import ipvs
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 
 from kpy.core.model import Protocol
+from kpy.kernel import netlink
 
 
 def _decode(attrs: bytes) -> dict[str, Any]:
-    header = apply.HEADER.pack(apply.HEADER.size + 4 + len(attrs), 30, 1, 1, 0)
+    header = netlink.HEADER.pack(netlink.HEADER.size + 4 + len(attrs), 30, 1, 1, 0)
     msg = ipvs.ipvsmsg(header + bytes([1, 1, 0, 0]) + attrs)
     msg.decode()
     out = {}
@@ -37,7 +38,7 @@ def _pyroute2(service: IPVSService, dest: IPVSDest | None = None, *, key: bool) 
         msg["attrs"].append(("IPVS_CMD_ATTR_DEST", dest.dump_nla()))
     msg["header"]["type"] = 30
     msg.encode()
-    return _decode(bytes(msg.data[apply.HEADER.size + 4 : msg["header"]["length"]]))
+    return _decode(bytes(msg.data[netlink.HEADER.size + 4 : msg["header"]["length"]]))
 
 
 @pytest.mark.parametrize("addr", ["10.96.0.10", "fd00::10"])
@@ -88,7 +89,7 @@ def test_dest_matches_pyroute2(addr: str) -> None:
 @pytest.mark.parametrize(("addr", "prefix"), [("10.96.0.10", 32), ("fd00::10", 128)])
 def test_address_decodes(addr: str, prefix: int) -> None:
     body = apply.encode_address(7, ipaddress.ip_address(addr))
-    msg = ifaddrmsg(apply.HEADER.pack(apply.HEADER.size + len(body), 20, 1, 1, 0) + body)
+    msg = ifaddrmsg(netlink.HEADER.pack(netlink.HEADER.size + len(body), 20, 1, 1, 0) + body)
     msg.decode()
     assert (msg["index"], msg["prefixlen"]) == (7, prefix)
     assert msg.get_attr("IFA_LOCAL") == msg.get_attr("IFA_ADDRESS") == addr
