@@ -36,31 +36,22 @@ import os
 import re
 import socket
 import struct
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kpy.kernel.netlink import (
-    NETLINK_NETFILTER,
     NLA_TYPE_MASK,
-    NLM_F_DUMP,
-    NLM_F_DUMP_INTR,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
+    DumpInterrupted,
+    NfTablesSocket,
 )
 from kpy.kernel.netlink import attr_str as _attr_str
 from kpy.kernel.netlink import attrs as _attrs
 from kpy.kernel.netlink import string as _string
-from kpy.kernel.netns import run_in_netns
 
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETCHAIN = 4
 NFT_MSG_GETRULE = 7
-NFT_MSG_GETGEN = 16
-NFTA_GEN_ID = 1
-NFPROTO_UNSPEC = 0
 
 NFTA_CHAIN_TABLE = 1
 NFTA_CHAIN_NAME = 3
@@ -85,15 +76,10 @@ XT_RECENT_CHECK = 1
 
 RETRIES = 10
 T = TypeVar("T")
-RECV_SIZE = 1 << 16
 
 
 class NetlinkError(Exception):
     """The nf_tables netlink read failed (the message says how)."""
-
-
-class _Interrupted(Exception):
-    """The ruleset changed during the read, or the kernel said busy: read again."""
 
 
 # (destination, protocol, comment, port, rcheck, probability, target, goto, DNAT to)
@@ -381,38 +367,26 @@ def _dnat(info: bytes) -> str:
     return f"{addr}:{port}" if v4 else f"[{addr}]:{port}"
 
 
-class ChainReader:
+class ChainReader(NfTablesSocket):
     """An nfnetlink socket inside ``netns`` (None: here) that reads chains and rules."""
 
-    def __init__(self, netns: str | None) -> None:
-        self.netns = netns
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._seq = 0
-        self.restarts = 0
+    failure = NetlinkError
 
-    @staticmethod
-    def _open() -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            sock.bind((0, 0))
-            sock.settimeout(30.0)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+    def _refused(self, errno: int) -> Exception:
+        return _Refused(errno)
 
-    def _socket(self) -> socket.socket:
-        if self._sock is None:
-            try:
-                self._sock = run_in_netns(self.netns, self._open)
-            except OSError as exc:
-                raise NetlinkError(f"cannot open an nfnetlink socket: {exc}") from exc
-        return self._sock
-
-    def close(self) -> None:
-        with self._lock:
-            self._reset()
+    def _exchange(
+        self,
+        kind: int,
+        family: int,
+        attributes: tuple[bytes, ...],
+        *,
+        dump: bool = True,
+        consume: Callable[[bytes], None] | None = None,
+    ) -> list[bytes]:
+        """As the socket's, with ``family`` 4 or 6 for the protocol family."""
+        nfproto = FAMILIES.get(family, family)
+        return super()._exchange(kind, nfproto, attributes, dump=dump, consume=consume)
 
     @contextlib.contextmanager
     def _session(self) -> Iterator[None]:
@@ -421,11 +395,6 @@ class ChainReader:
             yield
         finally:
             self._reset()
-
-    def _reset(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -523,86 +492,11 @@ class ChainReader:
                 before = self._generation()
                 result = read()
                 if self._generation() != before:
-                    raise _Interrupted
+                    raise DumpInterrupted
                 return result
-            except _Interrupted:
+            except DumpInterrupted:
                 self.restarts += 1
         raise NetlinkError(f"the ruleset changed during {RETRIES} reads in a row")
-
-    def _generation(self) -> int:
-        for data, _fam, start, end in _messages(
-            self._exchange(NFT_MSG_GETGEN, NFPROTO_UNSPEC, (), dump=False)
-        ):
-            for kind, s, _e in _attrs(data, start, end):
-                if kind == NFTA_GEN_ID:
-                    value: int = struct.unpack_from(">I", data, s)[0]
-                    return value
-        raise NetlinkError("the kernel sent no nf_tables generation id")
-
-    def _exchange(
-        self, kind: int, family: int, attrs: tuple[bytes, ...], *, dump: bool = True
-    ) -> list[bytes]:
-        sock = self._socket()
-        self._seq += 1
-        seq = self._seq
-        body = b"".join(attrs)
-        nfproto = FAMILIES.get(family, family)
-        header = struct.pack(
-            "=IHHIIBBH",
-            20 + len(body),
-            (NFNL_SUBSYS_NFTABLES << 8) | kind,
-            NLM_F_REQUEST | NLM_F_DUMP if dump else NLM_F_REQUEST,
-            seq,
-            0,
-            nfproto,
-            0,
-            0,
-        )
-        try:
-            sock.sendto(header + body, (0, 0))
-        except OSError as exc:
-            self._reset()
-            raise NetlinkError(f"netlink send failed: {exc}") from exc
-        parts: list[bytes] = []
-        interrupted = False
-        while True:
-            try:
-                data = sock.recv(RECV_SIZE)
-            except OSError as exc:
-                self._reset()
-                raise NetlinkError(f"netlink receive failed: {exc}") from exc
-            done = False
-            ours = False
-            at = 0
-            while at + 16 <= len(data):
-                length, mtype, flags, mseq = struct.unpack_from("=IHHI", data, at)
-                if length < 16:
-                    break
-                if mseq == seq:
-                    ours = True
-                    if not dump and mtype != NLMSG_ERROR:
-                        done = True
-                    if flags & NLM_F_DUMP_INTR:
-                        interrupted = True
-                    if mtype == NLMSG_DONE:
-                        done = True
-                    elif mtype == NLMSG_ERROR:
-                        (err,) = struct.unpack_from("=i", data, at + 16)
-                        if err in (-errno_.EINTR, -errno_.EBUSY, -errno_.EAGAIN):
-                            if err == -errno_.EBUSY:
-                                self._reset()
-                            raise _Interrupted
-                        if err:
-                            raise _Refused(-err)
-                        done = True
-                at += (length + 3) & ~3
-            if ours:
-                parts.append(data)
-            if done:
-                break
-        if interrupted:
-            raise _Interrupted
-        return parts
 
 
 class _Refused(Exception):

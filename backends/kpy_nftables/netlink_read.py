@@ -45,19 +45,14 @@ import re
 import socket
 import struct
 import sys
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from kpy.kernel.netlink import (
-    NETLINK_NETFILTER,
     NLA_TYPE_MASK,
-    NLM_F_DUMP,
-    NLM_F_DUMP_INTR,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
+    DumpInterrupted,
+    NfTablesSocket,
 )
 from kpy.kernel.netlink import attr_str as _attr_str
 from kpy.kernel.netlink import attrs as _attrs
@@ -78,7 +73,6 @@ NFT_MSG_GETRULE = 7
 NFT_MSG_GETSET = 10
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_GETGEN = 16
-NFTA_GEN_ID = 1
 
 NFPROTO_UNSPEC = 0
 FAMILY_NAMES: dict[int, str] = {int(socket.AF_INET): "ip", int(socket.AF_INET6): "ip6"}
@@ -148,7 +142,6 @@ PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp"}
 
 ELEMENTS_PER_DOCUMENT = 2048
 RETRIES = 10  # dumps asked again after an interruption or a busy socket
-RECV_SIZE = 1 << 16  # a dump part is at most ~32 KiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,10 +493,6 @@ def ping(netns: str | None, timeout: float = 5.0) -> str | None:
 # --- the socket ---------------------------------------------------------------------------
 
 
-class _Interrupted(Exception):
-    """The kernel marked the dump inconsistent, or refused it as busy: ask again."""
-
-
 class DumpRefused(NftError):
     """The kernel answered a dump with an error (``errno``)."""
 
@@ -513,44 +502,20 @@ class DumpRefused(NftError):
         self.errno = errno
 
 
-class NetlinkReader:
+class NetlinkReader(NfTablesSocket):
     """An nfnetlink socket inside ``netns`` (None: this namespace) that reads kpy's
     tables back as ``nft -j`` documents (see the module docstring)."""
 
     def __init__(
         self, netns: str | None, *, elements_per_document: int = ELEMENTS_PER_DOCUMENT
     ) -> None:
-        self.netns = netns
+        super().__init__(netns)
         self.elements_per_document = elements_per_document
-        self._lock = threading.Lock()
-        self._seq = 0
-        self._sock: socket.socket | None = None
-        self.restarts = 0  # dumps asked again (interrupted or busy), for tests and logs
 
-    @staticmethod
-    def _open() -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            sock.bind((0, 0))
-            sock.settimeout(30.0)  # a dump that stops answering is an error, not a hang
-        except OSError:
-            sock.close()
-            raise
-        return sock
+    failure = NftError
 
-    def _socket(self) -> socket.socket:
-        if self._sock is None:
-            try:
-                self._sock = run_in_netns(self.netns, self._open)
-            except OSError as exc:
-                raise NftError(f"cannot open an nfnetlink socket: {exc}") from exc
-        return self._sock
-
-    def close(self) -> None:
-        with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
+    def _refused(self, errno: int) -> Exception:
+        return DumpRefused(errno)
 
     def __enter__(self) -> NetlinkReader:
         return self
@@ -592,107 +557,12 @@ class NetlinkReader:
                     before = None if marked else self._generation()
                     self._exchange(kind, family, attrs, dump=True, consume=start())
                     if before is not None and self._generation() != before:
-                        raise _Interrupted
+                        raise DumpInterrupted
                     return
-                except _Interrupted:
+                except DumpInterrupted:
                     self.restarts += 1
                     continue
         raise NftError(f"nf_tables dump {kind} interrupted {RETRIES} times in a row")
-
-    def _generation(self) -> int:
-        """The ruleset's generation id (``NFT_MSG_GETGEN``): each commit changes it."""
-        for data, _family, start, end in _messages(
-            self._exchange(NFT_MSG_GETGEN, NFPROTO_UNSPEC, (), dump=False)
-        ):
-            for kind, s, _e in _attrs(data, start, end):
-                if kind == NFTA_GEN_ID:
-                    return _u32(data, s)
-        raise NftError("the kernel sent no nf_tables generation id")
-
-    def _exchange(
-        self,
-        kind: int,
-        family: int,
-        attrs: tuple[bytes, ...],
-        *,
-        dump: bool,
-        consume: Callable[[bytes], None] | None = None,
-    ) -> list[bytes]:
-        """Send one request; every part of its answer (a dump: up to NLMSG_DONE), or
-        each part handed to ``consume`` (then nothing is returned)."""
-        sock = self._socket()
-        self._seq += 1
-        seq = self._seq
-        body = b"".join(attrs)
-        header = struct.pack(
-            "=IHHIIBBH",
-            20 + len(body),
-            (NFNL_SUBSYS_NFTABLES << 8) | kind,
-            NLM_F_REQUEST | NLM_F_DUMP if dump else NLM_F_REQUEST,
-            seq,
-            0,
-            family,
-            0,  # NFNETLINK_V0
-            0,
-        )
-        try:
-            sock.sendto(header + body, (0, 0))
-        except OSError as exc:
-            self._reset()
-            raise NftError(f"netlink send failed: {exc}") from exc
-        parts: list[bytes] = []
-        interrupted = False
-        while True:
-            try:
-                data = self._receive(sock, kind, len(parts))
-            except OSError as exc:
-                self._reset()
-                raise NftError(f"netlink receive failed: {exc}") from exc
-            done = False
-            ours = False  # a part left over from an abandoned request is dropped
-            at = 0
-            while at + 16 <= len(data):
-                length, mtype, flags, mseq, _pid = struct.unpack_from("=IHHII", data, at)
-                if length < 16:
-                    break
-                if mseq == seq:
-                    ours = True
-                    if not dump and mtype != NLMSG_ERROR:
-                        done = True
-                    if flags & NLM_F_DUMP_INTR:
-                        interrupted = True
-                    if mtype == NLMSG_DONE:
-                        done = True
-                    elif mtype == NLMSG_ERROR:
-                        (err,) = struct.unpack_from("=i", data, at + 16)
-                        if err in (-errno_.EINTR, -errno_.EBUSY, -errno_.EAGAIN):
-                            if err == -errno_.EBUSY:
-                                self._reset()  # a dump left running: start afresh
-                            raise _Interrupted
-                        if err:
-                            raise DumpRefused(-err)
-                        done = True
-                at += (length + 3) & ~3
-            if ours:
-                if consume is None:
-                    parts.append(data)
-                else:
-                    consume(data)
-            if done:
-                break
-        if interrupted:
-            raise _Interrupted
-        return parts
-
-    def _receive(self, sock: socket.socket, kind: int, part: int) -> bytes:
-        """The next part (number ``part``) of a ``kind`` dump; tests subclass this to
-        change the ruleset in the middle of a dump."""
-        return sock.recv(RECV_SIZE)
-
-    def _reset(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
     # --- documents ------------------------------------------------------------------------
 
