@@ -210,12 +210,13 @@ def _mask(family: int) -> str:
 
 
 def _reject(family: int, proto: str) -> str:
-    """The reject of a packet no endpoint can take. IPv4: ICMP port unreachable, as
-    upstream. IPv6 TCP: a TCP reset — the kernel delivers an ICMPv6 port unreachable for a
-    SYN only after the client's first retransmission (about 1 s later, measured), so a
-    refused connection would look like a slow one; a reset is immediate (kpy's nftables
-    backend rejects TCP the same way)."""
-    if family == 6 and proto == "tcp":
+    """The reject of a packet no endpoint can take. TCP: a TCP reset, in both families —
+    the kernel rate-limits ICMP errors per client (a burst of 6, then about one a second
+    for IPv4; IPv6 answered a SYN only after the client's retransmission, measured), so
+    under many refused connections (a busy client, a check suite) an ICMP reject turns
+    into a timeout; a reset is immediate and not rate-limited (kpy's nftables backend
+    rejects TCP the same way). Other protocols: ICMP port unreachable, as upstream."""
+    if proto == "tcp":
         return "REJECT --reject-with tcp-reset"
     kind = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
     return f"REJECT --reject-with {kind}"

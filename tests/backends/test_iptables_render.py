@@ -117,11 +117,11 @@ def test_no_endpoints_rejects_every_frontend_in_filter() -> None:
     assert rules(objs, FILTER, "KPY-SERVICES") == sorted(
         [
             '-d 10.96.0.11/32 -p tcp -m comment --comment "default/np:http/TCP" -m tcp --dport 80'
-            " -j REJECT --reject-with icmp-port-unreachable",
+            " -j REJECT --reject-with tcp-reset",
             '-d 192.0.2.9/32 -p tcp -m comment --comment "default/np:http/TCP" -m tcp --dport 80'
-            " -j REJECT --reject-with icmp-port-unreachable",
+            " -j REJECT --reject-with tcp-reset",
             '-p tcp -m comment --comment "default/np:http/TCP" -m addrtype --dst-type LOCAL'
-            " -m tcp --dport 30080 -j REJECT --reject-with icmp-port-unreachable",
+            " -m tcp --dport 30080 -j REJECT --reject-with tcp-reset",
         ]
     )
 
@@ -219,13 +219,16 @@ def test_ipv6_service_uses_ip6tables_forms() -> None:
         "-p tcp -j DNAT --to-destination [fd00:244:1::5]:8080",
     )
     empty = render.render_port(b.state(b.service("e6", cluster_ip="fd00:96::19"), []), CTX)
-    # IPv6 TCP is reset: the kernel answers a SYN with ICMPv6 only after a retransmission
+    # TCP is reset (ICMP errors are rate-limited per client; IPv6 answered a SYN late)
     assert rules(empty, FILTER, "KPY-SERVICES", 6)[0].endswith("-j REJECT --reject-with tcp-reset")
     udp = b.service("u6", cluster_ip="fd00:96::1a", protocol="UDP")
     empty_udp = render.render_port(b.state(udp, []), CTX)
     assert rules(empty_udp, FILTER, "KPY-SERVICES", 6)[0].endswith("icmp6-port-unreachable")
     empty4 = render.render_port(b.state(b.service("e4", cluster_ip="10.96.0.19"), []), CTX)
-    assert rules(empty4, FILTER, "KPY-SERVICES", 4)[0].endswith("icmp-port-unreachable")
+    assert rules(empty4, FILTER, "KPY-SERVICES", 4)[0].endswith("-j REJECT --reject-with tcp-reset")
+    udp4 = b.service("u4", cluster_ip="10.96.0.26", protocol="UDP")
+    empty_udp4 = render.render_port(b.state(udp4, []), CTX)
+    assert rules(empty_udp4, FILTER, "KPY-SERVICES", 4)[0].endswith("icmp-port-unreachable")
 
 
 def test_masquerade_all_marks_every_cluster_ip_packet() -> None:
@@ -391,14 +394,14 @@ def test_source_ranges_without_endpoints_drop_outside_then_reject() -> None:
     name = "default/lb:http/TCP"
     fw = render.chain_name("FW", name)
     objs = render.render_port(b.state(svc, []), CTX)
-    reject = "REJECT --reject-with icmp-port-unreachable"
+    reject = "REJECT --reject-with tcp-reset"
     lb = f'-d 172.18.0.50/32 -p tcp -m comment --comment "{name}" -m tcp --dport 80'
     targets = sorted(rule.rsplit(" -j ", 1)[1] for rule in rules(objs, FILTER, "KPY-SERVICES"))
     assert targets == [fw, reject, reject]  # the LoadBalancer IP, the cluster IP, the NodePort
     assert f"{lb} -j {fw}" in rules(objs, FILTER, "KPY-SERVICES")
-    assert objs[Key(4, FILTER, fw)] == (
-        f"-s 203.0.113.0/24 -j {reject}",
-        f"-s 198.51.100.0/24 -j {reject}",
+    assert objs[Key(4, FILTER, fw)] == (  # the reset needs the rule to match TCP itself
+        f"-s 203.0.113.0/24 -p tcp -j {reject}",
+        f"-s 198.51.100.0/24 -p tcp -j {reject}",
         "-j DROP",
     )
     assert Key(4, NAT, fw) not in objs

@@ -113,7 +113,7 @@ def test_kernel_objects_of_no_endpoints_reject_in_filter_forward() -> None:
         "filter FORWARD",
         "filter KPY-SERVICES",
     ]
-    assert traced.kernel[-1].endswith("-j REJECT --reject-with icmp-port-unreachable")
+    assert traced.kernel[-1].endswith("-j REJECT --reject-with tcp-reset")
 
 
 def test_ipv6_is_traced_through_ip6tables() -> None:
