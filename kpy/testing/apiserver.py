@@ -29,7 +29,8 @@ Kubernetes API documents, which are the specification here:
 
 * "Retrieving large results sets in chunks" (API concepts): ``limit`` cuts a list into
   pages; ``metadata.continue`` is an opaque token and ``metadata.remainingItemCount``
-  counts what is left; every page is served from the first page's resourceVersion (a
+  counts what is left (not sent for a list with a selector, as the API server does
+  not); every page is served from the first page's resourceVersion (a
   consistent snapshot); a token whose resourceVersion has left the history is a
   ``410 Expired`` ("The provided continue parameter is too old ..."), after which a
   client starts the list again.
@@ -1186,11 +1187,10 @@ class FakeApiServer:
                 # More matching objects follow: hand out a token to the rest.
                 last = _key_of(items[-1])
                 meta["continue"] = _encode_continue(list_rv, last)
-                meta["remainingItemCount"] = (
-                    len(objects) - i
-                    if selector == Selector()
-                    else sum(1 for o in objects[i:] if selector.matches(o))
-                )
+                if selector == Selector():
+                    # As the API server: with a selector the count is unknown (counting
+                    # would cost the rest of the list for every page) and not sent.
+                    meta["remainingItemCount"] = len(objects) - i
                 break
             item = dict(obj)
             item.pop("kind", None)
