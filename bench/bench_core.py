@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kpy.agent.agent import tune_gc
@@ -37,6 +37,15 @@ from kpy.core.tracker import Tracker
 
 def cluster(n: int, endpoints: int = 5) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     services, slices = [], []
+    for svc, endpoint_slice in cluster_objects(n, endpoints):
+        services.append(svc)
+        slices.append(endpoint_slice)
+    return services, slices
+
+
+def cluster_objects(n: int, endpoints: int = 5) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """The Services of :func:`cluster` with their EndpointSlices, one pair at a time (no
+    list of the whole cluster's JSON held)."""
     node_port = 30000
     for i in range(n):
         kind = ("ClusterIP", "NodePort", "LoadBalancer")[i % 3]
@@ -61,9 +70,7 @@ def cluster(n: int, endpoints: int = 5) -> tuple[list[dict[str, Any]], list[dict
             svc["status"] = {
                 "loadBalancer": {"ingress": [{"ip": f"172.18.{i // 256 % 256}.{i % 256}"}]}
             }
-        services.append(svc)
-        slices.append(slice_of(i, endpoints))
-    return services, slices
+        yield svc, slice_of(i, endpoints)
 
 
 def pod_ip(n: int) -> str:

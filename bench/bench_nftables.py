@@ -17,7 +17,8 @@ JSON through the tracker to the kernel:
   Services programmed and with Service 0 alone — three turns each in the same process
   and namespace, the median of the turns (one turn from 100,000 Services: each is two
   full syncs);
-* peak RSS of the process before that comparison (it re-syncs the table six times), and
+* peak RSS of the process before that comparison (it re-syncs the table six times; the
+  cluster's JSON is made one object at a time, never held whole), and
   the bytes of the backend's record of what it programmed (``deep_size``), per Service.
 
 Usage: ``sudo python bench/bench_nftables.py [--sizes 1,1000,10000]`` (root: it creates
@@ -38,7 +39,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from bench_core import cluster, deep_size, feed_service, feed_slice, per_size, pod_ip, slice_of
+from bench_core import (
+    cluster_objects,
+    deep_size,
+    feed_service,
+    feed_slice,
+    per_size,
+    pod_ip,
+    slice_of,
+)
 from kpy_nftables import NftablesBackend
 
 from kpy.agent.agent import tune_gc
@@ -109,7 +118,6 @@ def connection_latency(node: str, vip: str, count: int = 300) -> float:
 
 def measure(n: int) -> dict[str, Any]:
     tune_gc()
-    services, slices = cluster(n)
     first_eps = [pod_ip(j) for j in range(6)]  # Service 0's endpoints (and one spare)
     with namespaces(str(os.getpid()), first_eps) as (node, pod):
         config = BackendConfig(
@@ -117,16 +125,17 @@ def measure(n: int) -> dict[str, Any]:
         )
         backend = NftablesBackend(config)
         tracker = Tracker("node-a")
-        for s in services:
-            feed_service(tracker, s)
-        for s in slices:
-            feed_slice(tracker, s)
-        # The agent keeps the decoded model, not the API's JSON: let it go, as it does.
-        vip = str(services[0]["spec"]["clusterIP"])
         alone = Tracker("node-a")  # the same node with Service 0 only, for the A/B below
-        feed_service(alone, services[0])
-        feed_slice(alone, slices[0])
-        del services, slices
+        # The agent keeps the decoded model, not the API's JSON: the objects are made
+        # and fed one at a time, so peak RSS is the agent side's.
+        vip = ""
+        for svc, endpoint_slice in cluster_objects(n):
+            feed_service(tracker, svc)
+            feed_slice(tracker, endpoint_slice)
+            if not vip:
+                vip = str(svc["spec"]["clusterIP"])
+                feed_service(alone, svc)
+                feed_slice(alone, endpoint_slice)
         start, cpu = time.perf_counter(), time.process_time()
         plan = tracker.checkout()
         result = asyncio.run(backend.apply(plan))
