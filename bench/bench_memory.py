@@ -4,10 +4,11 @@
 For N Services of the synthetic cluster of ``bench_core`` (one EndpointSlice of 5
 endpoints each), in one process:
 
-* *source cache*: the kube source keeps every listed object as decoded from the API
+* *source cache*: the kube source kept every listed object as decoded from the API
   server's JSON (``kpy.sources.kube``: ``known``, to tell a relist's changes from what
   it has), measured as ``json.loads`` of the objects' JSON — the bytes of the decoded
-  dicts (``deep_size``) and what ``tracemalloc`` saw allocated for them;
+  dicts (``deep_size``) and what ``tracemalloc`` saw allocated for them; it now keeps
+  each object's resourceVersion by (namespace, name), measured likewise;
 * *tracker*: every attribute of a ``Tracker`` fed with all objects and checked out,
   ``deep_size`` of each in turn (what an earlier attribute already holds is not counted
   again: Services are counted under ``_services``, the port states' shared Service
@@ -45,6 +46,12 @@ def measure(n: int) -> dict[str, Any]:
     cache_traced = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     cache_size = deep_size(cache)
+    # What the kube source keeps now: each object's resourceVersion by (namespace, name).
+    versions = {
+        (o["metadata"]["namespace"], o["metadata"]["name"]): str(i) for i, o in enumerate(cache)
+    }
+    versions_size = deep_size(versions)
+    del versions
 
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -82,6 +89,8 @@ def measure(n: int) -> dict[str, Any]:
         "source_cache_mb": round(cache_size / 2**20, 1),
         "source_cache_per_service_b": round(cache_size / n),
         "source_cache_traced_mb": round(cache_traced / 2**20, 1),
+        "source_versions_mb": round(versions_size / 2**20, 1),
+        "source_versions_per_service_b": round(versions_size / n),
         "tracker_mb": round(tracker_size / 2**20, 1),
         "tracker_per_service_b": round(tracker_size / n),
         "tracker_traced_mb": round(tracker_traced / 2**20, 1),
@@ -96,14 +105,17 @@ def main() -> None:
     if results is None:
         return
     print(
-        "| services | source cache (MB) | per Service + its slice (B) | traced (MB) "
-        "| tracker (MB) | per Service (B) | traced (MB) | peak RSS (MB) | load average |"
+        "| services | decoded JSON (MB) | per Service + its slice (B) | traced (MB) "
+        "| versions kept (MB) | per Service + its slice (B) | tracker (MB) | per Service (B) "
+        "| traced (MB) | peak RSS (MB) | load average |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         print(
             f"| {r['services']} | {r['source_cache_mb']} | {r['source_cache_per_service_b']} "
-            f"| {r['source_cache_traced_mb']} | {r['tracker_mb']} | {r['tracker_per_service_b']} "
+            f"| {r['source_cache_traced_mb']} | {r['source_versions_mb']} "
+            f"| {r['source_versions_per_service_b']} | {r['tracker_mb']} "
+            f"| {r['tracker_per_service_b']} "
             f"| {r['tracker_traced_mb']} | {r['peak_rss_mb']} | {r['load']} |"
         )
     for r in results:
