@@ -18,7 +18,8 @@ JSON through the tracker to the kernel:
   and namespace, the median of the turns (one turn from 100,000 Services: each is two
   full syncs);
 * peak RSS of the process before that comparison (it re-syncs the table six times; the
-  cluster's JSON is made one object at a time, never held whole), and
+  cluster's JSON is made one object at a time, never held whole), and the peak so far
+  when the tracker is filled, after the cold sync and after the adoption, and
   the bytes of the backend's record of what it programmed (``deep_size``), per Service.
 
 Usage: ``sudo python bench/bench_nftables.py [--sizes 1,1000,10000]`` (root: it creates
@@ -136,12 +137,14 @@ def measure(n: int) -> dict[str, Any]:
                 vip = str(svc["spec"]["clusterIP"])
                 feed_service(alone, svc)
                 feed_slice(alone, endpoint_slice)
+        rss_tracked = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         start, cpu = time.perf_counter(), time.process_time()
         plan = tracker.checkout()
         result = asyncio.run(backend.apply(plan))
         del plan
         cold = time.perf_counter() - start
         cold_cpu = time.process_time() - cpu
+        rss_cold = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         cold_bytes = result.size
         # the first sync's rules are read back by a thread once apply has returned
         start = time.perf_counter()
@@ -158,6 +161,7 @@ def measure(n: int) -> dict[str, Any]:
         adopted = asyncio.run(backend.apply(full_plan))
         adopt = time.perf_counter() - start
         adopt_cpu = time.process_time() - cpu
+        rss_adopt = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         assert adopted.ops == 0, adopted
         del full_plan
         # What the backend keeps between syncs (its mirror of the kernel), the tracker's
@@ -224,6 +228,9 @@ def measure(n: int) -> dict[str, Any]:
         "connect_ms": round(statistics.median(latency[n]), 3),
         "connect_1_ms": round(statistics.median(latency[1]), 3),
         "peak_rss_mb": round(rss, 1),
+        "peak_rss_before_cold_mb": round(rss_tracked, 1),
+        "peak_rss_after_cold_mb": round(rss_cold, 1),
+        "peak_rss_after_adoption_mb": round(rss_adopt, 1),
     }
 
 
