@@ -7,20 +7,26 @@ LoadBalancer) with one EndpointSlice of 5 endpoints each. Measured:
 * one-change plan: convert one changed EndpointSlice and ``checkout()`` (median of many);
 * peak RSS of the process (ru_maxrss), for the largest size.
 
-Usage: ``python bench/bench_core.py [--sizes 10,1000,10000] [--json]``. Each size runs in
-its own process so peak RSS belongs to that size alone.
+Usage: ``python bench/bench_core.py [--sizes 10,1000,10000,100000] [--json]``. Each size
+runs in its own process so peak RSS belongs to that size alone; the full plan's CPU time
+(robust to a busy machine) and the 1-minute load average before and after are reported
+beside the wall time. At 100,000 Services the NodePorts run out (2,768 of them): the
+Services past that are ClusterIP.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kpy.agent.agent import tune_gc
@@ -31,6 +37,15 @@ from kpy.core.tracker import Tracker
 
 def cluster(n: int, endpoints: int = 5) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     services, slices = [], []
+    for svc, endpoint_slice in cluster_objects(n, endpoints):
+        services.append(svc)
+        slices.append(endpoint_slice)
+    return services, slices
+
+
+def cluster_objects(n: int, endpoints: int = 5) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """The Services of :func:`cluster` with their EndpointSlices, one pair at a time (no
+    list of the whole cluster's JSON held)."""
     node_port = 30000
     for i in range(n):
         kind = ("ClusterIP", "NodePort", "LoadBalancer")[i % 3]
@@ -55,9 +70,7 @@ def cluster(n: int, endpoints: int = 5) -> tuple[list[dict[str, Any]], list[dict
             svc["status"] = {
                 "loadBalancer": {"ingress": [{"ip": f"172.18.{i // 256 % 256}.{i % 256}"}]}
             }
-        services.append(svc)
-        slices.append(slice_of(i, endpoints))
-    return services, slices
+        yield svc, slice_of(i, endpoints)
 
 
 def pod_ip(n: int) -> str:
@@ -100,17 +113,51 @@ def feed_slice(t: Tracker, obj: dict[str, Any]) -> None:
     t.set_slice(obj["metadata"]["namespace"], obj["metadata"]["name"], eps)
 
 
+def deep_size(*roots: object, exclude: set[int] | None = None) -> int:
+    """Bytes of everything reachable from ``roots`` (``sys.getsizeof`` of each object
+    once), through containers, ``__dict__`` and ``__slots__``; classes, modules,
+    functions and the objects in ``exclude`` (ids) are not counted nor entered. Pass
+    the same ``exclude`` set to several calls to count what they share only once (the
+    ids seen are added to it)."""
+    seen = exclude if exclude is not None else set()
+    total = 0
+    stack = list(roots)
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, enum.Enum)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip) or obj is None:
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif isinstance(obj, (str, bytes, int, float, bool)):
+            continue
+        else:
+            if hasattr(obj, "__dict__"):
+                stack.append(vars(obj))
+            for cls in type(obj).__mro__:
+                for slot in getattr(cls, "__slots__", ()):
+                    if slot != "__weakref__" and hasattr(obj, slot):
+                        stack.append(getattr(obj, slot))
+    return total
+
+
 def measure(n: int) -> dict[str, float]:
     tune_gc()  # as `kpy run` does
     services, slices = cluster(n)
     t = Tracker("node-a")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for s in services:
         feed_service(t, s)
     for s in slices:
         feed_slice(t, s)
     plan = t.checkout()
     full = time.perf_counter() - start
+    full_cpu = time.process_time() - cpu
     assert len(plan.services) == n
     samples = []
     extra: dict[int, int] = {}
@@ -127,6 +174,7 @@ def measure(n: int) -> dict[str, float]:
     return {
         "services": n,
         "full_plan_s": round(full, 3),
+        "full_plan_cpu_s": round(full_cpu, 3),
         "one_change_p50_ms": round(statistics.median(samples) * 1000, 3),
         "one_change_p90_ms": round(statistics.quantiles(samples, n=10)[8] * 1000, 3),
         "peak_rss_mb": round(rss_mb, 1),
@@ -145,7 +193,10 @@ def per_size(
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_one(args.one)))
+        load_before = os.getloadavg()[0]
+        result = measure_one(args.one)
+        result["load"] = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
+        print(json.dumps(result))
         return None
     results = []
     for n in (int(s) for s in args.sizes.split(",")):
@@ -163,12 +214,16 @@ def main() -> None:
     results = per_size(__file__, measure, "10,1000,10000")
     if results is None:
         return
-    print("| services | full plan (s) | one-change plan p50 (ms) | p90 (ms) | peak RSS (MB) |")
-    print("|---:|---:|---:|---:|---:|")
+    print(
+        "| services | full plan (s) | its CPU (s) | one-change plan p50 (ms) | p90 (ms) "
+        "| peak RSS (MB) | load average |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         print(
-            f"| {r['services']} | {r['full_plan_s']} | {r['one_change_p50_ms']} "
-            f"| {r['one_change_p90_ms']} | {r['peak_rss_mb']} |"
+            f"| {r['services']} | {r['full_plan_s']} | {r['full_plan_cpu_s']} "
+            f"| {r['one_change_p50_ms']} | {r['one_change_p90_ms']} | {r['peak_rss_mb']} "
+            f"| {r['load']} |"
         )
 
 

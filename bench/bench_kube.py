@@ -15,7 +15,8 @@ real :class:`kpy.agent.agent.Agent` handlers (convert, tracker). Measured:
   itself spent, independent of how busy the machine's other processes kept the cores);
 * peak RSS of the agent process (ru_maxrss).
 
-Usage: ``python bench/bench_kube.py [--n 10000] [--page-sizes 500,0] [--json]``. Each
+Usage: ``python bench/bench_kube.py [--n 10000] [--page-sizes 500,0] [--json]`` (``--n``
+up to 100000: past 8,100 Services they are ClusterIP, NodePorts run out). Each
 page size runs in its own agent process so peak RSS belongs to that run alone
 (page size 0: the whole list in one response).
 """
@@ -26,6 +27,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -197,7 +199,10 @@ def main() -> None:
         asyncio.run(serve(args.serve))
         return
     if args.one is not None:
-        print(json.dumps(asyncio.run(measure(args.n, args.one, args.samples))))
+        load_before = os.getloadavg()[0]
+        result = asyncio.run(measure(args.n, args.one, args.samples))
+        result["load"] = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
+        print(json.dumps(result))
         return
     rows = []
     for page_size in (int(p) for p in args.page_sizes.split(",")):
@@ -214,15 +219,15 @@ def main() -> None:
         return
     print(
         "| services + slices | page size | first plan (s) | agent CPU (s) "
-        "| event → plan p50 (ms) | p90 (ms) | peak RSS (MB) |"
+        "| event → plan p50 (ms) | p90 (ms) | peak RSS (MB) | load average |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(
             f"| {r['services']:,} + {r['endpoint_slices']:,} | {r['page_size'] or 'none'} "
             f"| {r['first_plan_s']} | {r['first_plan_agent_cpu_s']} "
             f"| {r['event_to_plan_p50_ms']} "
-            f"| {r['event_to_plan_p90_ms']} | {r['peak_rss_mb']} |"
+            f"| {r['event_to_plan_p90_ms']} | {r['peak_rss_mb']} | {r['load']} |"
         )
 
 

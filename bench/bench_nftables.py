@@ -15,8 +15,12 @@ JSON through the tracker to the kernel:
 * first-connection latency to a ClusterIP: new TCP connections from the node namespace
   to Service 0, answered by a server in a pod namespace (median of 300), with all N
   Services programmed and with Service 0 alone — three turns each in the same process
-  and namespace, the median of the turns;
-* peak RSS of the process before that comparison (it re-syncs the table six times).
+  and namespace, the median of the turns (one turn from 100,000 Services: each is two
+  full syncs);
+* peak RSS of the process before that comparison (it re-syncs the table six times; the
+  cluster's JSON is made one object at a time, never held whole), and the peak so far
+  when the tracker is filled, after the cold sync and after the adoption, and
+  the bytes of the backend's record of what it programmed (``deep_size``), per Service.
 
 Usage: ``sudo python bench/bench_nftables.py [--sizes 1,1000,10000]`` (root: it creates
 and removes ``kpy-bench…`` namespaces). Each size runs in its own process.
@@ -36,7 +40,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from bench_core import cluster, feed_service, feed_slice, per_size, pod_ip, slice_of
+from bench_core import (
+    cluster_objects,
+    deep_size,
+    feed_service,
+    feed_slice,
+    per_size,
+    pod_ip,
+    slice_of,
+)
 from kpy_nftables import NftablesBackend
 
 from kpy.agent.agent import tune_gc
@@ -107,7 +119,6 @@ def connection_latency(node: str, vip: str, count: int = 300) -> float:
 
 def measure(n: int) -> dict[str, Any]:
     tune_gc()
-    services, slices = cluster(n)
     first_eps = [pod_ip(j) for j in range(6)]  # Service 0's endpoints (and one spare)
     with namespaces(str(os.getpid()), first_eps) as (node, pod):
         config = BackendConfig(
@@ -115,21 +126,25 @@ def measure(n: int) -> dict[str, Any]:
         )
         backend = NftablesBackend(config)
         tracker = Tracker("node-a")
-        for s in services:
-            feed_service(tracker, s)
-        for s in slices:
-            feed_slice(tracker, s)
-        # The agent keeps the decoded model, not the API's JSON: let it go, as it does.
-        vip = str(services[0]["spec"]["clusterIP"])
         alone = Tracker("node-a")  # the same node with Service 0 only, for the A/B below
-        feed_service(alone, services[0])
-        feed_slice(alone, slices[0])
-        del services, slices
-        start = time.perf_counter()
+        # The agent keeps the decoded model, not the API's JSON: the objects are made
+        # and fed one at a time, so peak RSS is the agent side's.
+        vip = ""
+        for svc, endpoint_slice in cluster_objects(n):
+            feed_service(tracker, svc)
+            feed_slice(tracker, endpoint_slice)
+            if not vip:
+                vip = str(svc["spec"]["clusterIP"])
+                feed_service(alone, svc)
+                feed_slice(alone, endpoint_slice)
+        rss_tracked = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        start, cpu = time.perf_counter(), time.process_time()
         plan = tracker.checkout()
         result = asyncio.run(backend.apply(plan))
         del plan
         cold = time.perf_counter() - start
+        cold_cpu = time.process_time() - cpu
+        rss_cold = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         cold_bytes = result.size
         # the first sync's rules are read back by a thread once apply has returned
         start = time.perf_counter()
@@ -142,11 +157,23 @@ def measure(n: int) -> dict[str, Any]:
         tracker.request_full_sync()
         full_plan = tracker.checkout()
         backend = NftablesBackend(config)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         adopted = asyncio.run(backend.apply(full_plan))
         adopt = time.perf_counter() - start
+        adopt_cpu = time.process_time() - cpu
+        rss_adopt = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         assert adopted.ops == 0, adopted
         del full_plan
+        # What the backend keeps between syncs (its mirror of the kernel), the tracker's
+        # own objects not counted.
+        record = deep_size(
+            backend._have,
+            backend._port_keys,
+            backend._owner,
+            backend._shares,
+            backend._digests,
+            exclude={id(k) for k in backend._port_keys},
+        )
 
         samples, sizes = [], []
         extra: dict[int, int] = {}
@@ -177,7 +204,7 @@ def measure(n: int) -> dict[str, Any]:
         latency: dict[int, list[float]] = {n: [], 1: []}
         server = serve(pod)
         try:
-            for _ in range(3 if n > 1 else 1):
+            for _ in range(3 if 1 < n < 100_000 else 1):
                 for size, source in ((n, tracker), (1, alone)):
                     source.request_full_sync()
                     asyncio.run(backend.apply(source.checkout()))
@@ -187,6 +214,10 @@ def measure(n: int) -> dict[str, Any]:
     return {
         "services": n,
         "cold_sync_s": round(cold, 3),
+        "cold_cpu_s": round(cold_cpu, 3),
+        "adopt_cpu_s": round(adopt_cpu, 3),
+        "record_mb": round(record / 2**20, 1),
+        "record_bytes_per_service": round(record / n),
         "cold_bytes": cold_bytes,
         "read_back_s": round(read_back, 3),
         "adopt_s": round(adopt, 3),
@@ -197,6 +228,9 @@ def measure(n: int) -> dict[str, Any]:
         "connect_ms": round(statistics.median(latency[n]), 3),
         "connect_1_ms": round(statistics.median(latency[1]), 3),
         "peak_rss_mb": round(rss, 1),
+        "peak_rss_before_cold_mb": round(rss_tracked, 1),
+        "peak_rss_after_cold_mb": round(rss_cold, 1),
+        "peak_rss_after_adoption_mb": round(rss_adopt, 1),
     }
 
 
@@ -205,20 +239,20 @@ def main() -> None:
     if results is None:
         return
     print(
-        "| services | cold sync (s) | its read-back (s) | cold bytes | restart adoption (s) "
-        "| periodic full sync (s) "
-        "| one change p50 (ms) "
-        "| p90 (ms) | change bytes | first connection (ms) | same, Service 0 alone (ms) "
-        "| peak RSS (MB) |"
+        "| services | cold sync (s) | its CPU (s) | its read-back (s) | cold bytes "
+        "| restart adoption (s) | its CPU (s) | periodic full sync (s) "
+        "| one change p50 (ms) | p90 (ms) | change bytes | first connection (ms) "
+        "| same, Service 0 alone (ms) | peak RSS (MB) | backend record (MB) "
+        "| record per Service (B) | load average |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         print(
-            f"| {r['services']} | {r['cold_sync_s']} | {r['read_back_s']} | {r['cold_bytes']} "
-            f"| {r['adopt_s']} "
-            f"| {r['resync_s']} "
+            f"| {r['services']} | {r['cold_sync_s']} | {r['cold_cpu_s']} | {r['read_back_s']} "
+            f"| {r['cold_bytes']} | {r['adopt_s']} | {r['adopt_cpu_s']} | {r['resync_s']} "
             f"| {r['change_p50_ms']} | {r['change_p90_ms']} | {r['change_bytes_p50']} "
-            f"| {r['connect_ms']} | {r['connect_1_ms']} | {r['peak_rss_mb']} |"
+            f"| {r['connect_ms']} | {r['connect_1_ms']} | {r['peak_rss_mb']} "
+            f"| {r['record_mb']} | {r['record_bytes_per_service']} | {r['load']} |"
         )
 
 

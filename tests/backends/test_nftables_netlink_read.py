@@ -531,3 +531,52 @@ def test_rule_digests_follow_the_rules_and_ignore_handles_and_set_numbers(ns: st
 def _last_handle(ns: str, chain: str) -> str:
     listed = nft(ns, "-a", "list", "chain", "ip", "kpy-3", chain)
     return [line.rsplit(" ", 1)[1] for line in listed.splitlines() if "# handle" in line][-1]
+
+
+class _RuleMeddler(NetlinkReader):
+    """Changes a rule of table ``kpy-3`` while the rules of table ``kpy-5`` (read
+    after it, in a dump of its own) come in."""
+
+    def __init__(self, netns: str, script: str) -> None:
+        super().__init__(netns)
+        self.script: str | None = script
+        self.request = b""
+
+    def dump_into(self, start: Any, kind: int, family: int, *attrs: bytes, **kw: Any) -> None:
+        self.request = b"".join(attrs)
+        super().dump_into(start, kind, family, *attrs, **kw)
+
+    def _receive(self, sock: socket.socket, kind: int, part: int) -> bytes:
+        data = super()._receive(sock, kind, part)
+        if kind == netlink_read.NFT_MSG_GETRULE and b"kpy-5" in self.request and self.script:
+            nft(self.netns or "", "-f", "-", script=self.script)
+            self.script = None
+        return data
+
+
+def test_rules_are_read_table_by_table_and_again_when_the_ruleset_changed(ns: str) -> None:
+    """Every rule of kpy's tables, one dump per table; a commit between two tables'
+    dumps (the first one's already read) makes the reader read them all again, so the
+    digests are of one ruleset: the one after the change."""
+    script = "".join(
+        f"add table ip kpy-{t}\nadd chain ip kpy-{t} c\n"
+        f"add rule ip kpy-{t} c ip daddr 10.96.0.{t} accept\n"
+        for t in (3, 5)
+    )
+    nft(ns, "-f", "-", script=script)
+    with NetlinkReader(ns) as reader:
+        before = dict(reader.rules().chains)
+    assert sorted(before) == [("ip", "kpy-3", "c"), ("ip", "kpy-5", "c")]
+    reader = _RuleMeddler(ns, "add rule ip kpy-3 c ip daddr 10.96.0.33 accept\n")
+    try:
+        got = dict(reader.rules().chains)
+    finally:
+        reader.close()
+    assert reader.script is None and reader.restarts == 1
+    with NetlinkReader(ns) as fresh:
+        after = dict(fresh.rules().chains)
+    assert got == after
+    assert (
+        got[("ip", "kpy-3", "c")][0] == 2
+        and got[("ip", "kpy-5", "c")] == before[("ip", "kpy-5", "c")]
+    )

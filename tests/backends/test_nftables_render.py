@@ -94,5 +94,7 @@ def test_the_halves_of_a_fresh_sync_split_it_by_table_in_order() -> None:
     def tables(lines: list[str]) -> set[str]:
         return {ln.split()[3] for ln in lines}
 
-    assert tables(first) == {"kpy", *(f"kpy-{i}" for i in range(render.SHARDS // 2))}
-    assert tables(second) == {f"kpy-{i}" for i in range(render.SHARDS // 2, render.SHARDS)}
+    split = render.SHARDS_WITH_BASE
+    assert 0 < split < render.SHARDS
+    assert tables(first) == {"kpy", *(f"kpy-{i}" for i in range(split))}
+    assert tables(second) == {f"kpy-{i}" for i in range(split, render.SHARDS)}

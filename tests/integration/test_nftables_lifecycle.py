@@ -111,8 +111,8 @@ def test_a_half_committed_first_sync_is_completed_by_one_full_sync(
     netns: str, half: int, reference: Any
 ) -> None:
     """The first sync's two ``nft`` processes commit separately (each atomic, together
-    not). Only one committed — ``half`` 0: the base table and shards 0-7; 1: shards
-    8-15 without any base table (a kill -9 between the two commits) — then a restarted
+    not). Only one committed — ``half`` 0: the base table and the first shards; 1: the
+    other shards without any base table (a kill -9 between the two commits) — then a restarted
     agent's first full sync completes it: the kernel then holds exactly what a clean
     first sync writes."""
     plan = b.plan(conformance_states() + b.synthetic_states(200))

@@ -347,9 +347,10 @@ def test_service_cidrs_default_and_created_reach_the_plan(plane: ControlPlane) -
 
         try:
             await until(lambda: planned() == default, what="the default ServiceCIDR planned")
-            (known,) = source.service_cidrs.known.values()
-            assert known["metadata"]["name"] == "kubernetes"
-            assert convert.service_cidr(known)[1] == ()
+            (key,) = source.service_cidrs.known  # what the source knows: names and versions
+            assert key == ("", "kubernetes")
+            default_cidr = await call(api.get, "/apis/networking.k8s.io/v1/servicecidrs/kubernetes")
+            assert convert.service_cidr(default_cidr)[1] == ()
             await call(api.create, extra)
             await until(lambda: planned() == with_extra, what="the new ServiceCIDR planned")
             assert not backend.plans[-1].full_sync

@@ -497,3 +497,83 @@ def test_annotations_over_the_api_limit_rejected() -> None:
     obj = _meta_with(svc(), annotations={"kpy.io/x": "y" * (256 * 1024 + 1)})
     result, problems = convert.service(obj)
     assert result is None and "annotations" in problems[0].reason
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10.244.1.5",
+        "0.0.0.0",
+        "255.255.255.255",
+        "256.1.1.1",
+        "01.2.3.4",
+        "1.2.3.04",
+        "1.2.3",
+        "1.2.3.4.5",
+        "1..3.4",
+        " 1.2.3.4",
+        "1.2.3.4 ",
+        "1.2.3.4\n",
+        "1.2.3.4\x00",
+        "\u0661.2.3.4",  # an Arabic-Indic digit
+        "0x1.2.3.4",
+        "1.2.3.4/32",
+        "::ffff:1.2.3.4",
+        "",
+    ],
+)
+def test_ipv4_fast_path_agrees_with_the_stdlib(text: str) -> None:
+    try:
+        expected: Any = ipaddress.ip_address(text)
+    except ValueError:
+        expected = None
+    fast = convert._ipv4_fast(text)
+    if expected is not None and expected.version == 4:
+        assert fast == expected
+    else:
+        assert fast is None  # left to the stdlib, which decides
+
+
+@given(st.ip_addresses(v=4).map(str) | st.text(alphabet="0123456789.x ", max_size=16))
+@settings(max_examples=300)
+def test_ipv4_fast_path_agrees_with_the_stdlib_on_generated_text(text: str) -> None:
+    try:
+        expected: Any = ipaddress.IPv4Address(text)
+    except ValueError:
+        expected = None
+    assert convert._ipv4_fast(text) == expected
+
+
+def test_endpoint_node_names_validated_after_a_valid_one_was_remembered() -> None:
+    good = {"addresses": ["10.244.1.5"], "nodeName": "node-remembered"}
+    bad = {"addresses": ["10.244.1.6"], "nodeName": "Node Remembered"}
+    for _ in range(2):  # the second time the valid name comes from the remembered set
+        result, problems = convert.endpoint_slice(eps(endpoints=[good, bad]))
+        assert result is not None
+        assert [(str(e.ip), e.node_name) for e in result.endpoints[0]] == [
+            ("10.244.1.5", "node-remembered")
+        ]
+        assert len(problems) == 1 and "nodeName" in problems[0].reason
+        assert "endpoints[1]" in problems[0].reason
+
+
+def test_endpoints_for_sorts_and_keeps_the_best_ranked_duplicate() -> None:
+    service, _ = convert.service(svc(ports=[{"name": "http", "port": 80}]))
+    assert service is not None
+    endpoints: list[dict[str, Any]] = [
+        {"addresses": ["10.244.1.20"]},
+        {"addresses": ["10.244.1.3"], "conditions": {"ready": False, "serving": True}},
+        {"addresses": ["fd00::1"]},
+        {"addresses": ["10.244.1.3"], "conditions": {"ready": True}},
+    ]
+    v4, _ = convert.endpoint_slice(
+        eps("a", endpoints=[e for e in endpoints if "." in e["addresses"][0]])
+    )
+    v6, _ = convert.endpoint_slice(eps("b", addressType="IPv6", endpoints=[endpoints[2]]))
+    assert v4 is not None and v6 is not None
+    merged = convert.endpoints_for(service.ports[0], [v6, v4])
+    assert [(str(e.ip), e.ready) for e in merged] == [
+        ("10.244.1.3", True),
+        ("10.244.1.20", True),
+        ("fd00::1", True),
+    ]

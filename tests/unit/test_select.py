@@ -178,3 +178,13 @@ def test_categorize(row: Row) -> None:
     assert {str(e.ip) for e in state.internal} == row.internal
     assert {str(e.ip) for e in state.external} == row.external
     assert len(state.endpoints) == len(row.endpoints)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_categorize_presorted_is_categorize_of_sorted_endpoints(row: Row) -> None:
+    node = b.node(LOCAL, zone=row.zone)
+    shuffled = tuple(reversed(row.endpoints))
+    in_order = tuple(sorted(row.endpoints, key=Endpoint.sort_key))
+    expected = select.categorize(row.service, shuffled, node)
+    assert select.categorize(row.service, in_order, node, presorted=True) == expected
+    assert expected.endpoints == in_order

@@ -29,7 +29,8 @@ Kubernetes API documents, which are the specification here:
 
 * "Retrieving large results sets in chunks" (API concepts): ``limit`` cuts a list into
   pages; ``metadata.continue`` is an opaque token and ``metadata.remainingItemCount``
-  counts what is left; every page is served from the first page's resourceVersion (a
+  counts what is left (not sent for a list with a selector, as the API server does
+  not); every page is served from the first page's resourceVersion (a
   consistent snapshot); a token whose resourceVersion has left the history is a
   ``410 Expired`` ("The provided continue parameter is too old ..."), after which a
   client starts the list again.

@@ -683,11 +683,10 @@ class FakeApiServer:
                 # More matching objects follow: hand out a token to the rest.
                 last = _key_of(items[-1])
                 meta["continue"] = _encode_continue(list_rv, last)
-                meta["remainingItemCount"] = (
-                    len(objects) - i
-                    if selector == Selector()
-                    else sum(1 for o in objects[i:] if selector.matches(o))
-                )
+                if selector == Selector():
+                    # As the API server: with a selector the count is unknown (counting
+                    # would cost the rest of the list for every page) and not sent.
+                    meta["remainingItemCount"] = len(objects) - i
                 break
             item = dict(obj)
             item.pop("kind", None)
