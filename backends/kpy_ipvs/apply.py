@@ -851,7 +851,8 @@ def _decode_element(kinds: list[str], data: bytes, start: int, end: int) -> str 
             return None
         if kind == "net":
             cidr = data[f[cidr_kind][0]] if cidr_kind in f else address.max_prefixlen
-            parts.append(f"{address}/{cidr}")
+            # a host network as render writes it (render.net_text): the bare address
+            parts.append(str(address) if cidr == address.max_prefixlen else f"{address}/{cidr}")
         else:
             parts.append(str(address))
     value = ",".join(parts)

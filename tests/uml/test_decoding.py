@@ -95,7 +95,7 @@ def test_the_attribute_walk_stops_at_a_truncated_attribute() -> None:
         ("MASQ", "fd00::10,udp:53"),
         ("LOOPBACK", "10.244.1.2,sctp:8080,10.244.1.2"),
         ("ALLOWED", "172.18.0.10,tcp:80,192.168.0.0/16"),
-        ("ALLOWED", "172.18.0.10,tcp:80,192.168.1.7/32"),
+        ("ALLOWED", "172.18.0.10,tcp:80,192.168.1.7"),  # a host network: render.net_text
         ("SHORT", "172.18.0.10,tcp:80 skbmark 0x30000/0xffff0000"),
     ],
 )
