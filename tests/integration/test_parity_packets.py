@@ -82,6 +82,18 @@ def _program(
     return backend, plan, cfg
 
 
+@contextlib.contextmanager
+def _programmed(
+    topo: Topology, factory: Factory, states: list[ServicePortState], **config: object
+) -> Iterator[tuple[Plan, BackendConfig]]:
+    """``states`` programmed for the node of ``topo``; everything removed afterwards."""
+    backend, plan, cfg = _program(topo, factory, states, **config)
+    try:
+        yield plan, cfg
+    finally:
+        asyncio.run(backend.cleanup())
+
+
 def _traced(
     tracer: ex.Tracer, plan: Plan, cfg: BackendConfig, src: str, dst: str, port: int, origin: str
 ) -> ex.Verdict:
@@ -118,11 +130,8 @@ class TestLoadBalancerIPAsSource:
         factory, _ = backend
         # the node holds both VIPs locally (a VIP-like load balancer's IP route)
         ip("-n", topo.node, "addr", "replace", "172.18.0.51/32", "dev", "lo")
-        programmed, plan, cfg = _program(topo, factory, _lb_states())
-        try:
-            yield plan, cfg
-        finally:
-            asyncio.run(programmed.cleanup())
+        with _programmed(topo, factory, _lb_states()) as programmed:
+            yield programmed
 
     def test_the_node_reaches_its_local_lb_ip_when_a_range_holds_the_node(
         self,
@@ -215,11 +224,8 @@ class TestDetectLocal:
     def programmed(
         self, topo: Topology, backend: tuple[Factory, ex.Tracer], mode: str
     ) -> Iterator[tuple[Plan, BackendConfig]]:
-        programmed, plan, cfg = _program(topo, backend[0], _detect_states(), **DETECT[mode])
-        try:
-            yield plan, cfg
-        finally:
-            asyncio.run(programmed.cleanup())
+        with _programmed(topo, backend[0], _detect_states(), **DETECT[mode]) as programmed:
+            yield programmed
 
     def test_pods_and_others_as_the_detector_tells_them(
         self,
@@ -269,13 +275,10 @@ class TestNodePortPrimary:
         np = b.service("np", cluster_ip="10.96.0.50", type="NodePort", node_port=30091)
         states = [b.state(np, [b.endpoint(POD_B, node="node-b")], NODE)]
         # no configured node IP: the primary IP is the Node's first address (NODE_IP)
-        programmed, plan, cfg = _program(
+        with _programmed(
             topo, backend[0], states, node_ips=(), nodeport_primary=True
-        )
-        try:
-            yield plan, cfg
-        finally:
-            asyncio.run(programmed.cleanup())
+        ) as programmed:
+            yield programmed
 
     def test_nodeports_answer_on_the_primary_ip_only(
         self,
@@ -307,11 +310,8 @@ class TestNodePortAddressesPerFamily:
         endpoints = [b.endpoint(POD_B, node="node-b"), b.endpoint(POD_B6, node="node-b")]
         states = [b.state(np, endpoints, NODE)]
         only_v4 = (ipaddress.ip_network("192.168.50.0/24"),)
-        programmed, plan, cfg = _program(topo, backend[0], states, nodeport_addresses=only_v4)
-        try:
-            yield plan, cfg
-        finally:
-            asyncio.run(programmed.cleanup())
+        with _programmed(topo, backend[0], states, nodeport_addresses=only_v4) as programmed:
+            yield programmed
 
     def test_ipv4_cidrs_only_leave_ipv6_nodeports_everywhere(
         self,
@@ -374,11 +374,8 @@ def fresh() -> Iterator[Topology]:
 def _localhost_programmed(
     fresh: Topology, factory: Factory, on: bool
 ) -> Iterator[tuple[Plan, BackendConfig]]:
-    programmed, plan, cfg = _program(fresh, factory, _localhost_states(), localhost_nodeports=on)
-    try:
-        yield plan, cfg
-    finally:
-        asyncio.run(programmed.cleanup())
+    with _programmed(fresh, factory, _localhost_states(), localhost_nodeports=on) as programmed:
+        yield programmed
         # the next test starts from route_localnet 0 again
         subprocess.run(
             ["ip", "netns", "exec", fresh.node, "sysctl", "-qw",
@@ -508,13 +505,10 @@ class TestClusterIPChecks:
     def programmed(
         self, topo: Topology, backend: tuple[Factory, ex.Tracer], bystander: None
     ) -> Iterator[tuple[Plan, BackendConfig]]:
-        programmed, plan, cfg = _program(
+        with _programmed(
             topo, backend[0], _cluster_ip_states(), service_cidrs=(SERVICE_CIDR,)
-        )
-        try:
-            yield plan, cfg
-        finally:
-            asyncio.run(programmed.cleanup())
+        ) as programmed:
+            yield programmed
 
     def test_unserved_ports_and_unallocated_addresses(
         self,
