@@ -117,7 +117,7 @@ def test_a_closed_port_is_refused_and_a_dropped_one_times_out(cluster: Cluster) 
         cluster.tcp(a.netns, "10.244.9.9", 80, timeout=0.5)
 
 
-def test_teardown_leaves_nothing_and_stale_leftovers_are_removed() -> None:
+def test_teardown_leaves_nothing_and_stale_leftovers_are_removed(tmp_path: Path) -> None:
     require_root()
     prefix = f"kpy-t{time.monotonic_ns() % 10**6}x"
     with Cluster(nodes=1, pods_per_node=1, prefix=prefix) as small:
@@ -129,7 +129,7 @@ def test_teardown_leaves_nothing_and_stale_leftovers_are_removed() -> None:
     # a crashed run: namespaces (with a process inside) left behind
     leftover = Cluster(nodes=1, pods_per_node=1, prefix=prefix, echo=None)
     leftover.build()
-    leftover.start_echo(c.EchoPorts(), log_dir=Path("/tmp") / prefix)
+    leftover.start_echo(c.EchoPorts(), log_dir=tmp_path)
     assert {ns.name for ns in leftover.namespaces()} <= namespaces()
     removed = c.remove_stale(prefix)
     assert set(removed) == {ns.name for ns in leftover.namespaces()}
