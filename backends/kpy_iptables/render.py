@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from kpy.core import diff
-from kpy.core.backend import BackendConfig, LocalDetector
+from kpy.core.backend import BackendConfig, LocalDetector, nodeport_networks
 from kpy.core.model import (
     Endpoint,
     IPAddress,
@@ -287,9 +287,8 @@ def base(ctx: Context, family: int) -> Objects:
             Key(family, FILTER, builtin, f"-m conntrack --ctstate NEW {portals} -j {SERVICES}")
         ] = ()
     local = family == 4 and ctx.localhost_nodeports
-    nodeports = [c for c in ctx.nodeport_addresses if c.version == family]
-    # restricted: primary, or CIDRs of the family but none zero-masked; else every address
-    if ctx.nodeport_primary or (nodeports and not any(c.prefixlen == 0 for c in nodeports)):
+    nodeports = nodeport_networks(ctx.nodeport_addresses, ctx.nodeport_primary, family)
+    if nodeports is not None:  # None: every local address
         for cidr in nodeports:
             for net in _without_loopback(cidr) if not local else (cidr,):
                 rule = f"-d {net} -m addrtype --dst-type LOCAL -j {NODEPORTS}"

@@ -494,7 +494,7 @@ class Kernel:
         for data, start, end in self._reader().dump(
             "dump virtual services", self._ipvs_family, request
         ):
-            for kind, s, e in _attr_list(data, start + GENL_HEADER, end):
+            for kind, s, e in attrs(data, start + GENL_HEADER, end):
                 if kind == 1:  # IPVS_CMD_ATTR_SERVICE
                     found = _decode_service(data, s, e)
                     if found is not None:
@@ -511,7 +511,7 @@ class Kernel:
         for data, start, end in self._reader().dump(
             f"dump real servers of {key}", self._ipvs_family, request
         ):
-            for kind, s, e in _attr_list(data, start + GENL_HEADER, end):
+            for kind, s, e in attrs(data, start + GENL_HEADER, end):
                 if kind == 2:  # IPVS_CMD_ATTR_DEST
                     dkey, status = _decode_dest(key, data, s, e)
                     result[dkey] = status
@@ -539,7 +539,7 @@ class Kernel:
             family, _, _, _, at = IFADDRMSG.unpack_from(data, start)
             if at != index or family not in (socket.AF_INET, socket.AF_INET6):
                 continue
-            for kind, s, e in _attr_list(data, start + IFADDRMSG.size, end):
+            for kind, s, e in attrs(data, start + IFADDRMSG.size, end):
                 if kind == 1:  # IFA_ADDRESS
                     found.add(ipaddress.ip_address(bytes(data[s:e])))
         return frozenset(found)
@@ -591,12 +591,12 @@ class Kernel:
             except KernelError:
                 continue
             for data, start, end in replies:
-                for kind, s, e in _attr_list(data, start + 4, end):  # after the nfgenmsg
+                for kind, s, e in attrs(data, start + 4, end):  # after the nfgenmsg
                     if kind == 2:  # SETNAME
                         if bytes(data[s:e]).split(b"\0", 1)[0].decode() == name:
                             present.add(name)
                     elif kind == 8:  # ADT: the elements
-                        for inner, es, ee in _attr_list(data, s, e):
+                        for inner, es, ee in attrs(data, s, e):
                             if inner != 7:  # DATA
                                 continue
                             value = _decode_element(kinds, data, es, ee)
@@ -775,12 +775,8 @@ class Kernel:
             self.run(["ipset", "destroy", name], check=False)
 
 
-def _attr_list(data: bytes, offset: int, end: int) -> list[tuple[int, int, int]]:
-    return list(attrs(data, offset, end))
-
-
 def _fields(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
-    return {kind: (s, e) for kind, s, e in _attr_list(data, start, end)}
+    return {kind: (s, e) for kind, s, e in attrs(data, start, end)}
 
 
 def _u32_at(data: bytes, fields: dict[int, tuple[int, int]], kind: int) -> int:
@@ -824,7 +820,7 @@ def _decode_service(data: bytes, start: int, end: int) -> tuple[VirtualKey, Virt
 
 def _set_address(data: bytes, span: tuple[int, int]) -> IPAddress | None:
     """The address inside an ipset ``IP``/``IP2`` attribute (nested IPv4 or IPv6)."""
-    for kind, s, e in _attr_list(data, span[0], span[1]):
+    for kind, s, e in attrs(data, span[0], span[1]):
         if (kind, e - s) in ((1, 4), (2, 16)):
             return ipaddress.ip_address(bytes(data[s:e]))
     return None

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 
-import structlog
-
 from kpy.core.model import IPAddress
 from kpy_userspace.render import (
     ADDRESS_PROTO,
     INTERFACE,
 )
-
-log = structlog.get_logger("kpy.userspace")
 
 
 class Addresses:

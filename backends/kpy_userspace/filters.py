@@ -8,11 +8,7 @@ import ctypes
 import socket
 import struct
 
-import structlog
-
 from kpy.core.model import IPNetwork
-
-log = structlog.get_logger("kpy.userspace")
 
 # Linux constants the socket module does not export.
 SO_ATTACH_FILTER = 26

@@ -8,8 +8,6 @@ import ipaddress
 import socket
 from typing import Any
 
-import structlog
-
 from kpy.core.model import Endpoint
 from kpy_userspace.render import (
     Disposition,
@@ -18,8 +16,6 @@ from kpy_userspace.render import (
     PortTable,
     Role,
 )
-
-log = structlog.get_logger("kpy.userspace")
 
 
 class PortRuntime:

@@ -7,8 +7,6 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import structlog
-
 from kpy.core.model import Protocol, ServicePortName
 from kpy_userspace.filters import FilterSpec, attach_filter, filter_program
 from kpy_userspace.render import (
@@ -21,7 +19,6 @@ from kpy_userspace.render import (
 if TYPE_CHECKING:
     from kpy_userspace.udp import UdpListener
 
-log = structlog.get_logger("kpy.userspace")
 
 # Linux constants the socket module does not export.
 IP_PKTINFO = 8

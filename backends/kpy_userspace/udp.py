@@ -8,8 +8,6 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from kpy.core.model import Endpoint
 from kpy_userspace.flows import Flow, PortRuntime, client_ip, source_allowed
 from kpy_userspace.listeners import IP_PKTINFO
@@ -20,7 +18,6 @@ from kpy_userspace.render import (
 if TYPE_CHECKING:
     from kpy_userspace.proxy import Proxy
 
-log = structlog.get_logger("kpy.userspace")
 
 UDP_MAX = 65535
 

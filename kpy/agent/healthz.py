@@ -34,12 +34,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import structlog
-
 from kpy.agent.agent import AgentStatus
 from kpy.agent.http import Response, serve_forever
-
-log = structlog.get_logger("kpy.health")
 
 
 def _rfc3339(t: float | None) -> str:

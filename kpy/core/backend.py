@@ -59,6 +59,22 @@ class LocalDetector:
         return any(src.version == c.version and src in c for c in self.cidrs)
 
 
+def nodeport_networks(
+    addresses: tuple[IPNetwork, ...], primary: bool, version: int
+) -> tuple[IPNetwork, ...] | None:
+    """Where NodePorts of one IP family answer: the ``addresses`` (nodePortAddresses) of
+    that family, or None for every local address of it. As upstream, a family none of the
+    CIDRs belongs to answers everywhere, and so does one with a zero-masked CIDR. With
+    ``primary``, a family without a primary IP (yet) answers nowhere: ``()`` (upstream
+    then falls back to the loopback address)."""
+    nets = tuple(n for n in addresses if n.version == version)
+    if primary:
+        return nets
+    if not nets or any(n.prefixlen == 0 for n in nets):
+        return None
+    return nets
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BackendConfig:
     """Node-wide settings every backend needs. Changing any of them means a full sync."""
@@ -134,17 +150,8 @@ class BackendConfig:
         return tuple(ipaddress.ip_network(ip) for ip in self.primary_ips())
 
     def nodeport_networks(self, version: int) -> tuple[IPNetwork, ...] | None:
-        """Where NodePorts of one IP family answer: the ``nodeport_addresses`` of that
-        family, or None for every local address of it. As upstream, a family none of the
-        CIDRs belongs to answers everywhere, and so does one with a zero-masked CIDR.
-        With ``primary``, a family without a primary IP (yet) answers nowhere: ``()``
-        (upstream then falls back to the loopback address)."""
-        nets = tuple(n for n in self.nodeport_addresses if n.version == version)
-        if self.nodeport_primary:
-            return nets
-        if not nets or any(n.prefixlen == 0 for n in nets):
-            return None
-        return nets
+        """Where NodePorts of one IP family answer (see :func:`nodeport_networks`)."""
+        return nodeport_networks(self.nodeport_addresses, self.nodeport_primary, version)
 
     def local_detector(self, version: int) -> LocalDetector:
         """How this node tells traffic from its pods, for one IP family."""

@@ -6,13 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import structlog
-
 from kpy import __version__
 from kpy.core.model import ConfigError
-
-log = structlog.get_logger("kpy.sources.kube")
-
 
 JSON = dict[str, Any]
 

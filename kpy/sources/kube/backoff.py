@@ -5,10 +5,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import structlog
-
-log = structlog.get_logger("kpy.sources.kube")
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BackoffPolicy:

@@ -11,13 +11,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-import structlog
 import yaml
 
 from kpy.sources import kubeconfig as kubeconfig_files
 from kpy.sources.kube.api import IN_CLUSTER_CA, IN_CLUSTER_TOKEN, KubeConfigError
-
-log = structlog.get_logger("kpy.sources.kube")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

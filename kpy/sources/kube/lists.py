@@ -6,11 +6,6 @@ import json
 import re
 from typing import Any
 
-import structlog
-
-log = structlog.get_logger("kpy.sources.kube")
-
-
 _TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},]')
 
 

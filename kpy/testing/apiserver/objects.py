@@ -7,11 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
-log = structlog.get_logger("kpy.testing.apiserver")
-
-
 JSON = dict[str, Any]
 ObjectKey = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped objects
 

@@ -6,11 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import structlog
-
 from kpy.testing.apiserver.objects import JSON, ApiError
-
-log = structlog.get_logger("kpy.testing.apiserver")
 
 
 @dataclass(frozen=True, slots=True)

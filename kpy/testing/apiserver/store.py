@@ -13,12 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import structlog
-
 from kpy.testing.apiserver.objects import JSON, RESOURCES, ApiError, ObjectKey, Resource, _not_found
 from kpy.testing.apiserver.selectors import Selector
-
-log = structlog.get_logger("kpy.testing.apiserver")
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,10 +6,6 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
-log = structlog.get_logger("kpy.testing.apiserver")
-
 
 @dataclass(frozen=True, slots=True)
 class TlsFiles:

@@ -57,9 +57,9 @@ from kpy.tools.check.checks import (
 from kpy.tools.check.cluster import (
     NETSHOOT_POD,
     Netshoot,
-    _cluster_or_fail,
     check_cluster,
     cluster_catalog,
+    cluster_or_fail,
     kube_client,
     list_objects,
 )
@@ -138,7 +138,7 @@ def command() -> Any:
 
         try:
             if kubeconfig is not None:
-                results = _cluster_or_fail(kubeconfig, namespace, only)
+                results = cluster_or_fail(kubeconfig, namespace, only)
             else:
                 results = check_lab(
                     list(manifests), only=only, state_dir=lab_state_dir, run_commands=run_commands

@@ -211,7 +211,7 @@ def check_cluster(
         return run_checks(checks, ShellExecutor(pod.shell), on_result)
 
 
-def _cluster_or_fail(kubeconfig: str, namespace: str, only: Sequence[str]) -> list[Result]:
+def cluster_or_fail(kubeconfig: str, namespace: str, only: Sequence[str]) -> list[Result]:
     import click
     from kubernetes.client import ApiException
 
