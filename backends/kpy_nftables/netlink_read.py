@@ -623,22 +623,25 @@ class NetlinkReader(NfTablesSocket):
             return self._all_rules()
         result = RuleDigests()
         for family, table, chain in chains:
-            one = RuleDigests()
-            try:
-                self.dump_into(
-                    one.start,
-                    NFT_MSG_GETRULE,
-                    FAMILY_NUMBERS[family],
-                    _attr_str(NFTA_RULE_TABLE, table),
-                    _attr_str(NFTA_RULE_CHAIN, chain),
-                    marked=True,
-                )
-            except DumpRefused as exc:
-                if exc.errno != errno_.ENOENT:
-                    raise
-                continue  # no such chain (or table): it holds nothing
-            result.chains.update(one.finish().chains)
+            result.chains.update(self._rule_digests(family, table, chain))
         return result
+
+    def _rule_digests(
+        self, family: str, table: str, chain: str | None = None
+    ) -> dict[tuple[str, str, str], tuple[int, bytes]]:
+        """The digests of one table's rules (or one chain's); none when the kernel has no
+        such table or chain (it went away, or never was)."""
+        one = RuleDigests()
+        attrs = [_attr_str(NFTA_RULE_TABLE, table)]
+        if chain is not None:
+            attrs.append(_attr_str(NFTA_RULE_CHAIN, chain))
+        try:
+            self.dump_into(one.start, NFT_MSG_GETRULE, FAMILY_NUMBERS[family], *attrs, marked=True)
+        except DumpRefused as exc:
+            if exc.errno != errno_.ENOENT:
+                raise
+            return {}
+        return one.finish().chains
 
     def _all_rules(self) -> RuleDigests:
         """Every rule of kpy's tables: one dump per table, all of them read again when
@@ -655,20 +658,8 @@ class NetlinkReader(NfTablesSocket):
                 before = self._generation()
             result = RuleDigests()
             for family, table in self.tables():
-                one = RuleDigests()
-                try:
-                    self.dump_into(
-                        one.start,
-                        NFT_MSG_GETRULE,
-                        FAMILY_NUMBERS[family],
-                        _attr_str(NFTA_RULE_TABLE, table),
-                        marked=True,
-                    )
-                except DumpRefused as exc:
-                    if exc.errno != errno_.ENOENT:
-                        raise
-                    continue  # the table went away meanwhile: the generation says so
-                result.chains.update(one.finish().chains)
+                # a table gone meanwhile has no rules: the generation says it changed
+                result.chains.update(self._rule_digests(family, table))
             with self._lock:
                 if self._generation() == before:
                     return result
