@@ -19,6 +19,7 @@ and the oracle is a real TCP connection to the Service's ClusterIP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,29 @@ async def until(check: Callable[[], bool], agent: Agent, what: str, timeout: flo
         await asyncio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def _running_agent(
+    api: FakeApiServer,
+) -> AsyncIterator[tuple[KpyAgent, FakeBackend, asyncio.Task[None]]]:
+    """The real Agent on a kube source against ``api``, with a FakeBackend; stopped after."""
+    source = KubeSource(
+        ApiTarget.from_url(api.url), NODE, backoff=BackoffPolicy(initial=0.02, maximum=0.2)
+    )
+    backend = FakeBackend()
+    agent = KpyAgent(
+        node_name=NODE,
+        source=source,
+        backend=backend,
+        times=RunnerTimes(min_interval=0.01, full_interval=3600),
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        yield agent, backend, task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def test_api_changes_become_the_right_plans() -> None:
     """In process: the real Agent on the kube source; the Plans the backend receives."""
 
@@ -196,19 +220,6 @@ def test_api_changes_become_the_right_plans() -> None:
             api.create(service("web", "10.96.0.10"))
             api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
             api.create(service("gone", "10.96.0.11"))
-            source = KubeSource(
-                ApiTarget.from_url(api.url),
-                NODE,
-                backoff=BackoffPolicy(initial=0.02, maximum=0.2),
-            )
-            backend = FakeBackend()
-            agent = KpyAgent(
-                node_name=NODE,
-                source=source,
-                backend=backend,
-                times=RunnerTimes(min_interval=0.01, full_interval=3600),
-            )
-            task = asyncio.create_task(agent.run())
 
             async def plans(n: int) -> None:
                 deadline = time.monotonic() + 10
@@ -220,7 +231,7 @@ def test_api_changes_become_the_right_plans() -> None:
             def names(keys: frozenset[Any]) -> set[str]:
                 return {str(k) for k in keys}
 
-            try:
+            async with _running_agent(api) as (_agent, backend, task):
                 await plans(1)
                 first = backend.plans[0]
                 assert first.full_sync and names(frozenset(first.services)) == {WEB, GONE}
@@ -247,9 +258,6 @@ def test_api_changes_become_the_right_plans() -> None:
                 await plans(4)
                 assert names(backend.plans[3].changed) == {"default/new:http/TCP"}
                 assert set(backend.programmed) == {WEB, "default/new:http/TCP"}
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 
@@ -272,17 +280,6 @@ def test_service_cidr_changes_reach_the_next_plan() -> None:
             api.create(node())
             api.create(service("web", "10.96.0.10"))
             api.create(service_cidr("kubernetes", "10.96.0.0/16", "fd00:96::/108"))
-            source = KubeSource(
-                ApiTarget.from_url(api.url), NODE, backoff=BackoffPolicy(initial=0.02, maximum=0.2)
-            )
-            backend = FakeBackend()
-            agent = KpyAgent(
-                node_name=NODE,
-                source=source,
-                backend=backend,
-                times=RunnerTimes(min_interval=0.01, full_interval=3600),
-            )
-            task = asyncio.create_task(agent.run())
 
             async def cidrs(*want: str) -> Any:
                 deadline = time.monotonic() + 10
@@ -294,7 +291,7 @@ def test_service_cidr_changes_reach_the_next_plan() -> None:
                     await asyncio.sleep(0.01)
                 return backend.plans[-1]
 
-            try:
+            async with _running_agent(api) as (agent, backend, task):
                 first = await cidrs("10.96.0.0/16", "fd00:96::/108")
                 assert first.full_sync and len(backend.plans) == 1
                 api.create(service_cidr("extra", "10.100.0.0/24"))
@@ -316,9 +313,6 @@ def test_service_cidr_changes_reach_the_next_plan() -> None:
                 api.delete("ServiceCIDR", "", "extra")
                 api.delete("ServiceCIDR", "", "kubernetes")
                 await cidrs()
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 
