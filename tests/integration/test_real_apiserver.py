@@ -576,17 +576,48 @@ def test_paged_list_of_10000_services(plane: ControlPlane) -> None:
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(create, [range(w, count, workers) for w in range(workers)]))
 
+    # Through a forwarder that counts the TCP connections the source opens: the pages
+    # of a list come on one kept-alive connection (the real API server keeps it open),
+    # not one connection per request.
+    link = Partition(plane.netns, 6445, ("127.0.0.1", 6443))
+    audited = len(audit_events(plane))
+    config = plane.dir / "counted.kubeconfig"
+    pki = plane.pki
+    kubeconfig(
+        config, "https://127.0.0.1:6445", pki.ca, cert=pki.cert("admin"), key=pki.key("admin")
+    )
+
     async def scenario(source: KubeSource, sink: Sink) -> None:
         await until(lambda: sink.synced_count == 1, timeout=120, what="synced")
         assert len(sink.names(Kind.SERVICE, ns)) == count
         assert source.services.lists == 1
+        await until(lambda: all(r.watches >= 1 for r in source.reflectors), what="watching")
+        # one connection per reflector for its lists, one per watch
+        assert link.accepted <= 2 * len(source.reflectors)
+        opened = link.accepted
+        # The first list (resourceVersion=0) came from the watch cache in one answer;
+        # a relist after a 410 is a consistent read from etcd, in pages: all of them on
+        # the connection kept since the first list.
+        source.services.consistent_list = True
+        await source.services.list()
+        assert link.accepted == opened
+        assert source.services.pool.opened == 1
 
     try:
         with capture_logs() as logs:
-            run(plane, scenario, page_size=500)
+            run(plane, scenario, config=config, page_size=500)
         listed = [e for e in logs if e["event"] == "kube_listed" and e["kind"] == "Service"]
         assert listed and listed[0]["objects"] >= count
+        pages = [
+            e
+            for e in audit_events(plane)[audited:]
+            if e["verb"] == "list"
+            and e["requestURI"].startswith("/api/v1/services?")
+            and "continue=" in e["requestURI"]
+        ]
+        assert len(pages) >= count // 500 - 1, [e["requestURI"] for e in pages]
     finally:
+        link.close()
         plane.admin().request(
             "DELETE", f"/api/v1/namespaces/{ns}", ok=(200, 202)
         )  # the namespace controller removes the rest

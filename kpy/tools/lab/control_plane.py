@@ -768,6 +768,7 @@ class Partition:
         self.port = port
         self.target = target
         self.open = True
+        self.accepted = 0  # connections forwarded: how many a client opened
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener = run_in_netns(
@@ -799,6 +800,7 @@ class Partition:
                     upstream.close()
                     continue
                 self._sockets |= {client, upstream}
+                self.accepted += 1
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
