@@ -58,6 +58,7 @@ from typing import Any
 
 from kpy.kernel.netns import run_in_netns
 from kpy.testing.netns import ip
+from kpy.tools.lab import api_client as client_
 from kpy.tools.lab import control_plane as rc
 
 CP_NS, NODE_NS, POD_NS = "kpy-vs-cp", "kpy-vs-node", "kpy-vs-pod"
@@ -112,7 +113,7 @@ def populate(plane: rc.ControlPlane, start: int, stop: int) -> None:
     """Services start..stop-1 with their slices (and LoadBalancer status), 4 writers."""
 
     def write(indexes: range) -> None:
-        client = rc.Client(plane.netns, "127.0.0.1", rc.API_PORT, plane.context())
+        client = client_.Client(plane.netns, "127.0.0.1", rc.API_PORT, plane.context())
         try:
             for i in indexes:
                 svc = service(i)
@@ -133,7 +134,7 @@ def populate(plane: rc.ControlPlane, start: int, stop: int) -> None:
 def probe_service(plane: rc.ControlPlane) -> str:
     """Create (again) the probe Service with the first endpoint set; its ClusterIP."""
     api = plane.admin()
-    with contextlib.suppress(rc.ApiError):
+    with contextlib.suppress(client_.ApiError):
         api.delete(endpoint_slice(PROBE, []))
         api.delete(service(0) | {"metadata": {"name": PROBE, "namespace": NS}})
     svc = service(0) | {"metadata": {"name": PROBE, "namespace": NS}}
@@ -141,7 +142,7 @@ def probe_service(plane: rc.ControlPlane) -> str:
         try:
             created = api.create(svc)
             break
-        except rc.ApiError as exc:
+        except client_.ApiError as exc:
             if exc.status != 409:
                 raise
             time.sleep(0.05)
@@ -408,7 +409,8 @@ def run_one(
             from_event = []
             current = 0
             last = time.monotonic()
-            rv = api.get(rc.object_path(endpoint_slice(PROBE, [])))["metadata"]["resourceVersion"]
+            probe = api.get(client_.object_path(endpoint_slice(PROBE, [])))
+            rv = probe["metadata"]["resourceVersion"]
             watch = SliceWatch(plane, rv)
             for _ in range(trials):
                 time.sleep(max(0.0, last + 1.2 - time.monotonic()))  # past the min sync
@@ -417,7 +419,7 @@ def run_one(
                 sent = time.monotonic()
                 api.request(
                     "PATCH",
-                    rc.object_path(body),
+                    client_.object_path(body),
                     {"endpoints": body["endpoints"]},
                     content_type="application/merge-patch+json",
                 )
@@ -611,7 +613,7 @@ def main() -> None:
             {"addresses": [{"type": "InternalIP", "address": NODE_IP}]},
         )
         pki = plane.pki
-        rc.kubeconfig(plane.dir / "bench.kubeconfig", f"https://{CP_IP}:6443", pki.ca,
+        client_.kubeconfig(plane.dir / "bench.kubeconfig", f"https://{CP_IP}:6443", pki.ca,
                       cert=pki.cert("admin"), key=pki.key("admin"))  # fmt: skip
         have = 1  # s0's name is taken by the probe's shape only; start at 1
         for n in [int(x) for x in args.n.split(",")]:

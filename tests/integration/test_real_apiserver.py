@@ -38,15 +38,9 @@ from kpy.sources.kube import (
 )
 from kpy.tools import check
 from kpy.tools.lab import control_plane as realcluster
-from kpy.tools.lab.control_plane import (
-    ApiError,
-    ControlPlane,
-    Partition,
-    kubeconfig,
-    load_manifests,
-    pod,
-    running_status,
-)
+from kpy.tools.lab.api_client import ApiError, Client, kubeconfig
+from kpy.tools.lab.cluster_objects import load_manifests, pod, running_status
+from kpy.tools.lab.control_plane import ControlPlane, Partition
 from tests.conftest import require_root
 from tests.integration.test_kube_source import RecordingSink
 
@@ -563,7 +557,7 @@ def test_paged_list_of_10000_services(plane: ControlPlane) -> None:
     count = 10_000
 
     def create(indexes: range) -> None:
-        client = realcluster.Client(plane.netns, "127.0.0.1", 6443, plane.context())
+        client = Client(plane.netns, "127.0.0.1", 6443, plane.context())
         try:
             for i in indexes:
                 obj = service(f"s{i}", ns)

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from kpy.tools.lab.control_plane import lab_objects
+from kpy.tools.lab.cluster_objects import lab_objects
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -318,6 +318,8 @@ def _run_ip(*argv: str) -> None:
 def _start_control_plane(state: LabState, cluster: Cluster, state_dir: Path) -> None:
     """etcd, kube-apiserver and kube-controller-manager in ``<prefix>-cp``; then RBAC, the
     agents' kubeconfig, and the manifests as real objects (the lab plays kubelet)."""
+    from kpy.tools.lab import api_client as api
+    from kpy.tools.lab import cluster_objects as objects_
     from kpy.tools.lab import control_plane as rc
 
     netns, net = state.control_plane_netns, cluster.underlay.name
@@ -350,11 +352,11 @@ def _start_control_plane(state: LabState, cluster: Cluster, state_dir: Path) -> 
         _save(state, state_dir)
     admin = plane.admin()
     try:
-        for obj in rc.load_manifests(DAEMONSET):
+        for obj in objects_.load_manifests(DAEMONSET):
             if obj["kind"] in RBAC_KINDS:
                 admin.apply(obj)
         token = plane.service_account_token("kube-system", "kpy", seconds=7 * 86400)
-        rc.kubeconfig(
+        api.kubeconfig(
             workdir / "agent.kubeconfig",
             f"https://{CONTROL_PLANE_IP}:6443",
             plane.pki.ca,
@@ -362,17 +364,17 @@ def _start_control_plane(state: LabState, cluster: Cluster, state_dir: Path) -> 
             user="system:serviceaccount:kube-system:kpy",
         )
         _apply_lab_objects(state, cluster, admin, workdir)
-    except rc.ApiError as exc:
+    except api.ApiError as exc:
         raise LabError(f"the API server refused the lab's objects: {exc}") from None
     finally:
         admin.close()
 
 
 def _apply_lab_objects(state: LabState, cluster: Cluster, admin: Any, workdir: Path) -> None:
-    from kpy.tools.lab import control_plane as rc
+    from kpy.tools.lab import cluster_objects as objects_
 
     pods = {pod.name: pod.node for pod in cluster.pods}
-    objects = rc.lab_objects(rc.load_manifests(Path(state.manifests)), pods)
+    objects = objects_.lab_objects(objects_.load_manifests(Path(state.manifests)), pods)
     for note in objects.notes:
         print(f"note: {note}", file=sys.stderr)
     nodes = {obj["metadata"]["name"]: obj for obj in objects.nodes}
@@ -411,6 +413,7 @@ def _pod_objects(state: LabState) -> dict[str, dict[str, Any]]:
 
 def api_client(state: LabState) -> Any:
     """An admin client of the lab's API server (its socket opened in ``<prefix>-cp``)."""
+    from kpy.tools.lab import api_client as api
     from kpy.tools.lab import control_plane as rc
 
     if not state.real:
@@ -418,17 +421,17 @@ def api_client(state: LabState) -> Any:
     pki = rc.Pki(Path(state.control_plane_dir) / "pki")
     context = ssl.create_default_context(cafile=str(pki.ca))
     context.load_cert_chain(pki.cert("admin"), pki.key("admin"))
-    return rc.Client(state.control_plane_netns, "127.0.0.1", 6443, context)
+    return api.Client(state.control_plane_netns, "127.0.0.1", 6443, context)
 
 
 def api_objects(state: LabState) -> list[dict[str, Any]]:
     """The lab's Services, EndpointSlices and Nodes as the API server has them, without
     ``default/kubernetes`` (its endpoint is the API server, not a lab pod)."""
-    from kpy.tools.lab import control_plane as rc
+    from kpy.tools.lab import cluster_objects as objects_
 
     client = api_client(state)
     try:
-        objects = rc.list_objects(client)
+        objects = objects_.list_objects(client)
     finally:
         client.close()
 
@@ -452,7 +455,7 @@ def _lab_pod(state: LabState, name: str) -> topo.Pod:
 
 def kubelet_start_pod(state: LabState, name: str, *, admin: Any = None) -> None:
     """Create lab pod ``name``'s Pod (bound to its node) and report it running and ready."""
-    from kpy.tools.lab import control_plane as rc
+    from kpy.tools.lab import cluster_objects as objects_
 
     client = admin or api_client(state)
     try:
@@ -460,7 +463,7 @@ def kubelet_start_pod(state: LabState, name: str, *, admin: Any = None) -> None:
         pod = _lab_pod(state, name)
         node_ip = str(next(n.ip for n in state.cluster().nodes if n.name == pod.node))
         client.create(obj)
-        client.patch_status(obj, rc.running_status([str(pod.ip), str(pod.ip6)], node_ip))
+        client.patch_status(obj, objects_.running_status([str(pod.ip), str(pod.ip6)], node_ip))
     finally:
         if admin is None:
             client.close()
@@ -468,13 +471,13 @@ def kubelet_start_pod(state: LabState, name: str, *, admin: Any = None) -> None:
 
 def kubelet_set_ready(state: LabState, name: str, ready: bool) -> None:
     """Report lab pod ``name`` ready or not (its readiness probe passing or failing)."""
-    from kpy.tools.lab import control_plane as rc
+    from kpy.tools.lab import cluster_objects as objects_
 
     client = api_client(state)
     try:
         pod = _lab_pod(state, name)
         node_ip = str(next(n.ip for n in state.cluster().nodes if n.name == pod.node))
-        status = rc.running_status([str(pod.ip), str(pod.ip6)], node_ip, ready=ready)
+        status = objects_.running_status([str(pod.ip), str(pod.ip6)], node_ip, ready=ready)
         client.patch_status(_pod_objects(state)[name], status)
     finally:
         client.close()
