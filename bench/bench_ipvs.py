@@ -164,6 +164,8 @@ def main() -> None:
         help="profile the restart adoption (cProfile of the backend's kernel thread); "
         "the top functions are printed after the table",
     )
+    parser.add_argument("--mem", default="2048M", help="the guest's memory (100,000: 8192M)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds for the guest run")
     args = parser.parse_args()
     sizes = tuple(int(s) for s in args.sizes.split(","))
     if args.in_guest:
@@ -177,8 +179,8 @@ def main() -> None:
     env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
     run = uml.run(
         [*command, *(["--profile"] if args.profile else [])],
-        timeout=1800,
-        mem="2048M",
+        timeout=args.timeout,
+        mem=args.mem,
         env=env,
     )
     try:
