@@ -567,8 +567,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                 run = next((r for r in results if r["proxy"] == proxy and r["n"] == n), None)
                 if run is not None and run["cold_start_s"] is None and key != "peak_rss_mib":
                     label_ = f"no first sync\nin {run['cold_limit_s']:.0f} s"
-                    ax.annotate(label_, (x, 0), xytext=(0, 4), textcoords="offset points",
-                                ha="center", va="bottom", rotation=90, fontsize=7)  # fmt: skip
+                    ax.annotate(label_, (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 4),
+                                textcoords="offset points", ha="center", va="bottom",
+                                rotation=90, fontsize=7)  # fmt: skip
         ax.set_xticks(range(len(sizes)), [f"N = {n:,}" for n in sizes])
         ax.set_title(label)
         if key in ("change_p50_ms", "event_p50_ms"):
