@@ -201,11 +201,7 @@ class IpvsBackend:
             for set_name, typ, version in render.set_names():
                 family = "inet6" if version == 6 else "inet"
                 extra = render.create_options(set_name)
-                lines.append(
-                    f"ipset create {set_name} {typ} family {family} {extra} -exist".replace(
-                        "  ", " "
-                    )
-                )
+                lines.append(f"ipset create {set_name} {typ} family {family} {extra} -exist")
             lines += [f"ipset flush {set_name}" for set_name, _, _ in render.set_names()]
             lines += [f"ipset add {el}" for el in sorted(elements)]
             for version, tool in zip((4, 6), IPTABLES, strict=True):

@@ -94,9 +94,28 @@ WINDOW_BYTES = 64 * 1024  # well under the default socket send buffer
 NETLINK_NETFILTER, NLA_F_NESTED, NLA_F_NET_BYTEORDER = 12, 0x8000, 0x4000
 IPSET_CMD_ADD, IPSET_CMD_DEL = (6 << 8) | 9, (6 << 8) | 10  # nfnetlink subsystem 6: ipset
 IPSET_CMD_LIST = (6 << 8) | 7
+# ipset's own error numbers (linux/netfilter/ipset/ip_set.h, ip_set_hash.h), which
+# strerror() does not know; the rest are errno values.
+IPSET_ERRORS = {
+    4097: "set type not supported",
+    4098: "too many sets",
+    4099: "set busy",
+    4100: "a set with that name exists with other options",
+    4101: "set types differ",
+    4102: "element already exists",
+    4107: "set is referenced",
+    4352: "set is full (maxelem reached)",
+    4353: "element does not fit the set",
+}
+NEW_SET = "KPY-IPVS-NEW"  # a companion set being made, before it takes its name (swap)
 BE64 = struct.Struct("!Q")
 IPSET_PROTOCOL = 7
 SET_TYPES = {name: typ.split(":", 1)[1] for name, typ, _ in render.set_names()}
+
+
+def describe_error(number: int) -> str:
+    """An error number of a netlink reply, in words (ipset's own numbers included)."""
+    return IPSET_ERRORS.get(number) or os.strerror(number)
 
 
 class KernelError(Exception):
@@ -306,7 +325,7 @@ class Pipeline:
                         if typ == NLMSG_ERROR:
                             (error,) = struct.unpack_from("=i", data, offset + header)
                             if error:
-                                raise KernelError(f"{what}: {os.strerror(-error)}")
+                                raise KernelError(f"{what}: {describe_error(-error)}")
                             return replies
                         if size < header or offset + size > end:
                             raise KernelError(f"{what}: a truncated reply")
@@ -339,7 +358,7 @@ class Pipeline:
                     if kind == NLMSG_ERROR and seq in by_seq:
                         (error,) = struct.unpack_from("=i", data, offset + HEADER.size)
                         if error:
-                            failed[seq] = f"{by_seq[seq].what}: {os.strerror(-error)}"
+                            failed[seq] = f"{by_seq[seq].what}: {describe_error(-error)}"
                         done = done or seq == last
                     offset += max(size + (-size % 4), HEADER.size)
         except OSError as exc:
@@ -716,12 +735,24 @@ class Kernel:
             )
 
     def write_companion(self, ctx: render.Context, elements: Iterable[Element]) -> None:
-        """(Re)create the companion sets and rules, and fill the sets with ``elements``."""
-        lines = [
-            f"create {name} {typ} family {'inet6' if version == 6 else 'inet'} "
-            f"{render.create_options(name)} -exist".replace("  ", " ")
-            for name, typ, version in render.set_names()
-        ]
+        """(Re)create the companion sets and rules, and fill the sets with ``elements``.
+
+        A set that exists is replaced by a new one made with today's options (``ipset
+        swap``: the rules that use it keep their reference; a set made by an earlier
+        version with another ``maxelem`` cannot be created again with ``-exist``)."""
+        existing = set(self.run(["ipset", "list", "-n"], check=False).split())
+        lines = [f"destroy {NEW_SET}"] if NEW_SET in existing else []  # left by a crash
+        for name, typ, version in render.set_names():
+            options = f"{typ} family {'inet6' if version == 6 else 'inet'} "
+            options += render.create_options(name)
+            if name in existing:
+                lines += [
+                    f"create {NEW_SET} {options}",
+                    f"swap {NEW_SET} {name}",
+                    f"destroy {NEW_SET}",
+                ]
+            else:
+                lines.append(f"create {name} {options}")
         lines += [f"flush {name}" for name, _, _ in render.set_names()]
         self.sent += 1
         self.run(["ipset", "restore"], "\n".join(lines) + "\n")

@@ -512,9 +512,17 @@ def set_name(name: str, version: int) -> str:
     return f"KPY-IPVS-{name}" + ("6" if version == 6 else "")
 
 
+# How many elements a companion set may hold. ipset's default (65,536) is one element
+# per frontend in the largest sets: a cluster of more than ~65,000 Service ports (or
+# hairpin pairs) made every full sync fail with "hash is full". The hash grows as
+# elements come; this is only the ceiling.
+MAXELEM = 1 << 22
+
+
 def create_options(name: str) -> str:
     """Extra ``ipset create`` options of a companion set."""
-    return "skbinfo" if name.rstrip("6") == set_name("SHORT", 4) else ""
+    skbinfo = " skbinfo" if name.rstrip("6") == set_name("SHORT", 4) else ""
+    return f"maxelem {MAXELEM}{skbinfo}"
 
 
 def set_names() -> Iterator[tuple[str, str, int]]:
@@ -610,6 +618,7 @@ def skeleton_id(ctx: Context) -> str:
         text += f" mark_mask={ctx.mark_mask:#x}"
     if not ctx.masquerade_all and not all(ctx.pods(version) for version in (4, 6)):
         text += " cluster-src-dst"  # a family without a detector: the src,dst rule
+    text += f" maxelem={MAXELEM}"  # sets made with another ceiling are made again
     return "kpy-ipvs-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -15,7 +15,9 @@ from kpy_ipvs import render
 from kpy_ipvs.apply import SET_TYPES, WINDOW_MESSAGES, Kernel, KernelError
 from kpy_ipvs.render import Element
 
+from kpy.core.backend import BackendConfig
 from kpy.core.model import IPAddress
+from kpy.testing import builders as b
 from tests.conftest import require_root
 
 
@@ -131,3 +133,60 @@ def test_set_elements_over_netlink(kernel: Kernel) -> None:
         del SET_TYPES[missing.set]
     assert _saved(kernel) == {f"add {e.set} {e.value}" for e in elements[3:]}
     assert kernel._executor.submit(kernel.dump_sets).result()[1] == set(elements[3:])
+
+
+def _ipset(kernel: Kernel, *argv: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", str(kernel.netns), "ipset", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def test_companion_sets_are_made_again_with_room_past_ipsets_default(kernel: Kernel) -> None:
+    """A set made with ipset's default ceiling (65,536 elements, as an earlier kpy made
+    them) is replaced by one made with today's options — swapped in, so the rules that
+    use it keep their reference — and then takes more elements than that ceiling (with
+    it, a cluster of ~70,000 Service ports failed every full sync: "hash is full")."""
+    _ipset(kernel, "create", "KPY-IPVS-CLUSTER", "hash:ip,port", "family", "inet")
+    _ipset(kernel, "add", "KPY-IPVS-CLUSTER", "10.96.0.1,tcp:1")
+    _ipset(kernel, "create", "KPY-IPVS-NEW", "hash:ip")  # left by an interrupted swap
+    node = b.node(addresses=["192.168.50.1"])
+    ctx = render.context(BackendConfig(node_name=node.name), node)
+    wanted = [Element(set="KPY-IPVS-MASQ", value="10.96.0.10,tcp:80")]
+    kernel._executor.submit(kernel.write_companion, ctx, wanted).result()
+    header = _ipset(kernel, "list", "-t", "KPY-IPVS-CLUSTER")
+    assert f"maxelem {render.MAXELEM}" in header
+    assert "KPY-IPVS-NEW" not in _ipset(kernel, "list", "-n").split()
+    assert _saved(kernel) == {"add KPY-IPVS-MASQ 10.96.0.10,tcp:80"}  # the old one gone
+
+    count = 70_000
+    many = [
+        Element(set="KPY-IPVS-CLUSTER", value=f"{ipaddress.ip_address('10.96.0.0') + i},tcp:80")
+        for i in range(count)
+    ]
+
+    def add() -> None:
+        kernel.change_elements(many, ())
+        kernel.flush()
+
+    kernel._executor.submit(add).result()
+    assert f"Number of entries: {count}" in _ipset(kernel, "list", "-t", "KPY-IPVS-CLUSTER")
+
+
+def test_a_full_set_is_named_as_full(kernel: Kernel) -> None:
+    """ipset's own error numbers come in words, not as strerror's "Unknown error 4352"."""
+    _ipset(kernel, "create", "KPY-IPVS-TINY", "hash:ip,port", "maxelem", "1")
+    SET_TYPES["KPY-IPVS-TINY"] = "ip,port"
+    try:
+        elements = [Element(set="KPY-IPVS-TINY", value=f"10.96.0.{i},tcp:80") for i in (1, 2)]
+
+        def add() -> None:
+            kernel.change_elements(elements, ())
+            kernel.flush()
+
+        with pytest.raises(KernelError, match=r"10\.96\.0\.2,tcp:80: set is full"):
+            kernel._executor.submit(add).result()
+    finally:
+        del SET_TYPES["KPY-IPVS-TINY"]
