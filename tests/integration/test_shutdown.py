@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.agents import write
+
 KPY = Path(sys.executable).with_name("kpy")
 
 PLUGIN = '''
@@ -58,26 +60,9 @@ class FileBackend:
         os.unlink(self.path)
 '''
 
-MANIFEST = """
-apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080}}]
-endpoints: [{eps}]
-"""
-
 
 def write_manifest(directory: Path, *endpoints: str) -> None:
-    eps = ", ".join(f"{{addresses: [{e}], nodeName: node-a}}" for e in endpoints)
-    (directory / "web.yaml").write_text(MANIFEST.format(eps=eps))
+    write(directory / "web.yaml", "web", "10.96.0.10", list(endpoints))
 
 
 @pytest.fixture

@@ -1,0 +1,106 @@
+"""The agent over manifest files, for tests: the files written, an agent with quick
+timers, the agent running for the length of a block, and waiting on a condition."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from kpy.agent import quarantine
+from kpy.agent.agent import Agent
+from kpy.agent.runner import RunnerTimes
+from kpy.core.backend import Backend
+from kpy.sources.manifests import ManifestSource
+
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {ip}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+"""
+SLICE = """
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{eps}]
+"""
+
+
+def manifest(*endpoints: str, name: str = "web", ip: str = "10.96.0.10") -> str:
+    """The Service ``name`` (ClusterIP ``ip``, port http 80 to 8080) and its one
+    EndpointSlice, whose endpoints are the YAML flow mappings ``endpoints``."""
+    eps = ", ".join(endpoints)
+    return SERVICE.format(name=name, ip=ip) + "---" + SLICE.format(name=name, eps=eps)
+
+
+def on_node_a(*addresses: str) -> list[str]:
+    """One endpoint each, on node-a (this node), as YAML flow mappings."""
+    return [f"{{addresses: [{a}], nodeName: node-a}}" for a in addresses]
+
+
+def write(path: Path, name: str, ip: str, endpoints: list[str]) -> None:
+    """:func:`manifest` at ``path``, with ``endpoints`` (addresses) on node-a."""
+    path.write_text(manifest(*on_node_a(*endpoints), name=name, ip=ip))
+
+
+def quick_agent(
+    directory: Path,
+    backend: Backend,
+    *,
+    interval: float = 0.02,
+    min_interval: float = 0.01,
+    full_interval: float = 3600,
+    isolate: quarantine.Attempt | None = None,
+) -> Agent:
+    """The agent of node-a over the manifests in ``directory``, reading them every
+    ``interval`` seconds and syncing at most every ``min_interval`` (its backoff too)."""
+    return Agent(
+        node_name="node-a",
+        source=ManifestSource([directory], interval=interval),
+        backend=backend,
+        times=RunnerTimes(
+            min_interval=min_interval, full_interval=full_interval, backoff_initial=min_interval
+        ),
+        isolate=isolate,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(agent: Agent) -> AsyncIterator[asyncio.Task[None]]:
+    """``agent`` running for the length of the block; cancelled and awaited after."""
+    task = asyncio.create_task(agent.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def run_agent(
+    directory: Path,
+    backend: Backend,
+    scenario: Callable[[Agent], Awaitable[None]],
+    isolate: quarantine.Attempt | None = None,
+) -> None:
+    """:func:`quick_agent` running while ``scenario`` runs."""
+
+    async def main() -> None:
+        agent = quick_agent(directory, backend, isolate=isolate)
+        async with running(agent):
+            await scenario(agent)
+
+    asyncio.run(main())
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``check()`` holds; TimeoutError after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
