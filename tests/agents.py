@@ -18,9 +18,9 @@ SERVICE = """
 apiVersion: v1
 kind: Service
 metadata: {{name: {name}, namespace: default}}
-spec:
+spec:{spec}
   clusterIP: {ip}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
+  ports: [{{name: http, port: 80, targetPort: 8080{node_port}}}]
 """
 SLICE = """
 apiVersion: discovery.k8s.io/v1
@@ -32,11 +32,21 @@ endpoints: [{eps}]
 """
 
 
-def manifest(*endpoints: str, name: str = "web", ip: str = "10.96.0.10") -> str:
-    """The Service ``name`` (ClusterIP ``ip``, port http 80 to 8080) and its one
+def manifest(
+    *endpoints: str,
+    name: str = "web",
+    ip: str = "10.96.0.10",
+    node_port: int | None = None,
+    local: bool = False,
+) -> str:
+    """The Service ``name`` (ClusterIP ``ip``, port http 80 to 8080; of type NodePort on
+    ``node_port`` if given, of externalTrafficPolicy Local if ``local``) and its one
     EndpointSlice, whose endpoints are the YAML flow mappings ``endpoints``."""
-    eps = ", ".join(endpoints)
-    return SERVICE.format(name=name, ip=ip) + "---" + SLICE.format(name=name, eps=eps)
+    spec = "\n  type: NodePort" if node_port is not None else ""
+    spec += "\n  externalTrafficPolicy: Local" if local else ""
+    port = f", nodePort: {node_port}" if node_port is not None else ""
+    service = SERVICE.format(name=name, ip=ip, spec=spec, node_port=port)
+    return service + "---" + SLICE.format(name=name, eps=", ".join(endpoints))
 
 
 def on_node_a(*addresses: str) -> list[str]:
