@@ -39,6 +39,7 @@ from kpy.agent.runner import RunnerTimes
 from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
 from kpy.testing.apiserver import FakeApiServer
 from kpy.testing.fake_backend import FakeBackend
+from kpy.testing.objects import endpoint_slice, node, service, service_cidr
 from tests.conftest import require_root
 
 PLUGIN = '''
@@ -78,46 +79,6 @@ class FileBackend:
 NODE = "node-a"
 WEB = "default/web:http/TCP"
 GONE = "default/gone:http/TCP"
-
-
-def service(name: str, ip: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": ip,
-            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
-        },
-    }
-
-
-def endpoint_slice(name: str, service: str, *addresses: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [
-            {"addresses": [a], "conditions": {"ready": True}, "nodeName": NODE} for a in addresses
-        ],
-    }
-
-
-def node() -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": NODE},
-        "spec": {"podCIDR": "10.244.0.0/24"},
-        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.2"}]},
-    }
 
 
 @pytest.fixture
@@ -216,10 +177,10 @@ def test_api_changes_become_the_right_plans() -> None:
 
     async def main() -> None:
         async with FakeApiServer() as api:
-            api.create(node())
-            api.create(service("web", "10.96.0.10"))
-            api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
-            api.create(service("gone", "10.96.0.11"))
+            api.create(node(pod_cidr="10.244.0.0/24"))
+            api.create(service("web", ip="10.96.0.10"))
+            api.create(endpoint_slice("web-1", "web", ["10.244.0.5"]))
+            api.create(service("gone", ip="10.96.0.11"))
 
             async def plans(n: int) -> None:
                 deadline = time.monotonic() + 10
@@ -241,7 +202,7 @@ def test_api_changes_become_the_right_plans() -> None:
                 web = next(s for k, s in first.services.items() if str(k) == WEB)
                 assert [str(e.ip) for e in web.endpoints] == ["10.244.0.5"]
 
-                api.update(endpoint_slice("web-1", "web", "10.244.0.5", "10.244.0.7"))
+                api.update(endpoint_slice("web-1", "web", ["10.244.0.5", "10.244.0.7"]))
                 await plans(2)
                 second = backend.plans[1]
                 assert not second.full_sync
@@ -254,21 +215,12 @@ def test_api_changes_become_the_right_plans() -> None:
                 third = backend.plans[2]
                 assert names(third.removed) == {GONE} and names(frozenset(third.services)) == {WEB}
 
-                api.create(service("new", "10.96.0.12"))
+                api.create(service("new", ip="10.96.0.12"))
                 await plans(4)
                 assert names(backend.plans[3].changed) == {"default/new:http/TCP"}
                 assert set(backend.programmed) == {WEB, "default/new:http/TCP"}
 
     asyncio.run(main())
-
-
-def service_cidr(name: str, *cidrs: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "ServiceCIDR",
-        "metadata": {"name": name},
-        "spec": {"cidrs": list(cidrs)},
-    }
 
 
 def test_service_cidr_changes_reach_the_next_plan() -> None:
@@ -277,8 +229,8 @@ def test_service_cidr_changes_reach_the_next_plan() -> None:
 
     async def main() -> None:
         async with FakeApiServer() as api:
-            api.create(node())
-            api.create(service("web", "10.96.0.10"))
+            api.create(node(pod_cidr="10.244.0.0/24"))
+            api.create(service("web", ip="10.96.0.10"))
             api.create(service_cidr("kubernetes", "10.96.0.0/16", "fd00:96::/108"))
 
             async def cidrs(*want: str) -> Any:
@@ -357,11 +309,11 @@ def test_kpy_run_source_kube_end_to_end(tmp_path: Path, plugin: Path) -> None:
 
     async def main() -> None:
         async with FakeApiServer() as api:
-            api.create(node())
-            api.create(service("web", "10.96.0.10"))
-            api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
-            api.create(service("gone", "10.96.0.11"))
-            api.create(endpoint_slice("gone-1", "gone", "10.244.0.6"))
+            api.create(node(pod_cidr="10.244.0.0/24"))
+            api.create(service("web", ip="10.96.0.10"))
+            api.create(endpoint_slice("web-1", "web", ["10.244.0.5"]))
+            api.create(service("gone", ip="10.96.0.11"))
+            api.create(endpoint_slice("gone-1", "gone", ["10.244.0.6"]))
             # The Node cannot be listed yet: Services and slices can.
             api.fail_next(1000, 500, paths=("/api/v1/nodes",))
             env = agent_env(tmp_path, PYTHONPATH=str(plugin), KPY_TEST_STATE=str(state))
@@ -405,7 +357,7 @@ async def run_scenario(api: FakeApiServer, agent: Agent, state: Path) -> None:
     assert code == 200
 
     # 3. A watch event reaches the kernel.
-    api.update(endpoint_slice("web-1", "web", "10.244.0.5", "10.244.0.7"))
+    api.update(endpoint_slice("web-1", "web", ["10.244.0.5", "10.244.0.7"]))
     await until(
         lambda: (programmed(state) or {}).get(WEB) == ["10.244.0.5:8080", "10.244.0.7:8080"],
         agent,
@@ -537,9 +489,9 @@ def test_kpy_run_source_kube_programs_nftables_in_a_namespace(tmp_path: Path) ->
 
 async def _nftables_scenario(tmp_path: Path, ns: str) -> None:
     async with FakeApiServer() as api:
-        api.create(node())
-        api.create(service("web", "10.96.0.10"))
-        api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
+        api.create(node(pod_cidr="10.244.0.0/24"))
+        api.create(service("web", ip="10.96.0.10"))
+        api.create(endpoint_slice("web-1", "web", ["10.244.0.5"]))
         env = agent_env(tmp_path)
         proc = await asyncio.create_subprocess_exec(
             *kpy_run(api.url, "nftables", "--netns", ns),
@@ -563,7 +515,7 @@ async def _nftables_scenario(tmp_path: Path, ns: str) -> None:
 
         try:
             await answered("pod-a")
-            api.update(endpoint_slice("web-1", "web", "10.244.0.6"))
+            api.update(endpoint_slice("web-1", "web", ["10.244.0.6"]))
             await answered("pod-b")
             # A ServiceCIDR created at runtime: its address no Service has is dropped
             # from the next sync on (the node's own connection times out), an address
@@ -658,9 +610,9 @@ def test_kpy_run_source_kube_starts_without_the_kubernetes_client(
 
     async def main() -> None:
         async with FakeApiServer(token="s3cret") as api:
-            api.create(node())
-            api.create(service("web", "10.96.0.10"))
-            api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
+            api.create(node(pod_cidr="10.244.0.0/24"))
+            api.create(service("web", ip="10.96.0.10"))
+            api.create(endpoint_slice("web-1", "web", ["10.244.0.5"]))
             kubeconfig.write_text(
                 json.dumps(
                     {

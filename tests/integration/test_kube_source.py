@@ -30,7 +30,9 @@ from kpy.sources.kube import (
     Timeouts,
     load_target,
 )
+from kpy.testing import objects
 from kpy.testing.apiserver import FakeApiServer, make_tls
+from kpy.testing.objects import service_cidr
 
 FAST = BackoffPolicy(initial=0.02, maximum=0.2)
 NODE = "node-a"
@@ -78,38 +80,18 @@ def server_versions(api: FakeApiServer) -> dict[Key, str]:
 
 
 def service(name: str, ns: str = "default", ip: str = "10.96.0.10") -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"type": "ClusterIP", "clusterIP": ip, "ports": [{"port": 80}]},
-    }
+    return objects.service(name, ns, ip=ip, ports=[{"port": 80}])
 
 
 def endpoint_slice(name: str, service: str, ns: str = "default", n: int = 2) -> dict[str, Any]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": ns,
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "addressType": "IPv4",
-        "ports": [{"port": 8080, "protocol": "TCP"}],
-        "endpoints": [
-            {"addresses": [f"10.244.0.{i + 1}"], "conditions": {"ready": True}} for i in range(n)
-        ],
-    }
+    addresses = [f"10.244.0.{i + 1}" for i in range(n)]
+    return objects.endpoint_slice(
+        name, service, addresses, namespace=ns, node=None, ports=[{"port": 8080, "protocol": "TCP"}]
+    )
 
 
 def node(name: str = NODE) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name},
-        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]},
-    }
+    return objects.node(name, address="192.168.0.2")
 
 
 async def until(check: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
@@ -492,15 +474,6 @@ def test_malformed_objects_are_skipped_with_a_warning() -> None:
 
 
 # --------------------------------------------------------------------------- ServiceCIDRs
-
-
-def service_cidr(name: str, *cidrs: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "ServiceCIDR",
-        "metadata": {"name": name},
-        "spec": {"cidrs": list(cidrs)},
-    }
 
 
 def test_service_cidrs_are_listed_and_watched_cluster_wide() -> None:
