@@ -114,3 +114,16 @@ async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not check():
             await asyncio.sleep(0.01)
+
+
+def backend_plugin(root: Path, module: str, source: str, name: str) -> Path:
+    """A throw-away distribution in ``root`` (put it on PYTHONPATH): the module
+    ``module`` of ``source``, whose class ``FileBackend`` is registered as the backend
+    ``name`` in the ``kpy.backends`` entry-point group, as any third-party backend is."""
+    dist_name = module.replace("_", "-")
+    dist = root / f"{module}-0.dist-info"
+    dist.mkdir(parents=True)
+    (root / f"{module}.py").write_text(source)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text(f"[kpy.backends]\n{name} = {module}:FileBackend\n")
+    return root

@@ -40,6 +40,7 @@ from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
 from kpy.testing.apiserver import FakeApiServer
 from kpy.testing.fake_backend import FakeBackend
 from kpy.testing.objects import endpoint_slice, node, service, service_cidr
+from tests.agents import backend_plugin
 from tests.conftest import require_root
 
 PLUGIN = '''
@@ -83,17 +84,7 @@ GONE = "default/gone:http/TCP"
 
 @pytest.fixture
 def plugin(tmp_path: Path) -> Path:
-    root = tmp_path / "plugin"
-    dist = root / "kpy_kube_agent_probe-0.dist-info"
-    dist.mkdir(parents=True)
-    (root / "kpy_kube_agent_probe.py").write_text(PLUGIN)
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: kpy-kube-agent-probe\nVersion: 0\n"
-    )
-    (dist / "entry_points.txt").write_text(
-        "[kpy.backends]\nfilestate = kpy_kube_agent_probe:FileBackend\n"
-    )
-    return root
+    return backend_plugin(tmp_path / "plugin", "kpy_kube_agent_probe", PLUGIN, "filestate")
 
 
 def programmed(state: Path) -> dict[str, list[str]] | None:
@@ -139,6 +130,29 @@ class Agent:
         return "\n".join(json.dumps(e) for e in self.logs[-60:])
 
 
+@contextlib.asynccontextmanager
+async def started(*argv: str, env: dict[str, str]) -> AsyncIterator[Agent]:
+    """``argv`` (a ``kpy run``) started with ``env``; killed if it still runs after."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    agent = Agent(proc)
+    try:
+        yield agent
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await agent.reader
+
+
+def seed(api: FakeApiServer) -> None:
+    """This node, and the Service web with one endpoint (10.244.0.5) on it."""
+    api.create(node(pod_cidr="10.244.0.0/24"))
+    api.create(service("web", ip="10.96.0.10"))
+    api.create(endpoint_slice("web-1", "web", ["10.244.0.5"]))
+
+
 async def until(check: Callable[[], bool], agent: Agent, what: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -177,9 +191,7 @@ def test_api_changes_become_the_right_plans() -> None:
 
     async def main() -> None:
         async with FakeApiServer() as api:
-            api.create(node(pod_cidr="10.244.0.0/24"))
-            api.create(service("web", ip="10.96.0.10"))
-            api.create(endpoint_slice("web-1", "web", ["10.244.0.5"]))
+            seed(api)
             api.create(service("gone", ip="10.96.0.11"))
 
             async def plans(n: int) -> None:
@@ -309,28 +321,15 @@ def test_kpy_run_source_kube_end_to_end(tmp_path: Path, plugin: Path) -> None:
 
     async def main() -> None:
         async with FakeApiServer() as api:
-            api.create(node(pod_cidr="10.244.0.0/24"))
-            api.create(service("web", ip="10.96.0.10"))
-            api.create(endpoint_slice("web-1", "web", ["10.244.0.5"]))
+            seed(api)
             api.create(service("gone", ip="10.96.0.11"))
             api.create(endpoint_slice("gone-1", "gone", ["10.244.0.6"]))
             # The Node cannot be listed yet: Services and slices can.
             api.fail_next(1000, 500, paths=("/api/v1/nodes",))
             env = agent_env(tmp_path, PYTHONPATH=str(plugin), KPY_TEST_STATE=str(state))
-            proc = await asyncio.create_subprocess_exec(
-                *kpy_run(api.url, "filestate", "--healthz-stale-after", "1s"),
-                env=env,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            agent = Agent(proc)
-            try:
+            argv = kpy_run(api.url, "filestate", "--healthz-stale-after", "1s")
+            async with started(*argv, env=env) as agent:
                 await run_scenario(api, agent, state)
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-                await agent.reader
 
     asyncio.run(main())
 
@@ -489,31 +488,24 @@ def test_kpy_run_source_kube_programs_nftables_in_a_namespace(tmp_path: Path) ->
 
 async def _nftables_scenario(tmp_path: Path, ns: str) -> None:
     async with FakeApiServer() as api:
-        api.create(node(pod_cidr="10.244.0.0/24"))
-        api.create(service("web", ip="10.96.0.10"))
-        api.create(endpoint_slice("web-1", "web", ["10.244.0.5"]))
+        seed(api)
         env = agent_env(tmp_path)
-        proc = await asyncio.create_subprocess_exec(
-            *kpy_run(api.url, "nftables", "--netns", ns),
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        agent = Agent(proc)
-        answers: list[str] = []
+        argv = kpy_run(api.url, "nftables", "--netns", ns)
+        async with started(*argv, env=env) as agent:
+            proc = agent.proc
+            answers: list[str] = []
 
-        async def answered(expected: str, address: str = "10.96.0.10") -> None:
-            async def check() -> bool:
-                answers.append(await asyncio.to_thread(ask, ns, address))
-                return answers[-1].startswith(expected)
+            async def answered(expected: str, address: str = "10.96.0.10") -> None:
+                async def check() -> bool:
+                    answers.append(await asyncio.to_thread(ask, ns, address))
+                    return answers[-1].startswith(expected)
 
-            deadline = time.monotonic() + 30
-            while not await check():
-                assert proc.returncode is None, agent.text()
-                assert time.monotonic() < deadline, f"{answers[-5:]}\n{agent.text()}"
-                await asyncio.sleep(0.1)
+                deadline = time.monotonic() + 30
+                while not await check():
+                    assert proc.returncode is None, agent.text()
+                    assert time.monotonic() < deadline, f"{answers[-5:]}\n{agent.text()}"
+                    await asyncio.sleep(0.1)
 
-        try:
             await answered("pod-a")
             api.update(endpoint_slice("web-1", "web", ["10.244.0.6"]))
             await answered("pod-b")
@@ -550,11 +542,6 @@ async def _nftables_scenario(tmp_path: Path, ns: str) -> None:
             assert answer.startswith("failed"), answer
             agent.proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 10) == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            await agent.reader
 
 
 def test_unusable_kubeconfig_fails_with_a_message(tmp_path: Path, plugin: Path) -> None:
@@ -610,9 +597,7 @@ def test_kpy_run_source_kube_starts_without_the_kubernetes_client(
 
     async def main() -> None:
         async with FakeApiServer(token="s3cret") as api:
-            api.create(node(pod_cidr="10.244.0.0/24"))
-            api.create(service("web", ip="10.96.0.10"))
-            api.create(endpoint_slice("web-1", "web", ["10.244.0.5"]))
+            seed(api)
             kubeconfig.write_text(
                 json.dumps(
                     {
@@ -631,27 +616,11 @@ def test_kpy_run_source_kube_starts_without_the_kubernetes_client(
             assert argv[1:3] == ["-m", "kpy"]
             path = os.pathsep.join([str(plugin), str(tree), str(tree / "backends")])
             env = agent_env(tmp_path, PYTHONPATH=path, KPY_TEST_STATE=str(state))
-            proc = await asyncio.create_subprocess_exec(
-                argv[0],
-                "-c",
-                wrapper,
-                str(modules),
-                *argv[3:],
-                env=env,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            agent = Agent(proc)
-            try:
+            async with started(argv[0], "-c", wrapper, str(modules), *argv[3:], env=env) as agent:
                 await until(lambda: programmed(state) is not None, agent, "first sync", 30)
                 assert programmed(state) == {WEB: ["10.244.0.5:8080"]}  # through the token
-                proc.send_signal(signal.SIGTERM)
-                assert await asyncio.wait_for(proc.wait(), 10) == 0
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-                await agent.reader
+                agent.proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(agent.proc.wait(), 10) == 0
 
     asyncio.run(main())
     held = json.loads(modules.read_text())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agents import write
+from tests.agents import backend_plugin, write
 
 KPY = Path(sys.executable).with_name("kpy")
 
@@ -67,15 +67,7 @@ def write_manifest(directory: Path, *endpoints: str) -> None:
 
 @pytest.fixture
 def plugin(tmp_path: Path) -> Path:
-    root = tmp_path / "plugin"
-    dist = root / "kpy_shutdown_probe-0.dist-info"
-    dist.mkdir(parents=True)
-    (root / "kpy_shutdown_probe.py").write_text(PLUGIN)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kpy-shutdown-probe\nVersion: 0\n")
-    (dist / "entry_points.txt").write_text(
-        "[kpy.backends]\nfileprobe = kpy_shutdown_probe:FileBackend\n"
-    )
-    return root
+    return backend_plugin(tmp_path / "plugin", "kpy_shutdown_probe", PLUGIN, "fileprobe")
 
 
 def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
