@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kpy.core.backend import Backend, BackendConfig
-from kpy.core.model import Endpoint, Protocol, ServicePortState
+from kpy.core.model import Endpoint, Protocol, ServicePort, ServicePortState
 from kpy.core.trace import Origin, Packet, Tracer, Verdict
 from kpy.testing import builders as b
 from kpy.testing.netns import (
@@ -61,6 +61,22 @@ def local_and_remote(*, ipv6: bool = False, port: int = 8080) -> list[Endpoint]:
     return [b.endpoint(a, port, node="node-a"), b.endpoint(b_, port, node="node-b")]
 
 
+def ranged_lb(name: str) -> ServicePort:
+    """LoadBalancer 172.18.0.50 (NodePort 30081) for sources of the node's network only."""
+    return b.load_balancer(
+        name, "10.96.0.12", 30081, "172.18.0.50", source_ranges=["192.168.50.0/24"]
+    )
+
+
+def remote_only() -> ServicePortState:
+    """NodePort 30083 under externalTrafficPolicy Local whose one endpoint (pod-b) is
+    on node-b: no endpoint on this node."""
+    remote = b.service(
+        "remote", cluster_ip="10.96.0.20", type="NodePort", node_port=30083, etp_local=True
+    )
+    return b.state(remote, [b.endpoint(POD_B, node="node-b")], NODE)
+
+
 def states() -> list[ServicePortState]:
     return [
         b.state(b.service("web", cluster_ip="10.96.0.10"), local_and_remote(), NODE),
@@ -69,18 +85,7 @@ def states() -> list[ServicePortState]:
             local_and_remote(),
             NODE,
         ),
-        b.state(
-            b.service(
-                "lb",
-                cluster_ip="10.96.0.12",
-                type="LoadBalancer",
-                node_port=30081,
-                lb_ips=["172.18.0.50"],
-                source_ranges=["192.168.50.0/24"],
-            ),
-            [b.endpoint(POD_A)],
-            NODE,
-        ),
+        b.state(ranged_lb("lb"), [b.endpoint(POD_A)], NODE),
         b.state(
             b.service(
                 "local", cluster_ip="10.96.0.13", type="NodePort", node_port=30082, etp_local=True
@@ -88,13 +93,7 @@ def states() -> list[ServicePortState]:
             local_and_remote(),
             NODE,
         ),
-        b.state(
-            b.service(
-                "remote", cluster_ip="10.96.0.20", type="NodePort", node_port=30083, etp_local=True
-            ),
-            [b.endpoint(POD_B, node="node-b")],
-            NODE,
-        ),
+        remote_only(),
         b.state(
             b.service("ext", cluster_ip="10.96.0.14", external_ips=["192.0.2.10"]),
             [b.endpoint(POD_B, node="node-b")],
