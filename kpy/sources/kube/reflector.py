@@ -139,17 +139,23 @@ class Reflector:
             Event(kind=self.kind, type=EventType.DELETE, namespace=key[0], name=key[1], obj=obj)
         )
 
+    def _refusal(self, exc: ApiStatusError) -> dict[str, object]:
+        """The log fields of a request the API server refused."""
+        return {
+            "kind": str(self.kind),
+            "status": exc.status,
+            "reason": exc.reason,
+            "message": exc.message,
+        }
+
     def _unavailable(self, exc: ApiStatusError) -> None:
         """An optional kind cannot be listed: none of it counts (see ``optional``)."""
         reason = f"HTTP {exc.status} {exc.reason}".strip()
         if reason != self.unavailable:
             log.warning(
                 "kube_kind_unavailable",
-                kind=str(self.kind),
+                **self._refusal(exc),
                 path=self.path,
-                status=exc.status,
-                reason=exc.reason,
-                message=exc.message,
                 note="not served (404) or not allowed (403: check the ClusterRole); "
                 "counted as none, retried with backoff",
             )
@@ -452,12 +458,7 @@ class Reflector:
                         self, False, f"API server rejected the request: HTTP {exc.status}"
                     )
                 log.warning(
-                    "kube_request_failed",
-                    kind=str(self.kind),
-                    status=exc.status,
-                    reason=exc.reason,
-                    message=exc.message,
-                    retry_after=exc.retry_after,
+                    "kube_request_failed", **self._refusal(exc), retry_after=exc.retry_after
                 )
                 delay = self._backoff.next(exc.retry_after)
             except _Interrupted as exc:

@@ -27,8 +27,7 @@ from typing import TypeVar
 from kpy_ipvs import IpvsBackend
 
 from kpy.core.backend import BackendConfig
-from kpy.core.model import Plan, ServicePort
-from kpy.testing import builders as b
+from kpy.core.model import Plan
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -121,29 +120,6 @@ def running(config: BackendConfig, plan: Plan | None = None) -> Iterator[IpvsBac
     finally:
         asyncio.run(backend.cleanup())
         backend.close()
-
-
-def load_balancer(
-    name: str,
-    cluster_ip: str,
-    node_port: int,
-    lb_ip: str,
-    *,
-    etp_local: bool = False,
-    source_ranges: tuple[str, ...] = (),
-    target_port: int = 8080,
-) -> ServicePort:
-    """A LoadBalancer Service (port 80) with one load-balancer IP."""
-    return b.service(
-        name,
-        cluster_ip=cluster_ip,
-        type="LoadBalancer",
-        node_port=node_port,
-        lb_ips=(lb_ip,),
-        etp_local=etp_local,
-        source_ranges=source_ranges,
-        target_port=target_port,
-    )
 
 
 def restart_ops(config: BackendConfig, plan: Plan) -> int:

@@ -28,7 +28,7 @@ from kpy.core.backend import BackendConfig
 from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 
-from .netlab import CLIENT_IP, NODE_IP, Lab, ask, dropped, load_balancer, restart_ops, running
+from .netlab import CLIENT_IP, NODE_IP, Lab, ask, dropped, restart_ops, running
 
 NODE = b.node(addresses=[NODE_IP], pod_cidrs=("10.244.1.0/24",))
 CLUSTER_CIDRS = (ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("fd00:244::/32"))
@@ -38,7 +38,7 @@ POD2_GATEWAY = "10.244.2.1"  # the node's address towards pod2: a masqueraded cl
 
 
 def lb(lab: Lab, ranges: tuple[str, ...]) -> ServicePortState:
-    svc = load_balancer("ranged", "10.96.0.30", 30130, LB_IP, source_ranges=ranges)
+    svc = b.load_balancer("ranged", "10.96.0.30", 30130, LB_IP, source_ranges=ranges)
     return b.state(svc, [b.endpoint(lab.pods["pod1"])], NODE)
 
 
@@ -118,7 +118,7 @@ SHORT_CIRCUITED: dict[str, dict[str, bool]] = {
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_pods_short_circuit_to_a_local_frontend_as_the_detector_says(lab: Lab, mode: str) -> None:
-    svc = load_balancer("detect-lb", "10.96.0.41", 30141, LB_IP, etp_local=True)
+    svc = b.load_balancer("detect-lb", "10.96.0.41", 30141, LB_IP, etp_local=True)
     remote = b.endpoint(lab.pods["pod2"], node="node-b")
     plan = b.plan([b.state(svc, [remote], NODE)], node_info=NODE)
     with running(MODES[mode], plan):
