@@ -15,7 +15,7 @@ import structlog
 from kpy.sources import CLUSTER_SCOPED, Event, EventType, Kind
 from kpy.sources.kube.api import JSON, ApiStatusError, ProtocolError, _status_reason
 from kpy.sources.kube.backoff import Backoff
-from kpy.sources.kube.http import ConnectionPool, request
+from kpy.sources.kube.http import ConnectionPool, Response, request
 from kpy.sources.kube.lists import split_list
 
 if TYPE_CHECKING:
@@ -250,17 +250,21 @@ class Reflector:
             params["continue"] = token
         return params
 
+    async def _get(self, params: dict[str, str], pool: ConnectionPool | None = None) -> Response:
+        """A GET of this kind's path (on ``pool``'s kept-alive connections if given)."""
+        return await request(
+            self.source.target,
+            "GET",
+            self.path,
+            params,
+            connect_timeout=self.source.timeouts.connect,
+            pool=pool,
+        )
+
     async def _list_page(self, params: dict[str, str]) -> tuple[Sequence[Any], dict[str, Any]]:
         """One list request: its items and its list metadata."""
         async with asyncio.timeout(self.source.timeouts.list):
-            response = await request(
-                self.source.target,
-                "GET",
-                self.path,
-                params,
-                connect_timeout=self.source.timeouts.connect,
-                pool=self.pool,
-            )
+            response = await self._get(params, self.pool)
             try:
                 data = await response.body()
             finally:
@@ -330,13 +334,7 @@ class Reflector:
             metrics.watch_reconnected(self.path.rsplit("/", 1)[1])
         self.watch_attempts += 1
         async with asyncio.timeout(seconds + timeouts.watch_grace):
-            response = await request(
-                self.source.target,
-                "GET",
-                self.path,
-                params,
-                connect_timeout=self.source.timeouts.connect,
-            )
+            response = await self._get(params)
             try:
                 if response.status != 200:
                     body = await response.body()
