@@ -14,6 +14,11 @@ from kpy.agent.runner import RunnerTimes
 from kpy.core.backend import Backend
 from kpy.sources.manifests import ManifestSource
 
+# ``kpy run`` flags for a test: the health and metrics servers on free loopback ports
+FREE_PORTS = ("--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0")
+# and syncs 50 ms apart at the most, logs as JSON lines
+QUICK_RUN = ("--min-sync-period", "50ms", *FREE_PORTS, "--log-format", "json")
+
 SERVICE = """
 apiVersion: v1
 kind: Service

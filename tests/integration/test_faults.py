@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.agents import FREE_PORTS
+
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 KPY = Path(sys.executable).with_name("kpy")
@@ -54,7 +56,7 @@ def write_cluster(directory: Path) -> set[str]:
 def start(netns: str, backend: str, manifests: Path, log: Path) -> subprocess.Popen[bytes]:
     args = [str(KPY), "run", "--node", "node-a", "--source", "manifests"]
     args += ["--backend", backend, "--netns", netns, "--log-format", "json"]
-    args += ["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0"]
+    args += FREE_PORTS
     if backend == "iptables":
         args += ["--iptables-mode", "nft"]
     env = {**os.environ, "KPY_NODE_IPS": "192.168.50.2", "KPY_MANIFESTS": str(manifests)}

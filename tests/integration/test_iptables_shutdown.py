@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agents import write
+from tests.agents import FREE_PORTS, write
 
 pytestmark = pytest.mark.root
 
@@ -75,10 +75,7 @@ def test_no_iptables_child_outlives_kpy_run(
             "legacy",
             "--netns",
             netns,
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
+            *FREE_PORTS,
         ],
         env=env,
         stdout=subprocess.PIPE,

@@ -40,7 +40,7 @@ from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
 from kpy.testing.apiserver import FakeApiServer
 from kpy.testing.fake_backend import FakeBackend
 from kpy.testing.objects import endpoint_slice, node, service, service_cidr
-from tests.agents import backend_plugin
+from tests.agents import QUICK_RUN, backend_plugin
 from tests.conftest import require_root
 
 PLUGIN = '''
@@ -295,15 +295,8 @@ def kpy_run(api_url: str, backend: str, *extra: str) -> list[str]:
         NODE,
         "--backend",
         backend,
-        "--min-sync-period",
-        "50ms",
-        "--healthz-bind-address",
-        "127.0.0.1:0",
-        "--metrics-bind-address",
-        "127.0.0.1:0",
+        *QUICK_RUN,
         "--no-conntrack-cleanup",
-        "--log-format",
-        "json",
         *extra,
     ]
 

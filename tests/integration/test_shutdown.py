@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agents import backend_plugin, write
+from tests.agents import QUICK_RUN, backend_plugin, write
 
 KPY = Path(sys.executable).with_name("kpy")
 
@@ -93,14 +93,7 @@ def running(
             "run",
             "--node",
             "node-a",
-            "--min-sync-period",
-            "50ms",
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
+            *QUICK_RUN,
             "--source",
             "manifests",
             *backend,
