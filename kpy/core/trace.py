@@ -167,17 +167,18 @@ class Tracer(typing.Protocol):
     ) -> Trace: ...
 
 
+def outcome(answer: Trace | Explanation) -> tuple[Verdict, tuple[str, ...], bool]:
+    """What a trace and the model must agree on: verdict, endpoints, masquerade."""
+    return answer.verdict, answer.endpoints, answer.masquerade
+
+
 def with_trace(model: Explanation, trace: Trace, backend: str) -> Explanation:
     """The explanation with the backend's traced verdict, endpoints, masquerade and
     kernel objects; a disagreement with the model is flagged in ``reasons``."""
     reasons = [*model.reasons, f"traced_by_{backend}"]
     if trace.differs:
         reasons.append("kernel_differs")
-    if (trace.verdict, trace.endpoints, trace.masquerade) != (
-        model.verdict,
-        model.endpoints,
-        model.masquerade,
-    ):
+    if outcome(trace) != outcome(model):
         reasons.append("trace_disagrees_with_model")
     return replace(
         model,
