@@ -478,6 +478,28 @@ def render(plan: Plan, ctx: Context) -> dict[ServicePortName, PortObjects]:
     }
 
 
+def merged(objects: Iterable[PortObjects]) -> PortObjects:
+    """All of ``objects`` together (a later port's entry wins a key two ports share)."""
+    services: dict[VirtualKey, VirtualService] = {}
+    destinations: dict[DestKey, int] = {}
+    addresses: set[IPAddress] = set()
+    elements: set[Element] = set()
+    node_ports: set[VirtualKey] = set()
+    for objs in objects:
+        services.update(objs.services)
+        destinations.update(objs.destinations)
+        addresses |= objs.addresses
+        elements |= objs.elements
+        node_ports |= objs.node_ports
+    return PortObjects(
+        services=services,
+        destinations=destinations,
+        addresses=frozenset(addresses),
+        elements=frozenset(elements),
+        node_ports=frozenset(node_ports),
+    )
+
+
 SETS: tuple[tuple[str, str], ...] = (
     # (name, ipset type); the IPv6 twin of each is named with a trailing "6"
     ("MASQ", "hash:ip,port"),
