@@ -208,6 +208,19 @@ def options_config(node: str, options: Options) -> BackendConfig:
     )
 
 
+def first_packet(packet: Packet, origin: Origin, config: BackendConfig) -> dict[str, Any]:
+    """The fields a backend's rule walk starts ``packet``'s flow with: its addresses and
+    port, its protocol in lower case (as iptables and ipset print it) and the
+    :func:`input_interface` it arrives on."""
+    return {
+        "src": packet.src,
+        "dst": packet.dst,
+        "port": packet.port,
+        "protocol": packet.protocol.lower(),
+        "iif": input_interface(origin, config),
+    }
+
+
 def input_interface(origin: Origin, config: BackendConfig) -> str:
     """The interface a packet of ``origin`` arrives on, as explain and the backends'
     tracers model it: none ("") for the node's own packets; for a pod, the pod bridge
