@@ -480,23 +480,13 @@ def render(plan: Plan, ctx: Context) -> dict[ServicePortName, PortObjects]:
 
 def merged(objects: Iterable[PortObjects]) -> PortObjects:
     """All of ``objects`` together (a later port's entry wins a key two ports share)."""
-    services: dict[VirtualKey, VirtualService] = {}
-    destinations: dict[DestKey, int] = {}
-    addresses: set[IPAddress] = set()
-    elements: set[Element] = set()
-    node_ports: set[VirtualKey] = set()
-    for objs in objects:
-        services.update(objs.services)
-        destinations.update(objs.destinations)
-        addresses |= objs.addresses
-        elements |= objs.elements
-        node_ports |= objs.node_ports
+    ports = tuple(objects)
     return PortObjects(
-        services=services,
-        destinations=destinations,
-        addresses=frozenset(addresses),
-        elements=frozenset(elements),
-        node_ports=frozenset(node_ports),
+        services={k: v for o in ports for k, v in o.services.items()},
+        destinations={k: w for o in ports for k, w in o.destinations.items()},
+        addresses=frozenset(a for o in ports for a in o.addresses),
+        elements=frozenset(e for o in ports for e in o.elements),
+        node_ports=frozenset(k for o in ports for k in o.node_ports),
     )
 
 
