@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -13,6 +14,15 @@ from kpy.agent.agent import Agent
 from kpy.agent.runner import RunnerTimes
 from kpy.core.backend import Backend
 from kpy.sources.manifests import ManifestSource
+
+KPY = Path(sys.executable).with_name("kpy")
+
+
+def kpy_run(*flags: str) -> list[str]:
+    """The ``kpy run`` command of node-a over manifests (the environment's KPY_MANIFESTS
+    names them), with ``flags``."""
+    return [str(KPY), "run", "--node", "node-a", "--source", "manifests", *flags]
+
 
 # ``kpy run`` flags for a test: the health and metrics servers on free loopback ports
 FREE_PORTS = ("--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0")

@@ -17,18 +17,16 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.agents import FREE_PORTS
+from tests.agents import FREE_PORTS, kpy_run
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-KPY = Path(sys.executable).with_name("kpy")
 SERVICES = 1500
 GRACE = 30.0  # the DaemonSet's terminationGracePeriodSeconds
 
@@ -55,8 +53,7 @@ def write_cluster(directory: Path) -> set[str]:
 
 
 def start(netns: str, backend: str, manifests: Path, log: Path) -> subprocess.Popen[bytes]:
-    args = [str(KPY), "run", "--node", "node-a", "--source", "manifests"]
-    args += ["--backend", backend, "--netns", netns, "--log-format", "json"]
+    args = kpy_run("--backend", backend, "--netns", netns, "--log-format", "json")
     args += FREE_PORTS
     if backend == "iptables":
         args += ["--iptables-mode", "nft"]

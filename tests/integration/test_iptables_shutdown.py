@@ -10,17 +10,14 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.agents import FREE_PORTS, write
+from tests.agents import FREE_PORTS, kpy_run, write
 
 pytestmark = pytest.mark.root
-
-KPY = Path(sys.executable).with_name("kpy")
 
 
 def tool(directory: Path, name: str, script: str) -> None:
@@ -62,21 +59,9 @@ def test_no_iptables_child_outlives_kpy_run(
         "KPY_NODE_IPS": "192.168.50.2",
     }
     proc = subprocess.Popen(
-        [
-            str(KPY),
-            "run",
-            "--node",
-            "node-a",
-            "--source",
-            "manifests",
-            "--backend",
-            "iptables",
-            "--iptables-mode",
-            "legacy",
-            "--netns",
-            netns,
-            *FREE_PORTS,
-        ],
+        kpy_run(
+            "--backend", "iptables", "--iptables-mode", "legacy", "--netns", netns, *FREE_PORTS
+        ),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -16,16 +16,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.agents import QUICK_RUN, backend_plugin, write
-
-KPY = Path(sys.executable).with_name("kpy")
+from tests.agents import QUICK_RUN, backend_plugin, kpy_run, write
 
 PLUGIN = '''
 """A backend whose "kernel" is a JSON file: survives the agent process."""
@@ -88,16 +85,7 @@ def running(
     """``kpy run`` over ``manifests`` with the ``backend`` flags (``env`` added to its
     environment); killed if it still runs after the block."""
     proc = subprocess.Popen(
-        [
-            str(KPY),
-            "run",
-            "--node",
-            "node-a",
-            *QUICK_RUN,
-            "--source",
-            "manifests",
-            *backend,
-        ],
+        kpy_run(*QUICK_RUN, *backend),
         # --manifests and --node-ip given as flags are rejected by the configuration
         # layer today (tuples from click); the environment carries them instead.
         env={
