@@ -125,15 +125,31 @@ def cluster(tmp_path: Path) -> tuple[Path, Path, set[str]]:
     return manifests, tmp_path / "agent.log", write_cluster(manifests)
 
 
-@pytest.mark.parametrize("backend", ["nftables", "iptables"])
-def test_kill_9_mid_first_sync_then_restart_completes_the_ruleset(
+@pytest.fixture(params=["nftables", "iptables"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def mid_first_sync(
     netns: str, cluster: tuple[Path, Path, set[str]], backend: str
-) -> None:
-    manifests, log, want = cluster
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The agent over ``cluster``, once its first sync has begun."""
+    manifests, log, _ = cluster
     with running(netns, backend, manifests, log) as proc:
         wait_for(lambda: syncing(log), 120, "the first sync to start")
-        proc.send_signal(signal.SIGKILL)  # no handler runs: whatever was in flight is cut
-        proc.wait()
+        yield proc
+
+
+def test_kill_9_mid_first_sync_then_restart_completes_the_ruleset(
+    netns: str,
+    cluster: tuple[Path, Path, set[str]],
+    backend: str,
+    mid_first_sync: subprocess.Popen[bytes],
+) -> None:
+    manifests, log, want = cluster
+    mid_first_sync.send_signal(signal.SIGKILL)  # no handler runs: whatever was in flight is cut
+    mid_first_sync.wait()
     # A child the agent started may still be writing: it must finish or die on its own,
     # and whatever it left is the restarted agent's to complete.
     wait_for(lambda: not pids_in(netns), 120, "children of the killed agent to end")
@@ -142,20 +158,17 @@ def test_kill_9_mid_first_sync_then_restart_completes_the_ruleset(
         wait_for(lambda: vips(netns, backend) >= want, 300, "every ClusterIP after restart")
 
 
-@pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_sigterm_mid_first_sync_exits_in_time_and_leaves_no_child(
-    netns: str, cluster: tuple[Path, Path, set[str]], backend: str
+    netns: str, cluster: tuple[Path, Path, set[str]], mid_first_sync: subprocess.Popen[bytes]
 ) -> None:
-    manifests, log, _ = cluster
-    with running(netns, backend, manifests, log) as proc:
-        wait_for(lambda: syncing(log), 120, "the first sync to start")
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=GRACE)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("kpy run did not exit within the grace period") from None
-        took = time.monotonic() - sent
+    proc, log = mid_first_sync, cluster[1]
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=GRACE)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("kpy run did not exit within the grace period") from None
+    took = time.monotonic() - sent
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert took < GRACE
     assert pids_in(netns) == []  # no nft / iptables-restore child outlives the agent
