@@ -13,7 +13,10 @@ from kpy.agent import quarantine
 from kpy.agent.agent import Agent
 from kpy.agent.runner import RunnerTimes
 from kpy.core.backend import Backend
+from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
 from kpy.sources.manifests import ManifestSource
+from kpy.testing.apiserver import FakeApiServer
+from kpy.testing.fake_backend import FakeBackend
 
 KPY = Path(sys.executable).with_name("kpy")
 
@@ -106,6 +109,24 @@ async def running(agent: Agent) -> AsyncIterator[asyncio.Task[None]]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@contextlib.asynccontextmanager
+async def kube_agent(
+    api: FakeApiServer, node: str, backoff: BackoffPolicy
+) -> AsyncIterator[tuple[Agent, FakeBackend, asyncio.Task[None]]]:
+    """The agent of ``node`` on a kube source against ``api`` (retrying by ``backoff``)
+    with a FakeBackend, running for the length of the block."""
+    source = KubeSource(ApiTarget.from_url(api.url), node, backoff=backoff)
+    backend = FakeBackend()
+    agent = Agent(
+        node_name=node,
+        source=source,
+        backend=backend,
+        times=RunnerTimes(min_interval=0.01, full_interval=3600),
+    )
+    async with running(agent) as task:
+        yield agent, backend, task
 
 
 def run_agent(

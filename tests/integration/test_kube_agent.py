@@ -35,12 +35,11 @@ from typing import Any
 import pytest
 
 from kpy.agent.agent import Agent as KpyAgent
-from kpy.agent.runner import RunnerTimes
-from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
+from kpy.sources.kube import BackoffPolicy
 from kpy.testing.apiserver import FakeApiServer
 from kpy.testing.fake_backend import FakeBackend
 from kpy.testing.objects import endpoint_slice, node, service, service_cidr
-from tests.agents import QUICK_RUN, backend_plugin
+from tests.agents import QUICK_RUN, backend_plugin, kube_agent
 from tests.conftest import require_root
 
 PLUGIN = '''
@@ -163,27 +162,11 @@ async def until(check: Callable[[], bool], agent: Agent, what: str, timeout: flo
         await asyncio.sleep(0.05)
 
 
-@contextlib.asynccontextmanager
-async def _running_agent(
+def _running_agent(
     api: FakeApiServer,
-) -> AsyncIterator[tuple[KpyAgent, FakeBackend, asyncio.Task[None]]]:
+) -> contextlib.AbstractAsyncContextManager[tuple[KpyAgent, FakeBackend, asyncio.Task[None]]]:
     """The real Agent on a kube source against ``api``, with a FakeBackend; stopped after."""
-    source = KubeSource(
-        ApiTarget.from_url(api.url), NODE, backoff=BackoffPolicy(initial=0.02, maximum=0.2)
-    )
-    backend = FakeBackend()
-    agent = KpyAgent(
-        node_name=NODE,
-        source=source,
-        backend=backend,
-        times=RunnerTimes(min_interval=0.01, full_interval=3600),
-    )
-    task = asyncio.create_task(agent.run())
-    try:
-        yield agent, backend, task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    return kube_agent(api, NODE, BackoffPolicy(initial=0.02, maximum=0.2))
 
 
 def test_api_changes_become_the_right_plans() -> None:
