@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,17 @@ async def until(check: Callable[[], bool], timeout: float = 30.0, what: str = ""
 Test = Callable[[FakeApiServer, KubeSource, RecordingSink], Awaitable[None]]
 
 
+@contextlib.asynccontextmanager
+async def watching(kube: KubeSource, sink: RecordingSink) -> AsyncIterator[asyncio.Task[None]]:
+    """``kube`` running into ``sink`` for the length of the block; cancelled after."""
+    task = asyncio.create_task(kube.run(sink))
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def run(
     test: Test,
     *,
@@ -119,13 +131,9 @@ def run(
             options: dict[str, Any] = {"backoff": FAST, "node_grace": 0.0, **(source or {})}
             kube = KubeSource(ApiTarget.from_url(api.url), NODE, **options)
             sink = RecordingSink()
-            task = asyncio.create_task(kube.run(sink))
-            try:
+            async with watching(kube, sink) as task:
                 await test(api, kube, sink)
-            finally:
-                task.cancel()
-                with_exc = await asyncio.gather(task, return_exceptions=True)
-                assert isinstance(with_exc[0], asyncio.CancelledError), with_exc
+            assert task.cancelled(), task  # it ran until stopped, never failed
 
     asyncio.run(main())
 
@@ -642,17 +650,13 @@ def test_in_cluster_config_with_master_override(tmp_path: Path) -> None:
             assert target.url == api.url  # the override wins over the Service VIP
             kube = KubeSource(target, NODE, backoff=FAST)
             sink = RecordingSink()
-            task = asyncio.create_task(kube.run(sink))
-            try:
+            async with watching(kube, sink):
                 await until(lambda: sink.synced_count == 1)
                 posted = await kube.post(
                     "/api/v1/namespaces/default/events",
                     {"kind": "Event", "metadata": {"generateName": "node-a."}, "reason": "R"},
                 )
                 assert posted["metadata"]["name"].startswith("node-a.")
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 
@@ -671,13 +675,9 @@ def test_in_cluster_service_host_and_port_reach_the_fake_server_over_tls(tmp_pat
             assert target.url == api.url and target.auth_may_block  # the token is re-read
             kube = KubeSource(target, NODE, backoff=FAST)
             sink = RecordingSink()
-            task = asyncio.create_task(kube.run(sink))
-            try:
+            async with watching(kube, sink):
                 await until(lambda: sink.synced_count == 1, what="synced in-cluster over TLS")
                 assert sink.versions() == server_versions(api)
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 
@@ -734,30 +734,22 @@ current-context: x
             assert target.scheme == "https" and target.ssl_context is not None
             kube = KubeSource(target, NODE, backoff=FAST)
             sink = RecordingSink()
-            task = asyncio.create_task(kube.run(sink))
-            try:
+            async with watching(kube, sink):
                 await until(lambda: sink.synced_count == 1, what="synced over TLS")
                 assert sink.versions() == server_versions(api)
                 assert all(healthy for healthy, _ in sink.connections)
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
             # A wrong token is refused by the server: the source reports it and retries.
             wrong = tmp_path / "wrong"
             wrong.write_text(kubeconfig.read_text().replace("token: tok3n", "token: nope"))
             kube = KubeSource(load_target(kubeconfig=str(wrong), environ={}), NODE, backoff=FAST)
             sink = RecordingSink()
             with capture_logs() as logs:
-                task = asyncio.create_task(kube.run(sink))
-                try:
+                async with watching(kube, sink):
                     await until(lambda: any(e.get("status") == 401 for e in logs), what="401")
                     assert sink.synced_count == 0 and not sink.events
                     # Refused credentials are a lost connection for health (no updates).
                     assert sink.connections and sink.connections[-1][0] is False
                     assert "refused access: HTTP 401" in sink.connections[-1][1]
-                finally:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 
@@ -779,16 +771,12 @@ def test_a_peer_that_never_completes_the_handshake_is_abandoned(tmp_path: Path) 
         sink = RecordingSink()
         async with server:
             with capture_logs() as logs:
-                task = asyncio.create_task(kube.run(sink))
-                try:
+                async with watching(kube, sink):
                     await until(lambda: bool(sink.connections), timeout=5, what="reported")
                     assert sink.connections[-1][0] is False
                     assert "no connection to 127.0.0.1" in sink.connections[-1][1]
                     await until(lambda: len(held) >= 6, timeout=5, what="retries")
                     assert any(e["event"] == "kube_unreachable" for e in logs)
-                finally:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
                     for w in held:
                         w.transport.abort()
 
@@ -850,8 +838,7 @@ def test_expired_continue_token_restarts_the_list_and_reconciles() -> None:
                 api.create(service(f"s{i}"))
             kube = KubeSource(ApiTarget.from_url(api.url), NODE, backoff=FAST, page_size=4)
             sink = _ChangeDuringList(api)
-            task = asyncio.create_task(kube.run(sink))
-            try:
+            async with watching(kube, sink):
                 await until(lambda: sink.synced_count == 1, what="synced")
                 await until(lambda: sink.versions() == server_versions(api), what="converged")
                 deleted = [e.name for e in sink.events if e.type is EventType.DELETE]
@@ -863,9 +850,6 @@ def test_expired_continue_token_restarts_the_list_and_reconciles() -> None:
                 ]
                 assert continued  # the 410 came on a continued page
                 assert kube.services.lists == 1  # one complete list, after one restart
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 
@@ -1100,8 +1084,7 @@ def test_dev_command_serves_a_manifests_directory(tmp_path: Path) -> None:
                         url = line.split(" on ", 1)[1].split()[0]
             kube = KubeSource(ApiTarget.from_url(url), NODE, backoff=FAST)
             sink = RecordingSink()
-            task = asyncio.create_task(kube.run(sink))
-            try:
+            async with watching(kube, sink):
                 await until(lambda: sink.synced_count == 1, what="synced from the dev server")
                 assert (Kind.SERVICE, "default", "web") in sink.state
                 assert (Kind.NODE, "", NODE) in sink.state
@@ -1114,9 +1097,6 @@ def test_dev_command_serves_a_manifests_directory(tmp_path: Path) -> None:
                     ),
                     what="edit served",
                 )
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
         finally:
             proc.terminate()
             await proc.wait()
