@@ -10,6 +10,7 @@ another node's: the kernel does not care where a pod is, the model does).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import socket
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kpy.core.backend import Backend, BackendConfig
-from kpy.core.model import Endpoint, Protocol, ServicePort, ServicePortState
+from kpy.core.model import Endpoint, Plan, Protocol, ServicePort, ServicePortState
 from kpy.core.trace import Origin, Packet, Tracer, Verdict
 from kpy.testing import builders as b
 from kpy.testing.netns import (
@@ -53,6 +54,16 @@ def config_for(topo: Topology) -> BackendConfig:
         ),
         netns=topo.node,
     )
+
+
+@contextlib.contextmanager
+def applied(backend: Backend, plan: Plan) -> Iterator[Backend]:
+    """``plan`` applied by ``backend``; everything it programmed removed afterwards."""
+    asyncio.run(backend.apply(plan))
+    try:
+        yield backend
+    finally:
+        asyncio.run(backend.cleanup())
 
 
 def local_and_remote(*, ipv6: bool = False, port: int = 8080) -> list[Endpoint]:
@@ -134,12 +145,8 @@ class PacketConformance:
 
     @pytest.fixture
     def programmed(self, topology: Topology, make_backend: MakeBackend) -> Iterator[Backend]:
-        backend = make_backend(config_for(topology))
-        asyncio.run(backend.apply(b.plan(states(), node_info=NODE)))
-        try:
-            yield backend
-        finally:
-            asyncio.run(backend.cleanup())
+        with applied(make_backend(config_for(topology)), b.plan(states(), node_info=NODE)) as on:
+            yield on
 
     def test_cluster_ip_from_a_pod_and_from_the_node(
         self, topology: Topology, programmed: Backend
@@ -321,12 +328,8 @@ class TraceAgreement:
 
     @pytest.fixture
     def programmed(self, topology: Topology, make_backend: MakeBackend) -> Iterator[Topology]:
-        backend = make_backend(config_for(topology))
-        asyncio.run(backend.apply(b.plan(states(), node_info=NODE)))
-        try:
+        with applied(make_backend(config_for(topology)), b.plan(states(), node_info=NODE)):
             yield topology
-        finally:
-            asyncio.run(backend.cleanup())
 
     @pytest.mark.parametrize("row", REAL, ids=[r[0] for r in REAL])
     def test_real_connections_go_where_the_trace_says(

@@ -23,6 +23,7 @@ from kpy.testing.packets import (
     NODE,
     MakeBackend,
     PacketConformance,
+    applied,
     config_for,
     ranged_lb,
     remote_only,
@@ -79,12 +80,8 @@ class TestRenderGaps:
             detect_local_mode="NodeCIDR",
             options=(("iptables_mode", mode),),
         )
-        backend = IptablesBackend(config)
-        asyncio.run(backend.apply(b.plan(_gap_states(), node_info=NODE)))
-        try:
+        with applied(IptablesBackend(config), b.plan(_gap_states(), node_info=NODE)):
             yield gap_topology
-        finally:
-            asyncio.run(backend.cleanup())
 
     def test_source_ranges_without_endpoints_drop_outside_and_reject_inside(
         self, programmed: Topology
