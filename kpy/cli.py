@@ -29,7 +29,7 @@ from kpy.core.backend import DETECT_LOCAL_MODES
 from kpy.core.model import NodeInfo, Plan
 from kpy.sources import Source
 from kpy.sources.manifests import ManifestSource
-from kpy.tools import dump, explain
+from kpy.tools import dump, explain, offline
 
 DEMO_NODE, DEMO_NODE_IP = trace.DEMO_NODE, trace.DEMO_NODE_IP
 
@@ -320,30 +320,8 @@ def _offline_plan(
     pod_cidrs: tuple[str, ...] = (),
 ) -> Plan:
     """Read manifests once and compute the Plan this node would apply."""
-    agent_like = Agent(
-        node_name=node,
-        source=ManifestSource([Path(p) for p in manifests]),
-        backend=_NullBackend(),
-        node_override=_node_override(node, node_ips, pod_cidrs),
-    )
-    ManifestSource([Path(p) for p in manifests]).scan(agent_like)
-    return agent_like.tracker.checkout()
-
-
-class _NullBackend:
-    name = "none"
-
-    def probe(self) -> str | None:
-        return None
-
-    async def apply(self, plan: Plan) -> backends.ApplyResult:
-        raise backends.BackendError("offline: nothing is applied")
-
-    async def observe(self) -> backends.Programmed:
-        return backends.Programmed(backend=self.name)
-
-    async def cleanup(self) -> None:
-        return None
+    override = _node_override(node, node_ips, pod_cidrs)
+    return offline.manifest_plan([Path(p) for p in manifests], node, override)
 
 
 @dataclass(frozen=True)
