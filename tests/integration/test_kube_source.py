@@ -144,6 +144,17 @@ def basic(api: FakeApiServer) -> None:
     api.create(endpoint_slice("web-abc", "web"))
 
 
+def basic_and_services(*names: str) -> Callable[[FakeApiServer], None]:
+    """A setup: :func:`basic`, and a Service of each of ``names``."""
+
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        for name in names:
+            api.create(service(name))
+
+    return setup
+
+
 # --------------------------------------------------------------------------- events
 
 
@@ -248,10 +259,7 @@ def test_disconnect_storm_converges_without_loss_or_duplicates(at_next_event: bo
 
 @pytest.mark.parametrize("as_http", [False, True], ids=["error-event", "http-410"])
 def test_relist_after_410_deletes_what_vanished_while_disconnected(as_http: bool) -> None:
-    def setup(api: FakeApiServer) -> None:
-        basic(api)
-        for i in range(5):
-            api.create(service(f"s{i}"))
+    setup = basic_and_services(*(f"s{i}" for i in range(5)))
 
     async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
         await until(lambda: sink.synced_count == 1)
@@ -797,10 +805,7 @@ def _configuration(host: str, ca: Path) -> Any:
 
 
 def test_lists_are_read_in_pages() -> None:
-    def setup(api: FakeApiServer) -> None:
-        basic(api)
-        for i in range(25):
-            api.create(service(f"s{i:02}"))
+    setup = basic_and_services(*(f"s{i:02}" for i in range(25)))
 
     async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
         await until(lambda: sink.synced_count == 1)
@@ -856,10 +861,7 @@ def test_expired_continue_token_restarts_the_list_and_reconciles() -> None:
 
 @pytest.mark.parametrize("unpaged", [False, True], ids=["cache-pages", "cache-ignores-limit"])
 def test_first_list_from_the_watch_cache_relist_after_410_consistent(unpaged: bool) -> None:
-    def setup(api: FakeApiServer) -> None:
-        basic(api)
-        for i in range(25):
-            api.create(service(f"s{i:02}"))
+    setup = basic_and_services(*(f"s{i:02}" for i in range(25)))
 
     def service_lists(api: FakeApiServer) -> list[dict[str, str]]:
         return [q for m, p, q in api.stats.requests if p == "/api/v1/services" and "watch" not in q]
@@ -905,10 +907,7 @@ def _list_connections(api: FakeApiServer, path: str) -> list[int]:
 
 
 def test_paged_lists_reuse_one_kept_alive_connection() -> None:
-    def setup(api: FakeApiServer) -> None:
-        basic(api)
-        for i in range(25):
-            api.create(service(f"s{i:02}"))
+    setup = basic_and_services(*(f"s{i:02}" for i in range(25)))
 
     async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
         await until(lambda: all(r.watches >= 1 for r in kube.reflectors), what="watching")
@@ -1036,10 +1035,7 @@ def test_reconnects_and_relists_are_reported_to_metrics() -> None:
         await until(lambda: metrics.relists.get("services") == 2, what="relisted")
         await until(lambda: sink.versions() == server_versions(api))
 
-    def setup(api: FakeApiServer) -> None:
-        basic(api)
-
-    run(test, setup=setup)
+    run(test, setup=basic)
 
 
 MANIFESTS = """
