@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import ipaddress
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,7 +29,7 @@ from kpy.core.backend import DETECT_LOCAL_MODES
 from kpy.core.model import NodeInfo, Plan
 from kpy.sources import Source
 from kpy.sources.manifests import ManifestSource
-from kpy.tools import dump, explain
+from kpy.tools import dump, explain, offline
 
 DEMO_NODE, DEMO_NODE_IP = trace.DEMO_NODE, trace.DEMO_NODE_IP
 
@@ -153,30 +154,20 @@ def _given_flags(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any
 @click.option("--source", type=click.Choice(["manifests", "kube"]), help="Where objects come from.")
 @click.option("--manifests", multiple=True, help="Manifest directory or file (repeatable).")
 @click.option("--node", help="This node's name (default: the host name).")
-@click.option(
-    "--node-ip",
-    multiple=True,
-    callback=explain.merged,
-    help="This node's IPs (repeatable and/or comma separated; default: from the Node).",
+@explain.list_option(
+    "--node-ip", "This node's IPs (repeatable and/or comma separated; default: from the Node)."
 )
-@click.option(
+@explain.list_option(
     "--cluster-cidr",
-    multiple=True,
-    callback=explain.merged,
-    help="Pod CIDRs (repeatable and/or comma separated; masquerade traffic from outside).",
+    "Pod CIDRs (repeatable and/or comma separated; masquerade traffic from outside).",
 )
-@click.option(
+@explain.list_option(
     "--nodeport-addresses",
-    multiple=True,
-    callback=explain.merged,
-    help="CIDRs NodePorts answer on (repeatable and/or comma separated; default: all local "
-    "addresses).",
+    "CIDRs NodePorts answer on (repeatable and/or comma separated; default: all local addresses).",
 )
-@click.option(
+@explain.list_option(
     "--service-cidr",
-    multiple=True,
-    callback=explain.merged,
-    help="Service CIDRs (repeatable and/or comma separated; nftables: addresses in them that "
+    "Service CIDRs (repeatable and/or comma separated; nftables: addresses in them that "
     "no Service has are dropped).",
 )
 @click.option(
@@ -329,104 +320,49 @@ def _offline_plan(
     pod_cidrs: tuple[str, ...] = (),
 ) -> Plan:
     """Read manifests once and compute the Plan this node would apply."""
-    agent_like = Agent(
-        node_name=node,
-        source=ManifestSource([Path(p) for p in manifests]),
-        backend=_NullBackend(),
-        node_override=_node_override(node, node_ips, pod_cidrs),
-    )
-    ManifestSource([Path(p) for p in manifests]).scan(agent_like)
-    return agent_like.tracker.checkout()
+    override = _node_override(node, node_ips, pod_cidrs)
+    return offline.manifest_plan([Path(p) for p in manifests], node, override)
 
 
-class _NullBackend:
-    name = "none"
+@dataclass(frozen=True)
+class _Offline:
+    """The node an offline command computes for: its manifests, name, IPs, pod CIDRs,
+    namespace and node flags (:func:`kpy.tools.explain.node_flags`)."""
 
-    def probe(self) -> str | None:
-        return None
+    manifests: tuple[str, ...]
+    node: str
+    node_ips: tuple[str, ...]
+    cluster_cidr: tuple[str, ...]
+    netns: str | None
+    flags: Mapping[str, Any]
 
-    async def apply(self, plan: Plan) -> backends.ApplyResult:
-        raise backends.BackendError("offline: nothing is applied")
+    def plan(self) -> Plan:
+        return _offline_plan(self.manifests, self.node, self.node_ips)
 
-    async def observe(self) -> backends.Programmed:
-        return backends.Programmed(backend=self.name)
-
-    async def cleanup(self) -> None:
-        return None
-
-
-def _offline_options(f: Any) -> Any:
-    f = click.option(
-        "--manifests",
-        multiple=True,
-        default=("examples",),
-        show_default=True,
-        help="Manifest directory or file (repeatable).",
-    )(f)
-    f = click.option("--node", default=DEMO_NODE, show_default=True, help="This node's name.")(f)
-    f = click.option(
-        "--node-ip",
-        multiple=True,
-        default=(DEMO_NODE_IP,),
-        show_default=True,
-        callback=explain.merged,
-        help="This node's IPs (repeatable and/or comma separated).",
-    )(f)
-    f = click.option(
-        "--cluster-cidr",
-        multiple=True,
-        default=("10.244.0.0/16",),
-        show_default=True,
-        callback=explain.merged,
-        help="Pod CIDRs (repeatable and/or comma separated).",
-    )(f)
-    f = click.option("--netns", default=None, help="Observe the backend inside this namespace.")(f)
-    return f
+    def backend(self, name: str) -> backends.Backend:
+        return _backend_for(
+            name, self.node, self.node_ips, self.cluster_cidr, self.netns, self.flags
+        )
 
 
-def _backend_flags(f: Any) -> Any:
-    """The node flags that change what a backend renders, as ``kpy explain`` and ``kpy
-    run`` take them (``plan`` renders with them, ``dump`` compares the kernel with them)."""
-    f = click.option(
-        "--iptables-localhost-nodeports/--no-iptables-localhost-nodeports",
-        default=None,
-        help="NodePorts on 127.0.0.1 (default: on with --backend iptables, as kpy run).",
-    )(f)
-    f = click.option(
-        "--service-cidr",
-        multiple=True,
-        callback=explain.merged,
-        help="Service CIDRs (repeatable and/or comma separated; beside the manifests' "
-        "ServiceCIDR objects).",
-    )(f)
-    f = click.option("--pod-interface-name-prefix", default="", help="For InterfaceNamePrefix.")(f)
-    f = click.option("--pod-bridge-interface", default="", help="For BridgeInterface.")(f)
-    f = click.option(
-        "--detect-local-mode",
-        type=click.Choice(DETECT_LOCAL_MODES),
-        default="ClusterCIDR",
-        show_default=True,
-        help="How traffic from this node's pods is told.",
-    )(f)
-    f = click.option("--masquerade-all", is_flag=True, default=False)(f)
-    f = click.option(
-        "--nodeport-addresses",
-        multiple=True,
-        callback=explain.merged,
-        help="CIDRs NodePorts answer on, or 'primary' (repeatable and/or comma separated).",
-    )(f)
-    return f
+def _offline_command(f: Callable[..., None]) -> Callable[..., None]:
+    """The offline options, ``--netns`` and the node flags, given to ``f`` as one
+    :class:`_Offline` (its first argument); ``f``'s own options follow as keywords."""
 
+    @functools.wraps(f)
+    def command(
+        manifests: tuple[str, ...],
+        node: str,
+        node_ip: tuple[str, ...],
+        cluster_cidr: tuple[str, ...],
+        netns: str | None,
+        **rest: Any,
+    ) -> None:
+        flags = {k: rest.pop(k) for k in explain.NODE_FLAG_DEFAULTS}
+        f(_Offline(manifests, node, node_ip, cluster_cidr, netns, flags), **rest)
 
-_FLAG_DEFAULTS: dict[str, Any] = {
-    "nodeport_addresses": (),
-    "masquerade_all": False,
-    "detect_local_mode": "ClusterCIDR",
-    "pod_bridge_interface": "",
-    "pod_interface_name_prefix": "",
-    "service_cidr": (),
-    "iptables_localhost_nodeports": None,
-}
+    opts = click.option("--netns", default=None, help="Observe the backend inside this namespace.")
+    return cast(Callable[..., None], explain.offline_options(opts(explain.node_flags(command))))
 
 
 def _backend_for(
@@ -438,25 +374,8 @@ def _backend_for(
     given: Mapping[str, Any] | None = None,
 ) -> backends.Backend:
     """The named backend with the node flags (a usage error names a bad one)."""
-    flags = {**_FLAG_DEFAULTS, **(given or {})}
-    nodeport = tuple(flags["nodeport_addresses"])
-    localhost = flags["iptables_localhost_nodeports"]
     try:
-        trace.check_nodeport_addresses(nodeport, "--nodeport-addresses")
-        options = trace.Options(
-            cluster_cidrs=backends.parse_networks(cluster_cidr),
-            nodeport_addresses=backends.parse_networks(
-                tuple(a for a in nodeport if a != trace.PRIMARY)
-            ),
-            nodeport_primary=trace.PRIMARY in nodeport,
-            masquerade_all=flags["masquerade_all"],
-            node_ips=tuple(ipaddress.ip_address(i) for i in node_ips),
-            detect_local_mode=flags["detect_local_mode"],
-            pod_bridge_interface=flags["pod_bridge_interface"],
-            pod_interface_name_prefix=flags["pod_interface_name_prefix"],
-            localhost_nodeports=name == "iptables" if localhost is None else localhost,
-            service_cidrs=backends.parse_networks(tuple(flags["service_cidr"])),
-        )
+        options = explain.node_options(given or {}, node_ips, cluster_cidr, name)
         config = replace(trace.options_config(node, options), netns=netns)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -467,25 +386,14 @@ def _backend_for(
 
 
 @main.command("plan")
-@_offline_options
-@_backend_flags
+@_offline_command
 @click.option("--backend", default=None, help="Render this backend's transaction (dry run).")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
-def plan_cmd(
-    manifests: tuple[str, ...],
-    node: str,
-    node_ip: tuple[str, ...],
-    cluster_cidr: tuple[str, ...],
-    netns: str | None,
-    backend: str | None,
-    output: str,
-    **flags: Any,
-) -> None:
+def plan_cmd(at: _Offline, backend: str | None, output: str) -> None:
     """Dry run: the next sync's Plan (and a backend's transaction) without applying it."""
-    node_ips = node_ip
-    plan = _offline_plan(manifests, node, node_ips)
+    plan = at.plan()
     summary = {
-        "node": node,
+        "node": at.node,
         "full_sync": plan.full_sync,
         "services": len(plan.services),
         "changed": sorted(str(k) for k in plan.changed),
@@ -493,8 +401,7 @@ def plan_cmd(
     }
     transaction = None
     if backend is not None:
-        b = _backend_for(backend, node, node_ips, cluster_cidr, netns, flags)
-        dry = getattr(b, "dry_run", None)
+        dry = getattr(at.backend(backend), "dry_run", None)
         if dry is None:
             _fail(f"backend {backend} cannot render a dry run")
             return
@@ -504,7 +411,7 @@ def plan_cmd(
 
         click.echo(json.dumps({**summary, "transaction": transaction}, indent=2))
         return
-    click.echo(f"node {node}: {summary['services']} service ports, full sync: {plan.full_sync}")
+    click.echo(f"node {at.node}: {summary['services']} service ports, full sync: {plan.full_sync}")
     for key in sorted(str(k) for k in plan.changed):
         click.echo(f"  + {key}")
     if transaction is not None:
@@ -513,8 +420,7 @@ def plan_cmd(
 
 
 @main.command("dump")
-@_offline_options
-@_backend_flags
+@_offline_command
 @click.option(
     "--backend",
     default=None,
@@ -522,23 +428,13 @@ def plan_cmd(
     "(its kernel objects: from what it renders with the node flags).",
 )
 @click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table")
-def dump_cmd(
-    manifests: tuple[str, ...],
-    node: str,
-    node_ip: tuple[str, ...],
-    cluster_cidr: tuple[str, ...],
-    netns: str | None,
-    backend: str | None,
-    output: str,
-    **flags: Any,
-) -> None:
+def dump_cmd(at: _Offline, backend: str | None, output: str) -> None:
     """Every Service: type, frontends → endpoints with their state."""
-    node_ips = node_ip
-    plan = _offline_plan(manifests, node, node_ips)
+    plan = at.plan()
     programmed = None
     differences: tuple[str, ...] = ()
     if backend is not None:
-        b = _backend_for(backend, node, node_ips, cluster_cidr, netns, flags)
+        b = at.backend(backend)
         programmed = asyncio.run(b.observe())
         compare = getattr(b, "differences", None)
         if compare is not None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from kpy.core import diff
 from kpy.core.backend import BackendConfig
 from kpy.core.model import IPAddress, Plan
-from kpy.core.trace import Origin, Packet, Trace, Verdict, input_interface
+from kpy.core.trace import Origin, Packet, Trace, Verdict, first_packet
 from kpy_iptables import render
 from kpy_iptables.render import FILTER, NAT
 
@@ -449,13 +449,7 @@ def trace(plan: Plan, packet: Packet, origin: Origin, config: BackendConfig) -> 
     family = packet.dst.version
     local = frozenset(ip for ip in (*config.node_ips, *plan.node.addresses) if ip.version == family)
     walker = _Walker(tables(plan, config, family), family, local)
-    start = Flow(
-        src=packet.src,
-        dst=packet.dst,
-        port=packet.port,
-        protocol=packet.protocol.lower(),
-        iif=input_interface(origin, config),
-    )
+    start = Flow(**first_packet(packet, origin, config))
     fates = _walk(walker, start, origin)
     verdicts: dict[Verdict, list[Flow]] = {}
     for f, verdict in fates:

@@ -159,20 +159,9 @@ class IpvsBackend:
         against what the kernel holds; sends nothing. Where ip_vs is not loaded the
         kernel is taken to hold no virtual service (said in a first comment line)."""
         ctx = render.context(self.config, plan.node)
-        marks = render.allocate_marks(
-            (name for name, state in plan.services.items() if render.wants_mark(state)),
-            count=ctx.mark_count,
-        )
-        services: dict[VirtualKey, VirtualService] = {}
-        dests: dict[DestKey, int] = {}
-        elements: set[Element] = set()
-        addresses: set[IPAddress] = set()
-        for name, state in plan.services.items():
-            objs = render.render_port(state, ctx, marks.get(name, 0))
-            services.update(objs.services)
-            dests.update(objs.destinations)
-            elements.update(objs.elements)
-            addresses.update(objs.addresses)
+        want = render.merged(render.render(plan, ctx).values())
+        services, dests = dict(want.services), dict(want.destinations)
+        elements, addresses = want.elements, want.addresses
         loaded, snap, link, missing, sysctls = await self._kernel.call(self._dry_read)
         node_ips = set(ctx.nodeport_ips) | set(self.config.node_ips)
         owned = {

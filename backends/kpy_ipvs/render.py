@@ -478,6 +478,18 @@ def render(plan: Plan, ctx: Context) -> dict[ServicePortName, PortObjects]:
     }
 
 
+def merged(objects: Iterable[PortObjects]) -> PortObjects:
+    """All of ``objects`` together (a later port's entry wins a key two ports share)."""
+    ports = tuple(objects)
+    return PortObjects(
+        services={k: v for o in ports for k, v in o.services.items()},
+        destinations={k: w for o in ports for k, w in o.destinations.items()},
+        addresses=frozenset(a for o in ports for a in o.addresses),
+        elements=frozenset(e for o in ports for e in o.elements),
+        node_ports=frozenset(k for o in ports for k in o.node_ports),
+    )
+
+
 SETS: tuple[tuple[str, str], ...] = (
     # (name, ipset type); the IPv6 twin of each is named with a trailing "6"
     ("MASQ", "hash:ip,port"),

@@ -43,7 +43,7 @@ from kpy_iptables.trace import Rule, Syntax, Tables, TraceError
 
 from kpy.core.backend import BackendConfig
 from kpy.core.model import IPAddress, Plan, Protocol
-from kpy.core.trace import Origin, Packet, Trace, Verdict, input_interface
+from kpy.core.trace import Origin, Packet, Trace, Verdict, first_packet
 from kpy_ipvs import render
 from kpy_ipvs.render import DestKey, PortObjects, VirtualKey, VirtualService
 
@@ -348,13 +348,7 @@ def trace(plan: Plan, packet: Packet, origin: Origin, config: BackendConfig) -> 
     local = bound | set(config.node_ips) | set(plan.node.addresses) | set(ctx.nodeport_ips)
     tables = load(render.rules(ctx, family) + hooks())
     walker = _Walker(tables, sets(ports.values()), family, frozenset(local))
-    flow = Flow(
-        src=packet.src,
-        dst=packet.dst,
-        port=packet.port,
-        protocol=packet.protocol.lower(),
-        iif=input_interface(origin, config),
-    )
+    flow = Flow(**first_packet(packet, origin, config))
 
     def done(verdict: Verdict, f: Flow, endpoints: tuple[str, ...] = ()) -> Trace:
         return Trace(verdict=verdict, endpoints=endpoints, masquerade=f.masquerade, kernel=f.seen)

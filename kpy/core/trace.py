@@ -167,17 +167,18 @@ class Tracer(typing.Protocol):
     ) -> Trace: ...
 
 
+def outcome(answer: Trace | Explanation) -> tuple[Verdict, tuple[str, ...], bool]:
+    """What a trace and the model must agree on: verdict, endpoints, masquerade."""
+    return answer.verdict, answer.endpoints, answer.masquerade
+
+
 def with_trace(model: Explanation, trace: Trace, backend: str) -> Explanation:
     """The explanation with the backend's traced verdict, endpoints, masquerade and
     kernel objects; a disagreement with the model is flagged in ``reasons``."""
     reasons = [*model.reasons, f"traced_by_{backend}"]
     if trace.differs:
         reasons.append("kernel_differs")
-    if (trace.verdict, trace.endpoints, trace.masquerade) != (
-        model.verdict,
-        model.endpoints,
-        model.masquerade,
-    ):
+    if outcome(trace) != outcome(model):
         reasons.append("trace_disagrees_with_model")
     return replace(
         model,
@@ -205,6 +206,19 @@ def options_config(node: str, options: Options) -> BackendConfig:
         pod_bridge_interface=options.pod_bridge_interface,
         pod_interface_name_prefix=options.pod_interface_name_prefix,
     )
+
+
+def first_packet(packet: Packet, origin: Origin, config: BackendConfig) -> dict[str, Any]:
+    """The fields a backend's rule walk starts ``packet``'s flow with: its addresses and
+    port, its protocol in lower case (as iptables and ipset print it) and the
+    :func:`input_interface` it arrives on."""
+    return {
+        "src": packet.src,
+        "dst": packet.dst,
+        "port": packet.port,
+        "protocol": packet.protocol.lower(),
+        "iif": input_interface(origin, config),
+    }
 
 
 def input_interface(origin: Origin, config: BackendConfig) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from types import MappingProxyType
+from typing import TypeVar
 
 from kpy.core import convert
 from kpy.core import endpoints as select
@@ -42,6 +43,19 @@ from kpy.core.model import (
     ServicePortState,
     StaleFlow,
 )
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _record(store: dict[K, V], key: K, value: V | None) -> bool:
+    """Put ``value`` at ``key`` (None: remove it); whether that changed ``store``."""
+    if value is None:
+        return store.pop(key, None) is not None
+    if store.get(key) == value:
+        return False
+    store[key] = value
+    return True
 
 
 class Tracker:
@@ -89,14 +103,8 @@ class Tracker:
 
     def set_service(self, name: ServiceName, service: convert.Service | None) -> None:
         """Record a Service (None: deleted)."""
-        if service is None:
-            if self._services.pop(name, None) is None:
-                return
-        else:
-            if self._services.get(name) == service:
-                return
-            self._services[name] = service
-        self._dirty.add(name)
+        if _record(self._services, name, service):
+            self._dirty.add(name)
 
     def set_slice(
         self,
@@ -139,14 +147,8 @@ class Tracker:
     def set_service_cidr(self, name: str, cidrs: tuple[IPNetwork, ...] | None) -> None:
         """Record a ServiceCIDR object's CIDRs (None: deleted). Two objects may hold the
         same CIDR: it counts until neither does."""
-        if cidrs is None:
-            if self._service_cidrs.pop(name, None) is None:
-                return
-        else:
-            if self._service_cidrs.get(name) == cidrs:
-                return
-            self._service_cidrs[name] = cidrs
-        self._cidrs_changed = self.service_cidrs != self._cidrs
+        if _record(self._service_cidrs, name, cidrs):
+            self._cidrs_changed = self.service_cidrs != self._cidrs
 
     def request_full_sync(self) -> None:
         self._full = True

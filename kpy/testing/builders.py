@@ -93,6 +93,29 @@ def service(
     )
 
 
+def load_balancer(
+    name: str,
+    cluster_ip: str,
+    node_port: int,
+    lb_ip: str,
+    *,
+    source_ranges: Iterable[str] = (),
+    etp_local: bool = False,
+    target_port: int = 8080,
+) -> ServicePort:
+    """A LoadBalancer Service's port 80 (to ``target_port``) with one load-balancer IP."""
+    return service(
+        name,
+        cluster_ip=cluster_ip,
+        type="LoadBalancer",
+        node_port=node_port,
+        lb_ips=(lb_ip,),
+        source_ranges=source_ranges,
+        etp_local=etp_local,
+        target_port=target_port,
+    )
+
+
 def endpoint(
     ip: str,
     port: int = 8080,

@@ -51,13 +51,8 @@ def conformance_states() -> list[ServicePortState]:
             n,
         ),
         b.state(
-            b.service(
-                "lb",
-                cluster_ip="10.96.0.12",
-                type="LoadBalancer",
-                node_port=30081,
-                lb_ips=["172.18.0.50"],
-                source_ranges=["203.0.113.0/24"],
+            b.load_balancer(
+                "lb", "10.96.0.12", 30081, "172.18.0.50", source_ranges=["203.0.113.0/24"]
             ),
             [b.endpoint("10.244.1.8"), b.endpoint("10.244.2.9", node="node-b")],
             n,

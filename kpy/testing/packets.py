@@ -10,6 +10,7 @@ another node's: the kernel does not care where a pod is, the model does).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import socket
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kpy.core.backend import Backend, BackendConfig
-from kpy.core.model import Endpoint, Protocol, ServicePortState
+from kpy.core.model import Endpoint, Plan, Protocol, ServicePort, ServicePortState
 from kpy.core.trace import Origin, Packet, Tracer, Verdict
 from kpy.testing import builders as b
 from kpy.testing.netns import (
@@ -55,10 +56,36 @@ def config_for(topo: Topology) -> BackendConfig:
     )
 
 
+@contextlib.contextmanager
+def applied(backend: Backend, plan: Plan) -> Iterator[Backend]:
+    """``plan`` applied by ``backend``; everything it programmed removed afterwards."""
+    asyncio.run(backend.apply(plan))
+    try:
+        yield backend
+    finally:
+        asyncio.run(backend.cleanup())
+
+
 def local_and_remote(*, ipv6: bool = False, port: int = 8080) -> list[Endpoint]:
     """pod-a (this node's endpoint) and pod-b (labelled as node-b's)."""
     a, b_ = (POD_A6, POD_B6) if ipv6 else (POD_A, POD_B)
     return [b.endpoint(a, port, node="node-a"), b.endpoint(b_, port, node="node-b")]
+
+
+def ranged_lb(name: str) -> ServicePort:
+    """LoadBalancer 172.18.0.50 (NodePort 30081) for sources of the node's network only."""
+    return b.load_balancer(
+        name, "10.96.0.12", 30081, "172.18.0.50", source_ranges=["192.168.50.0/24"]
+    )
+
+
+def remote_only() -> ServicePortState:
+    """NodePort 30083 under externalTrafficPolicy Local whose one endpoint (pod-b) is
+    on node-b: no endpoint on this node."""
+    remote = b.service(
+        "remote", cluster_ip="10.96.0.20", type="NodePort", node_port=30083, etp_local=True
+    )
+    return b.state(remote, [b.endpoint(POD_B, node="node-b")], NODE)
 
 
 def states() -> list[ServicePortState]:
@@ -69,18 +96,7 @@ def states() -> list[ServicePortState]:
             local_and_remote(),
             NODE,
         ),
-        b.state(
-            b.service(
-                "lb",
-                cluster_ip="10.96.0.12",
-                type="LoadBalancer",
-                node_port=30081,
-                lb_ips=["172.18.0.50"],
-                source_ranges=["192.168.50.0/24"],
-            ),
-            [b.endpoint(POD_A)],
-            NODE,
-        ),
+        b.state(ranged_lb("lb"), [b.endpoint(POD_A)], NODE),
         b.state(
             b.service(
                 "local", cluster_ip="10.96.0.13", type="NodePort", node_port=30082, etp_local=True
@@ -88,13 +104,7 @@ def states() -> list[ServicePortState]:
             local_and_remote(),
             NODE,
         ),
-        b.state(
-            b.service(
-                "remote", cluster_ip="10.96.0.20", type="NodePort", node_port=30083, etp_local=True
-            ),
-            [b.endpoint(POD_B, node="node-b")],
-            NODE,
-        ),
+        remote_only(),
         b.state(
             b.service("ext", cluster_ip="10.96.0.14", external_ips=["192.0.2.10"]),
             [b.endpoint(POD_B, node="node-b")],
@@ -135,12 +145,8 @@ class PacketConformance:
 
     @pytest.fixture
     def programmed(self, topology: Topology, make_backend: MakeBackend) -> Iterator[Backend]:
-        backend = make_backend(config_for(topology))
-        asyncio.run(backend.apply(b.plan(states(), node_info=NODE)))
-        try:
-            yield backend
-        finally:
-            asyncio.run(backend.cleanup())
+        with applied(make_backend(config_for(topology)), b.plan(states(), node_info=NODE)) as on:
+            yield on
 
     def test_cluster_ip_from_a_pod_and_from_the_node(
         self, topology: Topology, programmed: Backend
@@ -322,12 +328,8 @@ class TraceAgreement:
 
     @pytest.fixture
     def programmed(self, topology: Topology, make_backend: MakeBackend) -> Iterator[Topology]:
-        backend = make_backend(config_for(topology))
-        asyncio.run(backend.apply(b.plan(states(), node_info=NODE)))
-        try:
+        with applied(make_backend(config_for(topology)), b.plan(states(), node_info=NODE)):
             yield topology
-        finally:
-            asyncio.run(backend.cleanup())
 
     @pytest.mark.parametrize("row", REAL, ids=[r[0] for r in REAL])
     def test_real_connections_go_where_the_trace_says(

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 import click
 
@@ -70,6 +71,104 @@ class RefuseRepeats(click.Command):
         return super().parse_args(ctx, args)
 
 
+def list_option(name: str, help: str, default: tuple[str, ...] = ()) -> Callable[[Any], Any]:
+    """A repeatable option whose values may also be comma separated (:func:`merged`)."""
+    defaults: dict[str, Any] = {"default": default, "show_default": True} if default else {}
+    return click.option(name, multiple=True, callback=merged, help=help, **defaults)
+
+
+def offline_options(f: Any) -> Any:
+    """The manifests to read and the node to compute the Plan for (``--manifests``,
+    ``--node``, ``--node-ip``, ``--cluster-cidr``), as the offline commands take them."""
+    f = list_option(
+        "--cluster-cidr", "Pod CIDRs (repeatable and/or comma separated).", ("10.244.0.0/16",)
+    )(f)
+    f = list_option(
+        "--node-ip", "This node's IPs (repeatable and/or comma separated).", (DEMO_NODE_IP,)
+    )(f)
+    f = click.option("--node", default=DEMO_NODE, show_default=True, help="This node's name.")(f)
+    f = click.option(
+        "--manifests",
+        multiple=True,
+        default=("examples",),
+        show_default=True,
+        help="Manifest directory or file (repeatable).",
+    )(f)
+    return f
+
+
+def node_flags(f: Any) -> Any:
+    """The node flags that change what a backend renders and where a packet goes, as
+    ``kpy run`` takes them (``kpy explain``; ``kpy plan`` and ``kpy dump`` with a
+    backend). The command gets them as keyword arguments; :func:`node_options` reads
+    them."""
+    f = click.option(
+        "--iptables-localhost-nodeports/--no-iptables-localhost-nodeports",
+        default=None,
+        help="NodePorts on 127.0.0.1 (default: on with --backend iptables, as kpy run).",
+    )(f)
+    f = list_option(
+        "--service-cidr",
+        "Service CIDRs (repeatable and/or comma separated; beside the manifests' "
+        "ServiceCIDR objects).",
+    )(f)
+    f = click.option("--pod-interface-name-prefix", default="", help="For InterfaceNamePrefix.")(f)
+    f = click.option("--pod-bridge-interface", default="", help="For BridgeInterface.")(f)
+    f = click.option(
+        "--detect-local-mode",
+        type=click.Choice(DETECT_LOCAL_MODES),
+        default="ClusterCIDR",
+        show_default=True,
+        help="How traffic from this node's pods is told.",
+    )(f)
+    f = click.option("--masquerade-all", is_flag=True, default=False)(f)
+    f = list_option(
+        "--nodeport-addresses",
+        "CIDRs NodePorts answer on, or 'primary' (repeatable and/or comma separated).",
+    )(f)
+    return f
+
+
+NODE_FLAG_DEFAULTS: dict[str, Any] = {
+    "nodeport_addresses": (),
+    "masquerade_all": False,
+    "detect_local_mode": "ClusterCIDR",
+    "pod_bridge_interface": "",
+    "pod_interface_name_prefix": "",
+    "service_cidr": (),
+    "iptables_localhost_nodeports": None,
+}
+
+
+def node_options(
+    flags: Mapping[str, Any],
+    node_ips: tuple[str, ...],
+    cluster_cidr: tuple[str, ...],
+    backend: str | None,
+    *,
+    clusterip_checks: bool = False,
+) -> Options:
+    """The trace options of the :func:`node_flags` ``flags`` (a missing one at its
+    default) for ``backend``; ValueError names a bad value."""
+    flags = {**NODE_FLAG_DEFAULTS, **flags}
+    nodeport = tuple(flags["nodeport_addresses"])
+    localhost = flags["iptables_localhost_nodeports"]
+    check_nodeport_addresses(nodeport, "--nodeport-addresses")
+    return Options(
+        cluster_cidrs=networks(cluster_cidr),
+        nodeport_addresses=networks(tuple(a for a in nodeport if a != PRIMARY)),
+        nodeport_primary=PRIMARY in nodeport,
+        masquerade_all=flags["masquerade_all"],
+        node_ips=tuple(ipaddress.ip_address(i) for i in node_ips),
+        detect_local_mode=flags["detect_local_mode"],
+        pod_bridge_interface=flags["pod_bridge_interface"],
+        pod_interface_name_prefix=flags["pod_interface_name_prefix"],
+        localhost_nodeports=backend == "iptables" if localhost is None else localhost,
+        service_cidrs=networks(tuple(flags["service_cidr"])),
+        clusterip_checks=clusterip_checks,
+    )
+
+
 TracerLoader = Callable[[str, BackendConfig], Callable[[Plan, Packet, Origin], Trace] | None]
 
 
@@ -86,57 +185,8 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
         default=None,
         help="Where the packet comes from (default: inferred from --from).",
     )
-    @click.option(
-        "--manifests",
-        multiple=True,
-        default=("examples",),
-        show_default=True,
-        help="Manifest directory or file (repeatable).",
-    )
-    @click.option("--node", default=DEMO_NODE, show_default=True, help="This node's name.")
-    @click.option(
-        "--node-ip",
-        multiple=True,
-        default=(DEMO_NODE_IP,),
-        show_default=True,
-        callback=merged,
-        help="This node's IPs (repeatable and/or comma separated).",
-    )
-    @click.option(
-        "--cluster-cidr",
-        multiple=True,
-        default=("10.244.0.0/16",),
-        show_default=True,
-        callback=merged,
-        help="Pod CIDRs (repeatable and/or comma separated).",
-    )
-    @click.option(
-        "--nodeport-addresses",
-        multiple=True,
-        callback=merged,
-        help="CIDRs NodePorts answer on (repeatable and/or comma separated).",
-    )
-    @click.option("--masquerade-all", is_flag=True, default=False)
-    @click.option(
-        "--detect-local-mode",
-        type=click.Choice(DETECT_LOCAL_MODES),
-        default="ClusterCIDR",
-        show_default=True,
-        help="How traffic from this node's pods is told.",
-    )
-    @click.option("--pod-bridge-interface", default="", help="For BridgeInterface.")
-    @click.option("--pod-interface-name-prefix", default="", help="For InterfaceNamePrefix.")
-    @click.option(
-        "--service-cidr",
-        multiple=True,
-        callback=merged,
-        help="Service CIDRs (repeatable and/or comma separated).",
-    )
-    @click.option(
-        "--iptables-localhost-nodeports/--no-iptables-localhost-nodeports",
-        default=None,
-        help="NodePorts on 127.0.0.1 (default: on with --backend iptables, as it programs).",
-    )
+    @offline_options
+    @node_flags
     @click.option(
         "--backend",
         default=None,
@@ -157,20 +207,16 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
         node: str,
         node_ip: tuple[str, ...],
         cluster_cidr: tuple[str, ...],
-        nodeport_addresses: tuple[str, ...],
-        masquerade_all: bool,
-        detect_local_mode: str,
-        pod_bridge_interface: str,
-        pod_interface_name_prefix: str,
-        service_cidr: tuple[str, ...],
-        iptables_localhost_nodeports: bool | None,
         backend: str | None,
         netns: str | None,
         output: str,
+        **flags: Any,
     ) -> None:
         """Why does this packet go there? Service, endpoints, policy, masquerade."""
         try:
-            check_nodeport_addresses(nodeport_addresses, "--nodeport-addresses")
+            # the nftables backend's (kpy's default) checks of ClusterIPs
+            checks = backend in (None, "nftables")
+            options = node_options(flags, node_ip, cluster_cidr, backend, clusterip_checks=checks)
             address, port, protocol = parse_destination(dst)
             packet = Packet(
                 src=ipaddress.ip_address(src),
@@ -178,22 +224,6 @@ def command(offline_plan: OfflinePlan, load_tracer: TracerLoader | None = None) 
                 port=port,
                 protocol=protocol,
                 origin=Origin(origin) if origin else None,
-            )
-            options = Options(
-                cluster_cidrs=networks(cluster_cidr),
-                nodeport_addresses=networks(tuple(a for a in nodeport_addresses if a != PRIMARY)),
-                nodeport_primary=PRIMARY in nodeport_addresses,
-                masquerade_all=masquerade_all,
-                node_ips=tuple(ipaddress.ip_address(i) for i in node_ip),
-                detect_local_mode=detect_local_mode,
-                pod_bridge_interface=pod_bridge_interface,
-                pod_interface_name_prefix=pod_interface_name_prefix,
-                localhost_nodeports=backend == "iptables"
-                if iptables_localhost_nodeports is None
-                else iptables_localhost_nodeports,
-                service_cidrs=networks(service_cidr),
-                # the nftables backend's (kpy's default) checks of ClusterIPs
-                clusterip_checks=backend in (None, "nftables"),
             )
             options_config(node, options)  # the detect-local settings are valid
         except ValueError as exc:

@@ -5,7 +5,6 @@ errors name the exit status or signal, and a cancelled sync leaves no child behi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import stat
 from collections.abc import Callable
@@ -15,28 +14,10 @@ import pytest
 from kpy_iptables import IptablesBackend, render
 from structlog.testing import capture_logs
 
-from kpy.agent.agent import Agent
 from kpy.agent.healthz import HealthServer
-from kpy.agent.runner import RunnerTimes
 from kpy.core.backend import BackendConfig, BackendError
-from kpy.sources.manifests import ManifestSource
 from kpy.testing import builders as b
-
-SERVICE = """
-apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080}}]
-endpoints: [{eps}]
-"""
+from tests.agents import manifest, on_node_a, quick_agent, running, until
 
 
 def tool(directory: Path, name: str, script: str) -> None:
@@ -75,19 +56,13 @@ def sep(endpoint: str) -> str:
     return render.chain_name("SEP", "default/web:http/TCP", endpoint)
 
 
-async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
-
-
 def test_crashing_save_never_stops_partial_syncs_and_health_stays_green(
     tools: Path, tmp_path: Path
 ) -> None:
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     web = manifests / "web.yaml"
-    web.write_text(SERVICE.format(eps="{addresses: [10.244.1.5], nodeName: node-a}"))
+    web.write_text(manifest(*on_node_a("10.244.1.5")))
     backend = legacy_backend()
     restored = tools / "restored"
 
@@ -95,30 +70,19 @@ def test_crashing_save_never_stops_partial_syncs_and_health_stays_green(
         return restored.read_text() if restored.exists() else ""
 
     async def main() -> None:
-        agent = Agent(
-            node_name="node-a",
-            source=ManifestSource([manifests], interval=0.02),
-            backend=backend,
-            # a periodic full sync every 50 ms: each one would read the kernel back
-            times=RunnerTimes(min_interval=0.01, full_interval=0.05, backoff_initial=0.01),
-        )
+        # a periodic full sync every 50 ms: each one would read the kernel back
+        agent = quick_agent(manifests, backend, full_interval=0.05)
         health = HealthServer(agent.status, timeout=5.0, stale_after=60.0)
-        task = asyncio.create_task(agent.run())
-        try:
+        async with running(agent):
             await until(lambda: sep("10.244.1.5:8080") in written())
             syncs = agent.runner.syncs
-            eps = "{addresses: [10.244.1.5], nodeName: node-a}, {addresses: [10.244.1.6]}"
-            web.write_text(SERVICE.format(eps=eps))
+            web.write_text(manifest(*on_node_a("10.244.1.5"), "{addresses: [10.244.1.6]}"))
             await until(lambda: sep("10.244.1.6:8080") in written())
             await until(lambda: backend.readback_failures >= 1)
             await until(lambda: agent.runner.syncs >= syncs + 5)  # full ones among them
             assert agent.status.sync_failures == 0
             assert health.answer("GET", "/livez").status == 200
             assert health.answer("GET", "/readyz").status == 200
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     with capture_logs() as logs:
         asyncio.run(main())

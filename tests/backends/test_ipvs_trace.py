@@ -203,11 +203,7 @@ def _node_trace(state: object, dst: str, port: int, **options: object) -> ex.Tra
     model = ex.explain(plan, packet, opts)
     assert model.origin is ex.Origin.NODE
     traced = tr.trace(plan, packet, model.origin, ex.options_config(NODE.name, opts))
-    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
-        model.verdict,
-        model.endpoints,
-        model.masquerade,
-    ), traced.kernel
+    assert ex.outcome(traced) == ex.outcome(model), traced.kernel
     return traced
 
 
@@ -520,11 +516,7 @@ FALLBACK_DIVERGENCES = {
 def _divergence(
     svc: dict[str, object], model: ex.Explanation, traced: ex.Trace, packet: ex.Packet
 ) -> str | None:
-    if (traced.verdict, traced.endpoints, traced.masquerade) == (
-        model.verdict,
-        model.endpoints,
-        model.masquerade,
-    ):
+    if ex.outcome(traced) == ex.outcome(model):
         return None
     external = model.frontend not in (None, ex.Frontend.CLUSTER_IP)
     hairpin_elsewhere = "masquerade_hairpin" in model.reasons and str(packet.src) not in {
@@ -691,11 +683,7 @@ def test_node_to_a_local_nodeport_under_a_non_default_mask() -> None:
     config = _masked(ex.options_config(plan.node.name, case.options))
     traced = tr.trace(plan, packet, model.origin, config)
     mark = render.allocate_marks([case.state.name], count=0xFF)[case.state.name] << 16
-    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
-        model.verdict,
-        model.endpoints,
-        model.masquerade,
-    )
+    assert ex.outcome(traced) == ex.outcome(model)
     assert f"ipset KPY-IPVS-SHORT 192.168.50.2,tcp:30080 skbmark {mark:#x}/0xff0000" in (
         traced.kernel
     )
@@ -784,11 +772,7 @@ def test_trace_agrees_with_model_under_a_non_default_mask(case: Case) -> None:
     traced = tr.trace(
         plan, packet, model.origin, _masked(ex.options_config(NODE.name, case.options))
     )
-    assert (traced.verdict, traced.endpoints, traced.masquerade) == (
-        model.verdict,
-        model.endpoints,
-        model.masquerade,
-    )
+    assert ex.outcome(traced) == ex.outcome(model)
 
 
 @pytest.mark.parametrize("mask", [MASK, 0x3FFF])

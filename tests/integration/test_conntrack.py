@@ -11,6 +11,7 @@ made by its first datagram wins — until the cleaner deletes the stale entry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import socket
@@ -150,10 +151,23 @@ def which_endpoint(
     raise AssertionError("no endpoint received the datagram")
 
 
-def test_stale_udp_entries_are_deleted_so_the_client_moves_on(topology: Topology) -> None:
+@contextlib.contextmanager
+def endpoints_and_client(
+    topology: Topology, client_port: int
+) -> Iterator[tuple[dict[str, socket.socket], socket.socket]]:
+    """UDP servers on both endpoints (port 5353) and a client socket; closed after."""
     servers = {A: udp_socket(topology.pods, A, 5353), B: udp_socket(topology.pods, B, 5353)}
-    client = udp_socket(topology.client, "10.77.0.1", 40000)
+    client = udp_socket(topology.client, "10.77.0.1", client_port)
     try:
+        yield servers, client
+    finally:
+        client.close()
+        for s in servers.values():
+            s.close()
+
+
+def test_stale_udp_entries_are_deleted_so_the_client_moves_on(topology: Topology) -> None:
+    with endpoints_and_client(topology, 40000) as (servers, client):
         topology.dnat(A)
         assert which_endpoint(client, servers, (VIP, 53), b"1") == A
         entries = topology.entries()
@@ -186,17 +200,10 @@ def test_stale_udp_entries_are_deleted_so_the_client_moves_on(topology: Topology
         assert cleaner.deleted == 1 and cleaner.failed == 0
         assert f"src={A}" not in topology.entries()
         assert which_endpoint(client, servers, (VIP, 53), b"3") == B
-    finally:
-        client.close()
-        for s in servers.values():
-            s.close()
 
 
 def test_nodeport_flows_without_destination_and_nothing_to_delete(topology: Topology) -> None:
-
-    servers = {A: udp_socket(topology.pods, A, 5353), B: udp_socket(topology.pods, B, 5353)}
-    client = udp_socket(topology.client, "10.77.0.1", 40001)
-    try:
+    with endpoints_and_client(topology, 40001) as (servers, client):
         topology.dnat(A)
         assert which_endpoint(client, servers, (NODE_IP, 30053), b"1") == A
         topology.dnat(B)
@@ -215,10 +222,6 @@ def test_nodeport_flows_without_destination_and_nothing_to_delete(topology: Topo
             ("None", "ipv6", 0, None),
         ]
         assert which_endpoint(client, servers, (NODE_IP, 30053), b"2") == B
-    finally:
-        client.close()
-        for s in servers.values():
-            s.close()
 
 
 def test_missing_namespace_is_a_reported_failure() -> None:

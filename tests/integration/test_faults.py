@@ -11,21 +11,22 @@ SIGTERM mid-sync: it must exit within the grace period and leave no child proces
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.agents import FREE_PORTS, kpy_run
+
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-KPY = Path(sys.executable).with_name("kpy")
 SERVICES = 1500
 GRACE = 30.0  # the DaemonSet's terminationGracePeriodSeconds
 
@@ -52,9 +53,8 @@ def write_cluster(directory: Path) -> set[str]:
 
 
 def start(netns: str, backend: str, manifests: Path, log: Path) -> subprocess.Popen[bytes]:
-    args = [str(KPY), "run", "--node", "node-a", "--source", "manifests"]
-    args += ["--backend", backend, "--netns", netns, "--log-format", "json"]
-    args += ["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0"]
+    args = kpy_run("--backend", backend, "--netns", netns, "--log-format", "json")
+    args += FREE_PORTS
     if backend == "iptables":
         args += ["--iptables-mode", "nft"]
     env = {**os.environ, "KPY_NODE_IPS": "192.168.50.2", "KPY_MANIFESTS": str(manifests)}
@@ -102,56 +102,73 @@ def pids_in(netns: str) -> list[str]:
     return out.split()
 
 
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-@pytest.mark.parametrize("backend", ["nftables", "iptables"])
-def test_kill_9_mid_first_sync_then_restart_completes_the_ruleset(
-    netns: str, tmp_path: Path, backend: str
-) -> None:
-    manifests, log = tmp_path / "manifests", tmp_path / "agent.log"
-    manifests.mkdir()
-    want = write_cluster(manifests)
+@contextlib.contextmanager
+def running(
+    netns: str, backend: str, manifests: Path, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """:func:`start`; killed (its whole process group) if it still runs after the block."""
     proc = start(netns, backend, manifests, log)
     try:
-        wait_for(lambda: syncing(log), 120, "the first sync to start")
-        proc.send_signal(signal.SIGKILL)  # no handler runs: whatever was in flight is cut
-        proc.wait()
+        yield proc
     finally:
-        _reap(proc)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> tuple[Path, Path, set[str]]:
+    """The manifests directory with :func:`write_cluster`'s Services, the agent's log
+    file, and the ClusterIPs."""
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    return manifests, tmp_path / "agent.log", write_cluster(manifests)
+
+
+@pytest.fixture(params=["nftables", "iptables"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def mid_first_sync(
+    netns: str, cluster: tuple[Path, Path, set[str]], backend: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The agent over ``cluster``, once its first sync has begun."""
+    manifests, log, _ = cluster
+    with running(netns, backend, manifests, log) as proc:
+        wait_for(lambda: syncing(log), 120, "the first sync to start")
+        yield proc
+
+
+def test_kill_9_mid_first_sync_then_restart_completes_the_ruleset(
+    netns: str,
+    cluster: tuple[Path, Path, set[str]],
+    backend: str,
+    mid_first_sync: subprocess.Popen[bytes],
+) -> None:
+    manifests, log, want = cluster
+    mid_first_sync.send_signal(signal.SIGKILL)  # no handler runs: whatever was in flight is cut
+    mid_first_sync.wait()
     # A child the agent started may still be writing: it must finish or die on its own,
     # and whatever it left is the restarted agent's to complete.
     wait_for(lambda: not pids_in(netns), 120, "children of the killed agent to end")
     assert vips(netns, backend) < want  # the kill landed before the sync was complete
-    restarted = start(netns, backend, manifests, log)
-    try:
+    with running(netns, backend, manifests, log):
         wait_for(lambda: vips(netns, backend) >= want, 300, "every ClusterIP after restart")
-    finally:
-        _reap(restarted)
 
 
-@pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_sigterm_mid_first_sync_exits_in_time_and_leaves_no_child(
-    netns: str, tmp_path: Path, backend: str
+    netns: str, cluster: tuple[Path, Path, set[str]], mid_first_sync: subprocess.Popen[bytes]
 ) -> None:
-    manifests, log = tmp_path / "manifests", tmp_path / "agent.log"
-    manifests.mkdir()
-    write_cluster(manifests)
-    proc = start(netns, backend, manifests, log)
+    proc, log = mid_first_sync, cluster[1]
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
     try:
-        wait_for(lambda: syncing(log), 120, "the first sync to start")
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=GRACE)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("kpy run did not exit within the grace period") from None
-        took = time.monotonic() - sent
-    finally:
-        _reap(proc)
+        proc.wait(timeout=GRACE)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("kpy run did not exit within the grace period") from None
+    took = time.monotonic() - sent
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert took < GRACE
     assert pids_in(netns) == []  # no nft / iptables-restore child outlives the agent

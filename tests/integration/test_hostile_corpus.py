@@ -25,16 +25,14 @@ from kpy_nftables import render as nft
 from kpy_userspace import render as userspace
 
 from kpy import cli
-from kpy.agent.agent import Agent
-from kpy.agent.runner import RunnerTimes
 from kpy.core import convert, diff
 from kpy.core.backend import BackendConfig, parse_networks
 from kpy.core.model import Plan
-from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
+from kpy.sources.kube import BackoffPolicy
 from kpy.testing.apiserver import ApiError, FakeApiServer
-from kpy.testing.fake_backend import FakeBackend
 from kpy.testing.netns import nft as run_nft
 from kpy.testing.netns import scratch
+from tests.agents import kube_agent
 from tests.conftest import require_root
 from tests.hostile import corpus
 
@@ -280,29 +278,16 @@ def test_fake_api_server_corpus_through_the_kube_source() -> None:
                     stored.append(obj)
                 else:
                     ignored += 1
-            source = KubeSource(
-                ApiTarget.from_url(api.url), NODE, backoff=BackoffPolicy(initial=0.02)
-            )
-            backend = FakeBackend()
-            agent = Agent(
-                node_name=NODE,
-                source=source,
-                backend=backend,
-                times=RunnerTimes(min_interval=0.01, full_interval=3600),
-            )
             with structlog.testing.capture_logs() as logs:
-                task = asyncio.create_task(agent.run())
-                deadline = time.monotonic() + 60
-                try:
+                backoff = BackoffPolicy(initial=0.02)
+                async with kube_agent(api, NODE, backoff) as (_, backend, task):
+                    deadline = time.monotonic() + 60
                     while not set(backend.programmed) >= corpus.GOOD_PORTS:
                         assert not task.done(), task
                         assert time.monotonic() < deadline, backend.programmed.keys()
                         await asyncio.sleep(0.02)
                     plan = backend.plans[-1]
                     assert not task.done()
-                finally:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
         _names_are_kubernetes_names(plan)
         assert not [e for e in logs if e.get("event") == "event_failed"]
         warnings = _warnings(logs)

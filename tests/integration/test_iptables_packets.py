@@ -19,7 +19,15 @@ from kpy.core.backend import Backend, BackendConfig
 from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.netns import CLIENT_IP, NODE_IP, OUTSIDE_IP, POD_B, Topology, tcp, topology
-from kpy.testing.packets import NODE, MakeBackend, PacketConformance, config_for
+from kpy.testing.packets import (
+    NODE,
+    MakeBackend,
+    PacketConformance,
+    applied,
+    config_for,
+    ranged_lb,
+    remote_only,
+)
 
 pytestmark = pytest.mark.root
 
@@ -51,27 +59,7 @@ class TestIptablesLegacyPackets(TestIptablesNftPackets):
 
 
 def _gap_states() -> list[ServicePortState]:
-    return [
-        b.state(
-            b.service(
-                "lb-empty",
-                cluster_ip="10.96.0.12",
-                type="LoadBalancer",
-                node_port=30081,
-                lb_ips=["172.18.0.50"],
-                source_ranges=["192.168.50.0/24"],
-            ),
-            [],
-            NODE,
-        ),
-        b.state(
-            b.service(
-                "remote", cluster_ip="10.96.0.20", type="NodePort", node_port=30083, etp_local=True
-            ),
-            [b.endpoint(POD_B, node="node-b")],
-            NODE,
-        ),
-    ]
+    return [b.state(ranged_lb("lb-empty"), [], NODE), remote_only()]
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +80,8 @@ class TestRenderGaps:
             detect_local_mode="NodeCIDR",
             options=(("iptables_mode", mode),),
         )
-        backend = IptablesBackend(config)
-        asyncio.run(backend.apply(b.plan(_gap_states(), node_info=NODE)))
-        try:
+        with applied(IptablesBackend(config), b.plan(_gap_states(), node_info=NODE)):
             yield gap_topology
-        finally:
-            asyncio.run(backend.cleanup())
 
     def test_source_ranges_without_endpoints_drop_outside_and_reject_inside(
         self, programmed: Topology

@@ -10,31 +10,14 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.agents import FREE_PORTS, kpy_run, write
+
 pytestmark = pytest.mark.root
-
-KPY = Path(sys.executable).with_name("kpy")
-
-MANIFEST = """
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [10.244.1.5], nodeName: node-a}]
-"""
 
 
 def tool(directory: Path, name: str, script: str) -> None:
@@ -68,7 +51,7 @@ def test_no_iptables_child_outlives_kpy_run(
         )
     manifests = tmp_path / "manifests"
     manifests.mkdir()
-    (manifests / "web.yaml").write_text(MANIFEST)
+    write(manifests / "web.yaml", "web", "10.96.0.10", ["10.244.1.5"])
     env = {
         **os.environ,
         "PATH": f"{bin_dir}:/usr/bin:/bin:/usr/sbin:/sbin",
@@ -76,24 +59,9 @@ def test_no_iptables_child_outlives_kpy_run(
         "KPY_NODE_IPS": "192.168.50.2",
     }
     proc = subprocess.Popen(
-        [
-            str(KPY),
-            "run",
-            "--node",
-            "node-a",
-            "--source",
-            "manifests",
-            "--backend",
-            "iptables",
-            "--iptables-mode",
-            "legacy",
-            "--netns",
-            netns,
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-        ],
+        kpy_run(
+            "--backend", "iptables", "--iptables-mode", "legacy", "--netns", netns, *FREE_PORTS
+        ),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

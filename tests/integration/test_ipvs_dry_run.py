@@ -19,10 +19,9 @@ import pytest
 from click.testing import CliRunner
 from kpy_ipvs import IpvsBackend, render
 from kpy_ipvs.apply import DestStatus, Snapshot
-from kpy_ipvs.render import DestKey, Element, VirtualKey, VirtualService
 
 from kpy.cli import _backend_for, _offline_plan, main
-from kpy.core.model import IPAddress, Plan
+from kpy.core.model import Plan
 
 pytestmark = pytest.mark.root
 
@@ -81,27 +80,14 @@ def test_dry_run_of_examples_lists_the_services_and_creates_nothing(netns: str) 
 def _held(backend: IpvsBackend, plan: Plan) -> Snapshot:
     """A kernel holding exactly what a full sync of ``plan`` programs."""
     ctx = render.context(backend.config, plan.node)
-    marks = render.allocate_marks(
-        (n for n, s in plan.services.items() if render.wants_mark(s)), count=ctx.mark_count
-    )
-    services: dict[VirtualKey, VirtualService] = {}
-    dests: dict[DestKey, DestStatus] = {}
-    addresses: set[IPAddress] = set()
-    elements: set[Element] = set()
-    for name, state in plan.services.items():
-        objs = render.render_port(state, ctx, marks.get(name, 0))
-        services.update(objs.services)
-        dests.update(
-            {d: DestStatus(weight=w, active=0, inactive=0) for d, w in objs.destinations.items()}
-        )
-        addresses |= objs.addresses
-        elements |= objs.elements
+    objs = render.merged(render.render(plan, ctx).values())
+    dests = {d: DestStatus(weight=w, active=0, inactive=0) for d, w in objs.destinations.items()}
     return Snapshot(
-        services=services,
+        services=dict(objs.services),
         destinations=dests,
-        addresses=frozenset(addresses),
+        addresses=objs.addresses,
         table_id=render.skeleton_id(ctx),
-        elements=frozenset(elements),
+        elements=objs.elements,
     )
 
 

@@ -35,10 +35,11 @@ from typing import Any
 import pytest
 
 from kpy.agent.agent import Agent as KpyAgent
-from kpy.agent.runner import RunnerTimes
-from kpy.sources.kube import ApiTarget, BackoffPolicy, KubeSource
+from kpy.sources.kube import BackoffPolicy
 from kpy.testing.apiserver import FakeApiServer
 from kpy.testing.fake_backend import FakeBackend
+from kpy.testing.objects import endpoint_slice, node, service, service_cidr
+from tests.agents import QUICK_RUN, backend_plugin, kube_agent
 from tests.conftest import require_root
 
 PLUGIN = '''
@@ -80,59 +81,9 @@ WEB = "default/web:http/TCP"
 GONE = "default/gone:http/TCP"
 
 
-def service(name: str, ip: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": ip,
-            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
-        },
-    }
-
-
-def endpoint_slice(name: str, service: str, *addresses: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [
-            {"addresses": [a], "conditions": {"ready": True}, "nodeName": NODE} for a in addresses
-        ],
-    }
-
-
-def node() -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": NODE},
-        "spec": {"podCIDR": "10.244.0.0/24"},
-        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.2"}]},
-    }
-
-
 @pytest.fixture
 def plugin(tmp_path: Path) -> Path:
-    root = tmp_path / "plugin"
-    dist = root / "kpy_kube_agent_probe-0.dist-info"
-    dist.mkdir(parents=True)
-    (root / "kpy_kube_agent_probe.py").write_text(PLUGIN)
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: kpy-kube-agent-probe\nVersion: 0\n"
-    )
-    (dist / "entry_points.txt").write_text(
-        "[kpy.backends]\nfilestate = kpy_kube_agent_probe:FileBackend\n"
-    )
-    return root
+    return backend_plugin(tmp_path / "plugin", "kpy_kube_agent_probe", PLUGIN, "filestate")
 
 
 def programmed(state: Path) -> dict[str, list[str]] | None:
@@ -178,6 +129,29 @@ class Agent:
         return "\n".join(json.dumps(e) for e in self.logs[-60:])
 
 
+@contextlib.asynccontextmanager
+async def started(*argv: str, env: dict[str, str]) -> AsyncIterator[Agent]:
+    """``argv`` (a ``kpy run``) started with ``env``; killed if it still runs after."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    agent = Agent(proc)
+    try:
+        yield agent
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await agent.reader
+
+
+def seed(api: FakeApiServer) -> None:
+    """This node, and the Service web with one endpoint (10.244.0.5) on it."""
+    api.create(node(pod_cidr="10.244.0.0/24"))
+    api.create(service("web", ip="10.96.0.10"))
+    api.create(endpoint_slice("web-1", "web", ["10.244.0.5"]))
+
+
 async def until(check: Callable[[], bool], agent: Agent, what: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -188,27 +162,11 @@ async def until(check: Callable[[], bool], agent: Agent, what: str, timeout: flo
         await asyncio.sleep(0.05)
 
 
-@contextlib.asynccontextmanager
-async def _running_agent(
+def _running_agent(
     api: FakeApiServer,
-) -> AsyncIterator[tuple[KpyAgent, FakeBackend, asyncio.Task[None]]]:
+) -> contextlib.AbstractAsyncContextManager[tuple[KpyAgent, FakeBackend, asyncio.Task[None]]]:
     """The real Agent on a kube source against ``api``, with a FakeBackend; stopped after."""
-    source = KubeSource(
-        ApiTarget.from_url(api.url), NODE, backoff=BackoffPolicy(initial=0.02, maximum=0.2)
-    )
-    backend = FakeBackend()
-    agent = KpyAgent(
-        node_name=NODE,
-        source=source,
-        backend=backend,
-        times=RunnerTimes(min_interval=0.01, full_interval=3600),
-    )
-    task = asyncio.create_task(agent.run())
-    try:
-        yield agent, backend, task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    return kube_agent(api, NODE, BackoffPolicy(initial=0.02, maximum=0.2))
 
 
 def test_api_changes_become_the_right_plans() -> None:
@@ -216,10 +174,8 @@ def test_api_changes_become_the_right_plans() -> None:
 
     async def main() -> None:
         async with FakeApiServer() as api:
-            api.create(node())
-            api.create(service("web", "10.96.0.10"))
-            api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
-            api.create(service("gone", "10.96.0.11"))
+            seed(api)
+            api.create(service("gone", ip="10.96.0.11"))
 
             async def plans(n: int) -> None:
                 deadline = time.monotonic() + 10
@@ -241,7 +197,7 @@ def test_api_changes_become_the_right_plans() -> None:
                 web = next(s for k, s in first.services.items() if str(k) == WEB)
                 assert [str(e.ip) for e in web.endpoints] == ["10.244.0.5"]
 
-                api.update(endpoint_slice("web-1", "web", "10.244.0.5", "10.244.0.7"))
+                api.update(endpoint_slice("web-1", "web", ["10.244.0.5", "10.244.0.7"]))
                 await plans(2)
                 second = backend.plans[1]
                 assert not second.full_sync
@@ -254,21 +210,12 @@ def test_api_changes_become_the_right_plans() -> None:
                 third = backend.plans[2]
                 assert names(third.removed) == {GONE} and names(frozenset(third.services)) == {WEB}
 
-                api.create(service("new", "10.96.0.12"))
+                api.create(service("new", ip="10.96.0.12"))
                 await plans(4)
                 assert names(backend.plans[3].changed) == {"default/new:http/TCP"}
                 assert set(backend.programmed) == {WEB, "default/new:http/TCP"}
 
     asyncio.run(main())
-
-
-def service_cidr(name: str, *cidrs: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "ServiceCIDR",
-        "metadata": {"name": name},
-        "spec": {"cidrs": list(cidrs)},
-    }
 
 
 def test_service_cidr_changes_reach_the_next_plan() -> None:
@@ -277,8 +224,8 @@ def test_service_cidr_changes_reach_the_next_plan() -> None:
 
     async def main() -> None:
         async with FakeApiServer() as api:
-            api.create(node())
-            api.create(service("web", "10.96.0.10"))
+            api.create(node(pod_cidr="10.244.0.0/24"))
+            api.create(service("web", ip="10.96.0.10"))
             api.create(service_cidr("kubernetes", "10.96.0.0/16", "fd00:96::/108"))
 
             async def cidrs(*want: str) -> Any:
@@ -331,15 +278,8 @@ def kpy_run(api_url: str, backend: str, *extra: str) -> list[str]:
         NODE,
         "--backend",
         backend,
-        "--min-sync-period",
-        "50ms",
-        "--healthz-bind-address",
-        "127.0.0.1:0",
-        "--metrics-bind-address",
-        "127.0.0.1:0",
+        *QUICK_RUN,
         "--no-conntrack-cleanup",
-        "--log-format",
-        "json",
         *extra,
     ]
 
@@ -357,28 +297,15 @@ def test_kpy_run_source_kube_end_to_end(tmp_path: Path, plugin: Path) -> None:
 
     async def main() -> None:
         async with FakeApiServer() as api:
-            api.create(node())
-            api.create(service("web", "10.96.0.10"))
-            api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
-            api.create(service("gone", "10.96.0.11"))
-            api.create(endpoint_slice("gone-1", "gone", "10.244.0.6"))
+            seed(api)
+            api.create(service("gone", ip="10.96.0.11"))
+            api.create(endpoint_slice("gone-1", "gone", ["10.244.0.6"]))
             # The Node cannot be listed yet: Services and slices can.
             api.fail_next(1000, 500, paths=("/api/v1/nodes",))
             env = agent_env(tmp_path, PYTHONPATH=str(plugin), KPY_TEST_STATE=str(state))
-            proc = await asyncio.create_subprocess_exec(
-                *kpy_run(api.url, "filestate", "--healthz-stale-after", "1s"),
-                env=env,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            agent = Agent(proc)
-            try:
+            argv = kpy_run(api.url, "filestate", "--healthz-stale-after", "1s")
+            async with started(*argv, env=env) as agent:
                 await run_scenario(api, agent, state)
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-                await agent.reader
 
     asyncio.run(main())
 
@@ -405,7 +332,7 @@ async def run_scenario(api: FakeApiServer, agent: Agent, state: Path) -> None:
     assert code == 200
 
     # 3. A watch event reaches the kernel.
-    api.update(endpoint_slice("web-1", "web", "10.244.0.5", "10.244.0.7"))
+    api.update(endpoint_slice("web-1", "web", ["10.244.0.5", "10.244.0.7"]))
     await until(
         lambda: (programmed(state) or {}).get(WEB) == ["10.244.0.5:8080", "10.244.0.7:8080"],
         agent,
@@ -537,33 +464,26 @@ def test_kpy_run_source_kube_programs_nftables_in_a_namespace(tmp_path: Path) ->
 
 async def _nftables_scenario(tmp_path: Path, ns: str) -> None:
     async with FakeApiServer() as api:
-        api.create(node())
-        api.create(service("web", "10.96.0.10"))
-        api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
+        seed(api)
         env = agent_env(tmp_path)
-        proc = await asyncio.create_subprocess_exec(
-            *kpy_run(api.url, "nftables", "--netns", ns),
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        agent = Agent(proc)
-        answers: list[str] = []
+        argv = kpy_run(api.url, "nftables", "--netns", ns)
+        async with started(*argv, env=env) as agent:
+            proc = agent.proc
+            answers: list[str] = []
 
-        async def answered(expected: str, address: str = "10.96.0.10") -> None:
-            async def check() -> bool:
-                answers.append(await asyncio.to_thread(ask, ns, address))
-                return answers[-1].startswith(expected)
+            async def answered(expected: str, address: str = "10.96.0.10") -> None:
+                async def check() -> bool:
+                    answers.append(await asyncio.to_thread(ask, ns, address))
+                    return answers[-1].startswith(expected)
 
-            deadline = time.monotonic() + 30
-            while not await check():
-                assert proc.returncode is None, agent.text()
-                assert time.monotonic() < deadline, f"{answers[-5:]}\n{agent.text()}"
-                await asyncio.sleep(0.1)
+                deadline = time.monotonic() + 30
+                while not await check():
+                    assert proc.returncode is None, agent.text()
+                    assert time.monotonic() < deadline, f"{answers[-5:]}\n{agent.text()}"
+                    await asyncio.sleep(0.1)
 
-        try:
             await answered("pod-a")
-            api.update(endpoint_slice("web-1", "web", "10.244.0.6"))
+            api.update(endpoint_slice("web-1", "web", ["10.244.0.6"]))
             await answered("pod-b")
             # A ServiceCIDR created at runtime: its address no Service has is dropped
             # from the next sync on (the node's own connection times out), an address
@@ -598,11 +518,6 @@ async def _nftables_scenario(tmp_path: Path, ns: str) -> None:
             assert answer.startswith("failed"), answer
             agent.proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 10) == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            await agent.reader
 
 
 def test_unusable_kubeconfig_fails_with_a_message(tmp_path: Path, plugin: Path) -> None:
@@ -658,9 +573,7 @@ def test_kpy_run_source_kube_starts_without_the_kubernetes_client(
 
     async def main() -> None:
         async with FakeApiServer(token="s3cret") as api:
-            api.create(node())
-            api.create(service("web", "10.96.0.10"))
-            api.create(endpoint_slice("web-1", "web", "10.244.0.5"))
+            seed(api)
             kubeconfig.write_text(
                 json.dumps(
                     {
@@ -679,27 +592,11 @@ def test_kpy_run_source_kube_starts_without_the_kubernetes_client(
             assert argv[1:3] == ["-m", "kpy"]
             path = os.pathsep.join([str(plugin), str(tree), str(tree / "backends")])
             env = agent_env(tmp_path, PYTHONPATH=path, KPY_TEST_STATE=str(state))
-            proc = await asyncio.create_subprocess_exec(
-                argv[0],
-                "-c",
-                wrapper,
-                str(modules),
-                *argv[3:],
-                env=env,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            agent = Agent(proc)
-            try:
+            async with started(argv[0], "-c", wrapper, str(modules), *argv[3:], env=env) as agent:
                 await until(lambda: programmed(state) is not None, agent, "first sync", 30)
                 assert programmed(state) == {WEB: ["10.244.0.5:8080"]}  # through the token
-                proc.send_signal(signal.SIGTERM)
-                assert await asyncio.wait_for(proc.wait(), 10) == 0
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-                await agent.reader
+                agent.proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(agent.proc.wait(), 10) == 0
 
     asyncio.run(main())
     held = json.loads(modules.read_text())

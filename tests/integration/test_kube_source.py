@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ from kpy.sources.kube import (
     Timeouts,
     load_target,
 )
+from kpy.testing import objects
 from kpy.testing.apiserver import FakeApiServer, make_tls
+from kpy.testing.objects import service_cidr
 
 FAST = BackoffPolicy(initial=0.02, maximum=0.2)
 NODE = "node-a"
@@ -78,38 +81,18 @@ def server_versions(api: FakeApiServer) -> dict[Key, str]:
 
 
 def service(name: str, ns: str = "default", ip: str = "10.96.0.10") -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"type": "ClusterIP", "clusterIP": ip, "ports": [{"port": 80}]},
-    }
+    return objects.service(name, ns, ip=ip, ports=[{"port": 80}])
 
 
 def endpoint_slice(name: str, service: str, ns: str = "default", n: int = 2) -> dict[str, Any]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": ns,
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "addressType": "IPv4",
-        "ports": [{"port": 8080, "protocol": "TCP"}],
-        "endpoints": [
-            {"addresses": [f"10.244.0.{i + 1}"], "conditions": {"ready": True}} for i in range(n)
-        ],
-    }
+    addresses = [f"10.244.0.{i + 1}" for i in range(n)]
+    return objects.endpoint_slice(
+        name, service, addresses, namespace=ns, node=None, ports=[{"port": 8080, "protocol": "TCP"}]
+    )
 
 
 def node(name: str = NODE) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name},
-        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]},
-    }
+    return objects.node(name, address="192.168.0.2")
 
 
 async def until(check: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
@@ -121,6 +104,17 @@ async def until(check: Callable[[], bool], timeout: float = 30.0, what: str = ""
 
 
 Test = Callable[[FakeApiServer, KubeSource, RecordingSink], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def watching(kube: KubeSource, sink: RecordingSink) -> AsyncIterator[asyncio.Task[None]]:
+    """``kube`` running into ``sink`` for the length of the block; cancelled after."""
+    task = asyncio.create_task(kube.run(sink))
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def run(
@@ -137,13 +131,9 @@ def run(
             options: dict[str, Any] = {"backoff": FAST, "node_grace": 0.0, **(source or {})}
             kube = KubeSource(ApiTarget.from_url(api.url), NODE, **options)
             sink = RecordingSink()
-            task = asyncio.create_task(kube.run(sink))
-            try:
+            async with watching(kube, sink) as task:
                 await test(api, kube, sink)
-            finally:
-                task.cancel()
-                with_exc = await asyncio.gather(task, return_exceptions=True)
-                assert isinstance(with_exc[0], asyncio.CancelledError), with_exc
+            assert task.cancelled(), task  # it ran until stopped, never failed
 
     asyncio.run(main())
 
@@ -152,6 +142,17 @@ def basic(api: FakeApiServer) -> None:
     api.create(node())
     api.create(service("web"))
     api.create(endpoint_slice("web-abc", "web"))
+
+
+def basic_and_services(*names: str) -> Callable[[FakeApiServer], None]:
+    """A setup: :func:`basic`, and a Service of each of ``names``."""
+
+    def setup(api: FakeApiServer) -> None:
+        basic(api)
+        for name in names:
+            api.create(service(name))
+
+    return setup
 
 
 # --------------------------------------------------------------------------- events
@@ -258,10 +259,7 @@ def test_disconnect_storm_converges_without_loss_or_duplicates(at_next_event: bo
 
 @pytest.mark.parametrize("as_http", [False, True], ids=["error-event", "http-410"])
 def test_relist_after_410_deletes_what_vanished_while_disconnected(as_http: bool) -> None:
-    def setup(api: FakeApiServer) -> None:
-        basic(api)
-        for i in range(5):
-            api.create(service(f"s{i}"))
+    setup = basic_and_services(*(f"s{i}" for i in range(5)))
 
     async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
         await until(lambda: sink.synced_count == 1)
@@ -494,15 +492,6 @@ def test_malformed_objects_are_skipped_with_a_warning() -> None:
 # --------------------------------------------------------------------------- ServiceCIDRs
 
 
-def service_cidr(name: str, *cidrs: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "ServiceCIDR",
-        "metadata": {"name": name},
-        "spec": {"cidrs": list(cidrs)},
-    }
-
-
 def test_service_cidrs_are_listed_and_watched_cluster_wide() -> None:
     def setup(api: FakeApiServer) -> None:
         basic(api)
@@ -669,17 +658,13 @@ def test_in_cluster_config_with_master_override(tmp_path: Path) -> None:
             assert target.url == api.url  # the override wins over the Service VIP
             kube = KubeSource(target, NODE, backoff=FAST)
             sink = RecordingSink()
-            task = asyncio.create_task(kube.run(sink))
-            try:
+            async with watching(kube, sink):
                 await until(lambda: sink.synced_count == 1)
                 posted = await kube.post(
                     "/api/v1/namespaces/default/events",
                     {"kind": "Event", "metadata": {"generateName": "node-a."}, "reason": "R"},
                 )
                 assert posted["metadata"]["name"].startswith("node-a.")
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 
@@ -698,13 +683,9 @@ def test_in_cluster_service_host_and_port_reach_the_fake_server_over_tls(tmp_pat
             assert target.url == api.url and target.auth_may_block  # the token is re-read
             kube = KubeSource(target, NODE, backoff=FAST)
             sink = RecordingSink()
-            task = asyncio.create_task(kube.run(sink))
-            try:
+            async with watching(kube, sink):
                 await until(lambda: sink.synced_count == 1, what="synced in-cluster over TLS")
                 assert sink.versions() == server_versions(api)
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 
@@ -761,30 +742,22 @@ current-context: x
             assert target.scheme == "https" and target.ssl_context is not None
             kube = KubeSource(target, NODE, backoff=FAST)
             sink = RecordingSink()
-            task = asyncio.create_task(kube.run(sink))
-            try:
+            async with watching(kube, sink):
                 await until(lambda: sink.synced_count == 1, what="synced over TLS")
                 assert sink.versions() == server_versions(api)
                 assert all(healthy for healthy, _ in sink.connections)
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
             # A wrong token is refused by the server: the source reports it and retries.
             wrong = tmp_path / "wrong"
             wrong.write_text(kubeconfig.read_text().replace("token: tok3n", "token: nope"))
             kube = KubeSource(load_target(kubeconfig=str(wrong), environ={}), NODE, backoff=FAST)
             sink = RecordingSink()
             with capture_logs() as logs:
-                task = asyncio.create_task(kube.run(sink))
-                try:
+                async with watching(kube, sink):
                     await until(lambda: any(e.get("status") == 401 for e in logs), what="401")
                     assert sink.synced_count == 0 and not sink.events
                     # Refused credentials are a lost connection for health (no updates).
                     assert sink.connections and sink.connections[-1][0] is False
                     assert "refused access: HTTP 401" in sink.connections[-1][1]
-                finally:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 
@@ -806,16 +779,12 @@ def test_a_peer_that_never_completes_the_handshake_is_abandoned(tmp_path: Path) 
         sink = RecordingSink()
         async with server:
             with capture_logs() as logs:
-                task = asyncio.create_task(kube.run(sink))
-                try:
+                async with watching(kube, sink):
                     await until(lambda: bool(sink.connections), timeout=5, what="reported")
                     assert sink.connections[-1][0] is False
                     assert "no connection to 127.0.0.1" in sink.connections[-1][1]
                     await until(lambda: len(held) >= 6, timeout=5, what="retries")
                     assert any(e["event"] == "kube_unreachable" for e in logs)
-                finally:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
                     for w in held:
                         w.transport.abort()
 
@@ -836,10 +805,7 @@ def _configuration(host: str, ca: Path) -> Any:
 
 
 def test_lists_are_read_in_pages() -> None:
-    def setup(api: FakeApiServer) -> None:
-        basic(api)
-        for i in range(25):
-            api.create(service(f"s{i:02}"))
+    setup = basic_and_services(*(f"s{i:02}" for i in range(25)))
 
     async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
         await until(lambda: sink.synced_count == 1)
@@ -877,8 +843,7 @@ def test_expired_continue_token_restarts_the_list_and_reconciles() -> None:
                 api.create(service(f"s{i}"))
             kube = KubeSource(ApiTarget.from_url(api.url), NODE, backoff=FAST, page_size=4)
             sink = _ChangeDuringList(api)
-            task = asyncio.create_task(kube.run(sink))
-            try:
+            async with watching(kube, sink):
                 await until(lambda: sink.synced_count == 1, what="synced")
                 await until(lambda: sink.versions() == server_versions(api), what="converged")
                 deleted = [e.name for e in sink.events if e.type is EventType.DELETE]
@@ -890,19 +855,13 @@ def test_expired_continue_token_restarts_the_list_and_reconciles() -> None:
                 ]
                 assert continued  # the 410 came on a continued page
                 assert kube.services.lists == 1  # one complete list, after one restart
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 
 
 @pytest.mark.parametrize("unpaged", [False, True], ids=["cache-pages", "cache-ignores-limit"])
 def test_first_list_from_the_watch_cache_relist_after_410_consistent(unpaged: bool) -> None:
-    def setup(api: FakeApiServer) -> None:
-        basic(api)
-        for i in range(25):
-            api.create(service(f"s{i:02}"))
+    setup = basic_and_services(*(f"s{i:02}" for i in range(25)))
 
     def service_lists(api: FakeApiServer) -> list[dict[str, str]]:
         return [q for m, p, q in api.stats.requests if p == "/api/v1/services" and "watch" not in q]
@@ -948,10 +907,7 @@ def _list_connections(api: FakeApiServer, path: str) -> list[int]:
 
 
 def test_paged_lists_reuse_one_kept_alive_connection() -> None:
-    def setup(api: FakeApiServer) -> None:
-        basic(api)
-        for i in range(25):
-            api.create(service(f"s{i:02}"))
+    setup = basic_and_services(*(f"s{i:02}" for i in range(25)))
 
     async def test(api: FakeApiServer, kube: KubeSource, sink: RecordingSink) -> None:
         await until(lambda: all(r.watches >= 1 for r in kube.reflectors), what="watching")
@@ -1079,10 +1035,7 @@ def test_reconnects_and_relists_are_reported_to_metrics() -> None:
         await until(lambda: metrics.relists.get("services") == 2, what="relisted")
         await until(lambda: sink.versions() == server_versions(api))
 
-    def setup(api: FakeApiServer) -> None:
-        basic(api)
-
-    run(test, setup=setup)
+    run(test, setup=basic)
 
 
 MANIFESTS = """
@@ -1127,8 +1080,7 @@ def test_dev_command_serves_a_manifests_directory(tmp_path: Path) -> None:
                         url = line.split(" on ", 1)[1].split()[0]
             kube = KubeSource(ApiTarget.from_url(url), NODE, backoff=FAST)
             sink = RecordingSink()
-            task = asyncio.create_task(kube.run(sink))
-            try:
+            async with watching(kube, sink):
                 await until(lambda: sink.synced_count == 1, what="synced from the dev server")
                 assert (Kind.SERVICE, "default", "web") in sink.state
                 assert (Kind.NODE, "", NODE) in sink.state
@@ -1141,9 +1093,6 @@ def test_dev_command_serves_a_manifests_directory(tmp_path: Path) -> None:
                     ),
                     what="edit served",
                 )
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
         finally:
             proc.terminate()
             await proc.wait()

@@ -82,23 +82,36 @@ def _program(
     return backend, plan, cfg
 
 
+@dataclasses.dataclass(frozen=True)
+class Programmed:
+    """A plan a backend programmed, with that backend's tracer for the same packets."""
+
+    plan: Plan
+    cfg: BackendConfig
+    tracer: ex.Tracer
+
+    def trace(self, src: str, dst: str, port: int, origin: str) -> ex.Trace:
+        packet = ex.Packet(src=ipaddress.ip_address(src), dst=ipaddress.ip_address(dst), port=port)
+        return self.tracer(self.plan, packet, ex.Origin(origin), self.cfg)
+
+    def verdict(self, src: str, dst: str, port: int, origin: str) -> ex.Verdict:
+        return self.trace(src, dst, port, origin).verdict
+
+
 @contextlib.contextmanager
 def _programmed(
-    topo: Topology, factory: Factory, states: list[ServicePortState], **config: object
-) -> Iterator[tuple[Plan, BackendConfig]]:
+    topo: Topology,
+    backend: tuple[Factory, ex.Tracer],
+    states: list[ServicePortState],
+    **config: object,
+) -> Iterator[Programmed]:
     """``states`` programmed for the node of ``topo``; everything removed afterwards."""
-    backend, plan, cfg = _program(topo, factory, states, **config)
+    factory, tracer = backend
+    programmed, plan, cfg = _program(topo, factory, states, **config)
     try:
-        yield plan, cfg
+        yield Programmed(plan, cfg, tracer)
     finally:
-        asyncio.run(backend.cleanup())
-
-
-def _traced(
-    tracer: ex.Tracer, plan: Plan, cfg: BackendConfig, src: str, dst: str, port: int, origin: str
-) -> ex.Verdict:
-    packet = ex.Packet(src=ipaddress.ip_address(src), dst=ipaddress.ip_address(dst), port=port)
-    return tracer(plan, packet, ex.Origin(origin), cfg).verdict
+        asyncio.run(programmed.cleanup())
 
 
 # --- 1. LoadBalancer source ranges and the LB's own address ---------------------------------
@@ -126,53 +139,31 @@ class TestLoadBalancerIPAsSource:
     @pytest.fixture
     def programmed(
         self, topo: Topology, backend: tuple[Factory, ex.Tracer]
-    ) -> Iterator[tuple[Plan, BackendConfig]]:
-        factory, _ = backend
+    ) -> Iterator[Programmed]:
         # the node holds both VIPs locally (a VIP-like load balancer's IP route)
         ip("-n", topo.node, "addr", "replace", "172.18.0.51/32", "dev", "lo")
-        with _programmed(topo, factory, _lb_states()) as programmed:
+        with _programmed(topo, backend, _lb_states()) as programmed:
             yield programmed
 
     def test_the_node_reaches_its_local_lb_ip_when_a_range_holds_the_node(
-        self,
-        topo: Topology,
-        programmed: tuple[Plan, BackendConfig],
-        backend: tuple[Factory, ex.Tracer],
+        self, topo: Topology, programmed: Programmed
     ) -> None:
-        plan, cfg = programmed
-        tracer = backend[1]
         # the node's connection to its own VIP has the VIP as its source
-        assert _traced(tracer, plan, cfg, "172.18.0.50", "172.18.0.50", 80, "node") == (
-            ex.Verdict.FORWARD
-        )
+        assert programmed.verdict("172.18.0.50", "172.18.0.50", 80, "node") == ex.Verdict.FORWARD
         # pod-a answers, not the node's own server on the VIP
         assert tcp(topo.node, "172.18.0.50", 80).startswith("pod-a ")
 
     def test_the_lb_ip_as_source_is_dropped_when_no_range_holds_the_node(
-        self,
-        topo: Topology,
-        programmed: tuple[Plan, BackendConfig],
-        backend: tuple[Factory, ex.Tracer],
+        self, topo: Topology, programmed: Programmed
     ) -> None:
-        plan, cfg = programmed
-        tracer = backend[1]
-        assert _traced(tracer, plan, cfg, "172.18.0.51", "172.18.0.51", 80, "node") == (
-            ex.Verdict.DROP
-        )
+        assert programmed.verdict("172.18.0.51", "172.18.0.51", 80, "node") == ex.Verdict.DROP
         with pytest.raises(TimeoutError):
             tcp(topo.node, "172.18.0.51", 80, timeout=1.0)
 
     def test_ranges_of_the_other_family_only_filter_nothing(
-        self,
-        topo: Topology,
-        programmed: tuple[Plan, BackendConfig],
-        backend: tuple[Factory, ex.Tracer],
+        self, topo: Topology, programmed: Programmed
     ) -> None:
-        plan, cfg = programmed
-        tracer = backend[1]
-        assert _traced(tracer, plan, cfg, CLIENT_IP, "172.18.0.52", 80, "external") == (
-            ex.Verdict.FORWARD
-        )
+        assert programmed.verdict(CLIENT_IP, "172.18.0.52", 80, "external") == ex.Verdict.FORWARD
         assert tcp(topo.client, "172.18.0.52", 80).startswith("pod-a ")
         assert tcp(topo.client, "172.18.0.52", 80, source=OUTSIDE_IP).startswith("pod-a ")
 
@@ -223,38 +214,24 @@ class TestDetectLocal:
     @pytest.fixture
     def programmed(
         self, topo: Topology, backend: tuple[Factory, ex.Tracer], mode: str
-    ) -> Iterator[tuple[Plan, BackendConfig]]:
-        with _programmed(topo, backend[0], _detect_states(), **DETECT[mode]) as programmed:
+    ) -> Iterator[Programmed]:
+        with _programmed(topo, backend, _detect_states(), **DETECT[mode]) as programmed:
             yield programmed
 
     def test_pods_and_others_as_the_detector_tells_them(
-        self,
-        topo: Topology,
-        programmed: tuple[Plan, BackendConfig],
-        backend: tuple[Factory, ex.Tracer],
-        mode: str,
+        self, topo: Topology, programmed: Programmed, mode: str
     ) -> None:
-        plan, cfg = programmed
-        tracer = backend[1]
         detector = mode != "no-detector"
         # a pod reaching a ClusterIP keeps its address (never masqueraded)
         assert tcp(topo.pods["pod-a"], "10.96.0.40", 80) == f"pod-b {POD_A}"
         # from outside: masqueraded (the node's bridge address) unless there is no detector
         peer = tcp(topo.client, "10.96.0.40", 80).split()[1]
         assert peer == ("10.244.1.1" if detector else CLIENT_IP)
-        traced = tracer(
-            plan,
-            ex.Packet(
-                src=ipaddress.ip_address(CLIENT_IP), dst=ipaddress.ip_address("10.96.0.40"), port=80
-            ),
-            ex.Origin.EXTERNAL,
-            cfg,
-        )
-        assert traced.masquerade is detector
+        assert programmed.trace(CLIENT_IP, "10.96.0.40", 80, "external").masquerade is detector
         # a pod reaching a NodePort under externalTrafficPolicy Local without a local
         # endpoint: short-circuited to the cluster-wide endpoints when told as a pod,
         # else dropped like any outside client
-        verdict = _traced(tracer, plan, cfg, POD_A, NODE_IP, 30090, "pod")
+        verdict = programmed.verdict(POD_A, NODE_IP, 30090, "pod")
         if detector:
             assert verdict is ex.Verdict.FORWARD
             assert tcp(topo.pods["pod-a"], NODE_IP, 30090).startswith("pod-b ")
@@ -271,27 +248,20 @@ class TestNodePortPrimary:
     @pytest.fixture
     def programmed(
         self, topo: Topology, backend: tuple[Factory, ex.Tracer]
-    ) -> Iterator[tuple[Plan, BackendConfig]]:
+    ) -> Iterator[Programmed]:
         np = b.service("np", cluster_ip="10.96.0.50", type="NodePort", node_port=30091)
         states = [b.state(np, [b.endpoint(POD_B, node="node-b")], NODE)]
         # no configured node IP: the primary IP is the Node's first address (NODE_IP)
-        with _programmed(
-            topo, backend[0], states, node_ips=(), nodeport_primary=True
-        ) as programmed:
+        with _programmed(topo, backend, states, node_ips=(), nodeport_primary=True) as programmed:
             yield programmed
 
     def test_nodeports_answer_on_the_primary_ip_only(
-        self,
-        topo: Topology,
-        programmed: tuple[Plan, BackendConfig],
-        backend: tuple[Factory, ex.Tracer],
+        self, topo: Topology, programmed: Programmed
     ) -> None:
-        plan, cfg = programmed
-        tracer = backend[1]
         assert tcp(topo.client, NODE_IP, 30091).startswith("pod-b ")
         assert tcp(topo.pods["pod-a"], NODE_IP, 30091).startswith("pod-b ")
         # the node's bridge address is local too, but not the primary IP: nothing there
-        assert _traced(tracer, plan, cfg, POD_A, "10.244.1.1", 30091, "pod") is ex.Verdict.ACCEPT
+        assert programmed.verdict(POD_A, "10.244.1.1", 30091, "pod") is ex.Verdict.ACCEPT
         with pytest.raises(ConnectionRefusedError):
             tcp(topo.pods["pod-a"], "10.244.1.1", 30091)
 
@@ -303,27 +273,22 @@ class TestNodePortAddressesPerFamily:
     @pytest.fixture
     def programmed(
         self, topo: Topology, backend: tuple[Factory, ex.Tracer]
-    ) -> Iterator[tuple[Plan, BackendConfig]]:
+    ) -> Iterator[Programmed]:
         np = b.service(
             "np-dual", cluster_ip=["10.96.0.51", "fd00:96::51"], type="NodePort", node_port=30092
         )
         endpoints = [b.endpoint(POD_B, node="node-b"), b.endpoint(POD_B6, node="node-b")]
         states = [b.state(np, endpoints, NODE)]
         only_v4 = (ipaddress.ip_network("192.168.50.0/24"),)
-        with _programmed(topo, backend[0], states, nodeport_addresses=only_v4) as programmed:
+        with _programmed(topo, backend, states, nodeport_addresses=only_v4) as programmed:
             yield programmed
 
     def test_ipv4_cidrs_only_leave_ipv6_nodeports_everywhere(
-        self,
-        topo: Topology,
-        programmed: tuple[Plan, BackendConfig],
-        backend: tuple[Factory, ex.Tracer],
+        self, topo: Topology, programmed: Programmed
     ) -> None:
-        plan, cfg = programmed
-        tracer = backend[1]
         assert tcp(topo.client, NODE_IP, 30092).startswith("pod-b ")
         # the bridge's IPv4 address is outside the CIDRs: no NodePort there
-        assert _traced(tracer, plan, cfg, POD_A, "10.244.1.1", 30092, "pod") is ex.Verdict.ACCEPT
+        assert programmed.verdict(POD_A, "10.244.1.1", 30092, "pod") is ex.Verdict.ACCEPT
         with pytest.raises(ConnectionRefusedError):
             tcp(topo.pods["pod-a"], "10.244.1.1", 30092)
         # no IPv6 CIDR: the bridge's IPv6 address is a NodePort address (the tracers know
@@ -370,64 +335,42 @@ def fresh() -> Iterator[Topology]:
         yield t
 
 
-@contextlib.contextmanager
-def _localhost_programmed(
-    fresh: Topology, factory: Factory, on: bool
-) -> Iterator[tuple[Plan, BackendConfig]]:
-    with _programmed(fresh, factory, _localhost_states(), localhost_nodeports=on) as programmed:
-        yield programmed
-        # the next test starts from route_localnet 0 again
-        subprocess.run(
-            ["ip", "netns", "exec", fresh.node, "sysctl", "-qw",
-             "net.ipv4.conf.all.route_localnet=0"],
-            check=True,
-        )  # fmt: skip
-
-
 class TestLocalhostNodePorts:
     @pytest.fixture
     def programmed(
-        self, fresh: Topology, iptables_backend: tuple[Factory, ex.Tracer]
-    ) -> Iterator[tuple[Plan, BackendConfig]]:
-        with _localhost_programmed(fresh, iptables_backend[0], True) as done:
-            yield done
-
-    @pytest.fixture
-    def programmed_off(
-        self, fresh: Topology, iptables_backend: tuple[Factory, ex.Tracer]
-    ) -> Iterator[tuple[Plan, BackendConfig]]:
-        with _localhost_programmed(fresh, iptables_backend[0], False) as done:
-            yield done
+        self,
+        request: pytest.FixtureRequest,
+        fresh: Topology,
+        iptables_backend: tuple[Factory, ex.Tracer],
+    ) -> Iterator[Programmed]:
+        """Localhost NodePorts on, or as the test's ``programmed`` parameter says."""
+        on = bool(getattr(request, "param", True))
+        states = _localhost_states()
+        with _programmed(fresh, iptables_backend, states, localhost_nodeports=on) as programmed:
+            yield programmed
+            # the next test starts from route_localnet 0 again
+            subprocess.run(
+                ["ip", "netns", "exec", fresh.node, "sysctl", "-qw",
+                 "net.ipv4.conf.all.route_localnet=0"],
+                check=True,
+            )  # fmt: skip
 
     def test_nodeports_answer_on_localhost_masqueraded(
-        self,
-        fresh: Topology,
-        programmed: tuple[Plan, BackendConfig],
-        iptables_backend: tuple[Factory, ex.Tracer],
+        self, fresh: Topology, programmed: Programmed, iptables_backend: tuple[Factory, ex.Tracer]
     ) -> None:
-        plan, cfg = programmed
         host = _route_localnet("")
         assert _route_localnet(fresh.node) == "1"  # in the node's namespace only
         assert _route_localnet("") == host
         for port in (30092, 30093):  # policy Cluster, and Local (the node uses all)
-            traced = iptables_backend[1](
-                plan,
-                ex.Packet(
-                    src=ipaddress.ip_address("127.0.0.1"),
-                    dst=ipaddress.ip_address("127.0.0.1"),
-                    port=port,
-                ),
-                ex.Origin.NODE,
-                cfg,
-            )
+            traced = programmed.trace("127.0.0.1", "127.0.0.1", port, "node")
             assert (traced.verdict, traced.masquerade) == (ex.Verdict.FORWARD, True)
             assert tcp(fresh.node, "127.0.0.1", port) == "pod-b 10.244.1.1"
         # a restarted agent reads the guard chain and its jumps back as its own
-        restarted = iptables_backend[0](cfg)
-        assert asyncio.run(restarted.apply(plan)).ops == 0
+        restarted = iptables_backend[0](programmed.cfg)
+        assert asyncio.run(restarted.apply(programmed.plan)).ops == 0
 
     def test_the_martian_guard_drops_loopback_from_elsewhere(
-        self, fresh: Topology, programmed: tuple[Plan, BackendConfig]
+        self, fresh: Topology, programmed: Programmed
     ) -> None:
         # the client sends to 127.0.0.99 through the node (it may: route_localnet in its
         # own namespace); with route_localnet on, the node would deliver it to its echo
@@ -441,15 +384,12 @@ class TestLocalhostNodePorts:
         with pytest.raises(TimeoutError):
             tcp(fresh.client, "127.0.0.99", 80, timeout=1.0)
 
+    @pytest.mark.parametrize("programmed", [False], ids=["off"], indirect=True)
     def test_turned_off_nothing_answers_on_localhost_and_the_sysctl_is_untouched(
-        self,
-        fresh: Topology,
-        programmed_off: tuple[Plan, BackendConfig],
-        iptables_backend: tuple[Factory, ex.Tracer],
+        self, fresh: Topology, programmed: Programmed
     ) -> None:
-        plan, cfg = programmed_off
         assert _route_localnet(fresh.node) == "0"
-        verdict = _traced(iptables_backend[1], plan, cfg, "127.0.0.1", "127.0.0.1", 30092, "node")
+        verdict = programmed.verdict("127.0.0.1", "127.0.0.1", 30092, "node")
         assert verdict is ex.Verdict.ACCEPT
         with pytest.raises(ConnectionRefusedError):
             tcp(fresh.node, "127.0.0.1", 30092)
@@ -504,31 +444,26 @@ class TestClusterIPChecks:
     @pytest.fixture
     def programmed(
         self, topo: Topology, backend: tuple[Factory, ex.Tracer], bystander: None
-    ) -> Iterator[tuple[Plan, BackendConfig]]:
+    ) -> Iterator[Programmed]:
         with _programmed(
-            topo, backend[0], _cluster_ip_states(), service_cidrs=(SERVICE_CIDR,)
+            topo, backend, _cluster_ip_states(), service_cidrs=(SERVICE_CIDR,)
         ) as programmed:
             yield programmed
 
     def test_unserved_ports_and_unallocated_addresses(
-        self,
-        topo: Topology,
-        programmed: tuple[Plan, BackendConfig],
-        backend: tuple[Factory, ex.Tracer],
+        self, topo: Topology, programmed: Programmed
     ) -> None:
-        plan, cfg = programmed
-        tracer = backend[1]
-        nftables = tracer is nft_trace.trace
+        nftables = programmed.tracer is nft_trace.trace
         assert tcp(topo.pods["pod-a"], "10.96.0.70", 80).startswith("pod-b ")  # served
         # (from a pod and from the node; the client holds the addresses itself)
         for role, where, src in (("pod", topo.pods["pod-a"], POD_A), ("node", topo.node, NODE_IP)):
             # a port no Service serves on an allocated ClusterIP: rejected by nftables
             # (upstream's nftables mode); iptables lets it through, as upstream's does
-            traced = _traced(tracer, plan, cfg, src, "10.96.0.70", 81, role)
+            traced = programmed.verdict(src, "10.96.0.70", 81, role)
             assert traced is (ex.Verdict.REJECT if nftables else ex.Verdict.ACCEPT)
             assert _connects(where, "10.96.0.70", 81) == ("refused" if nftables else "connected")
             # an address of the service CIDR that no Service has: dropped by nftables
-            traced = _traced(tracer, plan, cfg, src, "10.96.0.99", 80, role)
+            traced = programmed.verdict(src, "10.96.0.99", 80, role)
             assert traced is (ex.Verdict.DROP if nftables else ex.Verdict.ACCEPT)
             assert _connects(where, "10.96.0.99", 80) == ("dropped" if nftables else "connected")
 
@@ -564,10 +499,11 @@ class TestClusterIPChecks:
                 assert result.ops == 2, result  # the ip check chain and its fingerprint
             else:
                 assert result.ops == 0, result
-            traced = _traced(tracer, added, cfg, POD_A, "10.96.0.99", 80, "pod")
+            after = Programmed(added, cfg, tracer)
+            traced = after.verdict(POD_A, "10.96.0.99", 80, "pod")
             assert traced is (ex.Verdict.DROP if nftables else ex.Verdict.ACCEPT)
             assert _connects(pod, "10.96.0.99", 80) == ("dropped" if nftables else "connected")
-            assert _traced(tracer, added, cfg, POD_A, "10.97.0.99", 80, "pod") is ex.Verdict.ACCEPT
+            assert after.verdict(POD_A, "10.97.0.99", 80, "pod") is ex.Verdict.ACCEPT
             assert _connects(pod, "10.97.0.99", 80) == "connected"  # outside: untouched
             assert tcp(pod, "10.96.0.70", 80).startswith("pod-b ")  # the Service: served
             if nftables:  # the next full sync finds the kernel as the partial one left it

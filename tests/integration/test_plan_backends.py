@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kpy.cli import _FLAG_DEFAULTS, _backend_for, _offline_plan, main
+from kpy.cli import _backend_for, _offline_plan, main
 from kpy.core import trace
+from kpy.tools import explain
 
 pytestmark = pytest.mark.root
 
@@ -132,7 +133,7 @@ def test_dump_compares_the_node_wide_objects_with_its_flags(
     """Programmed with some node flags (as an agent runs): ``kpy dump`` with the same
     flags finds nothing amiss; with others it names the node-wide objects that differ
     and exits 1."""
-    flags = dict(_FLAG_DEFAULTS)
+    flags = dict(explain.NODE_FLAG_DEFAULTS)
     run = CliRunner().invoke(main, ["run", *agent, "--write-config-to", "-"], env={})
     assert run.exit_code == 0, run.output  # the flags are kpy run's too
     argv = iter(agent)

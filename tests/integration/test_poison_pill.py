@@ -12,7 +12,6 @@ the refused port keeps its last programmed state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,13 +20,10 @@ import pytest
 from kpy_iptables import IptablesBackend
 from kpy_nftables import NftablesBackend
 
-from kpy.agent.agent import Agent
-from kpy.agent.runner import RunnerTimes
 from kpy.core import convert
 from kpy.core.backend import Backend, BackendConfig
 from kpy.core.model import ServiceName, SessionAffinity
-from kpy.sources.manifests import ManifestSource
-from tests.unit.test_agent import write
+from tests.agents import quick_agent, running, write
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -69,15 +65,8 @@ def test_a_refused_port_costs_only_itself(netns: str, tmp_path: Path, kind: str)
         return {k: tuple(sorted(v.endpoints)) for k, v in seen.services.items()}
 
     async def main() -> None:
-        agent = Agent(
-            node_name="node-a",
-            source=ManifestSource([tmp_path], interval=0.05),
-            backend=backend,
-            times=RunnerTimes(min_interval=0.05, full_interval=3600, backoff_initial=0.05),
-            isolate=check,
-        )
-        task = asyncio.create_task(agent.run())
-        try:
+        agent = quick_agent(tmp_path, backend, interval=0.05, min_interval=0.05, isolate=check)
+        async with running(agent):
             await until(lambda: _count(programmed, GOOD + 1))
             before = await programmed()
             assert before[POISON] == ("10.244.7.7:8080",)
@@ -103,10 +92,6 @@ def test_a_refused_port_costs_only_itself(netns: str, tmp_path: Path, kind: str)
             write(tmp_path / "poison.yaml", "poison", "10.96.1.1", ["10.244.8.8"])
             await until(lambda: _has(programmed, POISON, 1, "10.244.8.8:8080"))
             await until(lambda: _is(lambda: agent.status.refused == 0))
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     asyncio.run(main())
 

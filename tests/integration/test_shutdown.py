@@ -11,17 +11,18 @@ checked with real nftables rules inside a namespace.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-KPY = Path(sys.executable).with_name("kpy")
+from tests.agents import QUICK_RUN, backend_plugin, kpy_run, write
 
 PLUGIN = '''
 """A backend whose "kernel" is a JSON file: survives the agent process."""
@@ -58,65 +59,50 @@ class FileBackend:
         os.unlink(self.path)
 '''
 
-MANIFEST = """
-apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080}}]
-endpoints: [{eps}]
-"""
-
 
 def write_manifest(directory: Path, *endpoints: str) -> None:
-    eps = ", ".join(f"{{addresses: [{e}], nodeName: node-a}}" for e in endpoints)
-    (directory / "web.yaml").write_text(MANIFEST.format(eps=eps))
+    write(directory / "web.yaml", "web", "10.96.0.10", list(endpoints))
 
 
 @pytest.fixture
 def plugin(tmp_path: Path) -> Path:
-    root = tmp_path / "plugin"
-    dist = root / "kpy_shutdown_probe-0.dist-info"
-    dist.mkdir(parents=True)
-    (root / "kpy_shutdown_probe.py").write_text(PLUGIN)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kpy-shutdown-probe\nVersion: 0\n")
-    (dist / "entry_points.txt").write_text(
-        "[kpy.backends]\nfileprobe = kpy_shutdown_probe:FileBackend\n"
-    )
-    return root
+    return backend_plugin(tmp_path / "plugin", "kpy_shutdown_probe", PLUGIN, "fileprobe")
 
 
-def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            str(KPY),
-            "run",
-            "--node",
-            "node-a",
-            "--min-sync-period",
-            "50ms",
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            *args,
-        ],
+@pytest.fixture
+def manifests(tmp_path: Path) -> Path:
+    """A manifests directory: the Service web, its endpoint 10.244.1.5 on node-a."""
+    directory = tmp_path / "manifests"
+    directory.mkdir()
+    write_manifest(directory, "10.244.1.5")
+    return directory
+
+
+@contextlib.contextmanager
+def running(
+    manifests: Path, backend: list[str], env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """``kpy run`` over ``manifests`` with the ``backend`` flags (``env`` added to its
+    environment); killed if it still runs after the block."""
+    proc = subprocess.Popen(
+        kpy_run(*QUICK_RUN, *backend),
         # --manifests and --node-ip given as flags are rejected by the configuration
         # layer today (tuples from click); the environment carries them instead.
-        env={**os.environ, "KPY_NODE_IPS": "192.168.50.2", **env},
+        env={
+            **os.environ,
+            "KPY_NODE_IPS": "192.168.50.2",
+            **(env or {}),
+            "KPY_MANIFESTS": str(manifests),
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def wait_for(check: object, timeout: float = 10.0) -> None:
@@ -150,51 +136,33 @@ def programmed(state: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_exits_zero_and_keeps_rules(
-    tmp_path: Path, plugin: Path, sig: signal.Signals
+    tmp_path: Path, plugin: Path, manifests: Path, sig: signal.Signals
 ) -> None:
-    manifests = tmp_path / "manifests"
-    manifests.mkdir()
-    write_manifest(manifests, "10.244.1.5")
     state = tmp_path / "state.json"
     env = {"PYTHONPATH": str(plugin), "KPY_TEST_STATE": str(state)}
-    proc = start(
-        ["--source", "manifests", "--backend", "fileprobe"],
-        {**env, "KPY_MANIFESTS": str(manifests)},
-    )
-    try:
+    with running(manifests, ["--backend", "fileprobe"], env) as proc:
         wait_for(lambda: programmed(state).get("default/web:http/TCP") == ["10.244.1.5:8080"])
         code, seconds, err = stop(proc, sig)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert code == 0, err
     assert seconds < 5, seconds
     assert programmed(state) == {"default/web:http/TCP": ["10.244.1.5:8080"]}
     assert '"agent_stopped"' in err
 
 
-def test_sigterm_abandons_a_slow_sync_in_flight(tmp_path: Path, plugin: Path) -> None:
-    manifests = tmp_path / "manifests"
-    manifests.mkdir()
-    write_manifest(manifests, "10.244.1.5")
+def test_sigterm_abandons_a_slow_sync_in_flight(
+    tmp_path: Path, plugin: Path, manifests: Path
+) -> None:
     state = tmp_path / "state.json"
     env = {
         "PYTHONPATH": str(plugin),
         "KPY_TEST_STATE": str(state),
         "KPY_TEST_APPLY_DELAY": "60",
     }
-    proc = start(
-        ["--source", "manifests", "--backend", "fileprobe"],
-        {**env, "KPY_MANIFESTS": str(manifests)},
-    )
-    try:
+    with running(manifests, ["--backend", "fileprobe"], env) as proc:
         wait_for(lambda: bool(programmed(state)))
         write_manifest(manifests, "10.244.1.5", "10.244.1.6")
         wait_for(lambda: Path(str(state) + ".inflight").exists())
         code, seconds, err = stop(proc, signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert code == 0, err
     assert seconds < 5, seconds
     # The abandoned sync changed nothing; the last programmed state is intact.
@@ -213,13 +181,10 @@ def nftables_available() -> str | None:
         return f"nftables backend unusable: {exc}"
 
 
-def test_sigterm_keeps_nftables_rules_in_namespace(tmp_path: Path, netns: str) -> None:
+def test_sigterm_keeps_nftables_rules_in_namespace(manifests: Path, netns: str) -> None:
     reason = nftables_available()
     if reason is not None:
         pytest.skip(f"nftables backend cannot run here: {reason}")
-    manifests = tmp_path / "manifests"
-    manifests.mkdir()
-    write_manifest(manifests, "10.244.1.5")
 
     def ruleset() -> str:
         return subprocess.run(
@@ -229,16 +194,9 @@ def test_sigterm_keeps_nftables_rules_in_namespace(tmp_path: Path, netns: str) -
             check=True,
         ).stdout
 
-    proc = start(
-        ["--source", "manifests", "--backend", "nftables", "--netns", netns],
-        {"KPY_MANIFESTS": str(manifests)},
-    )
-    try:
+    with running(manifests, ["--backend", "nftables", "--netns", netns]) as proc:
         wait_for(lambda: "10.96.0.10" in ruleset())
         code, seconds, err = stop(proc, signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert code == 0, err
     assert seconds < 5
     assert "10.96.0.10" in ruleset() and "10.244.1.5" in ruleset()

@@ -3,65 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from structlog.testing import capture_logs
 
 from kpy.agent.agent import Agent
-from kpy.agent.runner import RunnerTimes
-from kpy.sources.manifests import ManifestSource
 from kpy.testing.fake_backend import FakeBackend
-
-SERVICE = """
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  clusterIP: {ip}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
-"""
-SLICE = """
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080}}]
-endpoints: [{eps}]
-"""
-
-
-def write(path: Path, name: str, ip: str, endpoints: list[str]) -> None:
-    eps = ", ".join(f"{{addresses: [{e}], nodeName: node-a}}" for e in endpoints)
-    path.write_text(SERVICE.format(name=name, ip=ip) + "---" + SLICE.format(name=name, eps=eps))
-
-
-async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
-
-
-def run_agent(
-    tmp_path: Path, backend: FakeBackend, scenario: Callable[[Agent], Awaitable[None]]
-) -> None:
-    async def main() -> None:
-        agent = Agent(
-            node_name="node-a",
-            source=ManifestSource([tmp_path], interval=0.02),
-            backend=backend,
-            times=RunnerTimes(min_interval=0.01, full_interval=3600, backoff_initial=0.01),
-        )
-        task = asyncio.create_task(agent.run())
-        try:
-            await scenario(agent)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    asyncio.run(main())
+from tests.agents import run_agent, until, write
 
 
 def test_manifest_edits_reach_the_backend(tmp_path: Path) -> None:

@@ -12,41 +12,18 @@ from hypothesis import strategies as st
 
 from kpy.core import convert
 from kpy.core.model import Protocol, ServiceType, SessionAffinity, TrafficPolicy
+from kpy.testing import objects
 
 
 def svc(**spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "web", "namespace": "default", "resourceVersion": "1"},
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": "10.96.0.10",
-            "clusterIPs": ["10.96.0.10"],
-            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
-        },
-    }
-    base["spec"].update(spec)
+    base = objects.service()
+    base["metadata"]["resourceVersion"] = "1"
+    base["spec"].update({"clusterIPs": ["10.96.0.10"], **spec})
     return base
 
 
 def eps(name: str = "web-1", service: str = "web", **extra: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [
-            {"addresses": ["10.244.1.5"], "conditions": {"ready": True}, "nodeName": "node-a"}
-        ],
-    }
-    base.update(extra)
-    return base
+    return {**objects.endpoint_slice(name, service, ["10.244.1.5"]), **extra}
 
 
 def test_clusterip_service() -> None:

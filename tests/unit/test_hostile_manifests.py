@@ -5,19 +5,16 @@ file is skipped, and the running agent keeps serving (it used to exit on a file 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 
 import pytest
 import structlog
 import yaml
 
-from kpy.agent.agent import Agent
-from kpy.agent.runner import RunnerTimes
 from kpy.core import convert
 from kpy.sources import manifests
 from kpy.testing.fake_backend import FakeBackend
-from tests.unit.test_agent import until, write
+from tests.agents import quick_agent, running, until, write
 
 UNREADABLE = {
     "deep.json": b"[" * 100_000 + b"]" * 100_000,
@@ -83,14 +80,7 @@ def test_the_running_agent_survives_unreadable_files(tmp_path: Path) -> None:
     backend = FakeBackend()
 
     async def main() -> None:
-        agent = Agent(
-            node_name="node-a",
-            source=manifests.ManifestSource([tmp_path], interval=0.02),
-            backend=backend,
-            times=RunnerTimes(min_interval=0.01, full_interval=3600, backoff_initial=0.01),
-        )
-        task = asyncio.create_task(agent.run())
-        try:
+        async with running(quick_agent(tmp_path, backend)) as task:
             await until(lambda: "default/web:http/TCP" in backend.programmed)
             with structlog.testing.capture_logs() as logs:
                 for name, data in UNREADABLE.items():
@@ -106,10 +96,6 @@ def test_the_running_agent_survives_unreadable_files(tmp_path: Path) -> None:
             assert not task.done()
             unreadable = [e for e in logs if e["event"] == "manifest_unreadable"]
             assert sorted(Path(e["path"]).name for e in unreadable) == sorted(UNREADABLE)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     asyncio.run(main())
 

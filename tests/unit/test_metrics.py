@@ -14,11 +14,11 @@ from kpy.agent import observers as operations
 from kpy.agent.agent import Agent
 from kpy.agent.config import AgentConfig
 from kpy.agent.metrics import Metrics
-from kpy.agent.runner import RunnerTimes
 from kpy.core.backend import ApplyResult, BackendError
 from kpy.sources.manifests import ManifestSource
 from kpy.testing import builders as b
 from kpy.testing.fake_backend import FakeBackend
+from tests.agents import manifest, on_node_a, quick_agent
 from tests.unit.test_health import get
 
 
@@ -83,25 +83,9 @@ def test_source_metrics_interface() -> None:
     assert value(m, "kpy_source_relists_total", resource="endpointslices") == 1
 
 
-SERVICE = """
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [10.244.1.5], nodeName: node-a}, {addresses: [10.244.2.5]}]
-"""
-
-
 def test_agent_with_operations_serves_metrics_and_health(tmp_path: Path) -> None:
-    (tmp_path / "web.yaml").write_text(SERVICE)
+    endpoints = (*on_node_a("10.244.1.5"), "{addresses: [10.244.2.5]}")
+    (tmp_path / "web.yaml").write_text(manifest(*endpoints))
     backend = FakeBackend(fail_next=1)
     config = AgentConfig(
         healthz_bind_address="127.0.0.1:0",
@@ -110,12 +94,7 @@ def test_agent_with_operations_serves_metrics_and_health(tmp_path: Path) -> None
     )
 
     async def main() -> None:
-        agent = Agent(
-            node_name="node-a",
-            source=ManifestSource([tmp_path], interval=0.02),
-            backend=backend,
-            times=RunnerTimes(min_interval=0.01, full_interval=3600, backoff_initial=0.01),
-        )
+        agent = quick_agent(tmp_path, backend)
         ops = operations.attach(agent, config)
         assert ops.metrics in agent.observers
         tasks = [asyncio.create_task(ops.run()), asyncio.create_task(agent.run())]

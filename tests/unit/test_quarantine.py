@@ -21,7 +21,7 @@ from kpy.core.backend import BackendConfig, BackendError
 from kpy.core.model import Plan, ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.fake_backend import FakeBackend
-from tests.unit.test_agent import run_agent, until, write
+from tests.agents import run_agent, until, write
 
 
 def poisoned(state: ServicePortState) -> str | None:
@@ -58,35 +58,6 @@ def _endpoints(backend: FakeBackend, name: str) -> tuple[str, ...]:
     return view.endpoints if view is not None else ()
 
 
-def make_agent(tmp_path: Path, backend: FakeBackend, attempts: Attempts) -> Agent:
-    from kpy.agent.runner import RunnerTimes
-    from kpy.sources.manifests import ManifestSource
-
-    return Agent(
-        node_name="node-a",
-        source=ManifestSource([tmp_path], interval=0.02),
-        backend=backend,
-        times=RunnerTimes(min_interval=0.01, full_interval=3600, backoff_initial=0.01),
-        isolate=attempts,
-    )
-
-
-def run(tmp_path: Path, backend: FakeBackend, attempts: Attempts, scenario: object) -> None:
-    import contextlib
-
-    async def main() -> None:
-        agent = make_agent(tmp_path, backend, attempts)
-        task = asyncio.create_task(agent.run())
-        try:
-            await scenario(agent)  # type: ignore[operator]
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    asyncio.run(main())
-
-
 GOOD = 20
 
 
@@ -121,7 +92,7 @@ def test_one_refused_port_on_the_first_sync_costs_only_that_port(tmp_path: Path)
         await until(lambda: len(_endpoints(backend, "default/s3:http/TCP")) == 2, timeout=60)
         assert not backend.plans[-1].full_sync
 
-    run(tmp_path, backend, attempts, scenario)
+    run_agent(tmp_path, backend, scenario, attempts)
 
 
 def test_a_refused_update_keeps_the_last_good_state_until_fixed(tmp_path: Path) -> None:
@@ -147,7 +118,7 @@ def test_a_refused_update_keeps_the_last_good_state_until_fixed(tmp_path: Path) 
         await until(lambda: agent.status.refused == 0, timeout=60)
         assert not backend.plans[-1].refused
 
-    run(tmp_path, backend, attempts, scenario)
+    run_agent(tmp_path, backend, scenario, attempts)
 
 
 def test_a_failure_no_object_explains_is_not_blamed_on_objects(tmp_path: Path) -> None:
@@ -160,7 +131,7 @@ def test_a_failure_no_object_explains_is_not_blamed_on_objects(tmp_path: Path) -
         assert agent.status.sync_failures == 3 and agent.status.refused_total == 0
         assert attempts.sizes == [0, 0, 0]  # the bare plan, refused each time: the node's fault
 
-    run(tmp_path, backend, attempts, scenario)
+    run_agent(tmp_path, backend, scenario, attempts)
 
 
 def test_without_isolation_the_old_behaviour_stays(tmp_path: Path) -> None:

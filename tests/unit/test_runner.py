@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections.abc import Callable
 
 from kpy.agent.runner import Runner, RunnerTimes
 
@@ -29,119 +30,105 @@ class FakeTime:
         await asyncio.sleep(0)
 
 
-def _run_until(runner: Runner, done: asyncio.Event) -> None:
-    async def main() -> None:
-        task = asyncio.create_task(runner.run())
-        await done.wait()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+class Recorded:
+    """A Runner on :class:`FakeTime` whose sync records ``(time, full)`` and then runs
+    ``step`` with the number of syncs so far (raising to fail the sync); :meth:`run`
+    returns once ``done`` is set."""
 
-    asyncio.run(main())
+    def __init__(self, times: RunnerTimes, step: Callable[[int, Recorded], None]) -> None:
+        self.fake = FakeTime()
+        self.calls: list[tuple[float, bool]] = []
+        self.done = asyncio.Event()
+
+        async def sync(full: bool) -> None:
+            self.calls.append((self.fake.now, full))
+            step(len(self.calls), self)
+
+        self.runner = Runner(sync, times, clock=self.fake.clock, wait=self.fake.wait)
+
+    def run(self) -> None:
+        async def main() -> None:
+            task = asyncio.create_task(self.runner.run())
+            await self.done.wait()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        asyncio.run(main())
+
+    def gaps(self) -> list[float]:
+        """The time between one sync's start and the next's."""
+        return [round(b[0] - a[0], 6) for a, b in itertools.pairwise(self.calls)]
+
+    def fulls(self) -> list[bool]:
+        return [full for _, full in self.calls]
 
 
 def test_requests_coalesce_and_failures_retry_full() -> None:
-    fake = FakeTime()
-    calls: list[tuple[float, bool]] = []
-    done = asyncio.Event()
-    runner: Runner
-
-    async def sync(full: bool) -> None:
-        calls.append((fake.now, full))
-        if len(calls) <= 2:
+    def step(n: int, r: Recorded) -> None:
+        if n <= 2:
             raise RuntimeError("apply failed")  # the first sync (full) fails twice
-        if len(calls) == 3:
+        if n == 3:
             for _ in range(100):
-                runner.request()  # a storm of requests while a sync runs...
+                r.runner.request()  # a storm of requests while a sync runs...
             return
-        done.set()
+        r.done.set()
 
     times = RunnerTimes(
         min_interval=0.05, full_interval=3600, backoff_initial=0.01, backoff_max=0.02
     )
-    runner = Runner(sync, times, clock=fake.clock, wait=fake.wait)
-    _run_until(runner, done)
-    assert [full for _, full in calls] == [True, True, True, False]  # ...is one partial sync
-    starts = [t for t, _ in calls]
-    gaps = [round(b - a, 6) for a, b in itertools.pairwise(starts)]
-    assert gaps == [0.01, 0.02, 0.05]  # backoff 0.01, doubled, then min_interval
-    assert runner.failures == 0 and runner.syncs == 2
+    recorded = Recorded(times, step)
+    recorded.run()
+    assert recorded.fulls() == [True, True, True, False]  # ...is one partial sync
+    assert recorded.gaps() == [0.01, 0.02, 0.05]  # backoff 0.01, doubled, then min_interval
+    assert recorded.runner.failures == 0 and recorded.runner.syncs == 2
 
 
 def test_periodic_full_sync() -> None:
-    fake = FakeTime()
-    calls: list[tuple[float, bool]] = []
-    done = asyncio.Event()
+    def step(n: int, r: Recorded) -> None:
+        if n == 3:
+            r.done.set()
 
-    async def sync(full: bool) -> None:
-        calls.append((fake.now, full))
-        if len(calls) == 3:
-            done.set()
-
-    runner = Runner(
-        sync, RunnerTimes(min_interval=0.0, full_interval=0.05), clock=fake.clock, wait=fake.wait
-    )
-    _run_until(runner, done)
-    assert all(full for _, full in calls)
-    starts = [t for t, _ in calls]
-    assert [round(b - a, 6) for a, b in itertools.pairwise(starts)] == [0.05, 0.05]
-
-
-def _failing_runner(
-    times: RunnerTimes, fake: FakeTime, calls: list[tuple[float, bool]], stop_after: int
-) -> tuple[Runner, asyncio.Event]:
-    done = asyncio.Event()
-    runner: Runner
-
-    async def sync(full: bool) -> None:
-        calls.append((fake.now, full))
-        # Work keeps arriving while the sync fails: requests must not shorten the backoff.
-        runner.request()
-        runner.request(full=False)
-        if len(calls) >= stop_after:
-            done.set()
-        raise RuntimeError("nft: transaction refused")
-
-    runner = Runner(sync, times, clock=fake.clock, wait=fake.wait)
-    return runner, done
+    recorded = Recorded(RunnerTimes(min_interval=0.0, full_interval=0.05), step)
+    recorded.run()
+    assert all(recorded.fulls())
+    assert recorded.gaps() == [0.05, 0.05]
 
 
 def test_backoff_holds_back_requests_and_the_overdue_periodic_full_sync() -> None:
-    fake = FakeTime()
-    calls: list[tuple[float, bool]] = []
+    def step(n: int, r: Recorded) -> None:
+        # Work keeps arriving while the sync fails: requests must not shorten the backoff.
+        r.runner.request()
+        r.runner.request(full=False)
+        if n >= 8:
+            r.done.set()
+        raise RuntimeError("nft: transaction refused")
+
     # A short full period: after the first failed full sync the periodic one is always
     # overdue — it must still wait for the retry time.
     times = RunnerTimes(min_interval=0.5, full_interval=2.0, backoff_initial=1.0, backoff_max=8.0)
-    runner, done = _failing_runner(times, fake, calls, stop_after=8)
-    _run_until(runner, done)
-    gaps = [round(b[0] - a[0], 6) for a, b in itertools.pairwise(calls)]
-    assert gaps == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]
-    assert all(full for _, full in calls)  # every retry is a full sync
-    assert runner.failures == 8
-    assert runner.retry_at == calls[-1][0] + 8.0
+    recorded = Recorded(times, step)
+    recorded.run()
+    assert recorded.gaps() == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]
+    assert all(recorded.fulls())  # every retry is a full sync
+    assert recorded.runner.failures == 8
+    assert recorded.runner.retry_at == recorded.calls[-1][0] + 8.0
 
 
 def test_backoff_ends_with_the_first_success() -> None:
-    fake = FakeTime()
-    calls: list[tuple[float, bool]] = []
-    done = asyncio.Event()
-    runner: Runner
-
-    async def sync(full: bool) -> None:
-        calls.append((fake.now, full))
-        if len(calls) <= 3:
+    def step(n: int, r: Recorded) -> None:
+        if n <= 3:
             raise RuntimeError("refused")
-        if len(calls) == 4:
-            runner.request()  # new work right after the recovery: no backoff any more
+        if n == 4:
+            r.runner.request()  # new work right after the recovery: no backoff any more
             return
-        done.set()
+        r.done.set()
 
     times = RunnerTimes(
         min_interval=0.25, full_interval=3600.0, backoff_initial=1.0, backoff_max=60.0
     )
-    runner = Runner(sync, times, clock=fake.clock, wait=fake.wait)
-    _run_until(runner, done)
-    gaps = [round(b[0] - a[0], 6) for a, b in itertools.pairwise(calls)]
-    assert gaps == [1.0, 2.0, 4.0, 0.25]
-    assert [full for _, full in calls] == [True, True, True, True, False]
-    assert runner.failures == 0 and runner.retry_at == float("-inf")
+    recorded = Recorded(times, step)
+    recorded.run()
+    assert recorded.gaps() == [1.0, 2.0, 4.0, 0.25]
+    assert recorded.fulls() == [True, True, True, True, False]
+    assert recorded.runner.failures == 0 and recorded.runner.retry_at == float("-inf")

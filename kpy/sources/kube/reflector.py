@@ -15,7 +15,7 @@ import structlog
 from kpy.sources import CLUSTER_SCOPED, Event, EventType, Kind
 from kpy.sources.kube.api import JSON, ApiStatusError, ProtocolError, _status_reason
 from kpy.sources.kube.backoff import Backoff
-from kpy.sources.kube.http import ConnectionPool, request
+from kpy.sources.kube.http import ConnectionPool, Response, request
 from kpy.sources.kube.lists import split_list
 
 if TYPE_CHECKING:
@@ -139,17 +139,23 @@ class Reflector:
             Event(kind=self.kind, type=EventType.DELETE, namespace=key[0], name=key[1], obj=obj)
         )
 
+    def _refusal(self, exc: ApiStatusError) -> dict[str, object]:
+        """The log fields of a request the API server refused."""
+        return {
+            "kind": str(self.kind),
+            "status": exc.status,
+            "reason": exc.reason,
+            "message": exc.message,
+        }
+
     def _unavailable(self, exc: ApiStatusError) -> None:
         """An optional kind cannot be listed: none of it counts (see ``optional``)."""
         reason = f"HTTP {exc.status} {exc.reason}".strip()
         if reason != self.unavailable:
             log.warning(
                 "kube_kind_unavailable",
-                kind=str(self.kind),
+                **self._refusal(exc),
                 path=self.path,
-                status=exc.status,
-                reason=exc.reason,
-                message=exc.message,
                 note="not served (404) or not allowed (403: check the ClusterRole); "
                 "counted as none, retried with backoff",
             )
@@ -244,17 +250,21 @@ class Reflector:
             params["continue"] = token
         return params
 
+    async def _get(self, params: dict[str, str], pool: ConnectionPool | None = None) -> Response:
+        """A GET of this kind's path (on ``pool``'s kept-alive connections if given)."""
+        return await request(
+            self.source.target,
+            "GET",
+            self.path,
+            params,
+            connect_timeout=self.source.timeouts.connect,
+            pool=pool,
+        )
+
     async def _list_page(self, params: dict[str, str]) -> tuple[Sequence[Any], dict[str, Any]]:
         """One list request: its items and its list metadata."""
         async with asyncio.timeout(self.source.timeouts.list):
-            response = await request(
-                self.source.target,
-                "GET",
-                self.path,
-                params,
-                connect_timeout=self.source.timeouts.connect,
-                pool=self.pool,
-            )
+            response = await self._get(params, self.pool)
             try:
                 data = await response.body()
             finally:
@@ -324,13 +334,7 @@ class Reflector:
             metrics.watch_reconnected(self.path.rsplit("/", 1)[1])
         self.watch_attempts += 1
         async with asyncio.timeout(seconds + timeouts.watch_grace):
-            response = await request(
-                self.source.target,
-                "GET",
-                self.path,
-                params,
-                connect_timeout=self.source.timeouts.connect,
-            )
+            response = await self._get(params)
             try:
                 if response.status != 200:
                     body = await response.body()
@@ -452,12 +456,7 @@ class Reflector:
                         self, False, f"API server rejected the request: HTTP {exc.status}"
                     )
                 log.warning(
-                    "kube_request_failed",
-                    kind=str(self.kind),
-                    status=exc.status,
-                    reason=exc.reason,
-                    message=exc.message,
-                    retry_after=exc.retry_after,
+                    "kube_request_failed", **self._refusal(exc), retry_after=exc.retry_after
                 )
                 delay = self._backoff.next(exc.retry_after)
             except _Interrupted as exc:

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kpy.agent.agent import Agent
-from kpy.core import backend as backends
 from kpy.core.model import IPAddress, IPFamily, NodeInfo, Plan, ServicePortState
 from kpy.core.model import Protocol as L4
 from kpy.sources import Event, EventType, Kind
 from kpy.sources.manifests import ManifestSource
+from kpy.tools import offline
 from kpy.tools.lab import topology as topo
 
 DROP_TIMEOUT = 1.0  # seconds without an answer that count as "dropped"
@@ -135,22 +135,6 @@ class ClusterView:
         )
 
 
-class _NoBackend:
-    name = "none"
-
-    def probe(self) -> str | None:
-        return None
-
-    async def apply(self, plan: Plan) -> backends.ApplyResult:
-        raise backends.BackendError("offline")
-
-    async def observe(self) -> backends.Programmed:
-        return backends.Programmed(backend=self.name)
-
-    async def cleanup(self) -> None:
-        return None
-
-
 def plans(manifests: Sequence[Path], view: ClusterView) -> dict[str, Plan]:
     """Node name → the Plan that node's agent computes from ``manifests``."""
     result = {}
@@ -159,12 +143,7 @@ def plans(manifests: Sequence[Path], view: ClusterView) -> dict[str, Plan]:
         def override(info: NodeInfo, ips: tuple[IPAddress, ...] = ips) -> NodeInfo:
             return replace(info, addresses=info.addresses or ips)
 
-        agent = Agent(
-            node_name=node, source=ManifestSource(list(manifests)), backend=_NoBackend(),
-            node_override=override,
-        )  # fmt: skip
-        ManifestSource(list(manifests)).scan(agent)
-        result[node] = agent.tracker.checkout()
+        result[node] = offline.manifest_plan(manifests, node, override)
     return result
 
 
@@ -173,7 +152,7 @@ def plans_from_objects(objects: Iterable[dict[str, Any]], nodes: Iterable[str]) 
     objects = list(objects)
     result = {}
     for node in nodes:
-        agent = Agent(node_name=node, source=ManifestSource([]), backend=_NoBackend())
+        agent = Agent(node_name=node, source=ManifestSource([]), backend=offline.NoBackend())
         for obj in objects:
             meta = obj.get("metadata") or {}
             agent.event(

@@ -494,37 +494,11 @@ class Cluster:
         self._made.clear()
 
     # ------------------------------------------------------------------ traffic
+    # the module's clients, for callers that hold the cluster
 
-    def tcp(
-        self,
-        src: Netns,
-        ip: Address,
-        port: int,
-        timeout: float = 2.0,
-        send: bytes = b"",
-        source: Address | None = None,
-    ) -> str:
-        return tcp(src, ip, port, timeout=timeout, send=send, source=source)
-
-    def udp(
-        self,
-        src: Netns,
-        ip: Address,
-        port: int,
-        timeout: float = 1.0,
-        source: Address | None = None,
-    ) -> str:
-        return udp(src, ip, port, timeout=timeout, source=source)
-
-    def http(
-        self,
-        src: Netns,
-        ip: Address,
-        port: int,
-        timeout: float = 2.0,
-        source: Address | None = None,
-    ) -> dict[str, Any]:
-        return http(src, ip, port, timeout=timeout, source=source)
+    tcp = staticmethod(tcp)
+    udp = staticmethod(udp)
+    http = staticmethod(http)
 
 
 __all__ = [

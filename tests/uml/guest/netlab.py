@@ -5,11 +5,13 @@ thrown away after the run). Each pod is a network namespace behind a veth pair w
 /24 of its own and a default route via the node; a ``client`` namespace plays a host
 outside the cluster. Echo servers (one Python process per pod) answer every line with
 ``<pod name> <peer address>``; clients connect from any namespace through a thread
-that enters it (``setns`` affects only the calling thread).
+that enters it (``setns`` affects only the calling thread). :func:`running` is the IPVS
+backend under test, removed with what it programmed afterwards.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import socket
@@ -17,9 +19,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+from kpy_ipvs import IpvsBackend
+
+from kpy.core.backend import BackendConfig
+from kpy.core.model import Plan
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -100,41 +108,73 @@ def talk(sock: socket.socket) -> str:
     return data.decode().strip()
 
 
+@contextmanager
+def running(config: BackendConfig, plan: Plan | None = None) -> Iterator[IpvsBackend]:
+    """An IPVS backend for ``config`` (with ``plan`` applied); everything it programmed
+    is removed afterwards."""
+    backend = IpvsBackend(config)
+    try:
+        if plan is not None:
+            asyncio.run(backend.apply(plan))
+        yield backend
+    finally:
+        asyncio.run(backend.cleanup())
+        backend.close()
+
+
+def restart_ops(config: BackendConfig, plan: Plan) -> int:
+    """The operations a restarted backend's first sync of ``plan`` sends (0: it adopts
+    the kernel's state as it is)."""
+    restarted = IpvsBackend(config)
+    try:
+        return asyncio.run(restarted.apply(plan)).ops
+    finally:
+        restarted.close()
+
+
+def dropped(address: str, port: int, netns: str | None = None, *, wait: float = 1.0) -> bool:
+    """True when the connection attempt gets no answer within ``wait`` seconds (a drop),
+    False when it is answered; a refusal (reject) raises."""
+    try:
+        ask(address, port, netns=netns, timeout=wait)
+    except TimeoutError:
+        return True
+    return False
+
+
 @dataclass
 class Lab:
     pods: dict[str, str] = field(default_factory=dict)  # name → IP
     pods6: dict[str, str] = field(default_factory=dict)  # name → IPv6 address
     servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def add_pod(self, name: str, index: int, port: int = 8080) -> str:
-        ip = f"10.244.{index}.2"
+    def _attach(self, name: str, node_side: str, address: str, gateway: str) -> None:
+        """Namespace ``name`` behind the veth ``veth-<name>``: the node holds ``node_side``
+        on it, the namespace ``address`` on its ``eth0`` with a default route via
+        ``gateway``."""
+        veth = f"veth-{name}"
         sh("ip", "netns", "add", name)
-        sh(
-            "ip",
-            "link",
-            "add",
-            f"veth-{name}",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            name,
-        )
-        sh("ip", "addr", "add", f"10.244.{index}.1/24", "dev", f"veth-{name}")
-        sh("ip", "link", "set", f"veth-{name}", "up")
-        sh("ip", "-n", name, "addr", "add", f"{ip}/24", "dev", "eth0")
+        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name)
+        sh("ip", "addr", "add", node_side, "dev", veth)
+        sh("ip", "link", "set", veth, "up")
+        sh("ip", "-n", name, "addr", "add", address, "dev", "eth0")
         sh("ip", "-n", name, "link", "set", "eth0", "up")
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        sh("ip", "-n", name, "route", "add", "default", "via", f"10.244.{index}.1")
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", name, sys.executable, "-c", SERVER, name, str(port)],
-            stdout=subprocess.PIPE,
-        )
+        sh("ip", "-n", name, "route", "add", "default", "via", gateway)
+
+    def _serve(self, name: str, port: int, *host: str) -> None:
+        """An echo server in pod ``name`` on ``port`` (of ``host``, else every IPv4
+        address), answering once it listens."""
+        cmd = [sys.executable, "-c", SERVER, name, str(port), *host]
+        proc = subprocess.Popen(["ip", "netns", "exec", name, *cmd], stdout=subprocess.PIPE)
         self.servers.append(proc)
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == b"ready"
+
+    def add_pod(self, name: str, index: int, port: int = 8080) -> str:
+        ip = f"10.244.{index}.2"
+        self._attach(name, f"10.244.{index}.1/24", f"{ip}/24", f"10.244.{index}.1")
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        self._serve(name, port)
         self.pods[name] = ip
         return ip
 
@@ -146,34 +186,12 @@ class Lab:
         sh("ip", "addr", "add", f"fd00:244:{index}::1/64", "dev", f"veth-{name}", "nodad")
         sh("ip", "-n", name, "addr", "add", f"{ip}/64", "dev", "eth0", "nodad")
         sh("ip", "-n", name, "-6", "route", "add", "default", "via", f"fd00:244:{index}::1")
-        cmd = [sys.executable, "-c", SERVER, name, str(port), "::"]
-        proc = subprocess.Popen(["ip", "netns", "exec", name, *cmd], stdout=subprocess.PIPE)
-        self.servers.append(proc)
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == b"ready"
+        self._serve(name, port, "::")
         self.pods6[name] = ip
         return ip
 
     def add_client(self) -> None:
-        sh("ip", "netns", "add", "client")
-        sh(
-            "ip",
-            "link",
-            "add",
-            "veth-client",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            "client",
-        )
-        sh("ip", "addr", "add", f"{NODE_IP}/24", "dev", "veth-client")
-        sh("ip", "link", "set", "veth-client", "up")
-        sh("ip", "-n", "client", "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
-        sh("ip", "-n", "client", "link", "set", "eth0", "up")
-        sh("ip", "-n", "client", "route", "add", "default", "via", NODE_IP)
+        self._attach("client", f"{NODE_IP}/24", f"{CLIENT_IP}/24", NODE_IP)
 
     def close(self) -> None:
         for proc in self.servers:

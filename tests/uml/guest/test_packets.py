@@ -15,7 +15,7 @@ from kpy.core.backend import BackendConfig
 from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 
-from .netlab import CLIENT_IP, NODE_IP, Lab, ask, connect, talk
+from .netlab import CLIENT_IP, NODE_IP, Lab, ask, connect, running, talk
 
 NODE = b.node(addresses=[NODE_IP])
 CONFIG = BackendConfig(
@@ -28,12 +28,8 @@ CONFIG = BackendConfig(
 
 @pytest.fixture
 def backend(lab: Lab) -> Iterator[IpvsBackend]:
-    backend = IpvsBackend(CONFIG)
-    try:
+    with running(CONFIG) as backend:
         yield backend
-    finally:
-        asyncio.run(backend.cleanup())
-        backend.close()
 
 
 def web(*pods: str, lab: Lab) -> ServicePortState:

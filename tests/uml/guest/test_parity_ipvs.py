@@ -20,57 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
-from kpy_ipvs import IpvsBackend
 
 from kpy.core.backend import BackendConfig
-from kpy.core.model import Plan, ServicePortState
+from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 
-from .netlab import CLIENT_IP, NODE_IP, Lab, ask
+from .netlab import CLIENT_IP, NODE_IP, Lab, ask, dropped, restart_ops, running
 
 NODE = b.node(addresses=[NODE_IP], pod_cidrs=("10.244.1.0/24",))
 CLUSTER_CIDRS = (ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("fd00:244::/32"))
 BASE = BackendConfig(node_name=NODE.name, node_ips=(ipaddress.ip_address(NODE_IP),))
 LB_IP = "172.18.0.30"
-DROPPED = 1.0  # seconds a dropped connection attempt is given before it counts as dropped
 POD2_GATEWAY = "10.244.2.1"  # the node's address towards pod2: a masqueraded client
 
 
-@contextmanager
-def running(config: BackendConfig, plan: Plan) -> Iterator[IpvsBackend]:
-    backend = IpvsBackend(config)
-    try:
-        asyncio.run(backend.apply(plan))
-        yield backend
-    finally:
-        asyncio.run(backend.cleanup())
-        backend.close()
-
-
-def dropped(address: str, port: int, netns: str | None = None) -> bool:
-    """True when the connection attempt times out (a drop), False when it is answered;
-    a refusal (reject) raises."""
-    try:
-        ask(address, port, netns=netns, timeout=DROPPED)
-    except TimeoutError:
-        return True
-    return False
-
-
 def lb(lab: Lab, ranges: tuple[str, ...]) -> ServicePortState:
-    svc = b.service(
-        "ranged",
-        cluster_ip="10.96.0.30",
-        type="LoadBalancer",
-        node_port=30130,
-        lb_ips=(LB_IP,),
-        source_ranges=ranges,
-    )
+    svc = b.load_balancer("ranged", "10.96.0.30", 30130, LB_IP, source_ranges=ranges)
     return b.state(svc, [b.endpoint(lab.pods["pod1"])], NODE)
 
 
@@ -82,11 +50,8 @@ def test_the_lb_ip_is_an_allowed_source_when_a_range_holds_the_node(lab: Lab) ->
         assert ask(LB_IP, 80).split() == ["pod1", "10.244.1.1"], "the node is let in"
         assert dropped(LB_IP, 80, netns="client"), "a client outside the range is not"
         assert dropped(LB_IP, 80, netns="pod3"), "nor is a pod"
-        restarted = IpvsBackend(config)
-        try:  # a restart adopts the elements as ipset lists them (a /32 without "/32")
-            assert asyncio.run(restarted.apply(plan)).ops == 0
-        finally:
-            restarted.close()
+        # a restart adopts the elements as ipset lists them (a /32 without "/32")
+        assert restart_ops(config, plan) == 0
         assert ask(LB_IP, 80).split()[0] == "pod1", "the restart kept the allowed sources"
         # a partial sync to a range without the node: the LB IP is no longer allowed
         moved = lb(lab, (f"{CLIENT_IP}/32",))
@@ -153,14 +118,7 @@ SHORT_CIRCUITED: dict[str, dict[str, bool]] = {
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_pods_short_circuit_to_a_local_frontend_as_the_detector_says(lab: Lab, mode: str) -> None:
-    svc = b.service(
-        "detect-lb",
-        cluster_ip="10.96.0.41",
-        type="LoadBalancer",
-        node_port=30141,
-        lb_ips=(LB_IP,),
-        etp_local=True,
-    )
+    svc = b.load_balancer("detect-lb", "10.96.0.41", 30141, LB_IP, etp_local=True)
     remote = b.endpoint(lab.pods["pod2"], node="node-b")
     plan = b.plan([b.state(svc, [remote], NODE)], node_info=NODE)
     with running(MODES[mode], plan):

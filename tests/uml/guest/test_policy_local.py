@@ -23,7 +23,7 @@ from kpy.core.backend import BackendConfig
 from kpy.core.model import Endpoint, ServicePortState
 from kpy.testing import builders as b
 
-from .netlab import CLIENT_IP, NODE_IP, Lab, ask
+from .netlab import CLIENT_IP, NODE_IP, Lab, ask, dropped, restart_ops, running
 
 NODE = b.node(addresses=[NODE_IP], pod_cidrs=())
 CONFIG = BackendConfig(
@@ -32,31 +32,16 @@ CONFIG = BackendConfig(
     cluster_cidrs=(ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("fd00:244::/32")),
 )
 LB_IP = "172.18.0.10"
-DROPPED = 1.0  # seconds a dropped connection attempt is given before it counts as dropped
 
 
 @pytest.fixture
 def backend(lab: Lab) -> Iterator[IpvsBackend]:
-    backend = IpvsBackend(CONFIG)
-    try:
+    with running(CONFIG) as backend:
         yield backend
-    finally:
-        asyncio.run(backend.cleanup())
-        backend.close()
 
 
 def remote(lab: Lab, pod: str) -> Endpoint:
     return b.endpoint(lab.pods[pod], node="node-b")
-
-
-def dropped(address: str, port: int, netns: str | None = None) -> bool:
-    """True when the connection attempt times out (a drop), False when it is answered;
-    a refusal (reject) raises."""
-    try:
-        ask(address, port, netns=netns, timeout=DROPPED)
-    except TimeoutError:
-        return True
-    return False
 
 
 def test_internal_policy_local_without_local_endpoint_drops(lab: Lab, backend: IpvsBackend) -> None:
@@ -86,14 +71,7 @@ def test_node_to_local_nodeport_without_local_endpoint_reaches_the_cluster(
 def test_pod_to_local_lb_without_local_endpoint_short_circuits(
     lab: Lab, backend: IpvsBackend
 ) -> None:
-    svc = b.service(
-        "lb",
-        cluster_ip="10.96.0.23",
-        type="LoadBalancer",
-        node_port=30091,
-        lb_ips=(LB_IP,),
-        etp_local=True,
-    )
+    svc = b.load_balancer("lb", "10.96.0.23", 30091, LB_IP, etp_local=True)
     asyncio.run(backend.apply(b.plan([b.state(svc, [remote(lab, "pod2")], NODE)], node_info=NODE)))
     assert ask(LB_IP, 80, netns="pod3").split() == ["pod2", lab.pods["pod3"]], (
         "a pod reaches the cluster-wide endpoint with its own address"
@@ -102,14 +80,7 @@ def test_pod_to_local_lb_without_local_endpoint_short_circuits(
 
 
 def test_local_frontend_without_any_endpoint_rejects(lab: Lab, backend: IpvsBackend) -> None:
-    svc = b.service(
-        "lb-empty",
-        cluster_ip="10.96.0.24",
-        type="LoadBalancer",
-        node_port=30092,
-        lb_ips=(LB_IP,),
-        etp_local=True,
-    )
+    svc = b.load_balancer("lb-empty", "10.96.0.24", 30092, LB_IP, etp_local=True)
     asyncio.run(backend.apply(b.plan([b.state(svc, [], NODE)], node_info=NODE)))
     for address, port in ((LB_IP, 80), (NODE_IP, 30092)):
         with pytest.raises(ConnectionRefusedError):
@@ -117,14 +88,7 @@ def test_local_frontend_without_any_endpoint_rejects(lab: Lab, backend: IpvsBack
 
 
 def test_source_ranges_hold_for_the_node(lab: Lab, backend: IpvsBackend) -> None:
-    svc = b.service(
-        "ranged",
-        cluster_ip="10.96.0.25",
-        type="LoadBalancer",
-        node_port=30093,
-        lb_ips=(LB_IP,),
-        source_ranges=(f"{CLIENT_IP}/32",),
-    )
+    svc = b.load_balancer("ranged", "10.96.0.25", 30093, LB_IP, source_ranges=(f"{CLIENT_IP}/32",))
     pods = [b.endpoint(lab.pods["pod1"])]
     asyncio.run(backend.apply(b.plan([b.state(svc, pods, NODE)], node_info=NODE)))
     assert ask(LB_IP, 80, netns="client").split()[0] == "pod1", "an allowed source passes"
@@ -153,14 +117,7 @@ def test_pods_and_the_node_reach_every_endpoint_of_a_local_frontend(
         run("ipvsadm", "-A", "-f", str(FOREIGN_FWMARK), "-s", "rr")
     backend = IpvsBackend(config)
     try:
-        svc = b.service(
-            "lb-both",
-            cluster_ip="10.96.0.26",
-            type="LoadBalancer",
-            node_port=30094,
-            lb_ips=(LB_IP,),
-            etp_local=True,
-        )
+        svc = b.load_balancer("lb-both", "10.96.0.26", 30094, LB_IP, etp_local=True)
         plan = b.plan(
             [b.state(svc, [b.endpoint(lab.pods["pod1"]), remote(lab, "pod2")], NODE)],
             node_info=NODE,
@@ -172,11 +129,7 @@ def test_pods_and_the_node_reach_every_endpoint_of_a_local_frontend(
         assert from_node == {("pod1", "10.244.1.1"), ("pod2", "10.244.2.1")}, "masqueraded"
         from_outside = {tuple(ask(LB_IP, 80, netns="client").split()) for _ in range(4)}
         assert from_outside == {("pod1", CLIENT_IP)}
-        restarted = IpvsBackend(config)
-        try:
-            assert asyncio.run(restarted.apply(plan)).ops == 0
-        finally:
-            restarted.close()
+        assert restart_ops(config, plan) == 0
         view = asyncio.run(backend.observe()).services[str(svc.name)]
         short = {k: v for k, v in view.extra.items() if k.startswith("short-circuit fwmark ")}
         assert list(short.values()) == [f"{lab.pods['pod1']}:8080 {lab.pods['pod2']}:8080"]
@@ -205,14 +158,7 @@ def run(*args: str, check: bool = True) -> str:
 
 def test_a_port_added_by_a_partial_sync_gets_its_own_mark(lab: Lab, backend: IpvsBackend) -> None:
     def lb(name: str, cluster_ip: str, node_port: int, lb_ip: str) -> ServicePortState:
-        svc = b.service(
-            name,
-            cluster_ip=cluster_ip,
-            type="LoadBalancer",
-            node_port=node_port,
-            lb_ips=(lb_ip,),
-            etp_local=True,
-        )
+        svc = b.load_balancer(name, cluster_ip, node_port, lb_ip, etp_local=True)
         return b.state(svc, [b.endpoint(lab.pods["pod1"]), remote(lab, "pod2")], NODE)
 
     first = lb("first", "10.96.0.27", 30096, LB_IP)
@@ -226,14 +172,8 @@ def test_a_port_added_by_a_partial_sync_gets_its_own_mark(lab: Lab, backend: Ipv
 
 
 def test_ipv6_short_circuit(lab: Lab, backend: IpvsBackend) -> None:
-    svc = b.service(
-        "lb6",
-        cluster_ip="fd00:96::26",
-        type="LoadBalancer",
-        node_port=30098,
-        lb_ips=("fd00:18::10",),
-        etp_local=True,
-        target_port=8086,
+    svc = b.load_balancer(
+        "lb6", "fd00:96::26", 30098, "fd00:18::10", etp_local=True, target_port=8086
     )
     pods = [b.endpoint(lab.pods6["pod1"], 8086), b.endpoint(lab.pods6["pod2"], 8086, node="node-b")]
     asyncio.run(backend.apply(b.plan([b.state(svc, pods, NODE)], node_info=NODE)))
