@@ -143,10 +143,15 @@ class SetType:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Netlink messages (sequence numbers still 0) and the script line of each."""
+    """Netlink messages (sequence numbers still 0) and the operation each encodes."""
 
     messages: tuple[bytes, ...]
-    lines: tuple[str, ...]
+    sources: tuple[render.Op | str, ...]
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        """Each message's operation as an ``nft`` line (for messages and tests)."""
+        return tuple(_text(s) for s in self.sources)
 
     @property
     def size(self) -> int:
@@ -336,7 +341,7 @@ class _Encoder:
         self.sets = dict(sets)
         self.new_sets: dict[tuple[str, str, str], int] = {}  # set id within this batch
         self.messages: list[bytes] = []
-        self.lines: list[str] = []
+        self.lines: list[render.Op | str] = []  # what each message was encoded from
         self.last_set_id = 0
 
     def line(self, line: str) -> None:
@@ -382,12 +387,122 @@ class _Encoder:
         self.messages.append(msg)
         self.lines.append(line)
 
+    # --- operations (render's typed commands) ----------------------------------------
+
+    def op(self, op: render.Op) -> None:
+        """Encode one operation: its message(s), each recorded with the operation."""
+        _check_name(op.table)
+        if op.family not in FAMILIES:
+            raise Unsupported(op.nft())
+        nf = FAMILIES[op.family]
+        table = _str(1, op.table)
+        if isinstance(op, render.AddElements | render.DeleteElements):
+            if len(op.elements) == 1:
+                self.messages.append(self._element_op(op, op.elements[0]))
+                self.lines.append(op)
+                return
+            for e in op.elements:  # one message per element, each its own line
+                one = type(op)(op.family, op.table, op.map, (e,))
+                self.messages.append(self._element_op(one, e))
+                self.lines.append(one)
+            return
+        if isinstance(op, render.AddTable):
+            msg = _message(NFT_MSG_NEWTABLE, NLM_F_CREATE, nf, table, _u32(2, 0))
+        elif isinstance(op, render.DeleteTable):
+            msg = _message(NFT_MSG_DELTABLE, 0, nf, table)
+        elif isinstance(op, render.AddChain):
+            if op.chain.hook:
+                raise Unsupported(op.nft())  # base chains: written by nft
+            name = _str(3, _check_name(op.chain.name))
+            msg = _message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, nf, table, name)
+        elif isinstance(op, render.FlushChain):
+            msg = _message(NFT_MSG_DELRULE, 0, nf, table, _str(2, _check_name(op.name)))
+        elif isinstance(op, render.DeleteChain):
+            msg = _message(NFT_MSG_DELCHAIN, 0, nf, table, _str(3, _check_name(op.name)))
+        elif isinstance(op, render.DeleteSet):
+            msg = _message(NFT_MSG_DELSET, 0, nf, table, _str(2, _check_name(op.name)))
+        elif isinstance(op, render.AddSet):
+            msg = self._set_op(op)
+        else:
+            exprs = _Rule(self, op.family, op.table, op).encode(op.rule.split())
+            msg = _message(
+                NFT_MSG_NEWRULE,
+                NLM_F_CREATE | NLM_F_APPEND,
+                nf,
+                table,
+                _str(2, _check_name(op.chain)),
+                _nest(4, *exprs),
+            )
+        self.messages.append(msg)
+        self.lines.append(op)
+
+    def _set_op(self, op: render.AddSet) -> bytes:
+        s = op.set
+        _check_name(s.name)
+        if s.kind not in ("set", "map"):
+            raise Unsupported(op.nft())
+        flags = NFT_SET_MAP if s.kind == "map" else 0
+        timeout = s.timeout if s.kind == "set" else None  # a map's spec has none
+        if timeout is not None:
+            flags |= NFT_SET_TIMEOUT | NFT_SET_EVAL
+        type_id, key_len = _key_type(s.type)
+        concat = " . " in s.type
+        if not concat and s.type not in ("ipv4_addr", "ipv6_addr"):
+            raise Unsupported(op.nft())  # other byte orders: not written by render
+        set_id = self.next_set_id()
+        self.new_sets[(s.family, s.table, s.name)] = set_id
+        self.sets[(s.family, s.table, s.name)] = SetType(s.type, s.kind, timeout)
+        attrs = [
+            _str(1, s.table),
+            _str(2, s.name),
+            _u32(3, flags),
+            _u32(4, type_id),
+            _u32(5, key_len),
+        ]
+        if s.kind == "map":
+            attrs += [_u32(6, NFT_DATA_VERDICT), _u32(7, 0)]
+        attrs.append(_u32(10, set_id))
+        if timeout is not None:
+            attrs.append(_u64(11, timeout * 1000))
+        if not concat:
+            udata = UDATA_ADDR_SET
+        else:
+            udata = UDATA_CONCAT_MAP if s.kind == "map" else UDATA_CONCAT_SET
+        attrs.append(_attr(13, udata))
+        return _message(NFT_MSG_NEWSET, NLM_F_CREATE, FAMILIES[s.family], *attrs)
+
+    def _element_op(
+        self, op: render.AddElements | render.DeleteElements, e: render.Element
+    ) -> bytes:
+        """One element's message: added with its comment and verdict, or removed by key."""
+        set_type = self.sets.get((op.family, op.table, _check_name(op.map)))
+        if set_type is None:
+            raise Unsupported(f"type of set {op.map!r} unknown")
+        add = isinstance(op, render.AddElements)
+        if add and bool(e.verdict) != (set_type.kind == "map"):
+            raise Unsupported(op.nft())
+        elem = [_nest(1, _data(_key(set_type.type, e.element.strip())))]  # ELEM_KEY
+        if add and e.verdict:
+            elem.append(_verdict_data(2, *_verdict(e.verdict, op)))  # NFTA_SET_ELEM_DATA
+        if add and e.comment:
+            raw = render.comment_text(e.comment).encode() + b"\0"
+            if len(raw) > 128:
+                raise Unsupported(op.nft())
+            elem.append(_attr(6, bytes([0, len(raw)]) + raw))  # NFTNL_UDATA_SET_ELEM_COMMENT
+        ref = self.set_ref(op.family, op.table, op.map)
+        attrs = [_str(1, op.table), _attr(2, ref[0] + b"\0")]
+        if len(ref) > 1:
+            attrs.append(_attr(4, ref[1]))
+        attrs.append(_nest(3, _nest(1, *elem)))
+        kind, flags = (NFT_MSG_NEWSETELEM, NLM_F_CREATE) if add else (NFT_MSG_DELSETELEM, 0)
+        return _message(kind, flags, FAMILIES[op.family], *attrs)
+
     def next_set_id(self) -> int:
         """A set id, unique within the batch, for named and anonymous sets alike."""
         self.last_set_id += 1
         return self.last_set_id
 
-    def extra(self, message: bytes, line: str) -> None:
+    def extra(self, message: bytes, line: render.Op | str) -> None:
         """A message a line needs before its own (an anonymous set for a rule)."""
         self.messages.append(message)
         self.lines.append(line)
@@ -493,19 +608,23 @@ class _Encoder:
         return _message(kind, flags, FAMILIES[family], *attrs)
 
 
-def _verdict(text: str, line: str) -> tuple[str, str | None]:
+def _verdict(text: str, line: render.Op | str) -> tuple[str, str | None]:
     words = text.split()
     if len(words) == 1 and words[0] in ("drop", "accept", "return"):
         return words[0], None
     if len(words) == 2 and words[0] in ("jump", "goto"):
         return words[0], words[1]
-    raise Unsupported(line)
+    raise Unsupported(_text(line))
+
+
+def _text(source: render.Op | str) -> str:
+    return source if isinstance(source, str) else source.nft()
 
 
 class _Rule:
     """One rule's statements → expressions, as nft 1.0 linearizes them."""
 
-    def __init__(self, encoder: _Encoder, family: str, table: str, line: str) -> None:
+    def __init__(self, encoder: _Encoder, family: str, table: str, line: render.Op | str) -> None:
         self.encoder = encoder
         self.family = family
         self.table = table
@@ -513,7 +632,7 @@ class _Rule:
         self.l4proto = False
 
     def fail(self) -> Unsupported:
-        return Unsupported(self.line)
+        return Unsupported(_text(self.line))
 
     def encode(self, words: list[str]) -> list[bytes]:
         exprs: list[bytes] = []
@@ -790,6 +909,25 @@ def encode(script: str, sets: Mapping[tuple[str, str, str], SetType]) -> Batch:
     return Batch(tuple(encoder.messages), tuple(encoder.lines))
 
 
+def encode_ops(ops: Iterable[render.Op], sets: Mapping[tuple[str, str, str], SetType]) -> Batch:
+    """The netlink messages for ``ops`` (one or more each), pure.
+
+    ``sets`` gives the key type of every set the operations add elements to, keyed by
+    (family, table, name); :class:`kpy_nftables.render.AddSet` operations add to it.
+    Raises :class:`Unsupported` for an operation outside the subset this module encodes.
+    """
+    encoder = _Encoder(sets)
+    for op in ops:
+        try:
+            encoder.op(op)
+        except Unsupported as exc:
+            line = op.nft()
+            if str(exc).startswith(line):
+                raise
+            raise Unsupported(f"{line} ({exc})") from exc
+    return Batch(tuple(encoder.messages), tuple(encoder.lines))
+
+
 # --- the socket ---------------------------------------------------------------------------
 
 
@@ -850,7 +988,7 @@ class NetlinkWriter:
             seq, err = errors[0]
             text = f"{os.strerror(err)} (errno {errno_.errorcode.get(err, err)})"
             if begin < seq <= begin + len(batch.messages):
-                where = batch.lines[seq - begin - 1]
+                where = _text(batch.sources[seq - begin - 1])
             else:
                 where = "the transaction's commit"
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

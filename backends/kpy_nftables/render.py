@@ -715,49 +715,212 @@ def _family_objects(
 _UNQUOTABLE = re.compile(r"[^A-Za-z0-9 _.:/~=+,-]")
 
 
+def comment_text(comment: str) -> str:
+    """What of a comment reaches the kernel: only characters nft takes inside quotes as
+    they are (no quote, backslash, newline, ``;`` or non-ASCII), at most
+    ``COMMENT_MAX`` long. The netlink encoder sends exactly this text."""
+    return _UNQUOTABLE.sub("_", comment)[:COMMENT_MAX]
+
+
 def _quote(comment: str) -> str:
-    """A comment as an nft string: only characters nft takes inside quotes as they are
-    (no quote, backslash, newline, ``;`` or non-ASCII), at most ``COMMENT_MAX`` long."""
-    return '"' + _UNQUOTABLE.sub("_", comment)[:COMMENT_MAX] + '"'
+    """A comment as an nft string (:func:`comment_text` in quotes)."""
+    return '"' + comment_text(comment) + '"'
 
 
-def _chain_rules(chain: Chain) -> list[str]:
-    where = f"{chain.family} {chain.table} {chain.name}"
-    return [f"add rule {where} {rule}" for rule in chain.rules]
+# Operations: one command of a transaction each, carrying the render objects it is
+# about. ``nft()`` is its line in an ``nft -f`` script; kpy_nftables.netlink encodes
+# the same operation as netlink messages without reading that text.
 
 
-def _add(obj: Obj) -> str:
-    if isinstance(obj, Chain):
-        body = f" {{ {obj.hook} }}" if obj.hook else ""
-        return f"add chain {obj.family} {obj.table} {obj.name}{body}"
-    if isinstance(obj, Set):
-        return f"add {obj.kind} {obj.family} {obj.table} {obj.name} {{ {obj.spec} }}"
-    return f"add element {obj.family} {obj.table} {obj.map} {{ {_element_body(obj)} }}"
+@dataclass(frozen=True, slots=True)
+class AddTable:
+    family: str
+    table: str
+
+    def nft(self) -> str:
+        return f"add table {self.family} {self.table}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteTable:
+    family: str
+    table: str
+
+    def nft(self) -> str:
+        return f"delete table {self.family} {self.table}"
+
+
+@dataclass(frozen=True, slots=True)
+class AddChain:
+    """A chain's definition (its hook, if any), without its rules."""
+
+    chain: Chain
+
+    @property
+    def family(self) -> str:
+        return self.chain.family
+
+    @property
+    def table(self) -> str:
+        return self.chain.table
+
+    def nft(self) -> str:
+        c = self.chain
+        body = f" {{ {c.hook} }}" if c.hook else ""
+        return f"add chain {c.family} {c.table} {c.name}{body}"
+
+
+@dataclass(frozen=True, slots=True)
+class FlushChain:
+    family: str
+    table: str
+    name: str
+
+    def nft(self) -> str:
+        return f"flush chain {self.family} {self.table} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteChain:
+    family: str
+    table: str
+    name: str
+
+    def nft(self) -> str:
+        return f"delete chain {self.family} {self.table} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class AddRule:
+    """One of a chain's rules, appended to it."""
+
+    family: str
+    table: str
+    chain: str
+    rule: str
+
+    def nft(self) -> str:
+        return f"add rule {self.family} {self.table} {self.chain} {self.rule}"
+
+
+@dataclass(frozen=True, slots=True)
+class AddSet:
+    """A named set's or verdict map's definition."""
+
+    set: Set
+
+    @property
+    def family(self) -> str:
+        return self.set.family
+
+    @property
+    def table(self) -> str:
+        return self.set.table
+
+    def nft(self) -> str:
+        s = self.set
+        return f"add {s.kind} {s.family} {s.table} {s.name} {{ {s.spec} }}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteSet:
+    family: str
+    table: str
+    kind: str  # "set" or "map"
+    name: str
+
+    def nft(self) -> str:
+        return f"delete {self.kind} {self.family} {self.table} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class AddElements:
+    """Elements added to one set or map (``elements`` all name it)."""
+
+    family: str
+    table: str
+    map: str
+    elements: tuple[Element, ...]
+
+    def nft(self) -> str:
+        body = ", ".join(_element_body(e) for e in self.elements)
+        return f"add element {self.family} {self.table} {self.map} {{ {body} }}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteElements:
+    """Elements removed from one set or map, by their key (``Element.element``)."""
+
+    family: str
+    table: str
+    map: str
+    elements: tuple[Element, ...]
+
+    def nft(self) -> str:
+        body = ", ".join(e.element for e in self.elements)
+        return f"delete element {self.family} {self.table} {self.map} {{ {body} }}"
+
+
+Op = (
+    AddTable
+    | DeleteTable
+    | AddChain
+    | FlushChain
+    | DeleteChain
+    | AddRule
+    | AddSet
+    | DeleteSet
+    | AddElements
+    | DeleteElements
+)
+
+
+def _element_body(e: Element) -> str:
+    comment = f" comment {_quote(e.comment)}" if e.comment else ""
+    verdict = f" : {e.verdict}" if e.verdict else ""
+    return f"{e.element}{comment}{verdict}"
+
+
+def _rule_ops(chain: Chain) -> Iterator[AddRule]:
+    for rule in chain.rules:
+        yield AddRule(chain.family, chain.table, chain.name, rule)
+
+
+def _removal(family: str, table: str, map_name: str, element: str) -> Element:
+    """An element as a removal names it: by its key alone."""
+    return Element(family, map_name, element, "", "", table)
 
 
 @dataclass(frozen=True, slots=True)
 class Transaction:
-    """An nft script in its order. The rules are kept as their chains and written out
-    only when the script is read (a cold sync of 10,000 Services has 110,000 of them)."""
+    """The operations of one transaction in their order. The rules are kept as their
+    chains and the elements as render's objects; operations are made only when read
+    (a cold sync of 10,000 Services has 110,000 rules)."""
 
-    before: tuple[str, ...]  # tables, definitions, flushes
+    before: tuple[Op, ...]  # tables, definitions, flushes
     rule_chains: tuple[Chain, ...]  # the chains whose rules are (re)added
-    del_elements: tuple[str, ...]
-    add_elements: tuple[Element, ...]  # written out when read, like the rules
-    after: tuple[str, ...]  # deletions of chains and sets
+    del_elements: tuple[Element, ...]  # by key (see _removal)
+    add_elements: tuple[Element, ...]
+    after: tuple[Op, ...]  # deletions of chains and sets
     ops: int  # objects added, changed or removed
-    group: bool = False  # a set's elements in commands of up to GROUP
+    group: bool = False  # a set's elements in operations of up to GROUP
 
-    def iter_lines(self) -> Iterator[str]:
+    def iter_ops(self) -> Iterator[Op]:
         yield from self.before
         for chain in self.rule_chains:
-            yield from _chain_rules(chain)
-        yield from (_grouped(self.del_elements) if self.group else self.del_elements)
+            yield from _rule_ops(chain)
         if self.group:
-            yield from _grouped_adds(self.add_elements)
+            yield from _grouped(DeleteElements, self.del_elements)
+            yield from _grouped(AddElements, self.add_elements)
         else:
-            yield from (_add(e) for e in self.add_elements)
+            for e in self.del_elements:
+                yield DeleteElements(e.family, e.table, e.map, (e,))
+            for e in self.add_elements:
+                yield AddElements(e.family, e.table, e.map, (e,))
         yield from self.after
+
+    def iter_lines(self) -> Iterator[str]:
+        return (op.nft() for op in self.iter_ops())
 
     @property
     def lines(self) -> tuple[str, ...]:
@@ -767,7 +930,7 @@ class Transaction:
     def line_count(self) -> int:
         rules = sum(len(c.rules) for c in self.rule_chains)
         if self.group:
-            dels = _commands(Counter(ln.partition(" { ")[0] for ln in self.del_elements))
+            dels = _commands(Counter(_set_of(e) for e in self.del_elements))
             adds = _commands(Counter(_set_of(e) for e in self.add_elements))
         else:
             dels, adds = len(self.del_elements), len(self.add_elements)
@@ -782,9 +945,9 @@ class Fresh:
     """A full sync onto tables that hold no service port yet (a node's first start),
     rendered while it is written: the skeleton's transaction first, then each port's
     sets, chains and rules as ``ports`` yields them, and every element last (grouped,
-    each once). Whoever reads the lines renders the ports, so ``nft`` parses the head
-    of the script while the rest is still being rendered. ``ops`` and ``line_count``
-    are final once the lines have been read."""
+    each once). Whoever reads the operations renders the ports, so ``nft`` parses the
+    head of the script while the rest is still being rendered. ``ops`` and
+    ``line_count`` are final once the operations have been read."""
 
     def __init__(self, skeleton: Transaction, ports: Iterable[Mapping[str, Obj]]) -> None:
         self.skeleton = skeleton
@@ -792,29 +955,32 @@ class Fresh:
         self.ops = skeleton.ops
         self.line_count = 0
 
-    def iter_lines(self) -> Iterator[str]:
-        for line in self._lines():
+    def iter_ops(self) -> Iterator[Op]:
+        for op in self._ops():
             self.line_count += 1
-            yield line
+            yield op
 
-    def _lines(self) -> Iterator[str]:
-        yield from self.skeleton.iter_lines()
+    def iter_lines(self) -> Iterator[str]:
+        return (op.nft() for op in self.iter_ops())
+
+    def _ops(self) -> Iterator[Op]:
+        yield from self.skeleton.iter_ops()
         elements: dict[str, Element] = {}
         for objs in self.ports:
             for obj in objs.values():
                 if isinstance(obj, Set):
                     self.ops += 1
-                    yield _add(obj)
+                    yield AddSet(obj)
             for obj in objs.values():
                 if isinstance(obj, Chain):
                     self.ops += 1
-                    yield _add(obj)
-                    yield from _chain_rules(obj)
+                    yield AddChain(obj)
+                    yield from _rule_ops(obj)
             for key, obj in objs.items():
                 if isinstance(obj, Element):
                     elements.setdefault(key, obj)  # a shared element once
         self.ops += len(elements)
-        yield from _grouped_adds(elements.values())
+        yield from _grouped(AddElements, elements.values())
 
     @property
     def script(self) -> str:
@@ -824,18 +990,18 @@ class Fresh:
     def halves(self) -> tuple[Iterator[str], Iterator[str]]:
         """The lines split by table — the base table and the first
         :data:`SHARDS_WITH_BASE` shards, the other shards — for two ``nft`` processes at
-        once (a table references nothing
-        in another). Both read one rendering; a half that is behind buffers its lines."""
-        source = self.iter_lines()
+        once (a table references nothing in another). Both read one rendering; a half
+        that is behind buffers its lines."""
+        source = self.iter_ops()
         queues: tuple[deque[str], deque[str]] = (deque(), deque())
 
         def half(i: int) -> Iterator[str]:
             while True:
                 while not queues[i]:
-                    line = next(source, None)
-                    if line is None:
+                    op = next(source, None)
+                    if op is None:
                         return
-                    queues[_half_of(line)].append(line)
+                    queues[_half_of(op.table)].append(op.nft())
                 yield queues[i].popleft()
 
         return half(0), half(1)
@@ -848,10 +1014,8 @@ class Fresh:
 SHARDS_WITH_BASE = SHARDS // 4
 
 
-def _half_of(line: str) -> int:
-    """0 for a line about the base table or one of the first :data:`SHARDS_WITH_BASE`
-    shards, else 1 (the table is the fourth word of every line a transaction writes)."""
-    table = line.split(" ", 4)[3]
+def _half_of(table: str) -> int:
+    """0 for the base table or one of the first :data:`SHARDS_WITH_BASE` shards, else 1."""
     if table == TABLE:
         return 0
     return 0 if int(table[len(SHARD_PREFIX) :]) < SHARDS_WITH_BASE else 1
@@ -860,19 +1024,18 @@ def _half_of(line: str) -> int:
 GROUP = 1000  # elements per command when grouped
 
 
-def _grouped(lines: Iterable[str]) -> list[str]:
-    """``add|delete element F T S { e }`` lines of one set merged into commands of up to
-    :data:`GROUP` elements (order kept per set): nft parses one big command much faster
-    than many small ones (a cold sync of 10,000 Services has 125,000 elements)."""
-    by_set: dict[str, list[str]] = {}
-    for line in lines:
-        head, _, body = line.partition(" { ")
-        by_set.setdefault(head, []).append(body.removesuffix(" }"))
-    out = []
-    for head, items in by_set.items():
+def _grouped(
+    kind: type[AddElements] | type[DeleteElements], elements: Iterable[Element]
+) -> Iterator[AddElements | DeleteElements]:
+    """The elements of each set in operations of up to :data:`GROUP` (order kept per
+    set): nft parses one big command much faster than many small ones (a cold sync of
+    10,000 Services has 125,000 elements)."""
+    by_set: dict[tuple[str, str, str], list[Element]] = {}
+    for e in elements:
+        by_set.setdefault(_set_of(e), []).append(e)
+    for (family, table, name), items in by_set.items():
         for i in range(0, len(items), GROUP):
-            out.append(f"{head} {{ {', '.join(items[i : i + GROUP])} }}")
-    return out
+            yield kind(family, table, name, tuple(items[i : i + GROUP]))
 
 
 def _commands(per_set: Counter[Any]) -> int:
@@ -884,23 +1047,6 @@ def _set_of(e: Element) -> tuple[str, str, str]:
     return (e.family, e.table, e.map)
 
 
-def _element_body(e: Element) -> str:
-    comment = f" comment {_quote(e.comment)}" if e.comment else ""
-    verdict = f" : {e.verdict}" if e.verdict else ""
-    return f"{e.element}{comment}{verdict}"
-
-
-def _grouped_adds(elements: Iterable[Element]) -> Iterator[str]:
-    """Additions grouped as :func:`_grouped` does, one command at a time."""
-    by_set: dict[tuple[str, str, str], list[Element]] = {}
-    for e in elements:
-        by_set.setdefault(_set_of(e), []).append(e)
-    for (family, table, name), items in by_set.items():
-        for i in range(0, len(items), GROUP):
-            body = ", ".join(_element_body(e) for e in items[i : i + GROUP])
-            yield f"add element {family} {table} {name} {{ {body} }}"
-
-
 def transaction(
     want: Mapping[str, Obj],
     have: Mapping[str, str],
@@ -908,17 +1054,17 @@ def transaction(
     *,
     group: bool = False,
 ) -> Transaction:
-    """The nft script that makes ``have`` equal ``want`` on ``keys``, ordered so every
+    """The operations that make ``have`` equal ``want`` on ``keys``, ordered so every
     reference exists when it is made and nothing referenced is deleted before its users.
-    With ``group`` the elements of one set go in commands of many elements (for ``nft``;
-    the netlink encoder takes one element per line)."""
-    add_defs: list[str] = []  # sets, maps, chains to create
-    flushes: list[str] = []
+    With ``group`` the elements of one set go in operations of many elements (for
+    ``nft``; the netlink encoder sends one message per element either way)."""
+    add_defs: list[Op] = []  # sets, maps, chains to create
+    flushes: list[Op] = []
     rules: list[Chain] = []
-    del_elements: list[str] = []
+    del_elements: list[Element] = []
     add_elements: list[Element] = []
-    del_chains: list[str] = []
-    del_sets: list[str] = []
+    del_chains: list[Op] = []
+    del_sets: list[Op] = []
     ops = 0
     tables: set[tuple[str, str]] = set()
     for key in sorted(set(keys)):
@@ -934,26 +1080,24 @@ def transaction(
         if obj is None:  # remove
             if kind == "element":
                 map_name, element = rest.split(" ", 1)
-                del_elements.append(f"delete element {family} {table} {map_name} {{ {element} }}")
+                del_elements.append(_removal(family, table, map_name, element))
             elif kind == "chain":
-                flushes.append(f"flush chain {family} {table} {rest}")
-                del_chains.append(f"delete chain {family} {table} {rest}")
+                flushes.append(FlushChain(family, table, rest))
+                del_chains.append(DeleteChain(family, table, rest))
             else:
-                del_sets.append(f"delete {kind} {family} {table} {rest}")
+                del_sets.append(DeleteSet(family, table, kind, rest))
             continue
         if isinstance(obj, Element):
             if current is not None:
-                del_elements.append(
-                    f"delete element {family} {table} {obj.map} {{ {obj.element} }}"
-                )
+                del_elements.append(_removal(family, table, obj.map, obj.element))
             add_elements.append(obj)
         elif isinstance(obj, Chain):
-            add_defs.append(_add(obj))
+            add_defs.append(AddChain(obj))
             if current is not None:
-                flushes.append(f"flush chain {family} {table} {obj.name}")
+                flushes.append(FlushChain(family, table, obj.name))
             rules.append(obj)
         elif current is None:
-            add_defs.append(_add(obj))
+            add_defs.append(AddSet(obj))
         else:
             # A set or map whose definition differs from what is wanted cannot be
             # redefined while rules use it; its name fixes what matters, so leave it.
@@ -962,7 +1106,7 @@ def transaction(
         return Transaction((), (), (), (), (), 0)
     # Fingerprints live in the base tables, so a transaction always touches them.
     tables.update((nf, TABLE) for nf in FAMILIES)
-    head = [f"add table {nf} {table}" for nf, table in sorted(tables)]
+    head = [AddTable(nf, table) for nf, table in sorted(tables)]
     return Transaction(
         (*head, *add_defs, *flushes),
         tuple(rules),

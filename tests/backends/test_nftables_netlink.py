@@ -5,6 +5,7 @@ identical rulesets (``nft list ruleset``), for every kind of Service render prod
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -498,3 +499,39 @@ def test_sets_added_in_the_script_are_known_to_later_lines() -> None:
 
 def test_empty_script_is_an_empty_batch() -> None:
     assert len(netlink.encode("", {})) == 0
+
+
+def _every_case_encoded() -> list[netlink.Batch]:
+    """Each case's transaction encoded from its operations (one element each, as the
+    backend sends them, and grouped), and a ServiceCIDR change."""
+    batches = []
+    for case in CASES:
+        old, new = _want(case.before, case.config), _want(case.after, case.config)
+        have = {k: o.value for k, o in old.items()}
+        sets = netlink.set_types({**render.base_objects(case.config), **old}.values())
+        for group in (False, True):
+            txn = render.transaction(new, have, {*old, *new}, group=group)
+            batches.append(netlink.encode_ops(txn.iter_ops(), sets))
+    was = render.base_objects(BackendConfig())
+    will = render.base_objects(BackendConfig(service_cidrs=(ipaddress.ip_network("10.96.0.0/12"),)))
+    keys = {k for k in was if was[k].value != will[k].value}
+    txn = render.transaction(will, {k: o.value for k, o in was.items()}, keys)
+    batches.append(netlink.encode_ops(txn.iter_ops(), netlink.set_types(will.values())))
+    return batches
+
+
+# The digest of every message above as the encoder of ``nft -f`` script lines (which
+# this encoder of render's operations replaced) wrote them: the same bytes.
+SCRIPT_ENCODER_DIGEST = "7dc5a85eeb9e37d1fe33fb5fd17b1b9a7d0e60c343b5b5d7e41319a2b553f4d0"
+
+
+def test_operations_encode_to_the_bytes_script_lines_did() -> None:
+    batches = _every_case_encoded()
+    digest = hashlib.sha256()
+    for batch in batches:
+        digest.update(b"".join(batch.messages))
+    assert digest.hexdigest() == SCRIPT_ENCODER_DIGEST
+    # grouped operations are sent one element a message, named one element a line
+    for single, grouped in zip(batches[0:-1:2], batches[1:-1:2], strict=True):
+        assert grouped.messages == single.messages and grouped.lines == single.lines
+    assert sum(len(b) for b in batches) > 500
