@@ -160,11 +160,11 @@ class NftablesBackend:
 
     async def _send_small(self, txn: render.Transaction) -> tuple[int, str]:
         """A partial sync's transaction as one netlink batch from this process (no nft
-        process, no cache of the ruleset); ``nft -f`` when it holds a line the encoder
-        does not know. Returns the script's size in bytes and the writer used."""
+        process, no cache of the ruleset); ``nft -f`` when it holds an operation the
+        encoder does not know. Returns the script's size in bytes and the writer used."""
         script = txn.script
         try:
-            batch = netlink.encode(script, self._set_types)
+            batch = netlink.encode(txn.iter_ops(), self._set_types)
         except netlink.Unsupported as exc:
             log.debug("nftables_netlink_unsupported", line=str(exc))
             await self._nft.run_script(script)
@@ -575,10 +575,10 @@ def _delete_tables(netns: str | None) -> None:
         reader.close()
     if not tables:
         return
-    script = "".join(f"delete table {family} {name}\n" for family, name in tables)
+    ops = [render.DeleteTable(family, name) for family, name in tables]
     writer = netlink.NetlinkWriter(netns)
     try:
-        writer.send(netlink.encode(script, {}))
+        writer.send(netlink.encode(ops, {}))
     finally:
         writer.close()
 

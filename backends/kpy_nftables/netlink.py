@@ -3,18 +3,20 @@
 A one-endpoint change at 10,000 Services spends most of its time outside the kernel
 when it goes through ``nft -f``: starting the process, and nft listing every chain
 and set of the ruleset into its cache before it sends a byte. kpy knows exactly what
-it wants, so :func:`encode` turns the script :func:`kpy_nftables.render.transaction`
-writes into nf_tables netlink messages itself, and :class:`NetlinkWriter` sends them as
-one atomic batch (``NFNL_MSG_BATCH_BEGIN`` … ``NFNL_MSG_BATCH_END``) on a socket it
-keeps open inside the node's network namespace.
+it wants, so :func:`encode` turns the operations of a
+:class:`kpy_nftables.render.Transaction` (render's typed commands, which carry render's
+objects) into nf_tables netlink messages itself, and :class:`NetlinkWriter` sends them
+as one atomic batch (``NFNL_MSG_BATCH_BEGIN`` … ``NFNL_MSG_BATCH_END``) on a socket it
+keeps open inside the node's network namespace. Tables, chains, sets and elements are
+encoded from the objects' fields; a rule from its statements (the words of its text).
 
-Only the subset of the nft language that render writes is understood: tables, regular
-chains, named sets and maps, their elements, the rules of the per-service chains
-(with anonymous sets of source ranges) and of the ``cluster-ips-check`` chain
-(``reject``, service CIDR drops). Anything else — base chains, verdict-map
-lookups, statements render never writes — raises :class:`Unsupported`, and the caller
-sends that transaction with ``nft -f`` instead. Nothing is guessed: every encoding here
-is the one ``nft --debug=mnl`` shows nft 1.0 sending, and the tests compare
+Only what render writes is understood: tables, regular chains, named sets and maps,
+their elements, the rules of the per-service chains (with anonymous sets of source
+ranges) and of the ``cluster-ips-check`` chain (``reject``, service CIDR drops).
+Anything else — base chains, verdict-map lookups, statements render never writes —
+raises :class:`Unsupported`, and the caller sends that transaction with ``nft -f``
+(each operation's ``nft()`` line) instead. Nothing is guessed: every encoding here is
+the one ``nft --debug=mnl`` shows nft 1.0 sending, and the tests compare
 ``nft list ruleset`` after both writers.
 """
 
@@ -129,7 +131,7 @@ REG_2 = 2
 
 
 class Unsupported(Exception):
-    """A script line outside the subset this module encodes; use ``nft -f`` instead."""
+    """An operation outside the subset this module encodes; use ``nft -f`` instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,12 +148,12 @@ class Batch:
     """Netlink messages (sequence numbers still 0) and the operation each encodes."""
 
     messages: tuple[bytes, ...]
-    sources: tuple[render.Op | str, ...]
+    sources: tuple[render.Op, ...]
 
     @property
     def lines(self) -> tuple[str, ...]:
         """Each message's operation as an ``nft`` line (for messages and tests)."""
-        return tuple(_text(s) for s in self.sources)
+        return tuple(s.nft() for s in self.sources)
 
     @property
     def size(self) -> int:
@@ -341,51 +343,8 @@ class _Encoder:
         self.sets = dict(sets)
         self.new_sets: dict[tuple[str, str, str], int] = {}  # set id within this batch
         self.messages: list[bytes] = []
-        self.lines: list[render.Op | str] = []  # what each message was encoded from
+        self.sources: list[render.Op] = []  # what each message was encoded from
         self.last_set_id = 0
-
-    def line(self, line: str) -> None:
-        words = line.split()
-        if len(words) < 4 or words[2] not in FAMILIES:
-            raise Unsupported(line)
-        verb, obj, family, table = words[:4]
-        _check_name(table)
-        nf = FAMILIES[family]
-        rest = line.split(None, 4)[4] if len(words) > 4 else ""
-        if len(words) == 5:
-            _check_name(rest)  # the chain or set a line names
-        if (verb, obj) == ("add", "table") and not rest:
-            msg = _message(NFT_MSG_NEWTABLE, NLM_F_CREATE, nf, _str(1, table), _u32(2, 0))
-        elif (verb, obj) == ("delete", "table") and not rest:
-            msg = _message(NFT_MSG_DELTABLE, 0, nf, _str(1, table))
-        elif (verb, obj) == ("add", "chain") and len(words) == 5:
-            msg = _message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, nf, _str(1, table), _str(3, rest))
-        elif (verb, obj) == ("flush", "chain") and len(words) == 5:
-            msg = _message(NFT_MSG_DELRULE, 0, nf, _str(1, table), _str(2, rest))
-        elif (verb, obj) == ("delete", "chain") and len(words) == 5:
-            msg = _message(NFT_MSG_DELCHAIN, 0, nf, _str(1, table), _str(3, rest))
-        elif verb == "delete" and obj in ("set", "map") and len(words) == 5:
-            msg = _message(NFT_MSG_DELSET, 0, nf, _str(1, table), _str(2, rest))
-        elif verb == "add" and obj in ("set", "map") and len(words) > 5:
-            msg = self._add_set(line, obj, family, table, rest)
-        elif obj == "element" and verb in ("add", "delete") and len(words) > 5:
-            msg = self._element(line, verb, family, table, rest)
-        elif (verb, obj) == ("add", "rule") and len(words) > 5:
-            chain, rule = rest.split(None, 1)
-            _check_name(chain)
-            exprs = _Rule(self, family, table, line).encode(rule.split())
-            msg = _message(
-                NFT_MSG_NEWRULE,
-                NLM_F_CREATE | NLM_F_APPEND,
-                nf,
-                _str(1, table),
-                _str(2, chain),
-                _nest(4, *exprs),
-            )
-        else:
-            raise Unsupported(line)
-        self.messages.append(msg)
-        self.lines.append(line)
 
     # --- operations (render's typed commands) ----------------------------------------
 
@@ -395,46 +354,60 @@ class _Encoder:
         if op.family not in FAMILIES:
             raise Unsupported(op.nft())
         nf = FAMILIES[op.family]
-        table = _str(1, op.table)
-        if isinstance(op, render.AddElements | render.DeleteElements):
-            if len(op.elements) == 1:
-                self.messages.append(self._element_op(op, op.elements[0]))
-                self.lines.append(op)
-                return
-            for e in op.elements:  # one message per element, each its own line
-                one = type(op)(op.family, op.table, op.map, (e,))
-                self.messages.append(self._element_op(one, e))
-                self.lines.append(one)
-            return
-        if isinstance(op, render.AddTable):
-            msg = _message(NFT_MSG_NEWTABLE, NLM_F_CREATE, nf, table, _u32(2, 0))
-        elif isinstance(op, render.DeleteTable):
-            msg = _message(NFT_MSG_DELTABLE, 0, nf, table)
-        elif isinstance(op, render.AddChain):
-            if op.chain.hook:
-                raise Unsupported(op.nft())  # base chains: written by nft
-            name = _str(3, _check_name(op.chain.name))
-            msg = _message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, nf, table, name)
-        elif isinstance(op, render.FlushChain):
-            msg = _message(NFT_MSG_DELRULE, 0, nf, table, _str(2, _check_name(op.name)))
-        elif isinstance(op, render.DeleteChain):
-            msg = _message(NFT_MSG_DELCHAIN, 0, nf, table, _str(3, _check_name(op.name)))
-        elif isinstance(op, render.DeleteSet):
-            msg = _message(NFT_MSG_DELSET, 0, nf, table, _str(2, _check_name(op.name)))
-        elif isinstance(op, render.AddSet):
-            msg = self._set_op(op)
-        else:
+        if isinstance(op, render.AddRule):  # the most frequent first
             exprs = _Rule(self, op.family, op.table, op).encode(op.rule.split())
             msg = _message(
                 NFT_MSG_NEWRULE,
                 NLM_F_CREATE | NLM_F_APPEND,
                 nf,
-                table,
+                _str(1, op.table),
                 _str(2, _check_name(op.chain)),
                 _nest(4, *exprs),
             )
+        elif isinstance(op, (render.AddElements, render.DeleteElements)):
+            if len(op.elements) == 1:
+                self.messages.append(self._element_op(op, op.elements[0]))
+                self.sources.append(op)
+                return
+            for e in op.elements:  # one message per element, each its own line
+                one = type(op)(op.family, op.table, op.map, (e,))
+                self.messages.append(self._element_op(one, e))
+                self.sources.append(one)
+            return
+        else:
+            msg = self._definition(op, nf, _str(1, op.table))
         self.messages.append(msg)
-        self.lines.append(op)
+        self.sources.append(op)
+
+    def _definition(
+        self,
+        op: render.AddTable
+        | render.DeleteTable
+        | render.AddChain
+        | render.FlushChain
+        | render.DeleteChain
+        | render.AddSet
+        | render.DeleteSet,
+        nf: int,
+        table: bytes,
+    ) -> bytes:
+        """A table's, chain's or set's message."""
+        if isinstance(op, render.AddTable):
+            return _message(NFT_MSG_NEWTABLE, NLM_F_CREATE, nf, table, _u32(2, 0))
+        if isinstance(op, render.DeleteTable):
+            return _message(NFT_MSG_DELTABLE, 0, nf, table)
+        if isinstance(op, render.AddChain):
+            if op.chain.hook:
+                raise Unsupported(op.nft())  # base chains: written by nft
+            name = _str(3, _check_name(op.chain.name))
+            return _message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, nf, table, name)
+        if isinstance(op, render.FlushChain):
+            return _message(NFT_MSG_DELRULE, 0, nf, table, _str(2, _check_name(op.name)))
+        if isinstance(op, render.DeleteChain):
+            return _message(NFT_MSG_DELCHAIN, 0, nf, table, _str(3, _check_name(op.name)))
+        if isinstance(op, render.DeleteSet):
+            return _message(NFT_MSG_DELSET, 0, nf, table, _str(2, _check_name(op.name)))
+        return self._set_op(op)
 
     def _set_op(self, op: render.AddSet) -> bytes:
         s = op.set
@@ -502,129 +475,30 @@ class _Encoder:
         self.last_set_id += 1
         return self.last_set_id
 
-    def extra(self, message: bytes, line: render.Op | str) -> None:
-        """A message a line needs before its own (an anonymous set for a rule)."""
+    def extra(self, message: bytes, source: render.Op) -> None:
+        """A message an operation needs before its own (an anonymous set for a rule)."""
         self.messages.append(message)
-        self.lines.append(line)
+        self.sources.append(source)
 
     def set_ref(self, family: str, table: str, name: str) -> tuple[bytes, ...]:
         """The name (and, for a set created in this batch, the id) to reference a set by."""
         set_id = self.new_sets.get((family, table, _check_name(name)))
         return (name.encode(),) if set_id is None else (name.encode(), struct.pack(">I", set_id))
 
-    def _add_set(self, line: str, obj: str, family: str, table: str, rest: str) -> bytes:
-        name, sep, spec = rest.partition(" { ")
-        if not sep or not spec.endswith(" }"):
-            raise Unsupported(line)
-        _check_name(name)
-        clauses = [c.strip() for c in spec[: -len(" }")].split(";") if c.strip()]
-        timeout = None
-        type_ = None
-        flags = NFT_SET_MAP if obj == "map" else 0
-        for clause in clauses:
-            if clause.startswith("type "):
-                type_ = clause.removeprefix("type ")
-            elif clause == "flags dynamic,timeout" and obj == "set":
-                flags |= NFT_SET_TIMEOUT | NFT_SET_EVAL
-            elif clause.startswith("timeout ") and clause.endswith("s") and obj == "set":
-                timeout = _number(clause.removeprefix("timeout ").removesuffix("s"))
-            else:
-                raise Unsupported(line)
-        if type_ is None:
-            raise Unsupported(line)
-        if obj == "map":
-            type_, sep, data = type_.partition(" : ")
-            if data != "verdict":
-                raise Unsupported(line)
-        if (timeout is None) != (not flags & NFT_SET_TIMEOUT):
-            raise Unsupported(line)
-        type_id, key_len = _key_type(type_)
-        concat = " . " in type_
-        if not concat and type_ not in ("ipv4_addr", "ipv6_addr"):
-            raise Unsupported(line)  # other byte orders: not written by render
-        set_id = self.next_set_id()
-        self.new_sets[(family, table, name)] = set_id
-        self.sets[(family, table, name)] = SetType(type_, obj, timeout)
-        attrs = [
-            _str(1, table),
-            _str(2, name),
-            _u32(3, flags),
-            _u32(4, type_id),
-            _u32(5, key_len),
-        ]
-        if obj == "map":
-            attrs += [_u32(6, NFT_DATA_VERDICT), _u32(7, 0)]
-        attrs.append(_u32(10, set_id))
-        if timeout is not None:
-            attrs.append(_u64(11, timeout * 1000))
-        if not concat:
-            udata = UDATA_ADDR_SET
-        else:
-            udata = UDATA_CONCAT_MAP if obj == "map" else UDATA_CONCAT_SET
-        attrs.append(_attr(13, udata))
-        return _message(NFT_MSG_NEWSET, NLM_F_CREATE, FAMILIES[family], *attrs)
 
-    def _element(self, line: str, verb: str, family: str, table: str, rest: str) -> bytes:
-        name, sep, body = rest.partition(" { ")
-        if not sep or not body.endswith(" }") or "," in body:
-            raise Unsupported(line)
-        body = body[: -len(" }")]
-        comment = None
-        verdict = None
-        key_text, sep, after = body.partition(' comment "')
-        if sep:
-            comment, sep, after = after.partition('"')
-            if not sep:
-                raise Unsupported(line)
-            if after:
-                if not after.startswith(" : "):
-                    raise Unsupported(line)
-                verdict = after.removeprefix(" : ")
-        elif " : " in body:
-            key_text, _, verdict = body.partition(" : ")
-        set_type = self.sets.get((family, table, name))
-        if set_type is None:
-            raise Unsupported(f"type of set {name!r} unknown")
-        if verb == "delete" and (comment is not None or verdict is not None):
-            raise Unsupported(line)
-        if (verdict is not None) != (set_type.kind == "map") and verb == "add":
-            raise Unsupported(line)
-        elem = [_nest(1, _data(_key(set_type.type, key_text.strip())))]  # NFTA_SET_ELEM_KEY
-        if verdict is not None:
-            elem.append(_verdict_data(2, *_verdict(verdict, line)))  # NFTA_SET_ELEM_DATA
-        if comment is not None:
-            raw = comment.encode() + b"\0"
-            if len(raw) > 128:
-                raise Unsupported(line)
-            elem.append(_attr(6, bytes([0, len(raw)]) + raw))  # NFTNL_UDATA_SET_ELEM_COMMENT
-        ref = self.set_ref(family, table, name)
-        attrs = [_str(1, table), _attr(2, ref[0] + b"\0")]
-        if len(ref) > 1:
-            attrs.append(_attr(4, ref[1]))
-        attrs.append(_nest(3, _nest(1, *elem)))
-        kind, flags = (
-            (NFT_MSG_NEWSETELEM, NLM_F_CREATE) if verb == "add" else (NFT_MSG_DELSETELEM, 0)
-        )
-        return _message(kind, flags, FAMILIES[family], *attrs)
-
-
-def _verdict(text: str, line: render.Op | str) -> tuple[str, str | None]:
+def _verdict(text: str, line: render.Op) -> tuple[str, str | None]:
     words = text.split()
     if len(words) == 1 and words[0] in ("drop", "accept", "return"):
         return words[0], None
     if len(words) == 2 and words[0] in ("jump", "goto"):
         return words[0], words[1]
-    raise Unsupported(_text(line))
-
-
-def _text(source: render.Op | str) -> str:
-    return source if isinstance(source, str) else source.nft()
+    raise Unsupported(line.nft())
 
 
 class _Rule:
     """One rule's statements → expressions, as nft 1.0 linearizes them."""
 
-    def __init__(self, encoder: _Encoder, family: str, table: str, line: render.Op | str) -> None:
+    def __init__(self, encoder: _Encoder, family: str, table: str, line: render.Op) -> None:
         self.encoder = encoder
         self.family = family
         self.table = table
@@ -632,7 +506,7 @@ class _Rule:
         self.l4proto = False
 
     def fail(self) -> Unsupported:
-        return Unsupported(_text(self.line))
+        return Unsupported(self.line.nft())
 
     def encode(self, words: list[str]) -> list[bytes]:
         exprs: list[bytes] = []
@@ -888,28 +762,7 @@ def set_types(objs: Iterable[render.Obj]) -> dict[tuple[str, str, str], SetType]
     }
 
 
-def encode(script: str, sets: Mapping[tuple[str, str, str], SetType]) -> Batch:
-    """The netlink messages for ``script`` (one or more per line), pure.
-
-    ``sets`` gives the key type of every set the script adds elements to, keyed by
-    (family, table, name); ``add set``/``add map`` lines in the script add to it.
-    Raises :class:`Unsupported` for any line outside the subset render writes.
-    """
-    encoder = _Encoder(sets)
-    for line in script.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            encoder.line(line)
-        except Unsupported as exc:
-            if str(exc).startswith(line):
-                raise
-            raise Unsupported(f"{line} ({exc})") from exc
-    return Batch(tuple(encoder.messages), tuple(encoder.lines))
-
-
-def encode_ops(ops: Iterable[render.Op], sets: Mapping[tuple[str, str, str], SetType]) -> Batch:
+def encode(ops: Iterable[render.Op], sets: Mapping[tuple[str, str, str], SetType]) -> Batch:
     """The netlink messages for ``ops`` (one or more each), pure.
 
     ``sets`` gives the key type of every set the operations add elements to, keyed by
@@ -925,7 +778,7 @@ def encode_ops(ops: Iterable[render.Op], sets: Mapping[tuple[str, str, str], Set
             if str(exc).startswith(line):
                 raise
             raise Unsupported(f"{line} ({exc})") from exc
-    return Batch(tuple(encoder.messages), tuple(encoder.lines))
+    return Batch(tuple(encoder.messages), tuple(encoder.sources))
 
 
 # --- the socket ---------------------------------------------------------------------------
@@ -988,7 +841,7 @@ class NetlinkWriter:
             seq, err = errors[0]
             text = f"{os.strerror(err)} (errno {errno_.errorcode.get(err, err)})"
             if begin < seq <= begin + len(batch.messages):
-                where = _text(batch.sources[seq - begin - 1])
+                where = batch.sources[seq - begin - 1].nft()
             else:
                 where = "the transaction's commit"
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

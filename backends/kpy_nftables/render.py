@@ -16,7 +16,10 @@ in its comment. A restarted agent lists chain names, set and map elements — fa
 and knows which chains are intact without reading a single rule.
 
 :func:`transaction` turns wanted objects and programmed values, over a set of keys,
-into one ``nft -f`` script whose size is proportional to what differs.
+into one transaction whose size is proportional to what differs: typed operations (add
+a table, chain, set or elements, add a rule, flush or delete) that carry these objects.
+Each operation's ``nft()`` is its line of an ``nft -f`` script;
+:mod:`kpy_nftables.netlink` encodes the same operations as netlink messages directly.
 """
 
 from __future__ import annotations
@@ -729,10 +732,12 @@ def _quote(comment: str) -> str:
 
 # Operations: one command of a transaction each, carrying the render objects it is
 # about. ``nft()`` is its line in an ``nft -f`` script; kpy_nftables.netlink encodes
-# the same operation as netlink messages without reading that text.
+# the same operation as netlink messages without reading that text. Never changed once
+# made (not frozen only because a frozen dataclass takes four times as long to make,
+# and a cold sync makes one per rule).
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AddTable:
     family: str
     table: str
@@ -741,7 +746,7 @@ class AddTable:
         return f"add table {self.family} {self.table}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeleteTable:
     family: str
     table: str
@@ -750,7 +755,7 @@ class DeleteTable:
         return f"delete table {self.family} {self.table}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AddChain:
     """A chain's definition (its hook, if any), without its rules."""
 
@@ -770,7 +775,7 @@ class AddChain:
         return f"add chain {c.family} {c.table} {c.name}{body}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FlushChain:
     family: str
     table: str
@@ -780,7 +785,7 @@ class FlushChain:
         return f"flush chain {self.family} {self.table} {self.name}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeleteChain:
     family: str
     table: str
@@ -790,7 +795,7 @@ class DeleteChain:
         return f"delete chain {self.family} {self.table} {self.name}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AddRule:
     """One of a chain's rules, appended to it."""
 
@@ -803,7 +808,7 @@ class AddRule:
         return f"add rule {self.family} {self.table} {self.chain} {self.rule}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AddSet:
     """A named set's or verdict map's definition."""
 
@@ -822,7 +827,7 @@ class AddSet:
         return f"add {s.kind} {s.family} {s.table} {s.name} {{ {s.spec} }}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeleteSet:
     family: str
     table: str
@@ -833,7 +838,7 @@ class DeleteSet:
         return f"delete {self.kind} {self.family} {self.table} {self.name}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AddElements:
     """Elements added to one set or map (``elements`` all name it)."""
 
@@ -847,7 +852,7 @@ class AddElements:
         return f"add element {self.family} {self.table} {self.map} {{ {body} }}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeleteElements:
     """Elements removed from one set or map, by their key (``Element.element``)."""
 
