@@ -8,7 +8,8 @@ it wants, so :func:`encode` turns the operations of a
 objects) into nf_tables netlink messages itself, and :class:`NetlinkWriter` sends them
 as one atomic batch (``NFNL_MSG_BATCH_BEGIN`` … ``NFNL_MSG_BATCH_END``) on a socket it
 keeps open inside the node's network namespace. Tables, chains, sets and elements are
-encoded from the objects' fields; a rule from its statements (the words of its text).
+encoded from the objects' fields, a rule from its typed statements
+(:class:`kpy_nftables.render.Rule`); no text is read back.
 
 Only what render writes is understood: tables, regular chains, named sets and maps,
 their elements, the rules of the per-service chains (with anonymous sets of source
@@ -355,7 +356,7 @@ class _Encoder:
             raise Unsupported(op.nft())
         nf = FAMILIES[op.family]
         if isinstance(op, render.AddRule):  # the most frequent first
-            exprs = _Rule(self, op.family, op.table, op).encode(op.rule.split())
+            exprs = _Rule(self, op).encode(op.rule.statements)
             msg = _message(
                 NFT_MSG_NEWRULE,
                 NLM_F_CREATE | NLM_F_APPEND,
@@ -498,149 +499,119 @@ def _verdict(text: str, line: render.Op) -> tuple[str, str | None]:
 class _Rule:
     """One rule's statements → expressions, as nft 1.0 linearizes them."""
 
-    def __init__(self, encoder: _Encoder, family: str, table: str, line: render.Op) -> None:
+    def __init__(self, encoder: _Encoder, op: render.AddRule) -> None:
         self.encoder = encoder
-        self.family = family
-        self.table = table
-        self.line = line
+        self.family = op.family
+        self.table = op.table
+        self.op = op
         self.l4proto = False
 
     def fail(self) -> Unsupported:
-        return Unsupported(self.line.nft())
+        return Unsupported(self.op.nft())
 
-    def encode(self, words: list[str]) -> list[bytes]:
+    def encode(self, statements: tuple[render.Statement, ...]) -> list[bytes]:
         exprs: list[bytes] = []
-        i = 0
-        n = len(words)
-
-        def take(count: int) -> list[str]:
-            nonlocal i
-            if i + count > n:
-                raise self.fail()
-            got = words[i : i + count]
-            i += count
-            return got
-
-        while i < n:
-            word = words[i]
-            if word == "reject" and i == n - 1:
-                # nft 1.0 in an ip/ip6 table: ICMP(v6) port unreachable
-                take(1)
-                code = ICMP_PORT_UNREACH if self.family == "ip" else ICMPV6_PORT_UNREACH
-                exprs.append(
-                    _expr("reject", _u32(1, NFT_REJECT_ICMP_UNREACH), _attr(2, bytes([code])))
-                )
-            elif word in ("drop", "accept", "return") and i == n - 1:
-                take(1)
-                exprs.append(_expr("immediate", _u32(1, REG_VERDICT), _verdict_data(2, word, None)))
-            elif word in ("goto", "jump") and i == n - 2:
-                _, chain = take(2)
-                exprs.append(
-                    _expr("immediate", _u32(1, REG_VERDICT), _verdict_data(2, word, chain))
-                )
-            elif word == "meta" and words[i + 1 : i + 2] == ["l4proto"]:
-                _, _, proto = take(3)
-                if proto not in PROTOCOLS or self.l4proto:
-                    raise self.fail()
-                self.l4proto = True
-                exprs += [_meta_load(NFT_META_L4PROTO), _cmp(NFT_CMP_EQ, bytes([PROTOCOLS[proto]]))]
-            elif words[i : i + 6] == ["meta", "mark", "set", "meta", "mark", "|"]:
-                mark = _number(take(7)[6])
-                if not 0 <= mark <= 0xFFFFFFFF:
-                    raise self.fail()
-                exprs += [
-                    _meta_load(NFT_META_MARK),
-                    _bitwise(
-                        struct.pack("=I", ~mark & 0xFFFFFFFF), struct.pack("=I", mark), op=True
-                    ),
-                    _expr("meta", _u32(2, NFT_META_MARK), _u32(3, REG_1)),
-                ]
-            elif word == self.family and i + 2 < n:
-                count = 3 if words[i + 2] != "!=" else 4
-                if words[i + count - 1 : i + count] == ["{"]:
-                    if "}" not in words[i + count :]:
-                        raise self.fail()
-                    count = words.index("}", i + count) - i + 1
-                exprs += self._address_match(take(count))
-            elif word in PROTOCOLS and words[i + 1 : i + 2] == ["dport"]:
-                _, _, port = take(3)
-                if self.l4proto:
-                    raise self.fail()  # nft would drop its own dependency: not encoded
-                exprs += [
-                    _meta_load(NFT_META_L4PROTO),
-                    _cmp(NFT_CMP_EQ, bytes([PROTOCOLS[word]])),
-                    _payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
-                    _cmp(NFT_CMP_EQ, _component("inet_service", port)),
-                ]
-            elif word == "numgen":
-                got = take(6)
-                if got[1:3] != ["random", "mod"] or got[4:6] != ["==", "0"]:
-                    raise self.fail()
-                modulus = _number(got[3])
-                if not 1 <= modulus <= 0xFFFFFFFF:
-                    raise self.fail()
-                exprs += [
-                    _expr(
-                        "numgen",
-                        _u32(1, REG_1),
-                        _u32(2, modulus),
-                        _u32(3, NFT_NG_RANDOM),
-                        _u32(4, 0),
-                    ),
-                    _cmp(NFT_CMP_EQ, struct.pack("=I", 0)),
-                ]
-            elif word == "fib":
-                if take(4) != ["fib", "saddr", "type", "local"]:
-                    raise self.fail()
-                exprs += [
-                    _expr(
-                        "fib",
-                        _u32(3, NFTA_FIB_F_SADDR),
-                        _u32(2, NFT_FIB_RESULT_ADDRTYPE),
-                        _u32(1, REG_1),
-                    ),
-                    _cmp(NFT_CMP_EQ, struct.pack("=I", RTN_LOCAL)),
-                ]
-            elif word == "update":
-                got = take(6)
-                if not got[1].startswith("@") or got[2:6] != ["{", self.family, "saddr", "}"]:
-                    raise self.fail()
-                offset, length = ADDRESSES[(self.family, "saddr")]
-                ref = self.encoder.set_ref(self.family, self.table, got[1][1:])
-                attrs = [_u32(3, NFT_DYNSET_OP_UPDATE), _u32(4, REG_1), _attr(1, ref[0] + b"\0")]
-                if len(ref) > 1:
-                    attrs.append(_attr(2, ref[1]))
-                exprs += [
-                    _payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length),
-                    _expr("dynset", *attrs),
-                ]
-            elif word == "dnat" and i == n - 3 and words[i + 1] == "to":
-                exprs += self._dnat(take(3)[2])
-            else:
-                raise self.fail()
+        last = len(statements) - 1
+        for i, st in enumerate(statements):
+            if isinstance(st, render.Verdict | render.Reject | render.Dnat) and i != last:
+                raise self.fail()  # a statement that ends the rule, not at its end
+            exprs += self._statement(st)
         return exprs
 
-    def _address_match(self, words: list[str]) -> list[bytes]:
-        selector = words[1]
-        if (self.family, selector) not in ADDRESSES:
-            raise self.fail()
-        offset, length = ADDRESSES[(self.family, selector)]
-        op = NFT_CMP_NEQ if words[2] == "!=" else NFT_CMP_EQ
-        load = _payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length)
-        if words[-1] == "}":
-            items = " ".join(words[4 if op == NFT_CMP_NEQ else 3 : -1]).split(",")
-            return [load, self._anonymous_lookup(selector, [x.strip() for x in items], op)]
-        if len(words) != (4 if op == NFT_CMP_NEQ else 3):
-            raise self.fail()
-        value = words[-1]
-        if value.startswith("@"):
-            if op != NFT_CMP_EQ:
+    def _statement(self, st: render.Statement) -> list[bytes]:
+        if isinstance(st, render.Reject):
+            if st.tcp_reset:
                 raise self.fail()
-            ref = self.encoder.set_ref(self.family, self.table, value[1:])
+            # nft 1.0 in an ip/ip6 table: ICMP(v6) port unreachable
+            code = ICMP_PORT_UNREACH if self.family == "ip" else ICMPV6_PORT_UNREACH
+            return [_expr("reject", _u32(1, NFT_REJECT_ICMP_UNREACH), _attr(2, bytes([code])))]
+        if isinstance(st, render.Verdict):
+            if (st.chain is None) != (st.verdict in ("drop", "accept", "return")):
+                raise self.fail()
+            if st.verdict not in VERDICTS:
+                raise self.fail()
+            return [_expr("immediate", _u32(1, REG_VERDICT), _verdict_data(2, *st))]
+        if isinstance(st, render.L4Proto):
+            if st.proto not in PROTOCOLS or self.l4proto:
+                raise self.fail()
+            self.l4proto = True
+            return [_meta_load(NFT_META_L4PROTO), _cmp(NFT_CMP_EQ, bytes([PROTOCOLS[st.proto]]))]
+        if isinstance(st, render.MarkSet):
+            mark = _number(st.mark)
+            if st.op != "|" or not 0 <= mark <= 0xFFFFFFFF:
+                raise self.fail()
+            return [
+                _meta_load(NFT_META_MARK),
+                _bitwise(struct.pack("=I", ~mark & 0xFFFFFFFF), struct.pack("=I", mark), op=True),
+                _expr("meta", _u32(2, NFT_META_MARK), _u32(3, REG_1)),
+            ]
+        if isinstance(st, render.Addr | render.AddrIn):
+            return self._address_match(st)
+        if isinstance(st, render.DPort):
+            if st.proto not in PROTOCOLS or self.l4proto:
+                raise self.fail()  # nft would drop its own dependency: not encoded
+            return [
+                _meta_load(NFT_META_L4PROTO),
+                _cmp(NFT_CMP_EQ, bytes([PROTOCOLS[st.proto]])),
+                _payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
+                _cmp(NFT_CMP_EQ, _component("inet_service", str(st.port))),
+            ]
+        if isinstance(st, render.Numgen):
+            if not 1 <= st.modulus <= 0xFFFFFFFF:
+                raise self.fail()
+            return [
+                _expr(
+                    "numgen",
+                    _u32(1, REG_1),
+                    _u32(2, st.modulus),
+                    _u32(3, NFT_NG_RANDOM),
+                    _u32(4, 0),
+                ),
+                _cmp(NFT_CMP_EQ, struct.pack("=I", 0)),
+            ]
+        if isinstance(st, render.FibLocal):
+            if st.selector != "saddr":
+                raise self.fail()
+            return [
+                _expr(
+                    "fib",
+                    _u32(3, NFTA_FIB_F_SADDR),
+                    _u32(2, NFT_FIB_RESULT_ADDRTYPE),
+                    _u32(1, REG_1),
+                ),
+                _cmp(NFT_CMP_EQ, struct.pack("=I", RTN_LOCAL)),
+            ]
+        if isinstance(st, render.Update):
+            if st.family != self.family:
+                raise self.fail()
+            offset, length = ADDRESSES[(self.family, "saddr")]
+            ref = self.encoder.set_ref(self.family, self.table, st.set)
+            attrs = [_u32(3, NFT_DYNSET_OP_UPDATE), _u32(4, REG_1), _attr(1, ref[0] + b"\0")]
+            if len(ref) > 1:
+                attrs.append(_attr(2, ref[1]))
+            return [
+                _payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length),
+                _expr("dynset", *attrs),
+            ]
+        if isinstance(st, render.Dnat):
+            return self._dnat(st)
+        raise self.fail()  # lookups of concatenations, verdict maps, masquerade, ct, …
+
+    def _address_match(self, st: render.Addr | render.AddrIn) -> list[bytes]:
+        if st.family != self.family or (self.family, st.selector) not in ADDRESSES:
+            raise self.fail()
+        offset, length = ADDRESSES[(self.family, st.selector)]
+        load = _payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length)
+        if isinstance(st, render.AddrIn):
+            ref = self.encoder.set_ref(self.family, self.table, st.set)
             attrs = [_u32(2, REG_1), _attr(1, ref[0] + b"\0")]
             if len(ref) > 1:
                 attrs.append(_attr(4, ref[1]))
             return [load, _expr("lookup", *attrs)]
+        op = NFT_CMP_NEQ if st.negate else NFT_CMP_EQ
+        if len(st.values) != 1:
+            return [load, self._anonymous_lookup(st.selector, list(st.values), op)]
+        value = st.values[0]
         if "/" not in value:
             return [load, _cmp(op, _address(value, self.family))]
         try:
@@ -710,7 +681,7 @@ class _Rule:
                 _nest(9, _u32(1, len(elems))),  # NFTA_SET_DESC_SIZE
                 _attr(13, UDATA_SADDR_SET[self.family]),
             ),
-            self.line,
+            self.op,
         )
         self.encoder.extra(
             _message(
@@ -722,25 +693,19 @@ class _Rule:
                 _u32(4, set_id),
                 _nest(3, *nested),
             ),
-            self.line,
+            self.op,
         )
         attrs = [_u32(2, REG_1), _str(1, "__set%d"), _u32(4, set_id)]
         if op == NFT_CMP_NEQ:
             attrs.append(_u32(5, NFT_LOOKUP_F_INV))
         return _expr("lookup", *attrs)
 
-    def _dnat(self, target: str) -> list[bytes]:
-        if self.family == "ip6":
-            if not target.startswith("["):
-                raise self.fail()
-            addr, sep, port = target[1:].partition("]:")
-        else:
-            addr, sep, port = target.partition(":")
-        if not sep:
+    def _dnat(self, st: render.Dnat) -> list[bytes]:
+        if st.family != self.family:
             raise self.fail()
         return [
-            _immediate(REG_1, _address(addr, self.family)),
-            _immediate(REG_2, _component("inet_service", port)),
+            _immediate(REG_1, _address(st.ip, self.family)),
+            _immediate(REG_2, _component("inet_service", str(st.port))),
             _expr(
                 "nat",
                 _u32(1, NFT_NAT_DNAT),

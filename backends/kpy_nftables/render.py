@@ -8,7 +8,9 @@ has a key (``"ip chain service-…"``) and a *value* — a short text that is eq
 equal objects — which is also what :mod:`kpy_nftables.observe` reads back from the
 kernel, so ``kpy.core.diff`` between the wanted and the programmed values is the work to do.
 
-A chain's value is its fingerprint: a hash of its hook and rules. Reading rules back
+A chain's rules are :class:`Rule` objects: typed statements (matches, set lookups, mark,
+DNAT, verdicts) whose text, the rule itself as a ``str``, is exactly its ``nft`` syntax.
+A chain's value is its fingerprint: a hash of its hook and its rules' text. Reading rules back
 from the kernel is slow (listing a table of 10,000 Services takes the kernel ~10 s),
 so every chain's fingerprint is also kept in the ``fingerprints`` set: one element per
 chain, keyed by a 128-bit hash of the chain's key (as an IPv6 address), the fingerprint
@@ -24,12 +26,13 @@ Each operation's ``nft()`` is its line of an ``nft -f`` script;
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from kpy.core.backend import BackendConfig, LocalDetector
 from kpy.core.model import (
@@ -54,10 +57,6 @@ SHARDS = 16
 SHARD_PREFIX = f"{TABLE}-"
 SHARD_NAT_PRIORITY = "-99"  # after the base table's nat chains (dstnat = -100)
 MASQ_MARK = "0x00004000"
-# Marking inline rather than jumping to mark-for-masquerade: a rule that adds a jump or
-# goto makes the kernel re-validate every chain reachable from the table's hooks at
-# commit (~70 ms at 10,000 Services), and service chains change on every endpoint change.
-SET_MASQ = f"meta mark set meta mark | {MASQ_MARK}"
 FAMILIES = ("ip", "ip6")
 COMMENT_MAX = 127  # nftables' user comment limit
 
@@ -148,7 +147,7 @@ def _where(family: str, table: str) -> str:
 class Chain:
     family: str
     name: str
-    rules: tuple[str, ...]
+    rules: tuple[Rule, ...]
     hook: str | None = None  # "type nat hook prerouting priority dstnat; policy accept;"
     table: str = TABLE
 
@@ -243,6 +242,7 @@ Obj = Chain | Element | Set
 
 
 def chain_fingerprint(rules: tuple[str, ...], hook: str | None = None) -> str:
+    """A hash of the chain's hook and its rules' text, and their count."""
     digest = hashlib.sha256("\n".join((hook or "", *rules)).encode()).hexdigest()
     return f"kpy:{digest[:20]}:{len(rules)}"
 
@@ -364,6 +364,231 @@ def _comment(label: str) -> str:
     return label if len(label) <= COMMENT_MAX else label[: COMMENT_MAX - 9] + "~" + label[-8:]
 
 
+# --- rules -------------------------------------------------------------------------------
+#
+# A rule is a sequence of typed statements. Its text — what ``nft -f`` reads, what the
+# trace interprets and what a chain's fingerprint hashes — is the statements' ``nft()``
+# joined by spaces; kpy_nftables.netlink encodes the statements themselves. Every name
+# in a statement is render's own (chain and set names made of label parts), every value
+# an address, network, number or protocol render formatted.
+
+
+class L4Proto(NamedTuple):
+    """``meta l4proto tcp``"""
+
+    proto: str  # "tcp", "udp", "sctp"
+
+    def nft(self) -> str:
+        return f"meta l4proto {self.proto}"
+
+
+class DPort(NamedTuple):
+    """``tcp dport 80`` (nft adds the ``meta l4proto`` match it depends on)"""
+
+    proto: str
+    port: int
+
+    def nft(self) -> str:
+        return f"{self.proto} dport {self.port}"
+
+
+class Addr(NamedTuple):
+    """``ip daddr 10.96.0.1``, ``ip daddr 10.96.0.0/12``, ``ip saddr != { a/16, b/24 }``
+    (several values: an anonymous set)."""
+
+    family: str
+    selector: str  # "saddr" or "daddr"
+    values: tuple[str, ...]
+    negate: bool = False
+
+    def nft(self) -> str:
+        op = "!= " if self.negate else ""
+        return f"{self.family} {self.selector} {op}{_set_literal(list(self.values))}"
+
+
+class AddrIn(NamedTuple):
+    """``ip daddr @cluster-ips``: the address is in a named set."""
+
+    family: str
+    selector: str
+    set: str
+
+    def nft(self) -> str:
+        return f"{self.family} {self.selector} @{self.set}"
+
+
+class Lookup(NamedTuple):
+    """``ip daddr . meta l4proto . th dport @masquerade-ips`` (``vmap``: a verdict map)."""
+
+    keys: tuple[str, ...]  # "ip daddr", "meta l4proto", "th dport"
+    set: str
+    vmap: bool = False
+
+    def nft(self) -> str:
+        return f"{' . '.join(self.keys)} {'vmap ' if self.vmap else ''}@{self.set}"
+
+
+class FibLocal(NamedTuple):
+    """``fib saddr type local``: the address is one of this node's."""
+
+    selector: str  # "saddr" or "daddr"
+
+    def nft(self) -> str:
+        return f"fib {self.selector} type local"
+
+
+class IifName(NamedTuple):
+    """``iifname "cni0"``, ``iifname != "cali*"``"""
+
+    name: str  # with a trailing ``*`` for a prefix
+    negate: bool = False
+
+    def nft(self) -> str:
+        return f'iifname {"!= " if self.negate else ""}"{self.name}"'
+
+
+class CtState(NamedTuple):
+    """``ct state new``"""
+
+    state: str = "new"
+
+    def nft(self) -> str:
+        return f"ct state {self.state}"
+
+
+class MarkSet(NamedTuple):
+    """``meta mark set meta mark | 0x00004000`` (``^``: toggled)"""
+
+    mark: str
+    op: str = "|"
+
+    def nft(self) -> str:
+        return f"meta mark set meta mark {self.op} {self.mark}"
+
+
+class MarkClear(NamedTuple):
+    """``meta mark & 0x00004000 == 0x00000000``: the bits are not set."""
+
+    mark: str
+
+    def nft(self) -> str:
+        return f"meta mark & {self.mark} == 0x00000000"
+
+
+class Numgen(NamedTuple):
+    """``numgen random mod 3 == 0``: one time in ``modulus``."""
+
+    modulus: int
+
+    def nft(self) -> str:
+        return f"numgen random mod {self.modulus} == 0"
+
+
+class Update(NamedTuple):
+    """``update @affinity-… { ip saddr }``: the source address into a dynamic set."""
+
+    family: str
+    set: str
+
+    def nft(self) -> str:
+        return f"update @{self.set} {{ {self.family} saddr }}"
+
+
+class Dnat(NamedTuple):
+    """``dnat to 10.244.1.5:8080``, ``dnat to [fd00::5]:8080``"""
+
+    family: str
+    ip: str
+    port: int
+
+    def nft(self) -> str:
+        if self.family == "ip6":
+            return f"dnat to [{self.ip}]:{self.port}"
+        return f"dnat to {self.ip}:{self.port}"
+
+
+class Masquerade(NamedTuple):
+    """``masquerade fully-random``"""
+
+    flags: str = "fully-random"
+
+    def nft(self) -> str:
+        return f"masquerade {self.flags}"
+
+
+class Reject(NamedTuple):
+    """``reject`` (ICMP port unreachable), ``reject with tcp reset``"""
+
+    tcp_reset: bool = False
+
+    def nft(self) -> str:
+        return "reject with tcp reset" if self.tcp_reset else "reject"
+
+
+class Verdict(NamedTuple):
+    """``drop``, ``return``, ``jump services``, ``goto service-…``"""
+
+    verdict: str
+    chain: str | None = None
+
+    def nft(self) -> str:
+        return self.verdict if self.chain is None else f"{self.verdict} {self.chain}"
+
+
+Statement = (
+    L4Proto
+    | DPort
+    | Addr
+    | AddrIn
+    | Lookup
+    | FibLocal
+    | IifName
+    | CtState
+    | MarkSet
+    | MarkClear
+    | Numgen
+    | Update
+    | Dnat
+    | Masquerade
+    | Reject
+    | Verdict
+)
+
+
+class Rule(str):
+    """A rule: its statements, and (as the ``str`` it is) their text."""
+
+    statements: tuple[Statement, ...]
+
+    def __new__(cls, *statements: Statement) -> Rule:
+        rule = super().__new__(cls, " ".join([s.nft() for s in statements]))
+        rule.statements = statements
+        return rule
+
+    def nft(self) -> str:
+        return str(self)
+
+
+# Marking inline rather than jumping to mark-for-masquerade: a rule that adds a jump or
+# goto makes the kernel re-validate every chain reachable from the table's hooks at
+# commit (~70 ms at 10,000 Services), and service chains change on every endpoint change.
+SET_MASQ = MarkSet(MASQ_MARK)
+DROP = Verdict("drop")
+
+
+# made once: every service chain has them
+_L4PROTO = {p: L4Proto(p) for p in ("tcp", "udp", "sctp")}
+_numgen = functools.lru_cache(maxsize=256)(Numgen)
+
+
+def _jump(chain: str) -> Verdict:
+    return Verdict("jump", chain)
+
+
+def _goto(chain: str) -> Verdict:
+    return Verdict("goto", chain)
+
+
 # --- the skeleton ------------------------------------------------------------------------
 
 
@@ -375,16 +600,19 @@ def _set_literal(items: list[str]) -> str:
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
-def _nodeport_match(nf: str, config: BackendConfig) -> str | None:
+def _nodeport_match(nf: str, config: BackendConfig) -> tuple[Statement, ...] | None:
     """The match for traffic to this node's NodePort addresses, None for none."""
     version = 4 if nf == "ip" else 6
     nets = config.nodeport_networks(version)
     if nets is not None:
         if not nets:
             return None  # nowhere
-        return f"fib daddr type local {nf} daddr {_set_literal(_cidrs(nets, version))}"
+        return (FibLocal("daddr"), Addr(nf, "daddr", tuple(_cidrs(nets, version))))
     loopback = "127.0.0.0/8" if nf == "ip" else "::1"
-    return f"fib daddr type local {nf} daddr != {loopback}"
+    return (FibLocal("daddr"), Addr(nf, "daddr", (loopback,), negate=True))
+
+
+_L4_PORT = ("meta l4proto", "th dport")
 
 
 def base_objects(config: BackendConfig) -> dict[str, Obj]:
@@ -402,60 +630,65 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
         # address of the service CIDRs that no Service has is dropped (one rule per CIDR,
         # where upstream writes one with an anonymous set: the same packets, and rules a
         # partial sync sends over netlink when a ServiceCIDR comes or goes)
-        cluster_check = [f"{nf} daddr @{CLUSTER_IPS} reject"]
+        cluster_check = [Rule(AddrIn(nf, "daddr", CLUSTER_IPS), Reject())]
         for cidr in _cidrs(config.all_service_cidrs(), 4 if nf == "ip" else 6):
-            cluster_check.append(f"{nf} daddr {cidr} drop")
+            cluster_check.append(Rule(Addr(nf, "daddr", (cidr,)), DROP))
         for name in (NO_EP_SERVICES, FIREWALL_IPS):
             objs.append(Set(nf, name, f"{addr} . inet_proto . inet_service", kind="map"))
         objs.append(Set(nf, NO_EP_NODEPORTS, "inet_proto . inet_service", kind="map"))
-        dispatch = f"{nf} daddr . meta l4proto . th dport"
+        dispatch = (f"{nf} daddr", *_L4_PORT)
         nodeport = _nodeport_match(nf, config)
         # The base table's nat chains only mark for masquerade; the shards (one priority
         # later) dispatch. A nat chain that DNATs ends the hook's nat chains for that
         # connection, so marking must come first.
-        services = [f"{dispatch} @{MASQ_IPS} jump {MARK_MASQ}"]
+        services = [Rule(Lookup(dispatch, MASQ_IPS), _jump(MARK_MASQ))]
         if nodeport is not None:
-            services.append(
-                f"{nodeport} meta l4proto . th dport @{MASQ_NODEPORTS} jump {MARK_MASQ}"
-            )
+            services.append(Rule(*nodeport, Lookup(_L4_PORT, MASQ_NODEPORTS), _jump(MARK_MASQ)))
         nodeport_check = []
         if nodeport is not None:
-            nodeport_check.append(f"{nodeport} meta l4proto . th dport vmap @{NO_EP_NODEPORTS}")
+            nodeport_check.append(Rule(*nodeport, Lookup(_L4_PORT, NO_EP_NODEPORTS, vmap=True)))
         objs += _shard_skeleton(nf, addr, dispatch, nodeport)
-        new = "ct state new"
+        new = CtState("new")
+
+        def new_jump(chain: str) -> Rule:
+            return Rule(new, _jump(chain))  # noqa: B023 (called in this iteration only)
+
         objs += [
             Chain(
-                nf, "nat-prerouting", (f"jump {SERVICES}",), _hook("nat", "prerouting", "dstnat")
+                nf,
+                "nat-prerouting",
+                (Rule(_jump(SERVICES)),),
+                _hook("nat", "prerouting", "dstnat"),
             ),
-            Chain(nf, "nat-output", (f"jump {SERVICES}",), _hook("nat", "output", "-100")),
+            Chain(nf, "nat-output", (Rule(_jump(SERVICES)),), _hook("nat", "output", "-100")),
             Chain(
                 nf,
                 "nat-postrouting",
-                (f"jump {MASQUERADING}",),
+                (Rule(_jump(MASQUERADING)),),
                 _hook("nat", "postrouting", "srcnat"),
             ),
             Chain(
                 nf,
                 "filter-prerouting",
-                (f"{new} jump {FIREWALL_CHECK}",),
+                (new_jump(FIREWALL_CHECK),),
                 _hook("filter", "prerouting", "-110"),
             ),
             Chain(
                 nf,
                 "filter-input",
-                (f"{new} jump {NODEPORT_EP_CHECK}", f"{new} jump {SERVICE_EP_CHECK}"),
+                (new_jump(NODEPORT_EP_CHECK), new_jump(SERVICE_EP_CHECK)),
                 _hook("filter", "input", "-110"),
             ),
             Chain(
                 nf,
                 "filter-forward",
-                (f"{new} jump {SERVICE_EP_CHECK}", f"{new} jump {CLUSTER_IPS_CHECK}"),
+                (new_jump(SERVICE_EP_CHECK), new_jump(CLUSTER_IPS_CHECK)),
                 _hook("filter", "forward", "-110"),
             ),
             Chain(
                 nf,
                 FILTER_OUTPUT_POST_DNAT,
-                (f"{new} jump {CLUSTER_IPS_CHECK}",),
+                (new_jump(CLUSTER_IPS_CHECK),),
                 _hook("filter", "output", "0"),
             ),
             Chain(nf, CLUSTER_IPS_CHECK, tuple(cluster_check)),
@@ -464,35 +697,37 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
             Chain(
                 nf,
                 "filter-output",
-                (f"{new} jump {FIREWALL_CHECK}", f"{new} jump {SERVICE_EP_CHECK}"),
+                (new_jump(FIREWALL_CHECK), new_jump(SERVICE_EP_CHECK)),
                 _hook("filter", "output", "-110"),
             ),
             Chain(nf, SERVICES, tuple(services)),
-            Chain(nf, FIREWALL_CHECK, (f"{dispatch} vmap @{FIREWALL_IPS}",)),
-            Chain(nf, SERVICE_EP_CHECK, (f"{dispatch} vmap @{NO_EP_SERVICES}",)),
+            Chain(nf, FIREWALL_CHECK, (Rule(Lookup(dispatch, FIREWALL_IPS, vmap=True)),)),
+            Chain(nf, SERVICE_EP_CHECK, (Rule(Lookup(dispatch, NO_EP_SERVICES, vmap=True)),)),
             Chain(nf, NODEPORT_EP_CHECK, tuple(nodeport_check)),
-            Chain(nf, MARK_MASQ, (f"meta mark set meta mark | {MASQ_MARK}",)),
+            Chain(nf, MARK_MASQ, (Rule(SET_MASQ),)),
             Chain(
                 nf,
                 MASQUERADING,
                 (
-                    f"{nf} saddr . {nf} daddr @{HAIRPIN} masquerade fully-random",
-                    f"meta mark & {MASQ_MARK} == 0x00000000 return",
-                    f"meta mark set meta mark ^ {MASQ_MARK}",
-                    "masquerade fully-random",
+                    Rule(Lookup((f"{nf} saddr", f"{nf} daddr"), HAIRPIN), Masquerade()),
+                    Rule(MarkClear(MASQ_MARK), Verdict("return")),
+                    Rule(MarkSet(MASQ_MARK, "^")),
+                    Rule(Masquerade()),
                 ),
             ),
-            Chain(nf, REJECT, ("meta l4proto tcp reject with tcp reset", "reject")),
+            Chain(nf, REJECT, (Rule(L4Proto("tcp"), Reject(tcp_reset=True)), Rule(Reject()))),
         ]
     return with_fingerprints(objs)
 
 
-def _shard_skeleton(nf: str, addr: str, dispatch: str, nodeport: str | None) -> list[Obj]:
+def _shard_skeleton(
+    nf: str, addr: str, dispatch: tuple[str, ...], nodeport: tuple[Statement, ...] | None
+) -> list[Obj]:
     """Each shard table's dispatch: its own nat hooks, verdict maps and services chain."""
     objs: list[Obj] = []
-    services = [f"{dispatch} vmap @{SERVICE_IPS}"]
+    services = [Rule(Lookup(dispatch, SERVICE_IPS, vmap=True))]
     if nodeport is not None:
-        services.append(f"{nodeport} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}")
+        services.append(Rule(*nodeport, Lookup(_L4_PORT, SERVICE_NODEPORTS, vmap=True)))
     for table in shard_tables():
         objs += [
             Set(nf, SERVICE_IPS, f"{addr} . inet_proto . inet_service", kind="map", table=table),
@@ -501,14 +736,14 @@ def _shard_skeleton(nf: str, addr: str, dispatch: str, nodeport: str | None) -> 
             Chain(
                 nf,
                 "nat-prerouting",
-                (f"jump {SERVICES}",),
+                (Rule(_jump(SERVICES)),),
                 _hook("nat", "prerouting", SHARD_NAT_PRIORITY),
                 table=table,
             ),
             Chain(
                 nf,
                 "nat-output",
-                (f"jump {SERVICES}",),
+                (Rule(_jump(SERVICES)),),
                 _hook("nat", "output", SHARD_NAT_PRIORITY),
                 table=table,
             ),
@@ -516,15 +751,14 @@ def _shard_skeleton(nf: str, addr: str, dispatch: str, nodeport: str | None) -> 
     return objs
 
 
-def local_match(nf: str, detector: LocalDetector, *, negate: bool = False) -> str:
+def local_match(nf: str, detector: LocalDetector, *, negate: bool = False) -> Statement:
     """The match for traffic from this node's pods (upstream's IfLocalNFT), or for
     anything else with ``negate`` (IfNotLocalNFT). ``detector`` must be implemented."""
-    op = "!= " if negate else ""
     if detector.interface:
         wildcard = "*" if detector.prefix else ""
-        return f'iifname {op}"{detector.interface}{wildcard}"'
+        return IifName(f"{detector.interface}{wildcard}", negate)
     cidrs = _cidrs(detector.cidrs, 4 if nf == "ip" else 6)
-    return f"{nf} saddr {op}{_set_literal(cidrs)}"
+    return Addr(nf, "saddr", tuple(cidrs), negate)
 
 
 def _hook(kind: str, hook: str, priority: str) -> str:
@@ -544,11 +778,11 @@ def _unique(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
 @dataclass(frozen=True, slots=True)
 class _Target:
     ip: str
-    dnat: str  # "10.244.1.5:8080" or "[fd00::5]:8080"
+    dnat: Dnat
     affinity: str | None  # the endpoint's affinity set
 
 
-def _pick(nf: str, proto: str, targets: list[_Target]) -> list[str]:
+def _pick(nf: str, proto: str, targets: list[_Target]) -> list[Rule]:
     """Rules that DNAT a new connection to one of ``targets``: sticky clients first, then
     endpoint i of n with probability 1/(n - i) (uniform overall). A client that lands on
     itself is masqueraded in postrouting (the ``hairpin`` set), not here.
@@ -558,16 +792,16 @@ def _pick(nf: str, proto: str, targets: list[_Target]) -> list[str]:
     what a transaction's cache and the kernel's validation cost.)
     """
     rules = []
-    l4 = f"meta l4proto {proto}"
+    l4 = _L4PROTO.get(proto) or L4Proto(proto)
     for t in targets:
         if t.affinity is not None:
-            sticky = f"{nf} saddr @{t.affinity} update @{t.affinity} {{ {nf} saddr }}"
-            rules.append(f"{l4} {sticky} dnat to {t.dnat}")
+            sticky = (AddrIn(nf, "saddr", t.affinity), Update(nf, t.affinity))
+            rules.append(Rule(l4, *sticky, t.dnat))
     n = len(targets)
     for i, t in enumerate(targets):
-        draw = f"numgen random mod {n - i} == 0 " if i < n - 1 else ""
-        update = f"update @{t.affinity} {{ {nf} saddr }} " if t.affinity is not None else ""
-        rules.append(f"{l4} {draw}{update}dnat to {t.dnat}")
+        draw = (_numgen(n - i),) if i < n - 1 else ()
+        update = (Update(nf, t.affinity),) if t.affinity is not None else ()
+        rules.append(Rule(l4, *draw, *update, t.dnat))
     return rules
 
 
@@ -615,7 +849,7 @@ def _family_objects(
     affinity = svc.affinity_timeout if svc.session_affinity is SessionAffinity.CLIENT_IP else None
     internal = _unique(state.internal_for(family))
     external = _unique(state.external_for(family)) if svc.externally_accessible else []
-    no_endpoints = f"goto {REJECT}" if not state.has_endpoints else "drop"
+    no_endpoints = f"goto {REJECT}" if not state.has_endpoints else "drop"  # a verdict
     detector = config.local_detector(version)
     objs: list[Obj] = []
 
@@ -630,8 +864,7 @@ def _family_objects(
         if affinity is not None:
             aset = names.affinity(ep, ep_ip, affinity)
             objs.append(Set(nf, aset, _addr_type(nf), timeout=affinity, table=shard))
-        dnat = f"[{ep_ip}]:{ep.port}" if nf == "ip6" else f"{ep_ip}:{ep.port}"
-        targets[(ep.ip, ep.port)] = _Target(ep_ip, dnat, aset)
+        targets[(ep.ip, ep.port)] = _Target(ep_ip, Dnat(nf, ep_ip, ep.port), aset)
         objs.append(Element(nf, SERVICE_ENDPOINTS, f"{ep_ip} . {ep.port} . {mark}", "", label))
         objs.append(hairpin_element(nf, ep_ip))
     objs.append(Element(nf, CLUSTER_IPS, str(cluster_ip), "", ""))
@@ -641,12 +874,12 @@ def _family_objects(
     # ClusterIP.
     vip = f"{cluster_ip} . {proto} . {svc.port}"
     if internal:
-        match = f"{nf} daddr {cluster_ip} {proto} dport {svc.port}"
+        match = (Addr(nf, "daddr", (str(cluster_ip),)), DPort(proto, svc.port))
         rules = []
         if config.masquerade_all:
-            rules.append(f"{match} {SET_MASQ}")
+            rules.append(Rule(*match, SET_MASQ))
         elif detector.implemented:  # traffic not from this node's pods
-            rules.append(f"{match} {local_match(nf, detector, negate=True)} {SET_MASQ}")
+            rules.append(Rule(*match, local_match(nf, detector, negate=True), SET_MASQ))
         rules += _pick(nf, proto, internal_targets)
         objs.append(Chain(nf, names.service, tuple(rules), table=shard))
         objs.append(Element(nf, SERVICE_IPS, vip, f"goto {names.service}", label, shard))
@@ -676,15 +909,15 @@ def _family_objects(
         # node itself are sent on to the cluster-wide endpoints, everyone else dropped.
         rules = []
         if cluster_policy:
-            rules.append(SET_MASQ)
+            rules.append(Rule(SET_MASQ))
         elif internal:
             # Pods and the node itself reaching an external address use the cluster-wide
             # path (no reason to drop them); node-originated traffic is masqueraded.
             if detector.implemented:
-                rules.append(f"{local_match(nf, detector)} goto {names.service}")
-            rules.append(f"fib saddr type local {SET_MASQ}")
-            rules.append(f"fib saddr type local goto {names.service}")
-        rules += _pick(nf, proto, external_targets) if external_targets else ["drop"]
+                rules.append(Rule(local_match(nf, detector), _goto(names.service)))
+            rules.append(Rule(FibLocal("saddr"), SET_MASQ))
+            rules.append(Rule(FibLocal("saddr"), _goto(names.service)))
+        rules += _pick(nf, proto, external_targets) if external_targets else [Rule(DROP)]
         objs.append(Chain(nf, names.external, tuple(rules), table=shard))
         to_external = f"goto {names.external}"
         ip_map, port_map = SERVICE_IPS, SERVICE_NODEPORTS
@@ -704,7 +937,7 @@ def _family_objects(
     lb_ips = sorted({ip for ip in svc.load_balancer_ips if ip.version == version}, key=int)
     if svc.firewalled(version) and lb_ips:
         ranges = _cidrs(svc.firewall_sources(config.primary_ips()), version)
-        rule = f"{nf} saddr != {_set_literal(ranges)} drop" if ranges else "drop"
+        rule = Rule(Addr(nf, "saddr", tuple(ranges), True), DROP) if ranges else Rule(DROP)
         objs.append(Chain(nf, names.firewall, (rule,)))
         for ip in lb_ips:
             element = f"{ip} . {proto} . {svc.port}"
@@ -802,7 +1035,7 @@ class AddRule:
     family: str
     table: str
     chain: str
-    rule: str
+    rule: Rule
 
     def nft(self) -> str:
         return f"add rule {self.family} {self.table} {self.chain} {self.rule}"

@@ -329,7 +329,8 @@ def test_service_cidr_changes_over_netlink_leave_the_ruleset_nft_leaves(
     ],
 )
 def test_anonymous_sets_nft_would_rewrite_are_unsupported(ranges: str) -> None:
-    op = render.AddRule("ip", "kpy", "x", f"ip saddr != {{ {ranges} }} drop")
+    nets = tuple(r.strip() for r in ranges.split(","))
+    op = render.AddRule("ip", "kpy", "x", render.Rule(render.Addr("ip", "saddr", nets, True), DROP))
     line = f"add rule ip kpy x ip saddr != {{ {ranges} }} drop"
     assert op.nft() == line
     with pytest.raises(netlink.Unsupported) as refused:
@@ -338,7 +339,8 @@ def test_anonymous_sets_nft_would_rewrite_are_unsupported(ranges: str) -> None:
 
 
 def test_an_anonymous_set_comes_before_its_rule() -> None:
-    op = render.AddRule("ip", "kpy", "x", "ip saddr != { 203.0.113.0/24, 198.51.100.0/24 } drop")
+    nets = ("203.0.113.0/24", "198.51.100.0/24")
+    op = render.AddRule("ip", "kpy", "x", render.Rule(render.Addr("ip", "saddr", nets, True), DROP))
     line = "add rule ip kpy x ip saddr != { 203.0.113.0/24, 198.51.100.0/24 } drop"
     batch = netlink.encode([op], {})
     assert batch.lines == (line, line, line)
@@ -379,7 +381,8 @@ def test_refused_transaction_names_the_line_and_changes_nothing(pair: tuple[str,
     before = _ruleset(b_)
     txn, sets = _change(CIDRS, [CLUSTER_IP], [CLUSTER_IP_MORE, UDP])
     table = render.shard_table(UDP.name) if hasattr(render, "shard_table") else render.TABLE
-    bad_op = render.AddRule("ip", table, render.service_chain(UDP.name), "goto no-such-chain")
+    goto = render.Rule(render.Verdict("goto", "no-such-chain"))
+    bad_op = render.AddRule("ip", table, render.service_chain(UDP.name), goto)
     bad = f"add rule ip {table} {render.service_chain(UDP.name)} goto no-such-chain"
     ops = list(txn.iter_ops())
     at = max(i for i, op in enumerate(ops) if isinstance(op, render.AddRule)) + 1
@@ -441,8 +444,11 @@ SETS = {
 }
 
 
-def _rule(text: str, chain: str = "x") -> render.AddRule:
-    return render.AddRule("ip", "kpy", chain, text)
+DROP = render.Verdict("drop")
+
+
+def _rule(*statements: render.Statement, chain: str = "x") -> render.AddRule:
+    return render.AddRule("ip", "kpy", chain, render.Rule(*statements))
 
 
 def _elements(name: str, element: str, verdict: str = "", comment: str = "") -> render.Op:
@@ -458,16 +464,23 @@ HOOK = "type nat hook output priority -100; policy accept;"
     "op",
     [
         render.AddChain(render.Chain("ip", "nat-output", (), HOOK)),
-        _rule("ip daddr . meta l4proto . th dport vmap @service-ips", "services"),
-        _rule("ip saddr != { 10.0.0.0/8, 10.244.0.0/16 } drop"),
-        _rule("masquerade fully-random", "masquerading"),
-        _rule("ct state new jump nodeport-endpoints-check", "filter-input"),
-        _rule("reject with tcp reset", "reject-chain"),
-        _rule("dnat to 10.244.1.5"),
-        _rule("meta l4proto tcp tcp dport 80 drop"),
-        _rule("ip6 saddr fd00::1 drop"),
-        _rule("drop accept"),
-        _rule("goto $chain"),
+        _rule(
+            render.Lookup(("ip daddr", "meta l4proto", "th dport"), "service-ips", vmap=True),
+            chain="services",
+        ),
+        _rule(render.Addr("ip", "saddr", ("10.0.0.0/8", "10.244.0.0/16"), True), DROP),
+        _rule(render.Masquerade(), chain="masquerading"),
+        _rule(
+            render.CtState("new"),
+            render.Verdict("jump", "nodeport-endpoints-check"),
+            chain="filter-input",
+        ),
+        _rule(render.Reject(tcp_reset=True), chain="reject-chain"),
+        _rule(render.Dnat("ip6", "fd00::5", 80)),  # in an ip table
+        _rule(render.L4Proto("tcp"), render.DPort("tcp", 80), DROP),
+        _rule(render.Addr("ip6", "saddr", ("fd00::1",)), DROP),
+        _rule(DROP, render.Verdict("accept")),
+        _rule(render.Verdict("goto", "$chain")),
         _elements("unknown-set", "10.0.0.1"),
         _elements("service-ips", "10.96.0.1 . tcp", "goto a", "x"),
         _elements("service-endpoints", "10.244.1.5 . 8080 . 1", "drop", "x"),
@@ -506,7 +519,14 @@ def test_sets_added_in_the_transaction_are_known_to_later_operations() -> None:
         [
             render.AddSet(render.Set("ip6", "aff", "ipv6_addr", timeout=300, table="kpy-3")),
             render.AddElements("ip6", "kpy-3", "aff", (aff,)),
-            render.AddRule("ip6", "kpy-3", "c", "ip6 saddr @aff update @aff { ip6 saddr } drop"),
+            render.AddRule(
+                "ip6",
+                "kpy-3",
+                "c",
+                render.Rule(
+                    render.AddrIn("ip6", "saddr", "aff"), render.Update("ip6", "aff"), DROP
+                ),
+            ),
         ],
         {},
     )

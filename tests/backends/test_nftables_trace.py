@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from dataclasses import replace
+from typing import cast
 
 import pytest
 from click.testing import CliRunner
@@ -224,7 +225,8 @@ def _tampered(case_id: str, edit: dict[str, tuple[str, ...]]) -> ex.Trace:
         # the base table's chain of that name, else the (one) shard chain of that name
         chains = [o for o in objs.values() if isinstance(o, render.Chain) and o.name == name]
         chain = min(chains, key=lambda c: c.table != render.TABLE)
-        objs[chain.key] = replace(chain, rules=rules)
+        # the interpreter reads a rule's text: text render never writes stands for one
+        objs[chain.key] = replace(chain, rules=cast(tuple[render.Rule, ...], rules))
     return tr.trace_objects(objs, _packet(case), ex.Origin.POD, NODE.addresses)
 
 
