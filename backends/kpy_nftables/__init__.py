@@ -221,7 +221,7 @@ class NftablesBackend:
 
         def read() -> observe_.Observed:
             counted = reader.rules()
-            return observe_.parse(reader.documents(), counted.chains)
+            return reader.observe(counted.chains)
 
         return await asyncio.to_thread(read)
 
