@@ -6,17 +6,16 @@ map definitions, elements — and :meth:`Reading.finish` makes the :class:`Obser
 messages; :func:`parse` from the JSON ``nft -j list`` prints (the backend with
 ``nftables_writer=nft``). Reading the kernel is the callers' job.
 
-A chain's value is the fingerprint its
-``fingerprints`` element holds (see :mod:`kpy_nftables.render`) — unless the rules the
-kernel holds in it (their count and digest, read over netlink:
-:meth:`kpy_nftables.netlink_read.NetlinkReader.rules`) say otherwise: a chain holding
-another number of rules than its fingerprint records gets a value no render produces,
-so the next full sync rewrites it. Set and map elements are read exactly, and the
-dump's endpoints come from ``service-endpoints``.
+A chain's value is the fingerprint its ``fingerprints`` element holds (see
+:mod:`kpy_nftables.render`) — unless the rules the kernel holds in it (their count and
+digest, read over netlink: :meth:`kpy_nftables.netlink_read.NetlinkReader.rules`) say
+otherwise: a chain holding another number of rules than its fingerprint records gets a
+value no render produces, so the next full sync rewrites it. Set and map elements are
+read exactly, and the dump's endpoints come from ``service-endpoints``.
 
-:func:`parse` also checks what the kernel holds against itself, for ``kpy dump`` (which
-has no record of what the agent wrote): rule counts against fingerprints, chains
-against fingerprints, every endpoint's hairpin element, every external frontend's
+:meth:`Reading.finish` also checks what the kernel holds against itself, for
+``kpy dump`` (which has no record of what the agent wrote): rule counts against fingerprints,
+chains against fingerprints, every endpoint's hairpin element, every external frontend's
 masquerade element, every firewall chain's element. What it finds is reported per
 service port (``extra["drift"]`` of its view) and for the node (the view
 :data:`NODE_VIEW`).

@@ -568,6 +568,9 @@ class Rule(str):
     def nft(self) -> str:
         return str(self)
 
+    def __getnewargs__(self) -> tuple[Statement, ...]:  # type: ignore[override]
+        return self.statements  # copied and pickled as its statements
+
 
 # Marking inline rather than jumping to mark-for-masquerade: a rule that adds a jump or
 # goto makes the kernel re-validate every chain reachable from the table's hooks at

@@ -3,7 +3,9 @@ and rules."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import pickle
 
 from kpy_nftables import render
 
@@ -141,3 +143,5 @@ def test_a_rule_is_its_statements_text() -> None:
     text = "meta l4proto tcp numgen random mod 2 == 0 update @affinity-x { ip6 saddr } "
     assert rule == text + "dnat to [fd00::5]:8080"
     assert rule.nft() == rule and type(rule.nft()) is str
+    for copied in (copy.deepcopy(rule), pickle.loads(pickle.dumps(rule))):
+        assert type(copied) is render.Rule and copied.statements == rule.statements
