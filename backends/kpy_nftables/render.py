@@ -32,7 +32,7 @@ import re
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from kpy.core.backend import BackendConfig, LocalDetector
 from kpy.core.model import (
@@ -974,36 +974,52 @@ def _quote(comment: str) -> str:
 
 
 @dataclass(slots=True)
-class AddTable:
+class _TableOp:
     family: str
     table: str
+    verb: ClassVar[str]
 
     def nft(self) -> str:
-        return f"add table {self.family} {self.table}"
+        return f"{self.verb} table {self.family} {self.table}"
+
+
+class AddTable(_TableOp):
+    __slots__ = ()
+    verb = "add"
+
+
+class DeleteTable(_TableOp):
+    __slots__ = ()
+    verb = "delete"
+
+
+class _Defines:
+    """An operation that carries the object it defines (``defined``)."""
+
+    __slots__ = ()
+
+    @property
+    def defined(self) -> Chain | Set:
+        raise NotImplementedError
+
+    @property
+    def family(self) -> str:
+        return self.defined.family
+
+    @property
+    def table(self) -> str:
+        return self.defined.table
 
 
 @dataclass(slots=True)
-class DeleteTable:
-    family: str
-    table: str
-
-    def nft(self) -> str:
-        return f"delete table {self.family} {self.table}"
-
-
-@dataclass(slots=True)
-class AddChain:
+class AddChain(_Defines):
     """A chain's definition (its hook, if any), without its rules."""
 
     chain: Chain
 
     @property
-    def family(self) -> str:
-        return self.chain.family
-
-    @property
-    def table(self) -> str:
-        return self.chain.table
+    def defined(self) -> Chain:
+        return self.chain
 
     def nft(self) -> str:
         c = self.chain
@@ -1012,23 +1028,26 @@ class AddChain:
 
 
 @dataclass(slots=True)
-class FlushChain:
+class _ChainOp:
     family: str
     table: str
     name: str
+    verb: ClassVar[str]
 
     def nft(self) -> str:
-        return f"flush chain {self.family} {self.table} {self.name}"
+        return f"{self.verb} chain {self.family} {self.table} {self.name}"
 
 
-@dataclass(slots=True)
-class DeleteChain:
-    family: str
-    table: str
-    name: str
+class FlushChain(_ChainOp):
+    """Every rule of a chain removed."""
 
-    def nft(self) -> str:
-        return f"delete chain {self.family} {self.table} {self.name}"
+    __slots__ = ()
+    verb = "flush"
+
+
+class DeleteChain(_ChainOp):
+    __slots__ = ()
+    verb = "delete"
 
 
 @dataclass(slots=True)
@@ -1045,18 +1064,14 @@ class AddRule:
 
 
 @dataclass(slots=True)
-class AddSet:
+class AddSet(_Defines):
     """A named set's or verdict map's definition."""
 
     set: Set
 
     @property
-    def family(self) -> str:
-        return self.set.family
-
-    @property
-    def table(self) -> str:
-        return self.set.table
+    def defined(self) -> Set:
+        return self.set
 
     def nft(self) -> str:
         s = self.set
