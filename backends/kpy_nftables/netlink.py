@@ -530,7 +530,9 @@ class _Rule:
                 raise self.fail()
             if st.verdict not in VERDICTS:
                 raise self.fail()
-            return [_expr("immediate", _u32(1, REG_VERDICT), _verdict_data(2, *st))]
+            return [
+                _expr("immediate", _u32(1, REG_VERDICT), _verdict_data(2, st.verdict, st.chain))
+            ]
         if isinstance(st, render.L4Proto):
             if st.proto not in PROTOCOLS or self.l4proto:
                 raise self.fail()

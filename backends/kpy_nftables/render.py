@@ -32,7 +32,7 @@ import re
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 from kpy.core.backend import BackendConfig, LocalDetector
 from kpy.core.model import (
@@ -373,166 +373,202 @@ def _comment(label: str) -> str:
 # an address, network, number or protocol render formatted.
 
 
-class L4Proto(NamedTuple):
+class _Statement:
+    """A statement's fields and, made once with it, its text (``nft()``); equal to
+    another of its kind with the same text. Never changed once made."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def nft(self) -> str:
+        return self.text
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.text!r})"
+
+
+class L4Proto(_Statement):
     """``meta l4proto tcp``"""
 
-    proto: str  # "tcp", "udp", "sctp"
+    __slots__ = ("proto",)
 
-    def nft(self) -> str:
-        return f"meta l4proto {self.proto}"
+    def __init__(self, proto: str) -> None:  # "tcp", "udp", "sctp"
+        self.proto = proto
+        self.text = f"meta l4proto {proto}"
 
 
-class DPort(NamedTuple):
+class DPort(_Statement):
     """``tcp dport 80`` (nft adds the ``meta l4proto`` match it depends on)"""
 
-    proto: str
-    port: int
+    __slots__ = ("port", "proto")
 
-    def nft(self) -> str:
-        return f"{self.proto} dport {self.port}"
+    def __init__(self, proto: str, port: int) -> None:
+        self.proto = proto
+        self.port = port
+        self.text = f"{proto} dport {port}"
 
 
-class Addr(NamedTuple):
+class Addr(_Statement):
     """``ip daddr 10.96.0.1``, ``ip daddr 10.96.0.0/12``, ``ip saddr != { a/16, b/24 }``
     (several values: an anonymous set)."""
 
-    family: str
-    selector: str  # "saddr" or "daddr"
-    values: tuple[str, ...]
-    negate: bool = False
+    __slots__ = ("family", "negate", "selector", "values")
 
-    def nft(self) -> str:
-        op = "!= " if self.negate else ""
-        return f"{self.family} {self.selector} {op}{_set_literal(list(self.values))}"
+    def __init__(
+        self, family: str, selector: str, values: tuple[str, ...], negate: bool = False
+    ) -> None:
+        self.family = family
+        self.selector = selector  # "saddr" or "daddr"
+        self.values = values
+        self.negate = negate
+        op = "!= " if negate else ""
+        self.text = f"{family} {selector} {op}{_set_literal(list(values))}"
 
 
-class AddrIn(NamedTuple):
+class AddrIn(_Statement):
     """``ip daddr @cluster-ips``: the address is in a named set."""
 
-    family: str
-    selector: str
-    set: str
+    __slots__ = ("family", "selector", "set")
 
-    def nft(self) -> str:
-        return f"{self.family} {self.selector} @{self.set}"
+    def __init__(self, family: str, selector: str, set_: str) -> None:
+        self.family = family
+        self.selector = selector
+        self.set = set_
+        self.text = f"{family} {selector} @{set_}"
 
 
-class Lookup(NamedTuple):
+class Lookup(_Statement):
     """``ip daddr . meta l4proto . th dport @masquerade-ips`` (``vmap``: a verdict map)."""
 
-    keys: tuple[str, ...]  # "ip daddr", "meta l4proto", "th dport"
-    set: str
-    vmap: bool = False
+    __slots__ = ("keys", "set", "vmap")
 
-    def nft(self) -> str:
-        return f"{' . '.join(self.keys)} {'vmap ' if self.vmap else ''}@{self.set}"
+    def __init__(self, keys: tuple[str, ...], set_: str, vmap: bool = False) -> None:
+        self.keys = keys  # "ip daddr", "meta l4proto", "th dport"
+        self.set = set_
+        self.vmap = vmap
+        self.text = f"{' . '.join(keys)} {'vmap ' if vmap else ''}@{set_}"
 
 
-class FibLocal(NamedTuple):
+class FibLocal(_Statement):
     """``fib saddr type local``: the address is one of this node's."""
 
-    selector: str  # "saddr" or "daddr"
+    __slots__ = ("selector",)
 
-    def nft(self) -> str:
-        return f"fib {self.selector} type local"
+    def __init__(self, selector: str) -> None:  # "saddr" or "daddr"
+        self.selector = selector
+        self.text = f"fib {selector} type local"
 
 
-class IifName(NamedTuple):
+class IifName(_Statement):
     """``iifname "cni0"``, ``iifname != "cali*"``"""
 
-    name: str  # with a trailing ``*`` for a prefix
-    negate: bool = False
+    __slots__ = ("name", "negate")
 
-    def nft(self) -> str:
-        return f'iifname {"!= " if self.negate else ""}"{self.name}"'
+    def __init__(self, name: str, negate: bool = False) -> None:  # "cali*": a prefix
+        self.name = name
+        self.negate = negate
+        self.text = f'iifname {"!= " if negate else ""}"{name}"'
 
 
-class CtState(NamedTuple):
+class CtState(_Statement):
     """``ct state new``"""
 
-    state: str = "new"
+    __slots__ = ("state",)
 
-    def nft(self) -> str:
-        return f"ct state {self.state}"
+    def __init__(self, state: str = "new") -> None:
+        self.state = state
+        self.text = f"ct state {state}"
 
 
-class MarkSet(NamedTuple):
+class MarkSet(_Statement):
     """``meta mark set meta mark | 0x00004000`` (``^``: toggled)"""
 
-    mark: str
-    op: str = "|"
+    __slots__ = ("mark", "op")
 
-    def nft(self) -> str:
-        return f"meta mark set meta mark {self.op} {self.mark}"
+    def __init__(self, mark: str, op: str = "|") -> None:
+        self.mark = mark
+        self.op = op
+        self.text = f"meta mark set meta mark {op} {mark}"
 
 
-class MarkClear(NamedTuple):
+class MarkClear(_Statement):
     """``meta mark & 0x00004000 == 0x00000000``: the bits are not set."""
 
-    mark: str
+    __slots__ = ("mark",)
 
-    def nft(self) -> str:
-        return f"meta mark & {self.mark} == 0x00000000"
+    def __init__(self, mark: str) -> None:
+        self.mark = mark
+        self.text = f"meta mark & {mark} == 0x00000000"
 
 
-class Numgen(NamedTuple):
+class Numgen(_Statement):
     """``numgen random mod 3 == 0``: one time in ``modulus``."""
 
-    modulus: int
+    __slots__ = ("modulus",)
 
-    def nft(self) -> str:
-        return f"numgen random mod {self.modulus} == 0"
+    def __init__(self, modulus: int) -> None:
+        self.modulus = modulus
+        self.text = f"numgen random mod {modulus} == 0"
 
 
-class Update(NamedTuple):
+class Update(_Statement):
     """``update @affinity-… { ip saddr }``: the source address into a dynamic set."""
 
-    family: str
-    set: str
+    __slots__ = ("family", "set")
 
-    def nft(self) -> str:
-        return f"update @{self.set} {{ {self.family} saddr }}"
+    def __init__(self, family: str, set_: str) -> None:
+        self.family = family
+        self.set = set_
+        self.text = f"update @{set_} {{ {family} saddr }}"
 
 
-class Dnat(NamedTuple):
+class Dnat(_Statement):
     """``dnat to 10.244.1.5:8080``, ``dnat to [fd00::5]:8080``"""
 
-    family: str
-    ip: str
-    port: int
+    __slots__ = ("family", "ip", "port")
 
-    def nft(self) -> str:
-        if self.family == "ip6":
-            return f"dnat to [{self.ip}]:{self.port}"
-        return f"dnat to {self.ip}:{self.port}"
+    def __init__(self, family: str, ip: str, port: int) -> None:
+        self.family = family
+        self.ip = ip
+        self.port = port
+        self.text = f"dnat to [{ip}]:{port}" if family == "ip6" else f"dnat to {ip}:{port}"
 
 
-class Masquerade(NamedTuple):
+class Masquerade(_Statement):
     """``masquerade fully-random``"""
 
-    flags: str = "fully-random"
+    __slots__ = ("flags",)
 
-    def nft(self) -> str:
-        return f"masquerade {self.flags}"
+    def __init__(self, flags: str = "fully-random") -> None:
+        self.flags = flags
+        self.text = f"masquerade {flags}"
 
 
-class Reject(NamedTuple):
+class Reject(_Statement):
     """``reject`` (ICMP port unreachable), ``reject with tcp reset``"""
 
-    tcp_reset: bool = False
+    __slots__ = ("tcp_reset",)
 
-    def nft(self) -> str:
-        return "reject with tcp reset" if self.tcp_reset else "reject"
+    def __init__(self, tcp_reset: bool = False) -> None:
+        self.tcp_reset = tcp_reset
+        self.text = "reject with tcp reset" if tcp_reset else "reject"
 
 
-class Verdict(NamedTuple):
+class Verdict(_Statement):
     """``drop``, ``return``, ``jump services``, ``goto service-…``"""
 
-    verdict: str
-    chain: str | None = None
+    __slots__ = ("chain", "verdict")
 
-    def nft(self) -> str:
-        return self.verdict if self.chain is None else f"{self.verdict} {self.chain}"
+    def __init__(self, verdict: str, chain: str | None = None) -> None:
+        self.verdict = verdict
+        self.chain = chain
+        self.text = verdict if chain is None else f"{verdict} {chain}"
 
 
 Statement = (
@@ -561,7 +597,7 @@ class Rule(str):
     statements: tuple[Statement, ...]
 
     def __new__(cls, *statements: Statement) -> Rule:
-        rule = super().__new__(cls, " ".join([s.nft() for s in statements]))
+        rule = super().__new__(cls, " ".join([s.text for s in statements]))
         rule.statements = statements
         return rule
 
