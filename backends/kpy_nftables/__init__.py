@@ -2,10 +2,13 @@
 
 :class:`NftablesBackend` renders every service port into keyed nftables objects
 (:mod:`kpy_nftables.render`), compares them with what the kernel holds and sends one
-``nft -f`` transaction with the difference. It knows what the kernel holds because it
-reads kpy's tables back on every full sync (start-up, the periodic resync, after a
-failure) and records what each successful transaction changed in between — so a
-partial sync never lists the kernel and costs O(what changed).
+transaction with the difference: render's typed operations, through ``nft -f`` (full
+syncs) or encoded as one netlink batch (partial syncs, :mod:`kpy_nftables.netlink`).
+It knows what the kernel holds because it reads kpy's tables back on every full sync
+(start-up, the periodic resync, after a failure; :mod:`kpy_nftables.netlink_read`) and
+records what each successful transaction changed in between — so a partial sync never
+lists the kernel and costs O(what changed). Where transactions go and what is read
+back is a :class:`Kernel` (a fake one in tests: :mod:`kpy_nftables.fake`).
 
 Two service ports claiming the same frontend (the same ClusterIP and port, or the same
 NodePort) is invalid input: the first in name order keeps it, the other is served
@@ -194,8 +197,8 @@ class NftablesBackend:
     def _transaction(self, work: _Work, full: bool) -> render.Transaction | render.Fresh:
         if work.fresh is not None:
             return work.fresh
-        # nft takes a set's elements faster in one command; the netlink encoder wants
-        # one element per line (and sends one message per element anyway)
+        # nft takes a set's elements faster in one command; a netlink batch has one
+        # message per element either way, so its transaction stays one element per line
         group = full or not self._use_netlink
         return render.transaction(work.want, work.have, work.keys, group=group)
 

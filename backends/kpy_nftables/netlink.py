@@ -487,13 +487,13 @@ class _Encoder:
         return (name.encode(),) if set_id is None else (name.encode(), struct.pack(">I", set_id))
 
 
-def _verdict(text: str, line: render.Op) -> tuple[str, str | None]:
+def _verdict(text: str, source: render.Op) -> tuple[str, str | None]:
     words = text.split()
     if len(words) == 1 and words[0] in ("drop", "accept", "return"):
         return words[0], None
     if len(words) == 2 and words[0] in ("jump", "goto"):
         return words[0], words[1]
-    raise Unsupported(line.nft())
+    raise Unsupported(source.nft())
 
 
 class _Rule:
@@ -783,7 +783,8 @@ class NetlinkWriter:
 
     def send(self, batch: Batch) -> None:
         """Send ``batch`` as one transaction; blocking. Raises NftError when the kernel
-        refuses it (nothing was changed then), naming the first refused line."""
+        refuses it (nothing was changed then), naming the first refused operation (its
+        ``nft`` line)."""
         if not batch.messages:
             return
         with self._lock:
