@@ -597,7 +597,7 @@ class Rule(str):
     statements: tuple[Statement, ...]
 
     def __new__(cls, *statements: Statement) -> Rule:
-        rule = super().__new__(cls, " ".join([s.text for s in statements]))
+        rule = str.__new__(cls, " ".join([s.text for s in statements]))
         rule.statements = statements
         return rule
 
@@ -838,9 +838,16 @@ def _pick(nf: str, proto: str, targets: list[_Target]) -> list[Rule]:
             rules.append(Rule(l4, *sticky, t.dnat))
     n = len(targets)
     for i, t in enumerate(targets):
-        draw = (_numgen(n - i),) if i < n - 1 else ()
-        update = (Update(nf, t.affinity),) if t.affinity is not None else ()
-        rules.append(Rule(l4, *draw, *update, t.dnat))
+        if t.affinity is not None:
+            update = Update(nf, t.affinity)
+            if i < n - 1:
+                rules.append(Rule(l4, _numgen(n - i), update, t.dnat))
+            else:
+                rules.append(Rule(l4, update, t.dnat))
+        elif i < n - 1:
+            rules.append(Rule(l4, _numgen(n - i), t.dnat))
+        else:
+            rules.append(Rule(l4, t.dnat))
     return rules
 
 
