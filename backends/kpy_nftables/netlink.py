@@ -510,6 +510,8 @@ class _Rule:
         return Unsupported(self.op.nft())
 
     def encode(self, statements: tuple[render.Statement, ...]) -> list[bytes]:
+        if not statements:
+            raise self.fail()  # a rule made from text alone: what it means is not known
         exprs: list[bytes] = []
         last = len(statements) - 1
         for i, st in enumerate(statements):

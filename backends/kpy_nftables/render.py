@@ -592,20 +592,25 @@ Statement = (
 
 
 class Rule(str):
-    """A rule: its statements, and (as the ``str`` it is) their text."""
+    """A rule: its statements, and (as the ``str`` it is) their text. Made by
+    :func:`rule`; one made from text alone has no statements (the netlink encoder
+    refuses it, the trace reads its text)."""
 
-    statements: tuple[Statement, ...]
-
-    def __new__(cls, *statements: Statement) -> Rule:
-        rule = str.__new__(cls, " ".join([s.text for s in statements]))
-        rule.statements = statements
-        return rule
+    statements: tuple[Statement, ...] = ()
 
     def nft(self) -> str:
         return str(self)
 
-    def __getnewargs__(self) -> tuple[Statement, ...]:  # type: ignore[override]
-        return self.statements  # copied and pickled as its statements
+    def __reduce__(self) -> tuple[Any, tuple[Statement, ...]]:
+        return rule, self.statements  # copied and pickled as its statements
+
+
+def rule(*statements: Statement) -> Rule:
+    """The rule of ``statements`` (made by ``str``'s own constructor: a rule is made
+    for every endpoint of every service port on a full sync)."""
+    made = Rule(" ".join([s.text for s in statements]))
+    made.statements = statements
+    return made
 
 
 # Marking inline rather than jumping to mark-for-masquerade: a rule that adds a jump or
@@ -669,9 +674,9 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
         # address of the service CIDRs that no Service has is dropped (one rule per CIDR,
         # where upstream writes one with an anonymous set: the same packets, and rules a
         # partial sync sends over netlink when a ServiceCIDR comes or goes)
-        cluster_check = [Rule(AddrIn(nf, "daddr", CLUSTER_IPS), Reject())]
+        cluster_check = [rule(AddrIn(nf, "daddr", CLUSTER_IPS), Reject())]
         for cidr in _cidrs(config.all_service_cidrs(), 4 if nf == "ip" else 6):
-            cluster_check.append(Rule(Addr(nf, "daddr", (cidr,)), DROP))
+            cluster_check.append(rule(Addr(nf, "daddr", (cidr,)), DROP))
         for name in (NO_EP_SERVICES, FIREWALL_IPS):
             objs.append(Set(nf, name, f"{addr} . inet_proto . inet_service", kind="map"))
         objs.append(Set(nf, NO_EP_NODEPORTS, "inet_proto . inet_service", kind="map"))
@@ -680,30 +685,30 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
         # The base table's nat chains only mark for masquerade; the shards (one priority
         # later) dispatch. A nat chain that DNATs ends the hook's nat chains for that
         # connection, so marking must come first.
-        services = [Rule(Lookup(dispatch, MASQ_IPS), _jump(MARK_MASQ))]
+        services = [rule(Lookup(dispatch, MASQ_IPS), _jump(MARK_MASQ))]
         if nodeport is not None:
-            services.append(Rule(*nodeport, Lookup(_L4_PORT, MASQ_NODEPORTS), _jump(MARK_MASQ)))
+            services.append(rule(*nodeport, Lookup(_L4_PORT, MASQ_NODEPORTS), _jump(MARK_MASQ)))
         nodeport_check = []
         if nodeport is not None:
-            nodeport_check.append(Rule(*nodeport, Lookup(_L4_PORT, NO_EP_NODEPORTS, vmap=True)))
+            nodeport_check.append(rule(*nodeport, Lookup(_L4_PORT, NO_EP_NODEPORTS, vmap=True)))
         objs += _shard_skeleton(nf, addr, dispatch, nodeport)
         new = CtState("new")
 
         def new_jump(chain: str) -> Rule:
-            return Rule(new, _jump(chain))  # noqa: B023 (called in this iteration only)
+            return rule(new, _jump(chain))  # noqa: B023 (called in this iteration only)
 
         objs += [
             Chain(
                 nf,
                 "nat-prerouting",
-                (Rule(_jump(SERVICES)),),
+                (rule(_jump(SERVICES)),),
                 _hook("nat", "prerouting", "dstnat"),
             ),
-            Chain(nf, "nat-output", (Rule(_jump(SERVICES)),), _hook("nat", "output", "-100")),
+            Chain(nf, "nat-output", (rule(_jump(SERVICES)),), _hook("nat", "output", "-100")),
             Chain(
                 nf,
                 "nat-postrouting",
-                (Rule(_jump(MASQUERADING)),),
+                (rule(_jump(MASQUERADING)),),
                 _hook("nat", "postrouting", "srcnat"),
             ),
             Chain(
@@ -740,21 +745,21 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
                 _hook("filter", "output", "-110"),
             ),
             Chain(nf, SERVICES, tuple(services)),
-            Chain(nf, FIREWALL_CHECK, (Rule(Lookup(dispatch, FIREWALL_IPS, vmap=True)),)),
-            Chain(nf, SERVICE_EP_CHECK, (Rule(Lookup(dispatch, NO_EP_SERVICES, vmap=True)),)),
+            Chain(nf, FIREWALL_CHECK, (rule(Lookup(dispatch, FIREWALL_IPS, vmap=True)),)),
+            Chain(nf, SERVICE_EP_CHECK, (rule(Lookup(dispatch, NO_EP_SERVICES, vmap=True)),)),
             Chain(nf, NODEPORT_EP_CHECK, tuple(nodeport_check)),
-            Chain(nf, MARK_MASQ, (Rule(SET_MASQ),)),
+            Chain(nf, MARK_MASQ, (rule(SET_MASQ),)),
             Chain(
                 nf,
                 MASQUERADING,
                 (
-                    Rule(Lookup((f"{nf} saddr", f"{nf} daddr"), HAIRPIN), Masquerade()),
-                    Rule(MarkClear(MASQ_MARK), Verdict("return")),
-                    Rule(MarkSet(MASQ_MARK, "^")),
-                    Rule(Masquerade()),
+                    rule(Lookup((f"{nf} saddr", f"{nf} daddr"), HAIRPIN), Masquerade()),
+                    rule(MarkClear(MASQ_MARK), Verdict("return")),
+                    rule(MarkSet(MASQ_MARK, "^")),
+                    rule(Masquerade()),
                 ),
             ),
-            Chain(nf, REJECT, (Rule(L4Proto("tcp"), Reject(tcp_reset=True)), Rule(Reject()))),
+            Chain(nf, REJECT, (rule(L4Proto("tcp"), Reject(tcp_reset=True)), rule(Reject()))),
         ]
     return with_fingerprints(objs)
 
@@ -764,9 +769,9 @@ def _shard_skeleton(
 ) -> list[Obj]:
     """Each shard table's dispatch: its own nat hooks, verdict maps and services chain."""
     objs: list[Obj] = []
-    services = [Rule(Lookup(dispatch, SERVICE_IPS, vmap=True))]
+    services = [rule(Lookup(dispatch, SERVICE_IPS, vmap=True))]
     if nodeport is not None:
-        services.append(Rule(*nodeport, Lookup(_L4_PORT, SERVICE_NODEPORTS, vmap=True)))
+        services.append(rule(*nodeport, Lookup(_L4_PORT, SERVICE_NODEPORTS, vmap=True)))
     for table in shard_tables():
         objs += [
             Set(nf, SERVICE_IPS, f"{addr} . inet_proto . inet_service", kind="map", table=table),
@@ -775,14 +780,14 @@ def _shard_skeleton(
             Chain(
                 nf,
                 "nat-prerouting",
-                (Rule(_jump(SERVICES)),),
+                (rule(_jump(SERVICES)),),
                 _hook("nat", "prerouting", SHARD_NAT_PRIORITY),
                 table=table,
             ),
             Chain(
                 nf,
                 "nat-output",
-                (Rule(_jump(SERVICES)),),
+                (rule(_jump(SERVICES)),),
                 _hook("nat", "output", SHARD_NAT_PRIORITY),
                 table=table,
             ),
@@ -835,19 +840,19 @@ def _pick(nf: str, proto: str, targets: list[_Target]) -> list[Rule]:
     for t in targets:
         if t.affinity is not None:
             sticky = (AddrIn(nf, "saddr", t.affinity), Update(nf, t.affinity))
-            rules.append(Rule(l4, *sticky, t.dnat))
+            rules.append(rule(l4, *sticky, t.dnat))
     n = len(targets)
     for i, t in enumerate(targets):
         if t.affinity is not None:
             update = Update(nf, t.affinity)
             if i < n - 1:
-                rules.append(Rule(l4, _numgen(n - i), update, t.dnat))
+                rules.append(rule(l4, _numgen(n - i), update, t.dnat))
             else:
-                rules.append(Rule(l4, update, t.dnat))
+                rules.append(rule(l4, update, t.dnat))
         elif i < n - 1:
-            rules.append(Rule(l4, _numgen(n - i), t.dnat))
+            rules.append(rule(l4, _numgen(n - i), t.dnat))
         else:
-            rules.append(Rule(l4, t.dnat))
+            rules.append(rule(l4, t.dnat))
     return rules
 
 
@@ -923,9 +928,9 @@ def _family_objects(
         match = (Addr(nf, "daddr", (str(cluster_ip),)), DPort(proto, svc.port))
         rules = []
         if config.masquerade_all:
-            rules.append(Rule(*match, SET_MASQ))
+            rules.append(rule(*match, SET_MASQ))
         elif detector.implemented:  # traffic not from this node's pods
-            rules.append(Rule(*match, local_match(nf, detector, negate=True), SET_MASQ))
+            rules.append(rule(*match, local_match(nf, detector, negate=True), SET_MASQ))
         rules += _pick(nf, proto, internal_targets)
         objs.append(Chain(nf, names.service, tuple(rules), table=shard))
         objs.append(Element(nf, SERVICE_IPS, vip, f"goto {names.service}", label, shard))
@@ -955,15 +960,15 @@ def _family_objects(
         # node itself are sent on to the cluster-wide endpoints, everyone else dropped.
         rules = []
         if cluster_policy:
-            rules.append(Rule(SET_MASQ))
+            rules.append(rule(SET_MASQ))
         elif internal:
             # Pods and the node itself reaching an external address use the cluster-wide
             # path (no reason to drop them); node-originated traffic is masqueraded.
             if detector.implemented:
-                rules.append(Rule(local_match(nf, detector), _goto(names.service)))
-            rules.append(Rule(FibLocal("saddr"), SET_MASQ))
-            rules.append(Rule(FibLocal("saddr"), _goto(names.service)))
-        rules += _pick(nf, proto, external_targets) if external_targets else [Rule(DROP)]
+                rules.append(rule(local_match(nf, detector), _goto(names.service)))
+            rules.append(rule(FibLocal("saddr"), SET_MASQ))
+            rules.append(rule(FibLocal("saddr"), _goto(names.service)))
+        rules += _pick(nf, proto, external_targets) if external_targets else [rule(DROP)]
         objs.append(Chain(nf, names.external, tuple(rules), table=shard))
         to_external = f"goto {names.external}"
         ip_map, port_map = SERVICE_IPS, SERVICE_NODEPORTS
@@ -983,8 +988,8 @@ def _family_objects(
     lb_ips = sorted({ip for ip in svc.load_balancer_ips if ip.version == version}, key=int)
     if svc.firewalled(version) and lb_ips:
         ranges = _cidrs(svc.firewall_sources(config.primary_ips()), version)
-        rule = Rule(Addr(nf, "saddr", tuple(ranges), True), DROP) if ranges else Rule(DROP)
-        objs.append(Chain(nf, names.firewall, (rule,)))
+        allow = rule(Addr(nf, "saddr", tuple(ranges), True), DROP) if ranges else rule(DROP)
+        objs.append(Chain(nf, names.firewall, (allow,)))
         for ip in lb_ips:
             element = f"{ip} . {proto} . {svc.port}"
             objs.append(Element(nf, FIREWALL_IPS, element, f"goto {names.firewall}", label))
@@ -1181,8 +1186,8 @@ def _element_body(e: Element) -> str:
 
 
 def _rule_ops(chain: Chain) -> Iterator[AddRule]:
-    for rule in chain.rules:
-        yield AddRule(chain.family, chain.table, chain.name, rule)
+    for one in chain.rules:
+        yield AddRule(chain.family, chain.table, chain.name, one)
 
 
 def _removal(family: str, table: str, map_name: str, element: str) -> Element:

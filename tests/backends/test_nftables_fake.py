@@ -85,7 +85,7 @@ def test_a_rule_replaced_by_hand_is_found_by_its_digest() -> None:
     name = next(s.name for s in states if s.endpoints)
     shard, chain = render.shard_table(name), render.service_chain(name)
     rules = list(kernel.state.chains[("ip", shard, chain)][1])
-    other = render.Rule(render.L4Proto("tcp"), render.Dnat("ip", "192.0.2.1", 9))
+    other = render.rule(render.L4Proto("tcp"), render.Dnat("ip", "192.0.2.1", 9))
     kernel.apply(
         [
             render.FlushChain("ip", shard, chain),
@@ -106,7 +106,7 @@ def test_the_fake_refuses_what_the_kernel_refuses_and_changes_nothing() -> None:
     refused: list[list[render.Op]] = [
         [render.FlushChain("ip", shard, chain), render.DeleteChain("ip", shard, chain)],
         [render.DeleteSet("ip", render.TABLE, "set", render.CLUSTER_IPS)],  # a rule uses it
-        [render.AddRule("ip", shard, chain, render.Rule(render.Verdict("goto", "nowhere")))],
+        [render.AddRule("ip", shard, chain, render.rule(render.Verdict("goto", "nowhere")))],
         [render.FlushChain("ip", "kpy-99", chain)],
     ]
     for ops in refused:

@@ -330,7 +330,7 @@ def test_service_cidr_changes_over_netlink_leave_the_ruleset_nft_leaves(
 )
 def test_anonymous_sets_nft_would_rewrite_are_unsupported(ranges: str) -> None:
     nets = tuple(r.strip() for r in ranges.split(","))
-    op = render.AddRule("ip", "kpy", "x", render.Rule(render.Addr("ip", "saddr", nets, True), DROP))
+    op = render.AddRule("ip", "kpy", "x", render.rule(render.Addr("ip", "saddr", nets, True), DROP))
     line = f"add rule ip kpy x ip saddr != {{ {ranges} }} drop"
     assert op.nft() == line
     with pytest.raises(netlink.Unsupported) as refused:
@@ -340,7 +340,7 @@ def test_anonymous_sets_nft_would_rewrite_are_unsupported(ranges: str) -> None:
 
 def test_an_anonymous_set_comes_before_its_rule() -> None:
     nets = ("203.0.113.0/24", "198.51.100.0/24")
-    op = render.AddRule("ip", "kpy", "x", render.Rule(render.Addr("ip", "saddr", nets, True), DROP))
+    op = render.AddRule("ip", "kpy", "x", render.rule(render.Addr("ip", "saddr", nets, True), DROP))
     line = "add rule ip kpy x ip saddr != { 203.0.113.0/24, 198.51.100.0/24 } drop"
     batch = netlink.encode([op], {})
     assert batch.lines == (line, line, line)
@@ -381,7 +381,7 @@ def test_refused_transaction_names_the_line_and_changes_nothing(pair: tuple[str,
     before = _ruleset(b_)
     txn, sets = _change(CIDRS, [CLUSTER_IP], [CLUSTER_IP_MORE, UDP])
     table = render.shard_table(UDP.name) if hasattr(render, "shard_table") else render.TABLE
-    goto = render.Rule(render.Verdict("goto", "no-such-chain"))
+    goto = render.rule(render.Verdict("goto", "no-such-chain"))
     bad_op = render.AddRule("ip", table, render.service_chain(UDP.name), goto)
     bad = f"add rule ip {table} {render.service_chain(UDP.name)} goto no-such-chain"
     ops = list(txn.iter_ops())
@@ -448,7 +448,7 @@ DROP = render.Verdict("drop")
 
 
 def _rule(*statements: render.Statement, chain: str = "x") -> render.AddRule:
-    return render.AddRule("ip", "kpy", chain, render.Rule(*statements))
+    return render.AddRule("ip", "kpy", chain, render.rule(*statements))
 
 
 def _elements(name: str, element: str, verdict: str = "", comment: str = "") -> render.Op:
@@ -481,6 +481,7 @@ HOOK = "type nat hook output priority -100; policy accept;"
         _rule(render.Addr("ip6", "saddr", ("fd00::1",)), DROP),
         _rule(DROP, render.Verdict("accept")),
         _rule(render.Verdict("goto", "$chain")),
+        render.AddRule("ip", "kpy", "x", render.Rule("drop")),  # text alone, no statements
         _elements("unknown-set", "10.0.0.1"),
         _elements("service-ips", "10.96.0.1 . tcp", "goto a", "x"),
         _elements("service-endpoints", "10.244.1.5 . 8080 . 1", "drop", "x"),
@@ -523,7 +524,7 @@ def test_sets_added_in_the_transaction_are_known_to_later_operations() -> None:
                 "ip6",
                 "kpy-3",
                 "c",
-                render.Rule(
+                render.rule(
                     render.AddrIn("ip6", "saddr", "aff"), render.Update("ip6", "aff"), DROP
                 ),
             ),

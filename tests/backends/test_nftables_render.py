@@ -134,7 +134,7 @@ def test_typed_rules_keep_the_fingerprints_text_rules_had() -> None:
 
 
 def test_a_rule_is_its_statements_text() -> None:
-    rule = render.Rule(
+    rule = render.rule(
         render.L4Proto("tcp"),
         render.Numgen(2),
         render.Update("ip6", "affinity-x"),
