@@ -2,9 +2,11 @@
 
 In a namespace (never the machine's own) holding kpy's tables for N synthetic Services
 with 5 endpoints each (programmed by the nftables backend, as the agent does), the
-state is read back and parsed by :func:`kpy_nftables.observe.parse` two ways:
-``Nft.list_tables()`` (three ``nft -j list`` processes, as the backend does today) and
-:class:`kpy_nftables.netlink_read.NetlinkReader`. Each read runs in a fresh Python
+state is read back into :class:`kpy_nftables.observe.Observed` two ways:
+``Nft.list_tables()`` (three ``nft -j list`` processes, parsed by
+:func:`kpy_nftables.observe.parse`; the backend with ``nftables_writer=nft``) and
+:meth:`kpy_nftables.netlink_read.NetlinkReader.observe` (netlink messages decoded
+straight into it). Each read runs in a fresh Python
 process, so its peak RSS is its own: printed are the wall time of read + parse, the
 growth of its peak RSS (VmHWM) over its RSS after imports, and the tracemalloc
 peak of a separate run (Python allocations only).
@@ -38,7 +40,7 @@ def read(netns: str, how: str) -> observe_.Observed:
         return observe.parse(asyncio.run(Nft(netns).list_tables()))
     reader = NetlinkReader(netns)
     try:
-        return observe.parse(reader.documents())
+        return reader.observe()
     finally:
         reader.close()
 

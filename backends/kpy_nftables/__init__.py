@@ -2,10 +2,13 @@
 
 :class:`NftablesBackend` renders every service port into keyed nftables objects
 (:mod:`kpy_nftables.render`), compares them with what the kernel holds and sends one
-``nft -f`` transaction with the difference. It knows what the kernel holds because it
-reads kpy's tables back on every full sync (start-up, the periodic resync, after a
-failure) and records what each successful transaction changed in between — so a
-partial sync never lists the kernel and costs O(what changed).
+transaction with the difference: render's typed operations, through ``nft -f`` (full
+syncs) or encoded as one netlink batch (partial syncs, :mod:`kpy_nftables.netlink`).
+It knows what the kernel holds because it reads kpy's tables back on every full sync
+(start-up, the periodic resync, after a failure; :mod:`kpy_nftables.netlink_read`) and
+records what each successful transaction changed in between — so a partial sync never
+lists the kernel and costs O(what changed). Where transactions go and what is read
+back is a :class:`Kernel` (a fake one in tests: :mod:`kpy_nftables.fake`).
 
 Two service ports claiming the same frontend (the same ClusterIP and port, or the same
 NodePort) is invalid input: the first in name order keeps it, the other is served
@@ -24,7 +27,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -37,9 +40,49 @@ from kpy_nftables import observe as observe_
 from kpy_nftables import trace as trace_
 from kpy_nftables.apply import Nft, NftError
 
-__all__ = ["NftablesBackend"]
+__all__ = ["Kernel", "NftablesBackend", "Reader", "Writer"]
 
 log = structlog.get_logger("kpy.nftables")
+
+
+class Writer(Protocol):
+    """Sends netlink batches (:class:`kpy_nftables.netlink.NetlinkWriter`)."""
+
+    def send(self, batch: netlink.Batch) -> None: ...
+    def close(self) -> None: ...
+
+
+class Reader(Protocol):
+    """Reads kpy's tables back (:class:`kpy_nftables.netlink_read.NetlinkReader`)."""
+
+    def observe(self, rules: observe_.RuleCounts | None = None) -> observe_.Observed: ...
+    def rules(
+        self, chains: Iterable[tuple[str, str, str]] | None = None
+    ) -> netlink_read.RuleDigests: ...
+    def close(self) -> None: ...
+
+
+class Kernel:
+    """Where the backend's transactions go and what it reads back: ``nft`` and
+    nfnetlink sockets inside the configured namespace. (In tests,
+    :class:`kpy_nftables.fake.FakeKernel` holds render's objects instead.)"""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self.nft = Nft(netns)
+
+    async def write_nft(self, txn: render.Transaction | render.Fresh) -> int:
+        """``txn`` through ``nft -f`` (a first start: in two processes at once, see
+        :meth:`render.Fresh.halves`); the bytes written."""
+        if isinstance(txn, render.Fresh):
+            return await self.nft.run_parallel(txn.halves())
+        return await self.nft.run_lines(txn.iter_lines())
+
+    def writer(self) -> Writer:
+        return netlink.NetlinkWriter(self.netns)
+
+    def reader(self) -> Reader:
+        return netlink_read.NetlinkReader(self.netns)
 
 
 class NftablesBackend:
@@ -47,9 +90,10 @@ class NftablesBackend:
 
     name = "nftables"
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(self, config: BackendConfig, kernel: Kernel | None = None) -> None:
         self.config = config
-        self._nft = Nft(config.netns)
+        self._kernel = kernel or Kernel(config.netns)
+        self._nft = self._kernel.nft
         self._base = render.base_objects(config)
         self._have: dict[str, str] = {}  # what the kernel holds: key → value
         self._port_keys: dict[ServicePortName, frozenset[str]] = {}
@@ -62,8 +106,8 @@ class NftablesBackend:
         if writer not in ("netlink", "nft"):
             raise ValueError(f"nftables_writer must be netlink or nft (got {writer!r})")
         self._use_netlink = writer == "netlink"
-        self._netlink: netlink.NetlinkWriter | None = None
-        self._reader: netlink_read.NetlinkReader | None = None
+        self._netlink: Writer | None = None
+        self._reader: Reader | None = None
         self._set_types = netlink.set_types(self._base.values())
         # chain key → the digest of its rules as the kernel held them right after kpy
         # last wrote (or first verified) it: a full sync compares the kernel's with it
@@ -90,11 +134,11 @@ class NftablesBackend:
             txn = self._transaction(work, full)
             if isinstance(txn, render.Fresh):
                 # nothing of ours to disturb yet: two nft processes, part of the tables each
-                size, writer = await self._nft.run_parallel(txn.halves()), "nft"
+                size, writer = await self._kernel.write_nft(txn), "nft"
             elif not txn.ops:
                 size, writer = 0, "none"
             elif full or not self._use_netlink:
-                size, writer = await self._nft.run_lines(txn.iter_lines()), "nft"
+                size, writer = await self._kernel.write_nft(txn), "nft"
             else:
                 size, writer = await self._send_small(txn)
         except (NftError, OSError) as exc:
@@ -153,24 +197,24 @@ class NftablesBackend:
     def _transaction(self, work: _Work, full: bool) -> render.Transaction | render.Fresh:
         if work.fresh is not None:
             return work.fresh
-        # nft takes a set's elements faster in one command; the netlink encoder wants
-        # one element per line (and sends one message per element anyway)
+        # nft takes a set's elements faster in one command; a netlink batch has one
+        # message per element either way, so its transaction stays one element per line
         group = full or not self._use_netlink
         return render.transaction(work.want, work.have, work.keys, group=group)
 
     async def _send_small(self, txn: render.Transaction) -> tuple[int, str]:
         """A partial sync's transaction as one netlink batch from this process (no nft
-        process, no cache of the ruleset); ``nft -f`` when it holds a line the encoder
-        does not know. Returns the script's size in bytes and the writer used."""
+        process, no cache of the ruleset); ``nft -f`` when it holds an operation the
+        encoder does not know. Returns the script's size in bytes and the writer used."""
         script = txn.script
         try:
-            batch = netlink.encode(script, self._set_types)
+            batch = netlink.encode(txn.iter_ops(), self._set_types)
         except netlink.Unsupported as exc:
             log.debug("nftables_netlink_unsupported", line=str(exc))
-            await self._nft.run_script(script)
+            await self._kernel.write_nft(txn)
             return len(script.encode()), "nft"
         if self._netlink is None:
-            self._netlink = netlink.NetlinkWriter(self.config.netns)
+            self._netlink = self._kernel.writer()
             weakref.finalize(self, self._netlink.close)  # the socket goes with the backend
         writer, reader = self._netlink, self._netlink_reader()
         ids = [(c.family, c.table, c.name) for c in txn.rule_chains]
@@ -199,9 +243,9 @@ class NftablesBackend:
         finally:
             self.config, self._base, self._needs_full = kept
 
-    def _netlink_reader(self) -> netlink_read.NetlinkReader:
+    def _netlink_reader(self) -> Reader:
         if self._reader is None:
-            self._reader = netlink_read.NetlinkReader(self.config.netns)
+            self._reader = self._kernel.reader()
             weakref.finalize(self, self._reader.close)
         return self._reader
 
@@ -221,7 +265,7 @@ class NftablesBackend:
 
         def read() -> observe_.Observed:
             counted = reader.rules()
-            return observe_.parse(reader.documents(), counted.chains)
+            return reader.observe(counted.chains)
 
         return await asyncio.to_thread(read)
 
@@ -234,7 +278,7 @@ class NftablesBackend:
         if isinstance(txn, render.Fresh) or (full and len(txn.rule_chains) > LEARN_ONE_BY_ONE):
             self._digests = {}
             box: dict[str, Any] = {}
-            reader = netlink_read.NetlinkReader(self.config.netns)
+            reader = self._kernel.reader()
 
             def read_back() -> None:
                 try:
@@ -575,10 +619,10 @@ def _delete_tables(netns: str | None) -> None:
         reader.close()
     if not tables:
         return
-    script = "".join(f"delete table {family} {name}\n" for family, name in tables)
+    ops = [render.DeleteTable(family, name) for family, name in tables]
     writer = netlink.NetlinkWriter(netns)
     try:
-        writer.send(netlink.encode(script, {}))
+        writer.send(netlink.encode(ops, {}))
     finally:
         writer.close()
 

@@ -3,18 +3,21 @@
 A one-endpoint change at 10,000 Services spends most of its time outside the kernel
 when it goes through ``nft -f``: starting the process, and nft listing every chain
 and set of the ruleset into its cache before it sends a byte. kpy knows exactly what
-it wants, so :func:`encode` turns the script :func:`kpy_nftables.render.transaction`
-writes into nf_tables netlink messages itself, and :class:`NetlinkWriter` sends them as
-one atomic batch (``NFNL_MSG_BATCH_BEGIN`` … ``NFNL_MSG_BATCH_END``) on a socket it
-keeps open inside the node's network namespace.
+it wants, so :func:`encode` turns the operations of a
+:class:`kpy_nftables.render.Transaction` (render's typed commands, which carry render's
+objects) into nf_tables netlink messages itself, and :class:`NetlinkWriter` sends them
+as one atomic batch (``NFNL_MSG_BATCH_BEGIN`` … ``NFNL_MSG_BATCH_END``) on a socket it
+keeps open inside the node's network namespace. Tables, chains, sets and elements are
+encoded from the objects' fields, a rule from its typed statements
+(:class:`kpy_nftables.render.Rule`); no text is read back.
 
-Only the subset of the nft language that render writes is understood: tables, regular
-chains, named sets and maps, their elements, the rules of the per-service chains
-(with anonymous sets of source ranges) and of the ``cluster-ips-check`` chain
-(``reject``, service CIDR drops). Anything else — base chains, verdict-map
-lookups, statements render never writes — raises :class:`Unsupported`, and the caller
-sends that transaction with ``nft -f`` instead. Nothing is guessed: every encoding here
-is the one ``nft --debug=mnl`` shows nft 1.0 sending, and the tests compare
+Only what render writes is understood: tables, regular chains, named sets and maps,
+their elements, the rules of the per-service chains (with anonymous sets of source
+ranges) and of the ``cluster-ips-check`` chain (``reject``, service CIDR drops).
+Anything else — base chains, verdict-map lookups, statements render never writes —
+raises :class:`Unsupported`, and the caller sends that transaction with ``nft -f``
+(each operation's ``nft()`` line) instead. Nothing is guessed: every encoding here is
+the one ``nft --debug=mnl`` shows nft 1.0 sending, and the tests compare
 ``nft list ruleset`` after both writers.
 """
 
@@ -129,7 +132,7 @@ REG_2 = 2
 
 
 class Unsupported(Exception):
-    """A script line outside the subset this module encodes; use ``nft -f`` instead."""
+    """An operation outside the subset this module encodes; use ``nft -f`` instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +146,15 @@ class SetType:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Netlink messages (sequence numbers still 0) and the script line of each."""
+    """Netlink messages (sequence numbers still 0) and the operation each encodes."""
 
     messages: tuple[bytes, ...]
-    lines: tuple[str, ...]
+    sources: tuple[render.Op, ...]
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        """Each message's operation as an ``nft`` line (for messages and tests)."""
+        return tuple(s.nft() for s in self.sources)
 
     @property
     def size(self) -> int:
@@ -336,108 +344,96 @@ class _Encoder:
         self.sets = dict(sets)
         self.new_sets: dict[tuple[str, str, str], int] = {}  # set id within this batch
         self.messages: list[bytes] = []
-        self.lines: list[str] = []
+        self.sources: list[render.Op] = []  # what each message was encoded from
         self.last_set_id = 0
 
-    def line(self, line: str) -> None:
-        words = line.split()
-        if len(words) < 4 or words[2] not in FAMILIES:
-            raise Unsupported(line)
-        verb, obj, family, table = words[:4]
-        _check_name(table)
-        nf = FAMILIES[family]
-        rest = line.split(None, 4)[4] if len(words) > 4 else ""
-        if len(words) == 5:
-            _check_name(rest)  # the chain or set a line names
-        if (verb, obj) == ("add", "table") and not rest:
-            msg = _message(NFT_MSG_NEWTABLE, NLM_F_CREATE, nf, _str(1, table), _u32(2, 0))
-        elif (verb, obj) == ("delete", "table") and not rest:
-            msg = _message(NFT_MSG_DELTABLE, 0, nf, _str(1, table))
-        elif (verb, obj) == ("add", "chain") and len(words) == 5:
-            msg = _message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, nf, _str(1, table), _str(3, rest))
-        elif (verb, obj) == ("flush", "chain") and len(words) == 5:
-            msg = _message(NFT_MSG_DELRULE, 0, nf, _str(1, table), _str(2, rest))
-        elif (verb, obj) == ("delete", "chain") and len(words) == 5:
-            msg = _message(NFT_MSG_DELCHAIN, 0, nf, _str(1, table), _str(3, rest))
-        elif verb == "delete" and obj in ("set", "map") and len(words) == 5:
-            msg = _message(NFT_MSG_DELSET, 0, nf, _str(1, table), _str(2, rest))
-        elif verb == "add" and obj in ("set", "map") and len(words) > 5:
-            msg = self._add_set(line, obj, family, table, rest)
-        elif obj == "element" and verb in ("add", "delete") and len(words) > 5:
-            msg = self._element(line, verb, family, table, rest)
-        elif (verb, obj) == ("add", "rule") and len(words) > 5:
-            chain, rule = rest.split(None, 1)
-            _check_name(chain)
-            exprs = _Rule(self, family, table, line).encode(rule.split())
+    # --- operations (render's typed commands) ----------------------------------------
+
+    def op(self, op: render.Op) -> None:
+        """Encode one operation: its message(s), each recorded with the operation."""
+        _check_name(op.table)
+        if op.family not in FAMILIES:
+            raise Unsupported(op.nft())
+        nf = FAMILIES[op.family]
+        if isinstance(op, render.AddRule):  # the most frequent first
+            exprs = _Rule(self, op).encode(op.rule.statements)
             msg = _message(
                 NFT_MSG_NEWRULE,
                 NLM_F_CREATE | NLM_F_APPEND,
                 nf,
-                _str(1, table),
-                _str(2, chain),
+                _str(1, op.table),
+                _str(2, _check_name(op.chain)),
                 _nest(4, *exprs),
             )
+        elif isinstance(op, (render.AddElements, render.DeleteElements)):
+            if len(op.elements) == 1:
+                self.messages.append(self._element_op(op, op.elements[0]))
+                self.sources.append(op)
+                return
+            for e in op.elements:  # one message per element, each its own line
+                one = type(op)(op.family, op.table, op.map, (e,))
+                self.messages.append(self._element_op(one, e))
+                self.sources.append(one)
+            return
         else:
-            raise Unsupported(line)
+            msg = self._definition(op, nf, _str(1, op.table))
         self.messages.append(msg)
-        self.lines.append(line)
+        self.sources.append(op)
 
-    def next_set_id(self) -> int:
-        """A set id, unique within the batch, for named and anonymous sets alike."""
-        self.last_set_id += 1
-        return self.last_set_id
+    def _definition(
+        self,
+        op: render.AddTable
+        | render.DeleteTable
+        | render.AddChain
+        | render.FlushChain
+        | render.DeleteChain
+        | render.AddSet
+        | render.DeleteSet,
+        nf: int,
+        table: bytes,
+    ) -> bytes:
+        """A table's, chain's or set's message."""
+        if isinstance(op, render.AddTable):
+            return _message(NFT_MSG_NEWTABLE, NLM_F_CREATE, nf, table, _u32(2, 0))
+        if isinstance(op, render.DeleteTable):
+            return _message(NFT_MSG_DELTABLE, 0, nf, table)
+        if isinstance(op, render.AddChain):
+            if op.chain.hook:
+                raise Unsupported(op.nft())  # base chains: written by nft
+            name = _str(3, _check_name(op.chain.name))
+            return _message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, nf, table, name)
+        if isinstance(op, render.FlushChain):
+            return _message(NFT_MSG_DELRULE, 0, nf, table, _str(2, _check_name(op.name)))
+        if isinstance(op, render.DeleteChain):
+            return _message(NFT_MSG_DELCHAIN, 0, nf, table, _str(3, _check_name(op.name)))
+        if isinstance(op, render.DeleteSet):
+            return _message(NFT_MSG_DELSET, 0, nf, table, _str(2, _check_name(op.name)))
+        return self._set_op(op)
 
-    def extra(self, message: bytes, line: str) -> None:
-        """A message a line needs before its own (an anonymous set for a rule)."""
-        self.messages.append(message)
-        self.lines.append(line)
-
-    def set_ref(self, family: str, table: str, name: str) -> tuple[bytes, ...]:
-        """The name (and, for a set created in this batch, the id) to reference a set by."""
-        set_id = self.new_sets.get((family, table, _check_name(name)))
-        return (name.encode(),) if set_id is None else (name.encode(), struct.pack(">I", set_id))
-
-    def _add_set(self, line: str, obj: str, family: str, table: str, rest: str) -> bytes:
-        name, sep, spec = rest.partition(" { ")
-        if not sep or not spec.endswith(" }"):
-            raise Unsupported(line)
-        _check_name(name)
-        clauses = [c.strip() for c in spec[: -len(" }")].split(";") if c.strip()]
-        timeout = None
-        type_ = None
-        flags = NFT_SET_MAP if obj == "map" else 0
-        for clause in clauses:
-            if clause.startswith("type "):
-                type_ = clause.removeprefix("type ")
-            elif clause == "flags dynamic,timeout" and obj == "set":
-                flags |= NFT_SET_TIMEOUT | NFT_SET_EVAL
-            elif clause.startswith("timeout ") and clause.endswith("s") and obj == "set":
-                timeout = _number(clause.removeprefix("timeout ").removesuffix("s"))
-            else:
-                raise Unsupported(line)
-        if type_ is None:
-            raise Unsupported(line)
-        if obj == "map":
-            type_, sep, data = type_.partition(" : ")
-            if data != "verdict":
-                raise Unsupported(line)
-        if (timeout is None) != (not flags & NFT_SET_TIMEOUT):
-            raise Unsupported(line)
-        type_id, key_len = _key_type(type_)
-        concat = " . " in type_
-        if not concat and type_ not in ("ipv4_addr", "ipv6_addr"):
-            raise Unsupported(line)  # other byte orders: not written by render
+    def _set_op(self, op: render.AddSet) -> bytes:
+        s = op.set
+        _check_name(s.name)
+        if s.kind not in ("set", "map"):
+            raise Unsupported(op.nft())
+        flags = NFT_SET_MAP if s.kind == "map" else 0
+        timeout = s.timeout if s.kind == "set" else None  # a map's spec has none
+        if timeout is not None:
+            flags |= NFT_SET_TIMEOUT | NFT_SET_EVAL
+        type_id, key_len = _key_type(s.type)
+        concat = " . " in s.type
+        if not concat and s.type not in ("ipv4_addr", "ipv6_addr"):
+            raise Unsupported(op.nft())  # other byte orders: not written by render
         set_id = self.next_set_id()
-        self.new_sets[(family, table, name)] = set_id
-        self.sets[(family, table, name)] = SetType(type_, obj, timeout)
+        self.new_sets[(s.family, s.table, s.name)] = set_id
+        self.sets[(s.family, s.table, s.name)] = SetType(s.type, s.kind, timeout)
         attrs = [
-            _str(1, table),
-            _str(2, name),
+            _str(1, s.table),
+            _str(2, s.name),
             _u32(3, flags),
             _u32(4, type_id),
             _u32(5, key_len),
         ]
-        if obj == "map":
+        if s.kind == "map":
             attrs += [_u32(6, NFT_DATA_VERDICT), _u32(7, 0)]
         attrs.append(_u32(10, set_id))
         if timeout is not None:
@@ -445,209 +441,181 @@ class _Encoder:
         if not concat:
             udata = UDATA_ADDR_SET
         else:
-            udata = UDATA_CONCAT_MAP if obj == "map" else UDATA_CONCAT_SET
+            udata = UDATA_CONCAT_MAP if s.kind == "map" else UDATA_CONCAT_SET
         attrs.append(_attr(13, udata))
-        return _message(NFT_MSG_NEWSET, NLM_F_CREATE, FAMILIES[family], *attrs)
+        return _message(NFT_MSG_NEWSET, NLM_F_CREATE, FAMILIES[s.family], *attrs)
 
-    def _element(self, line: str, verb: str, family: str, table: str, rest: str) -> bytes:
-        name, sep, body = rest.partition(" { ")
-        if not sep or not body.endswith(" }") or "," in body:
-            raise Unsupported(line)
-        body = body[: -len(" }")]
-        comment = None
-        verdict = None
-        key_text, sep, after = body.partition(' comment "')
-        if sep:
-            comment, sep, after = after.partition('"')
-            if not sep:
-                raise Unsupported(line)
-            if after:
-                if not after.startswith(" : "):
-                    raise Unsupported(line)
-                verdict = after.removeprefix(" : ")
-        elif " : " in body:
-            key_text, _, verdict = body.partition(" : ")
-        set_type = self.sets.get((family, table, name))
+    def _element_op(
+        self, op: render.AddElements | render.DeleteElements, e: render.Element
+    ) -> bytes:
+        """One element's message: added with its comment and verdict, or removed by key."""
+        set_type = self.sets.get((op.family, op.table, _check_name(op.map)))
         if set_type is None:
-            raise Unsupported(f"type of set {name!r} unknown")
-        if verb == "delete" and (comment is not None or verdict is not None):
-            raise Unsupported(line)
-        if (verdict is not None) != (set_type.kind == "map") and verb == "add":
-            raise Unsupported(line)
-        elem = [_nest(1, _data(_key(set_type.type, key_text.strip())))]  # NFTA_SET_ELEM_KEY
-        if verdict is not None:
-            elem.append(_verdict_data(2, *_verdict(verdict, line)))  # NFTA_SET_ELEM_DATA
-        if comment is not None:
-            raw = comment.encode() + b"\0"
+            raise Unsupported(f"type of set {op.map!r} unknown")
+        add = isinstance(op, render.AddElements)
+        if add and bool(e.verdict) != (set_type.kind == "map"):
+            raise Unsupported(op.nft())
+        elem = [_nest(1, _data(_key(set_type.type, e.element.strip())))]  # ELEM_KEY
+        if add and e.verdict:
+            elem.append(_verdict_data(2, *_verdict(e.verdict, op)))  # NFTA_SET_ELEM_DATA
+        if add and e.comment:
+            raw = render.comment_text(e.comment).encode() + b"\0"
             if len(raw) > 128:
-                raise Unsupported(line)
+                raise Unsupported(op.nft())
             elem.append(_attr(6, bytes([0, len(raw)]) + raw))  # NFTNL_UDATA_SET_ELEM_COMMENT
-        ref = self.set_ref(family, table, name)
-        attrs = [_str(1, table), _attr(2, ref[0] + b"\0")]
+        ref = self.set_ref(op.family, op.table, op.map)
+        attrs = [_str(1, op.table), _attr(2, ref[0] + b"\0")]
         if len(ref) > 1:
             attrs.append(_attr(4, ref[1]))
         attrs.append(_nest(3, _nest(1, *elem)))
-        kind, flags = (
-            (NFT_MSG_NEWSETELEM, NLM_F_CREATE) if verb == "add" else (NFT_MSG_DELSETELEM, 0)
-        )
-        return _message(kind, flags, FAMILIES[family], *attrs)
+        kind, flags = (NFT_MSG_NEWSETELEM, NLM_F_CREATE) if add else (NFT_MSG_DELSETELEM, 0)
+        return _message(kind, flags, FAMILIES[op.family], *attrs)
+
+    def next_set_id(self) -> int:
+        """A set id, unique within the batch, for named and anonymous sets alike."""
+        self.last_set_id += 1
+        return self.last_set_id
+
+    def extra(self, message: bytes, source: render.Op) -> None:
+        """A message an operation needs before its own (an anonymous set for a rule)."""
+        self.messages.append(message)
+        self.sources.append(source)
+
+    def set_ref(self, family: str, table: str, name: str) -> tuple[bytes, ...]:
+        """The name (and, for a set created in this batch, the id) to reference a set by."""
+        set_id = self.new_sets.get((family, table, _check_name(name)))
+        return (name.encode(),) if set_id is None else (name.encode(), struct.pack(">I", set_id))
 
 
-def _verdict(text: str, line: str) -> tuple[str, str | None]:
+def _verdict(text: str, source: render.Op) -> tuple[str, str | None]:
     words = text.split()
     if len(words) == 1 and words[0] in ("drop", "accept", "return"):
         return words[0], None
     if len(words) == 2 and words[0] in ("jump", "goto"):
         return words[0], words[1]
-    raise Unsupported(line)
+    raise Unsupported(source.nft())
 
 
 class _Rule:
     """One rule's statements → expressions, as nft 1.0 linearizes them."""
 
-    def __init__(self, encoder: _Encoder, family: str, table: str, line: str) -> None:
+    def __init__(self, encoder: _Encoder, op: render.AddRule) -> None:
         self.encoder = encoder
-        self.family = family
-        self.table = table
-        self.line = line
+        self.family = op.family
+        self.table = op.table
+        self.op = op
         self.l4proto = False
 
     def fail(self) -> Unsupported:
-        return Unsupported(self.line)
+        return Unsupported(self.op.nft())
 
-    def encode(self, words: list[str]) -> list[bytes]:
+    def encode(self, statements: tuple[render.Statement, ...]) -> list[bytes]:
+        if not statements:
+            raise self.fail()  # a rule made from text alone: what it means is not known
         exprs: list[bytes] = []
-        i = 0
-        n = len(words)
-
-        def take(count: int) -> list[str]:
-            nonlocal i
-            if i + count > n:
-                raise self.fail()
-            got = words[i : i + count]
-            i += count
-            return got
-
-        while i < n:
-            word = words[i]
-            if word == "reject" and i == n - 1:
-                # nft 1.0 in an ip/ip6 table: ICMP(v6) port unreachable
-                take(1)
-                code = ICMP_PORT_UNREACH if self.family == "ip" else ICMPV6_PORT_UNREACH
-                exprs.append(
-                    _expr("reject", _u32(1, NFT_REJECT_ICMP_UNREACH), _attr(2, bytes([code])))
-                )
-            elif word in ("drop", "accept", "return") and i == n - 1:
-                take(1)
-                exprs.append(_expr("immediate", _u32(1, REG_VERDICT), _verdict_data(2, word, None)))
-            elif word in ("goto", "jump") and i == n - 2:
-                _, chain = take(2)
-                exprs.append(
-                    _expr("immediate", _u32(1, REG_VERDICT), _verdict_data(2, word, chain))
-                )
-            elif word == "meta" and words[i + 1 : i + 2] == ["l4proto"]:
-                _, _, proto = take(3)
-                if proto not in PROTOCOLS or self.l4proto:
-                    raise self.fail()
-                self.l4proto = True
-                exprs += [_meta_load(NFT_META_L4PROTO), _cmp(NFT_CMP_EQ, bytes([PROTOCOLS[proto]]))]
-            elif words[i : i + 6] == ["meta", "mark", "set", "meta", "mark", "|"]:
-                mark = _number(take(7)[6])
-                if not 0 <= mark <= 0xFFFFFFFF:
-                    raise self.fail()
-                exprs += [
-                    _meta_load(NFT_META_MARK),
-                    _bitwise(
-                        struct.pack("=I", ~mark & 0xFFFFFFFF), struct.pack("=I", mark), op=True
-                    ),
-                    _expr("meta", _u32(2, NFT_META_MARK), _u32(3, REG_1)),
-                ]
-            elif word == self.family and i + 2 < n:
-                count = 3 if words[i + 2] != "!=" else 4
-                if words[i + count - 1 : i + count] == ["{"]:
-                    if "}" not in words[i + count :]:
-                        raise self.fail()
-                    count = words.index("}", i + count) - i + 1
-                exprs += self._address_match(take(count))
-            elif word in PROTOCOLS and words[i + 1 : i + 2] == ["dport"]:
-                _, _, port = take(3)
-                if self.l4proto:
-                    raise self.fail()  # nft would drop its own dependency: not encoded
-                exprs += [
-                    _meta_load(NFT_META_L4PROTO),
-                    _cmp(NFT_CMP_EQ, bytes([PROTOCOLS[word]])),
-                    _payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
-                    _cmp(NFT_CMP_EQ, _component("inet_service", port)),
-                ]
-            elif word == "numgen":
-                got = take(6)
-                if got[1:3] != ["random", "mod"] or got[4:6] != ["==", "0"]:
-                    raise self.fail()
-                modulus = _number(got[3])
-                if not 1 <= modulus <= 0xFFFFFFFF:
-                    raise self.fail()
-                exprs += [
-                    _expr(
-                        "numgen",
-                        _u32(1, REG_1),
-                        _u32(2, modulus),
-                        _u32(3, NFT_NG_RANDOM),
-                        _u32(4, 0),
-                    ),
-                    _cmp(NFT_CMP_EQ, struct.pack("=I", 0)),
-                ]
-            elif word == "fib":
-                if take(4) != ["fib", "saddr", "type", "local"]:
-                    raise self.fail()
-                exprs += [
-                    _expr(
-                        "fib",
-                        _u32(3, NFTA_FIB_F_SADDR),
-                        _u32(2, NFT_FIB_RESULT_ADDRTYPE),
-                        _u32(1, REG_1),
-                    ),
-                    _cmp(NFT_CMP_EQ, struct.pack("=I", RTN_LOCAL)),
-                ]
-            elif word == "update":
-                got = take(6)
-                if not got[1].startswith("@") or got[2:6] != ["{", self.family, "saddr", "}"]:
-                    raise self.fail()
-                offset, length = ADDRESSES[(self.family, "saddr")]
-                ref = self.encoder.set_ref(self.family, self.table, got[1][1:])
-                attrs = [_u32(3, NFT_DYNSET_OP_UPDATE), _u32(4, REG_1), _attr(1, ref[0] + b"\0")]
-                if len(ref) > 1:
-                    attrs.append(_attr(2, ref[1]))
-                exprs += [
-                    _payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length),
-                    _expr("dynset", *attrs),
-                ]
-            elif word == "dnat" and i == n - 3 and words[i + 1] == "to":
-                exprs += self._dnat(take(3)[2])
-            else:
-                raise self.fail()
+        last = len(statements) - 1
+        for i, st in enumerate(statements):
+            if isinstance(st, render.Verdict | render.Reject | render.Dnat) and i != last:
+                raise self.fail()  # a statement that ends the rule, not at its end
+            exprs += self._statement(st)
         return exprs
 
-    def _address_match(self, words: list[str]) -> list[bytes]:
-        selector = words[1]
-        if (self.family, selector) not in ADDRESSES:
-            raise self.fail()
-        offset, length = ADDRESSES[(self.family, selector)]
-        op = NFT_CMP_NEQ if words[2] == "!=" else NFT_CMP_EQ
-        load = _payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length)
-        if words[-1] == "}":
-            items = " ".join(words[4 if op == NFT_CMP_NEQ else 3 : -1]).split(",")
-            return [load, self._anonymous_lookup(selector, [x.strip() for x in items], op)]
-        if len(words) != (4 if op == NFT_CMP_NEQ else 3):
-            raise self.fail()
-        value = words[-1]
-        if value.startswith("@"):
-            if op != NFT_CMP_EQ:
+    def _statement(self, st: render.Statement) -> list[bytes]:
+        if isinstance(st, render.Reject):
+            if st.tcp_reset:
                 raise self.fail()
-            ref = self.encoder.set_ref(self.family, self.table, value[1:])
+            # nft 1.0 in an ip/ip6 table: ICMP(v6) port unreachable
+            code = ICMP_PORT_UNREACH if self.family == "ip" else ICMPV6_PORT_UNREACH
+            return [_expr("reject", _u32(1, NFT_REJECT_ICMP_UNREACH), _attr(2, bytes([code])))]
+        if isinstance(st, render.Verdict):
+            if (st.chain is None) != (st.verdict in ("drop", "accept", "return")):
+                raise self.fail()
+            if st.verdict not in VERDICTS:
+                raise self.fail()
+            return [
+                _expr("immediate", _u32(1, REG_VERDICT), _verdict_data(2, st.verdict, st.chain))
+            ]
+        if isinstance(st, render.L4Proto):
+            if st.proto not in PROTOCOLS or self.l4proto:
+                raise self.fail()
+            self.l4proto = True
+            return [_meta_load(NFT_META_L4PROTO), _cmp(NFT_CMP_EQ, bytes([PROTOCOLS[st.proto]]))]
+        if isinstance(st, render.MarkSet):
+            mark = _number(st.mark)
+            if st.op != "|" or not 0 <= mark <= 0xFFFFFFFF:
+                raise self.fail()
+            return [
+                _meta_load(NFT_META_MARK),
+                _bitwise(struct.pack("=I", ~mark & 0xFFFFFFFF), struct.pack("=I", mark), op=True),
+                _expr("meta", _u32(2, NFT_META_MARK), _u32(3, REG_1)),
+            ]
+        if isinstance(st, render.Addr | render.AddrIn):
+            return self._address_match(st)
+        if isinstance(st, render.DPort):
+            if st.proto not in PROTOCOLS or self.l4proto:
+                raise self.fail()  # nft would drop its own dependency: not encoded
+            return [
+                _meta_load(NFT_META_L4PROTO),
+                _cmp(NFT_CMP_EQ, bytes([PROTOCOLS[st.proto]])),
+                _payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
+                _cmp(NFT_CMP_EQ, _component("inet_service", str(st.port))),
+            ]
+        if isinstance(st, render.Numgen):
+            if not 1 <= st.modulus <= 0xFFFFFFFF:
+                raise self.fail()
+            return [
+                _expr(
+                    "numgen",
+                    _u32(1, REG_1),
+                    _u32(2, st.modulus),
+                    _u32(3, NFT_NG_RANDOM),
+                    _u32(4, 0),
+                ),
+                _cmp(NFT_CMP_EQ, struct.pack("=I", 0)),
+            ]
+        if isinstance(st, render.FibLocal):
+            if st.selector != "saddr":
+                raise self.fail()
+            return [
+                _expr(
+                    "fib",
+                    _u32(3, NFTA_FIB_F_SADDR),
+                    _u32(2, NFT_FIB_RESULT_ADDRTYPE),
+                    _u32(1, REG_1),
+                ),
+                _cmp(NFT_CMP_EQ, struct.pack("=I", RTN_LOCAL)),
+            ]
+        if isinstance(st, render.Update):
+            if st.family != self.family:
+                raise self.fail()
+            offset, length = ADDRESSES[(self.family, "saddr")]
+            ref = self.encoder.set_ref(self.family, self.table, st.set)
+            attrs = [_u32(3, NFT_DYNSET_OP_UPDATE), _u32(4, REG_1), _attr(1, ref[0] + b"\0")]
+            if len(ref) > 1:
+                attrs.append(_attr(2, ref[1]))
+            return [
+                _payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length),
+                _expr("dynset", *attrs),
+            ]
+        if isinstance(st, render.Dnat):
+            return self._dnat(st)
+        raise self.fail()  # lookups of concatenations, verdict maps, masquerade, ct, …
+
+    def _address_match(self, st: render.Addr | render.AddrIn) -> list[bytes]:
+        if st.family != self.family or (self.family, st.selector) not in ADDRESSES:
+            raise self.fail()
+        offset, length = ADDRESSES[(self.family, st.selector)]
+        load = _payload(NFT_PAYLOAD_NETWORK_HEADER, offset, length)
+        if isinstance(st, render.AddrIn):
+            ref = self.encoder.set_ref(self.family, self.table, st.set)
             attrs = [_u32(2, REG_1), _attr(1, ref[0] + b"\0")]
             if len(ref) > 1:
                 attrs.append(_attr(4, ref[1]))
             return [load, _expr("lookup", *attrs)]
+        op = NFT_CMP_NEQ if st.negate else NFT_CMP_EQ
+        if len(st.values) != 1:
+            return [load, self._anonymous_lookup(st.selector, list(st.values), op)]
+        value = st.values[0]
         if "/" not in value:
             return [load, _cmp(op, _address(value, self.family))]
         try:
@@ -717,7 +685,7 @@ class _Rule:
                 _nest(9, _u32(1, len(elems))),  # NFTA_SET_DESC_SIZE
                 _attr(13, UDATA_SADDR_SET[self.family]),
             ),
-            self.line,
+            self.op,
         )
         self.encoder.extra(
             _message(
@@ -729,25 +697,19 @@ class _Rule:
                 _u32(4, set_id),
                 _nest(3, *nested),
             ),
-            self.line,
+            self.op,
         )
         attrs = [_u32(2, REG_1), _str(1, "__set%d"), _u32(4, set_id)]
         if op == NFT_CMP_NEQ:
             attrs.append(_u32(5, NFT_LOOKUP_F_INV))
         return _expr("lookup", *attrs)
 
-    def _dnat(self, target: str) -> list[bytes]:
-        if self.family == "ip6":
-            if not target.startswith("["):
-                raise self.fail()
-            addr, sep, port = target[1:].partition("]:")
-        else:
-            addr, sep, port = target.partition(":")
-        if not sep:
+    def _dnat(self, st: render.Dnat) -> list[bytes]:
+        if st.family != self.family:
             raise self.fail()
         return [
-            _immediate(REG_1, _address(addr, self.family)),
-            _immediate(REG_2, _component("inet_service", port)),
+            _immediate(REG_1, _address(st.ip, self.family)),
+            _immediate(REG_2, _component("inet_service", str(st.port))),
             _expr(
                 "nat",
                 _u32(1, NFT_NAT_DNAT),
@@ -769,25 +731,23 @@ def set_types(objs: Iterable[render.Obj]) -> dict[tuple[str, str, str], SetType]
     }
 
 
-def encode(script: str, sets: Mapping[tuple[str, str, str], SetType]) -> Batch:
-    """The netlink messages for ``script`` (one or more per line), pure.
+def encode(ops: Iterable[render.Op], sets: Mapping[tuple[str, str, str], SetType]) -> Batch:
+    """The netlink messages for ``ops`` (one or more each), pure.
 
-    ``sets`` gives the key type of every set the script adds elements to, keyed by
-    (family, table, name); ``add set``/``add map`` lines in the script add to it.
-    Raises :class:`Unsupported` for any line outside the subset render writes.
+    ``sets`` gives the key type of every set the operations add elements to, keyed by
+    (family, table, name); :class:`kpy_nftables.render.AddSet` operations add to it.
+    Raises :class:`Unsupported` for an operation outside the subset this module encodes.
     """
     encoder = _Encoder(sets)
-    for line in script.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for op in ops:
         try:
-            encoder.line(line)
+            encoder.op(op)
         except Unsupported as exc:
+            line = op.nft()
             if str(exc).startswith(line):
                 raise
             raise Unsupported(f"{line} ({exc})") from exc
-    return Batch(tuple(encoder.messages), tuple(encoder.lines))
+    return Batch(tuple(encoder.messages), tuple(encoder.sources))
 
 
 # --- the socket ---------------------------------------------------------------------------
@@ -825,7 +785,8 @@ class NetlinkWriter:
 
     def send(self, batch: Batch) -> None:
         """Send ``batch`` as one transaction; blocking. Raises NftError when the kernel
-        refuses it (nothing was changed then), naming the first refused line."""
+        refuses it (nothing was changed then), naming the first refused operation (its
+        ``nft`` line)."""
         if not batch.messages:
             return
         with self._lock:
@@ -850,7 +811,7 @@ class NetlinkWriter:
             seq, err = errors[0]
             text = f"{os.strerror(err)} (errno {errno_.errorcode.get(err, err)})"
             if begin < seq <= begin + len(batch.messages):
-                where = batch.lines[seq - begin - 1]
+                where = batch.sources[seq - begin - 1].nft()
             else:
                 where = "the transaction's commit"
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

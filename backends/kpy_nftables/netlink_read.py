@@ -3,11 +3,13 @@
 A restarted agent adopts what the kernel holds, and every periodic full sync compares
 against it (:mod:`kpy_nftables.observe`). Through ``nft -j list`` that costs three nft
 processes and, at 10,000 Services, tens of MB of JSON text decoded into Python objects
-all at once — the agent's peak memory. :class:`NetlinkReader` asks the kernel itself:
-``NFT_MSG_GETTABLE``, ``NFT_MSG_GETCHAIN`` and ``NFT_MSG_GETSET`` dumps, then one
-``NFT_MSG_GETSETELEM`` dump per set, on one nfnetlink socket opened inside the node's
-namespace. It yields documents in the very shape ``nft -j`` prints them, so
-:func:`kpy_nftables.observe.parse` reads either, one small document at a time.
+all at once — the agent's peak memory. :meth:`NetlinkReader.observe` asks the kernel
+itself: ``NFT_MSG_GETTABLE``, ``NFT_MSG_GETCHAIN`` and ``NFT_MSG_GETSET`` dumps, then
+one ``NFT_MSG_GETSETELEM`` dump per set, on one nfnetlink socket opened inside the
+node's namespace, and decodes each object straight into the observed model
+(:class:`kpy_nftables.observe.Reading`, which :func:`kpy_nftables.observe.parse` feeds
+from ``nft -j`` output): element keys into the text render writes for them, comments
+and verdicts as ``nft`` prints them. Nothing in between is built.
 
 It is the mirror of :mod:`kpy_nftables.netlink` (the writer): the same key encodings
 (concatenated values each padded to 4 bytes, ports big endian, marks in host order),
@@ -20,8 +22,8 @@ Two things differ from ``nft -j list`` on purpose:
   read: they are clients the kernel added, not anything render writes, and reading
   them would make a full sync delete them (breaking affinity). The definitions are
   read.
-* A large set comes as several documents (the definition repeated, a slice of the
-  elements in each), so no document holds a whole set's elements.
+* A set's element dump is decoded one received part at a time, each part dropped once
+  decoded, so no more than one set's raw dump is held.
 
 Not mirrored, because render writes none of them: named interval sets (their elements
 come as raw bounds, where nft prints prefixes and ranges), key types other than
@@ -58,10 +60,9 @@ from kpy.kernel.netlink import attr_str as _attr_str
 from kpy.kernel.netlink import attrs as _attrs
 from kpy.kernel.netlink import string as _string
 from kpy.kernel.netns import run_in_netns
+from kpy_nftables import observe as observe_
 from kpy_nftables import render
 from kpy_nftables.apply import NftError
-
-JSON = dict[str, Any]
 
 # --- netlink and nf_tables constants (linux/netlink.h, linux/netfilter/nf_tables.h) --------
 
@@ -140,7 +141,6 @@ VERDICTS = {
 }
 PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp"}
 
-ELEMENTS_PER_DOCUMENT = 2048
 RETRIES = 10  # dumps asked again after an interruption or a busy socket
 
 
@@ -166,27 +166,15 @@ class SetDef:
         """Filled by the kernel from the packet path (affinity): elements not read."""
         return bool(self.flags & (NFT_SET_TIMEOUT | NFT_SET_EVAL))
 
-    def document(self, elements: list[Any] | None) -> JSON:
-        """The set as ``nft -j list sets``/``maps`` prints it, with ``elements``."""
-        parts = type_names(self.key_type)
-        body: JSON = {
-            "family": self.family,
-            "name": self.name,
-            "table": self.table,
-            "type": parts[0] if len(parts) == 1 else parts,
-        }
-        if self.is_map:
-            data = self.data_type
-            if data is None or data == NFT_DATA_VERDICT:
-                body["map"] = "verdict"
-            else:
-                names = type_names(data)
-                body["map"] = names[0] if len(names) == 1 else names
-        if self.timeout_ms is not None:
-            body["timeout"] = self.timeout_ms // 1000
-        if elements:
-            body["elem"] = elements
-        return {"nftables": [{"map" if self.is_map else "set": body}]}
+    @property
+    def type_text(self) -> str:
+        """The key type as render writes it: ``"ipv4_addr . inet_proto . inet_service"``."""
+        return " . ".join(type_names(self.key_type))
+
+    @property
+    def timeout(self) -> int | None:
+        """The default timeout in seconds, as ``nft`` prints it."""
+        return None if self.timeout_ms is None else self.timeout_ms // 1000
 
 
 # --- decoding ---------------------------------------------------------------------------
@@ -204,7 +192,7 @@ def type_names(type_id: int) -> list[str]:
 
 
 def _component(name: str, raw: bytes) -> str | int:
-    """One value of a key, printed as nft prints it in JSON."""
+    """One value of a key, as nft prints it (in JSON: a number where it is one)."""
     if name == "ipv4_addr" and len(raw) == 4:
         return socket.inet_ntop(socket.AF_INET, raw)
     if name == "ipv6_addr" and len(raw) == 16:
@@ -233,7 +221,7 @@ _EXPLODED_TEXT = ":".join(["%04x"] * 8)
 
 
 class _KeyDecoder:
-    """Key bytes → the ``val`` nft prints: a value, or ``{"concat": [...]}``.
+    """Key bytes → the text render writes for it: ``"10.96.0.1 . tcp . 80"``.
 
     Called once per element (~140,000 at 10,000 Services), so a concatenation is
     unpacked by one precompiled struct."""
@@ -252,19 +240,18 @@ class _KeyDecoder:
                 self.struct = layout
                 self.convert = tuple(_FIELDS[n][1] for n in names)
 
-    def __call__(self, data: bytes, start: int, end: int) -> Any:
+    def __call__(self, data: bytes, start: int, end: int) -> str:
         if self.struct is not None and end - start == self.struct.size:
             values = self.struct.unpack_from(data, start)
             convert = self.convert
             if len(values) == 3:  # the common case, without a loop
-                return {
-                    "concat": [convert[0](values[0]), convert[1](values[1]), convert[2](values[2])]
-                }
-            return {"concat": [f(v) for f, v in zip(convert, values, strict=True)]}
+                first, second, third = values
+                return f"{convert[0](first)} . {convert[1](second)} . {convert[2](third)}"
+            return " . ".join([str(f(v)) for f, v in zip(convert, values, strict=True)])
         if self.exploded and end - start == 16:
             return _EXPLODED_TEXT % _EXPLODED.unpack_from(data, start)
         if self.name is not None:
-            return _component(self.name, data[start:end])
+            return str(_component(self.name, data[start:end]))
         return "0x" + data[start:end].hex()
 
 
@@ -297,7 +284,8 @@ def _comment(data: bytes, start: int, end: int) -> str | None:
     return None
 
 
-def _verdict(data: bytes, start: int, end: int) -> JSON | None:
+def _verdict(data: bytes, start: int, end: int) -> str | None:
+    """A verdict as nft prints it: ``"drop"``, ``"goto service-…"``."""
     code: int | None = None
     chain = None
     for kind, s, e in _attrs(data, start, end):
@@ -309,8 +297,8 @@ def _verdict(data: bytes, start: int, end: int) -> JSON | None:
         return None
     word = VERDICTS.get(code, f"verdict-{code}")
     if chain is not None and word in ("jump", "goto"):
-        return {word: {"target": chain}}
-    return {word: None}
+        return f"{word} {chain}"
+    return word
 
 
 _NLA = struct.Struct("=HH")
@@ -322,11 +310,11 @@ def _elements(
     end: int,
     key: _KeyDecoder,
     data_key: _KeyDecoder | None,
-    out: list[Any],
+    add: Callable[[str, str, str | None], None],
 ) -> None:
-    """Append each element of an ``NFTA_SET_ELEM_LIST_ELEMENTS`` nest to ``out`` as nft
-    -j prints it: the value, or ``{"elem": {...}}`` with a comment; in a map
-    ``[that, data]``. The attribute walk is written out: it runs once per element."""
+    """Hand each element of an ``NFTA_SET_ELEM_LIST_ELEMENTS`` nest to ``add``: its key
+    text, its comment ("" for none) and in a map its data (a verdict's text). The
+    attribute walk is written out: it runs once per element."""
     unpack = _NLA.unpack_from
     at = start
     while at + 4 <= end:
@@ -334,9 +322,9 @@ def _elements(
         if length < 4 or at + length > end:
             return
         stop = at + length
-        val: Any = None
+        val: str | None = None
         comment = None
-        mapped: Any = None
+        mapped: str | None = None
         p = at + 4
         while p + 4 <= stop:
             alen, kind = unpack(data, p)
@@ -357,8 +345,7 @@ def _elements(
             elif kind == NFTA_SET_ELEM_USERDATA:
                 comment = _comment(data, p + 4, p + alen)
             p += (alen + 3) & ~3
-        item: Any = val if comment is None else {"elem": {"val": val, "comment": comment}}
-        out.append(item if data_key is None and mapped is None else [item, mapped])
+        add(str(val), comment or "", mapped)
         at += (length + 3) & ~3
 
 
@@ -504,13 +491,7 @@ class DumpRefused(NftError):
 
 class NetlinkReader(NfTablesSocket):
     """An nfnetlink socket inside ``netns`` (None: this namespace) that reads kpy's
-    tables back as ``nft -j`` documents (see the module docstring)."""
-
-    def __init__(
-        self, netns: str | None, *, elements_per_document: int = ELEMENTS_PER_DOCUMENT
-    ) -> None:
-        super().__init__(netns)
-        self.elements_per_document = elements_per_document
+    tables back (see the module docstring)."""
 
     failure = NftError
 
@@ -564,44 +545,33 @@ class NetlinkReader(NfTablesSocket):
                     continue
         raise NftError(f"nf_tables dump {kind} interrupted {RETRIES} times in a row")
 
-    # --- documents ------------------------------------------------------------------------
+    # --- reading -------------------------------------------------------------------------
 
-    def documents(self) -> Iterator[JSON]:
-        """kpy's tables as ``nft -j list`` documents: tables, chains, then every set
-        and map (definition and elements), one document at a time."""
-        tables: list[JSON] = []
-        for data, family, start, end in _messages(self.dump(NFT_MSG_GETTABLE, NFPROTO_UNSPEC)):
-            name = _find_string(data, start, end, NFTA_TABLE_NAME)
-            nf = FAMILY_NAMES.get(family)
-            if nf is not None and name is not None and render.is_kpy_table(name):
-                tables.append({"table": {"family": nf, "name": name}})
-        if not tables:
-            return
-        yield {"nftables": tables}
-        del tables
-
-        for data in self.dump(NFT_MSG_GETCHAIN, NFPROTO_UNSPEC):
-            chains: list[JSON] = []
-            for part, family, start, end in _messages([data]):
-                nf = FAMILY_NAMES.get(family)
-                if nf is None:
-                    continue
-                table = name = None
-                for kind, s, e in _attrs(part, start, end):
-                    if kind == NFTA_CHAIN_TABLE:
-                        table = _string(part, s, e)
-                    elif kind == NFTA_CHAIN_NAME:
-                        name = _string(part, s, e)
-                if table is not None and name is not None and render.is_kpy_table(table):
-                    chains.append({"chain": {"family": nf, "table": table, "name": name}})
-            if chains:
-                yield {"nftables": chains}
-
-        for set_def in self.sets():
-            if set_def.dynamic:
-                yield set_def.document(None)
+    def observe(self, rules: observe_.RuleCounts | None = None) -> observe_.Observed:
+        """What kpy's tables hold (:class:`kpy_nftables.observe.Observed`): tables,
+        chains, then every set and map (definition and elements), each set's element
+        dump decoded part by part as it is read; with ``rules`` (what
+        :meth:`rules` read), each chain's rule count checked against its fingerprint."""
+        reading = observe_.Reading()
+        for nf, name in self.tables():
+            reading.table(nf, name)
+        if not reading.result.seen_tables:
+            return reading.finish(rules)
+        for data, family, start, end in _messages(self.dump(NFT_MSG_GETCHAIN, NFPROTO_UNSPEC)):
+            chain_family = FAMILY_NAMES.get(family)
+            if chain_family is None:
                 continue
-            yield from self._set_documents(set_def)
+            table = chain = None
+            for kind, s, e in _attrs(data, start, end):
+                if kind == NFTA_CHAIN_TABLE:
+                    table = _string(data, s, e)
+                elif kind == NFTA_CHAIN_NAME:
+                    chain = _string(data, s, e)
+            if table is not None and chain is not None:
+                reading.chain(chain_family, table, chain)
+        for set_def in self.sets():
+            self._read_set(set_def, reading)
+        return reading.finish(rules)
 
     def tables(self) -> list[tuple[str, str]]:
         """(family, name) of kpy's base and shard tables (of any shard count)."""
@@ -711,34 +681,40 @@ class NetlinkReader(NfTablesSocket):
             _attr_str(NFTA_SET_ELEM_LIST_SET, name),
         )
 
-    def _set_documents(self, set_def: SetDef) -> Iterator[JSON]:
-        try:
-            parts = self.element_parts(set_def.family, set_def.table, set_def.name)
-        except DumpRefused as exc:
-            if exc.errno == errno_.ENOENT:
-                return  # deleted since the sets were listed: it is not there
-            raise
+    def _read_set(self, set_def: SetDef, reading: observe_.Reading) -> None:
+        """One set's definition and (unless it is dynamic) its elements, into ``reading``;
+        nothing of it when it was deleted since the sets were listed."""
+        parts: list[bytes] = []
+        if not set_def.dynamic:
+            try:
+                parts = self.element_parts(set_def.family, set_def.table, set_def.name)
+            except DumpRefused as exc:
+                if exc.errno == errno_.ENOENT:
+                    return  # deleted since the sets were listed: it is not there
+                raise
+        elements = reading.set(
+            "map" if set_def.is_map else "set",
+            set_def.family,
+            set_def.table,
+            set_def.name,
+            set_def.type_text,
+            set_def.timeout,
+        )
+        if elements is None or set_def.dynamic:
+            return
         key = _KeyDecoder(
             set_def.key_type, set_def.key_len, exploded=set_def.name == render.FINGERPRINTS
         )
         data_key = None
         if set_def.is_map and set_def.data_type not in (None, NFT_DATA_VERDICT):
             data_key = _KeyDecoder(set_def.data_type or 0, 0)
-        elements: list[Any] = []
-        sent = False
+        parts.reverse()
         while parts:
-            data = parts.pop(0)  # each part dropped once decoded
+            data = parts.pop()  # each part dropped once decoded
             for part, _family, start, end in _messages([data]):
                 for kind, s, e in _attrs(part, start, end):
-                    if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
-                        continue
-                    _elements(part, s, e, key, data_key, elements)
-                while len(elements) >= self.elements_per_document:
-                    yield set_def.document(elements[: self.elements_per_document])
-                    sent = True
-                    del elements[: self.elements_per_document]
-        if elements or not sent:
-            yield set_def.document(elements)
+                    if kind == NFTA_SET_ELEM_LIST_ELEMENTS:
+                        _elements(part, s, e, key, data_key, elements.element)
 
 
 def _find_string(data: bytes, start: int, end: int, kind: int) -> str | None:

@@ -1,17 +1,21 @@
-"""Read ``nft -j list`` output back into the keys and values render produces.
+"""What the kernel holds, as the keys and values render produces (:class:`Observed`).
 
-Pure parsing of the JSON nftables prints (or :mod:`kpy_nftables.netlink_read` yields);
-reading the kernel is the callers' job. A chain's value is the fingerprint its
-``fingerprints`` element holds (see :mod:`kpy_nftables.render`) — unless the rules the
-kernel holds in it (their count and digest, read over netlink:
-:meth:`kpy_nftables.netlink_read.NetlinkReader.rules`) say otherwise: a chain holding
-another number of rules than its fingerprint records gets a value no render produces,
-so the next full sync rewrites it. Set and map elements are read exactly, and the
-dump's endpoints come from ``service-endpoints``.
+Pure: :class:`Reading` takes the kernel's objects one by one — tables, chains, set and
+map definitions, elements — and :meth:`Reading.finish` makes the :class:`Observed`.
+:meth:`kpy_nftables.netlink_read.NetlinkReader.observe` feeds it straight from netlink
+messages; :func:`parse` from the JSON ``nft -j list`` prints (the backend with
+``nftables_writer=nft``). Reading the kernel is the callers' job.
 
-:func:`parse` also checks what the kernel holds against itself, for ``kpy dump`` (which
-has no record of what the agent wrote): rule counts against fingerprints, chains
-against fingerprints, every endpoint's hairpin element, every external frontend's
+A chain's value is the fingerprint its ``fingerprints`` element holds (see
+:mod:`kpy_nftables.render`) — unless the rules the kernel holds in it (their count and
+digest, read over netlink: :meth:`kpy_nftables.netlink_read.NetlinkReader.rules`) say
+otherwise: a chain holding another number of rules than its fingerprint records gets a
+value no render produces, so the next full sync rewrites it. Set and map elements are
+read exactly, and the dump's endpoints come from ``service-endpoints``.
+
+:meth:`Reading.finish` also checks what the kernel holds against itself, for
+``kpy dump`` (which has no record of what the agent wrote): rule counts against fingerprints,
+chains against fingerprints, every endpoint's hairpin element, every external frontend's
 masquerade element, every firewall chain's element. What it finds is reported per
 service port (``extra["drift"]`` of its view) and for the node (the view
 :data:`NODE_VIEW`).
@@ -78,16 +82,134 @@ def _frontend(map_name: str, element: str) -> str | None:
     return None
 
 
-def _ours(obj: JSON) -> bool:
-    """In one of kpy's tables: the base or a shard table of family ip or ip6 (an
-    ``inet kpy`` or ``netdev kpy-1`` table is someone else's)."""
-    return obj.get("family") in render.FAMILIES and render.is_kpy_table(obj.get("table", ""))
-
-
 def rule_count(fingerprint: str) -> int | None:
     """The number of rules a chain fingerprint (``kpy:<hash>:<n>``) records."""
     _, _, count = fingerprint.rpartition(":")
     return int(count) if count.isdigit() else None
+
+
+class Reading:
+    """What the kernel holds, read object by object into an :class:`Observed`: tables,
+    chains, set and map definitions and their elements, in any order (a set's elements
+    after its definition), then :meth:`finish`. Objects outside kpy's tables (another
+    family or table name) are ignored. Both readers feed one: :func:`parse` from
+    ``nft -j`` documents, :meth:`kpy_nftables.netlink_read.NetlinkReader.observe` from
+    netlink messages."""
+
+    __slots__ = ("chains", "fingerprints", "result")
+
+    def __init__(self) -> None:
+        self.result = Observed()
+        self.chains: set[tuple[str, str, str]] = set()
+        self.fingerprints: dict[tuple[str, str], str] = {}
+
+    def table(self, family: str, name: str) -> None:
+        if family in render.FAMILIES and render.is_kpy_table(name):
+            self.result.seen_tables.add((family, name))
+            if name == render.TABLE:
+                self.result.tables.add(family)
+
+    def chain(self, family: str, table: str, name: str) -> None:
+        if family in render.FAMILIES and render.is_kpy_table(table):
+            self.chains.add((family, table, name))
+
+    def set(
+        self, kind: str, family: str, table: str, name: str, type_: str, timeout: int | None
+    ) -> SetReading | None:
+        """A set's (``kind`` "set") or map's definition: ``type_`` as render writes it
+        (``"ipv4_addr . inet_proto . inet_service"``), ``timeout`` in seconds. Returns
+        what reads its elements, None when they are not read (not kpy's, or an affinity
+        set: kpy's only sets with a timeout, whose elements are clients the kernel
+        added, not state)."""
+        if family not in render.FAMILIES or not render.is_kpy_table(table):
+            return None
+        where = family if table == render.TABLE else f"{family} {table}"
+        dynamic = kind == "set" and timeout is not None
+        self.result.values[f"{where} {kind} {name}"] = render.set_value(
+            type_, timeout if dynamic else None
+        )
+        return None if dynamic else SetReading(self, kind, family, where, name)
+
+    def finish(self, rules: RuleCounts | None = None) -> Observed:
+        """Everything read: each chain's value from its fingerprint, the checks of what
+        the kernel holds against itself, and with ``rules`` (what the kernel's chains
+        hold) a chain whose rule count differs from its fingerprint's given a value no
+        render produces (drift)."""
+        result = self.result
+        unclaimed = set(self.fingerprints)
+        for family, table, name in sorted(self.chains):
+            if table == render.TABLE:
+                result.tables.add(family)
+            result.seen_tables.add((family, table))
+            key = render.Chain(family, name, (), table=table).key
+            fp_key = (family, render.fingerprint_key(key))
+            unclaimed.discard(fp_key)
+            fingerprint = self.fingerprints.get(fp_key)
+            value = fingerprint or render.CHAIN_ONLY
+            owner = render.parse_chain_label(name) or NODE_VIEW
+            if fingerprint is None:
+                result.drift[owner].append(f"{key}: no fingerprint")
+            if (
+                name.startswith("firewall-")
+                and owner != NODE_VIEW
+                and (family, name) not in result.fw_targets
+            ):
+                result.drift[owner].append(f"{key}: no firewall-ips element uses it")
+            result.values[key] = value
+            result.chain_ids.append((family, table, name, key))
+        _check(result, unclaimed)
+        if rules is not None:
+            check_rules(result, rules)
+        return result
+
+
+class SetReading:
+    """The elements of one set or map, each read by :meth:`element`."""
+
+    __slots__ = ("family", "kind", "name", "prefix", "reading")
+
+    def __init__(self, reading: Reading, kind: str, family: str, where: str, name: str) -> None:
+        self.reading = reading
+        self.kind = kind
+        self.family = family
+        self.name = name
+        self.prefix = f"{where} element {name} "
+
+    def element(self, element: str, comment: str, verdict: str | None) -> None:
+        """One element: its key as render writes it (``"10.96.0.1 . tcp . 80"``; a
+        ``fingerprints`` key exploded), its comment ("" for none), its verdict in a map
+        (``"goto service-…"``, ``"drop"``)."""
+        result = self.reading.result
+        name = self.name
+        family = self.family
+        if self.kind == "set":
+            if name == render.FINGERPRINTS:
+                self.reading.fingerprints[(family, element)] = comment
+            elif name == render.SERVICE_ENDPOINTS:
+                _parse_endpoint(result, family, element, comment)
+            elif name in (render.MASQ_IPS, render.MASQ_NODEPORTS):
+                label = render.parse_label(comment)
+                if label is not None:
+                    result.counts[(family, label, name)] += 1
+            result.values[self.prefix + element] = f" # {comment}"
+            return
+        if verdict is None:
+            return  # a map element without data: not render's
+        result.values[self.prefix + element] = f"{verdict} # {comment}"
+        label = render.parse_label(comment)
+        if name == render.FIREWALL_IPS and verdict.startswith("goto "):
+            result.fw_targets.add((family, verdict.removeprefix("goto ")))
+        if label is not None and verdict.startswith("goto service-"):
+            if name == render.SERVICE_IPS:
+                result.counts[(family, label, "to-service-ips")] += 1
+            elif name == render.SERVICE_NODEPORTS:
+                result.counts[(family, label, "to-service-nodeports")] += 1
+        fe = _frontend(name, element)
+        if label is None or fe is None or name == render.FIREWALL_IPS:
+            return
+        result.frontends[label].add(fe)
+        if name in (render.NO_EP_SERVICES, render.NO_EP_NODEPORTS):
+            result.rejecting[fe] = "reject" if verdict.endswith(render.REJECT) else verdict
 
 
 def parse(documents: Iterable[JSON], rules: RuleCounts | None = None) -> Observed:
@@ -95,51 +217,19 @@ def parse(documents: Iterable[JSON], rules: RuleCounts | None = None) -> Observe
     the base and shard tables; other tables are ignored. With ``rules`` (what the
     kernel's chains hold), a chain whose rule count differs from its fingerprint's is
     given a value no render produces (drift)."""
-    result = Observed()
-    chains: set[tuple[str, str, str]] = set()
-    fingerprints: dict[tuple[str, str], str] = {}
+    reading = Reading()
     for doc in documents:
         for item in doc.get("nftables", []):
             if "table" in item:
                 t = item["table"]
-                if t.get("family") in render.FAMILIES and render.is_kpy_table(t.get("name", "")):
-                    result.seen_tables.add((t["family"], t["name"]))
-                    if t["name"] == render.TABLE:
-                        result.tables.add(t["family"])
+                reading.table(t.get("family", ""), t.get("name", ""))
             elif "chain" in item:
                 c = item["chain"]
-                if _ours(c):
-                    chains.add((c["family"], c["table"], c["name"]))
+                reading.chain(c.get("family", ""), c.get("table", ""), c.get("name", ""))
             elif "set" in item or "map" in item:
                 kind = "set" if "set" in item else "map"
-                s = item[kind]
-                if _ours(s):
-                    _parse_set(result, kind, s, fingerprints)
-    unclaimed = set(fingerprints)
-    for family, table, name in sorted(chains):
-        if table == render.TABLE:
-            result.tables.add(family)
-        result.seen_tables.add((family, table))
-        key = render.Chain(family, name, (), table=table).key
-        fp_key = (family, render.fingerprint_key(key))
-        unclaimed.discard(fp_key)
-        fingerprint = fingerprints.get(fp_key)
-        value = fingerprint or render.CHAIN_ONLY
-        owner = render.parse_chain_label(name) or NODE_VIEW
-        if fingerprint is None:
-            result.drift[owner].append(f"{key}: no fingerprint")
-        if (
-            name.startswith("firewall-")
-            and owner != NODE_VIEW
-            and (family, name) not in result.fw_targets
-        ):
-            result.drift[owner].append(f"{key}: no firewall-ips element uses it")
-        result.values[key] = value
-        result.chain_ids.append((family, table, name, key))
-    _check(result, unclaimed)
-    if rules is not None:
-        check_rules(result, rules)
-    return result
+                _parse_set(reading, kind, item[kind])
+    return reading.finish(rules)
 
 
 def check_rules(result: Observed, rules: RuleCounts) -> None:
@@ -202,54 +292,31 @@ def _parse_endpoint(result: Observed, family: str, element: str, comment: str) -
     result.endpoint_ips.append((family, label, parts[0]))
 
 
-def _parse_set(
-    result: Observed, kind: str, s: JSON, fingerprints: dict[tuple[str, str], str]
-) -> None:
-    family, name = s["family"], s["name"]
-    where = family if s["table"] == render.TABLE else f"{family} {s['table']}"
-    type_ = s["type"]
+def _parse_set(reading: Reading, kind: str, s: JSON) -> None:
+    """A set or map of ``nft -j`` output, with the elements it lists."""
+    type_ = s.get("type", "")
     type_text = " . ".join(type_) if isinstance(type_, list) else str(type_)
     timeout = s.get("timeout")
-    result.values[f"{where} {kind} {name}"] = render.set_value(
-        type_text, int(timeout) if timeout is not None and kind == "set" else None
+    elements = reading.set(
+        kind,
+        s.get("family", ""),
+        s.get("table", ""),
+        s.get("name", ""),
+        type_text,
+        int(timeout) if timeout is not None else None,
     )
-    if kind == "set" and timeout is not None:
-        # an affinity set (kpy's only sets with a timeout; nft -j does not print their
-        # "dynamic" flag): its elements are clients the kernel added, not state
+    if elements is None:
         return
     for entry in s.get("elem", []):
         if kind == "set":
             element, comment = _element(entry)
-            if name == render.FINGERPRINTS:
+            if elements.name == render.FINGERPRINTS:
                 element = ipaddress.IPv6Address(element).exploded
-                fingerprints[(family, element)] = comment
-            elif name == render.SERVICE_ENDPOINTS:
-                _parse_endpoint(result, family, element, comment)
-            elif name in (render.MASQ_IPS, render.MASQ_NODEPORTS):
-                label = render.parse_label(comment)
-                if label is not None:
-                    result.counts[(family, label, name)] += 1
-            result.values[f"{where} element {name} {element}"] = f" # {comment}"
-            continue
-        if not isinstance(entry, list) or len(entry) != 2:
-            continue
-        element, comment = _element(entry[0])
-        verdict = _verdict(entry[1]) if isinstance(entry[1], dict) else str(entry[1])
-        result.values[f"{where} element {name} {element}"] = f"{verdict} # {comment}"
-        label = render.parse_label(comment)
-        if name == render.FIREWALL_IPS and verdict.startswith("goto "):
-            result.fw_targets.add((family, verdict.removeprefix("goto ")))
-        if label is not None and verdict.startswith("goto service-"):
-            if name == render.SERVICE_IPS:
-                result.counts[(family, label, "to-service-ips")] += 1
-            elif name == render.SERVICE_NODEPORTS:
-                result.counts[(family, label, "to-service-nodeports")] += 1
-        fe = _frontend(name, element)
-        if label is None or fe is None or name == render.FIREWALL_IPS:
-            continue
-        result.frontends[label].add(fe)
-        if name in (render.NO_EP_SERVICES, render.NO_EP_NODEPORTS):
-            result.rejecting[fe] = "reject" if verdict.endswith(render.REJECT) else verdict
+            elements.element(element, comment, None)
+        elif isinstance(entry, list) and len(entry) == 2:
+            element, comment = _element(entry[0])
+            verdict = _verdict(entry[1]) if isinstance(entry[1], dict) else str(entry[1])
+            elements.element(element, comment, verdict)
 
 
 def _element(data: Any) -> tuple[str, str]:

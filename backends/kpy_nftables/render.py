@@ -8,7 +8,9 @@ has a key (``"ip chain service-…"``) and a *value* — a short text that is eq
 equal objects — which is also what :mod:`kpy_nftables.observe` reads back from the
 kernel, so ``kpy.core.diff`` between the wanted and the programmed values is the work to do.
 
-A chain's value is its fingerprint: a hash of its hook and rules. Reading rules back
+A chain's rules are :class:`Rule` objects: typed statements (matches, set lookups, mark,
+DNAT, verdicts) whose text, the rule itself as a ``str``, is exactly its ``nft`` syntax.
+A chain's value is its fingerprint: a hash of its hook and its rules' text. Reading rules back
 from the kernel is slow (listing a table of 10,000 Services takes the kernel ~10 s),
 so every chain's fingerprint is also kept in the ``fingerprints`` set: one element per
 chain, keyed by a 128-bit hash of the chain's key (as an IPv6 address), the fingerprint
@@ -16,17 +18,21 @@ in its comment. A restarted agent lists chain names, set and map elements — fa
 and knows which chains are intact without reading a single rule.
 
 :func:`transaction` turns wanted objects and programmed values, over a set of keys,
-into one ``nft -f`` script whose size is proportional to what differs.
+into one transaction whose size is proportional to what differs: typed operations (add
+a table, chain, set or elements, add a rule, flush or delete) that carry these objects.
+Each operation's ``nft()`` is its line of an ``nft -f`` script;
+:mod:`kpy_nftables.netlink` encodes the same operations as netlink messages directly.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from kpy.core.backend import BackendConfig, LocalDetector
 from kpy.core.model import (
@@ -51,10 +57,6 @@ SHARDS = 16
 SHARD_PREFIX = f"{TABLE}-"
 SHARD_NAT_PRIORITY = "-99"  # after the base table's nat chains (dstnat = -100)
 MASQ_MARK = "0x00004000"
-# Marking inline rather than jumping to mark-for-masquerade: a rule that adds a jump or
-# goto makes the kernel re-validate every chain reachable from the table's hooks at
-# commit (~70 ms at 10,000 Services), and service chains change on every endpoint change.
-SET_MASQ = f"meta mark set meta mark | {MASQ_MARK}"
 FAMILIES = ("ip", "ip6")
 COMMENT_MAX = 127  # nftables' user comment limit
 
@@ -145,7 +147,7 @@ def _where(family: str, table: str) -> str:
 class Chain:
     family: str
     name: str
-    rules: tuple[str, ...]
+    rules: tuple[Rule, ...]
     hook: str | None = None  # "type nat hook prerouting priority dstnat; policy accept;"
     table: str = TABLE
 
@@ -240,6 +242,7 @@ Obj = Chain | Element | Set
 
 
 def chain_fingerprint(rules: tuple[str, ...], hook: str | None = None) -> str:
+    """A hash of the chain's hook and its rules' text, and their count."""
     digest = hashlib.sha256("\n".join((hook or "", *rules)).encode()).hexdigest()
     return f"kpy:{digest[:20]}:{len(rules)}"
 
@@ -361,6 +364,275 @@ def _comment(label: str) -> str:
     return label if len(label) <= COMMENT_MAX else label[: COMMENT_MAX - 9] + "~" + label[-8:]
 
 
+# --- rules -------------------------------------------------------------------------------
+#
+# A rule is a sequence of typed statements. Its text — what ``nft -f`` reads, what the
+# trace interprets and what a chain's fingerprint hashes — is the statements' ``nft()``
+# joined by spaces; kpy_nftables.netlink encodes the statements themselves. Every name
+# in a statement is render's own (chain and set names made of label parts), every value
+# an address, network, number or protocol render formatted.
+
+
+class _Statement:
+    """A statement's fields and, made once with it, its text (``nft()``); equal to
+    another of its kind with the same text. Never changed once made."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def nft(self) -> str:
+        return self.text
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.text!r})"
+
+
+class L4Proto(_Statement):
+    """``meta l4proto tcp``"""
+
+    __slots__ = ("proto",)
+
+    def __init__(self, proto: str) -> None:  # "tcp", "udp", "sctp"
+        self.proto = proto
+        self.text = f"meta l4proto {proto}"
+
+
+class DPort(_Statement):
+    """``tcp dport 80`` (nft adds the ``meta l4proto`` match it depends on)"""
+
+    __slots__ = ("port", "proto")
+
+    def __init__(self, proto: str, port: int) -> None:
+        self.proto = proto
+        self.port = port
+        self.text = f"{proto} dport {port}"
+
+
+class Addr(_Statement):
+    """``ip daddr 10.96.0.1``, ``ip daddr 10.96.0.0/12``, ``ip saddr != { a/16, b/24 }``
+    (several values: an anonymous set)."""
+
+    __slots__ = ("family", "negate", "selector", "values")
+
+    def __init__(
+        self, family: str, selector: str, values: tuple[str, ...], negate: bool = False
+    ) -> None:
+        self.family = family
+        self.selector = selector  # "saddr" or "daddr"
+        self.values = values
+        self.negate = negate
+        op = "!= " if negate else ""
+        self.text = f"{family} {selector} {op}{_set_literal(list(values))}"
+
+
+class AddrIn(_Statement):
+    """``ip daddr @cluster-ips``: the address is in a named set."""
+
+    __slots__ = ("family", "selector", "set")
+
+    def __init__(self, family: str, selector: str, set_: str) -> None:
+        self.family = family
+        self.selector = selector
+        self.set = set_
+        self.text = f"{family} {selector} @{set_}"
+
+
+class Lookup(_Statement):
+    """``ip daddr . meta l4proto . th dport @masquerade-ips`` (``vmap``: a verdict map)."""
+
+    __slots__ = ("keys", "set", "vmap")
+
+    def __init__(self, keys: tuple[str, ...], set_: str, vmap: bool = False) -> None:
+        self.keys = keys  # "ip daddr", "meta l4proto", "th dport"
+        self.set = set_
+        self.vmap = vmap
+        self.text = f"{' . '.join(keys)} {'vmap ' if vmap else ''}@{set_}"
+
+
+class FibLocal(_Statement):
+    """``fib saddr type local``: the address is one of this node's."""
+
+    __slots__ = ("selector",)
+
+    def __init__(self, selector: str) -> None:  # "saddr" or "daddr"
+        self.selector = selector
+        self.text = f"fib {selector} type local"
+
+
+class IifName(_Statement):
+    """``iifname "cni0"``, ``iifname != "cali*"``"""
+
+    __slots__ = ("name", "negate")
+
+    def __init__(self, name: str, negate: bool = False) -> None:  # "cali*": a prefix
+        self.name = name
+        self.negate = negate
+        self.text = f'iifname {"!= " if negate else ""}"{name}"'
+
+
+class CtState(_Statement):
+    """``ct state new``"""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: str = "new") -> None:
+        self.state = state
+        self.text = f"ct state {state}"
+
+
+class MarkSet(_Statement):
+    """``meta mark set meta mark | 0x00004000`` (``^``: toggled)"""
+
+    __slots__ = ("mark", "op")
+
+    def __init__(self, mark: str, op: str = "|") -> None:
+        self.mark = mark
+        self.op = op
+        self.text = f"meta mark set meta mark {op} {mark}"
+
+
+class MarkClear(_Statement):
+    """``meta mark & 0x00004000 == 0x00000000``: the bits are not set."""
+
+    __slots__ = ("mark",)
+
+    def __init__(self, mark: str) -> None:
+        self.mark = mark
+        self.text = f"meta mark & {mark} == 0x00000000"
+
+
+class Numgen(_Statement):
+    """``numgen random mod 3 == 0``: one time in ``modulus``."""
+
+    __slots__ = ("modulus",)
+
+    def __init__(self, modulus: int) -> None:
+        self.modulus = modulus
+        self.text = f"numgen random mod {modulus} == 0"
+
+
+class Update(_Statement):
+    """``update @affinity-… { ip saddr }``: the source address into a dynamic set."""
+
+    __slots__ = ("family", "set")
+
+    def __init__(self, family: str, set_: str) -> None:
+        self.family = family
+        self.set = set_
+        self.text = f"update @{set_} {{ {family} saddr }}"
+
+
+class Dnat(_Statement):
+    """``dnat to 10.244.1.5:8080``, ``dnat to [fd00::5]:8080``"""
+
+    __slots__ = ("family", "ip", "port")
+
+    def __init__(self, family: str, ip: str, port: int) -> None:
+        self.family = family
+        self.ip = ip
+        self.port = port
+        self.text = f"dnat to [{ip}]:{port}" if family == "ip6" else f"dnat to {ip}:{port}"
+
+
+class Masquerade(_Statement):
+    """``masquerade fully-random``"""
+
+    __slots__ = ("flags",)
+
+    def __init__(self, flags: str = "fully-random") -> None:
+        self.flags = flags
+        self.text = f"masquerade {flags}"
+
+
+class Reject(_Statement):
+    """``reject`` (ICMP port unreachable), ``reject with tcp reset``"""
+
+    __slots__ = ("tcp_reset",)
+
+    def __init__(self, tcp_reset: bool = False) -> None:
+        self.tcp_reset = tcp_reset
+        self.text = "reject with tcp reset" if tcp_reset else "reject"
+
+
+class Verdict(_Statement):
+    """``drop``, ``return``, ``jump services``, ``goto service-…``"""
+
+    __slots__ = ("chain", "verdict")
+
+    def __init__(self, verdict: str, chain: str | None = None) -> None:
+        self.verdict = verdict
+        self.chain = chain
+        self.text = verdict if chain is None else f"{verdict} {chain}"
+
+
+Statement = (
+    L4Proto
+    | DPort
+    | Addr
+    | AddrIn
+    | Lookup
+    | FibLocal
+    | IifName
+    | CtState
+    | MarkSet
+    | MarkClear
+    | Numgen
+    | Update
+    | Dnat
+    | Masquerade
+    | Reject
+    | Verdict
+)
+
+
+class Rule(str):
+    """A rule: its statements, and (as the ``str`` it is) their text. Made by
+    :func:`rule`; one made from text alone has no statements (the netlink encoder
+    refuses it, the trace reads its text)."""
+
+    statements: tuple[Statement, ...] = ()
+
+    def nft(self) -> str:
+        return str(self)
+
+    def __reduce__(self) -> tuple[Any, tuple[Statement, ...]]:
+        return rule, self.statements  # copied and pickled as its statements
+
+
+def rule(*statements: Statement) -> Rule:
+    """The rule of ``statements`` (made by ``str``'s own constructor: a rule is made
+    for every endpoint of every service port on a full sync)."""
+    made = Rule(" ".join([s.text for s in statements]))
+    made.statements = statements
+    return made
+
+
+# Marking inline rather than jumping to mark-for-masquerade: a rule that adds a jump or
+# goto makes the kernel re-validate every chain reachable from the table's hooks at
+# commit (~70 ms at 10,000 Services), and service chains change on every endpoint change.
+SET_MASQ = MarkSet(MASQ_MARK)
+DROP = Verdict("drop")
+
+
+# made once: every service chain has them
+_L4PROTO = {p: L4Proto(p) for p in ("tcp", "udp", "sctp")}
+_numgen = functools.lru_cache(maxsize=256)(Numgen)
+
+
+def _jump(chain: str) -> Verdict:
+    return Verdict("jump", chain)
+
+
+def _goto(chain: str) -> Verdict:
+    return Verdict("goto", chain)
+
+
 # --- the skeleton ------------------------------------------------------------------------
 
 
@@ -372,16 +644,19 @@ def _set_literal(items: list[str]) -> str:
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
-def _nodeport_match(nf: str, config: BackendConfig) -> str | None:
+def _nodeport_match(nf: str, config: BackendConfig) -> tuple[Statement, ...] | None:
     """The match for traffic to this node's NodePort addresses, None for none."""
     version = 4 if nf == "ip" else 6
     nets = config.nodeport_networks(version)
     if nets is not None:
         if not nets:
             return None  # nowhere
-        return f"fib daddr type local {nf} daddr {_set_literal(_cidrs(nets, version))}"
+        return (FibLocal("daddr"), Addr(nf, "daddr", tuple(_cidrs(nets, version))))
     loopback = "127.0.0.0/8" if nf == "ip" else "::1"
-    return f"fib daddr type local {nf} daddr != {loopback}"
+    return (FibLocal("daddr"), Addr(nf, "daddr", (loopback,), negate=True))
+
+
+_L4_PORT = ("meta l4proto", "th dport")
 
 
 def base_objects(config: BackendConfig) -> dict[str, Obj]:
@@ -399,60 +674,65 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
         # address of the service CIDRs that no Service has is dropped (one rule per CIDR,
         # where upstream writes one with an anonymous set: the same packets, and rules a
         # partial sync sends over netlink when a ServiceCIDR comes or goes)
-        cluster_check = [f"{nf} daddr @{CLUSTER_IPS} reject"]
+        cluster_check = [rule(AddrIn(nf, "daddr", CLUSTER_IPS), Reject())]
         for cidr in _cidrs(config.all_service_cidrs(), 4 if nf == "ip" else 6):
-            cluster_check.append(f"{nf} daddr {cidr} drop")
+            cluster_check.append(rule(Addr(nf, "daddr", (cidr,)), DROP))
         for name in (NO_EP_SERVICES, FIREWALL_IPS):
             objs.append(Set(nf, name, f"{addr} . inet_proto . inet_service", kind="map"))
         objs.append(Set(nf, NO_EP_NODEPORTS, "inet_proto . inet_service", kind="map"))
-        dispatch = f"{nf} daddr . meta l4proto . th dport"
+        dispatch = (f"{nf} daddr", *_L4_PORT)
         nodeport = _nodeport_match(nf, config)
         # The base table's nat chains only mark for masquerade; the shards (one priority
         # later) dispatch. A nat chain that DNATs ends the hook's nat chains for that
         # connection, so marking must come first.
-        services = [f"{dispatch} @{MASQ_IPS} jump {MARK_MASQ}"]
+        services = [rule(Lookup(dispatch, MASQ_IPS), _jump(MARK_MASQ))]
         if nodeport is not None:
-            services.append(
-                f"{nodeport} meta l4proto . th dport @{MASQ_NODEPORTS} jump {MARK_MASQ}"
-            )
+            services.append(rule(*nodeport, Lookup(_L4_PORT, MASQ_NODEPORTS), _jump(MARK_MASQ)))
         nodeport_check = []
         if nodeport is not None:
-            nodeport_check.append(f"{nodeport} meta l4proto . th dport vmap @{NO_EP_NODEPORTS}")
+            nodeport_check.append(rule(*nodeport, Lookup(_L4_PORT, NO_EP_NODEPORTS, vmap=True)))
         objs += _shard_skeleton(nf, addr, dispatch, nodeport)
-        new = "ct state new"
+        new = CtState("new")
+
+        def new_jump(chain: str) -> Rule:
+            return rule(new, _jump(chain))  # noqa: B023 (called in this iteration only)
+
         objs += [
             Chain(
-                nf, "nat-prerouting", (f"jump {SERVICES}",), _hook("nat", "prerouting", "dstnat")
+                nf,
+                "nat-prerouting",
+                (rule(_jump(SERVICES)),),
+                _hook("nat", "prerouting", "dstnat"),
             ),
-            Chain(nf, "nat-output", (f"jump {SERVICES}",), _hook("nat", "output", "-100")),
+            Chain(nf, "nat-output", (rule(_jump(SERVICES)),), _hook("nat", "output", "-100")),
             Chain(
                 nf,
                 "nat-postrouting",
-                (f"jump {MASQUERADING}",),
+                (rule(_jump(MASQUERADING)),),
                 _hook("nat", "postrouting", "srcnat"),
             ),
             Chain(
                 nf,
                 "filter-prerouting",
-                (f"{new} jump {FIREWALL_CHECK}",),
+                (new_jump(FIREWALL_CHECK),),
                 _hook("filter", "prerouting", "-110"),
             ),
             Chain(
                 nf,
                 "filter-input",
-                (f"{new} jump {NODEPORT_EP_CHECK}", f"{new} jump {SERVICE_EP_CHECK}"),
+                (new_jump(NODEPORT_EP_CHECK), new_jump(SERVICE_EP_CHECK)),
                 _hook("filter", "input", "-110"),
             ),
             Chain(
                 nf,
                 "filter-forward",
-                (f"{new} jump {SERVICE_EP_CHECK}", f"{new} jump {CLUSTER_IPS_CHECK}"),
+                (new_jump(SERVICE_EP_CHECK), new_jump(CLUSTER_IPS_CHECK)),
                 _hook("filter", "forward", "-110"),
             ),
             Chain(
                 nf,
                 FILTER_OUTPUT_POST_DNAT,
-                (f"{new} jump {CLUSTER_IPS_CHECK}",),
+                (new_jump(CLUSTER_IPS_CHECK),),
                 _hook("filter", "output", "0"),
             ),
             Chain(nf, CLUSTER_IPS_CHECK, tuple(cluster_check)),
@@ -461,35 +741,37 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
             Chain(
                 nf,
                 "filter-output",
-                (f"{new} jump {FIREWALL_CHECK}", f"{new} jump {SERVICE_EP_CHECK}"),
+                (new_jump(FIREWALL_CHECK), new_jump(SERVICE_EP_CHECK)),
                 _hook("filter", "output", "-110"),
             ),
             Chain(nf, SERVICES, tuple(services)),
-            Chain(nf, FIREWALL_CHECK, (f"{dispatch} vmap @{FIREWALL_IPS}",)),
-            Chain(nf, SERVICE_EP_CHECK, (f"{dispatch} vmap @{NO_EP_SERVICES}",)),
+            Chain(nf, FIREWALL_CHECK, (rule(Lookup(dispatch, FIREWALL_IPS, vmap=True)),)),
+            Chain(nf, SERVICE_EP_CHECK, (rule(Lookup(dispatch, NO_EP_SERVICES, vmap=True)),)),
             Chain(nf, NODEPORT_EP_CHECK, tuple(nodeport_check)),
-            Chain(nf, MARK_MASQ, (f"meta mark set meta mark | {MASQ_MARK}",)),
+            Chain(nf, MARK_MASQ, (rule(SET_MASQ),)),
             Chain(
                 nf,
                 MASQUERADING,
                 (
-                    f"{nf} saddr . {nf} daddr @{HAIRPIN} masquerade fully-random",
-                    f"meta mark & {MASQ_MARK} == 0x00000000 return",
-                    f"meta mark set meta mark ^ {MASQ_MARK}",
-                    "masquerade fully-random",
+                    rule(Lookup((f"{nf} saddr", f"{nf} daddr"), HAIRPIN), Masquerade()),
+                    rule(MarkClear(MASQ_MARK), Verdict("return")),
+                    rule(MarkSet(MASQ_MARK, "^")),
+                    rule(Masquerade()),
                 ),
             ),
-            Chain(nf, REJECT, ("meta l4proto tcp reject with tcp reset", "reject")),
+            Chain(nf, REJECT, (rule(L4Proto("tcp"), Reject(tcp_reset=True)), rule(Reject()))),
         ]
     return with_fingerprints(objs)
 
 
-def _shard_skeleton(nf: str, addr: str, dispatch: str, nodeport: str | None) -> list[Obj]:
+def _shard_skeleton(
+    nf: str, addr: str, dispatch: tuple[str, ...], nodeport: tuple[Statement, ...] | None
+) -> list[Obj]:
     """Each shard table's dispatch: its own nat hooks, verdict maps and services chain."""
     objs: list[Obj] = []
-    services = [f"{dispatch} vmap @{SERVICE_IPS}"]
+    services = [rule(Lookup(dispatch, SERVICE_IPS, vmap=True))]
     if nodeport is not None:
-        services.append(f"{nodeport} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}")
+        services.append(rule(*nodeport, Lookup(_L4_PORT, SERVICE_NODEPORTS, vmap=True)))
     for table in shard_tables():
         objs += [
             Set(nf, SERVICE_IPS, f"{addr} . inet_proto . inet_service", kind="map", table=table),
@@ -498,14 +780,14 @@ def _shard_skeleton(nf: str, addr: str, dispatch: str, nodeport: str | None) -> 
             Chain(
                 nf,
                 "nat-prerouting",
-                (f"jump {SERVICES}",),
+                (rule(_jump(SERVICES)),),
                 _hook("nat", "prerouting", SHARD_NAT_PRIORITY),
                 table=table,
             ),
             Chain(
                 nf,
                 "nat-output",
-                (f"jump {SERVICES}",),
+                (rule(_jump(SERVICES)),),
                 _hook("nat", "output", SHARD_NAT_PRIORITY),
                 table=table,
             ),
@@ -513,15 +795,14 @@ def _shard_skeleton(nf: str, addr: str, dispatch: str, nodeport: str | None) -> 
     return objs
 
 
-def local_match(nf: str, detector: LocalDetector, *, negate: bool = False) -> str:
+def local_match(nf: str, detector: LocalDetector, *, negate: bool = False) -> Statement:
     """The match for traffic from this node's pods (upstream's IfLocalNFT), or for
     anything else with ``negate`` (IfNotLocalNFT). ``detector`` must be implemented."""
-    op = "!= " if negate else ""
     if detector.interface:
         wildcard = "*" if detector.prefix else ""
-        return f'iifname {op}"{detector.interface}{wildcard}"'
+        return IifName(f"{detector.interface}{wildcard}", negate)
     cidrs = _cidrs(detector.cidrs, 4 if nf == "ip" else 6)
-    return f"{nf} saddr {op}{_set_literal(cidrs)}"
+    return Addr(nf, "saddr", tuple(cidrs), negate)
 
 
 def _hook(kind: str, hook: str, priority: str) -> str:
@@ -541,11 +822,11 @@ def _unique(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
 @dataclass(frozen=True, slots=True)
 class _Target:
     ip: str
-    dnat: str  # "10.244.1.5:8080" or "[fd00::5]:8080"
+    dnat: Dnat
     affinity: str | None  # the endpoint's affinity set
 
 
-def _pick(nf: str, proto: str, targets: list[_Target]) -> list[str]:
+def _pick(nf: str, proto: str, targets: list[_Target]) -> list[Rule]:
     """Rules that DNAT a new connection to one of ``targets``: sticky clients first, then
     endpoint i of n with probability 1/(n - i) (uniform overall). A client that lands on
     itself is masqueraded in postrouting (the ``hairpin`` set), not here.
@@ -555,16 +836,23 @@ def _pick(nf: str, proto: str, targets: list[_Target]) -> list[str]:
     what a transaction's cache and the kernel's validation cost.)
     """
     rules = []
-    l4 = f"meta l4proto {proto}"
+    l4 = _L4PROTO.get(proto) or L4Proto(proto)
     for t in targets:
         if t.affinity is not None:
-            sticky = f"{nf} saddr @{t.affinity} update @{t.affinity} {{ {nf} saddr }}"
-            rules.append(f"{l4} {sticky} dnat to {t.dnat}")
+            sticky = (AddrIn(nf, "saddr", t.affinity), Update(nf, t.affinity))
+            rules.append(rule(l4, *sticky, t.dnat))
     n = len(targets)
     for i, t in enumerate(targets):
-        draw = f"numgen random mod {n - i} == 0 " if i < n - 1 else ""
-        update = f"update @{t.affinity} {{ {nf} saddr }} " if t.affinity is not None else ""
-        rules.append(f"{l4} {draw}{update}dnat to {t.dnat}")
+        if t.affinity is not None:
+            update = Update(nf, t.affinity)
+            if i < n - 1:
+                rules.append(rule(l4, _numgen(n - i), update, t.dnat))
+            else:
+                rules.append(rule(l4, update, t.dnat))
+        elif i < n - 1:
+            rules.append(rule(l4, _numgen(n - i), t.dnat))
+        else:
+            rules.append(rule(l4, t.dnat))
     return rules
 
 
@@ -612,7 +900,7 @@ def _family_objects(
     affinity = svc.affinity_timeout if svc.session_affinity is SessionAffinity.CLIENT_IP else None
     internal = _unique(state.internal_for(family))
     external = _unique(state.external_for(family)) if svc.externally_accessible else []
-    no_endpoints = f"goto {REJECT}" if not state.has_endpoints else "drop"
+    no_endpoints = f"goto {REJECT}" if not state.has_endpoints else "drop"  # a verdict
     detector = config.local_detector(version)
     objs: list[Obj] = []
 
@@ -627,8 +915,7 @@ def _family_objects(
         if affinity is not None:
             aset = names.affinity(ep, ep_ip, affinity)
             objs.append(Set(nf, aset, _addr_type(nf), timeout=affinity, table=shard))
-        dnat = f"[{ep_ip}]:{ep.port}" if nf == "ip6" else f"{ep_ip}:{ep.port}"
-        targets[(ep.ip, ep.port)] = _Target(ep_ip, dnat, aset)
+        targets[(ep.ip, ep.port)] = _Target(ep_ip, Dnat(nf, ep_ip, ep.port), aset)
         objs.append(Element(nf, SERVICE_ENDPOINTS, f"{ep_ip} . {ep.port} . {mark}", "", label))
         objs.append(hairpin_element(nf, ep_ip))
     objs.append(Element(nf, CLUSTER_IPS, str(cluster_ip), "", ""))
@@ -638,12 +925,12 @@ def _family_objects(
     # ClusterIP.
     vip = f"{cluster_ip} . {proto} . {svc.port}"
     if internal:
-        match = f"{nf} daddr {cluster_ip} {proto} dport {svc.port}"
+        match = (Addr(nf, "daddr", (str(cluster_ip),)), DPort(proto, svc.port))
         rules = []
         if config.masquerade_all:
-            rules.append(f"{match} {SET_MASQ}")
+            rules.append(rule(*match, SET_MASQ))
         elif detector.implemented:  # traffic not from this node's pods
-            rules.append(f"{match} {local_match(nf, detector, negate=True)} {SET_MASQ}")
+            rules.append(rule(*match, local_match(nf, detector, negate=True), SET_MASQ))
         rules += _pick(nf, proto, internal_targets)
         objs.append(Chain(nf, names.service, tuple(rules), table=shard))
         objs.append(Element(nf, SERVICE_IPS, vip, f"goto {names.service}", label, shard))
@@ -673,15 +960,15 @@ def _family_objects(
         # node itself are sent on to the cluster-wide endpoints, everyone else dropped.
         rules = []
         if cluster_policy:
-            rules.append(SET_MASQ)
+            rules.append(rule(SET_MASQ))
         elif internal:
             # Pods and the node itself reaching an external address use the cluster-wide
             # path (no reason to drop them); node-originated traffic is masqueraded.
             if detector.implemented:
-                rules.append(f"{local_match(nf, detector)} goto {names.service}")
-            rules.append(f"fib saddr type local {SET_MASQ}")
-            rules.append(f"fib saddr type local goto {names.service}")
-        rules += _pick(nf, proto, external_targets) if external_targets else ["drop"]
+                rules.append(rule(local_match(nf, detector), _goto(names.service)))
+            rules.append(rule(FibLocal("saddr"), SET_MASQ))
+            rules.append(rule(FibLocal("saddr"), _goto(names.service)))
+        rules += _pick(nf, proto, external_targets) if external_targets else [rule(DROP)]
         objs.append(Chain(nf, names.external, tuple(rules), table=shard))
         to_external = f"goto {names.external}"
         ip_map, port_map = SERVICE_IPS, SERVICE_NODEPORTS
@@ -701,8 +988,8 @@ def _family_objects(
     lb_ips = sorted({ip for ip in svc.load_balancer_ips if ip.version == version}, key=int)
     if svc.firewalled(version) and lb_ips:
         ranges = _cidrs(svc.firewall_sources(config.primary_ips()), version)
-        rule = f"{nf} saddr != {_set_literal(ranges)} drop" if ranges else "drop"
-        objs.append(Chain(nf, names.firewall, (rule,)))
+        allow = rule(Addr(nf, "saddr", tuple(ranges), True), DROP) if ranges else rule(DROP)
+        objs.append(Chain(nf, names.firewall, (allow,)))
         for ip in lb_ips:
             element = f"{ip} . {proto} . {svc.port}"
             objs.append(Element(nf, FIREWALL_IPS, element, f"goto {names.firewall}", label))
@@ -715,49 +1002,229 @@ def _family_objects(
 _UNQUOTABLE = re.compile(r"[^A-Za-z0-9 _.:/~=+,-]")
 
 
+def comment_text(comment: str) -> str:
+    """What of a comment reaches the kernel: only characters nft takes inside quotes as
+    they are (no quote, backslash, newline, ``;`` or non-ASCII), at most
+    ``COMMENT_MAX`` long. The netlink encoder sends exactly this text."""
+    return _UNQUOTABLE.sub("_", comment)[:COMMENT_MAX]
+
+
 def _quote(comment: str) -> str:
-    """A comment as an nft string: only characters nft takes inside quotes as they are
-    (no quote, backslash, newline, ``;`` or non-ASCII), at most ``COMMENT_MAX`` long."""
-    return '"' + _UNQUOTABLE.sub("_", comment)[:COMMENT_MAX] + '"'
+    """A comment as an nft string (:func:`comment_text` in quotes)."""
+    return '"' + comment_text(comment) + '"'
 
 
-def _chain_rules(chain: Chain) -> list[str]:
-    where = f"{chain.family} {chain.table} {chain.name}"
-    return [f"add rule {where} {rule}" for rule in chain.rules]
+# Operations: one command of a transaction each, carrying the render objects it is
+# about. ``nft()`` is its line in an ``nft -f`` script; kpy_nftables.netlink encodes
+# the same operation as netlink messages without reading that text. Never changed once
+# made (not frozen only because a frozen dataclass takes four times as long to make,
+# and a cold sync makes one per rule).
 
 
-def _add(obj: Obj) -> str:
-    if isinstance(obj, Chain):
-        body = f" {{ {obj.hook} }}" if obj.hook else ""
-        return f"add chain {obj.family} {obj.table} {obj.name}{body}"
-    if isinstance(obj, Set):
-        return f"add {obj.kind} {obj.family} {obj.table} {obj.name} {{ {obj.spec} }}"
-    return f"add element {obj.family} {obj.table} {obj.map} {{ {_element_body(obj)} }}"
+@dataclass(slots=True)
+class _TableOp:
+    family: str
+    table: str
+    verb: ClassVar[str]
+
+    def nft(self) -> str:
+        return f"{self.verb} table {self.family} {self.table}"
+
+
+class AddTable(_TableOp):
+    __slots__ = ()
+    verb = "add"
+
+
+class DeleteTable(_TableOp):
+    __slots__ = ()
+    verb = "delete"
+
+
+class _Defines:
+    """An operation that carries the object it defines (``defined``)."""
+
+    __slots__ = ()
+
+    @property
+    def defined(self) -> Chain | Set:
+        raise NotImplementedError
+
+    @property
+    def family(self) -> str:
+        return self.defined.family
+
+    @property
+    def table(self) -> str:
+        return self.defined.table
+
+
+@dataclass(slots=True)
+class AddChain(_Defines):
+    """A chain's definition (its hook, if any), without its rules."""
+
+    chain: Chain
+
+    @property
+    def defined(self) -> Chain:
+        return self.chain
+
+    def nft(self) -> str:
+        c = self.chain
+        body = f" {{ {c.hook} }}" if c.hook else ""
+        return f"add chain {c.family} {c.table} {c.name}{body}"
+
+
+@dataclass(slots=True)
+class _ChainOp:
+    family: str
+    table: str
+    name: str
+    verb: ClassVar[str]
+
+    def nft(self) -> str:
+        return f"{self.verb} chain {self.family} {self.table} {self.name}"
+
+
+class FlushChain(_ChainOp):
+    """Every rule of a chain removed."""
+
+    __slots__ = ()
+    verb = "flush"
+
+
+class DeleteChain(_ChainOp):
+    __slots__ = ()
+    verb = "delete"
+
+
+@dataclass(slots=True)
+class AddRule:
+    """One of a chain's rules, appended to it."""
+
+    family: str
+    table: str
+    chain: str
+    rule: Rule
+
+    def nft(self) -> str:
+        return f"add rule {self.family} {self.table} {self.chain} {self.rule}"
+
+
+@dataclass(slots=True)
+class AddSet(_Defines):
+    """A named set's or verdict map's definition."""
+
+    set: Set
+
+    @property
+    def defined(self) -> Set:
+        return self.set
+
+    def nft(self) -> str:
+        s = self.set
+        return f"add {s.kind} {s.family} {s.table} {s.name} {{ {s.spec} }}"
+
+
+@dataclass(slots=True)
+class DeleteSet:
+    family: str
+    table: str
+    kind: str  # "set" or "map"
+    name: str
+
+    def nft(self) -> str:
+        return f"delete {self.kind} {self.family} {self.table} {self.name}"
+
+
+@dataclass(slots=True)
+class AddElements:
+    """Elements added to one set or map (``elements`` all name it)."""
+
+    family: str
+    table: str
+    map: str
+    elements: tuple[Element, ...]
+
+    def nft(self) -> str:
+        body = ", ".join(_element_body(e) for e in self.elements)
+        return f"add element {self.family} {self.table} {self.map} {{ {body} }}"
+
+
+@dataclass(slots=True)
+class DeleteElements:
+    """Elements removed from one set or map, by their key (``Element.element``)."""
+
+    family: str
+    table: str
+    map: str
+    elements: tuple[Element, ...]
+
+    def nft(self) -> str:
+        body = ", ".join(e.element for e in self.elements)
+        return f"delete element {self.family} {self.table} {self.map} {{ {body} }}"
+
+
+Op = (
+    AddTable
+    | DeleteTable
+    | AddChain
+    | FlushChain
+    | DeleteChain
+    | AddRule
+    | AddSet
+    | DeleteSet
+    | AddElements
+    | DeleteElements
+)
+
+
+def _element_body(e: Element) -> str:
+    comment = f" comment {_quote(e.comment)}" if e.comment else ""
+    verdict = f" : {e.verdict}" if e.verdict else ""
+    return f"{e.element}{comment}{verdict}"
+
+
+def _rule_ops(chain: Chain) -> Iterator[AddRule]:
+    for one in chain.rules:
+        yield AddRule(chain.family, chain.table, chain.name, one)
+
+
+def _removal(family: str, table: str, map_name: str, element: str) -> Element:
+    """An element as a removal names it: by its key alone."""
+    return Element(family, map_name, element, "", "", table)
 
 
 @dataclass(frozen=True, slots=True)
 class Transaction:
-    """An nft script in its order. The rules are kept as their chains and written out
-    only when the script is read (a cold sync of 10,000 Services has 110,000 of them)."""
+    """The operations of one transaction in their order. The rules are kept as their
+    chains and the elements as render's objects; operations are made only when read
+    (a cold sync of 10,000 Services has 110,000 rules)."""
 
-    before: tuple[str, ...]  # tables, definitions, flushes
+    before: tuple[Op, ...]  # tables, definitions, flushes
     rule_chains: tuple[Chain, ...]  # the chains whose rules are (re)added
-    del_elements: tuple[str, ...]
-    add_elements: tuple[Element, ...]  # written out when read, like the rules
-    after: tuple[str, ...]  # deletions of chains and sets
+    del_elements: tuple[Element, ...]  # by key (see _removal)
+    add_elements: tuple[Element, ...]
+    after: tuple[Op, ...]  # deletions of chains and sets
     ops: int  # objects added, changed or removed
-    group: bool = False  # a set's elements in commands of up to GROUP
+    group: bool = False  # a set's elements in operations of up to GROUP
 
-    def iter_lines(self) -> Iterator[str]:
+    def iter_ops(self) -> Iterator[Op]:
         yield from self.before
         for chain in self.rule_chains:
-            yield from _chain_rules(chain)
-        yield from (_grouped(self.del_elements) if self.group else self.del_elements)
+            yield from _rule_ops(chain)
         if self.group:
-            yield from _grouped_adds(self.add_elements)
+            yield from _grouped(DeleteElements, self.del_elements)
+            yield from _grouped(AddElements, self.add_elements)
         else:
-            yield from (_add(e) for e in self.add_elements)
+            for e in self.del_elements:
+                yield DeleteElements(e.family, e.table, e.map, (e,))
+            for e in self.add_elements:
+                yield AddElements(e.family, e.table, e.map, (e,))
         yield from self.after
+
+    def iter_lines(self) -> Iterator[str]:
+        return (op.nft() for op in self.iter_ops())
 
     @property
     def lines(self) -> tuple[str, ...]:
@@ -767,7 +1234,7 @@ class Transaction:
     def line_count(self) -> int:
         rules = sum(len(c.rules) for c in self.rule_chains)
         if self.group:
-            dels = _commands(Counter(ln.partition(" { ")[0] for ln in self.del_elements))
+            dels = _commands(Counter(_set_of(e) for e in self.del_elements))
             adds = _commands(Counter(_set_of(e) for e in self.add_elements))
         else:
             dels, adds = len(self.del_elements), len(self.add_elements)
@@ -782,9 +1249,9 @@ class Fresh:
     """A full sync onto tables that hold no service port yet (a node's first start),
     rendered while it is written: the skeleton's transaction first, then each port's
     sets, chains and rules as ``ports`` yields them, and every element last (grouped,
-    each once). Whoever reads the lines renders the ports, so ``nft`` parses the head
-    of the script while the rest is still being rendered. ``ops`` and ``line_count``
-    are final once the lines have been read."""
+    each once). Whoever reads the operations renders the ports, so ``nft`` parses the
+    head of the script while the rest is still being rendered. ``ops`` and
+    ``line_count`` are final once the operations have been read."""
 
     def __init__(self, skeleton: Transaction, ports: Iterable[Mapping[str, Obj]]) -> None:
         self.skeleton = skeleton
@@ -792,29 +1259,32 @@ class Fresh:
         self.ops = skeleton.ops
         self.line_count = 0
 
-    def iter_lines(self) -> Iterator[str]:
-        for line in self._lines():
+    def iter_ops(self) -> Iterator[Op]:
+        for op in self._ops():
             self.line_count += 1
-            yield line
+            yield op
 
-    def _lines(self) -> Iterator[str]:
-        yield from self.skeleton.iter_lines()
+    def iter_lines(self) -> Iterator[str]:
+        return (op.nft() for op in self.iter_ops())
+
+    def _ops(self) -> Iterator[Op]:
+        yield from self.skeleton.iter_ops()
         elements: dict[str, Element] = {}
         for objs in self.ports:
             for obj in objs.values():
                 if isinstance(obj, Set):
                     self.ops += 1
-                    yield _add(obj)
+                    yield AddSet(obj)
             for obj in objs.values():
                 if isinstance(obj, Chain):
                     self.ops += 1
-                    yield _add(obj)
-                    yield from _chain_rules(obj)
+                    yield AddChain(obj)
+                    yield from _rule_ops(obj)
             for key, obj in objs.items():
                 if isinstance(obj, Element):
                     elements.setdefault(key, obj)  # a shared element once
         self.ops += len(elements)
-        yield from _grouped_adds(elements.values())
+        yield from _grouped(AddElements, elements.values())
 
     @property
     def script(self) -> str:
@@ -824,18 +1294,18 @@ class Fresh:
     def halves(self) -> tuple[Iterator[str], Iterator[str]]:
         """The lines split by table — the base table and the first
         :data:`SHARDS_WITH_BASE` shards, the other shards — for two ``nft`` processes at
-        once (a table references nothing
-        in another). Both read one rendering; a half that is behind buffers its lines."""
-        source = self.iter_lines()
+        once (a table references nothing in another). Both read one rendering; a half
+        that is behind buffers its lines."""
+        source = self.iter_ops()
         queues: tuple[deque[str], deque[str]] = (deque(), deque())
 
         def half(i: int) -> Iterator[str]:
             while True:
                 while not queues[i]:
-                    line = next(source, None)
-                    if line is None:
+                    op = next(source, None)
+                    if op is None:
                         return
-                    queues[_half_of(line)].append(line)
+                    queues[_half_of(op.table)].append(op.nft())
                 yield queues[i].popleft()
 
         return half(0), half(1)
@@ -848,10 +1318,8 @@ class Fresh:
 SHARDS_WITH_BASE = SHARDS // 4
 
 
-def _half_of(line: str) -> int:
-    """0 for a line about the base table or one of the first :data:`SHARDS_WITH_BASE`
-    shards, else 1 (the table is the fourth word of every line a transaction writes)."""
-    table = line.split(" ", 4)[3]
+def _half_of(table: str) -> int:
+    """0 for the base table or one of the first :data:`SHARDS_WITH_BASE` shards, else 1."""
     if table == TABLE:
         return 0
     return 0 if int(table[len(SHARD_PREFIX) :]) < SHARDS_WITH_BASE else 1
@@ -860,19 +1328,18 @@ def _half_of(line: str) -> int:
 GROUP = 1000  # elements per command when grouped
 
 
-def _grouped(lines: Iterable[str]) -> list[str]:
-    """``add|delete element F T S { e }`` lines of one set merged into commands of up to
-    :data:`GROUP` elements (order kept per set): nft parses one big command much faster
-    than many small ones (a cold sync of 10,000 Services has 125,000 elements)."""
-    by_set: dict[str, list[str]] = {}
-    for line in lines:
-        head, _, body = line.partition(" { ")
-        by_set.setdefault(head, []).append(body.removesuffix(" }"))
-    out = []
-    for head, items in by_set.items():
+def _grouped(
+    kind: type[AddElements] | type[DeleteElements], elements: Iterable[Element]
+) -> Iterator[AddElements | DeleteElements]:
+    """The elements of each set in operations of up to :data:`GROUP` (order kept per
+    set): nft parses one big command much faster than many small ones (a cold sync of
+    10,000 Services has 125,000 elements)."""
+    by_set: dict[tuple[str, str, str], list[Element]] = {}
+    for e in elements:
+        by_set.setdefault(_set_of(e), []).append(e)
+    for (family, table, name), items in by_set.items():
         for i in range(0, len(items), GROUP):
-            out.append(f"{head} {{ {', '.join(items[i : i + GROUP])} }}")
-    return out
+            yield kind(family, table, name, tuple(items[i : i + GROUP]))
 
 
 def _commands(per_set: Counter[Any]) -> int:
@@ -884,23 +1351,6 @@ def _set_of(e: Element) -> tuple[str, str, str]:
     return (e.family, e.table, e.map)
 
 
-def _element_body(e: Element) -> str:
-    comment = f" comment {_quote(e.comment)}" if e.comment else ""
-    verdict = f" : {e.verdict}" if e.verdict else ""
-    return f"{e.element}{comment}{verdict}"
-
-
-def _grouped_adds(elements: Iterable[Element]) -> Iterator[str]:
-    """Additions grouped as :func:`_grouped` does, one command at a time."""
-    by_set: dict[tuple[str, str, str], list[Element]] = {}
-    for e in elements:
-        by_set.setdefault(_set_of(e), []).append(e)
-    for (family, table, name), items in by_set.items():
-        for i in range(0, len(items), GROUP):
-            body = ", ".join(_element_body(e) for e in items[i : i + GROUP])
-            yield f"add element {family} {table} {name} {{ {body} }}"
-
-
 def transaction(
     want: Mapping[str, Obj],
     have: Mapping[str, str],
@@ -908,17 +1358,17 @@ def transaction(
     *,
     group: bool = False,
 ) -> Transaction:
-    """The nft script that makes ``have`` equal ``want`` on ``keys``, ordered so every
+    """The operations that make ``have`` equal ``want`` on ``keys``, ordered so every
     reference exists when it is made and nothing referenced is deleted before its users.
-    With ``group`` the elements of one set go in commands of many elements (for ``nft``;
-    the netlink encoder takes one element per line)."""
-    add_defs: list[str] = []  # sets, maps, chains to create
-    flushes: list[str] = []
+    With ``group`` the elements of one set go in operations of many elements (for
+    ``nft``; the netlink encoder sends one message per element either way)."""
+    add_defs: list[Op] = []  # sets, maps, chains to create
+    flushes: list[Op] = []
     rules: list[Chain] = []
-    del_elements: list[str] = []
+    del_elements: list[Element] = []
     add_elements: list[Element] = []
-    del_chains: list[str] = []
-    del_sets: list[str] = []
+    del_chains: list[Op] = []
+    del_sets: list[Op] = []
     ops = 0
     tables: set[tuple[str, str]] = set()
     for key in sorted(set(keys)):
@@ -934,26 +1384,24 @@ def transaction(
         if obj is None:  # remove
             if kind == "element":
                 map_name, element = rest.split(" ", 1)
-                del_elements.append(f"delete element {family} {table} {map_name} {{ {element} }}")
+                del_elements.append(_removal(family, table, map_name, element))
             elif kind == "chain":
-                flushes.append(f"flush chain {family} {table} {rest}")
-                del_chains.append(f"delete chain {family} {table} {rest}")
+                flushes.append(FlushChain(family, table, rest))
+                del_chains.append(DeleteChain(family, table, rest))
             else:
-                del_sets.append(f"delete {kind} {family} {table} {rest}")
+                del_sets.append(DeleteSet(family, table, kind, rest))
             continue
         if isinstance(obj, Element):
             if current is not None:
-                del_elements.append(
-                    f"delete element {family} {table} {obj.map} {{ {obj.element} }}"
-                )
+                del_elements.append(_removal(family, table, obj.map, obj.element))
             add_elements.append(obj)
         elif isinstance(obj, Chain):
-            add_defs.append(_add(obj))
+            add_defs.append(AddChain(obj))
             if current is not None:
-                flushes.append(f"flush chain {family} {table} {obj.name}")
+                flushes.append(FlushChain(family, table, obj.name))
             rules.append(obj)
         elif current is None:
-            add_defs.append(_add(obj))
+            add_defs.append(AddSet(obj))
         else:
             # A set or map whose definition differs from what is wanted cannot be
             # redefined while rules use it; its name fixes what matters, so leave it.
@@ -962,7 +1410,7 @@ def transaction(
         return Transaction((), (), (), (), (), 0)
     # Fingerprints live in the base tables, so a transaction always touches them.
     tables.update((nf, TABLE) for nf in FAMILIES)
-    head = [f"add table {nf} {table}" for nf, table in sorted(tables)]
+    head = [AddTable(nf, table) for nf, table in sorted(tables)]
     return Transaction(
         (*head, *add_defs, *flushes),
         tuple(rules),

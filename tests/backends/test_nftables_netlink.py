@@ -5,6 +5,7 @@ identical rulesets (``nft list ruleset``), for every kind of Service render prod
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,13 +62,13 @@ def _change(
     config: BackendConfig,
     before: Sequence[ServicePortState],
     after: Sequence[ServicePortState],
-) -> tuple[str, dict[tuple[str, str, str], netlink.SetType]]:
+) -> tuple[render.Transaction, dict[tuple[str, str, str], netlink.SetType]]:
     """The transaction from ``before`` to ``after`` and the set types programmed before."""
     old = _want(before, config)
     new = _want(after, config)
     have = {key: obj.value for key, obj in old.items()}
-    script = render.transaction(new, have, {*old, *new}).script
-    return script, netlink.set_types({**render.base_objects(config), **old}.values())
+    txn = render.transaction(new, have, {*old, *new})
+    return txn, netlink.set_types({**render.base_objects(config), **old}.values())
 
 
 @pytest.fixture
@@ -87,10 +88,10 @@ def _same_after(
     a, b_ = pair
     for ns in pair:
         Node(ns, config).start(before)
-    script, sets = _change(config, before, after)
-    assert script, "the case changes nothing"
-    batch = netlink.encode(script, sets)
-    _apply(a, script)
+    txn, sets = _change(config, before, after)
+    assert txn.script, "the case changes nothing"
+    batch = netlink.encode(txn.iter_ops(), sets)
+    _apply(a, txn.script)
     writer = netlink.NetlinkWriter(b_)
     try:
         writer.send(batch)
@@ -301,11 +302,11 @@ def test_service_cidr_changes_over_netlink_leave_the_ruleset_nft_leaves(
         Node(ns, old).start([CLUSTER_IP])
     was, will = render.base_objects(old), render.base_objects(new)
     keys = {k for k in was.keys() | will.keys() if was[k].value != will[k].value}
-    script = render.transaction(will, {k: o.value for k, o in was.items()}, keys).script
-    assert "cluster-ips-check" in script
-    batch = netlink.encode(script, netlink.set_types(will.values()))  # no Unsupported
+    txn = render.transaction(will, {k: o.value for k, o in was.items()}, keys)
+    assert "cluster-ips-check" in txn.script
+    batch = netlink.encode(txn.iter_ops(), netlink.set_types(will.values()))  # no Unsupported
     a, b_ = pair
-    _apply(a, script)
+    _apply(a, txn.script)
     writer = netlink.NetlinkWriter(b_)
     try:
         writer.send(batch)
@@ -328,15 +329,20 @@ def test_service_cidr_changes_over_netlink_leave_the_ruleset_nft_leaves(
     ],
 )
 def test_anonymous_sets_nft_would_rewrite_are_unsupported(ranges: str) -> None:
+    nets = tuple(r.strip() for r in ranges.split(","))
+    op = render.AddRule("ip", "kpy", "x", render.rule(render.Addr("ip", "saddr", nets, True), DROP))
     line = f"add rule ip kpy x ip saddr != {{ {ranges} }} drop"
+    assert op.nft() == line
     with pytest.raises(netlink.Unsupported) as refused:
-        netlink.encode(line, {})
+        netlink.encode([op], {})
     assert line in str(refused.value)
 
 
 def test_an_anonymous_set_comes_before_its_rule() -> None:
+    nets = ("203.0.113.0/24", "198.51.100.0/24")
+    op = render.AddRule("ip", "kpy", "x", render.rule(render.Addr("ip", "saddr", nets, True), DROP))
     line = "add rule ip kpy x ip saddr != { 203.0.113.0/24, 198.51.100.0/24 } drop"
-    batch = netlink.encode(line, {})
+    batch = netlink.encode([op], {})
     assert batch.lines == (line, line, line)
     assert all(b"__set%d\0" in m for m in batch.messages)
 
@@ -360,9 +366,9 @@ def test_a_writer_is_reused_for_many_sends(pair: tuple[str, str]) -> None:
         for n in range(20):
             eps = _eps(*(f"10.244.3.{i}" for i in range(1, 2 + n % 5)))
             current = [_state(b.service("web"), eps), *([UDP] if n % 2 else [])]
-            script, sets = _change(CIDRS, previous, current)
-            _apply(a, script)
-            writer.send(netlink.encode(script, sets))
+            txn, sets = _change(CIDRS, previous, current)
+            _apply(a, txn.script)
+            writer.send(netlink.encode(txn.iter_ops(), sets))
             previous = current
     finally:
         writer.close()
@@ -373,22 +379,24 @@ def test_refused_transaction_names_the_line_and_changes_nothing(pair: tuple[str,
     _, b_ = pair
     Node(b_, CIDRS).start([CLUSTER_IP])
     before = _ruleset(b_)
-    script, sets = _change(CIDRS, [CLUSTER_IP], [CLUSTER_IP_MORE, UDP])
+    txn, sets = _change(CIDRS, [CLUSTER_IP], [CLUSTER_IP_MORE, UDP])
     table = render.shard_table(UDP.name) if hasattr(render, "shard_table") else render.TABLE
+    goto = render.rule(render.Verdict("goto", "no-such-chain"))
+    bad_op = render.AddRule("ip", table, render.service_chain(UDP.name), goto)
     bad = f"add rule ip {table} {render.service_chain(UDP.name)} goto no-such-chain"
-    lines = script.splitlines()
-    at = max(i for i, line in enumerate(lines) if line.startswith("add rule ")) + 1
-    script = "\n".join([*lines[:at], bad, *lines[at:]]) + "\n"
+    ops = list(txn.iter_ops())
+    at = max(i for i, op in enumerate(ops) if isinstance(op, render.AddRule)) + 1
+    ops = [*ops[:at], bad_op, *ops[at:]]
     writer = netlink.NetlinkWriter(b_)
     try:
         with pytest.raises(NftError) as refused:
-            writer.send(netlink.encode(script, sets))
+            writer.send(netlink.encode(ops, sets))
         assert bad in str(refused.value)
         assert "No such file or directory" in str(refused.value)
         assert _ruleset(b_) == before
         # The same writer goes on working after a refusal.
         good, sets = _change(CIDRS, [CLUSTER_IP], [CLUSTER_IP_MORE])
-        writer.send(netlink.encode(good, sets))
+        writer.send(netlink.encode(good.iter_ops(), sets))
         assert _ruleset(b_) != before
     finally:
         writer.close()
@@ -412,16 +420,16 @@ def test_rules_sent_over_netlink_carry_real_connections() -> None:
         pod_a = topo.pods["pod-a"]
         writer = netlink.NetlinkWriter(topo.node)
         try:
-            script, sets = _change(config, (), both)
-            writer.send(netlink.encode(script, sets))
+            txn, sets = _change(config, (), both)
+            writer.send(netlink.encode(txn.iter_ops(), sets))
             seen = {lab.tcp(pod_a, "10.96.0.10", 80).split()[0] for _ in range(40)}
             assert seen == {"pod-a", "pod-b"}
             assert lab.tcp(pod_a, "fd00:96::10", 80).split()[0] in {"pod-a", "pod-b"}
             assert lab.tcp(topo.client, lab.NODE_IP, 30080).split()[0] in {"pod-a", "pod-b"}
             assert lab.udp(pod_a, "10.96.0.12", 53).split()[0] in {"pod-a", "pod-b"}
             assert len({lab.tcp(pod_a, "10.96.0.11", 80).split()[0] for _ in range(10)}) == 1
-            script, sets = _change(config, both, only_b)
-            writer.send(netlink.encode(script, sets))
+            txn, sets = _change(config, both, only_b)
+            writer.send(netlink.encode(txn.iter_ops(), sets))
             seen = {lab.tcp(pod_a, "10.96.0.10", 80).split()[0] for _ in range(20)}
             assert seen == {"pod-b"}
         finally:
@@ -436,46 +444,67 @@ SETS = {
 }
 
 
+DROP = render.Verdict("drop")
+
+
+def _rule(*statements: render.Statement, chain: str = "x") -> render.AddRule:
+    return render.AddRule("ip", "kpy", chain, render.rule(*statements))
+
+
+def _elements(name: str, element: str, verdict: str = "", comment: str = "") -> render.Op:
+    return render.AddElements(
+        "ip", "kpy", name, (render.Element("ip", name, element, verdict, comment),)
+    )
+
+
+HOOK = "type nat hook output priority -100; policy accept;"
+
+
 @pytest.mark.parametrize(
-    "line",
+    "op",
     [
-        "add chain ip kpy nat-output { type nat hook output priority -100; policy accept; }",
-        "add rule ip kpy services ip daddr . meta l4proto . th dport vmap @service-ips",
-        "add rule ip kpy x ip saddr != { 10.0.0.0/8, 10.244.0.0/16 } drop",
-        "add rule ip kpy masquerading masquerade fully-random",
-        "add rule ip kpy filter-input ct state new jump nodeport-endpoints-check",
-        "add rule ip kpy reject-chain reject with tcp reset",
-        "add rule ip kpy x dnat to 10.244.1.5",
-        "add rule ip kpy x meta l4proto tcp tcp dport 80 drop",
-        "add rule ip kpy x ip6 saddr fd00::1 drop",
-        "add rule ip kpy x drop accept",
-        "add element ip kpy unknown-set { 10.0.0.1 }",
-        "add element ip kpy service-ips { 10.96.0.1 . tcp . 80 : drop, 10.9.0.2 . tcp . 8 : drop }",
-        'add element ip kpy service-ips { 10.96.0.1 . tcp comment "x" : goto a }',
-        'add element ip kpy service-endpoints { 10.244.1.5 . 8080 . 1 comment "x" : drop }',
-        "add set ip kpy s { type ipv4_addr; flags interval; }",
-        "add set ip kpy s { type ether_addr; }",
-        "add map ip kpy m { type ipv4_addr : ipv4_addr; }",
-        "list ruleset",
-        'add chain ip kpy "quoted name"',
-        "add rule ip kpy x goto $chain",
-        'add element ip kpy "service-ips" { 10.96.0.1 . tcp . 80 : drop }',
-        "flush table ip kpy",
-        "delete table ip kpy extra",
+        render.AddChain(render.Chain("ip", "nat-output", (), HOOK)),
+        _rule(
+            render.Lookup(("ip daddr", "meta l4proto", "th dport"), "service-ips", vmap=True),
+            chain="services",
+        ),
+        _rule(render.Addr("ip", "saddr", ("10.0.0.0/8", "10.244.0.0/16"), True), DROP),
+        _rule(render.Masquerade(), chain="masquerading"),
+        _rule(
+            render.CtState("new"),
+            render.Verdict("jump", "nodeport-endpoints-check"),
+            chain="filter-input",
+        ),
+        _rule(render.Reject(tcp_reset=True), chain="reject-chain"),
+        _rule(render.Dnat("ip6", "fd00::5", 80)),  # in an ip table
+        _rule(render.L4Proto("tcp"), render.DPort("tcp", 80), DROP),
+        _rule(render.Addr("ip6", "saddr", ("fd00::1",)), DROP),
+        _rule(DROP, render.Verdict("accept")),
+        _rule(render.Verdict("goto", "$chain")),
+        render.AddRule("ip", "kpy", "x", render.Rule("drop")),  # text alone, no statements
+        _elements("unknown-set", "10.0.0.1"),
+        _elements("service-ips", "10.96.0.1 . tcp", "goto a", "x"),
+        _elements("service-endpoints", "10.244.1.5 . 8080 . 1", "drop", "x"),
+        _elements('"service-ips"', "10.96.0.1 . tcp . 80", "drop"),
+        render.AddSet(render.Set("ip", "s", "ether_addr")),
+        render.AddSet(render.Set("ip", "m", "inet_service", kind="map")),
+        render.AddChain(render.Chain("ip", '"quoted name"', ())),
     ],
+    ids=lambda op: op.nft(),
 )
-def test_lines_outside_the_subset_are_unsupported(line: str) -> None:
+def test_operations_outside_the_subset_are_unsupported(op: render.Op) -> None:
     with pytest.raises(netlink.Unsupported) as refused:
-        netlink.encode(f"add table ip kpy\n{line}\n", SETS)
-    assert line in str(refused.value)
+        netlink.encode([render.AddTable("ip", "kpy"), op], SETS)
+    assert op.nft() in str(refused.value)
 
 
 def test_concatenated_keys_are_padded_registers() -> None:
     """The element bytes nft 1.0 sends (``nft --debug=mnl``) for the same line."""
     batch = netlink.encode(
-        'add element ip kpy service-ips { 10.96.0.1 . tcp . 80 comment "ns/name/tcp/80"'
-        " : goto service-x }\n"
-        'add element ip kpy service-endpoints { 10.244.1.5 . 8080 . 1234567 comment "x" }\n',
+        [
+            _elements("service-ips", "10.96.0.1 . tcp . 80", "goto service-x", "ns/name/tcp/80"),
+            _elements("service-endpoints", "10.244.1.5 . 8080 . 1234567", "", "x"),
+        ],
         SETS,
     )
     assert len(batch) == 2
@@ -485,16 +514,62 @@ def test_concatenated_keys_are_padded_registers() -> None:
     assert bytes.fromhex("0af401051f90000087d61200") in batch.messages[1]
 
 
-def test_sets_added_in_the_script_are_known_to_later_lines() -> None:
+def test_sets_added_in_the_transaction_are_known_to_later_operations() -> None:
+    aff = render.Element("ip6", "aff", "fd00::5", "", "", "kpy-3")
     batch = netlink.encode(
-        "add set ip6 kpy-3 aff { type ipv6_addr; flags dynamic,timeout; timeout 300s; }\n"
-        "add element ip6 kpy-3 aff { fd00::5 }\n"
-        "add rule ip6 kpy-3 c ip6 saddr @aff update @aff { ip6 saddr } drop\n",
+        [
+            render.AddSet(render.Set("ip6", "aff", "ipv6_addr", timeout=300, table="kpy-3")),
+            render.AddElements("ip6", "kpy-3", "aff", (aff,)),
+            render.AddRule(
+                "ip6",
+                "kpy-3",
+                "c",
+                render.rule(
+                    render.AddrIn("ip6", "saddr", "aff"), render.Update("ip6", "aff"), DROP
+                ),
+            ),
+        ],
         {},
     )
     assert len(batch) == 3
     assert all(b"kpy-3\0" in m for m in batch.messages)
 
 
-def test_empty_script_is_an_empty_batch() -> None:
-    assert len(netlink.encode("", {})) == 0
+def test_empty_transaction_is_an_empty_batch() -> None:
+    assert len(netlink.encode([], {})) == 0
+
+
+def _every_case_encoded() -> list[netlink.Batch]:
+    """Each case's transaction encoded from its operations (one element each, as the
+    backend sends them, and grouped), and a ServiceCIDR change."""
+    batches = []
+    for case in CASES:
+        old, new = _want(case.before, case.config), _want(case.after, case.config)
+        have = {k: o.value for k, o in old.items()}
+        sets = netlink.set_types({**render.base_objects(case.config), **old}.values())
+        for group in (False, True):
+            txn = render.transaction(new, have, {*old, *new}, group=group)
+            batches.append(netlink.encode(txn.iter_ops(), sets))
+    was = render.base_objects(BackendConfig())
+    will = render.base_objects(BackendConfig(service_cidrs=(ipaddress.ip_network("10.96.0.0/12"),)))
+    keys = {k for k in was if was[k].value != will[k].value}
+    txn = render.transaction(will, {k: o.value for k, o in was.items()}, keys)
+    batches.append(netlink.encode(txn.iter_ops(), netlink.set_types(will.values())))
+    return batches
+
+
+# The digest of every message above as the encoder of ``nft -f`` script lines (which
+# this encoder of render's operations replaced) wrote them: the same bytes.
+SCRIPT_ENCODER_DIGEST = "7dc5a85eeb9e37d1fe33fb5fd17b1b9a7d0e60c343b5b5d7e41319a2b553f4d0"
+
+
+def test_operations_encode_to_the_bytes_script_lines_did() -> None:
+    batches = _every_case_encoded()
+    digest = hashlib.sha256()
+    for batch in batches:
+        digest.update(b"".join(batch.messages))
+    assert digest.hexdigest() == SCRIPT_ENCODER_DIGEST
+    # grouped operations are sent one element a message, named one element a line
+    for single, grouped in zip(batches[0:-1:2], batches[1:-1:2], strict=True):
+        assert grouped.messages == single.messages and grouped.lines == single.lines
+    assert sum(len(b) for b in batches) > 500

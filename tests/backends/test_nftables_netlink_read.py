@@ -1,7 +1,8 @@
 """The netlink reader against nft itself: for real kpy state programmed by the nftables
-backend in a namespace, :class:`kpy_nftables.netlink_read.NetlinkReader`'s documents
-must parse (:func:`kpy_nftables.observe.parse`) to exactly what ``nft -j list chains /
-sets / maps`` parses to — the same keys and values, the same per-Service views.
+backend in a namespace, what :meth:`kpy_nftables.netlink_read.NetlinkReader.observe`
+reads must be exactly what ``nft -j list chains / sets / maps`` parses to
+(:func:`kpy_nftables.observe.parse`) — the same keys and values, the same per-Service
+views.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 from kpy_nftables import NftablesBackend, netlink_read, observe, render
-from kpy_nftables.apply import Nft
+from kpy_nftables.apply import Nft, NftError
 from kpy_nftables.netlink_read import NetlinkReader, type_names
 
 from kpy.core.backend import BackendConfig
@@ -68,10 +69,10 @@ def _bynft(netns: str) -> observe.Observed:
     return observe.parse(_nft_documents(netns))
 
 
-def _by_netlink(netns: str, **options: int) -> observe.Observed:
-    reader = NetlinkReader(netns, **options)
+def _by_netlink(netns: str) -> observe.Observed:
+    reader = NetlinkReader(netns)
     try:
-        return observe.parse(reader.documents())
+        return reader.observe()
     finally:
         reader.close()
 
@@ -237,49 +238,52 @@ def test_two_hundred_services(ns: str) -> None:
     assert fingerprinted and render.CHAIN_ONLY not in fingerprinted
 
 
-def test_large_sets_come_in_slices(ns: str) -> None:
-    _program(ns, b.synthetic_states(40))
-    reader = NetlinkReader(ns, elements_per_document=7)
-    try:
-        docs = list(reader.documents())
-    finally:
-        reader.close()
-    sizes = [
-        len(body.get("elem", []))
-        for doc in docs
-        for item in doc["nftables"]
-        for body in item.values()
-        if "elem" in body
-    ]
-    assert max(sizes) == 7 and len(sizes) > 20
-    assert observe.parse(docs).values == _bynft(ns).values
-
-
 class _Counting(NetlinkReader):
-    """A reader that counts the dumps it asks for, by kind."""
+    """A reader that counts the dumps it asks for, by kind, records the sets whose
+    elements it dumps and the parts of each, and fails after ``fail_after`` of them."""
 
-    def __init__(self, netns: str) -> None:
+    def __init__(self, netns: str, fail_after: int | None = None) -> None:
         super().__init__(netns)
         self.dumps: dict[int, int] = {}
+        self.element_dumps: list[tuple[str, int]] = []  # (set name, parts)
+        self.fail_after = fail_after
 
     def dump(self, kind: int, family: int, *attrs: bytes) -> list[bytes]:
         self.dumps[kind] = self.dumps.get(kind, 0) + 1
         return super().dump(kind, family, *attrs)
 
+    def element_parts(self, family: str, table: str, name: str) -> list[bytes]:
+        if self.fail_after is not None and len(self.element_dumps) == self.fail_after:
+            self.fail_after = None
+            raise NftError("stopped part way")
+        parts = super().element_parts(family, table, name)
+        self.element_dumps.append((name, len(parts)))
+        return parts
 
-def test_documents_stream_one_set_at_a_time(ns: str) -> None:
-    """The first set's document comes before the second set is read, and a reader
-    whose documents were left half read reads everything next time."""
-    _program(ns, b.synthetic_states(30))
+
+def test_large_sets_are_read_in_parts(ns: str) -> None:
+    """A large set's elements come in several parts of one dump, each decoded as it
+    comes (none held decoded whole beside the others): read the same as nft."""
+    _program(ns, b.synthetic_states(40))
     reader = _Counting(ns)
     try:
-        docs = reader.documents()
-        for doc in docs:
-            if any("set" in item or "map" in item for item in doc["nftables"]):
-                break
+        got = reader.observe()
+    finally:
+        reader.close()
+    assert max(parts for _name, parts in reader.element_dumps) > 1
+    assert got.values == _bynft(ns).values
+
+
+def test_a_read_stopped_part_way_leaves_the_reader_usable(ns: str) -> None:
+    """A read that stops after the first set's elements (an error) leaves the reader
+    usable: the next read reads everything."""
+    _program(ns, b.synthetic_states(30))
+    reader = _Counting(ns, fail_after=1)
+    try:
+        with pytest.raises(NftError):
+            reader.observe()
         assert reader.dumps.get(netlink_read.NFT_MSG_GETSETELEM) == 1
-        # the first generator is left where it stopped, still alive
-        assert observe.parse(reader.documents()).values == _bynft(ns).values
+        assert reader.observe().values == _bynft(ns).values
     finally:
         reader.close()
 
@@ -316,7 +320,8 @@ def test_drift_is_read_as_it_is(ns: str) -> None:
 def test_empty_namespace_reads_nothing(ns: str) -> None:
     reader = NetlinkReader(ns)
     try:
-        assert list(reader.documents()) == []
+        nothing = reader.observe()
+        assert not nothing.seen_tables and not nothing.values
     finally:
         reader.close()
     assert _by_netlink(ns).values == {} == _bynft(ns).values
@@ -344,23 +349,20 @@ add chain netdev kpy-1 c
 
 def test_foreign_tables_are_ignored(ns: str) -> None:
     nft(ns, "-f", "-", script=FOREIGN)
-    reader = NetlinkReader(ns)
+    reader = _Counting(ns)
     try:
-        assert list(reader.documents()) == []
+        nothing = reader.observe()
+        assert not nothing.seen_tables and not nothing.values
+        assert reader.element_dumps == []  # no set of the foreign tables was read
         _program(ns, (CLUSTER_IP, IPV6_ONLY))
-        docs = list(reader.documents())  # the same reader, a second time
+        got = reader.observe()  # the same reader, a second time
     finally:
         reader.close()
-    read = {
-        (body["family"], body.get("table", body["name"]))
-        for doc in docs
-        for item in doc["nftables"]
-        for body in item.values()
-    }
-    assert read == {("ip", render.TABLE), ("ip6", render.TABLE)} | {
+    assert got.seen_tables == {("ip", render.TABLE), ("ip6", render.TABLE)} | {
         (f, t) for f in ("ip", "ip6") for t in render.shard_tables()
     }
-    assert observe.parse(docs).values == _bynft(ns).values
+    assert {name for name, _parts in reader.element_dumps} <= {*render.SETS, *render.MAPS}
+    assert got.values == _bynft(ns).values
     listed = json.loads(nft(ns, "-j", "list", "tables"))["nftables"]
     families = {item["table"]["family"] for item in listed if "table" in item}
     assert {"inet", "netdev"} <= families  # the foreign tables are still there
@@ -376,13 +378,13 @@ def test_affinity_clients_are_not_read(ns: str) -> None:
     name = sets[0].split(" set ", 1)[1]
     nft(ns, "add", "element", "ip", shard, name, "{ 10.244.7.7 }")
     assert "10.244.7.7" in json.dumps(list(_nft_documents(ns)))
-    reader = NetlinkReader(ns)
+    reader = _Counting(ns)
     try:
-        docs = list(reader.documents())
+        got = reader.observe().values
     finally:
         reader.close()
-    assert "10.244.7.7" not in json.dumps(docs)
-    got = observe.parse(docs).values
+    assert name not in {n for n, _parts in reader.element_dumps}  # never dumped
+    assert "10.244.7.7" not in json.dumps(got)
     assert got == _bynft(ns).values
     assert got[f"ip {shard} set {name}"] == "ipv4_addr timeout 600s"
 
@@ -441,7 +443,7 @@ def test_a_dump_changed_under_the_reader_is_asked_again(
     _program(ns, b.synthetic_states(300))
     reader = _Meddler(ns, kind, target, script)
     try:
-        got = observe.parse(reader.documents()).values
+        got = reader.observe().values
     finally:
         reader.close()
     assert reader.script is None, "the dump came in one part: nothing was changed under it"
@@ -458,7 +460,7 @@ def test_a_set_deleted_before_its_elements_are_read_is_not_there(ns: str) -> Non
         ns, netlink_read.NFT_MSG_GETSETELEM, b"fingerprints", "delete set ip kpy zz-extra"
     )
     try:
-        got = observe.parse(reader.documents()).values
+        got = reader.observe().values
     finally:
         reader.close()
     assert reader.script is None
@@ -473,7 +475,7 @@ def test_a_dump_of_a_missing_set_is_refused_with_its_errno(ns: str) -> None:
         with pytest.raises(netlink_read.DumpRefused) as refused:
             reader.element_parts("ip", render.TABLE, "no-such-set")
         assert refused.value.errno == errno.ENOENT
-        assert observe.parse(reader.documents()).values == _bynft(ns).values  # still usable
+        assert reader.observe().values == _bynft(ns).values  # still usable
     finally:
         reader.close()
 

@@ -1,11 +1,19 @@
-"""Pure properties of :func:`kpy_nftables.render.transaction`'s script."""
+"""Pure properties of render's transactions (:func:`kpy_nftables.render.transaction`)
+and rules."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import pickle
+
 from kpy_nftables import render
 
+from kpy.core import trace as ex
 from kpy.core.backend import BackendConfig
 from kpy.testing import builders as b
+from tests.backends.test_nftables_netlink import CASES
+from tests.backends.test_parity_detect_local import MODES
 
 
 def _want(n: int) -> dict[str, render.Obj]:
@@ -98,3 +106,42 @@ def test_the_halves_of_a_fresh_sync_split_it_by_table_in_order() -> None:
     assert 0 < split < render.SHARDS
     assert tables(first) == {"kpy", *(f"kpy-{i}" for i in range(split))}
     assert tables(second) == {f"kpy-{i}" for i in range(split, render.SHARDS)}
+
+
+# Every chain's fingerprint over the netlink writer's cases and every detect-local mode,
+# as the version that rendered rules as text wrote them: a restarted agent adopts the
+# chains a previous version wrote only while their fingerprints stay the same.
+FINGERPRINTS_DIGEST = "015ee997a822159053ce30eb93ffe47bb31792b986cbe81d64c043cea631ed09"
+
+
+def test_typed_rules_keep_the_fingerprints_text_rules_had() -> None:
+    digest = hashlib.sha256()
+    configs = [c.config for c in CASES] + [ex.options_config(b.NODE, o) for o in MODES.values()]
+    chains = 0
+    for config in configs:
+        objs = dict(render.base_objects(config))
+        for case in CASES:
+            for state in case.after:
+                objs.update(render.port_objects(state, config))
+        for key in sorted(objs):
+            obj = objs[key]
+            if isinstance(obj, render.Chain):
+                chains += 1
+                assert all(isinstance(r, render.Rule) and r.statements for r in obj.rules)
+                digest.update(f"{key} {obj.value}\n".encode())
+    assert chains > 1000
+    assert digest.hexdigest() == FINGERPRINTS_DIGEST
+
+
+def test_a_rule_is_its_statements_text() -> None:
+    rule = render.rule(
+        render.L4Proto("tcp"),
+        render.Numgen(2),
+        render.Update("ip6", "affinity-x"),
+        render.Dnat("ip6", "fd00::5", 8080),
+    )
+    text = "meta l4proto tcp numgen random mod 2 == 0 update @affinity-x { ip6 saddr } "
+    assert rule == text + "dnat to [fd00::5]:8080"
+    assert rule.nft() == rule and type(rule.nft()) is str
+    for copied in (copy.deepcopy(rule), pickle.loads(pickle.dumps(rule))):
+        assert type(copied) is render.Rule and copied.statements == rule.statements

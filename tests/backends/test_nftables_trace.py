@@ -224,7 +224,8 @@ def _tampered(case_id: str, edit: dict[str, tuple[str, ...]]) -> ex.Trace:
         # the base table's chain of that name, else the (one) shard chain of that name
         chains = [o for o in objs.values() if isinstance(o, render.Chain) and o.name == name]
         chain = min(chains, key=lambda c: c.table != render.TABLE)
-        objs[chain.key] = replace(chain, rules=rules)
+        # the interpreter reads a rule's text: rules of text render never writes
+        objs[chain.key] = replace(chain, rules=tuple(render.Rule(r) for r in rules))
     return tr.trace_objects(objs, _packet(case), ex.Origin.POD, NODE.addresses)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -145,7 +146,7 @@ def test_nftables_rules_carry_upstreams_matches(
         assert short[0] == f"{local} goto {_service_chain(chains)}"
 
 
-def _service_chain(chains: dict[str, tuple[str, ...]]) -> str:
+def _service_chain(chains: Mapping[str, tuple[str, ...]]) -> str:
     name = nft_render.service_chain(b.port_name())
     return name
 

@@ -3,7 +3,7 @@ properties, in a fresh network namespace per test (never the machine's own)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pytest
 from kpy_nftables import NftablesBackend, netlink, render
@@ -165,8 +165,8 @@ def test_writer_option_nft_and_fallback_for_lines_netlink_cannot_encode(
     result = run(backend.apply(b.plan(changed, full_sync=False, changed=[changed[0].name])))
     assert result.detail["netlink"] == 0 and result.ops > 0
 
-    def refuse(script: str, sets: object) -> netlink.Batch:
-        raise netlink.Unsupported(script.splitlines()[0])
+    def refuse(ops: Iterable[render.Op], sets: object) -> netlink.Batch:
+        raise netlink.Unsupported(next(iter(ops)).nft())
 
     monkeypatch.setattr(netlink, "encode", refuse)
     backend = NftablesBackend(config(netns))
