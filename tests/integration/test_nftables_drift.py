@@ -13,31 +13,14 @@ from typing import Any
 
 import pytest
 from kpy_nftables import NftablesBackend, render
-from kpy_nftables.netlink_read import NetlinkReader
 
-from kpy.core.backend import BackendConfig, parse_networks
 from kpy.core.model import Plan, Protocol
 from kpy.core.trace import Origin, Packet
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states, run
 from kpy.testing.netns import nft
 from kpy.tools import dump
-
-
-def config(ns: str) -> BackendConfig:
-    return BackendConfig(
-        node_name="node-a",
-        netns=ns,
-        cluster_cidrs=parse_networks(["10.244.0.0/16", "fd00:244::/32"]),
-    )
-
-
-def snapshot(ns: str) -> tuple[dict[str, object], dict[tuple[str, str, str], tuple[int, bytes]]]:
-    """Every keyed object as a fresh backend reads it, and every chain's rules (count
-    and digest) as the kernel holds them."""
-    objects = dict(run(NftablesBackend(config(ns)).observe()).objects)
-    with NetlinkReader(ns) as reader:
-        return objects, dict(reader.rules().chains)
+from tests.nftables_state import config, snapshot
 
 
 def drifted(ns: str, plan: Plan) -> dict[str, Any]:

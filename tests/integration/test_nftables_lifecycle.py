@@ -14,28 +14,14 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from kpy_nftables import NftablesBackend, render
-from kpy_nftables.netlink_read import NetlinkReader
 
 from kpy.cli import main
-from kpy.core.backend import BackendConfig, BackendError, parse_networks
+from kpy.core.backend import BackendError
 from kpy.core.model import Plan
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states, run
 from kpy.testing.netns import nft, scratch
-
-
-def config(ns: str) -> BackendConfig:
-    return BackendConfig(
-        node_name="node-a",
-        netns=ns,
-        cluster_cidrs=parse_networks(["10.244.0.0/16", "fd00:244::/32"]),
-    )
-
-
-def snapshot(ns: str) -> tuple[dict[str, object], dict[tuple[str, str, str], tuple[int, bytes]]]:
-    objects = dict(run(NftablesBackend(config(ns)).observe()).objects)
-    with NetlinkReader(ns) as reader:
-        return objects, dict(reader.rules().chains)
+from tests.nftables_state import config, snapshot
 
 
 @pytest.fixture
