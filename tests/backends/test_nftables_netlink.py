@@ -85,12 +85,17 @@ def _same_after(
     before: Sequence[ServicePortState],
     after: Sequence[ServicePortState],
 ) -> str:
-    a, b_ = pair
     for ns in pair:
         Node(ns, config).start(before)
     txn, sets = _change(config, before, after)
     assert txn.script, "the case changes nothing"
-    batch = netlink.encode(txn.iter_ops(), sets)
+    return _both_writers(pair, txn, netlink.encode(txn.iter_ops(), sets))
+
+
+def _both_writers(pair: tuple[str, str], txn: render.Transaction, batch: netlink.Batch) -> str:
+    """``txn`` by ``nft -f`` into the first namespace, ``batch`` (its netlink encoding)
+    into the second: the rulesets must be the same; that ruleset."""
+    a, b_ = pair
     _apply(a, txn.script)
     writer = netlink.NetlinkWriter(b_)
     try:
@@ -305,15 +310,7 @@ def test_service_cidr_changes_over_netlink_leave_the_ruleset_nft_leaves(
     txn = render.transaction(will, {k: o.value for k, o in was.items()}, keys)
     assert "cluster-ips-check" in txn.script
     batch = netlink.encode(txn.iter_ops(), netlink.set_types(will.values()))  # no Unsupported
-    a, b_ = pair
-    _apply(a, txn.script)
-    writer = netlink.NetlinkWriter(b_)
-    try:
-        writer.send(batch)
-    finally:
-        writer.close()
-    ruleset = _ruleset(a)
-    assert _ruleset(b_) == ruleset
+    ruleset = _both_writers(pair, txn, batch)
     for cidr in after:
         assert f"daddr {cidr} drop" in ruleset
     assert "reject" in ruleset
