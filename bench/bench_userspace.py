@@ -15,9 +15,10 @@ target, one after another:
 
 Measured per target: one-stream bulk throughput (MB/s, 256 MiB client → server, as
 five streams of 51 MiB), connection rate (connect, 64-byte request, 64-byte reply,
-close; 32 concurrent clients for 3 s in total), with the relay's CPU time per
-connection where the relay is a process, and p50 latency of one fresh connection's
-request/reply (500 in a row), with the added latency over ``direct``. Each measurement
+close; 32 concurrent clients for 3 s in total; connections that fail are counted as
+``failed``), with the relay's CPU time per connection where the relay is a process,
+and p50 latency of one fresh connection's request/reply (500 in a row), with the added
+latency over ``direct``. Each measurement
 is taken in five slices, taking turns between the targets. The 1-minute load average
 is recorded at the start of each run, and the ratios the userspace targets are judged
 by are computed within each run.
@@ -149,18 +150,27 @@ def latency(host: str, port: int, count: int) -> list[float]:
     return samples
 
 
-def rate(host: str, port: int, seconds: float, concurrency: int = 32) -> tuple[int, float]:
-    """Connections completed by ``concurrency`` clients in ``seconds``, and the time taken."""
-    done = 0
+def rate(host: str, port: int, seconds: float, concurrency: int = 32) -> tuple[int, float, int]:
+    """Connections completed by ``concurrency`` clients in ``seconds``, the time taken,
+    and how many failed (refused, reset, or closed before the reply; counted, not
+    retried, so one target's failure neither ends the run nor passes unseen)."""
+    done = failed = 0
 
     async def worker(deadline: float) -> None:
-        nonlocal done
+        nonlocal done, failed
         while time.perf_counter() < deadline:
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(b"x" * 64)
-            await reader.readexactly(64)
-            writer.close()
-            await writer.wait_closed()
+            writer = None
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(b"x" * 64)
+                await reader.readexactly(64)
+                writer.close()
+                await writer.wait_closed()
+            except (OSError, asyncio.IncompleteReadError):
+                failed += 1
+                if writer is not None:
+                    writer.close()
+                continue
             done += 1
 
     async def main() -> None:
@@ -169,7 +179,7 @@ def rate(host: str, port: int, seconds: float, concurrency: int = 32) -> tuple[i
 
     started = time.perf_counter()
     asyncio.run(main())
-    return done, time.perf_counter() - started
+    return done, time.perf_counter() - started, failed
 
 
 class Target(NamedTuple):
@@ -206,20 +216,24 @@ def measure_run(targets: dict[str, Target], args: argparse.Namespace) -> dict[st
     for name in targets:
         rows[name]["mb_s"] = round(args.slices * mib * 1.048576 / bulk_s[name], 1)
     done = dict.fromkeys(targets, 0)
+    failed = dict.fromkeys(targets, 0)
     took = dict.fromkeys(targets, 0.0)
     cpu = dict.fromkeys(targets, 0.0)
     samples: dict[str, list[float]] = {name: [] for name in targets}
     for _ in range(args.slices):
         for name, (host, pids) in targets.items():
             before = cpu_seconds(pids)
-            n, elapsed = rate(host, RR, args.seconds / args.slices)
+            n, elapsed, errors = rate(host, RR, args.seconds / args.slices)
             cpu[name] += cpu_seconds(pids) - before
             done[name] += n
+            failed[name] += errors
             took[name] += elapsed
             samples[name] += latency(host, RR, max(1, args.latency_count // args.slices))
     for name, (_, pids) in targets.items():
         rows[name]["conn_s"] = round(done[name] / took[name])
         rows[name]["p50_us"] = round(statistics.median(samples[name]) * 1e6, 1)
+        if failed[name]:
+            rows[name]["failed"] = failed[name]
         if pids:  # the relay's CPU time per relayed connection, whatever the load
             rows[name]["cpu_us_per_conn"] = round(cpu[name] / done[name] * 1e6, 1)
     return rows

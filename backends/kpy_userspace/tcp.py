@@ -4,6 +4,7 @@ callbacks — no transport, protocol, task or future per connection."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -163,7 +164,7 @@ class Relay(Flow):
 
     def _connected(self) -> None:
         """The endpoint answered: relay."""
-        usock, csock = self.usock, self.csock
+        usock = self.usock
         assert usock is not None and self.target is not None
         proxy, port = self.proxy, self.port
         loop = proxy.loop
@@ -171,11 +172,9 @@ class Relay(Flow):
         port.chosen(self.frontend, self.client, endpoint, loop.time())
         if endpoint not in port.live:  # removed while connecting
             proxy.schedule_hard_stop(self)
-        try:  # small writes leave at once, as asyncio's transports do
-            csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # small writes leave at once (the client's socket has it from its listener)
+        with contextlib.suppress(OSError):  # reset already: its first read says so
             usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # a socket already reset: its first read says so
         loop.add_reader(self.ufd, self._upstream_readable)
         if self.connecting:
             self.connecting = False

@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterator
 import pytest
 from kpy_userspace import render
 from kpy_userspace.flows import PortRuntime
-from kpy_userspace.listeners import Listener
+from kpy_userspace.listeners import Listener, open_socket
 from kpy_userspace.proxy import ACCEPT_BATCH, Proxy, Settings, _Server
+from kpy_userspace.render import ListenKey
 from kpy_userspace.tcp import CHUNK, ConnectTimeouts, Relay
 
-from kpy.core.model import Endpoint
+from kpy.core.model import Endpoint, Protocol
 from kpy.testing import builders as b
 
 LOOPBACK = "127.0.0.1"
@@ -106,6 +107,8 @@ def test_what_the_client_sent_before_the_endpoint_answered_arrives_in_order(
             return chunk == b""  # EOF after the data
 
         run_until(proxy, request_read)
+        assert flow.usock is not None  # small writes leave at once
+        assert flow.usock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert bytes(got) == b"GET / HTTP/1.0\r\n\r\n"
         conn.sendall(b"200 OK")
         conn.close()  # the endpoint's EOF ends the other direction too
@@ -233,3 +236,14 @@ def test_one_wake_up_accepts_every_queued_connection_up_to_the_batch(
     finally:
         for client in clients:
             client.close()
+
+
+def test_connections_accepted_by_a_proxy_listener_send_small_writes_at_once() -> None:
+    """TCP_NODELAY is set on the listener once; accepted connections inherit it."""
+    key = ListenKey(protocol=Protocol.TCP, family=4, address=LOOPBACK, port=0)
+    with open_socket(key) as listening:
+        listening.listen(1)
+        with socket.create_connection(listening.getsockname(), timeout=10):
+            conn, _ = listening.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
