@@ -121,12 +121,18 @@ class Relay(Flow):
                 connect_failed(endpoint, os.strerror(err))
                 continue
             self.usock, self.ufd, self.target = sock, sock.fileno(), endpoint
-            if err == 0:
-                self._connected()
-            else:
-                self.connecting = True
-                self.proxy.loop.add_writer(self.ufd, self._connect_done)
-                self.proxy.timeouts.add(self, self.tried)
+            if err == errno.EINPROGRESS:
+                # An endpoint on this host is usually connected by the time connect()
+                # returns (the handshake runs in the same call); then there is no
+                # reason to wait for the loop to say so.
+                try:
+                    sock.getpeername()
+                except OSError:
+                    self.connecting = True
+                    self.proxy.loop.add_writer(self.ufd, self._connect_done)
+                    self.proxy.timeouts.add(self, self.tried)
+                    return
+            self._connected()
             return
         if not self.closed:
             log.info(
@@ -180,6 +186,8 @@ class Relay(Flow):
             self.connecting = False
             loop.remove_writer(self.ufd)
         loop.add_reader(self.cfd, self._client_readable)
+        # most clients speak first, and have by now: relay it without waiting for the loop
+        self._move(self.csock, usock, True)
 
     # --- relaying ------------------------------------------------------------------------
 
