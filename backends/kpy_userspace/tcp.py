@@ -295,6 +295,11 @@ class Relay(Flow):
             src, dst, kept = self.usock, self.csock, self.to_client
         assert src is not None and dst is not None
         self.proxy.loop.remove_reader(src.fileno())
+        if self.eof_in and self.eof_out and self.to_up is None and self.to_client is None:
+            # both ways have ended and dst has been read to its EOF: its close sends
+            # the FIN a write shutdown would
+            self._finish(False)
+            return
         if kept is None:
             try:
                 dst.shutdown(socket.SHUT_WR)
