@@ -178,7 +178,9 @@ class Relay(Flow):
         port.chosen(self.frontend, self.client, endpoint, loop.time())
         if endpoint not in port.live:  # removed while connecting
             proxy.schedule_hard_stop(self)
-        # small writes leave at once (the client's socket has it from its listener)
+        # small writes leave at once, as the client's socket has from its listener
+        # (Nagle's algorithm on a relay holds back what follows a small write until
+        # the peer's possibly delayed ACK)
         with contextlib.suppress(OSError):  # reset already: its first read says so
             usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         loop.add_reader(self.ufd, self._upstream_readable)
