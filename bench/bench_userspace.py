@@ -15,13 +15,13 @@ target, one after another:
 
 Measured per target: one-stream bulk throughput (MB/s, 256 MiB client → server, as
 five streams of 51 MiB), connection rate (connect, 64-byte request, 64-byte reply,
-close; 32 concurrent clients for 3 s in total; connections that fail are counted as
-``failed``), with the relay's CPU time per connection where the relay is a process,
-and p50 latency of one fresh connection's request/reply (500 in a row), with the added
-latency over ``direct``. Each measurement
-is taken in five slices, taking turns between the targets. The 1-minute load average
-is recorded at the start of each run, and the ratios the userspace targets are judged
-by are computed within each run.
+close; 32 concurrent clients for 3 s in total), with the relay's CPU time per
+connection where the relay is a process, and p50 latency of one fresh connection's
+request/reply (500 in a row), with the added latency over ``direct``; connections that
+fail in either are counted as ``failed`` (e.g. when the node runs out of ephemeral
+ports). Each measurement is taken in five slices, taking turns between the targets.
+The 1-minute load average is recorded at the start of each run, and the ratios the
+userspace targets are judged by are computed within each run.
 
 ``--baseline-backends DIR`` adds a target ``baseline``: the ``kpy_userspace`` in DIR
 (e.g. ``git archive <commit> backends/kpy_userspace | tar -x -C DIR``, then
@@ -137,17 +137,30 @@ def bulk(host: str, port: int, mib: int) -> float:
     return mib * 1.048576 / elapsed
 
 
-def latency(host: str, port: int, count: int) -> list[float]:
-    samples = []
+def request(host: str, port: int) -> float:
+    """Seconds for one fresh connection's 64-byte request and reply; OSError if it fails."""
+    started = time.perf_counter()
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"x" * 64)
+        got = 0
+        while got < 64:
+            chunk = sock.recv(64)
+            if not chunk:
+                raise ConnectionError("closed before the reply")
+            got += len(chunk)
+    return time.perf_counter() - started
+
+
+def latency(host: str, port: int, count: int) -> tuple[list[float], int]:
+    """``count`` fresh connections in a row: the successful ones' times, and how many
+    failed."""
+    samples, failed = [], 0
     for _ in range(count):
-        started = time.perf_counter()
-        with socket.create_connection((host, port), timeout=5) as sock:
-            sock.sendall(b"x" * 64)
-            got = 0
-            while got < 64:
-                got += len(sock.recv(64))
-        samples.append(time.perf_counter() - started)
-    return samples
+        try:
+            samples.append(request(host, port))
+        except OSError:
+            failed += 1
+    return samples, failed
 
 
 def rate(host: str, port: int, seconds: float, concurrency: int = 32) -> tuple[int, float, int]:
@@ -228,10 +241,13 @@ def measure_run(targets: dict[str, Target], args: argparse.Namespace) -> dict[st
             done[name] += n
             failed[name] += errors
             took[name] += elapsed
-            samples[name] += latency(host, RR, max(1, args.latency_count // args.slices))
+            taken, errors = latency(host, RR, max(1, args.latency_count // args.slices))
+            samples[name] += taken
+            failed[name] += errors
     for name, (_, pids) in targets.items():
         rows[name]["conn_s"] = round(done[name] / took[name])
-        rows[name]["p50_us"] = round(statistics.median(samples[name]) * 1e6, 1)
+        p50 = statistics.median(samples[name]) if samples[name] else float("nan")
+        rows[name]["p50_us"] = round(p50 * 1e6, 1)
         if failed[name]:
             rows[name]["failed"] = failed[name]
         if pids:  # the relay's CPU time per relayed connection, whatever the load
@@ -412,7 +428,7 @@ def wait_answering(host: str, port: int, deadline: float = 10.0) -> None:
     end = time.monotonic() + deadline
     while True:
         try:
-            latency(host, port, 1)
+            request(host, port)
             return
         except OSError:
             if time.monotonic() > end:
