@@ -51,7 +51,7 @@ from kpy_userspace.render import (
     ListenKey,
     PortTable,
 )
-from kpy_userspace.tcp import CHUNK, ConnectTimeouts, Relay
+from kpy_userspace.tcp import CHUNK, ConnectTimeouts, Reactor, Relay
 from kpy_userspace.udp import UdpListener, UdpSession
 
 T = TypeVar("T")
@@ -113,6 +113,7 @@ class Proxy:
         self.buffer = bytearray(CHUNK)
         self.view = memoryview(self.buffer)
         self.timeouts = ConnectTimeouts(self.loop, settings.connect_timeout)
+        self.reactor = Reactor(self.loop)  # the relays' sockets
         self.ports: dict[ServicePortName, PortRuntime] = {}
         self.listeners: dict[ListenKey, Listener] = {}
         self.owned: set[IPAddress] = set()  # addresses this backend put on lo
@@ -197,6 +198,7 @@ class Proxy:
                 flow.abort()
         self.ports.clear()
         self.timeouts.close()
+        self.reactor.close()
         if self._addresses is not None:
             self._addresses.close()
         for task in asyncio.all_tasks(self.loop):

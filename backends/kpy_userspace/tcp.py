@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -30,6 +32,72 @@ log = structlog.get_logger("kpy.userspace")
 # is slower than its writer: reading that side stops until it has been written out.
 CHUNK = 256 * 1024
 NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
+FAILED = select.EPOLLERR | select.EPOLLHUP
+
+
+class Reactor:
+    """The relays' sockets in an epoll set of their own, which the proxy loop watches as
+    one reader. A wake-up takes every ready socket from the set and calls its relay's
+    handler directly: a relay's socket needs no selector key and its readiness no loop
+    handle, and a socket about to be closed needs no ``epoll_ctl`` (closing it takes it
+    out of the set)."""
+
+    __slots__ = ("dispatching", "epoll", "handlers", "loop", "stale")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Callable[[int], None]] = {}
+        self.dispatching = False
+        # forgotten during this dispatch: a later event of the same batch is for the
+        # closed socket, not a new one that got its number
+        self.stale: set[int] = set()
+        loop.add_reader(self.epoll.fileno(), self._ready)
+
+    def watch(self, fd: int, old: int, new: int, handler: Callable[[int], None]) -> None:
+        """Watch ``fd`` for ``new`` events instead of ``old`` (masks; 0: not watched)."""
+        if old == new:
+            return
+        if old == 0:
+            self.epoll.register(fd, new)
+            self.handlers[fd] = handler
+        elif new == 0:
+            self.epoll.unregister(fd)
+            self.forget(fd)
+        else:
+            self.epoll.modify(fd, new)
+
+    def forget(self, fd: int) -> None:
+        """Call nothing more for ``fd``: it is being closed (or was unregistered)."""
+        if self.handlers.pop(fd, None) is not None and self.dispatching:
+            self.stale.add(fd)
+
+    def _ready(self) -> None:
+        handlers, stale = self.handlers, self.stale
+        self.dispatching = True
+        try:
+            for fd, events in self.epoll.poll(0, 1024):
+                if stale and fd in stale:
+                    continue
+                handler = handlers.get(fd)
+                if handler is None:
+                    continue
+                try:
+                    handler(events)
+                except Exception as exc:  # one relay's bug must not stop the others
+                    self.loop.call_exception_handler(
+                        {"message": "userspace relay handler failed", "exception": exc}
+                    )
+        finally:
+            self.dispatching = False
+            stale.clear()
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.epoll.fileno())
+        self.epoll.close()
+        self.handlers.clear()
 
 
 class Relay(Flow):
@@ -37,7 +105,8 @@ class Relay(Flow):
     after ``accept()`` with the endpoints to try already chosen, and the endpoint's.
 
     The connect to the first endpoint starts at once, as a non-blocking ``connect()``
-    watched with ``add_writer``, its deadline kept by :class:`ConnectTimeouts`; a
+    watched by the proxy's :class:`Reactor`, its deadline kept by
+    :class:`ConnectTimeouts`; a
     refused or timed-out attempt moves on to the next endpoint. The client's socket is
     not read until an endpoint has answered (what it sent meanwhile waits in the
     kernel). Then each readable side is read into the proxy's one buffer and written
@@ -51,6 +120,7 @@ class Relay(Flow):
         "cfd",
         "client",
         "closed",
+        "cmask",
         "connecting",
         "csock",
         "eof_in",
@@ -63,6 +133,7 @@ class Relay(Flow):
         "to_up",
         "tried",
         "ufd",
+        "umask",
         "usock",
     )
 
@@ -85,8 +156,10 @@ class Relay(Flow):
         self.tried = 0
         self.csock = csock  # the client's, non-blocking
         self.cfd = csock.fileno()
+        self.cmask = 0  # what the reactor watches the client's socket for
         self.usock: socket.socket | None = None  # the endpoint's (or the one connecting)
         self.ufd = -1
+        self.umask = 0  # and the endpoint's
         self.target: Endpoint | None = None  # the endpoint being connected to
         self.connecting = False
         self.to_up: memoryview | None = None  # read from the client, not yet written
@@ -129,7 +202,7 @@ class Relay(Flow):
                     sock.getpeername()
                 except OSError:
                     self.connecting = True
-                    self.proxy.loop.add_writer(self.ufd, self._connect_done)
+                    self._watch_upstream(OUT)
                     self.proxy.timeouts.add(self, self.tried)
                     return
             self._connected()
@@ -145,9 +218,10 @@ class Relay(Flow):
     def _drop_attempt(self, error: str | None) -> None:
         """The connect under way failed: close its socket, say why."""
         self.connecting = False
-        self.proxy.loop.remove_writer(self.ufd)
+        self.proxy.reactor.forget(self.ufd)
+        self.umask = 0
         assert self.usock is not None and self.target is not None
-        self.usock.close()
+        self.usock.close()  # which takes it out of the reactor's set
         self.usock, self.ufd = None, -1
         connect_failed(self.target, error)
 
@@ -183,23 +257,44 @@ class Relay(Flow):
         # the peer's possibly delayed ACK)
         with contextlib.suppress(OSError):  # reset already: its first read says so
             usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        loop.add_reader(self.ufd, self._upstream_readable)
-        if self.connecting:
-            self.connecting = False
-            loop.remove_writer(self.ufd)
-        loop.add_reader(self.cfd, self._client_readable)
+        self.connecting = False
+        self._watch_upstream(IN)
+        self._watch_client(IN)
         # most clients speak first, and have by now: relay it without waiting for the loop
         self._move(self.csock, usock, True)
 
     # --- relaying ------------------------------------------------------------------------
 
-    def _client_readable(self) -> None:
-        assert self.usock is not None
-        self._move(self.csock, self.usock, True)
+    def _watch_client(self, mask: int) -> None:
+        if mask != self.cmask:
+            self.proxy.reactor.watch(self.cfd, self.cmask, mask, self._client_event)
+            self.cmask = mask
 
-    def _upstream_readable(self) -> None:
-        assert self.usock is not None
-        self._move(self.usock, self.csock, False)
+    def _watch_upstream(self, mask: int) -> None:
+        if mask != self.umask:
+            self.proxy.reactor.watch(self.ufd, self.umask, mask, self._upstream_event)
+            self.umask = mask
+
+    def _client_event(self, events: int) -> None:
+        if events & FAILED:  # the read or write that follows says what failed
+            events |= IN | OUT
+        if events & self.cmask & IN:
+            assert self.usock is not None
+            self._move(self.csock, self.usock, True)
+        if events & self.cmask & OUT and not self.closed:
+            self._flush(False)
+
+    def _upstream_event(self, events: int) -> None:
+        if self.connecting:
+            self._connect_done()
+            return
+        if events & FAILED:
+            events |= IN | OUT
+        if events & self.umask & IN:
+            assert self.usock is not None
+            self._move(self.usock, self.csock, False)
+        if events & self.umask & OUT and not self.closed:
+            self._flush(True)
 
     def _move(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
         """``src`` is readable: read what is there and write it to ``dst``."""
@@ -228,20 +323,14 @@ class Relay(Flow):
             return
         if sent < n:  # keep the rest; read src again once it has been written out
             rest = memoryview(bytes(view[sent:n]))
-            loop = proxy.loop
-            loop.remove_reader(src.fileno())
             if up:
                 self.to_up = rest
-                loop.add_writer(self.ufd, self._upstream_writable)
+                self._watch_client(self.cmask & ~IN)
+                self._watch_upstream(self.umask | OUT)
             else:
                 self.to_client = rest
-                loop.add_writer(self.cfd, self._client_writable)
-
-    def _client_writable(self) -> None:
-        self._flush(False)
-
-    def _upstream_writable(self) -> None:
-        self._flush(True)
+                self._watch_upstream(self.umask & ~IN)
+                self._watch_client(self.cmask | OUT)
 
     def _flush(self, up: bool) -> None:
         """Write out what is kept for one direction; then read its source again, or
@@ -272,11 +361,16 @@ class Relay(Flow):
             self.to_up = None
         else:
             self.to_client = None
-        loop = self.proxy.loop
-        loop.remove_writer(dst.fileno())
-        if not ended:
-            loop.add_reader(src.fileno(), self._client_readable if up else self._upstream_readable)
-            return
+        if up:
+            self._watch_upstream(self.umask & ~OUT)
+            if not ended:
+                self._watch_client(self.cmask | IN)
+                return
+        else:
+            self._watch_client(self.cmask & ~OUT)
+            if not ended:
+                self._watch_upstream(self.umask | IN)
+                return
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
@@ -296,12 +390,15 @@ class Relay(Flow):
             self.eof_out = True
             src, dst, kept = self.usock, self.csock, self.to_client
         assert src is not None and dst is not None
-        self.proxy.loop.remove_reader(src.fileno())
         if self.eof_in and self.eof_out and self.to_up is None and self.to_client is None:
             # both ways have ended and dst has been read to its EOF: its close sends
             # the FIN a write shutdown would
             self._finish(False)
             return
+        if up:
+            self._watch_client(self.cmask & ~IN)
+        else:
+            self._watch_upstream(self.umask & ~IN)
         if kept is None:
             try:
                 dst.shutdown(socket.SHUT_WR)
@@ -324,13 +421,13 @@ class Relay(Flow):
         self.connecting = False
         if self.hard_stop is not None:
             self.hard_stop.cancel()
-        loop = self.proxy.loop
-        if error:  # callbacks may still be registered for either socket
-            for fd in (self.cfd, self.ufd):
-                if fd >= 0:
-                    loop.remove_reader(fd)
-                    loop.remove_writer(fd)
-        # a graceful end has removed its readers already and has nothing kept to write
+        reactor = self.proxy.reactor
+        if self.cmask:
+            reactor.forget(self.cfd)
+        if self.umask:
+            reactor.forget(self.ufd)
+        self.cmask = self.umask = 0
+        # closing the sockets takes them out of the reactor's set
         self.csock.close()
         if self.usock is not None:
             self.usock.close()

@@ -19,7 +19,7 @@ from kpy_userspace.flows import PortRuntime
 from kpy_userspace.listeners import Listener, open_socket
 from kpy_userspace.proxy import ACCEPT_BATCH, Proxy, Settings, _Server
 from kpy_userspace.render import ListenKey
-from kpy_userspace.tcp import CHUNK, ConnectTimeouts, Relay
+from kpy_userspace.tcp import CHUNK, IN, ConnectTimeouts, Relay
 
 from kpy.core.model import Endpoint, Protocol
 from kpy.testing import builders as b
@@ -44,11 +44,13 @@ def server() -> Iterator[socket.socket]:
         yield sock
 
 
-def port_for(*endpoints: Endpoint) -> PortRuntime:
+def port_for(proxy: Proxy, *endpoints: Endpoint) -> PortRuntime:
+    """A port table on the proxy (whose close at the end aborts its relays)."""
     state = b.state(b.service("web", cluster_ip="10.96.0.10"), list(endpoints), b.node())
     table = render.port_table(state)
     assert table is not None
-    return PortRuntime(table)
+    port = proxy.ports[table.name] = PortRuntime(table)
+    return port
 
 
 def endpoint_of(sock: socket.socket) -> Endpoint:
@@ -87,7 +89,7 @@ def recv_all(sock: socket.socket) -> bytes:
 def test_what_the_client_sent_before_the_endpoint_answered_arrives_in_order(
     proxy: Proxy, server: socket.socket
 ) -> None:
-    port = port_for(endpoint_of(server))
+    port = port_for(proxy, endpoint_of(server))
     flow, client = relay(proxy, port, list(port.table.internal))
     client.sendall(b"GET / ")
     client.sendall(b"HTTP/1.0\r\n\r\n")
@@ -121,7 +123,7 @@ def test_what_the_client_sent_before_the_endpoint_answered_arrives_in_order(
 def test_a_slow_reader_stops_the_reading_of_the_other_side(
     proxy: Proxy, server: socket.socket
 ) -> None:
-    port = port_for(endpoint_of(server))
+    port = port_for(proxy, endpoint_of(server))
     flow, client = relay(proxy, port, list(port.table.internal))
     flow.connect_next()
     conn, _ = server.accept()
@@ -163,7 +165,7 @@ def test_a_slow_reader_stops_the_reading_of_the_other_side(
 def test_a_client_gone_before_the_endpoint_answers_ends_the_endpoint_side(
     proxy: Proxy, server: socket.socket
 ) -> None:
-    port = port_for(endpoint_of(server))
+    port = port_for(proxy, endpoint_of(server))
     flow, client = relay(proxy, port, list(port.table.internal))
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()  # reset
@@ -180,7 +182,7 @@ def test_a_refused_endpoint_is_skipped(proxy: Proxy, server: socket.socket) -> N
     closed = socket.create_server((LOOPBACK, 0))
     refused = endpoint_of(closed)
     closed.close()  # nothing listens there any more
-    port = port_for(refused, endpoint_of(server))
+    port = port_for(proxy, refused, endpoint_of(server))
     flow, client = relay(proxy, port, [refused, endpoint_of(server)])
     flow.connect_next()
     run_until(proxy, lambda: flow.endpoint is not None)
@@ -215,8 +217,7 @@ def test_connect_deadlines_expire_in_order_on_one_timer(proxy: Proxy) -> None:
 def test_one_wake_up_accepts_every_queued_connection_up_to_the_batch(
     proxy: Proxy, server: socket.socket
 ) -> None:
-    port = port_for(endpoint_of(server))
-    proxy.ports[port.table.name] = port
+    port = port_for(proxy, endpoint_of(server))
     frontend = next(iter(port.forward.values()))
     listening = socket.create_server((LOOPBACK, 0), backlog=1024)
     listening.setblocking(False)
@@ -247,3 +248,62 @@ def test_connections_accepted_by_a_proxy_listener_send_small_writes_at_once() ->
             conn, _ = listening.accept()
             with conn:
                 assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_an_event_for_a_socket_closed_earlier_in_the_same_wake_up_is_dropped(
+    proxy: Proxy,
+) -> None:
+    """A handler that closes another socket whose event is still in the batch (and opens
+    a new one that gets its number) does not have that event delivered to the new one."""
+    reactor = proxy.reactor
+    a, a_peer = socket.socketpair()
+    b_sock, b_peer = socket.socketpair()
+    called: list[str] = []
+    made: list[socket.socket] = []
+
+    def on_a(events: int) -> None:
+        called.append("a")
+        reactor.forget(b_sock.fileno())
+        number = b_sock.fileno()
+        b_sock.close()
+        c, c_peer = socket.socketpair()  # the lowest free number: b's
+        made.extend((c, c_peer))
+        assert number in (c.fileno(), c_peer.fileno())
+        for end in (c, c_peer):
+            reactor.watch(end.fileno(), 0, IN, lambda events: called.append("c"))
+
+    reactor.watch(a.fileno(), 0, IN, on_a)
+    reactor.watch(b_sock.fileno(), 0, IN, lambda events: called.append("b"))
+    a_peer.send(b"x")  # a is ready first, then b
+    b_peer.send(b"x")
+    reactor._ready()
+    assert called == ["a"]
+    for sock in (a, a_peer, b_peer, *made):
+        sock.close()
+
+
+def test_a_failing_handler_does_not_keep_the_others_from_their_events(proxy: Proxy) -> None:
+    reactor = proxy.reactor
+    reported: list[BaseException] = []
+    proxy.loop.set_exception_handler(lambda loop, context: reported.append(context["exception"]))
+    pairs = [socket.socketpair() for _ in range(3)]
+    called: list[int] = []
+
+    def handler(i: int) -> Callable[[int], None]:
+        def on_event(events: int) -> None:
+            called.append(i)
+            if i == 0:
+                raise RuntimeError("broken relay")
+
+        return on_event
+
+    for i, (mine, peer) in enumerate(pairs):
+        reactor.watch(mine.fileno(), 0, IN, handler(i))
+        peer.send(b"x")
+    reactor._ready()
+    assert sorted(called) == [0, 1, 2]
+    assert [str(exc) for exc in reported] == ["broken relay"]
+    for pair in pairs:
+        for sock in pair:
+            reactor.forget(sock.fileno())
+            sock.close()
