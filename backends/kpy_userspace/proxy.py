@@ -9,8 +9,9 @@ which hands a coroutine over with ``run_coroutine_threadsafe``; all proxy state 
 touched on the proxy thread only, so nothing here needs a lock.
 
 TCP: each accepted connection is one :class:`~kpy_userspace.tcp.Relay` moving bytes
-between two non-blocking sockets in ``add_reader`` / ``add_writer`` callbacks (no
-thread, task, future, transport or protocol per connection): the accept callback takes
+between two non-blocking sockets, called by a :class:`~kpy_userspace.tcp.Reactor` (an
+epoll set of the relays' sockets that the loop watches as one reader; no thread, task,
+future, transport or protocol per connection): the accept callback takes
 every connection the listener has queued, chooses each one's endpoints and starts a
 non-blocking connect to the first; reads go into one buffer the proxy owns; a side that
 does not take what is written to it stops the reading of the other (backpressure); an

@@ -1,6 +1,7 @@
 """TCP relaying: each accepted connection is one :class:`Relay`, which moves bytes between
-the client's socket and the endpoint's in ``loop.add_reader`` / ``loop.add_writer``
-callbacks — no transport, protocol, task or future per connection."""
+the client's socket and the endpoint's when the proxy's :class:`Reactor` (an epoll set
+of the relays' sockets) says they are ready — no transport, protocol, task or future
+per connection."""
 
 from __future__ import annotations
 
