@@ -150,6 +150,7 @@ class Proxy:
                 self._start_error = exc
                 if self._addresses is not None:
                     self._addresses.close()
+                self.reactor.close()
                 self.loop.close()
                 self._started.set()
                 return
@@ -181,6 +182,7 @@ class Proxy:
                 self._thread = threading.current_thread()
                 self._started.set()
                 self._start_error = RuntimeError("the userspace proxy was stopped")
+                self.reactor.close()
                 self.loop.close()
                 return
         if not thread.is_alive():

@@ -95,7 +95,7 @@ class Reactor:
             stale.clear()
 
     def close(self) -> None:
-        with contextlib.suppress(ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError, RuntimeError):  # closed already
             self.loop.remove_reader(self.epoll.fileno())
         self.epoll.close()
         self.handlers.clear()
