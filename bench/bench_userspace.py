@@ -17,10 +17,11 @@ Measured per target: one-stream bulk throughput (MB/s, 256 MiB client → server
 five streams of 51 MiB), connection rate (connect, 64-byte request, 64-byte reply,
 close; 32 concurrent clients for 3 s in total), with the relay's CPU time per
 connection where the relay is a process, and p50 latency of one fresh connection's
-request/reply (500 in a row), with the added latency over ``direct``. Each measurement
-is taken in five slices, taking turns between the targets. The 1-minute load average
-is recorded at the start of each run, and the ratios the userspace targets are judged
-by are computed within each run.
+request/reply (500 in a row), with the added latency over ``direct``; connections that
+fail in either are counted as ``failed`` (e.g. when the node runs out of ephemeral
+ports). Each measurement is taken in five slices, taking turns between the targets.
+The 1-minute load average is recorded at the start of each run, and the ratios the
+userspace targets are judged by are computed within each run.
 
 ``--baseline-backends DIR`` adds a target ``baseline``: the ``kpy_userspace`` in DIR
 (e.g. ``git archive <commit> backends/kpy_userspace | tar -x -C DIR``, then
@@ -136,31 +137,53 @@ def bulk(host: str, port: int, mib: int) -> float:
     return mib * 1.048576 / elapsed
 
 
-def latency(host: str, port: int, count: int) -> list[float]:
-    samples = []
+def request(host: str, port: int) -> float:
+    """Seconds for one fresh connection's 64-byte request and reply; OSError if it fails."""
+    started = time.perf_counter()
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"x" * 64)
+        got = 0
+        while got < 64:
+            chunk = sock.recv(64)
+            if not chunk:
+                raise ConnectionError("closed before the reply")
+            got += len(chunk)
+    return time.perf_counter() - started
+
+
+def latency(host: str, port: int, count: int) -> tuple[list[float], int]:
+    """``count`` fresh connections in a row: the successful ones' times, and how many
+    failed."""
+    samples, failed = [], 0
     for _ in range(count):
-        started = time.perf_counter()
-        with socket.create_connection((host, port), timeout=5) as sock:
-            sock.sendall(b"x" * 64)
-            got = 0
-            while got < 64:
-                got += len(sock.recv(64))
-        samples.append(time.perf_counter() - started)
-    return samples
+        try:
+            samples.append(request(host, port))
+        except OSError:
+            failed += 1
+    return samples, failed
 
 
-def rate(host: str, port: int, seconds: float, concurrency: int = 32) -> tuple[int, float]:
-    """Connections completed by ``concurrency`` clients in ``seconds``, and the time taken."""
-    done = 0
+def rate(host: str, port: int, seconds: float, concurrency: int = 32) -> tuple[int, float, int]:
+    """Connections completed by ``concurrency`` clients in ``seconds``, the time taken,
+    and how many failed (refused, reset, or closed before the reply; counted, not
+    retried, so one target's failure neither ends the run nor passes unseen)."""
+    done = failed = 0
 
     async def worker(deadline: float) -> None:
-        nonlocal done
+        nonlocal done, failed
         while time.perf_counter() < deadline:
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(b"x" * 64)
-            await reader.readexactly(64)
-            writer.close()
-            await writer.wait_closed()
+            writer = None
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(b"x" * 64)
+                await reader.readexactly(64)
+                writer.close()
+                await writer.wait_closed()
+            except (OSError, asyncio.IncompleteReadError):
+                failed += 1
+                if writer is not None:
+                    writer.close()
+                continue
             done += 1
 
     async def main() -> None:
@@ -169,7 +192,7 @@ def rate(host: str, port: int, seconds: float, concurrency: int = 32) -> tuple[i
 
     started = time.perf_counter()
     asyncio.run(main())
-    return done, time.perf_counter() - started
+    return done, time.perf_counter() - started, failed
 
 
 class Target(NamedTuple):
@@ -206,20 +229,27 @@ def measure_run(targets: dict[str, Target], args: argparse.Namespace) -> dict[st
     for name in targets:
         rows[name]["mb_s"] = round(args.slices * mib * 1.048576 / bulk_s[name], 1)
     done = dict.fromkeys(targets, 0)
+    failed = dict.fromkeys(targets, 0)
     took = dict.fromkeys(targets, 0.0)
     cpu = dict.fromkeys(targets, 0.0)
     samples: dict[str, list[float]] = {name: [] for name in targets}
     for _ in range(args.slices):
         for name, (host, pids) in targets.items():
             before = cpu_seconds(pids)
-            n, elapsed = rate(host, RR, args.seconds / args.slices)
+            n, elapsed, errors = rate(host, RR, args.seconds / args.slices)
             cpu[name] += cpu_seconds(pids) - before
             done[name] += n
+            failed[name] += errors
             took[name] += elapsed
-            samples[name] += latency(host, RR, max(1, args.latency_count // args.slices))
+            taken, errors = latency(host, RR, max(1, args.latency_count // args.slices))
+            samples[name] += taken
+            failed[name] += errors
     for name, (_, pids) in targets.items():
         rows[name]["conn_s"] = round(done[name] / took[name])
-        rows[name]["p50_us"] = round(statistics.median(samples[name]) * 1e6, 1)
+        p50 = statistics.median(samples[name]) if samples[name] else float("nan")
+        rows[name]["p50_us"] = round(p50 * 1e6, 1)
+        if failed[name]:
+            rows[name]["failed"] = failed[name]
         if pids:  # the relay's CPU time per relayed connection, whatever the load
             rows[name]["cpu_us_per_conn"] = round(cpu[name] / done[name] * 1e6, 1)
     return rows
@@ -398,7 +428,7 @@ def wait_answering(host: str, port: int, deadline: float = 10.0) -> None:
     end = time.monotonic() + deadline
     while True:
         try:
-            latency(host, port, 1)
+            request(host, port)
             return
         except OSError:
             if time.monotonic() > end:

@@ -89,10 +89,11 @@ class PortRuntime:
 
 
 class Flow:
-    """A TCP connection pair or a UDP session, as the port sees it."""
+    """A relayed TCP connection or a UDP session, as the port sees it."""
 
-    endpoint: Endpoint | None = None
-    hard_stop: asyncio.TimerHandle | None = None
+    __slots__ = ("endpoint", "hard_stop")
+    endpoint: Endpoint | None  # the one connected to; None while still connecting
+    hard_stop: asyncio.TimerHandle | None  # the end of its grace period, once scheduled
 
     def abort(self) -> None:
         raise NotImplementedError

@@ -36,6 +36,8 @@ def open_socket(key: ListenKey) -> socket.socket:
         sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:  # accepted connections inherit it
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if kind == socket.SOCK_DGRAM:
             if family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)

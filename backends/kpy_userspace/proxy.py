@@ -8,14 +8,15 @@ agent's loop (or ``asyncio.run`` in a test) talks to it only through :meth:`Prox
 which hands a coroutine over with ``run_coroutine_threadsafe``; all proxy state is
 touched on the proxy thread only, so nothing here needs a lock.
 
-TCP: each accepted connection is a pair of :class:`asyncio.Protocol` objects (no thread
-and no task per byte): reads on one side pause while the other side's write buffer is
-above its high-water mark (backpressure), an EOF is passed on as a write shutdown
-(half-close), and the pair closes once both directions have ended. A new connection
-costs no task and no future either: the accept callback chooses the endpoints and
-starts a non-blocking connect to the first, watched with ``add_writer`` and a timer,
-and both transports come straight from the selector loop's transport factory
-(docs/decisions/userspace.md). UDP: a session per
+TCP: each accepted connection is one :class:`~kpy_userspace.tcp.Relay` moving bytes
+between two non-blocking sockets, called by a :class:`~kpy_userspace.tcp.Reactor` (an
+epoll set of the relays' sockets that the loop watches as one reader; no thread, task,
+future, transport or protocol per connection): the accept callback takes
+every connection the listener has queued, chooses each one's endpoints and starts a
+non-blocking connect to the first; reads go into one buffer the proxy owns; a side that
+does not take what is written to it stops the reading of the other (backpressure); an
+EOF is passed on as a write shutdown (half-close), and the pair closes once both
+directions have ended (docs/decisions/userspace.md). UDP: a session per
 client address with its own connected socket to one endpoint; replies are sent back
 through the listener with ``IP_PKTINFO`` / ``IPV6_PKTINFO`` naming the address the
 client used, so a NodePort on a wildcard socket answers from the right address.
@@ -51,7 +52,7 @@ from kpy_userspace.render import (
     ListenKey,
     PortTable,
 )
-from kpy_userspace.tcp import Inbound
+from kpy_userspace.tcp import CHUNK, ConnectTimeouts, Reactor, Relay
 from kpy_userspace.udp import UdpListener, UdpSession
 
 T = TypeVar("T")
@@ -109,11 +110,11 @@ class Proxy:
         self.netns = netns
         self.settings = settings
         self.loop = asyncio.new_event_loop()  # runs on the proxy thread once started
-        # the selector loop's transport factory, used directly (see transport_for)
-        self.make_transport: Callable[..., asyncio.Transport] | None = getattr(
-            self.loop, "_make_socket_transport", None
-        )
-        self._adopting: set[asyncio.Task[Any]] = set()
+        # every TCP relay reads into this one buffer and writes from it at once
+        self.buffer = bytearray(CHUNK)
+        self.view = memoryview(self.buffer)
+        self.timeouts = ConnectTimeouts(self.loop, settings.connect_timeout)
+        self.reactor = Reactor(self.loop)  # the relays' sockets
         self.ports: dict[ServicePortName, PortRuntime] = {}
         self.listeners: dict[ListenKey, Listener] = {}
         self.owned: set[IPAddress] = set()  # addresses this backend put on lo
@@ -149,6 +150,7 @@ class Proxy:
                 self._start_error = exc
                 if self._addresses is not None:
                     self._addresses.close()
+                self.reactor.close()
                 self.loop.close()
                 self._started.set()
                 return
@@ -180,6 +182,7 @@ class Proxy:
                 self._thread = threading.current_thread()
                 self._started.set()
                 self._start_error = RuntimeError("the userspace proxy was stopped")
+                self.reactor.close()
                 self.loop.close()
                 return
         if not thread.is_alive():
@@ -197,6 +200,8 @@ class Proxy:
             for flow in list(port.flows):
                 flow.abort()
         self.ports.clear()
+        self.timeouts.close()
+        self.reactor.close()
         if self._addresses is not None:
             self._addresses.close()
         for task in asyncio.all_tasks(self.loop):
@@ -216,30 +221,6 @@ class Proxy:
             return None
         frontend = port.forward.get(key)
         return None if frontend is None else (port, frontend)
-
-    def transport_for(
-        self, sock: socket.socket, protocol: asyncio.Protocol, peer: Any
-    ) -> asyncio.Transport | None:
-        """A transport of the proxy loop for a connected socket; ``protocol``'s
-        ``connection_made`` follows on the loop. With the selector loop's own transport
-        factory (what ``connect_accepted_socket`` calls, minus the task and the future
-        it wraps around it) the transport is returned at once; without it (another
-        loop implementation) ``connect_accepted_socket`` runs as a task and None is
-        returned: the transport arrives through ``connection_made``."""
-        if self.make_transport is not None:
-            return self.make_transport(sock, protocol, extra={"peername": peer})
-        task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: protocol, sock))
-        self._adopting.add(task)
-
-        def adopted(task: asyncio.Task[Any]) -> None:
-            self._adopting.discard(task)
-            error = None if task.cancelled() else task.exception()
-            if task.cancelled() or error is not None:
-                sock.close()
-                protocol.connection_lost(error if isinstance(error, Exception) else None)
-
-        task.add_done_callback(adopted)
-        return None
 
     def schedule_hard_stop(self, flow: Flow) -> None:
         if flow.hard_stop is None:
@@ -434,10 +415,13 @@ class Proxy:
         return removed
 
 
+ACCEPT_BATCH = 128  # connections taken per wake-up at most, so other sockets get a turn
+
+
 class _Server(asyncio.AbstractServer):
-    """Accepts on a listening socket with ``loop.add_reader``, up to 128 connections per
-    wake-up. Each one gets its endpoint candidates and starts connecting to the first in
-    the same callback; its transport comes from :meth:`Proxy.transport_for`."""
+    """Accepts on a listening socket with ``loop.add_reader``: each wake-up takes every
+    connection queued (up to :data:`ACCEPT_BATCH`), and each one gets its endpoint
+    candidates and starts connecting to the first in the same callback."""
 
     def __init__(self, proxy: Proxy, key: ListenKey, sock: socket.socket) -> None:
         self.proxy = proxy
@@ -448,15 +432,18 @@ class _Server(asyncio.AbstractServer):
 
     def _accept(self) -> None:
         proxy = self.proxy
-        for _ in range(128):
+        accept = self.sock.accept
+        found: tuple[PortRuntime, Frontend] | None = None
+        for i in range(ACCEPT_BATCH):
             try:
-                conn, peer = self.sock.accept()
+                conn, peer = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: try again on the next wake-up
                 log.warning("userspace_accept_failed", frontend=str(self.key), error=str(exc))
                 return
-            found = proxy.frontend_of(self.key)
+            if i == 0:  # the tables change only between callbacks
+                found = proxy.frontend_of(self.key)
             client = client_ip(peer)
             # a filter normally drops clients outside the source ranges before the
             # handshake; closing an unread connection resets it
@@ -468,15 +455,12 @@ class _Server(asyncio.AbstractServer):
             if not candidates:
                 conn.close()
                 continue
-            inbound = Inbound(proxy, port, frontend, client, candidates)
             try:
                 conn.setblocking(False)
-                inbound.transport = proxy.transport_for(conn, inbound, peer)
             except OSError:
                 conn.close()
-                inbound.abort()
                 continue
-            inbound.connect_next()
+            Relay(proxy, port, frontend, client, candidates, conn).connect_next()
 
     def close(self) -> None:
         if self.open:

@@ -39,6 +39,7 @@ class UdpSession(Flow):
         self.client = client
         self.local = local  # the packed address the client sent to (reply source)
         self.endpoint = endpoint
+        self.hard_stop = None
         self.sock = sock
         self.last = listener.proxy.loop.time()
         self.closed = False

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 from kpy_userspace import UserspaceBackend
+from kpy_userspace.proxy import ACCEPT_BATCH
 
 from kpy.core.model import ServicePortState
 from kpy.kernel.netns import run_in_netns
@@ -369,26 +370,36 @@ def unreachable(netns: str, host: str, port: int) -> bool:
     return False
 
 
-def test_relaying_on_a_loop_without_the_selector_transport_factory(topo: Topology) -> None:
-    """Without asyncio's selector transport factory (another loop implementation) the
-    proxy makes its transports with connect_accepted_socket tasks: relaying, half-close,
-    failover and source ranges work the same."""
-    backend = make(topo)
-    backend._proxy.make_transport = None
-    asyncio.run(backend.apply(b.plan(states(), node_info=NODE)))
+def test_connections_queued_while_the_proxy_is_busy_are_all_served(
+    topo: Topology, proxy: UserspaceBackend
+) -> None:
+    """Three times as many connections as one wake-up of the accept callback takes are
+    queued on the listener while the proxy's loop is held up; once it runs again every
+    one is relayed, with what its client sent meanwhile."""
+    n = 3 * ACCEPT_BATCH
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(30)
+
+    proxy._proxy.loop.call_soon_threadsafe(hold)
+    assert held.wait(10)
+    socks: list[socket.socket] = []
     try:
-        assert who([tcp(topo.node, "10.96.0.10", 8000) for _ in range(10)]) == {"pod-a", "pod-b"}
-        replies = [tcp(topo.node, "10.96.0.21", 8000, timeout=3.0) for _ in range(3)]
-        assert who(replies) == {"pod-b"}
-        assert tcp(topo.client, "172.18.0.50", 8000).startswith("pod-a ")
-        sock, _ = _connect(topo.node, "10.96.0.10", 8000)
-        with sock:
-            sock.sendall(b"last words\n")
-            sock.shutdown(socket.SHUT_WR)
-            data = b""
-            while chunk := sock.recv(4096):
-                data += chunk
-            assert data == b"last words\n"
-        assert int(extra(backend, "web")["connections"]) == 11
+        for i in range(n):  # the kernel completes each handshake; nobody accepts yet
+            sock = socket_in(topo.client, socket.AF_INET, socket.SOCK_STREAM, None)
+            socks.append(sock)
+            sock.settimeout(10)
+            sock.connect((NODE_IP, 30080))
+            sock.sendall(b"ping %d\n" % i)
+        release.set()
+        for i, sock in enumerate(socks):
+            with sock.makefile("rb") as replies:
+                greeting, echo = replies.readline(), replies.readline()
+            assert greeting and echo == b"ping %d\n" % i, (greeting, echo)
+        assert int(extra(proxy, "np")["connections"]) == n
     finally:
-        asyncio.run(backend.cleanup())
+        release.set()
+        for sock in socks:
+            sock.close()
