@@ -164,3 +164,30 @@ def test_kpy_cleanup_that_could_not_clean_exits_1_and_says_why() -> None:
     assert "nftables: cleanup failed" in done.stderr
     assert "not cleaned up: nftables" in done.stderr
     assert "cleaned up" not in done.stdout
+
+
+@pytest.mark.parametrize("before", [4, 200])
+def test_a_node_programmed_with_another_shard_count_is_moved_by_one_full_sync(
+    netns: str, before: int, monkeypatch: pytest.MonkeyPatch, reference: Any
+) -> None:
+    """An agent of another shard count (fewer, or more) programmed the node; a restarted
+    agent's first full sync moves every port to its shard and leaves exactly what a clean
+    first sync writes (shard tables of the old count emptied of kpy's objects)."""
+    plan = b.plan(conformance_states() + b.synthetic_states(200))
+    shards = render.SHARDS
+    with monkeypatch.context() as patch:
+        patch.setattr(render, "SHARDS", before)
+        patch.setattr(render, "SHARDS_WITH_BASE", before // 4)
+        run(NftablesBackend(config(netns)).apply(plan))
+        assert f"table ip kpy-{before - 1}\n" in nft(netns, "list", "tables")
+    assert shards == render.SHARDS
+    restarted = NftablesBackend(config(netns))
+    result = run(restarted.apply(plan))
+    assert result.full_sync and result.ops > 0
+    objects, rules = snapshot(netns)
+    want_objects, want_rules = reference(plan)
+    assert objects == want_objects
+    # an emptied table of the old count holds no rule of kpy's
+    assert {k: v for k, v in rules.items() if k in want_rules} == want_rules
+    assert all(v[0] == 0 for k, v in rules.items() if k not in want_rules)
+    assert run(restarted.apply(plan)).ops == 0
