@@ -8,6 +8,7 @@ import contextlib
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from kpy.agent import quarantine
 from kpy.agent.agent import Agent
@@ -113,11 +114,13 @@ async def running(agent: Agent) -> AsyncIterator[asyncio.Task[None]]:
 
 @contextlib.asynccontextmanager
 async def kube_agent(
-    api: FakeApiServer, node: str, backoff: BackoffPolicy
+    api: FakeApiServer | ApiTarget, node: str, backoff: BackoffPolicy, **source_options: Any
 ) -> AsyncIterator[tuple[Agent, FakeBackend, asyncio.Task[None]]]:
-    """The agent of ``node`` on a kube source against ``api`` (retrying by ``backoff``)
-    with a FakeBackend, running for the length of the block."""
-    source = KubeSource(ApiTarget.from_url(api.url), node, backoff=backoff)
+    """The agent of ``node`` on a kube source against ``api`` (the fake API server, or
+    any target; retrying by ``backoff``) with a FakeBackend, running for the length of
+    the block."""
+    target = api if isinstance(api, ApiTarget) else ApiTarget.from_url(api.url)
+    source = KubeSource(target, node, backoff=backoff, **source_options)
     backend = FakeBackend()
     agent = Agent(
         node_name=node,

@@ -41,6 +41,7 @@ from kpy.tools.lab import control_plane as realcluster
 from kpy.tools.lab.api_client import ApiError, Client, kubeconfig
 from kpy.tools.lab.cluster_objects import load_manifests, pod, running_status
 from kpy.tools.lab.control_plane import ControlPlane, Partition
+from tests.agents import kube_agent
 from tests.conftest import require_root
 from tests.integration.test_kube_source import RecordingSink
 
@@ -307,10 +308,7 @@ def test_service_cidrs_default_and_created_reach_the_plan(plane: ControlPlane) -
     """The API server's default ServiceCIDR ``kubernetes`` (from
     --service-cluster-ip-range) and one created while kpy runs: seen by the source,
     valid as converted, carried in the agent's Plans; deleted, gone from them."""
-    from kpy.agent.agent import Agent
-    from kpy.agent.runner import RunnerTimes
     from kpy.core import convert
-    from kpy.testing.fake_backend import FakeBackend
 
     name = f"extra-{os.getpid()}-{next(_names)}"
     extra = {
@@ -325,21 +323,14 @@ def test_service_cidrs_default_and_created_reach_the_plan(plane: ControlPlane) -
 
     async def main() -> None:
         target = load_target(kubeconfig=str(plane.admin_kubeconfig))
-        source = KubeSource(target, NODE, backoff=FAST, node_grace=0.0)
-        backend = FakeBackend()
-        agent = Agent(
-            node_name=NODE,
-            source=source,
-            backend=backend,
-            times=RunnerTimes(min_interval=0.01, full_interval=3600),
-        )
-        task = asyncio.create_task(agent.run())
+        async with kube_agent(target, NODE, FAST, node_grace=0.0) as (agent, backend, task):
+            source = agent.source
+            assert isinstance(source, KubeSource)
 
-        def planned() -> list[str]:
-            assert not task.done(), task
-            return [str(c) for c in backend.plans[-1].service_cidrs] if backend.plans else []
+            def planned() -> list[str]:
+                assert not task.done(), task
+                return [str(c) for c in backend.plans[-1].service_cidrs] if backend.plans else []
 
-        try:
             await until(lambda: planned() == default, what="the default ServiceCIDR planned")
             (key,) = source.service_cidrs.known  # what the source knows: names and versions
             assert key == ("", "kubernetes")
@@ -352,9 +343,6 @@ def test_service_cidrs_default_and_created_reach_the_plan(plane: ControlPlane) -
             # deleted: the controller lifts its finalizer (no Service holds an address in it)
             await call(api.delete, extra)
             await until(lambda: planned() == default, what="the deleted ServiceCIDR gone")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     try:
         plane.run_async(main)
