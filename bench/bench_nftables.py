@@ -24,6 +24,8 @@ JSON through the tracker to the kernel:
 
 Usage: ``sudo python bench/bench_nftables.py [--sizes 1,1000,10000]`` (root: it creates
 and removes ``kpy-bench…`` namespaces). Each size runs in its own process.
+``KPY_BENCH_SHARDS=N`` renders with N shard tables per family instead of kpy's count
+(``render.SHARDS``), to compare shard counts; the table's ``shards`` column says which.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from bench_core import (
     pod_ip,
     slice_of,
 )
-from kpy_nftables import NftablesBackend
+from kpy_nftables import NftablesBackend, render
 
 from kpy.agent.agent import tune_gc
 from kpy.core.backend import BackendConfig, parse_networks
@@ -119,6 +121,8 @@ def connection_latency(node: str, vip: str, count: int = 300) -> float:
 
 def measure(n: int) -> dict[str, Any]:
     tune_gc()
+    shards = int(os.environ.get("KPY_BENCH_SHARDS", render.SHARDS))
+    render.SHARDS, render.SHARDS_WITH_BASE = shards, shards // 4
     first_eps = [pod_ip(j) for j in range(6)]  # Service 0's endpoints (and one spare)
     with namespaces(str(os.getpid()), first_eps) as (node, pod):
         config = BackendConfig(
@@ -213,6 +217,7 @@ def measure(n: int) -> dict[str, Any]:
             server.close()
     return {
         "services": n,
+        "shards": shards,
         "cold_sync_s": round(cold, 3),
         "cold_cpu_s": round(cold_cpu, 3),
         "adopt_cpu_s": round(adopt_cpu, 3),
@@ -239,16 +244,19 @@ def main() -> None:
     if results is None:
         return
     print(
-        "| services | cold sync (s) | its CPU (s) | its read-back (s) | cold bytes "
+        "| services | shards | cold sync (s) | its CPU (s) | its read-back (s) | cold bytes "
         "| restart adoption (s) | its CPU (s) | periodic full sync (s) "
         "| one change p50 (ms) | p90 (ms) | change bytes | first connection (ms) "
         "| same, Service 0 alone (ms) | peak RSS (MB) | backend record (MB) "
         "| record per Service (B) | load average |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    )
     for r in results:
         print(
-            f"| {r['services']} | {r['cold_sync_s']} | {r['cold_cpu_s']} | {r['read_back_s']} "
+            f"| {r['services']} | {r['shards']} | {r['cold_sync_s']} | {r['cold_cpu_s']} "
+            f"| {r['read_back_s']} "
             f"| {r['cold_bytes']} | {r['adopt_s']} | {r['adopt_cpu_s']} | {r['resync_s']} "
             f"| {r['change_p50_ms']} | {r['change_p90_ms']} | {r['change_bytes_p50']} "
             f"| {r['connect_ms']} | {r['connect_1_ms']} | {r['peak_rss_mb']} "

@@ -753,7 +753,7 @@ class Kernel:
                 ]
             else:
                 lines.append(f"create {name} {options}")
-        lines += [f"flush {name}" for name, _, _ in render.set_names()]
+        # every set is new now (made, or swapped in): nothing to flush
         self.sent += 1
         self.run(["ipset", "restore"], "\n".join(lines) + "\n")
         self.change_elements(elements, ())

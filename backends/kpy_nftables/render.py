@@ -53,9 +53,9 @@ TABLE = "kpy"
 # re-validate every chain reachable from that table's hooks, so a commit costs in
 # proportion to the Services of the table it touches; a shard holds 1/SHARDS of them.
 # Each shard hooks nat prerouting and output itself, one priority after the base table,
-# and looks up only its own ports. 128: a one-endpoint change stays under 10 ms up to
-# 100,000 Services (~800 per shard), and a new connection's walk over the shards' hooks
-# is not measurable (docs/benchmarks.md, "Shard count").
+# and looks up only its own ports. Why 128 (a change's commit against a new connection's
+# walk over every shard's hook, measured up to 100,000 Services): docs/benchmarks.md,
+# "Shard count".
 SHARDS = 128
 SHARD_PREFIX = f"{TABLE}-"
 SHARD_NAT_PRIORITY = "-99"  # after the base table's nat chains (dstnat = -100)
@@ -342,10 +342,6 @@ class PortNames:
 
 def service_chain(name: ServicePortName) -> str:
     return PortNames(name).service
-
-
-def external_chain(name: ServicePortName) -> str:
-    return PortNames(name).external
 
 
 def firewall_chain(name: ServicePortName) -> str:

@@ -37,11 +37,7 @@ def manifest_plan(
 ) -> Plan:
     """Read ``manifests`` once: the Plan the agent of ``node`` would apply (its Node as
     ``node_override`` makes it)."""
-    agent = Agent(
-        node_name=node,
-        source=ManifestSource(list(manifests)),
-        backend=NoBackend(),
-        node_override=node_override,
-    )
-    ManifestSource(list(manifests)).scan(agent)
+    source = ManifestSource(list(manifests))
+    agent = Agent(node_name=node, source=source, backend=NoBackend(), node_override=node_override)
+    source.scan(agent)
     return agent.tracker.checkout()
