@@ -169,14 +169,17 @@ def measure(n: int) -> dict[str, Any]:
         assert adopted.ops == 0, adopted
         del full_plan
         # What the backend keeps between syncs (its mirror of the kernel), the tracker's
-        # own objects not counted.
+        # own objects (the states the record refers to) and the configuration not counted.
+        shared = {id(config), id(backend.config)}
+        for name, (state, _config, _dropped) in backend._record.items():
+            shared.update((id(name), id(state)))
         record = deep_size(
             backend._have,
-            backend._port_keys,
+            backend._record,
             backend._owner,
             backend._shares,
             backend._digests,
-            exclude={id(k) for k in backend._port_keys},
+            exclude=shared,
         )
 
         samples, sizes = [], []

@@ -55,7 +55,9 @@ class Writer(Protocol):
 class Reader(Protocol):
     """Reads kpy's tables back (:class:`kpy_nftables.netlink_read.NetlinkReader`)."""
 
-    def observe(self, rules: observe_.RuleCounts | None = None) -> observe_.Observed: ...
+    def observe(
+        self, rules: observe_.RuleCounts | None = None, *, views: bool = True
+    ) -> observe_.Observed: ...
     def rules(
         self, chains: Iterable[tuple[str, str, str]] | None = None
     ) -> netlink_read.RuleDigests: ...
@@ -95,8 +97,14 @@ class NftablesBackend:
         self._kernel = kernel or Kernel(config.netns)
         self._nft = self._kernel.nft
         self._base = render.base_objects(config)
-        self._have: dict[str, str] = {}  # what the kernel holds: key → value
-        self._port_keys: dict[ServicePortName, frozenset[str]] = {}
+        # What the kernel holds, as what it was last written from: the base objects'
+        # values, and per service port the state (and configuration) its objects were
+        # rendered from — a partial sync renders the recorded state again to know the
+        # port's keys and values. The states are the tracker's own objects (shared, not
+        # copied): ~100 bytes per port instead of every key and value (docs/benchmarks.md,
+        # "Memory per Service").
+        self._have: dict[str, str] = {}  # base object key → value
+        self._record: dict[ServicePortName, _Rec] = {}
         # an element's claim (its key without the shard table) → the port holding it
         self._owner: dict[str, ServicePortName] = {}
         # a shared element's key (render.SHARED_SETS) → how many ports want it
@@ -249,9 +257,11 @@ class NftablesBackend:
             weakref.finalize(self, self._reader.close)
         return self._reader
 
-    async def _read(self) -> observe_.Observed:
+    async def _read(self, *, views: bool = True) -> observe_.Observed:
         """What kpy's tables hold: over netlink (no nft process, one set slice at a
-        time), or ``nft -j list`` with ``nftables_writer=nft``; and first the rules of
+        time; without ``views`` only what a sync compares, see
+        :class:`observe_.Reading`), or ``nft -j list`` with ``nftables_writer=nft``;
+        and first the rules of
         every chain, their count and digest, over netlink either way. (Read on a second
         socket while the sets are decoded, they took more CPU — 2.6 s against 2.0 s at
         10,000 Services, two Python threads contending — and more time on a busy
@@ -265,7 +275,7 @@ class NftablesBackend:
 
         def read() -> observe_.Observed:
             counted = reader.rules()
-            return reader.observe(counted.chains)
+            return reader.observe(counted.chains, views=views)
 
         return await asyncio.to_thread(read)
 
@@ -294,8 +304,8 @@ class NftablesBackend:
             self._learner = (thread, box)
             return
         for key in work.keys:
-            if render.split_key(key)[2] == "chain" and key not in self._have:
-                self._digests.pop(key, None)
+            if key not in work.want and render.split_key(key)[2] == "chain":
+                self._digests.pop(key, None)  # deleted
         if not txn.rule_chains:
             return
         ids = [(c.family, c.table, c.name) for c in txn.rule_chains]
@@ -317,13 +327,12 @@ class NftablesBackend:
         if rules is None:  # the next full sync verifies counts and records digests
             log.warning("nftables_rules_unread", error=str(box.get("error")))
             return
-        digests = {}
-        for (family, table, name), (_count, digest) in rules.items():
-            key = render.Chain(family, name, (), table=table).key
-            if key in self._have:
-                digests[key] = digest
-        # a chain without rules has no record: its first full sync verifies its count
-        self._digests = digests
+        # every chain of kpy's tables the write left (a chain without rules has no
+        # record: its first full sync verifies its count)
+        self._digests = {
+            render.Chain(family, name, (), table=table).key: digest
+            for (family, table, name), (_count, digest) in rules.items()
+        }
 
     def _compare_rules(self, observed: observe_.Observed, *, learn: bool) -> observe_.Observed:
         """Mark every chain whose rules differ from the digest recorded when kpy last
@@ -450,7 +459,7 @@ class NftablesBackend:
         except (NftError, OSError) as exc:
             raise BackendError(f"cannot delete the kpy tables: {exc}") from exc
         self._have.clear()
-        self._port_keys.clear()
+        self._record.clear()
         self._owner.clear()
         self._shares.clear()
         self._digests.clear()
@@ -460,100 +469,124 @@ class NftablesBackend:
 
     async def _full(self, plan: Plan) -> _Work:
         try:
-            observed = await self._read()
+            observed = await self._read(views=False)
         except NftError as exc:
             raise NftError(f"reading the kpy tables back: {exc}") from exc
         have = self._compare_rules(observed, learn=True).values
-        # Every wanted object's value is kept (the record after this sync); the object
-        # itself only where the kernel differs — at start-up against intact tables that
-        # is nothing, and each port's rules are dropped as soon as they are compared.
+        del observed  # its views are not needed; ``have`` is emptied as it is compared
+        # Only what differs from the kernel is kept: at start-up against intact tables
+        # that is nothing, and each port's objects are dropped as soon as compared.
         want: dict[str, render.Obj] = {}
-        values: dict[str, str] = {}
-        seen: dict[str, str] = {}  # one copy of each repeated value
-        ports: dict[ServicePortName, frozenset[str]] = {}
+        current: dict[str, str] = {}  # the kernel's value of every key in want
+        ports: dict[ServicePortName, _Rec | None] = {}
         owner = _Owners({})
-
-        def keep(objs: Mapping[str, render.Obj], *, objects: bool = True) -> None:
-            for key, obj in objs.items():
-                value = seen.setdefault(v := obj.value, v)
-                values[key] = value
-                if objects and have.get(key) != value:
-                    want[key] = obj
-
-        keep(self._base)
-        if all(key in self._base for key in have):
+        shares: Counter[str] = Counter()
+        for key, obj in self._base.items():
+            value = have.pop(key, None)
+            if value != obj.value:
+                want[key] = obj
+                if value is not None:
+                    current[key] = value
+        if not have:
             # Nothing of any service port in the kernel: render while nft reads.
             def rendered() -> Iterator[Mapping[str, render.Obj]]:
                 for name in sorted(plan.services):
-                    objs = self._port_objects(plan.services[name], owner)
-                    keep(objs, objects=False)  # written as rendered, not kept
-                    ports[name] = frozenset(objs)
+                    state = plan.services[name]
+                    objs, rec = self._port_objects(state, owner)
+                    ports[name] = rec
+                    shares.update(k for k, o in objs.items() if _shared(o))
                     yield objs
-                work.shares = dict(
-                    Counter(k for keys in ports.values() for k in keys if render.is_shared(k))
-                )
+                work.shares = dict(shares)
 
-            stale = {k for k in have if k not in values}
-            skeleton = render.transaction(want, have, want.keys() | stale, group=True)
-            work = _Work({}, have, (), ports, owner, replace=True)
-            work.values = values
+            skeleton = render.transaction(want, current, want.keys(), group=True)
+            work = _Work({}, current, (), ports, owner, replace=True)
             work.fresh = render.Fresh(skeleton, rendered())
             return work
+        shared: dict[str, str | None] = {}  # a shared key's kernel value, once taken
         for name in sorted(plan.services):
-            objs = self._port_objects(plan.services[name], owner)
-            keep(objs)
-            ports[name] = frozenset(objs)
+            objs, rec = self._port_objects(plan.services[name], owner)
+            ports[name] = rec
+            for key, obj in objs.items():
+                if _shared(obj):
+                    shares[key] += 1
+                    if key in shared:
+                        continue
+                    value = shared[key] = have.pop(key, None)
+                else:
+                    value = have.pop(key, None)
+                if value != obj.value:
+                    want[key] = obj
+                    if value is not None:
+                        current[key] = value
+        current.update(have)  # what the kernel holds and nothing renders: removed
         keys = set(want)
-        keys.update(k for k in have if k not in values)  # to remove
-        work = _Work(want, have, keys, ports, owner, replace=True)
-        work.values = values
-        work.shares = dict(
-            Counter(k for keys in ports.values() for k in keys if render.is_shared(k))
-        )
+        keys.update(have)
+        work = _Work(want, current, keys, ports, owner, replace=True)
+        work.shares = dict(shares)
         return work
 
     def _partial(self, plan: Plan, base_changes: Iterable[str] = ()) -> _Work:
         want: dict[str, render.Obj] = {}
         keys: set[str] = set(base_changes)  # base objects whose rendering changed
+        have: dict[str, str] = {}  # what the kernel holds of these keys
         for key in keys:
             if key in self._base:
                 want[key] = self._base[key]
-        ports: dict[ServicePortName, frozenset[str]] = {}
+            if key in self._have:
+                have[key] = self._have[key]
+        ports: dict[ServicePortName, _Rec | None] = {}
         owner = _Owners(self._owner)
         names = sorted(plan.changed | plan.removed)
         delta: Counter[str] = Counter()
         for name in names:
-            for key in self._port_keys.get(name, ()):
+            for key, obj in self._recorded(name).items():
                 keys.add(key)
-                if render.is_shared(key):
+                if _shared(obj):
                     delta[key] -= 1
                     continue
-                if " element " not in key:
-                    continue
-                claim = render.claim_key(key)
-                if owner.get(claim) == name:
-                    owner.release(claim)
+                have[key] = obj.value
+                if isinstance(obj, render.Element):
+                    claim = render.claim_key(key)
+                    if owner.get(claim) == name:
+                        owner.release(claim)
         for name in names:
             state = plan.services.get(name)
-            objs = self._port_objects(state, owner) if state is not None else {}
+            objs, rec = self._port_objects(state, owner) if state is not None else ({}, None)
             want.update(objs)
             keys.update(objs)
-            ports[name] = frozenset(objs)
-            delta.update(k for k in objs if render.is_shared(k))
-        work = _Work(want, self._have, keys, ports, owner, replace=False)
+            ports[name] = rec
+            delta.update(k for k, o in objs.items() if _shared(o))
+        work = _Work(want, have, keys, ports, owner, replace=False)
         for key, change in delta.items():
-            count = self._shares.get(key, 0) + change
+            before = self._shares.get(key, 0)
+            if before > 0:
+                have[key] = render.shared_object(key).value
+            count = before + change
             work.shares[key] = count
             if count > 0 and key not in want:
                 want[key] = render.shared_object(key)  # other ports still want it
         return work
 
-    def _port_objects(
-        self, state: ServicePortState | None, owner: _Owners
-    ) -> dict[str, render.Obj]:
-        if state is None:
+    def _recorded(self, name: ServicePortName) -> Mapping[str, render.Obj]:
+        """The objects the kernel holds for service port ``name``: its recorded state
+        rendered again with the configuration it was written with, without the
+        frontends another port held then."""
+        rec = self._record.get(name)
+        if rec is None:
             return {}
+        state, config, dropped = rec
+        objs = render.port_objects(state, config)
+        for key in dropped:
+            objs.pop(key, None)
+        return objs
+
+    def _port_objects(
+        self, state: ServicePortState, owner: _Owners
+    ) -> tuple[dict[str, render.Obj], _Rec]:
+        """The port's objects, without the frontends another port holds, and the record
+        they are written as."""
         objs = render.port_objects(state, self.config)
+        dropped: list[str] = []
         for key, obj in list(objs.items()):
             if not isinstance(obj, render.Element) or obj.map not in render.FRONTEND_SETS:
                 continue
@@ -567,12 +600,13 @@ class NftablesBackend:
                     map=obj.map,
                 )
                 del objs[key]
-        return objs
+                dropped.append(key)
+        return objs, (state, self.config, frozenset(dropped) if dropped else _NONE)
 
     def _commit(self, work: _Work, full: bool) -> None:
         if full:
-            self._have = work.values
-            self._port_keys = dict(work.ports)
+            self._have = {key: obj.value for key, obj in self._base.items()}
+            self._record = {name: rec for name, rec in work.ports.items() if rec is not None}
             self._owner = {k: v for k, v in work.owner.changes.items() if v is not None}
             self._shares = work.shares
             return
@@ -582,17 +616,27 @@ class NftablesBackend:
             else:
                 self._shares.pop(key, None)
         for key in work.keys:
-            obj = work.want.get(key)
-            if obj is None:
-                self._have.pop(key, None)
+            if key in self._base:
+                self._have[key] = self._base[key].value
             else:
-                self._have[key] = obj.value
-        for name, keys in work.ports.items():
-            if keys:
-                self._port_keys[name] = keys
+                self._have.pop(key, None)  # a base object no longer rendered, or a port's
+        for name, rec in work.ports.items():
+            if rec is not None:
+                self._record[name] = rec
             else:
-                self._port_keys.pop(name, None)
+                self._record.pop(name, None)
         work.owner.commit()
+
+
+# a port's record: the state its objects were rendered from, the configuration they were
+# rendered with, the keys left out because another port held the frontend
+_Rec = tuple[ServicePortState, BackendConfig, frozenset[str]]
+_NONE: frozenset[str] = frozenset()
+
+
+def _shared(obj: render.Obj) -> bool:
+    """Whether ``obj`` is an element several ports may want (render.SHARED_SETS)."""
+    return isinstance(obj, render.Element) and obj.map in render.SHARED_SETS
 
 
 LEARN_ONE_BY_ONE = 256  # chains written: read back one by one, else all rules at once
@@ -630,36 +674,25 @@ def _delete_tables(netns: str | None) -> None:
 class _Work:
     """One sync's inputs to :func:`render.transaction` and what to record after it."""
 
-    __slots__ = (
-        "fresh",
-        "have",
-        "keys",
-        "owner",
-        "ports",
-        "replace",
-        "shares",
-        "values",
-        "want",
-    )
+    __slots__ = ("fresh", "have", "keys", "owner", "ports", "replace", "shares", "want")
 
     def __init__(
         self,
         want: dict[str, render.Obj],
         have: Mapping[str, str],
         keys: Iterable[str],
-        ports: dict[ServicePortName, frozenset[str]],
+        ports: dict[ServicePortName, _Rec | None],
         owner: _Owners,
         *,
         replace: bool,
     ) -> None:
         self.want = want
-        self.have = have
+        self.have = have  # what the kernel holds of ``keys``
         self.keys = keys if isinstance(keys, set) else set(keys)
-        self.ports = ports
+        self.ports = ports  # the record of every port synced (None: removed)
         self.owner = owner
         self.replace = replace
         self.shares: dict[str, int] = {}  # shared keys' new counts (all of them if replace)
-        self.values: dict[str, str] = {}  # a full sync: every wanted key's value
         self.fresh: render.Fresh | None = None  # a full sync rendered while written
 
 

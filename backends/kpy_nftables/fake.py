@@ -195,9 +195,11 @@ class FakeKernel(Kernel):
 
     # --- reading ------------------------------------------------------------------------
 
-    def observe(self, rules: observe.RuleCounts | None = None) -> observe.Observed:
+    def observe(
+        self, rules: observe.RuleCounts | None = None, *, views: bool = True
+    ) -> observe.Observed:
         """What a netlink read of these tables gives."""
-        reading = observe.Reading()
+        reading = observe.Reading(views=views)
         state = self.state
         for family, table in sorted(state.tables):
             reading.table(family, table)
@@ -247,8 +249,10 @@ class _FakeReader:
     def __init__(self, kernel: FakeKernel) -> None:
         self.kernel = kernel
 
-    def observe(self, rules: observe.RuleCounts | None = None) -> observe.Observed:
-        return self.kernel.observe(rules)
+    def observe(
+        self, rules: observe.RuleCounts | None = None, *, views: bool = True
+    ) -> observe.Observed:
+        return self.kernel.observe(rules, views=views)
 
     def rules(self, chains: Iterable[Ident] | None = None) -> RuleDigests:
         return self.kernel.rules(chains)

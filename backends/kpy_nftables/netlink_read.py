@@ -547,12 +547,15 @@ class NetlinkReader(NfTablesSocket):
 
     # --- reading -------------------------------------------------------------------------
 
-    def observe(self, rules: observe_.RuleCounts | None = None) -> observe_.Observed:
+    def observe(
+        self, rules: observe_.RuleCounts | None = None, *, views: bool = True
+    ) -> observe_.Observed:
         """What kpy's tables hold (:class:`kpy_nftables.observe.Observed`): tables,
         chains, then every set and map (definition and elements), each set's element
         dump decoded part by part as it is read; with ``rules`` (what
-        :meth:`rules` read), each chain's rule count checked against its fingerprint."""
-        reading = observe_.Reading()
+        :meth:`rules` read), each chain's rule count checked against its fingerprint.
+        Without ``views``, only what a sync compares (see :class:`observe_.Reading`)."""
+        reading = observe_.Reading(views=views)
         for nf, name in self.tables():
             reading.table(nf, name)
         if not reading.result.seen_tables:

@@ -812,10 +812,12 @@ def _hook(kind: str, hook: str, priority: str) -> str:
 
 
 def _unique(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
-    seen: dict[tuple[IPAddress, int], Endpoint] = {}
+    """One endpoint per address and port, in :meth:`Endpoint.sort_key` order. (Keyed by
+    the sort key, not the address: hashing an ``ipaddress`` object formats it in hex.)"""
+    seen: dict[tuple[int, int, int], Endpoint] = {}
     for ep in endpoints:
-        seen.setdefault((ep.ip, ep.port), ep)
-    return sorted(seen.values(), key=Endpoint.sort_key)
+        seen.setdefault(ep.sort_key(), ep)
+    return [seen[key] for key in sorted(seen)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -907,19 +909,26 @@ def _family_objects(
     names = PortNames(name)
     shard = shard_table(name)
     mark = str(int(port_hash(name), 16))  # decimal, as nft prints it back
-    targets: dict[tuple[IPAddress, int], _Target] = {}
-    for ep in _unique([*internal, *external]):
+    targets: dict[tuple[int, int, int], _Target] = {}
+    for ep in internal if not external or external == internal else _unique([*internal, *external]):
         ep_ip = str(ep.ip)
         aset = None
         if affinity is not None:
             aset = names.affinity(ep, ep_ip, affinity)
             objs.append(Set(nf, aset, _addr_type(nf), timeout=affinity, table=shard))
-        targets[(ep.ip, ep.port)] = _Target(ep_ip, Dnat(nf, ep_ip, ep.port), aset)
+        targets[ep.sort_key()] = _Target(ep_ip, Dnat(nf, ep_ip, ep.port), aset)
         objs.append(Element(nf, SERVICE_ENDPOINTS, f"{ep_ip} . {ep.port} . {mark}", "", label))
         objs.append(hairpin_element(nf, ep_ip))
     objs.append(Element(nf, CLUSTER_IPS, str(cluster_ip), "", ""))
-    internal_targets = [targets[(ep.ip, ep.port)] for ep in internal]
-    external_targets = [targets[(ep.ip, ep.port)] for ep in external]
+    internal_targets = (
+        list(targets.values())
+        if len(targets) == len(internal)
+        else [targets[ep.sort_key()] for ep in internal]
+    )
+    if external == internal:
+        external_targets = internal_targets
+    else:
+        external_targets = [targets[ep.sort_key()] for ep in external]
 
     # ClusterIP.
     vip = f"{cluster_ip} . {proto} . {svc.port}"
@@ -1247,10 +1256,11 @@ class Transaction:
 class Fresh:
     """A full sync onto tables that hold no service port yet (a node's first start),
     rendered while it is written: the skeleton's transaction first, then each port's
-    sets, chains and rules as ``ports`` yields them, and every element last (grouped,
-    each once). Whoever reads the operations renders the ports, so ``nft`` parses the
-    head of the script while the rest is still being rendered. ``ops`` and
-    ``line_count`` are final once the operations have been read."""
+    sets, chains and rules as ``ports`` yields them, and after every
+    :data:`FRESH_CHUNK` ports their elements (grouped; a shared element once). Whoever
+    reads the operations renders the ports, so ``nft`` parses the head of the script
+    while the rest is still being rendered, and only one chunk's elements are held.
+    ``ops`` and ``line_count`` are final once the operations have been read."""
 
     def __init__(self, skeleton: Transaction, ports: Iterable[Mapping[str, Obj]]) -> None:
         self.skeleton = skeleton
@@ -1268,8 +1278,9 @@ class Fresh:
 
     def _ops(self) -> Iterator[Op]:
         yield from self.skeleton.iter_ops()
-        elements: dict[str, Element] = {}
-        for objs in self.ports:
+        elements: list[Element] = []
+        shared: set[str] = set()  # the shared elements written
+        for i, objs in enumerate(self.ports, 1):
             for obj in objs.values():
                 if isinstance(obj, Set):
                     self.ops += 1
@@ -1281,9 +1292,17 @@ class Fresh:
                     yield from _rule_ops(obj)
             for key, obj in objs.items():
                 if isinstance(obj, Element):
-                    elements.setdefault(key, obj)  # a shared element once
+                    if obj.map in SHARED_SETS:
+                        if key in shared:
+                            continue
+                        shared.add(key)
+                    elements.append(obj)
+            if i % FRESH_CHUNK == 0:
+                self.ops += len(elements)
+                yield from _grouped(AddElements, elements)
+                elements = []
         self.ops += len(elements)
-        yield from _grouped(AddElements, elements.values())
+        yield from _grouped(AddElements, elements)
 
     @property
     def script(self) -> str:
@@ -1325,6 +1344,9 @@ def _half_of(table: str) -> int:
 
 
 GROUP = 1000  # elements per command when grouped
+# Ports whose elements a first start writes together (see :class:`Fresh`): the larger,
+# the fewer and larger element commands; the smaller, the fewer elements held at once.
+FRESH_CHUNK = 4096
 
 
 def _grouped(

@@ -113,3 +113,82 @@ def test_the_fake_refuses_what_the_kernel_refuses_and_changes_nothing() -> None:
         with pytest.raises(NftError, match="kernel refused"):
             kernel.apply(ops)
         assert kernel.observe().values == before
+
+
+def _rivals() -> tuple[ServicePortState, ServicePortState, ServicePortState]:
+    """Two service ports claiming one ClusterIP (the first in name order keeps it), in
+    different shard tables, and a third sharing an endpoint with the first."""
+    a = b.state(b.service("a", cluster_ip="10.96.1.1"), [b.endpoint("10.244.1.5")])
+    rival = next(
+        f"b{i}"
+        for i in range(100)
+        if render.shard_table(b.service(f"b{i}").name) != render.shard_table(a.name)
+    )
+    same_vip = b.state(b.service(rival, cluster_ip="10.96.1.1"), [b.endpoint("10.244.1.6")])
+    other = b.state(b.service("c", cluster_ip="10.96.1.2"), [b.endpoint("10.244.1.5")])
+    return a, same_vip, other
+
+
+def _holder(kernel: FakeKernel) -> list[str]:
+    """The shard tables whose service-ips map holds 10.96.1.1."""
+    return [
+        table
+        for (_family, table, name), held in kernel.state.elements.items()
+        if name == render.SERVICE_IPS and "10.96.1.1 . tcp . 80" in held
+    ]
+
+
+def test_a_partial_sync_renders_the_recorded_state_without_the_frontends_it_lost() -> None:
+    """The backend records what it wrote as the states it rendered (and the frontends a
+    port lost to another); a partial sync renders the old state again. A port that lost
+    its ClusterIP changes: nothing of the lost frontend is deleted (the kernel never had
+    it, and would refuse). Then the holder goes: the rival, changed in the same sync,
+    takes the frontend over."""
+    a, rival, other = _rivals()
+    kernel = FakeKernel()
+    backend = NftablesBackend(CONFIG, kernel)
+    run(backend.apply(b.plan([a, rival, other])))
+    assert _holder(kernel) == [render.shard_table(a.name)]
+
+    moved = b.state(rival.service, [b.endpoint("10.244.1.7")])
+    run(backend.apply(b.plan([a, moved, other], full_sync=False, changed=[moved.name])))
+    assert _holder(kernel) == [render.shard_table(a.name)]
+    assert run(backend.apply(b.plan([a, moved, other], full_sync=True))).ops == 0
+
+    again = b.state(rival.service, [b.endpoint("10.244.1.8")])
+    plan = b.plan([again, other], full_sync=False, changed=[again.name], removed=[a.name])
+    run(backend.apply(plan))
+    assert _holder(kernel) == [render.shard_table(rival.name)]
+    # the hairpin element of the endpoint a shared with c stays: c still wants it
+    assert "10.244.1.5 . 10.244.1.5" in kernel.state.elements[("ip", render.TABLE, "hairpin")]
+    assert run(backend.apply(b.plan([again, other], full_sync=True))).ops == 0
+    backend.close()
+
+
+def test_a_first_start_writes_elements_per_chunk_of_ports_and_shared_ones_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(render, "FRESH_CHUNK", 2)
+    a, rival, other = _rivals()
+    states = [*_states(), a, rival, other]
+    kernel = FakeKernel()
+    backend = NftablesBackend(CONFIG, kernel)
+    script = run(backend.dry_run(b.plan(states)))
+    hairpin = [line for line in script.splitlines() if " hairpin " in line]
+    shared = [line for line in hairpin if "10.244.1.5 . 10.244.1.5" in line]
+    assert len(shared) == 1 and shared[0].count("10.244.1.5 . 10.244.1.5") == 1
+    assert len(hairpin) > 2  # written in several commands, one per chunk
+    run(backend.apply(b.plan(states)))
+    assert run(backend.apply(b.plan(states, full_sync=True))).ops == 0
+    lost = f"ip {render.shard_table(rival.name)} element service-ips 10.96.1.1 . tcp . 80"
+    assert run(backend.differences(b.plan(states))) == (f"{lost}: not in the kernel",)
+    backend.close()
+
+
+def test_a_sync_reads_only_what_it_compares() -> None:
+    """A full sync's read leaves out the dump's views and self-checks, not a value."""
+    kernel, backend, _states = _programmed()
+    full, lean = kernel.observe(), kernel.observe(views=False)
+    assert lean.values == full.values and full.endpoints and full.frontends
+    assert not lean.endpoints and not lean.frontends and not lean.counts
+    backend.close()
