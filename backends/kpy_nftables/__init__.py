@@ -137,6 +137,12 @@ class NftablesBackend:
         base_changes = self._reconfigure(plan)
         full = plan.full_sync or self._needs_full
         started = time.monotonic()
+        if full:
+            # A full sync compares with the kernel, not with the record: the record is
+            # let go first (its memory is reused by the read), and until this sync
+            # succeeds, the next one is full too.
+            self._needs_full = True
+            self._record, self._shares, self._owner = {}, {}, {}
         try:
             work = await self._full(plan) if full else self._partial(plan, base_changes)
             txn = self._transaction(work, full)
