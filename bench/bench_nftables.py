@@ -122,7 +122,7 @@ def connection_latency(node: str, vip: str, count: int = 300) -> float:
 def measure(n: int) -> dict[str, Any]:
     tune_gc()
     shards = int(os.environ.get("KPY_BENCH_SHARDS", render.SHARDS))
-    render.SHARDS, render.SHARDS_WITH_BASE = shards, shards // 4
+    render.SHARDS, render.SHARDS_WITH_BASE = shards, shards * 7 // 16
     first_eps = [pod_ip(j) for j in range(6)]  # Service 0's endpoints (and one spare)
     with namespaces(str(os.getpid()), first_eps) as (node, pod):
         config = BackendConfig(

@@ -508,22 +508,23 @@ class NftablesBackend:
             work = _Work({}, current, (), ports, owner, replace=True)
             work.fresh = render.Fresh(skeleton, rendered())
             return work
-        shared: dict[str, str | None] = {}  # a shared key's kernel value, once taken
         for name in sorted(plan.services):
             objs, rec = self._port_objects(plan.services[name], owner)
             ports[name] = rec
             for key, obj in objs.items():
-                if _shared(obj):
+                if isinstance(obj, render.Element) and obj.map in render.SHARED_SETS:
                     shares[key] += 1
-                    if key in shared:
-                        continue
-                    value = shared[key] = have.pop(key, None)
+                    if shares[key] > 1:
+                        continue  # compared for the first port that wants it
+                    value = have.get(key)  # taken out below
                 else:
                     value = have.pop(key, None)
                 if value != obj.value:
                     want[key] = obj
                     if value is not None:
                         current[key] = value
+        for key in shares:
+            have.pop(key, None)
         current.update(have)  # what the kernel holds and nothing renders: removed
         keys = set(want)
         keys.update(have)

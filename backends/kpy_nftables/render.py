@@ -88,7 +88,11 @@ SHARD_MAPS = (SERVICE_IPS, SERVICE_NODEPORTS)  # in the shard tables; the rest i
 # Sets (elements without verdicts).
 MASQ_IPS = "masquerade-ips"  # external/LB frontends whose traffic is masqueraded
 MASQ_NODEPORTS = "masquerade-nodeports"
-SERVICE_ENDPOINTS = "service-endpoints"  # endpoint . port . service hash, for the dump
+# endpoint . port . service hash, for the dump; in the shard tables (no rule uses it): the
+# kernel dumps a set's elements ~32 KiB at a time and walks the set from its first
+# element again for each part, so one set of every endpoint cost the square of them (7.3
+# s of the kernel's time to read at 100,000 Services, against 0.1 s for 100,000 elements)
+SERVICE_ENDPOINTS = "service-endpoints"
 # "10.244.1.5 . 10.244.1.5" for every endpoint address: a DNATed connection whose source
 # is its destination (a pod reaching itself through a Service) is masqueraded. Shared:
 # ports with an endpoint on the same address want the same element.
@@ -666,7 +670,6 @@ def base_objects(config: BackendConfig) -> dict[str, Obj]:
         objs.append(Set(nf, FINGERPRINTS, "ipv6_addr"))
         objs.append(Set(nf, MASQ_IPS, f"{addr} . inet_proto . inet_service"))
         objs.append(Set(nf, MASQ_NODEPORTS, "inet_proto . inet_service"))
-        objs.append(Set(nf, SERVICE_ENDPOINTS, f"{addr} . inet_service . mark"))
         objs.append(Set(nf, HAIRPIN, f"{addr} . {addr}"))
         objs.append(Set(nf, CLUSTER_IPS, addr))
         # upstream nftables mode: a port no Service serves on a ClusterIP is rejected, an
@@ -775,6 +778,7 @@ def _shard_skeleton(
         objs += [
             Set(nf, SERVICE_IPS, f"{addr} . inet_proto . inet_service", kind="map", table=table),
             Set(nf, SERVICE_NODEPORTS, "inet_proto . inet_service", kind="map", table=table),
+            Set(nf, SERVICE_ENDPOINTS, f"{addr} . inet_service . mark", table=table),
             Chain(nf, SERVICES, tuple(services), table=table),
             Chain(
                 nf,
@@ -917,7 +921,8 @@ def _family_objects(
             aset = names.affinity(ep, ep_ip, affinity)
             objs.append(Set(nf, aset, _addr_type(nf), timeout=affinity, table=shard))
         targets[ep.sort_key()] = _Target(ep_ip, Dnat(nf, ep_ip, ep.port), aset)
-        objs.append(Element(nf, SERVICE_ENDPOINTS, f"{ep_ip} . {ep.port} . {mark}", "", label))
+        element = f"{ep_ip} . {ep.port} . {mark}"
+        objs.append(Element(nf, SERVICE_ENDPOINTS, element, "", label, shard))
         objs.append(hairpin_element(nf, ep_ip))
     objs.append(Element(nf, CLUSTER_IPS, str(cluster_ip), "", ""))
     internal_targets = (
@@ -1329,11 +1334,11 @@ class Fresh:
         return half(0), half(1)
 
 
-# Shards written by the base table's ``nft`` process on a first start. The base table
-# holds every endpoint's elements (the endpoint and hairpin sets): ~38% of the script,
-# as much as six shards. With half the shards beside it the two processes took 55 s and
-# 21 s on the 104 MB and 47 MB halves of 100,000 Services; with four, ~80 MB and ~70 MB.
-SHARDS_WITH_BASE = SHARDS // 4
+# Shards written by the base table's ``nft`` process on a first start, so the two
+# halves are about the same size: the base table holds the hairpin, cluster-IP,
+# fingerprint and masquerade elements, ~16% of the script (38% while it also held every
+# endpoint's ``service-endpoints`` element); with 56 of the 128 shards beside it, ~53%.
+SHARDS_WITH_BASE = SHARDS * 7 // 16
 
 
 def _half_of(table: str) -> int:

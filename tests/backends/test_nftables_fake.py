@@ -5,6 +5,7 @@ the reference for what the kernel does; these are for the backend's own logic.""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 import pytest
@@ -192,3 +193,36 @@ def test_a_sync_reads_only_what_it_compares() -> None:
     assert lean.values == full.values and full.endpoints and full.frontends
     assert not lean.endpoints and not lean.frontends and not lean.counts
     backend.close()
+
+
+def test_a_node_with_the_endpoints_set_in_the_base_table_is_moved_by_a_full_sync() -> None:
+    """Before the ``service-endpoints`` elements moved to the shard tables they were in
+    the base table: a restarted agent's full sync deletes that set and its elements."""
+    kernel, backend, states = _programmed()
+    backend.close()
+    old = [
+        dataclasses.replace(obj, table=render.TABLE)
+        for state in states
+        for obj in render.port_objects(state, CONFIG).values()
+        if isinstance(obj, render.Element) and obj.map == render.SERVICE_ENDPOINTS
+    ]
+    assert old
+    kernel.apply(
+        [
+            render.AddSet(
+                render.Set("ip", render.SERVICE_ENDPOINTS, "ipv4_addr . inet_service . mark")
+            ),
+            render.AddElements(
+                "ip",
+                render.TABLE,
+                render.SERVICE_ENDPOINTS,
+                tuple(e for e in old if e.family == "ip"),
+            ),
+        ]
+    )
+    restarted = NftablesBackend(CONFIG, kernel)
+    assert run(restarted.apply(b.plan(states))).ops > len(old) // 2
+    assert ("ip", render.TABLE, render.SERVICE_ENDPOINTS) not in kernel.state.sets
+    assert run(restarted.differences(b.plan(states))) == ()
+    assert run(restarted.apply(b.plan(states, full_sync=True))).ops == 0
+    restarted.close()

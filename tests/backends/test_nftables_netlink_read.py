@@ -307,7 +307,7 @@ def test_drift_is_read_as_it_is(ns: str) -> None:
             ' { 10.96.9.9 . tcp . 9 comment "x/y/tcp/z" : drop }\n'
             "add element ip kpy no-endpoint-nodeports"
             " { tcp . 31999 : accept, udp . 31998 : jump reject-chain }\n"
-            "add element ip6 kpy service-endpoints { ::ffff:10.1.2.3 . 80 . 4294967295 }\n"
+            f"add element ip6 {shard} service-endpoints {{ ::ffff:10.1.2.3 . 80 . 4294967295 }}\n"
         ),
     )
     got = _assert_same(ns)
@@ -421,8 +421,8 @@ class _Meddler(NetlinkReader):
         (
             netlink_read.NFT_MSG_GETSETELEM,
             b"service-endpoints",
-            "add element ip kpy service-endpoints { 10.244.99.9 . 8080 . 7 }",
-            "ip element service-endpoints 10.244.99.9 . 8080 . 7",
+            "add element ip kpy-0 service-endpoints { 10.244.99.9 . 8080 . 7 }",
+            "ip kpy-0 element service-endpoints 10.244.99.9 . 8080 . 7",
         ),
         (
             netlink_read.NFT_MSG_GETCHAIN,

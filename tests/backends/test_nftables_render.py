@@ -26,7 +26,7 @@ def _want(n: int) -> dict[str, render.Obj]:
 
 
 def test_grouped_elements_are_the_same_elements_in_fewer_commands() -> None:
-    want = _want(300)  # 1,500 endpoints: more than one group in service-endpoints
+    want = _want(300)  # 1,500 endpoints: more than one group in hairpin
     single = render.transaction(want, {}, want)
     grouped = render.transaction(want, {}, want, group=True)
     assert grouped.ops == single.ops
@@ -41,7 +41,7 @@ def test_grouped_elements_are_the_same_elements_in_fewer_commands() -> None:
         return found
 
     assert elements(grouped.lines) == elements(single.lines)
-    endpoints = [ln for ln in grouped.lines if ln.startswith("add element ip kpy service-endp")]
+    endpoints = [ln for ln in grouped.lines if ln.startswith("add element ip kpy hairpin ")]
     assert len(endpoints) == 2  # 1,500 IPv4 elements: 1,000 + 500
     assert max(ln.count(", ") + 1 for ln in endpoints) == render.GROUP
     commands = [ln for ln in grouped.lines if ln.startswith("add element ")]
@@ -58,7 +58,7 @@ def test_removals_are_grouped_too() -> None:
     gone = render.transaction({}, have, have, group=True)
     deletions = [ln for ln in gone.lines if ln.startswith("delete element ")]
     assert gone.line_count == len(gone.lines)
-    assert deletions and all(", " in ln for ln in deletions if " service-endpoints " in ln)
+    assert deletions and all(", " in ln for ln in deletions if " hairpin " in ln)
 
 
 def test_a_fresh_sync_writes_every_object_once_and_elements_after_chains() -> None:

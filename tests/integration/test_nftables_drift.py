@@ -97,7 +97,8 @@ def test_a_deleted_shard_table_is_flagged_and_restored(node: Node) -> None:
     table, _ = chain_of("web")
     nft(node.ns, "delete", "table", "ip", table)
     flagged = drifted(node.ns, node.plan)
-    assert flagged["default/web:http/TCP"]["programmed"]["frontends"] == []
+    # its frontends and the record of its endpoints were in that table: nothing of it left
+    assert flagged["default/web:http/TCP"]["programmed"] is None
     assert "(nftables tables)" in flagged  # the fingerprints of its chains are orphans
     node.repaired_by_one_full_sync()
 
@@ -178,7 +179,7 @@ def test_a_rule_replaced_in_place_is_found_by_the_running_agent(node: Node) -> N
 
 def test_a_deleted_set_is_flagged_and_restored(node: Node) -> None:
     """``service-endpoints`` is used by no rule, so it can be deleted whole."""
-    nft(node.ns, "delete", "set", "ip", "kpy", "service-endpoints")
+    nft(node.ns, "delete", "set", "ip", chain_of("web")[0], "service-endpoints")
     flagged = drifted(node.ns, node.plan)
     assert flagged["default/web:http/TCP"]["programmed"]["endpoints"] == []
     node.repaired_by_one_full_sync()
@@ -202,13 +203,13 @@ ELEMENTS = {
     "service-ips": ("kpy-?", "10.96.0.10 . tcp . 80", "default/web:http/TCP"),
     "service-nodeports": ("kpy-?", "tcp . 30080", "default/np:http/TCP"),
     "no-endpoint-services": ("kpy", "10.96.0.16 . tcp . 80", "default/empty:http/TCP"),
-    "service-endpoints": ("kpy", None, "default/web:http/TCP"),
+    "service-endpoints": ("kpy-?", None, "default/web:http/TCP"),
     "hairpin": ("kpy", "10.244.1.5 . 10.244.1.5", "default/web:http/TCP"),
     "masquerade-nodeports": ("kpy", "tcp . 30080", "default/np:http/TCP"),
     "masquerade-ips": ("kpy", "192.0.2.10 . tcp . 80", "default/ext:http/TCP"),
     "firewall-ips": ("kpy", "172.18.0.50 . tcp . 80", "default/lb:http/TCP"),
 }
-SHARD_OF = {"service-ips": "web", "service-nodeports": "np"}
+SHARD_OF = {"service-ips": "web", "service-nodeports": "np", "service-endpoints": "web"}
 
 
 @pytest.mark.parametrize("name", sorted(ELEMENTS))
