@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import json
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -582,3 +583,66 @@ def test_rules_are_read_table_by_table_and_again_when_the_ruleset_changed(ns: st
         got[("ip", "kpy-3", "c")][0] == 2
         and got[("ip", "kpy-5", "c")] == before[("ip", "kpy-5", "c")]
     )
+
+
+class _Failing(NetlinkReader):
+    """A reader whose element dump of the ``fail_at``-th set fails (on the prefetching
+    thread), and which records the order its set dumps were asked in."""
+
+    def __init__(self, netns: str, fail_at: int) -> None:
+        super().__init__(netns)
+        self.fail_at = fail_at
+        self.asked: list[str] = []
+
+    def _element_parts(self, set_def: netlink_read.SetDef) -> list[bytes] | Exception | None:
+        self.asked.append(set_def.name)
+        if len(self.asked) == self.fail_at:
+            raise NftError("the dump failed")
+        return super()._element_parts(set_def)
+
+
+def _prefetchers() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "kpy-nftables-prefetch"]
+
+
+def test_set_dumps_are_read_ahead_in_order_and_a_failure_ends_the_read(ns: str) -> None:
+    _program(ns, b.synthetic_states(30))
+    whole = NetlinkReader(ns)
+    try:
+        want = whole.observe().values
+        names = [s.name for s in whole.sets()]
+    finally:
+        whole.close()
+    assert len(names) > netlink_read.PREFETCH + 2
+    ok = _Failing(ns, fail_at=0)
+    try:
+        assert ok.observe().values == want == _bynft(ns).values
+    finally:
+        ok.close()
+    assert ok.asked == [n for n in names]  # every set dumped once, in order
+    failing = _Failing(ns, fail_at=3)
+    try:
+        with pytest.raises(NftError, match="the dump failed"):
+            failing.observe()
+        assert failing.asked == names[:3]  # nothing asked after the failure
+    finally:
+        failing.close()
+    assert not _prefetchers()
+
+
+def test_a_read_abandoned_while_sets_wait_to_be_decoded_stops_its_thread(
+    ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _program(ns, b.synthetic_states(30))
+
+    def refuse(self: NetlinkReader, *args: object) -> None:
+        raise ValueError("decoding failed")
+
+    monkeypatch.setattr(NetlinkReader, "_read_set", refuse)
+    reader = NetlinkReader(ns)
+    try:
+        with pytest.raises(ValueError, match="decoding failed"):
+            reader.observe()
+    finally:
+        reader.close()
+    assert not _prefetchers()
