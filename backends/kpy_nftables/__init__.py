@@ -508,17 +508,18 @@ class NftablesBackend:
             work = _Work({}, current, (), ports, owner, replace=True)
             work.fresh = render.Fresh(skeleton, rendered())
             return work
+        element, shared_sets, take, peek = render.Element, render.SHARED_SETS, have.pop, have.get
         for name in sorted(plan.services):
             objs, rec = self._port_objects(plan.services[name], owner)
             ports[name] = rec
             for key, obj in objs.items():
-                if isinstance(obj, render.Element) and obj.map in render.SHARED_SETS:
+                if type(obj) is element and obj.map in shared_sets:
                     shares[key] += 1
                     if shares[key] > 1:
                         continue  # compared for the first port that wants it
-                    value = have.get(key)  # taken out below
+                    value = peek(key)  # taken out below
                 else:
-                    value = have.pop(key, None)
+                    value = take(key, None)
                 if value != obj.value:
                     want[key] = obj
                     if value is not None:
@@ -594,20 +595,22 @@ class NftablesBackend:
         they are written as."""
         objs = render.port_objects(state, self.config)
         dropped: list[str] = []
-        for key, obj in list(objs.items()):
-            if not isinstance(obj, render.Element) or obj.map not in render.FRONTEND_SETS:
+        element, frontend_sets, name = render.Element, render.FRONTEND_SETS, state.name
+        for key, obj in objs.items():
+            if type(obj) is not element or obj.map not in frontend_sets:
                 continue
-            holder = owner.claim(obj.claim, state.name)
-            if holder != state.name:
+            holder = owner.claim(obj.claim, name)
+            if holder != name:
                 log.warning(
                     "nftables_frontend_conflict",
-                    service=str(state.name),
+                    service=str(name),
                     held_by=str(holder),
                     frontend=obj.element,
                     map=obj.map,
                 )
-                del objs[key]
                 dropped.append(key)
+        for key in dropped:
+            del objs[key]
         return objs, (state, self.config, frozenset(dropped) if dropped else _NONE)
 
     def _commit(self, work: _Work, full: bool) -> None:
