@@ -32,6 +32,12 @@ nat table (best of five each): an *empty commit* (``*nat`` / ``COMMIT``) and a
 Their difference is what adding any rule costs the kernel: in the nft flavour the
 nf_tables commit validates every chain reachable from each nat base chain; in the
 legacy flavour both probes replace the whole table.
+
+At 100,000 Services a case takes many minutes: ``--skip`` leaves out phases
+(resync, restart, batch, cleanup; ``--save-timeout 0`` the save), ``--samples`` and
+``--probe-runs`` take fewer samples. The child's progress (each phase's result and the
+1-minute load average) goes to stderr. A cold sync that fails (the legacy flavour's
+nat table over x_tables' 512 MiB limit) is reported as such, with the time it took.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import time
 import structlog
 from kpy_iptables import IptablesBackend, held
 
-from kpy.core.backend import BackendConfig
+from kpy.core.backend import BackendConfig, BackendError
 from kpy.core.model import Plan
 from kpy.testing import builders as b
 
@@ -106,8 +112,20 @@ def _netlink_read(backend: IptablesBackend, *, decode_all: bool) -> float:
     return time.perf_counter() - started
 
 
+PHASES = ("resync", "restart", "batch", "cleanup")  # what --skip may leave out
+
+
+def _progress(what: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {what} (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+
+
 def run(
-    mode: str, size: int, samples: int = SAMPLES, save_timeout: float = SAVE_TIMEOUT
+    mode: str,
+    size: int,
+    samples: int = SAMPLES,
+    save_timeout: float = SAVE_TIMEOUT,
+    skip: frozenset[str] = frozenset(),
+    probe_runs: int = 5,
 ) -> dict[str, object]:
     netns = _netns()
     try:
@@ -120,24 +138,6 @@ def run(
         )
         backend = IptablesBackend(config)
         states = b.synthetic_states(size)
-        started = time.perf_counter()
-        cold = asyncio.run(backend.apply(b.plan(states, node_info=node)))
-        cold_s = time.perf_counter() - started
-        save_s, save = _save(netns, mode, save_timeout) if save_timeout > 0 else ("-", "")
-        read_s = read_all_s = None
-        if mode == "nft":
-            read_s = round(_netlink_read(backend, decode_all=False), 2)
-            read_all_s = round(_netlink_read(backend, decode_all=True), 2)
-        started = time.perf_counter()
-        resync = asyncio.run(backend.apply(b.plan(states, node_info=node)))
-        resync_s = time.perf_counter() - started
-        assert resync.ops == 0
-        restarted = IptablesBackend(config)
-        started = time.perf_counter()
-        adopted = asyncio.run(restarted.apply(b.plan(states, node_info=node)))
-        restart_s = time.perf_counter() - started
-        assert adopted.ops == 0, restarted.last_drift[:5]
-        times, tool, lines, sizes = [], [], [], []
         restore = backend._kernel.restore
         in_tool = [0.0]
 
@@ -149,6 +149,45 @@ def run(
                 in_tool[0] += time.perf_counter() - started
 
         backend._kernel.restore = timed  # type: ignore[method-assign]
+        _progress(f"{mode} {size}: cold sync")
+        started = time.perf_counter()
+        try:
+            cold = asyncio.run(backend.apply(b.plan(states, node_info=node)))
+        except BackendError as exc:  # e.g. x_tables' 512 MiB limit on one table
+            _progress(f"cold sync failed after {time.perf_counter() - started:.1f} s: {exc}")
+            return {
+                "mode": mode,
+                "services": size,
+                "failed": str(exc),
+                "cold_s": f"failed after {time.perf_counter() - started:.0f} s",
+                "cold_restore_s": round(in_tool[0], 2),
+                "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                "load": round(os.getloadavg()[0], 1),
+            }
+        cold_s = time.perf_counter() - started
+        cold_restore_s = in_tool[0]
+        _progress(f"cold sync {cold_s:.1f} s, of which restore {cold_restore_s:.1f} s")
+        save_s, save = _save(netns, mode, save_timeout) if save_timeout > 0 else ("-", "")
+        read_s = read_all_s = None
+        if mode == "nft":
+            read_s = round(_netlink_read(backend, decode_all=False), 2)
+            read_all_s = round(_netlink_read(backend, decode_all=True), 2)
+        resync_s = restart_s = None
+        if "resync" not in skip:
+            _progress("full resync")
+            started = time.perf_counter()
+            resync = asyncio.run(backend.apply(b.plan(states, node_info=node)))
+            resync_s = time.perf_counter() - started
+            assert resync.ops == 0
+        if "restart" not in skip:
+            _progress(f"full resync {resync_s} s; restart")
+            restarted = IptablesBackend(config)
+            started = time.perf_counter()
+            adopted = asyncio.run(restarted.apply(b.plan(states, node_info=node)))
+            restart_s = time.perf_counter() - started
+            assert adopted.ops == 0, restarted.last_drift[:5]
+        _progress(f"save {save_s} s, netlink read {read_s}/{read_all_s} s, restart {restart_s} s")
+        times, tool, lines, sizes = [], [], [], []
         for i in range(samples):
             index = (i * 7919) % len(states)
             old = states[index]
@@ -174,9 +213,9 @@ def run(
             states[index] = new
             lines.append(result.size)
             sizes.append(int(result.detail["bytes"]))
-        q = statistics.quantiles(times, n=10)
+        q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
         batched = []
-        for i in range(BATCH_SAMPLES):
+        for i in range(0 if "batch" in skip else BATCH_SAMPLES):
             services = {s.name: s for s in states}
             started = time.perf_counter()
             changed = []
@@ -195,25 +234,35 @@ def run(
             plan = Plan(node=node, services=services, changed=frozenset(changed))
             asyncio.run(backend.apply(plan))
             batched.append((time.perf_counter() - started) * 1000)
-        empty_ms, rule_ms = _probe(netns, mode)
-        started = time.perf_counter()
-        asyncio.run(backend.cleanup())
-        cleanup_s = time.perf_counter() - started
+        _progress(f"one change p50 {statistics.median(times):.0f} ms; probes")
+        empty_ms, rule_ms = _probe(netns, mode, probe_runs)
+        cleanup_s = None
+        if "cleanup" not in skip:
+            _progress(f"empty commit {empty_ms:.0f} ms, one rule {rule_ms:.0f} ms; cleanup")
+            started = time.perf_counter()
+            asyncio.run(backend.cleanup())
+            cleanup_s = time.perf_counter() - started
+        _progress("done")
+
+        def maybe(value: float | None, digits: int = 2) -> object:
+            return "-" if value is None else round(value, digits)
+
         return {
             "mode": mode,
             "services": size,
             "cold_s": round(cold_s, 2),
+            "cold_restore_s": round(cold_restore_s, 2),
             "cold_lines": cold.size,
             "save_lines": save.count("\n") if save else "-",
             "save_s": save_s,
             "read_s": read_s if read_s is not None else "-",
             "read_all_s": read_all_s if read_all_s is not None else "-",
-            "resync_s": round(resync_s, 2),
-            "restart_s": round(restart_s, 2),
-            "cleanup_s": round(cleanup_s, 2),
+            "resync_s": maybe(resync_s),
+            "restart_s": maybe(restart_s),
+            "cleanup_s": maybe(cleanup_s),
             "p50_ms": round(statistics.median(times), 1),
             "p90_ms": round(q[8], 1),
-            "batch_ms": round(statistics.median(batched), 1),
+            "batch_ms": round(statistics.median(batched), 1) if batched else "-",
             "restore_ms": round(statistics.median(tool), 1),
             "agent_ms": round(
                 statistics.median(t - u for t, u in zip(times, tool, strict=True)), 1
@@ -223,6 +272,7 @@ def run(
             "lines": f"{min(lines)}-{max(lines)}",
             "bytes": f"{min(sizes)}-{max(sizes)}",
             "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "load": round(os.getloadavg()[0], 1),
         }
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
@@ -231,8 +281,9 @@ def run(
 PROBE_CHAIN = "KPY-BENCH-PROBE"
 
 
-def _probe(netns: str, mode: str) -> tuple[float, float]:
-    """Best of five: an empty nat commit, and one adding a rule (then removed, untimed)."""
+def _probe(netns: str, mode: str, repeat: int = 5) -> tuple[float, float]:
+    """Best of ``repeat``: an empty nat commit, and one adding a rule (then removed,
+    untimed)."""
     argv = ["nsenter", f"--net=/run/netns/{netns}", f"iptables-{mode}-restore", "--noflush"]
     inputs = {
         "empty": "*nat\nCOMMIT\n",
@@ -242,7 +293,7 @@ def _probe(netns: str, mode: str) -> tuple[float, float]:
     best = {}
     for name, text in inputs.items():
         runs = []
-        for _ in range(5):
+        for _ in range(repeat):
             started = time.perf_counter()
             subprocess.run(argv, input=text, text=True, check=True)
             runs.append((time.perf_counter() - started) * 1000)
@@ -260,12 +311,20 @@ def main() -> None:
     parser.add_argument(
         "--save-timeout", type=float, default=SAVE_TIMEOUT, help="0: do not time iptables-save"
     )
+    parser.add_argument(
+        "--skip", default="", help=f"phases not run (comma-separated): {','.join(PHASES)}"
+    )
+    parser.add_argument("--probe-runs", type=int, default=5, help="runs of each commit probe")
     parser.add_argument("--one", help="MODE:SIZE — run one case, print JSON (internal)")
     args = parser.parse_args()
+    skip = frozenset(filter(None, args.skip.split(",")))
+    if skip - set(PHASES):
+        parser.error(f"--skip: unknown phase(s) {', '.join(sorted(skip - set(PHASES)))}")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     if args.one:
         mode, size = args.one.split(":")
-        print(json.dumps(run(mode, int(size), args.samples, args.save_timeout)))
+        result = run(mode, int(size), args.samples, args.save_timeout, skip, args.probe_runs)
+        print(json.dumps(result))
         return
     print(
         "| flavour | services | cold sync (s) | cold restore lines | iptables-save lines "
@@ -273,10 +332,10 @@ def main() -> None:
         "| full resync, no change (s) | restart, adopting (s) | cleanup (s) "
         "| one change p50 (ms) | p90 (ms) | of which restore p50 (ms) | agent p50 (ms) "
         f"| {BATCH} changes in one sync p50 (ms) | empty commit (ms) | one-rule commit (ms) "
-        "| restore lines per change | bytes per change | peak RSS (MB) |"
+        "| restore lines per change | bytes per change | peak RSS (MB) | load (1 min) |"
     )
     print(
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"
     )
     for mode in args.modes.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
@@ -291,12 +350,19 @@ def main() -> None:
                     str(args.samples),
                     "--save-timeout",
                     str(args.save_timeout),
+                    "--skip",
+                    args.skip,
+                    "--probe-runs",
+                    str(args.probe_runs),
                 ],
-                capture_output=True,
+                stdout=subprocess.PIPE,
                 text=True,
                 check=True,
             ).stdout
             r = json.loads(out.strip().splitlines()[-1])
+            if "failed" in r:
+                print(f"| {r['mode']} | {r['services']} | {r['cold_s']}: {r['failed']} |")
+                continue
             print(
                 f"| {r['mode']} | {r['services']} | {r['cold_s']} | {r['cold_lines']} "
                 f"| {r['save_lines']} | {r['save_s']} | {r['read_s']} | {r['read_all_s']} "
@@ -305,7 +371,7 @@ def main() -> None:
                 f"| {r['restore_ms']} | {r['agent_ms']} | {r['batch_ms']} "
                 f"| {r['empty_ms']} | {r['rule_ms']} "
                 f"| {r['lines']} "
-                f"| {r['bytes']} | {r['rss_mb']} |",
+                f"| {r['bytes']} | {r['rss_mb']} | {r['load']} |",
                 flush=True,
             )
 

@@ -67,6 +67,7 @@ class _Step:
 
     change: diff.Diff[Key, Rules] | None = None
     texts: dict[int, str] = dataclasses.field(default_factory=dict)
+    absent: frozenset[Key] = frozenset()  # chains known not to exist (may be split)
 
 
 def _inputs(steps: list[_Step], mode: str) -> list[tuple[int, render.Restore]]:
@@ -75,7 +76,8 @@ def _inputs(steps: list[_Step], mode: str) -> list[tuple[int, render.Restore]]:
     out: list[tuple[int, render.Restore]] = []
     for step in steps:
         if step.change is not None:
-            for family, transactions in sorted(render.restores(step.change, limit).items()):
+            split = render.restores(step.change, limit, step.absent)
+            for family, transactions in sorted(split.items()):
                 out += [(family, restore) for restore in transactions]
         for family, text in sorted(step.texts.items()):
             out.append((family, render.Restore(text=text, ops=text.count("\n"))))
@@ -355,7 +357,18 @@ class IptablesBackend:
             lines = await asyncio.to_thread(held_.builtin_repair, reader, family, self._want)
             if lines:
                 builtin[family] = held_.text(lines)
-        return [_Step(change=repair.main), _Step(texts=builtin), _Step(change=repair.strays)]
+        absent = frozenset(
+            key
+            for key, _ in repair.main.added
+            if not key.rule
+            and key.family in held
+            and (key.table, key.chain) not in held[key.family].chains
+        )
+        return [
+            _Step(change=repair.main, absent=absent),
+            _Step(texts=builtin),
+            _Step(change=repair.strays),
+        ]
 
     async def _blind(self, mode: str, families: tuple[int, ...]) -> list[_Step]:
         """Every wanted chain written (declared, so created or flushed, and filled), the

@@ -354,6 +354,56 @@ def test_a_large_change_is_split_so_every_transaction_leaves_the_kernel_consiste
     assert joined == sorted(line for line in single[4][0].text.splitlines() if line[0] in ":-")
 
 
+def test_a_chain_longer_than_a_transaction_is_created_once_and_appended_to() -> None:
+    """A cold sync writes each dispatch chain whole; at 100,000 Services that is 100,000
+    jumps, which iptables-nft-restore handles in quadratic time in one transaction."""
+    states = b.synthetic_states(30)
+    want = render.desired(CTX, render.render(b.plan(states), CTX))
+    dispatch: dict[Key, list[str]] = {}
+    for key in want:
+        if key.rule and key.chain in render.DISPATCH:
+            dispatch.setdefault(Key(key.family, key.table, key.chain), []).append(key.rule)
+    added = tuple(
+        (key, tuple(dispatch.get(key, ())) if key.chain in render.DISPATCH else rules)
+        for key, rules in want.items()
+        if not key.rule
+    )
+    services = Key(4, NAT, "KPY-SERVICES")
+    assert len(dict(added)[services]) > 30  # one per cluster IP, LB IP, the NodePort jump
+    limit = 8
+    absent = frozenset(key for key, _ in added)
+    split = render.restores(diff.Diff(added=added), limit=limit, absent=absent)[4]
+    declared: list[tuple[str, str]] = []
+    filled: dict[tuple[str, str], list[str]] = {}
+    for transaction in split:
+        lines = transaction.text.splitlines()
+        assert len([line for line in lines if line[0] in ":-"]) <= limit
+        table = ""
+        for line in lines:
+            if line.startswith("*"):
+                table = line[1:]
+            elif line.startswith(":"):
+                declared.append((table, line[1:].split()[0]))
+            elif line.startswith("-A "):
+                chain, rule = line[3:].split(" ", 1)
+                assert (table, chain) in declared, f"{line!r} before its chain is created"
+                if " -j KPY-" in f" {rule}":
+                    assert (table, rule.rsplit("-j ", 1)[1].split()[0]) in declared
+                filled.setdefault((table, chain), []).append(rule)
+    assert sorted(declared) == sorted(set(declared))  # declared (so flushed) once each
+    for key, rules in added:
+        if key.family == 4:
+            assert tuple(filled.get((key.table, key.chain), ())) == rules, key  # all, in order
+    long = [key.chain for key, rules in added if key.family == 4 and 1 + len(rules) > limit]
+    assert "KPY-SERVICES" in long
+    assert len(split) > len(long)
+    # a chain that may exist is flushed by its declaration: refilled in the same transaction
+    whole = render.restores(diff.Diff(added=added), limit=limit, absent=absent - {services})
+    nat = [t.text.split("*nat\n", 1)[1] for t in whole[4] if "*nat\n" in t.text]
+    (holding,) = [text for text in nat if ":KPY-SERVICES " in text]
+    assert holding.count("-A KPY-SERVICES ") == len(dict(added)[services])
+
+
 def test_a_large_removal_is_split_so_no_chain_is_deleted_while_referenced() -> None:
     states = b.synthetic_states(30)
     have = render.desired(CTX, render.render(b.plan(states), CTX))
