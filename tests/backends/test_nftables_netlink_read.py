@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import json
 import socket
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -407,6 +408,9 @@ class _Meddler(NetlinkReader):
         self.request = b"".join(attrs)
         return super().dump(kind, family, *attrs)
 
+    def _companion(self) -> NetlinkReader:
+        return self  # every dump through this reader (one at a time: its lock)
+
     def _receive(self, sock: socket.socket, kind: int, part: int) -> bytes:
         data = super()._receive(sock, kind, part)
         meddle = kind == self.kind and part == 0 and self.target in self.request
@@ -586,48 +590,53 @@ def test_rules_are_read_table_by_table_and_again_when_the_ruleset_changed(ns: st
 
 
 class _Failing(NetlinkReader):
-    """A reader whose element dump of the ``fail_at``-th set fails (on the prefetching
-    thread), and which records the order its set dumps were asked in."""
+    """A reader whose element dump of set ``fail`` fails (on a prefetching thread), and
+    which records the sets whose dumps were asked for (the base tables' on a second
+    reader, of this class too)."""
 
-    def __init__(self, netns: str, fail_at: int) -> None:
+    def __init__(self, netns: str, fail: str | None, asked: list[tuple[str, str]]) -> None:
         super().__init__(netns)
-        self.fail_at = fail_at
-        self.asked: list[str] = []
+        self.fail = fail
+        self.asked = asked
 
     def _element_parts(self, set_def: netlink_read.SetDef) -> list[bytes] | Exception | None:
-        self.asked.append(set_def.name)
-        if len(self.asked) == self.fail_at:
+        self.asked.append((set_def.table, set_def.name))
+        if set_def.name == self.fail:
             raise NftError("the dump failed")
         return super()._element_parts(set_def)
+
+    def _companion(self) -> NetlinkReader:
+        return _Failing(self.netns or "", self.fail, self.asked)
 
 
 def _prefetchers() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name == "kpy-nftables-prefetch"]
 
 
-def test_set_dumps_are_read_ahead_in_order_and_a_failure_ends_the_read(ns: str) -> None:
+def test_set_dumps_are_read_ahead_once_each_and_a_failure_ends_the_read(ns: str) -> None:
     _program(ns, b.synthetic_states(30))
     whole = NetlinkReader(ns)
     try:
         want = whole.observe().values
-        names = [s.name for s in whole.sets()]
+        names = sorted((s.table, s.name) for s in whole.sets())
     finally:
         whole.close()
     assert len(names) > netlink_read.PREFETCH + 2
-    ok = _Failing(ns, fail_at=0)
+    asked: list[tuple[str, str]] = []
+    ok = _Failing(ns, None, asked)
     try:
         assert ok.observe().values == want == _bynft(ns).values
     finally:
         ok.close()
-    assert ok.asked == [n for n in names]  # every set dumped once, in order
-    failing = _Failing(ns, fail_at=3)
-    try:
-        with pytest.raises(NftError, match="the dump failed"):
-            failing.observe()
-        assert failing.asked == names[:3]  # nothing asked after the failure
-    finally:
-        failing.close()
-    assert not _prefetchers()
+    assert sorted(asked) == names  # every set dumped once
+    for fail in ("hairpin", "service-ips"):  # a base table's set, a shard's
+        failing = _Failing(ns, fail, [])
+        try:
+            with pytest.raises(NftError, match="the dump failed"):
+                failing.observe()
+        finally:
+            failing.close()
+        assert not _prefetchers()
 
 
 def test_a_read_abandoned_while_sets_wait_to_be_decoded_stops_its_thread(
@@ -639,6 +648,7 @@ def test_a_read_abandoned_while_sets_wait_to_be_decoded_stops_its_thread(
         raise ValueError("decoding failed")
 
     monkeypatch.setattr(NetlinkReader, "_read_set", refuse)
+    interval = sys.getswitchinterval()
     reader = NetlinkReader(ns)
     try:
         with pytest.raises(ValueError, match="decoding failed"):
@@ -646,3 +656,4 @@ def test_a_read_abandoned_while_sets_wait_to_be_decoded_stops_its_thread(
     finally:
         reader.close()
     assert not _prefetchers()
+    assert sys.getswitchinterval() == interval  # shortened while reading only
