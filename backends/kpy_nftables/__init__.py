@@ -20,6 +20,7 @@ See README.md beside this file for the table layout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import threading
@@ -267,23 +268,32 @@ class NftablesBackend:
         """What kpy's tables hold: over netlink (no nft process, one set slice at a
         time; without ``views`` only what a sync compares, see
         :class:`observe_.Reading`), or ``nft -j list`` with ``nftables_writer=nft``;
-        and first the rules of
-        every chain, their count and digest, over netlink either way. (Read on a second
-        socket while the sets are decoded, they took more CPU — 2.6 s against 2.0 s at
-        10,000 Services, two Python threads contending — and more time on a busy
-        two-core machine.)"""
-        reader = self._netlink_reader()
-        if not self._use_netlink:
-            counted = await asyncio.to_thread(reader.rules)
-            observed = observe_.parse(await self._nft.list_tables())
-            observe_.check_rules(observed, counted.chains)
-            return observed
+        and the rules of every chain, their count and digest, over netlink either way,
+        on a second socket at the same time (mostly the kernel's time and hashing, which
+        leave the interpreter to the decoding: reading 100,000 Services took 7.8 s
+        instead of 9.3 s; at 10,000 on a busy machine it once cost more than it saved,
+        before the reader's GIL switch interval was shortened)."""
+        rules = asyncio.create_task(asyncio.to_thread(self._read_rules))
+        try:
+            if self._use_netlink:
+                reader = self._netlink_reader()
+                observed = await asyncio.to_thread(reader.observe, None, views=views)
+            else:
+                observed = observe_.parse(await self._nft.list_tables())
+        except BaseException:
+            rules.cancel()
+            with contextlib.suppress(BaseException):
+                await rules  # its thread finishes; its result or error is not wanted
+            raise
+        observe_.check_rules(observed, (await rules).chains)
+        return observed
 
-        def read() -> observe_.Observed:
-            counted = reader.rules()
-            return reader.observe(counted.chains, views=views)
-
-        return await asyncio.to_thread(read)
+    def _read_rules(self) -> netlink_read.RuleDigests:
+        reader = self._kernel.reader()
+        try:
+            return reader.rules()
+        finally:
+            reader.close()
 
     async def _learn(self, txn: render.Transaction | render.Fresh, work: _Work, full: bool) -> None:
         """Record the digest of every chain the transaction wrote, read back right

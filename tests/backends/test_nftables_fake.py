@@ -13,7 +13,7 @@ from kpy_nftables import NftablesBackend, render
 from kpy_nftables.apply import NftError
 from kpy_nftables.fake import FakeKernel
 
-from kpy.core.backend import BackendConfig
+from kpy.core.backend import BackendConfig, BackendError
 from kpy.core.model import ServicePortState
 from kpy.testing import builders as b
 from kpy.testing.conformance import conformance_states, run
@@ -226,3 +226,22 @@ def test_a_node_with_the_endpoints_set_in_the_base_table_is_moved_by_a_full_sync
     assert run(restarted.differences(b.plan(states))) == ()
     assert run(restarted.apply(b.plan(states, full_sync=True))).ops == 0
     restarted.close()
+
+
+def test_a_failed_read_of_the_rules_beside_the_sets_fails_the_full_sync(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rules are read on a second reader while the sets are: its failure is the
+    sync's, and the next full sync reads both again."""
+    kernel, backend, states = _programmed()
+
+    def refuse(self: FakeKernel, chains: object = None) -> object:
+        raise NftError("the rule dump failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FakeKernel, "rules", refuse)
+        with pytest.raises(BackendError, match="the rule dump failed"):
+            run(backend.apply(b.plan(states, full_sync=True)))
+    assert run(backend.apply(b.plan(states, full_sync=False, changed=[]))).full_sync
+    assert kernel.transactions == 1
+    backend.close()
