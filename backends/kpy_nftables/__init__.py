@@ -512,7 +512,7 @@ class NftablesBackend:
                     ports[name] = rec
                     shares.update(k for k, o in objs.items() if _shared(o))
                     yield objs
-                work.shares = dict(shares)
+                work.shares = shares  # a Counter is a dict: not copied (600,000 keys at 100,000)
 
             skeleton = render.transaction(want, current, want.keys(), group=True)
             work = _Work({}, current, (), ports, owner, replace=True)
@@ -540,7 +540,7 @@ class NftablesBackend:
         keys = set(want)
         keys.update(have)
         work = _Work(want, current, keys, ports, owner, replace=True)
-        work.shares = dict(shares)
+        work.shares = shares
         return work
 
     def _partial(self, plan: Plan, base_changes: Iterable[str] = ()) -> _Work:
