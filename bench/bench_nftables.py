@@ -215,6 +215,9 @@ def measure(n: int) -> dict[str, Any]:
                 for size, source in ((n, tracker), (1, alone)):
                     source.request_full_sync()
                     asyncio.run(backend.apply(source.checkout()))
+                    # the read-back of a large write runs on a thread of this process
+                    # after apply returns: measured after it, the datapath alone
+                    asyncio.run(backend._settle())
                     latency[size].append(connection_latency(node, vip))
         finally:
             server.close()
