@@ -607,13 +607,11 @@ class NetlinkReader(NfTablesSocket):
         # this one decodes; with the default 5 ms switch interval that wait was as long
         # as the kernel's work (an element dump is ~300 parts): 0.5 ms while reading
         # (8.1 → 7.1 s to read 100,000 Services' sets on two cores).
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, SWITCH_INTERVAL))
-        fetches = [
-            _Fetch(self, shards, PREFETCH, stop),
-            _Fetch(companion, base, len(base) + 1, stop),
-        ]
+        _short_switches.enter()
+        fetches: list[_Fetch] = []
         try:
+            fetches.append(_Fetch(self, shards, PREFETCH, stop))
+            fetches.append(_Fetch(companion, base, len(base) + 1, stop))
             for fetch in fetches:
                 for set_def in fetch.sets:
                     got = fetch.ready.get()
@@ -626,7 +624,7 @@ class NetlinkReader(NfTablesSocket):
                 fetch.finish()
             if companion is not self:
                 companion.close()
-            sys.setswitchinterval(interval)
+            _short_switches.leave()
 
     def _companion(self) -> NetlinkReader:
         """A second reader in the same namespace, for dumps made at the same time."""
@@ -784,6 +782,32 @@ class NetlinkReader(NfTablesSocket):
                 for kind, s, e in _attrs(part, start, end):
                     if kind == NFTA_SET_ELEM_LIST_ELEMENTS:
                         _elements(part, s, e, key, data_key, elements.element)
+
+
+class _ShortSwitches:
+    """The interpreter's switch interval set to :data:`SWITCH_INTERVAL` while any read
+    is under way (reads may overlap: the first in sets it, the last out restores it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._readers = 0
+        self._saved = 0.0
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._readers == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, SWITCH_INTERVAL))
+            self._readers += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._readers == 0:
+                sys.setswitchinterval(self._saved)
+
+
+_short_switches = _ShortSwitches()
 
 
 class _Fetch:

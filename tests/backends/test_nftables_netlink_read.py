@@ -657,3 +657,15 @@ def test_a_read_abandoned_while_sets_wait_to_be_decoded_stops_its_thread(
         reader.close()
     assert not _prefetchers()
     assert sys.getswitchinterval() == interval  # shortened while reading only
+
+
+def test_overlapping_reads_restore_the_switch_interval_when_the_last_ends() -> None:
+    interval = sys.getswitchinterval()
+    switches = netlink_read._ShortSwitches()
+    switches.enter()
+    switches.enter()
+    assert sys.getswitchinterval() == min(interval, netlink_read.SWITCH_INTERVAL)
+    switches.leave()  # the first read ends while the second goes on
+    assert sys.getswitchinterval() == min(interval, netlink_read.SWITCH_INTERVAL)
+    switches.leave()
+    assert sys.getswitchinterval() == interval
