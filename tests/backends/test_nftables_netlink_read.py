@@ -402,18 +402,21 @@ class _Meddler(NetlinkReader):
         self.kind = kind
         self.target = target
         self.script: str | None = script
-        self.request = b""
+        self.asking = threading.local()  # the request of each reading thread's dump
 
     def dump(self, kind: int, family: int, *attrs: bytes) -> list[bytes]:
-        self.request = b"".join(attrs)
+        self.asking.request = b"".join(attrs)
         return super().dump(kind, family, *attrs)
 
     def _companion(self) -> NetlinkReader:
-        return self  # every dump through this reader (one at a time: its lock)
+        # every dump through this reader, one at a time (its lock): a change made during
+        # one dump is seen by that dump alone
+        return self
 
     def _receive(self, sock: socket.socket, kind: int, part: int) -> bytes:
         data = super()._receive(sock, kind, part)
-        meddle = kind == self.kind and part == 0 and self.target in self.request
+        request = getattr(self.asking, "request", b"")
+        meddle = kind == self.kind and part == 0 and self.target in request
         if meddle and self.script is not None:
             nft(self.netns or "", "-f", "-", script=self.script)
             self.script = None
