@@ -174,7 +174,7 @@ def measure(n: int) -> dict[str, Any]:
         for name, (state, _config, _dropped) in backend._record.items():
             shared.update((id(name), id(state)))
         record = deep_size(
-            backend._have,
+            backend._base_have,
             backend._record,
             backend._owner,
             backend._shares,

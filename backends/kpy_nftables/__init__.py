@@ -104,7 +104,7 @@ class NftablesBackend:
         # port's keys and values. The states are the tracker's own objects (shared, not
         # copied): ~100 bytes per port instead of every key and value (docs/benchmarks.md,
         # "Memory per Service").
-        self._have: dict[str, str] = {}  # base object key → value
+        self._base_have: dict[str, str] = {}  # base object key → value
         self._record: dict[ServicePortName, _Rec] = {}
         # an element's claim (its key without the shard table) → the port holding it
         self._owner: dict[str, ServicePortName] = {}
@@ -474,7 +474,7 @@ class NftablesBackend:
             await asyncio.to_thread(_delete_tables, self.config.netns)
         except (NftError, OSError) as exc:
             raise BackendError(f"cannot delete the kpy tables: {exc}") from exc
-        self._have.clear()
+        self._base_have.clear()
         self._record.clear()
         self._owner.clear()
         self._shares.clear()
@@ -510,20 +510,20 @@ class NftablesBackend:
                     state = plan.services[name]
                     objs, rec = self._port_objects(state, owner)
                     ports[name] = rec
-                    shares.update(k for k, o in objs.items() if _shared(o))
+                    shares.update(k for k, o in objs.items() if render.is_shared(o))
                     yield objs
                 work.shares = shares  # a Counter is a dict: not copied (600,000 keys at 100,000)
 
             skeleton = render.transaction(want, current, want.keys(), group=True)
-            work = _Work({}, current, (), ports, owner, replace=True)
+            work = _Work({}, current, (), ports, owner)
             work.fresh = render.Fresh(skeleton, rendered())
             return work
-        element, shared_sets, take, peek = render.Element, render.SHARED_SETS, have.pop, have.get
+        take, peek = have.pop, have.get
         for name in sorted(plan.services):
             objs, rec = self._port_objects(plan.services[name], owner)
             ports[name] = rec
             for key, obj in objs.items():
-                if type(obj) is element and obj.map in shared_sets:
+                if render.is_shared(obj):
                     shares[key] += 1
                     if shares[key] > 1:
                         continue  # compared for the first port that wants it
@@ -539,7 +539,7 @@ class NftablesBackend:
         current.update(have)  # what the kernel holds and nothing renders: removed
         keys = set(want)
         keys.update(have)
-        work = _Work(want, current, keys, ports, owner, replace=True)
+        work = _Work(want, current, keys, ports, owner)
         work.shares = shares
         return work
 
@@ -550,8 +550,8 @@ class NftablesBackend:
         for key in keys:
             if key in self._base:
                 want[key] = self._base[key]
-            if key in self._have:
-                have[key] = self._have[key]
+            if key in self._base_have:
+                have[key] = self._base_have[key]
         ports: dict[ServicePortName, _Rec | None] = {}
         owner = _Owners(self._owner)
         names = sorted(plan.changed | plan.removed)
@@ -559,7 +559,7 @@ class NftablesBackend:
         for name in names:
             for key, obj in self._recorded(name).items():
                 keys.add(key)
-                if _shared(obj):
+                if render.is_shared(obj):
                     delta[key] -= 1
                     continue
                 have[key] = obj.value
@@ -573,8 +573,8 @@ class NftablesBackend:
             want.update(objs)
             keys.update(objs)
             ports[name] = rec
-            delta.update(k for k, o in objs.items() if _shared(o))
-        work = _Work(want, have, keys, ports, owner, replace=False)
+            delta.update(k for k, o in objs.items() if render.is_shared(o))
+        work = _Work(want, have, keys, ports, owner)
         for key, change in delta.items():
             before = self._shares.get(key, 0)
             if before > 0:
@@ -625,7 +625,7 @@ class NftablesBackend:
 
     def _commit(self, work: _Work, full: bool) -> None:
         if full:
-            self._have = {key: obj.value for key, obj in self._base.items()}
+            self._base_have = {key: obj.value for key, obj in self._base.items()}
             self._record = {name: rec for name, rec in work.ports.items() if rec is not None}
             self._owner = {k: v for k, v in work.owner.changes.items() if v is not None}
             self._shares = work.shares
@@ -637,9 +637,9 @@ class NftablesBackend:
                 self._shares.pop(key, None)
         for key in work.keys:
             if key in self._base:
-                self._have[key] = self._base[key].value
+                self._base_have[key] = self._base[key].value
             else:
-                self._have.pop(key, None)  # a base object no longer rendered, or a port's
+                self._base_have.pop(key, None)  # a base object no longer rendered, or a port's
         for name, rec in work.ports.items():
             if rec is not None:
                 self._record[name] = rec
@@ -652,11 +652,6 @@ class NftablesBackend:
 # rendered with, the keys left out because another port held the frontend
 _Rec = tuple[ServicePortState, BackendConfig, frozenset[str]]
 _NONE: frozenset[str] = frozenset()
-
-
-def _shared(obj: render.Obj) -> bool:
-    """Whether ``obj`` is an element several ports may want (render.SHARED_SETS)."""
-    return isinstance(obj, render.Element) and obj.map in render.SHARED_SETS
 
 
 LEARN_ONE_BY_ONE = 256  # chains written: read back one by one, else all rules at once
@@ -694,7 +689,7 @@ def _delete_tables(netns: str | None) -> None:
 class _Work:
     """One sync's inputs to :func:`render.transaction` and what to record after it."""
 
-    __slots__ = ("fresh", "have", "keys", "owner", "ports", "replace", "shares", "want")
+    __slots__ = ("fresh", "have", "keys", "owner", "ports", "shares", "want")
 
     def __init__(
         self,
@@ -703,16 +698,13 @@ class _Work:
         keys: Iterable[str],
         ports: dict[ServicePortName, _Rec | None],
         owner: _Owners,
-        *,
-        replace: bool,
     ) -> None:
         self.want = want
         self.have = have  # what the kernel holds of ``keys``
         self.keys = keys if isinstance(keys, set) else set(keys)
         self.ports = ports  # the record of every port synced (None: removed)
         self.owner = owner
-        self.replace = replace
-        self.shares: dict[str, int] = {}  # shared keys' new counts (all of them if replace)
+        self.shares: dict[str, int] = {}  # shared keys' new counts (all of them in a full sync)
         self.fresh: render.Fresh | None = None  # a full sync rendered while written
 
 

@@ -876,8 +876,9 @@ def shared_object(key: str) -> Element:
     return hairpin_element(family, element.split(" . ")[0])
 
 
-def is_shared(key: str) -> bool:
-    return f" element {HAIRPIN} " in key or f" element {CLUSTER_IPS} " in key
+def is_shared(obj: Obj) -> bool:
+    """Whether ``obj`` is an element several ports may want (:data:`SHARED_SETS`)."""
+    return type(obj) is Element and obj.map in SHARED_SETS
 
 
 def port_objects(state: ServicePortState, config: BackendConfig) -> dict[str, Obj]:
@@ -1297,7 +1298,7 @@ class Fresh:
                     yield from _rule_ops(obj)
             for key, obj in objs.items():
                 if isinstance(obj, Element):
-                    if obj.map in SHARED_SETS:
+                    if is_shared(obj):
                         if key in shared:
                             continue
                         shared.add(key)

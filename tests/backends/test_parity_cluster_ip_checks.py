@@ -70,8 +70,9 @@ def test_every_port_of_a_service_wants_the_same_shared_element() -> None:
             "ip6 element cluster-ips fd00:96::10",
         }
     )
+    objs = render.port_objects(next(iter(plan.services.values())), BackendConfig())
     for key in keys[0]:
-        assert render.is_shared(key)
+        assert render.is_shared(objs[key])
         shared = render.shared_object(key)
         assert shared.key == key and shared.value == " # "
 
